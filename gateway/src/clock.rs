@@ -1,0 +1,95 @@
+//! Process clocks: a monotonic millisecond clock for deadlines and health windows, and the
+//! wall-clock stamp in the access log's format, formatted once per second per thread.
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+fn start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+/// Milliseconds since the process started (monotonic). Never 0, so 0 can mean "unset".
+pub fn now_ms() -> u64 {
+    start().elapsed().as_millis() as u64 + 1
+}
+
+thread_local! {
+    static LOG_STAMP: RefCell<(u64, [u8; 26])> = const { RefCell::new((u64::MAX, [0; 26])) };
+}
+
+/// Calls `f` with the current time as `26/Nov/2026:20:03:09 +0000` (nginx `$time_local`
+/// in UTC), formatted at most once a second on this thread.
+pub fn with_log_stamp<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    LOG_STAMP.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != secs {
+            cached.0 = secs;
+            format_log_stamp(secs, &mut cached.1);
+        }
+        f(&cached.1)
+    })
+}
+
+const MONTHS: [&[u8; 3]; 12] = [
+    b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec",
+];
+
+fn format_log_stamp(unix: u64, out: &mut [u8; 26]) {
+    let days = (unix / 86400) as i64;
+    let rem = unix % 86400;
+    let (y, m, d) = civil_from_days(days);
+    let two = |v: u64| [b'0' + (v / 10) as u8, b'0' + (v % 10) as u8];
+    out[0..2].copy_from_slice(&two(d as u64));
+    out[2] = b'/';
+    out[3..6].copy_from_slice(MONTHS[(m - 1) as usize]);
+    out[6] = b'/';
+    let y = y as u64;
+    out[7..11].copy_from_slice(&[
+        b'0' + (y / 1000 % 10) as u8,
+        b'0' + (y / 100 % 10) as u8,
+        b'0' + (y / 10 % 10) as u8,
+        b'0' + (y % 10) as u8,
+    ]);
+    out[11] = b':';
+    out[12..14].copy_from_slice(&two(rem / 3600));
+    out[14] = b':';
+    out[15..17].copy_from_slice(&two(rem / 60 % 60));
+    out[17] = b':';
+    out[18..20].copy_from_slice(&two(rem % 60));
+    out[20..26].copy_from_slice(b" +0000");
+}
+
+/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's `civil_from_days`.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_stamp() {
+        let mut out = [0u8; 26];
+        // 2026-11-26T20:03:09Z
+        format_log_stamp(1_795_723_389, &mut out);
+        assert_eq!(&out, b"26/Nov/2026:20:03:09 +0000");
+        format_log_stamp(951_782_400, &mut out); // 2000-02-29
+        assert_eq!(&out[..11], b"29/Feb/2000");
+    }
+}

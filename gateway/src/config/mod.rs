@@ -1,0 +1,937 @@
+//! The config file: its TOML shape, defaults, and validation.
+//!
+//! Loading is two passes. Serde reads the file into [`Config`] (unknown keys, wrong types
+//! and malformed units are reported by the TOML parser with their line). Then
+//! [`Config::validate`] checks what types cannot (names that refer to each other, ranges,
+//! duplicates) and collects every problem, each located by file, line and key, so
+//! `gateway check` can print them all at once like `nginx -t`.
+
+pub mod units;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+pub use units::{Dur, Rate, Size};
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}: {}: {}",
+            self.file.display(),
+            self.line,
+            self.key,
+            self.message
+        )
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<Spanned<ListenerConfig>>,
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<Spanned<UpstreamConfig>>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Spanned<RouteConfig>>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub xdp: XdpConfig,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IoDriver {
+    Auto,
+    Uring,
+    Epoll,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub workers: usize,
+    pub io: IoDriver,
+    pub max_connections: usize,
+    pub nofile: u64,
+    pub graceful_timeout: Dur,
+    pub shutdown_delay: Dur,
+    pub keepalive_timeout: Dur,
+    pub header_timeout: Dur,
+    pub max_header_bytes: Size,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            workers: 0,
+            io: IoDriver::Auto,
+            max_connections: 100_000,
+            nofile: 65535,
+            graceful_timeout: secs(30),
+            shutdown_delay: secs(0),
+            keepalive_timeout: secs(5),
+            header_timeout: secs(10),
+            max_header_bytes: Size(16 * 1024),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessFormat {
+    Combined,
+    Json,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StderrFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `stdout`, `off`, or a file path.
+    pub access: String,
+    pub format: AccessFormat,
+    /// Diagnostic log level (tracing filter syntax), overridden by `RUST_LOG`.
+    pub level: String,
+    /// Diagnostic log format on stderr.
+    pub stderr_format: StderrFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            access: "stdout".into(),
+            format: AccessFormat::Combined,
+            level: "info".into(),
+            stderr_format: StderrFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: String,
+    #[serde(serialize_with = "redact")]
+    pub token: Option<String>,
+}
+
+fn redact<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9901".into(),
+            token: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: String,
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub certificates: Vec<CertificateConfig>,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    RoundRobin,
+    LeastConn,
+    ClientIpHash,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum ServerEntry {
+    Addr(String),
+    Weighted {
+        addr: String,
+        #[serde(default = "one")]
+        weight: u32,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl ServerEntry {
+    pub fn addr(&self) -> &str {
+        match self {
+            ServerEntry::Addr(a) => a,
+            ServerEntry::Weighted { addr, .. } => addr,
+        }
+    }
+    pub fn weight(&self) -> u32 {
+        match self {
+            ServerEntry::Addr(_) => 1,
+            ServerEntry::Weighted { weight, .. } => *weight,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "default_health_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_health_path() -> String {
+    "/healthz".into()
+}
+fn default_health_interval() -> Dur {
+    secs(5)
+}
+fn default_health_timeout() -> Dur {
+    secs(2)
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub servers: Vec<ServerEntry>,
+    #[serde(default = "default_balance")]
+    pub balance: Balance,
+    /// Idle keep-alive connections kept per worker (nginx `keepalive`).
+    #[serde(default = "default_keepalive")]
+    pub keepalive: usize,
+    /// How long an idle pooled connection is kept (nginx `keepalive_timeout` in upstream).
+    #[serde(default = "default_upstream_idle")]
+    pub keepalive_timeout: Dur,
+    #[serde(default = "one")]
+    pub max_fails: u32,
+    #[serde(default = "default_fail_timeout")]
+    pub fail_timeout: Dur,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+fn default_balance() -> Balance {
+    Balance::RoundRobin
+}
+fn default_keepalive() -> usize {
+    32
+}
+fn default_upstream_idle() -> Dur {
+    secs(60)
+}
+fn default_fail_timeout() -> Dur {
+    secs(10)
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RespondConfig {
+    #[serde(default = "default_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default = "default_content_type")]
+    pub content_type: String,
+}
+
+fn default_status() -> u16 {
+    200
+}
+fn default_content_type() -> String {
+    "text/plain".into()
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub respond: Option<RespondConfig>,
+    #[serde(default)]
+    pub websocket: bool,
+    #[serde(default)]
+    pub connect_timeout: Option<Dur>,
+    #[serde(default)]
+    pub send_timeout: Option<Dur>,
+    #[serde(default)]
+    pub read_timeout: Option<Dur>,
+    #[serde(default)]
+    pub max_body_size: Option<Size>,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub conn_rate: Option<Rate>,
+    pub conn_burst: Option<u32>,
+    pub max_conns_per_ip: Option<u32>,
+    pub request_rate: Option<Rate>,
+    pub request_burst: Option<u32>,
+    pub deny: Vec<IpNet>,
+    pub allow: Vec<IpNet>,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    Auto,
+    Native,
+    Generic,
+    Off,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum Interfaces {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct XdpConfig {
+    pub interface: Option<Interfaces>,
+    pub mode: XdpMode,
+    pub pin_path: PathBuf,
+}
+
+impl Default for XdpConfig {
+    fn default() -> Self {
+        XdpConfig {
+            interface: None,
+            mode: XdpMode::Off,
+            pin_path: PathBuf::from("/sys/fs/bpf/gateway"),
+        }
+    }
+}
+
+impl XdpConfig {
+    pub fn interfaces(&self) -> Vec<String> {
+        match &self.interface {
+            None => Vec::new(),
+            Some(Interfaces::One(i)) => vec![i.clone()],
+            Some(Interfaces::Many(v)) => v.clone(),
+        }
+    }
+}
+
+fn secs(s: u64) -> Dur {
+    Dur(std::time::Duration::from_secs(s))
+}
+
+/// A config file read from disk: the parsed config plus what is needed to locate errors.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub path: PathBuf,
+    pub config: Config,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Every error names file, line and key.
+    pub fn load(path: &Path) -> Result<LoadedConfig, ConfigErrors> {
+        let source = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                line: 0,
+                key: "-".into(),
+                message: format!("cannot read config file: {e}"),
+            }])
+        })?;
+        Self::parse(path, &source).map(|config| LoadedConfig {
+            path: path.to_path_buf(),
+            config,
+        })
+    }
+
+    /// Parses and validates config text; `path` is only used in error messages.
+    pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
+        let config: Config = toml::from_str(source).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| line_of(source, s.start))
+                .unwrap_or_default();
+            // The toml error names the offending key in its message (unknown field,
+            // invalid type) and we add the dotted path of the table it was found in.
+            let message = e.message().trim().to_string();
+            let key = e
+                .span()
+                .map(|s| key_at(source, s.start))
+                .unwrap_or_else(|| "-".into());
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                line,
+                key,
+                message,
+            }])
+        })?;
+        let errors = config.validate(path, source);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    pub fn effective_workers(&self) -> usize {
+        if self.server.workers == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.server.workers
+        }
+    }
+
+    fn validate(&self, file: &Path, source: &str) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let mut err = |span: Option<Range<usize>>, table: &str, key: &str, message: String| {
+            let line = span
+                .clone()
+                .map(|s| locate_key(source, s, key))
+                .unwrap_or_else(|| locate_table_key(source, table, key));
+            let full = if table.is_empty() {
+                key.to_string()
+            } else if key.is_empty() {
+                table.to_string()
+            } else {
+                format!("{table}.{key}")
+            };
+            errors.push(ConfigError {
+                file: file.to_path_buf(),
+                line,
+                key: full,
+                message,
+            });
+        };
+
+        let s = &self.server;
+        if s.max_header_bytes.0 < 1024 || s.max_header_bytes.0 > 1 << 20 {
+            err(
+                None,
+                "server",
+                "max_header_bytes",
+                "must be between 1KiB and 1MiB".into(),
+            );
+        }
+        if s.max_connections == 0 {
+            err(
+                None,
+                "server",
+                "max_connections",
+                "must be at least 1".into(),
+            );
+        }
+        if s.workers > 1024 {
+            err(None, "server", "workers", "at most 1024 workers".into());
+        }
+        if s.header_timeout.0.is_zero() {
+            err(
+                None,
+                "server",
+                "header_timeout",
+                "must be greater than zero".into(),
+            );
+        }
+        if self.admin.listen.parse::<SocketAddr>().is_err() {
+            err(
+                None,
+                "admin",
+                "listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:9901",
+                    self.admin.listen
+                ),
+            );
+        }
+        if self.log.access.is_empty() {
+            err(
+                None,
+                "log",
+                "access",
+                "use \"stdout\", \"off\" or a file path".into(),
+            );
+        }
+        if self.listeners.is_empty() {
+            err(
+                Some(0..0),
+                "",
+                "listener",
+                "at least one [[listener]] is required".into(),
+            );
+        }
+        let mut listener_names = std::collections::HashSet::new();
+        let mut listen_addrs = std::collections::HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let span = Some(l.span());
+            let table = format!("listener[{i}]");
+            if !listener_names.insert(l.get_ref().name.clone()) {
+                err(
+                    span.clone(),
+                    &table,
+                    "name",
+                    format!("duplicate listener name {:?}", l.get_ref().name),
+                );
+            }
+            match l.get_ref().listen.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    if !listen_addrs.insert(addr) {
+                        err(
+                            span.clone(),
+                            &table,
+                            "listen",
+                            format!("{addr} is used by another listener"),
+                        );
+                    }
+                }
+                Err(_) => err(
+                    span.clone(),
+                    &table,
+                    "listen",
+                    format!(
+                        "{:?} is not an address like 0.0.0.0:8080",
+                        l.get_ref().listen
+                    ),
+                ),
+            }
+            if let Some(tls) = &l.get_ref().tls {
+                if tls.certificates.is_empty() {
+                    err(
+                        span.clone(),
+                        &table,
+                        "tls",
+                        "needs at least one certificate".into(),
+                    );
+                }
+                err(
+                    span.clone(),
+                    &table,
+                    "tls",
+                    "TLS termination is not available in this build yet".into(),
+                );
+            }
+        }
+
+        let mut upstream_names = std::collections::HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let span = Some(u.span());
+            let table = format!("upstream[{i}]");
+            let up = u.get_ref();
+            if !upstream_names.insert(up.name.clone()) {
+                err(
+                    span.clone(),
+                    &table,
+                    "name",
+                    format!("duplicate upstream name {:?}", up.name),
+                );
+            }
+            if up.servers.is_empty() {
+                err(
+                    span.clone(),
+                    &table,
+                    "servers",
+                    "needs at least one server".into(),
+                );
+            }
+            for server in &up.servers {
+                if server.addr().parse::<SocketAddr>().is_err() {
+                    err(
+                        span.clone(),
+                        &table,
+                        "servers",
+                        format!("{:?} is not an address like 127.0.0.1:8081", server.addr()),
+                    );
+                }
+                if server.weight() == 0 || server.weight() > 1000 {
+                    err(
+                        span.clone(),
+                        &table,
+                        "weight",
+                        "weight must be between 1 and 1000".into(),
+                    );
+                }
+            }
+            if up.max_fails == 0 {
+                err(
+                    span.clone(),
+                    &table,
+                    "max_fails",
+                    "must be at least 1".into(),
+                );
+            }
+            if let Some(h) = &up.health_check {
+                if !h.path.starts_with('/') {
+                    err(
+                        span.clone(),
+                        &table,
+                        "health_check",
+                        "path must start with '/'".into(),
+                    );
+                }
+                if h.interval.0.is_zero() || h.timeout.0.is_zero() {
+                    err(
+                        span.clone(),
+                        &table,
+                        "health_check",
+                        "interval and timeout must be greater than zero".into(),
+                    );
+                }
+            }
+        }
+
+        let mut route_keys = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let span = Some(r.span());
+            let table = format!("route[{i}]");
+            let route = r.get_ref();
+            match (&route.path, &route.path_prefix) {
+                (Some(_), Some(_)) => err(
+                    span.clone(),
+                    &table,
+                    "path",
+                    "set either path or path_prefix, not both".into(),
+                ),
+                (None, None) => err(
+                    span.clone(),
+                    &table,
+                    "path_prefix",
+                    "set path or path_prefix".into(),
+                ),
+                (Some(p), None) | (None, Some(p)) => {
+                    if !p.starts_with('/') {
+                        let key = if route.path.is_some() {
+                            "path"
+                        } else {
+                            "path_prefix"
+                        };
+                        err(
+                            span.clone(),
+                            &table,
+                            key,
+                            format!("{p:?} must start with '/'"),
+                        );
+                    }
+                }
+            }
+            let key = (
+                route.host.clone(),
+                route.path.clone(),
+                route.path_prefix.clone(),
+            );
+            if !route_keys.insert(key) {
+                err(
+                    span.clone(),
+                    &table,
+                    "path",
+                    "another route has the same host and path".into(),
+                );
+            }
+            match (&route.upstream, &route.respond) {
+                (Some(_), Some(_)) => err(
+                    span.clone(),
+                    &table,
+                    "respond",
+                    "set either upstream or respond, not both".into(),
+                ),
+                (None, None) => err(
+                    span.clone(),
+                    &table,
+                    "upstream",
+                    "set upstream or respond".into(),
+                ),
+                (Some(name), None) => {
+                    if !self.upstreams.iter().any(|u| &u.get_ref().name == name) {
+                        err(
+                            span.clone(),
+                            &table,
+                            "upstream",
+                            format!("no upstream named {name:?}"),
+                        );
+                    }
+                }
+                (None, Some(respond)) => {
+                    if !(100..=599).contains(&respond.status)
+                        || (100..200).contains(&respond.status)
+                    {
+                        err(
+                            span.clone(),
+                            &table,
+                            "respond",
+                            format!("status {} is not a final HTTP status", respond.status),
+                        );
+                    }
+                    if route.websocket {
+                        err(
+                            span.clone(),
+                            &table,
+                            "websocket",
+                            "a respond route cannot be a websocket route".into(),
+                        );
+                    }
+                }
+            }
+        }
+
+        let l = &self.limits;
+        if l.conn_burst.is_some() && l.conn_rate.is_none() {
+            err(None, "limits", "conn_burst", "needs conn_rate".into());
+        }
+        if l.max_conns_per_ip == Some(0) {
+            err(
+                None,
+                "limits",
+                "max_conns_per_ip",
+                "must be at least 1".into(),
+            );
+        }
+        if self.xdp.mode != XdpMode::Off && self.xdp.interfaces().is_empty() {
+            err(
+                None,
+                "xdp",
+                "interface",
+                "name the interface(s) to attach to, or set mode = \"off\"".into(),
+            );
+        }
+        errors
+    }
+}
+
+/// 1-based line number of a byte offset.
+pub fn line_of(source: &str, offset: usize) -> usize {
+    source[..offset.min(source.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The line where `key = ...` is written inside a span (a table's text); the span's first
+/// line when the key is absent (a missing required key belongs to its table).
+fn locate_key(source: &str, span: Range<usize>, key: &str) -> usize {
+    let end = span.end.min(source.len());
+    let start = span.start.min(end);
+    let text = &source[start..end];
+    if !key.is_empty() {
+        let mut offset = 0;
+        while let Some(pos) = text[offset..].find(key) {
+            let at = offset + pos;
+            let before_ok = at == 0
+                || !text.as_bytes()[at - 1].is_ascii_alphanumeric()
+                    && text.as_bytes()[at - 1] != b'_';
+            let rest = text[at + key.len()..].trim_start_matches([' ', '\t']);
+            if before_ok && rest.starts_with('=') {
+                return line_of(source, start + at);
+            }
+            offset = at + key.len();
+        }
+    }
+    // Spans of array-of-tables elements start at their first key; point at the header
+    // line above when there is one.
+    let line = line_of(source, start);
+    let header_above = source[..start].trim_end().ends_with(']');
+    if header_above && line > 1 {
+        line - 1
+    } else {
+        line
+    }
+}
+
+/// Locates `key` inside a top-level `[table]` (or the table header itself).
+fn locate_table_key(source: &str, table: &str, key: &str) -> usize {
+    let header = format!("[{table}]");
+    let Some(start) = source
+        .lines()
+        .scan(0usize, |off, line| {
+            let here = *off;
+            *off += line.len() + 1;
+            Some((here, line))
+        })
+        .find(|(_, line)| line.trim() == header)
+        .map(|(off, _)| off)
+    else {
+        return 1;
+    };
+    let end = source[start + header.len()..]
+        .find("\n[")
+        .map(|p| start + header.len() + p)
+        .unwrap_or(source.len());
+    locate_key(source, start..end, key)
+}
+
+/// Best-effort dotted path of the key at a byte offset, for parse errors: the nearest table
+/// header above plus the key on that line.
+fn key_at(source: &str, offset: usize) -> String {
+    let offset = offset.min(source.len());
+    let line_start = source[..offset].rfind('\n').map(|p| p + 1).unwrap_or(0);
+    let line_end = source[offset..]
+        .find('\n')
+        .map(|p| offset + p)
+        .unwrap_or(source.len());
+    let line = &source[line_start..line_end];
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().to_string())
+        .unwrap_or_default();
+    let table = source[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').to_string())
+        .unwrap_or_default();
+    match (table.is_empty(), key.is_empty() || key.starts_with('[')) {
+        (true, true) => "-".into(),
+        (true, false) => key,
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    const GOOD: &str = r#"
+[server]
+workers = 2
+
+[[listener]]
+name = "http"
+listen = "127.0.0.1:8080"
+
+[[upstream]]
+name = "api"
+servers = ["127.0.0.1:8081", { addr = "127.0.0.1:8082", weight = 2 }]
+
+[[route]]
+path_prefix = "/api/"
+upstream = "api"
+
+[[route]]
+path = "/health"
+respond = { status = 200, body = "ok\n" }
+"#;
+
+    #[test]
+    fn good_config_parses() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.upstreams[0].get_ref().servers[1].weight(), 2);
+        assert_eq!(c.server.keepalive_timeout.0.as_secs(), 5);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = GOOD.replace("workers = 2", "workers = 2\nwrokers = 3");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert_eq!(e.0[0].line, 4, "{e}");
+        assert!(e.0[0].message.contains("wrokers"), "{e}");
+        assert_eq!(e.0[0].key, "server.wrokers");
+    }
+
+    #[test]
+    fn bad_duration_names_line() {
+        let text = GOOD.replace("workers = 2", "workers = 2\nheader_timeout = \"5x\"");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.0[0].line, 4, "{e}");
+        assert_eq!(e.0[0].key, "server.header_timeout");
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported() {
+        let text = GOOD
+            .replace("upstream = \"api\"", "upstream = \"apii\"")
+            .replace("listen = \"127.0.0.1:8080\"", "listen = \"nowhere\"");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+        let listen = e.0.iter().find(|e| e.key == "listener[0].listen").unwrap();
+        assert_eq!(listen.line, 7);
+        let up = e.0.iter().find(|e| e.key == "route[0].upstream").unwrap();
+        assert_eq!(up.line, 15);
+        assert!(up.message.contains("apii"));
+    }
+}

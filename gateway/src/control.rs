@@ -1,0 +1,110 @@
+//! The control plane's state: the config file behind the running snapshot, reload, and the
+//! helpers that follow a config (health checkers, the access-log file).
+//!
+//! Reload: parse and validate the file, build a complete new snapshot (upstreams that did
+//! not change are carried over with their idle pools and health), swap it in. An invalid
+//! file changes nothing. Requests in flight finish on the snapshot they started with.
+
+use crate::access_log::{LogWriter, Target};
+use crate::config::{Config, ConfigErrors};
+use crate::state::{Shared, Snapshot};
+use crate::upstream::health::{self, Checker};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub struct Control {
+    pub shared: Arc<Shared>,
+    pub config_path: PathBuf,
+    pub log: Option<LogWriter>,
+    checkers: Mutex<Vec<Checker>>,
+    /// Serialises reloads (SIGHUP and POST /reload may race).
+    reload_lock: Mutex<()>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+impl Control {
+    pub fn new(shared: Arc<Shared>, config_path: PathBuf, log: Option<LogWriter>) -> Arc<Control> {
+        let control = Arc::new(Control {
+            shared,
+            config_path,
+            log,
+            checkers: Mutex::new(Vec::new()),
+            reload_lock: Mutex::new(()),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+        });
+        control.sync_checkers();
+        control
+    }
+
+    /// Starts checkers for upstreams that have none and stops those of upstreams gone.
+    fn sync_checkers(&self) {
+        let snap = self.shared.snapshot();
+        let mut checkers = self.checkers.lock().unwrap_or_else(|e| e.into_inner());
+        checkers.retain(|c| snap.upstreams.iter().any(|u| u.id == c.upstream_id));
+        for upstream in &snap.upstreams {
+            if !checkers.iter().any(|c| c.upstream_id == upstream.id) {
+                if let Some(checker) = health::spawn(upstream.clone()) {
+                    checkers.push(checker);
+                }
+            }
+        }
+    }
+
+    /// Re-reads the config file. On success returns a one-line summary; on failure every
+    /// error, and the running config is untouched.
+    pub fn reload(&self) -> Result<String, ConfigErrors> {
+        let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let loaded = match Config::load(&self.config_path) {
+            Ok(l) => l,
+            Err(errors) => {
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                for e in &errors.0 {
+                    tracing::error!(error = %e, "reload rejected; the running config keeps serving");
+                }
+                return Err(errors);
+            }
+        };
+        let old = self.shared.snapshot();
+        let access = Target::from_config(&loaded.config.log.access);
+        if let Some(log) = &self.log {
+            if let Err(e) = log.reopen(access) {
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                return Err(ConfigErrors(vec![crate::config::ConfigError {
+                    file: self.config_path.clone(),
+                    line: 0,
+                    key: "log.access".into(),
+                    message: format!("cannot open the access log: {e}"),
+                }]));
+            }
+        }
+        let snapshot = Snapshot::build(loaded, old.generation + 1, Some(&old));
+        let summary = format!(
+            "config generation {} loaded from {}: {} listener(s), {} upstream(s), {} route(s)",
+            snapshot.generation,
+            self.config_path.display(),
+            snapshot.listeners.len(),
+            snapshot.upstreams.len(),
+            snapshot.router.routes().len()
+        );
+        let listeners_changed = listener_addrs(&old.config) != listener_addrs(&snapshot.config);
+        self.shared.install(snapshot);
+        self.sync_checkers();
+        self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        if listeners_changed {
+            tracing::warn!("listener addresses changed: restart the gateway to bind them");
+        }
+        tracing::info!("{summary}");
+        Ok(summary)
+    }
+}
+
+fn listener_addrs(config: &Config) -> Vec<String> {
+    config
+        .listeners
+        .iter()
+        .map(|l| l.get_ref().listen.clone())
+        .collect()
+}

@@ -1,0 +1,273 @@
+//! Incremental `chunked` transfer-coding decoder (RFC 9112 §7.1).
+//!
+//! It walks the raw bytes of a chunked body as they arrive, split anywhere, and says how
+//! many of them belong to the body and where the body ends. The proxy forwards the raw
+//! bytes unchanged (no re-encoding, no copy) and only uses the decoder to find the end of
+//! the message, to count payload bytes against `max_body_size`, and to reject malformed
+//! framing; `on_data` hands out payload slices for the rare peer that needs them decoded.
+
+/// Longest chunk-size line (size plus extensions) we accept; longer is an attack, not a
+/// client (nginx and hyper cap it similarly).
+const MAX_CHUNK_LINE: usize = 4096;
+/// Most trailer bytes we accept after the last chunk.
+const MAX_TRAILERS: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Reading hex digits of a chunk size.
+    Size,
+    /// After the size: optional whitespace and `;ext`, up to CR LF.
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or the final empty line).
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    FinalLf,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkedError {
+    BadSize,
+    BadFraming,
+    TooLong,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChunkedDecoder {
+    state: State,
+    /// Size of the chunk being read, then bytes left of it.
+    remaining: u64,
+    size_digits: u32,
+    line_len: usize,
+    trailer_len: usize,
+    /// Payload bytes seen so far.
+    pub payload: u64,
+}
+
+impl Default for ChunkedDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ChunkedDecoder {
+    pub fn new() -> Self {
+        ChunkedDecoder {
+            state: State::Size,
+            remaining: 0,
+            size_digits: 0,
+            line_len: 0,
+            trailer_len: 0,
+            payload: 0,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Consumes bytes of the body. Returns how many bytes of `input` belong to it (all of
+    /// them unless the message ends inside `input`). Payload slices go to `on_data`.
+    pub fn decode(
+        &mut self,
+        input: &[u8],
+        mut on_data: impl FnMut(&[u8]),
+    ) -> Result<usize, ChunkedError> {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match self.state {
+                State::Size => {
+                    if let Some(d) = hex(b) {
+                        self.size_digits += 1;
+                        if self.size_digits > 15 {
+                            return Err(ChunkedError::BadSize);
+                        }
+                        self.remaining = self.remaining * 16 + d as u64;
+                        self.line_len += 1;
+                    } else if self.size_digits == 0 {
+                        return Err(ChunkedError::BadSize);
+                    } else if b == b'\r' {
+                        self.state = State::SizeLf;
+                    } else if b == b';' || b == b' ' || b == b'\t' {
+                        self.state = State::Extension;
+                    } else {
+                        return Err(ChunkedError::BadSize);
+                    }
+                    i += 1;
+                }
+                State::Extension => {
+                    if b == b'\r' {
+                        self.state = State::SizeLf;
+                    } else if b == b'\n' || b < 0x09 {
+                        return Err(ChunkedError::BadFraming);
+                    }
+                    self.line_len += 1;
+                    if self.line_len > MAX_CHUNK_LINE {
+                        return Err(ChunkedError::TooLong);
+                    }
+                    i += 1;
+                }
+                State::SizeLf => {
+                    if b != b'\n' {
+                        return Err(ChunkedError::BadFraming);
+                    }
+                    i += 1;
+                    self.line_len = 0;
+                    self.size_digits = 0;
+                    if self.remaining == 0 {
+                        self.state = State::TrailerStart;
+                    } else {
+                        self.payload += self.remaining;
+                        self.state = State::Data;
+                    }
+                }
+                State::Data => {
+                    let take =
+                        (input.len() - i).min(self.remaining.min(usize::MAX as u64) as usize);
+                    on_data(&input[i..i + take]);
+                    i += take;
+                    self.remaining -= take as u64;
+                    if self.remaining == 0 {
+                        self.state = State::DataCr;
+                    }
+                }
+                State::DataCr => {
+                    if b != b'\r' {
+                        return Err(ChunkedError::BadFraming);
+                    }
+                    self.state = State::DataLf;
+                    i += 1;
+                }
+                State::DataLf => {
+                    if b != b'\n' {
+                        return Err(ChunkedError::BadFraming);
+                    }
+                    self.state = State::Size;
+                    i += 1;
+                }
+                State::TrailerStart => {
+                    if b == b'\r' {
+                        self.state = State::FinalLf;
+                    } else {
+                        self.state = State::TrailerLine;
+                        self.trailer_len += 1;
+                    }
+                    i += 1;
+                }
+                State::TrailerLine => {
+                    if b == b'\r' {
+                        self.state = State::TrailerLf;
+                    }
+                    self.trailer_len += 1;
+                    if self.trailer_len > MAX_TRAILERS {
+                        return Err(ChunkedError::TooLong);
+                    }
+                    i += 1;
+                }
+                State::TrailerLf => {
+                    if b != b'\n' {
+                        return Err(ChunkedError::BadFraming);
+                    }
+                    self.state = State::TrailerStart;
+                    i += 1;
+                }
+                State::FinalLf => {
+                    if b != b'\n' {
+                        return Err(ChunkedError::BadFraming);
+                    }
+                    self.state = State::Done;
+                    i += 1;
+                }
+                State::Done => break,
+            }
+            if self.state == State::Done {
+                break;
+            }
+        }
+        Ok(i)
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(input: &[u8]) -> Result<(usize, Vec<u8>, bool), ChunkedError> {
+        let mut d = ChunkedDecoder::new();
+        let mut out = Vec::new();
+        let n = d.decode(input, |s| out.extend_from_slice(s))?;
+        Ok((n, out, d.is_done()))
+    }
+
+    #[test]
+    fn whole_body() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\nNEXT";
+        let (n, out, done) = decode_all(body).unwrap();
+        assert!(done);
+        assert_eq!(&out, b"hello world");
+        assert_eq!(&body[n..], b"NEXT");
+    }
+
+    #[test]
+    fn trailers() {
+        let body = b"3\r\nabc\r\n0\r\nX-Sum: 1\r\nY: 2\r\n\r\n";
+        let (n, out, done) = decode_all(body).unwrap();
+        assert!(done);
+        assert_eq!(n, body.len());
+        assert_eq!(&out, b"abc");
+    }
+
+    #[test]
+    fn split_at_every_boundary() {
+        let body = b"a\r\n0123456789\r\n1F\r\n0123456789012345678901234567890\r\n0\r\nT: v\r\n\r\n";
+        for split in 0..body.len() {
+            let mut d = ChunkedDecoder::new();
+            let mut out = Vec::new();
+            let a = d
+                .decode(&body[..split], |s| out.extend_from_slice(s))
+                .unwrap();
+            assert_eq!(a, split);
+            let b = d
+                .decode(&body[split..], |s| out.extend_from_slice(s))
+                .unwrap();
+            assert_eq!(a + b, body.len());
+            assert!(d.is_done(), "split at {split}");
+            assert_eq!(out.len(), 41);
+            assert_eq!(d.payload, 41);
+        }
+    }
+
+    #[test]
+    fn bad_sizes() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"-1\r\n",
+            b"5\nhello",
+            b"ffffffffffffffffff\r\n",
+            b"3\r\nabcX\r\n",
+            b"0x5\r\n",
+        ] {
+            assert!(
+                decode_all(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

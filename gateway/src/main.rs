@@ -1,0 +1,250 @@
+//! The `gateway` binary: command line, start-up order, signals, and shutdown.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use gateway::access_log::{LogWriter, Target};
+use gateway::config::{Config, IoDriver, LoadedConfig, StderrFormat, XdpMode};
+use gateway::control::Control;
+use gateway::state::{Shared, Snapshot};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Edge reverse proxy: io_uring data plane, XDP guard, Prometheus control plane"
+)]
+struct Cli {
+    /// Config file (same as `gateway run --config PATH`).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run in the foreground.
+    Run,
+    /// Validate a config file, like `nginx -t`: exit 0, or 1 with every error.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(config_path) = cli.config else {
+        eprintln!("gateway: --config PATH is required (see gateway --help)");
+        return ExitCode::from(2);
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => match Config::load(&config_path) {
+            Ok(_) => {
+                println!(
+                    "gateway: the configuration file {} syntax is ok",
+                    config_path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    eprintln!("gateway: {e}");
+                }
+                eprintln!(
+                    "gateway: configuration file {} test failed ({} error(s))",
+                    config_path.display(),
+                    errors.0.len()
+                );
+                ExitCode::from(1)
+            }
+        },
+        Command::Run => {
+            let loaded = match Config::load(&config_path) {
+                Ok(l) => l,
+                Err(errors) => {
+                    for e in &errors.0 {
+                        eprintln!("gateway: {e}");
+                    }
+                    return ExitCode::from(1);
+                }
+            };
+            init_tracing(&loaded.config);
+            match run(loaded) {
+                Ok(code) => code,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match config.log.stderr_format {
+        StderrFormat::Json => builder.json().init(),
+        StderrFormat::Text => builder.init(),
+    }
+}
+
+/// Raises RLIMIT_NOFILE towards `want`, stopping at the hard limit with a warning (raising
+/// the hard limit needs CAP_SYS_RESOURCE, which an edge node often does not grant).
+fn raise_nofile(want: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let target = want.min(limit.rlim_max);
+        if target < want {
+            tracing::warn!(
+                wanted = want,
+                hard_limit = limit.rlim_max,
+                "server.nofile is above the hard limit; using the hard limit"
+            );
+        }
+        if target > limit.rlim_cur {
+            limit.rlim_cur = target;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_NOFILE");
+            }
+        }
+    }
+}
+
+fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
+    let config = loaded.config.clone();
+    let config_path = loaded.path.clone();
+    raise_nofile(config.server.nofile);
+    match config.server.io {
+        IoDriver::Epoll => anyhow::bail!("server.io = \"epoll\": the epoll driver is not in this build yet; use \"uring\" or \"auto\""),
+        IoDriver::Auto | IoDriver::Uring => {
+            if let Err(e) = tokio_uring::uring_builder().build(8) {
+                anyhow::bail!("io_uring is not available ({e}); the epoll driver is not in this build yet");
+            }
+        }
+    }
+
+    let access = Target::from_config(&config.log.access);
+    let log = LogWriter::start(access).context("opening the access log")?;
+    let shared = Shared::new(Snapshot::build(loaded, 1, None));
+
+    let _xdp = match config.xdp.mode {
+        XdpMode::Off => None,
+        mode => {
+            let want = match mode {
+                XdpMode::Native => gateway::xdp::XdpMode::Native,
+                XdpMode::Generic => gateway::xdp::XdpMode::Generic,
+                _ => gateway::xdp::XdpMode::Auto,
+            };
+            let interfaces = config.xdp.interfaces();
+            match gateway::xdp::XdpGuard::load_and_attach(
+                &interfaces,
+                want,
+                Some(&config.xdp.pin_path),
+            ) {
+                Ok(guard) => {
+                    tracing::info!(
+                        ?interfaces,
+                        program_id = guard.program_id(),
+                        "XDP program attached"
+                    );
+                    Some(guard)
+                }
+                Err(e) if mode == XdpMode::Auto => {
+                    tracing::warn!(error = %e, "XDP unavailable: limits are enforced in user space");
+                    None
+                }
+                Err(e) => return Err(anyhow::anyhow!(e).context("attaching the XDP program")),
+            }
+        }
+    };
+
+    let workers = config.effective_workers();
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let (done_tx, done_rx) = mpsc::channel();
+    let handles = gateway::worker::start(
+        workers,
+        shared.clone(),
+        Some(log.clone()),
+        drain_rx,
+        done_tx,
+    )?;
+    let control = Control::new(shared.clone(), config_path, Some(log.clone()));
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("control")
+        .build()?;
+    let code = runtime.block_on(async {
+        let admin_addr = &config.admin.listen;
+        let admin = tokio::net::TcpListener::bind(admin_addr)
+            .await
+            .with_context(|| format!("binding the admin listener {admin_addr}"))?;
+        tokio::spawn(gateway::admin::serve(admin, control.clone()));
+        tracing::info!(workers, listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, "gateway started");
+
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    let control = control.clone();
+                    let _ = tokio::task::spawn_blocking(move || control.reload()).await;
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+
+        // Drain: not ready at once; after `shutdown_delay` (time for load balancers to
+        // notice) stop accepting and let in-flight work finish within `graceful_timeout`.
+        shared.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        let snap = shared.snapshot();
+        let delay = snap.config.server.shutdown_delay.0;
+        let graceful = snap.server.graceful_timeout;
+        tracing::info!(?delay, ?graceful, "draining");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = term.recv() => return Ok::<_, anyhow::Error>(ExitCode::from(1)),
+            _ = int.recv() => return Ok(ExitCode::from(1)),
+        }
+        let _ = drain_tx.send(true);
+        let deadline = Instant::now() + graceful + Duration::from_secs(1);
+        let mut finished = 0;
+        while finished < workers && Instant::now() < deadline {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {
+                    while done_rx.try_recv().is_ok() {
+                        finished += 1;
+                    }
+                }
+                _ = term.recv() => return Ok(ExitCode::from(1)),
+                _ = int.recv() => return Ok(ExitCode::from(1)),
+            }
+        }
+        tracing::info!("stopped");
+        Ok(ExitCode::SUCCESS)
+    })?;
+    log.flush();
+    drop(handles);
+    // Worker threads may still hold sockets with operations in flight; the process is
+    // done with them.
+    std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
+}

@@ -1,0 +1,1046 @@
+//! One client connection, request after request: read a head, choose the route, forward
+//! to an upstream (or answer directly), relay the response, log, and loop while the
+//! connection stays keep-alive. Data flows one way: client → upstream → client.
+//!
+//! Buffers: the connection's head buffer holds the head and whatever body bytes came with
+//! it (and any pipelined request behind it); bodies stream through pooled 64 KiB buffers,
+//! one read then one write at a time, so memory per connection is bounded whatever the
+//! body size. Timeouts cover whole phases (head, each upstream read and write).
+
+use crate::access_log::Entry;
+use crate::clock;
+use crate::http::chunked::{ChunkedDecoder, ChunkedError};
+use crate::http::head::{parse_request, parse_response, BodyFraming, RequestHead, ResponseHead};
+use crate::http::rewrite::{self, ClientFraming, Forwarding};
+use crate::http::{error_body, write_simple_response, HttpError};
+use crate::io::Stream;
+use crate::route::{Action, Route};
+use crate::state::{ListenerSettings, Snapshot};
+use crate::upstream::Upstream;
+use crate::worker::{Worker, HEAD_BUF_SIZE};
+use bytes::{Buf, BytesMut};
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::time::timeout;
+use tokio_uring::buf::BoundedBuf;
+
+/// What a worker knows about the listener a connection came in on.
+pub struct ListenerCtx {
+    pub name: String,
+    pub proto: &'static str,
+}
+
+/// How long a client may pause while sending a request body (nginx `client_body_timeout`).
+const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest upstream response head accepted.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+struct Client<S> {
+    io: S,
+    peer: SocketAddr,
+    buf: BytesMut,
+    head: RequestHead,
+    resp: ResponseHead,
+}
+
+/// What happened to one request, for the log and for the connection loop.
+struct Outcome {
+    status: u16,
+    body_bytes: u64,
+    upstream: Option<(Arc<Upstream>, usize)>,
+    keep_alive: bool,
+    /// Bytes of the head buffer that belonged to this request.
+    consumed: usize,
+    /// Bytes read past the end of this request's body (a pipelined request).
+    leftover: Option<BytesMut>,
+}
+
+impl Outcome {
+    fn error(status: u16, keep_alive: bool) -> Outcome {
+        Outcome {
+            status,
+            body_bytes: error_body(status).len() as u64,
+            upstream: None,
+            keep_alive,
+            consumed: 0,
+            leftover: None,
+        }
+    }
+}
+
+pub async fn serve<S: Stream>(
+    w: Rc<Worker<S>>,
+    listener: Rc<ListenerCtx>,
+    io: S,
+    peer: SocketAddr,
+    accepted: Instant,
+) {
+    let mut c = Client {
+        io,
+        peer,
+        buf: BytesMut::with_capacity(HEAD_BUF_SIZE),
+        head: RequestHead::default(),
+        resp: ResponseHead::default(),
+    };
+    let mut first = true;
+    loop {
+        let snap = w.snapshot();
+        let started = match read_head(&mut c, &w, &snap, first, accepted).await {
+            Ok(Some(t)) => t,
+            Ok(None) => break,
+            Err(HttpError::ClientGone(_)) => break,
+            Err(e) => {
+                let status = e.status();
+                send_error(&c.io, &w, status, true, None).await;
+                if snap.access_enabled {
+                    let entry = Entry {
+                        client_ip: peer.ip(),
+                        method: b"-",
+                        target: b"-",
+                        version: 1,
+                        status,
+                        body_bytes: error_body(status).len() as u64,
+                        referer: None,
+                        user_agent: None,
+                        duration_us: 0,
+                        upstream: None,
+                    };
+                    w.log.borrow_mut().record(snap.access_format, &entry);
+                }
+                break;
+            }
+        };
+        first = false;
+        let settings = snap
+            .listener(&listener.name)
+            .cloned()
+            .unwrap_or(ListenerSettings {
+                name: listener.name.clone(),
+                trusted_proxies: Vec::new(),
+                proxy_protocol: false,
+                tls: false,
+            });
+        let client_ip = client_ip(&c.buf, &c.head, peer.ip(), &settings);
+        let outcome = handle(&mut c, &w, &snap, &listener, client_ip).await;
+        if snap.access_enabled {
+            let buf = &c.buf[..];
+            let header = |name: &str| {
+                c.head
+                    .headers
+                    .iter()
+                    .find(|h| h.is(buf, name))
+                    .map(|h| h.value(buf))
+            };
+            let upstream_label = outcome
+                .upstream
+                .as_ref()
+                .map(|(u, i)| u.servers[*i].label.as_str());
+            let entry = Entry {
+                client_ip,
+                method: c.head.method(buf),
+                target: c.head.target(buf),
+                version: c.head.version,
+                status: outcome.status,
+                body_bytes: outcome.body_bytes,
+                referer: header("referer"),
+                user_agent: header("user-agent"),
+                duration_us: started.elapsed().as_micros() as u64,
+                upstream: upstream_label,
+            };
+            w.log.borrow_mut().record(snap.access_format, &entry);
+        }
+        if !outcome.keep_alive || w.draining.get() {
+            break;
+        }
+        c.buf.advance(outcome.consumed);
+        if let Some(extra) = outcome.leftover {
+            c.buf.extend_from_slice(&extra);
+            w.give_buf(extra);
+        }
+        if c.buf.is_empty() && c.buf.capacity() > HEAD_BUF_SIZE * 4 {
+            // A large head grew the buffer; do not keep that memory on an idle connection.
+            c.buf = BytesMut::with_capacity(HEAD_BUF_SIZE);
+        }
+    }
+}
+
+/// The client address: the peer, unless the peer is a trusted proxy, in which case the
+/// right-most untrusted address of `X-Forwarded-For` (nginx `real_ip_recursive on`).
+fn client_ip(buf: &[u8], head: &RequestHead, peer: IpAddr, listener: &ListenerSettings) -> IpAddr {
+    if head.known.x_forwarded_for.is_empty() || !listener.trusts(peer) {
+        return peer;
+    }
+    let mut candidate = peer;
+    for &i in head.known.x_forwarded_for.iter().rev() {
+        let value = head.headers[i].value(buf);
+        for part in value.rsplit(|&b| b == b',') {
+            let Some(ip) = std::str::from_utf8(crate::http::head::trim(part))
+                .ok()
+                .and_then(|s| s.parse::<IpAddr>().ok())
+            else {
+                return candidate;
+            };
+            candidate = ip;
+            if !listener.trusts(ip) {
+                return ip;
+            }
+        }
+    }
+    candidate
+}
+
+/// Reads until a complete request head is in `c.buf`. `Ok(None)`: the connection ended
+/// cleanly between requests (EOF, keep-alive timeout, drain). Returns when the request began.
+async fn read_head<S: Stream>(
+    c: &mut Client<S>,
+    w: &Worker<S>,
+    snap: &Snapshot,
+    first: bool,
+    accepted: Instant,
+) -> Result<Option<Instant>, HttpError> {
+    let max = snap.server.max_header_bytes;
+    let mut started = (!c.buf.is_empty()).then(Instant::now);
+    let idle_deadline = if first {
+        accepted + snap.server.header_timeout
+    } else {
+        Instant::now() + snap.server.keepalive_timeout
+    };
+    loop {
+        if !c.buf.is_empty() && parse_request(&c.buf, &mut c.head, max)? {
+            return Ok(Some(started.unwrap_or_else(Instant::now)));
+        }
+        let deadline = match started {
+            Some(t) => t + snap.server.header_timeout,
+            None => idle_deadline,
+        };
+        if c.buf.capacity() - c.buf.len() < 1024 {
+            c.buf
+                .reserve(c.buf.len().max(HEAD_BUF_SIZE).min(max + 1024));
+        }
+        let buf = std::mem::take(&mut c.buf);
+        let read = timeout_at(deadline, c.io.read(buf));
+        let result = if started.is_none() {
+            tokio::select! {
+                r = read => r,
+                _ = w.drained() => return Ok(None),
+            }
+        } else {
+            read.await
+        };
+        match result {
+            // Nothing received at all: close quietly, like nginx does for idle clients.
+            Err(_) if started.is_none() => return Ok(None),
+            Err(_) => return Err(HttpError::HeadTimeout),
+            Ok((Ok(0), buf)) => {
+                c.buf = buf;
+                return if c.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(HttpError::ClientGone("closed mid-head"))
+                };
+            }
+            Ok((Ok(_), buf)) => {
+                c.buf = buf;
+                started.get_or_insert_with(Instant::now);
+            }
+            Ok((Err(_), _)) => return Err(HttpError::ClientGone("read error")),
+        }
+    }
+}
+
+async fn timeout_at<F: std::future::Future>(
+    deadline: Instant,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    tokio::time::timeout_at(deadline.into(), f).await
+}
+
+/// Sends a proxy-generated error response.
+async fn send_error<S: Stream>(
+    io: &S,
+    w: &Worker<S>,
+    status: u16,
+    close: bool,
+    extra: Option<(&str, &str)>,
+) {
+    let mut out = w.take_out();
+    let extra_headers: Vec<(&str, &str)> = extra.into_iter().collect();
+    write_simple_response(
+        &mut out,
+        status,
+        "text/plain",
+        error_body(status),
+        close,
+        &extra_headers,
+    );
+    let (_, out) = timeout(Duration::from_secs(5), io.write_all(out))
+        .await
+        .unwrap_or((Ok(()), Vec::new()));
+    w.give_out(out);
+}
+
+async fn handle<S: Stream>(
+    c: &mut Client<S>,
+    w: &Rc<Worker<S>>,
+    snap: &Snapshot,
+    listener: &ListenerCtx,
+    client_ip: IpAddr,
+) -> Outcome {
+    let buf = &c.buf[..];
+    let head = &c.head;
+    let has_body = !matches!(head.framing, BodyFraming::None | BodyFraming::Length(0));
+    let Some(route) = snap.router.find(head.host(buf), head.path(buf)) else {
+        send_error(&c.io, w, 404, has_body, None).await;
+        return Outcome {
+            consumed: head.len,
+            ..Outcome::error(404, !has_body)
+        };
+    };
+    if let BodyFraming::Length(n) = head.framing {
+        if n > route.max_body_size {
+            send_error(&c.io, w, 413, true, None).await;
+            return Outcome::error(413, false);
+        }
+    }
+    match &route.action {
+        Action::Respond(respond) => {
+            let mut out = w.take_out();
+            let close = has_body || !head.wants_keep_alive() || w.draining.get();
+            let body = if head.is_head(buf) {
+                &b""[..]
+            } else {
+                respond.body.as_bytes()
+            };
+            write_simple_response(
+                &mut out,
+                respond.status,
+                &respond.content_type,
+                respond.body.as_bytes(),
+                close,
+                &[],
+            );
+            if head.is_head(buf) {
+                out.truncate(out.len() - respond.body.len());
+            }
+            let (res, out) = c.io.write_all(out).await;
+            w.give_out(out);
+            Outcome {
+                status: respond.status,
+                body_bytes: body.len() as u64,
+                upstream: None,
+                keep_alive: res.is_ok() && !close,
+                consumed: head.len,
+                leftover: None,
+            }
+        }
+        Action::Proxy(index) => {
+            let upstream = snap.upstreams[*index].clone();
+            match proxy(c, w, route, &upstream, listener, client_ip).await {
+                Ok(outcome) => outcome,
+                Err(failure) => {
+                    let status = failure.error.status();
+                    if failure.error.kind() != "client" && failure.error.kind() != "bad_request" {
+                        tracing::debug!(upstream = %upstream.name, error = %failure.error, "request failed");
+                    }
+                    if !failure.response_started
+                        && !matches!(failure.error, HttpError::ClientGone(_))
+                    {
+                        send_error(&c.io, w, status, true, None).await;
+                    }
+                    Outcome {
+                        upstream: failure.server.map(|s| (upstream.clone(), s)),
+                        ..Outcome::error(status, false)
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Failure {
+    error: HttpError,
+    /// Part of the response was sent: the client can only be told by closing.
+    response_started: bool,
+    server: Option<usize>,
+}
+
+impl Failure {
+    fn before_response(error: HttpError, server: Option<usize>) -> Failure {
+        Failure {
+            error,
+            response_started: false,
+            server,
+        }
+    }
+}
+
+/// Progress through a request body.
+struct RequestBody {
+    framing: BodyFraming,
+    /// Bytes left (Content-Length framing).
+    remaining: u64,
+    decoder: ChunkedDecoder,
+    done: bool,
+}
+
+impl RequestBody {
+    fn new(framing: BodyFraming) -> RequestBody {
+        let (remaining, done) = match framing {
+            BodyFraming::Length(n) => (n, n == 0),
+            BodyFraming::Chunked => (0, false),
+            _ => (0, true),
+        };
+        RequestBody {
+            framing,
+            remaining,
+            decoder: ChunkedDecoder::new(),
+            done,
+        }
+    }
+
+    /// How many of `input`'s bytes belong to the body; marks `done` at its end.
+    fn take(&mut self, input: &[u8], max_body: u64) -> Result<usize, HttpError> {
+        match self.framing {
+            BodyFraming::Length(_) => {
+                let n = (input.len() as u64).min(self.remaining) as usize;
+                self.remaining -= n as u64;
+                self.done = self.remaining == 0;
+                Ok(n)
+            }
+            BodyFraming::Chunked => {
+                let n = self.decoder.decode(input, |_| {}).map_err(|e| match e {
+                    ChunkedError::BadSize => HttpError::BadRequest("bad chunk size"),
+                    _ => HttpError::BadRequest("bad chunked framing"),
+                })?;
+                if self.decoder.payload > max_body {
+                    return Err(HttpError::BodyTooLarge);
+                }
+                self.done = self.decoder.is_done();
+                Ok(n)
+            }
+            _ => Ok(0),
+        }
+    }
+}
+
+/// Forwards one request to the upstream and relays its response.
+async fn proxy<S: Stream>(
+    c: &mut Client<S>,
+    w: &Rc<Worker<S>>,
+    route: &Route,
+    upstream: &Arc<Upstream>,
+    listener: &ListenerCtx,
+    client_ip: IpAddr,
+) -> Result<Outcome, Failure> {
+    let Client {
+        io: client,
+        peer,
+        buf,
+        head,
+        resp,
+    } = c;
+    let buf = &buf[..];
+    let upgrade = route.websocket && head.is_websocket_upgrade(buf);
+
+    // The request head, rewritten, followed by the body bytes that arrived with it.
+    let mut body = RequestBody::new(head.framing);
+    let after_head = &buf[head.len..];
+    let prefix = body
+        .take(after_head, route.max_body_size)
+        .map_err(|e| Failure::before_response(e, None))?;
+    let mut out = w.take_out();
+    let fwd = Forwarding {
+        client_ip,
+        peer_ip: peer.ip(),
+        proto: listener.proto,
+        upgrade,
+        default_host: &listener.name,
+    };
+    rewrite::write_upstream_request(&mut out, buf, head, &fwd);
+    out.extend_from_slice(&after_head[..prefix]);
+    let consumed = head.len + prefix;
+    let replayable = head.is_idempotent(buf) && body.done;
+    let is_head = head.is_head(buf);
+
+    // Connect (trying other servers when a connect fails), send the head, and read the
+    // response head. A reused connection that fails before any response byte is retried
+    // once on a fresh connection when the request can be replayed.
+    let mut tried: u64 = 0;
+    let mut last_error = HttpError::NoHealthyUpstream;
+    let mut fresh_only = false;
+    let mut sent_continue = false;
+    let mut leftover: Option<BytesMut> = None;
+    let mut ub = w.take_buf();
+    let (conn, server, ub_after_head) = loop {
+        let now = clock::now_ms();
+        let picked = w.with_upstream(upstream, |p| {
+            let server = p.picker.pick(upstream, client_ip, now, tried)?;
+            let idle = if fresh_only {
+                None
+            } else {
+                p.take_idle(server)
+            };
+            Some((server, idle))
+        });
+        let Some((server, idle)) = picked else {
+            w.give_out(out);
+            w.give_buf(ub);
+            return Err(Failure::before_response(last_error, None));
+        };
+        let addr = upstream.servers[server].addr;
+        let reused = idle.is_some();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => match S::connect(addr, route.connect_timeout).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
+                    tracing::warn!(upstream = %upstream.name, server = %addr, error = %e, "connect failed");
+                    mark_failure(upstream, server);
+                    tried |= bit(server);
+                    last_error = if timed_out {
+                        HttpError::UpstreamTimeout("connect")
+                    } else {
+                        HttpError::UpstreamFailed("connect")
+                    };
+                    continue;
+                }
+            },
+        };
+        let active = ActiveGuard::new(w, upstream, server);
+
+        // Send the head (and body prefix).
+        let sent = timeout(route.send_timeout, conn.write_all(out)).await;
+        let write_failed = match sent {
+            Ok((Ok(()), o)) => {
+                out = o;
+                None
+            }
+            Ok((Err(_), o)) => {
+                out = o;
+                Some(HttpError::UpstreamFailed("write"))
+            }
+            Err(_) => {
+                out = w.take_out();
+                Some(HttpError::UpstreamTimeout("send"))
+            }
+        };
+        if let Some(error) = write_failed {
+            drop(active);
+            if reused && replayable && !fresh_only {
+                fresh_only = true;
+                if out.is_empty() {
+                    // The timed-out write took the buffer with it; rebuild the head.
+                    rewrite::write_upstream_request(&mut out, buf, head, &fwd);
+                    out.extend_from_slice(&after_head[..prefix]);
+                }
+                continue;
+            }
+            mark_failure(upstream, server);
+            w.give_out(out);
+            w.give_buf(ub);
+            return Err(Failure::before_response(error, Some(server)));
+        }
+
+        // The rest of the request body, streamed.
+        if !body.done {
+            if head.known.expect_continue && !sent_continue {
+                sent_continue = true;
+                let (r, o) = client
+                    .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+                    .await;
+                let _ = o;
+                if r.is_err() {
+                    w.give_out(out);
+                    w.give_buf(ub);
+                    return Err(Failure::before_response(
+                        HttpError::ClientGone("write"),
+                        Some(server),
+                    ));
+                }
+            }
+            match stream_request_body(client, &conn, w, &mut body, route).await {
+                Ok(extra) => leftover = extra,
+                Err(error) => {
+                    if !matches!(
+                        error,
+                        HttpError::ClientGone(_)
+                            | HttpError::BadRequest(_)
+                            | HttpError::BodyTooLarge
+                    ) {
+                        mark_failure(upstream, server);
+                    }
+                    w.give_out(out);
+                    w.give_buf(ub);
+                    return Err(Failure::before_response(error, Some(server)));
+                }
+            }
+        }
+
+        // The response head (informational responses are relayed as they come).
+        match read_response_head(
+            client,
+            &conn,
+            w,
+            resp,
+            ub,
+            route,
+            is_head,
+            sent_continue,
+            upgrade,
+        )
+        .await
+        {
+            Ok(b) => {
+                drop(active);
+                break (conn, server, b);
+            }
+            Err((error, b, got_bytes)) => {
+                ub = b;
+                drop(active);
+                if reused
+                    && replayable
+                    && !got_bytes
+                    && !fresh_only
+                    && !matches!(error, HttpError::UpstreamTimeout(_))
+                {
+                    fresh_only = true;
+                    out.clear();
+                    rewrite::write_upstream_request(&mut out, buf, head, &fwd);
+                    out.extend_from_slice(&after_head[..prefix]);
+                    continue;
+                }
+                if !matches!(error, HttpError::ClientGone(_)) {
+                    mark_failure(upstream, server);
+                }
+                w.give_out(out);
+                w.give_buf(ub);
+                return Err(Failure::before_response(error, Some(server)));
+            }
+        }
+    };
+    upstream.servers[server].state.record_success();
+    let mut ub = ub_after_head;
+    let active = ActiveGuard::new(w, upstream, server);
+
+    // The response head for the client, with the first body bytes behind it.
+    out.clear();
+    let close =
+        !head.wants_keep_alive() || w.draining.get() || resp.framing == BodyFraming::UntilClose;
+    let client_framing = rewrite::write_client_response(
+        &mut out,
+        &ub,
+        resp,
+        head.version,
+        close || head.version == 0 && resp.framing == BodyFraming::Chunked,
+        upgrade && resp.status == 101,
+    );
+    let close = close || client_framing == ClientFraming::Dechunk;
+    let status = resp.status;
+    let resp_framing = resp.framing;
+    let resp_keep_alive = resp.keep_alive();
+    ub.advance(resp.len);
+
+    if upgrade && status == 101 {
+        // WebSocket: from here the two connections are one tunnel.
+        let (r, o) = client.write_all(out).await;
+        w.give_out(o);
+        if r.is_err() {
+            w.give_buf(ub);
+            return Err(Failure {
+                error: HttpError::ClientGone("write"),
+                response_started: true,
+                server: Some(server),
+            });
+        }
+        drop(active);
+        let bytes = crate::tunnel::run(
+            client,
+            &conn,
+            &after_head[prefix..],
+            ub,
+            w,
+            route.read_timeout,
+        )
+        .await;
+        return Ok(Outcome {
+            status,
+            body_bytes: bytes.to_client,
+            upstream: Some((upstream.clone(), server)),
+            keep_alive: false,
+            consumed,
+            leftover,
+        });
+    }
+
+    let relay = relay_response_body(
+        client,
+        &conn,
+        w,
+        out,
+        ub,
+        resp_framing,
+        client_framing,
+        route,
+    )
+    .await;
+    drop(active);
+    match relay {
+        Ok(sent) => {
+            if resp_keep_alive
+                && sent.upstream_clean
+                && body.done
+                && resp_framing != BodyFraming::UntilClose
+            {
+                w.with_upstream(upstream, |p| p.put_idle(server, conn));
+            }
+            Ok(Outcome {
+                status,
+                body_bytes: sent.body_bytes,
+                upstream: Some((upstream.clone(), server)),
+                keep_alive: !close && sent.client_ok,
+                consumed,
+                leftover,
+            })
+        }
+        Err(error) => {
+            if !matches!(error, HttpError::ClientGone(_)) {
+                mark_failure(upstream, server);
+                tracing::warn!(upstream = %upstream.name, server = %upstream.servers[server].label, error = %error, "response cut short");
+            }
+            Err(Failure {
+                error,
+                response_started: true,
+                server: Some(server),
+            })
+        }
+    }
+}
+
+fn bit(server: usize) -> u64 {
+    if server < 64 {
+        1 << server
+    } else {
+        0
+    }
+}
+
+fn mark_failure(upstream: &Upstream, server: usize) {
+    let s = &upstream.servers[server];
+    if s.state
+        .record_failure(upstream.max_fails, upstream.fail_timeout)
+    {
+        tracing::warn!(upstream = %upstream.name, server = %s.label, "server marked down for {:?} after {} failure(s)", upstream.fail_timeout, upstream.max_fails);
+    }
+}
+
+/// Counts a request in flight to a server (least_conn) for as long as it lives.
+struct ActiveGuard<S: Stream> {
+    w: Rc<Worker<S>>,
+    upstream: Arc<Upstream>,
+    server: usize,
+}
+
+impl<S: Stream> ActiveGuard<S> {
+    fn new(w: &Rc<Worker<S>>, upstream: &Arc<Upstream>, server: usize) -> Self {
+        w.with_upstream(upstream, |p| p.picker.active[server] += 1);
+        ActiveGuard {
+            w: w.clone(),
+            upstream: upstream.clone(),
+            server,
+        }
+    }
+}
+
+impl<S: Stream> Drop for ActiveGuard<S> {
+    fn drop(&mut self) {
+        let server = self.server;
+        self.w.with_upstream(&self.upstream, |p| {
+            if let Some(a) = p.picker.active.get_mut(server) {
+                *a = a.saturating_sub(1);
+            }
+        });
+    }
+}
+
+/// Streams the rest of a request body from the client to the upstream. Returns bytes read
+/// past the body's end (a pipelined request), if any.
+async fn stream_request_body<S: Stream>(
+    client: &S,
+    upstream: &S,
+    w: &Worker<S>,
+    body: &mut RequestBody,
+    route: &Route,
+) -> Result<Option<BytesMut>, HttpError> {
+    while !body.done {
+        let b = w.take_buf();
+        let (res, mut b) = match timeout(CLIENT_BODY_TIMEOUT, client.read(b)).await {
+            Ok(r) => r,
+            Err(_) => return Err(HttpError::ClientGone("body timeout")),
+        };
+        match res {
+            Ok(0) | Err(_) => {
+                w.give_buf(b);
+                return Err(HttpError::ClientGone("closed mid-body"));
+            }
+            Ok(_) => {}
+        }
+        let n = match body.take(&b, route.max_body_size) {
+            Ok(n) => n,
+            Err(e) => {
+                w.give_buf(b);
+                return Err(e);
+            }
+        };
+        let extra = if n < b.len() {
+            Some(b.split_off(n))
+        } else {
+            None
+        };
+        if n > 0 {
+            let (res, slice) =
+                match timeout(route.send_timeout, upstream.write_all(b.slice(..n))).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(HttpError::UpstreamTimeout("send body")),
+                };
+            b = slice.into_inner();
+            if res.is_err() {
+                return Err(HttpError::UpstreamFailed("write body"));
+            }
+        }
+        w.give_buf(b);
+        if let Some(extra) = extra {
+            return Ok(Some(extra));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads the upstream's response head into `ub`, relaying informational responses.
+/// On error also says whether any response byte had arrived (then no retry).
+#[allow(clippy::too_many_arguments)]
+async fn read_response_head<S: Stream>(
+    client: &S,
+    conn: &S,
+    w: &Worker<S>,
+    resp: &mut ResponseHead,
+    mut ub: BytesMut,
+    route: &Route,
+    is_head: bool,
+    sent_continue: bool,
+    upgrade: bool,
+) -> Result<BytesMut, (HttpError, BytesMut, bool)> {
+    let mut got_bytes = false;
+    loop {
+        if !ub.is_empty() {
+            match parse_response(&ub, resp, MAX_RESPONSE_HEAD, is_head) {
+                Ok(true) => {
+                    if resp.status == 101 && !upgrade {
+                        return Err((
+                            HttpError::BadUpstream("101 without an upgrade request"),
+                            ub,
+                            true,
+                        ));
+                    }
+                    if (100..200).contains(&resp.status) && resp.status != 101 {
+                        // Relay informational responses, except a 100 the proxy already sent.
+                        if !(resp.status == 100 && sent_continue) {
+                            let mut out = w.take_out();
+                            rewrite::write_informational(&mut out, &ub, resp);
+                            let (r, o) = client.write_all(out).await;
+                            w.give_out(o);
+                            if r.is_err() {
+                                return Err((HttpError::ClientGone("write"), ub, true));
+                            }
+                        }
+                        ub.advance(resp.len);
+                        continue;
+                    }
+                    return Ok(ub);
+                }
+                Ok(false) => {}
+                Err(e) => return Err((e, ub, true)),
+            }
+        }
+        if ub.capacity() - ub.len() < 1024 {
+            ub.reserve(16 * 1024);
+        }
+        match timeout(route.read_timeout, conn.read(ub)).await {
+            Err(_) => return Err((HttpError::UpstreamTimeout("read"), w.take_buf(), got_bytes)),
+            Ok((Ok(0), b)) => {
+                return Err((
+                    HttpError::UpstreamFailed("closed before responding"),
+                    b,
+                    got_bytes,
+                ))
+            }
+            Ok((Err(_), b)) => return Err((HttpError::UpstreamFailed("read"), b, got_bytes)),
+            Ok((Ok(_), b)) => {
+                got_bytes = true;
+                ub = b;
+            }
+        }
+    }
+}
+
+/// Progress through a response body.
+struct ResponseBody {
+    framing: BodyFraming,
+    remaining: u64,
+    decoder: ChunkedDecoder,
+    /// Decode chunked framing into `decoded` (for an HTTP/1.0 client).
+    dechunk: bool,
+    done: bool,
+}
+
+impl ResponseBody {
+    /// How many bytes of `input` are this response's body; sets `done` at its end.
+    fn take(&mut self, input: &[u8], decoded: &mut Vec<u8>) -> Result<usize, HttpError> {
+        match self.framing {
+            BodyFraming::Length(_) => {
+                let n = (input.len() as u64).min(self.remaining) as usize;
+                self.remaining -= n as u64;
+                self.done = self.remaining == 0;
+                Ok(n)
+            }
+            BodyFraming::Chunked => {
+                let dechunk = self.dechunk;
+                let n = self
+                    .decoder
+                    .decode(input, |data| {
+                        if dechunk {
+                            decoded.extend_from_slice(data)
+                        }
+                    })
+                    .map_err(|_| HttpError::BadUpstream("bad chunked framing"))?;
+                self.done = self.decoder.is_done();
+                Ok(n)
+            }
+            BodyFraming::UntilClose => Ok(input.len()),
+            BodyFraming::None => Ok(0),
+        }
+    }
+}
+
+struct Relayed {
+    body_bytes: u64,
+    /// The upstream ended the body exactly where its framing said: reusable.
+    upstream_clean: bool,
+    client_ok: bool,
+}
+
+/// Sends the response head (in `out`) and streams the body from the upstream to the
+/// client. `ub` holds the bytes read after the head.
+#[allow(clippy::too_many_arguments)]
+async fn relay_response_body<S: Stream>(
+    client: &S,
+    conn: &S,
+    w: &Worker<S>,
+    mut out: Vec<u8>,
+    mut ub: BytesMut,
+    framing: BodyFraming,
+    client_framing: ClientFraming,
+    route: &Route,
+) -> Result<Relayed, HttpError> {
+    let mut body = ResponseBody {
+        framing,
+        remaining: match framing {
+            BodyFraming::Length(n) => n,
+            _ => 0,
+        },
+        decoder: ChunkedDecoder::new(),
+        dechunk: client_framing == ClientFraming::Dechunk,
+        done: matches!(framing, BodyFraming::None | BodyFraming::Length(0)),
+    };
+    let mut body_bytes: u64 = 0;
+    let mut upstream_clean = true;
+
+    // First write: head plus the body bytes that came with it, when they are few.
+    let mut decoded = Vec::new();
+    let n = body.take(&ub, &mut decoded)?;
+    if n < ub.len() {
+        upstream_clean = false;
+    }
+    let first_body: &[u8] = if client_framing == ClientFraming::Dechunk {
+        &decoded
+    } else {
+        &ub[..n]
+    };
+    body_bytes += first_body.len() as u64;
+    let small = first_body.len() <= 16 * 1024;
+    if small {
+        out.extend_from_slice(first_body);
+    }
+    w.give_out(write_client(client, out, route).await?);
+    if !small {
+        if client_framing == ClientFraming::Dechunk {
+            decoded = write_client(client, std::mem::take(&mut decoded), route).await?;
+        } else {
+            ub = write_client(client, ub.slice(..n), route)
+                .await?
+                .into_inner();
+        }
+    }
+
+    while !body.done {
+        ub.clear();
+        let read = match timeout(route.read_timeout, conn.read(ub)).await {
+            Ok(r) => r,
+            Err(_) => return Err(HttpError::UpstreamTimeout("read body")),
+        };
+        let (res, b) = read;
+        ub = b;
+        match res {
+            Ok(0) if framing == BodyFraming::UntilClose => {
+                upstream_clean = false;
+                break;
+            }
+            Ok(0) => {
+                w.give_buf(ub);
+                return Err(HttpError::UpstreamFailed("closed mid-body"));
+            }
+            Err(_) => {
+                w.give_buf(ub);
+                return Err(HttpError::UpstreamFailed("read body"));
+            }
+            Ok(_) => {}
+        }
+        decoded.clear();
+        let n = body.take(&ub, &mut decoded)?;
+        if n < ub.len() {
+            upstream_clean = false;
+        }
+        if client_framing == ClientFraming::Dechunk {
+            body_bytes += decoded.len() as u64;
+            if !decoded.is_empty() {
+                decoded = write_client(client, std::mem::take(&mut decoded), route).await?;
+            }
+        } else if n > 0 {
+            body_bytes += n as u64;
+            ub = write_client(client, ub.slice(..n), route)
+                .await?
+                .into_inner();
+        }
+    }
+    w.give_buf(ub);
+    Ok(Relayed {
+        body_bytes,
+        upstream_clean,
+        client_ok: true,
+    })
+}
+
+/// Writes to the client within the route's send timeout; the buffer comes back on success.
+async fn write_client<S: Stream, B: BoundedBuf>(
+    client: &S,
+    buf: B,
+    route: &Route,
+) -> Result<B, HttpError> {
+    match timeout(route.send_timeout, client.write_all(buf)).await {
+        Err(_) => Err(HttpError::ClientGone("write timeout")),
+        Ok((Err(_), _)) => Err(HttpError::ClientGone("write")),
+        Ok((Ok(()), b)) => Ok(b),
+    }
+}

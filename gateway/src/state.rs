@@ -1,0 +1,146 @@
+//! The running configuration as one immutable snapshot, and the little state all threads
+//! share. A reload builds a new snapshot and swaps it in; each request takes the snapshot
+//! current when its head arrived and keeps it to the end, so in-flight work never sees a
+//! half-applied config.
+
+use crate::config::{AccessFormat, Config, LoadedConfig};
+use crate::route::Router;
+use crate::upstream::Upstream;
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Settings of the `[server]` table the data plane reads per request.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub keepalive_timeout: Duration,
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub graceful_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Per-listener settings, by listener name.
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
+    pub name: String,
+    pub trusted_proxies: Vec<IpNet>,
+    pub proxy_protocol: bool,
+    pub tls: bool,
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub path: PathBuf,
+    pub config: Config,
+    pub router: Router,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub server: ServerSettings,
+    pub listeners: Vec<ListenerSettings>,
+    pub access_format: AccessFormat,
+    pub access_enabled: bool,
+}
+
+impl Snapshot {
+    /// Builds the snapshot for a validated config. Upstreams unchanged from `previous`
+    /// are reused as they are (their workers' idle pools carry over).
+    pub fn build(loaded: LoadedConfig, generation: u64, previous: Option<&Snapshot>) -> Snapshot {
+        let config = loaded.config;
+        let old: &[Arc<Upstream>] = previous.map(|p| p.upstreams.as_slice()).unwrap_or(&[]);
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| Upstream::build(u.get_ref(), old))
+            .collect();
+        let router = Router::build(&config);
+        let s = &config.server;
+        Snapshot {
+            generation,
+            path: loaded.path,
+            router,
+            upstreams,
+            server: ServerSettings {
+                keepalive_timeout: s.keepalive_timeout.0,
+                header_timeout: s.header_timeout.0,
+                max_header_bytes: s.max_header_bytes.0 as usize,
+                graceful_timeout: s.graceful_timeout.0,
+                max_connections: s.max_connections,
+            },
+            listeners: config
+                .listeners
+                .iter()
+                .map(|l| {
+                    let l = l.get_ref();
+                    ListenerSettings {
+                        name: l.name.clone(),
+                        trusted_proxies: l.trusted_proxies.clone(),
+                        proxy_protocol: l.proxy_protocol,
+                        tls: l.tls.is_some(),
+                    }
+                })
+                .collect(),
+            access_format: config.log.format,
+            access_enabled: config.log.access != "off",
+            config,
+        }
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&ListenerSettings> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+}
+
+impl ListenerSettings {
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// State shared by every thread.
+pub struct Shared {
+    snapshot: ArcSwap<Snapshot>,
+    generation: AtomicU64,
+    /// Set once a drain starts: listeners close, keep-alive ends, `/ready` says 503.
+    pub draining: AtomicBool,
+    /// Client connections open across all workers, for `max_connections`.
+    pub connections: AtomicUsize,
+    /// Whether every listener of every worker is bound (readiness).
+    pub listening: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(snapshot: Snapshot) -> Arc<Shared> {
+        Arc::new(Shared {
+            generation: AtomicU64::new(snapshot.generation),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            draining: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            listening: AtomicBool::new(false),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The generation of the current snapshot: workers compare it with the one they cache,
+    /// a plain load instead of touching the snapshot's reference count per request.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn install(&self, snapshot: Snapshot) {
+        let generation = snapshot.generation;
+        self.snapshot.store(Arc::new(snapshot));
+        self.generation.store(generation, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,142 @@
+//! Upstream pools: the servers of each `[[upstream]]`, whether each is up, how one is
+//! chosen for a request, and the idle keep-alive connections each worker keeps to them.
+//!
+//! What is shared across workers is only what must agree: a server's health (atomics,
+//! written on failures and by the active checker, read on every pick). Balancer state and
+//! idle connections are per worker, with no lock on the request path.
+
+pub mod balance;
+pub mod health;
+pub mod pool;
+
+use crate::clock;
+use crate::config::{Balance, HealthCheckConfig, UpstreamConfig};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Health of one upstream server, shared by all workers and carried over reloads while the
+/// server stays in its upstream.
+#[derive(Debug, Default)]
+pub struct ServerState {
+    /// Passive health: failures counted in the current `fail_timeout` window.
+    fails: AtomicU32,
+    fail_window_start_ms: AtomicU64,
+    /// Marked down by `max_fails` until this time (ms on the process clock).
+    down_until_ms: AtomicU64,
+    /// Marked down by the active health checker.
+    check_failed: AtomicBool,
+}
+
+impl ServerState {
+    pub fn is_up(&self, now_ms: u64) -> bool {
+        !self.check_failed.load(Ordering::Relaxed)
+            && self.down_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// Counts a failure; at `max_fails` within `fail_timeout` the server is down for
+    /// `fail_timeout` (nginx semantics). Returns whether this failure marked it down.
+    pub fn record_failure(&self, max_fails: u32, fail_timeout: Duration) -> bool {
+        let now = clock::now_ms();
+        let window = fail_timeout.as_millis() as u64;
+        let start = self.fail_window_start_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(start) > window {
+            self.fail_window_start_ms.store(now, Ordering::Relaxed);
+            self.fails.store(0, Ordering::Relaxed);
+        }
+        let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails >= max_fails {
+            self.fails.store(0, Ordering::Relaxed);
+            self.down_until_ms.store(now + window, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    pub fn record_success(&self) {
+        if self.fails.load(Ordering::Relaxed) != 0 {
+            self.fails.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn set_check_result(&self, healthy: bool) {
+        self.check_failed.store(!healthy, Ordering::Relaxed);
+        if healthy {
+            self.down_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Server {
+    pub addr: SocketAddr,
+    /// The address as text, for logs and metric labels.
+    pub label: String,
+    pub weight: u32,
+    pub state: Arc<ServerState>,
+}
+
+/// One `[[upstream]]` as the data plane uses it. Immutable; replaced on reload.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Unique per process; unchanged when a reload keeps this upstream as it was, so each
+    /// worker's idle pool for it carries over.
+    pub id: u64,
+    pub name: String,
+    pub servers: Vec<Server>,
+    pub balance: Balance,
+    pub keepalive: usize,
+    pub idle_timeout: Duration,
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    pub health_check: Option<HealthCheckConfig>,
+    pub hash_ring: balance::HashRing,
+    pub config: UpstreamConfig,
+}
+
+static NEXT_UPSTREAM_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Upstream {
+    /// Builds an upstream from its config. `previous` are the upstreams of the config being
+    /// replaced: an identical one is reused as is, and servers that stay keep their health.
+    pub fn build(config: &UpstreamConfig, previous: &[Arc<Upstream>]) -> Arc<Upstream> {
+        if let Some(same) = previous.iter().find(|u| &u.config == config) {
+            return same.clone();
+        }
+        let servers: Vec<Server> = config
+            .servers
+            .iter()
+            .map(|s| {
+                let addr: SocketAddr = s.addr().parse().expect("validated server address");
+                let state = previous
+                    .iter()
+                    .filter(|u| u.name == config.name)
+                    .flat_map(|u| u.servers.iter())
+                    .find(|old| old.addr == addr)
+                    .map(|old| old.state.clone())
+                    .unwrap_or_default();
+                Server {
+                    addr,
+                    label: addr.to_string(),
+                    weight: s.weight(),
+                    state,
+                }
+            })
+            .collect();
+        let hash_ring = balance::HashRing::new(&servers);
+        Arc::new(Upstream {
+            id: NEXT_UPSTREAM_ID.fetch_add(1, Ordering::Relaxed),
+            name: config.name.clone(),
+            servers,
+            balance: config.balance,
+            keepalive: config.keepalive,
+            idle_timeout: config.keepalive_timeout.0,
+            max_fails: config.max_fails,
+            fail_timeout: config.fail_timeout.0,
+            health_check: config.health_check.clone(),
+            hash_ring,
+            config: config.clone(),
+        })
+    }
+}

@@ -1,0 +1,335 @@
+//! Worker threads: each runs its own io_uring runtime with its own `SO_REUSEPORT` listener
+//! sockets, idle upstream pools, buffer pools and access-log buffer. Nothing on the request
+//! path is shared with another worker except the config snapshot (read-only) and a few
+//! atomics (connection count, server health).
+
+use crate::access_log::{LogWriter, WorkerLog};
+use crate::io::{Stream, UringStream};
+use crate::proxy;
+use crate::state::{Shared, Snapshot};
+use crate::upstream::pool::WorkerUpstream;
+use crate::upstream::Upstream;
+use bytes::BytesMut;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+
+/// Size of the buffers bodies stream through: large enough that a 1 GiB body costs few
+/// syscalls, small enough that thousands of streams fit in memory.
+pub const BODY_BUF_SIZE: usize = 64 * 1024;
+/// Buffers kept for reuse per worker; more in flight are allocated and then freed.
+const POOLED_BUFS: usize = 256;
+/// Initial capacity of a connection's head buffer; grows up to `max_header_bytes`.
+pub const HEAD_BUF_SIZE: usize = 4096;
+
+/// One worker's state. Lives on its thread (`Rc`), never locked.
+pub struct Worker<S: Stream> {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    snapshot: RefCell<(u64, Rc<Arc<Snapshot>>)>,
+    upstreams: RefCell<HashMap<u64, WorkerUpstream<S>>>,
+    pub log: RefCell<WorkerLog>,
+    pub draining: Cell<bool>,
+    drain_notify: Notify,
+    /// Client connections this worker is serving.
+    pub active: Cell<usize>,
+    bufs: RefCell<Vec<BytesMut>>,
+    outs: RefCell<Vec<Vec<u8>>>,
+}
+
+impl<S: Stream> Worker<S> {
+    pub fn new(id: usize, shared: Arc<Shared>, log: Option<LogWriter>) -> Worker<S> {
+        let snap = shared.snapshot();
+        Worker {
+            id,
+            snapshot: RefCell::new((snap.generation, Rc::new(snap))),
+            shared,
+            upstreams: RefCell::new(HashMap::new()),
+            log: RefCell::new(WorkerLog::new(log)),
+            draining: Cell::new(false),
+            drain_notify: Notify::new(),
+            active: Cell::new(0),
+            bufs: RefCell::new(Vec::new()),
+            outs: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The current config snapshot; refreshed from the shared one only when its generation
+    /// changed, so a request costs no atomic reference-count traffic between workers.
+    pub fn snapshot(&self) -> Rc<Arc<Snapshot>> {
+        let generation = self.shared.generation();
+        let mut cached = self.snapshot.borrow_mut();
+        if cached.0 != generation {
+            let snap = self.shared.snapshot();
+            *cached = (snap.generation, Rc::new(snap));
+        }
+        cached.1.clone()
+    }
+
+    /// Runs `f` on this worker's state for `upstream` (created on first use). Never held
+    /// across an await.
+    pub fn with_upstream<R>(
+        &self,
+        upstream: &Arc<Upstream>,
+        f: impl FnOnce(&mut WorkerUpstream<S>) -> R,
+    ) -> R {
+        let mut map = self.upstreams.borrow_mut();
+        let entry = map
+            .entry(upstream.id)
+            .or_insert_with(|| WorkerUpstream::new(upstream.clone()));
+        f(entry)
+    }
+
+    /// Drops pools of upstreams no longer in the snapshot, and closes dead idle connections.
+    fn sweep_upstreams(&self) {
+        let snap = self.snapshot();
+        let mut map = self.upstreams.borrow_mut();
+        map.retain(|id, _| snap.upstreams.iter().any(|u| u.id == *id));
+        for pool in map.values_mut() {
+            pool.sweep();
+        }
+    }
+
+    pub fn take_buf(&self) -> BytesMut {
+        self.bufs
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(BODY_BUF_SIZE))
+    }
+
+    pub fn give_buf(&self, mut buf: BytesMut) {
+        buf.clear();
+        // A buffer that was split or grew oddly is not worth keeping.
+        if buf.capacity() >= BODY_BUF_SIZE && buf.capacity() <= 2 * BODY_BUF_SIZE {
+            let mut pool = self.bufs.borrow_mut();
+            if pool.len() < POOLED_BUFS {
+                pool.push(buf);
+            }
+        }
+    }
+
+    pub fn take_out(&self) -> Vec<u8> {
+        self.outs
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(4096))
+    }
+
+    pub fn give_out(&self, mut out: Vec<u8>) {
+        out.clear();
+        if out.capacity() <= 4 * BODY_BUF_SIZE {
+            let mut pool = self.outs.borrow_mut();
+            if pool.len() < POOLED_BUFS {
+                pool.push(out);
+            }
+        }
+    }
+
+    /// Resolves when a drain starts (immediately if it already has).
+    pub async fn drained(&self) {
+        let notified = self.drain_notify.notified();
+        if self.draining.get() {
+            return;
+        }
+        notified.await;
+    }
+}
+
+/// What the main thread holds for each worker.
+pub struct WorkerHandle {
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts `count` workers, each binding every listener of the current snapshot. Returns once
+/// all are bound, or the first bind error.
+pub fn start(
+    count: usize,
+    shared: Arc<Shared>,
+    log: Option<LogWriter>,
+    drain: watch::Receiver<bool>,
+    done: mpsc::Sender<usize>,
+) -> anyhow::Result<Vec<WorkerHandle>> {
+    let (bound_tx, bound_rx) = mpsc::channel::<Result<(), String>>();
+    let mut handles = Vec::new();
+    for id in 0..count {
+        let shared = shared.clone();
+        let log = log.clone();
+        let drain = drain.clone();
+        let done = done.clone();
+        let bound = bound_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("worker-{id}"))
+            .spawn(move || {
+                let runtime = tokio_uring::builder()
+                    .entries(4096)
+                    .start(run_worker(id, shared, log, drain, bound));
+                let _ = runtime;
+                let _ = done.send(id);
+            })?;
+        handles.push(WorkerHandle { thread });
+    }
+    drop(bound_tx);
+    for _ in 0..count {
+        match bound_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => anyhow::bail!(e),
+            Err(_) => anyhow::bail!("a worker exited before binding its listeners"),
+        }
+    }
+    shared.listening.store(true, Ordering::Release);
+    Ok(handles)
+}
+
+/// Binds one listener socket for this worker: `SO_REUSEPORT` so every worker has its own
+/// accept queue and the kernel spreads connections among them.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+async fn run_worker(
+    id: usize,
+    shared: Arc<Shared>,
+    log: Option<LogWriter>,
+    mut drain: watch::Receiver<bool>,
+    bound: mpsc::Sender<Result<(), String>>,
+) {
+    let worker: Rc<Worker<UringStream>> = Rc::new(Worker::new(id, shared.clone(), log));
+    let snap = worker.snapshot();
+    let mut listener_fds: Vec<RawFd> = Vec::new();
+    for l in &snap.config.listeners {
+        let l = l.get_ref();
+        let addr: SocketAddr = l.listen.parse().expect("validated listen address");
+        let std_listener = match bind_reuseport(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = bound.send(Err(format!(
+                    "listener {:?}: cannot bind {addr}: {e}",
+                    l.name
+                )));
+                return;
+            }
+        };
+        listener_fds.push(std_listener.as_raw_fd());
+        let listener = tokio_uring::net::TcpListener::from_std(std_listener);
+        let ctx = Rc::new(proxy::ListenerCtx {
+            name: l.name.clone(),
+            proto: if l.tls.is_some() { "https" } else { "http" },
+        });
+        tokio_uring::spawn(accept_loop(worker.clone(), listener, ctx));
+    }
+    let _ = bound.send(Ok(()));
+    drop(snap);
+
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                ticks += 1;
+                worker.log.borrow_mut().flush();
+                if ticks % 5 == 0 {
+                    worker.sweep_upstreams();
+                }
+            }
+            changed = drain.changed() => {
+                if changed.is_err() || *drain.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+
+    // Drain: stop accepting (shutting a listening socket down fails its pending accept),
+    // wake idle keep-alive connections so they close, let in-flight requests finish.
+    worker.draining.set(true);
+    worker.drain_notify.notify_waiters();
+    for fd in &listener_fds {
+        // SAFETY: shutdown on a listening descriptor this worker owns.
+        unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+    }
+    let deadline = Instant::now() + worker.snapshot().server.graceful_timeout;
+    while worker.active.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        worker.log.borrow_mut().flush();
+    }
+    if worker.active.get() > 0 {
+        tracing::warn!(
+            worker = id,
+            connections = worker.active.get(),
+            "graceful timeout: closing connections still open"
+        );
+    }
+    worker.log.borrow_mut().flush();
+}
+
+/// Counts a connection for as long as its task lives.
+struct ConnectionGuard<S: Stream> {
+    worker: Rc<Worker<S>>,
+}
+
+impl<S: Stream> Drop for ConnectionGuard<S> {
+    fn drop(&mut self) {
+        self.worker.active.set(self.worker.active.get() - 1);
+        self.worker
+            .shared
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(
+    worker: Rc<Worker<UringStream>>,
+    listener: tokio_uring::net::TcpListener,
+    ctx: Rc<proxy::ListenerCtx>,
+) {
+    loop {
+        let accepted = listener.accept().await;
+        if worker.draining.get() {
+            break;
+        }
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning; the connection
+                // stays in the backlog until descriptors free up.
+                tracing::warn!(listener = %ctx.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let max = worker.snapshot().server.max_connections;
+        if worker.shared.connections.fetch_add(1, Ordering::Relaxed) >= max {
+            worker.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(listener = %ctx.name, max, "max_connections reached: connection closed");
+            drop(stream);
+            continue;
+        }
+        worker.active.set(worker.active.get() + 1);
+        let guard = ConnectionGuard {
+            worker: worker.clone(),
+        };
+        let ctx = ctx.clone();
+        let w = worker.clone();
+        tokio_uring::spawn(async move {
+            let _guard = guard;
+            proxy::serve(w, ctx, UringStream::new(stream), peer, Instant::now()).await;
+        });
+    }
+}
