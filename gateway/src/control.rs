@@ -22,6 +22,8 @@ pub struct Control {
     reload_lock: Mutex<()>,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// The attached XDP program, when there is one.
+    pub xdp: Mutex<Option<crate::xdp::XdpGuard>>,
 }
 
 impl Control {
@@ -34,6 +36,7 @@ impl Control {
             reload_lock: Mutex::new(()),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            xdp: Mutex::new(None),
         });
         control.sync_checkers();
         control
@@ -98,6 +101,31 @@ impl Control {
         }
         tracing::info!("{summary}");
         Ok(summary)
+    }
+}
+
+impl Control {
+    /// XDP verdict counters (summed over CPUs) and which enforcer is active.
+    pub fn render_xdp(&self, out: &mut String) {
+        use std::fmt::Write;
+        let xdp = self.xdp.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(
+            out,
+            "# HELP gateway_xdp_packets_total Packets seen by the XDP program, by verdict.\n# TYPE gateway_xdp_packets_total counter"
+        );
+        if let Some(guard) = xdp.as_ref() {
+            if let Ok(counts) = guard.packet_counts() {
+                for (verdict, counter) in counts.iter() {
+                    let _ = writeln!(out, "gateway_xdp_packets_total{{verdict=\"{verdict}\"}} {}", counter.packets);
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP gateway_limit_enforcer Which enforcer applies the per-IP limits (1 = active).\n# TYPE gateway_limit_enforcer gauge\ngateway_limit_enforcer{{enforcer=\"xdp\"}} {}\ngateway_limit_enforcer{{enforcer=\"userspace\"}} {}",
+            u8::from(xdp.is_some()),
+            u8::from(xdp.is_none())
+        );
     }
 }
 

@@ -143,7 +143,7 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let log = LogWriter::start(access).context("opening the access log")?;
     let shared = Shared::new(Snapshot::build(loaded, 1, None));
 
-    let _xdp = match config.xdp.mode {
+    let xdp = match config.xdp.mode {
         XdpMode::Off => None,
         mode => {
             let want = match mode {
@@ -185,6 +185,7 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
         done_tx,
     )?;
     let control = Control::new(shared.clone(), config_path, Some(log.clone()));
+    *control.xdp.lock().unwrap_or_else(|e| e.into_inner()) = xdp;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

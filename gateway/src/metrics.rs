@@ -1,54 +1,380 @@
-//! Prometheus exposition of the gateway's state, rendered when `/metrics` is scraped.
+//! Metrics: counted per worker without locks, merged when `/metrics` is scraped.
+//!
+//! Each worker counts into a [`Stats`] of its own (a `RefCell`, touched only by its thread)
+//! and every tick (200 ms) publishes a copy behind a mutex that only the scraper and that
+//! worker's tick ever take. The request path therefore pays a hash lookup and an add, never
+//! a lock or a contended cache line. Label values are bounded: listener and route names
+//! from the config, upstream names and server addresses, status codes, fixed kinds.
+//! Process metrics (`process_*`) come from the prometheus crate's process collector.
 
 use crate::control::Control;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
+/// Histogram bounds in seconds: sub-millisecond proxying up to multi-minute uploads.
+pub const DURATION_BUCKETS: [f64; 18] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 300.0,
+];
+
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last slot is above every bound.
+    counts: [u64; DURATION_BUCKETS.len() + 1],
+    sum: f64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        let slot = DURATION_BUCKETS.partition_point(|&b| b < seconds);
+        self.counts[slot] += 1;
+        self.sum += seconds;
+    }
+
+    fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a += b;
+        }
+        self.sum += other.sum;
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RouteStats {
+    /// (listener, status) → requests.
+    pub requests: Vec<(Arc<str>, u16, u64)>,
+    pub duration: Histogram,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamStats {
+    pub duration: Histogram,
+    pub errors: Vec<(&'static str, u64)>,
+    /// Connections to this upstream carrying a request now.
+    pub active: i64,
+    /// Idle keep-alive connections held.
+    pub idle: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListenerStats {
+    pub total: u64,
+    pub active: i64,
+}
+
+/// One worker's counters.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub routes: HashMap<Arc<str>, RouteStats>,
+    pub upstreams: HashMap<Arc<str>, UpstreamStats>,
+    pub listeners: HashMap<Arc<str>, ListenerStats>,
+    pub tunnels_active: i64,
+    /// Bytes relayed by tunnels: [to upstream, to client].
+    pub tunnel_bytes: [u64; 2],
+    /// Tunnels by copy path (`splice`, `copy`).
+    pub tunnel_paths: Vec<(&'static str, u64)>,
+    /// (limit, enforcer) → rejections.
+    pub limit_rejections: Vec<(&'static str, &'static str, u64)>,
+    pub busy_ratio: f64,
+}
+
+fn bump<K: PartialEq + Copy>(list: &mut Vec<(K, u64)>, key: K, by: u64) {
+    match list.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, n)) => *n += by,
+        None => list.push((key, by)),
+    }
+}
+
+impl Stats {
+    pub fn request(&mut self, listener: &Arc<str>, route: &Arc<str>, status: u16, seconds: f64) {
+        let r = match self.routes.get_mut(&**route) {
+            Some(r) => r,
+            None => self.routes.entry(route.clone()).or_default(),
+        };
+        match r
+            .requests
+            .iter_mut()
+            .find(|(l, s, _)| *s == status && **l == **listener)
+        {
+            Some((_, _, n)) => *n += 1,
+            None => r.requests.push((listener.clone(), status, 1)),
+        }
+        r.duration.observe(seconds);
+    }
+
+    pub fn upstream(&mut self, name: &Arc<str>) -> &mut UpstreamStats {
+        if !self.upstreams.contains_key(&**name) {
+            self.upstreams.insert(name.clone(), UpstreamStats::default());
+        }
+        self.upstreams.get_mut(&**name).expect("inserted above")
+    }
+
+    pub fn upstream_error(&mut self, name: &Arc<str>, kind: &'static str) {
+        bump(&mut self.upstream(name).errors, kind, 1);
+    }
+
+    pub fn listener(&mut self, name: &Arc<str>) -> &mut ListenerStats {
+        if !self.listeners.contains_key(&**name) {
+            self.listeners.insert(name.clone(), ListenerStats::default());
+        }
+        self.listeners.get_mut(&**name).expect("inserted above")
+    }
+
+    pub fn tunnel_path(&mut self, path: &'static str) {
+        bump(&mut self.tunnel_paths, path, 1);
+    }
+
+    pub fn limit_rejection(&mut self, limit: &'static str, enforcer: &'static str) {
+        match self
+            .limit_rejections
+            .iter_mut()
+            .find(|(l, e, _)| *l == limit && *e == enforcer)
+        {
+            Some((_, _, n)) => *n += 1,
+            None => self.limit_rejections.push((limit, enforcer, 1)),
+        }
+    }
+}
+
+/// Where a worker publishes its counters for the scraper.
+pub type Published = Arc<Mutex<Stats>>;
+
+/// Registry of every worker's published counters.
+#[derive(Default)]
+pub struct Registry {
+    workers: Mutex<Vec<(usize, Published)>>,
+}
+
+impl Registry {
+    pub fn register(&self, worker: usize) -> Published {
+        let published = Published::default();
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((worker, published.clone()));
+        published
+    }
+
+    fn collect(&self) -> Vec<(usize, Stats)> {
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, p)| (*id, p.lock().unwrap_or_else(|e| e.into_inner()).clone()))
+            .collect()
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Escapes a label value (Prometheus text format).
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn histogram(out: &mut String, name: &str, label: &str, value: &str, h: &Histogram) {
+    let mut cumulative = 0;
+    for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+        cumulative += h.counts[i];
+        let _ = writeln!(out, "{name}_bucket{{{label}=\"{}\",le=\"{bound}\"}} {cumulative}", esc(value));
+    }
+    cumulative += h.counts[DURATION_BUCKETS.len()];
+    let _ = writeln!(out, "{name}_bucket{{{label}=\"{}\",le=\"+Inf\"}} {cumulative}", esc(value));
+    let _ = writeln!(out, "{name}_sum{{{label}=\"{}\"}} {}", esc(value), h.sum);
+    let _ = writeln!(out, "{name}_count{{{label}=\"{}\"}} {cumulative}", esc(value));
+}
+
+/// Renders every metric in the Prometheus text format.
 pub fn render(control: &Control) -> String {
-    let mut out = String::new();
-    let shared = &control.shared;
-    let snap = shared.snapshot();
-    let _ = writeln!(
-        out,
-        "# HELP gateway_connections_active Client connections open."
-    );
-    let _ = writeln!(out, "# TYPE gateway_connections_active gauge");
-    let _ = writeln!(
-        out,
-        "gateway_connections_active {}",
-        shared.connections.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP gateway_upstream_server_up Whether an upstream server is taking requests."
-    );
-    let _ = writeln!(out, "# TYPE gateway_upstream_server_up gauge");
+    let mut out = String::with_capacity(16 * 1024);
+    let workers = control.shared.metrics.collect();
+    let snap = control.shared.snapshot();
+
+    let mut requests: BTreeMap<(String, String, u16), u64> = BTreeMap::new();
+    let mut route_durations: BTreeMap<String, Histogram> = BTreeMap::new();
+    let mut upstream_durations: BTreeMap<String, Histogram> = BTreeMap::new();
+    let mut upstream_errors: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+    let mut upstream_active: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut listeners: BTreeMap<String, (u64, i64)> = BTreeMap::new();
+    let mut tunnels_active = 0;
+    let mut tunnel_bytes = [0u64; 2];
+    let mut tunnel_paths: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut limits: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
+    for u in &snap.upstreams {
+        upstream_active.entry(u.name.clone()).or_default();
+    }
+    for l in &snap.listeners {
+        listeners.entry(l.name.clone()).or_default();
+    }
+    for (_, s) in &workers {
+        for (route, r) in &s.routes {
+            for (listener, status, n) in &r.requests {
+                *requests
+                    .entry((listener.to_string(), route.to_string(), *status))
+                    .or_default() += n;
+            }
+            route_durations
+                .entry(route.to_string())
+                .or_default()
+                .merge(&r.duration);
+        }
+        for (name, u) in &s.upstreams {
+            upstream_durations
+                .entry(name.to_string())
+                .or_default()
+                .merge(&u.duration);
+            for (kind, n) in &u.errors {
+                *upstream_errors.entry((name.to_string(), kind)).or_default() += n;
+            }
+            let a = upstream_active.entry(name.to_string()).or_default();
+            a.0 += u.active;
+            a.1 += u.idle;
+        }
+        for (name, l) in &s.listeners {
+            let e = listeners.entry(name.to_string()).or_default();
+            e.0 += l.total;
+            e.1 += l.active;
+        }
+        tunnels_active += s.tunnels_active;
+        tunnel_bytes[0] += s.tunnel_bytes[0];
+        tunnel_bytes[1] += s.tunnel_bytes[1];
+        for (path, n) in &s.tunnel_paths {
+            *tunnel_paths.entry(path).or_default() += n;
+        }
+        for (limit, enforcer, n) in &s.limit_rejections {
+            *limits.entry((limit, enforcer)).or_default() += n;
+        }
+    }
+
+    header(&mut out, "gateway_http_requests_total", "counter", "HTTP requests answered, by listener, route and status.");
+    for ((listener, route, status), n) in &requests {
+        let _ = writeln!(
+            out,
+            "gateway_http_requests_total{{listener=\"{}\",route=\"{}\",status=\"{status}\"}} {n}",
+            esc(listener),
+            esc(route)
+        );
+    }
+    header(&mut out, "gateway_http_request_duration_seconds", "histogram", "Time from the first byte of a request to the end of its response, by route.");
+    for (route, h) in &route_durations {
+        histogram(&mut out, "gateway_http_request_duration_seconds", "route", route, h);
+    }
+    header(&mut out, "gateway_upstream_request_duration_seconds", "histogram", "Time from choosing an upstream server to the end of its response head, by upstream.");
+    for (name, h) in &upstream_durations {
+        histogram(&mut out, "gateway_upstream_request_duration_seconds", "upstream", name, h);
+    }
+    header(&mut out, "gateway_connections_active", "gauge", "Client connections open, by listener.");
+    for (name, (_, active)) in &listeners {
+        let _ = writeln!(out, "gateway_connections_active{{listener=\"{}\"}} {active}", esc(name));
+    }
+    header(&mut out, "gateway_connections_total", "counter", "Client connections accepted, by listener.");
+    for (name, (total, _)) in &listeners {
+        let _ = writeln!(out, "gateway_connections_total{{listener=\"{}\"}} {total}", esc(name));
+    }
+    header(&mut out, "gateway_upstream_connections_active", "gauge", "Upstream connections carrying a request, by upstream.");
+    for (name, (active, _)) in &upstream_active {
+        let _ = writeln!(out, "gateway_upstream_connections_active{{upstream=\"{}\"}} {active}", esc(name));
+    }
+    header(&mut out, "gateway_upstream_connections_idle", "gauge", "Idle keep-alive upstream connections held, by upstream.");
+    for (name, (_, idle)) in &upstream_active {
+        let _ = writeln!(out, "gateway_upstream_connections_idle{{upstream=\"{}\"}} {idle}", esc(name));
+    }
+    header(&mut out, "gateway_upstream_server_up", "gauge", "1 when an upstream server takes requests (passive and active health).");
     let now = crate::clock::now_ms();
     for u in &snap.upstreams {
         for s in &u.servers {
             let _ = writeln!(
                 out,
                 "gateway_upstream_server_up{{upstream=\"{}\",server=\"{}\"}} {}",
-                u.name,
-                s.label,
+                esc(&u.name),
+                esc(&s.label),
                 u8::from(s.state.is_up(now))
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP gateway_config_reloads_total Config reloads by result."
-    );
-    let _ = writeln!(out, "# TYPE gateway_config_reloads_total counter");
-    let _ = writeln!(
-        out,
-        "gateway_config_reloads_total{{result=\"success\"}} {}",
-        control.reloads_ok.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "gateway_config_reloads_total{{result=\"error\"}} {}",
-        control.reloads_failed.load(Ordering::Relaxed)
-    );
+    header(&mut out, "gateway_upstream_errors_total", "counter", "Upstream failures by upstream and kind (failed, timeout, protocol, unavailable).");
+    for ((name, kind), n) in &upstream_errors {
+        let _ = writeln!(out, "gateway_upstream_errors_total{{upstream=\"{}\",kind=\"{kind}\"}} {n}", esc(name));
+    }
+    header(&mut out, "gateway_websocket_tunnels_active", "gauge", "WebSocket tunnels open.");
+    let _ = writeln!(out, "gateway_websocket_tunnels_active {tunnels_active}");
+    header(&mut out, "gateway_tunnel_bytes_total", "counter", "Bytes relayed through tunnels, by direction.");
+    let _ = writeln!(out, "gateway_tunnel_bytes_total{{direction=\"upstream\"}} {}", tunnel_bytes[0]);
+    let _ = writeln!(out, "gateway_tunnel_bytes_total{{direction=\"client\"}} {}", tunnel_bytes[1]);
+    header(&mut out, "gateway_tunnels_total", "counter", "Tunnels opened, by copy path (splice or copy).");
+    for (path, n) in &tunnel_paths {
+        let _ = writeln!(out, "gateway_tunnels_total{{path=\"{path}\"}} {n}");
+    }
+    header(&mut out, "gateway_limit_rejections_total", "counter", "Connections or requests refused by a limit, by limit and enforcer.");
+    for ((limit, enforcer), n) in &limits {
+        let _ = writeln!(out, "gateway_limit_rejections_total{{limit=\"{limit}\",enforcer=\"{enforcer}\"}} {n}");
+    }
+    header(&mut out, "gateway_worker_busy_ratio", "gauge", "Share of the last second a worker spent running rather than waiting on its ring.");
+    for (id, s) in &workers {
+        let _ = writeln!(out, "gateway_worker_busy_ratio{{worker=\"{id}\"}} {:.4}", s.busy_ratio);
+    }
+    header(&mut out, "gateway_config_reloads_total", "counter", "Config reloads by result.");
+    let _ = writeln!(out, "gateway_config_reloads_total{{result=\"success\"}} {}", control.reloads_ok.load(Ordering::Relaxed));
+    let _ = writeln!(out, "gateway_config_reloads_total{{result=\"error\"}} {}", control.reloads_failed.load(Ordering::Relaxed));
+    control.render_xdp(&mut out);
+    render_process(&mut out);
     out
+}
+
+fn render_process(out: &mut String) {
+    use prometheus::Encoder;
+    let registry = prometheus::Registry::new();
+    let _ = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+    let mut buf = Vec::new();
+    if prometheus::TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .is_ok()
+    {
+        out.push_str(&String::from_utf8_lossy(&buf));
+    }
+}
+
+/// CPU time of the calling thread, for the busy ratio.
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime with a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets() {
+        let mut h = Histogram::default();
+        h.observe(0.00005);
+        h.observe(0.0003);
+        h.observe(1000.0);
+        let mut out = String::new();
+        histogram(&mut out, "x", "route", "/a", &h);
+        assert!(out.contains("x_bucket{route=\"/a\",le=\"0.0001\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{route=\"/a\",le=\"0.0005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{route=\"/a\",le=\"300\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{route=\"/a\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count{route=\"/a\"} 3\n"), "{out}");
+    }
+
+    #[test]
+    fn request_counting() {
+        let mut s = Stats::default();
+        let l: Arc<str> = "http".into();
+        let r: Arc<str> = "/api/".into();
+        s.request(&l, &r, 200, 0.001);
+        s.request(&l, &r, 200, 0.001);
+        s.request(&l, &r, 502, 0.001);
+        let rs = &s.routes["/api/"];
+        assert_eq!(rs.requests.len(), 2);
+        assert_eq!(rs.requests[0].2, 2);
+    }
 }

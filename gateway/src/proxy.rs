@@ -28,9 +28,12 @@ use tokio_uring::buf::BoundedBuf;
 
 /// What a worker knows about the listener a connection came in on.
 pub struct ListenerCtx {
-    pub name: String,
+    pub name: Arc<str>,
     pub proto: &'static str,
 }
+
+/// The `route` label of requests that matched no route (or never got that far).
+static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "none".into());
 
 /// How long a client may pause while sending a request body (nginx `client_body_timeout`).
 const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -46,10 +49,12 @@ struct Client<S> {
 }
 
 /// What happened to one request, for the log and for the connection loop.
-struct Outcome {
+struct Outcome<'s> {
     status: u16,
     body_bytes: u64,
-    upstream: Option<(Arc<Upstream>, usize)>,
+    /// The route taken, for metrics (`None`: no route matched).
+    route: Option<&'s Arc<str>>,
+    upstream: Option<(&'s Upstream, usize)>,
     keep_alive: bool,
     /// Bytes of the head buffer that belonged to this request.
     consumed: usize,
@@ -57,11 +62,12 @@ struct Outcome {
     leftover: Option<BytesMut>,
 }
 
-impl Outcome {
-    fn error(status: u16, keep_alive: bool) -> Outcome {
+impl Outcome<'_> {
+    fn error(status: u16, keep_alive: bool) -> Self {
         Outcome {
             status,
             body_bytes: error_body(status).len() as u64,
+            route: None,
             upstream: None,
             keep_alive,
             consumed: 0,
@@ -109,21 +115,23 @@ pub async fn serve<S: Stream>(
                     };
                     w.log.borrow_mut().record(snap.access_format, &entry);
                 }
+                w.stats.borrow_mut().request(&listener.name, &NO_ROUTE, status, 0.0);
                 break;
             }
         };
         first = false;
-        let settings = snap
-            .listener(&listener.name)
-            .cloned()
-            .unwrap_or(ListenerSettings {
-                name: listener.name.clone(),
-                trusted_proxies: Vec::new(),
-                proxy_protocol: false,
-                tls: false,
-            });
-        let client_ip = client_ip(&c.buf, &c.head, peer.ip(), &settings);
+        let client_ip = match snap.listener(&listener.name) {
+            Some(settings) => client_ip(&c.buf, &c.head, peer.ip(), settings),
+            None => peer.ip(),
+        };
         let outcome = handle(&mut c, &w, &snap, &listener, client_ip).await;
+        let elapsed = started.elapsed();
+        w.stats.borrow_mut().request(
+            &listener.name,
+            outcome.route.unwrap_or(&NO_ROUTE),
+            outcome.status,
+            elapsed.as_secs_f64(),
+        );
         if snap.access_enabled {
             let buf = &c.buf[..];
             let header = |name: &str| {
@@ -146,7 +154,7 @@ pub async fn serve<S: Stream>(
                 body_bytes: outcome.body_bytes,
                 referer: header("referer"),
                 user_agent: header("user-agent"),
-                duration_us: started.elapsed().as_micros() as u64,
+                duration_us: elapsed.as_micros() as u64,
                 upstream: upstream_label,
             };
             w.log.borrow_mut().record(snap.access_format, &entry);
@@ -281,13 +289,13 @@ async fn send_error<S: Stream>(
     w.give_out(out);
 }
 
-async fn handle<S: Stream>(
+async fn handle<'s, S: Stream>(
     c: &mut Client<S>,
     w: &Rc<Worker<S>>,
-    snap: &Snapshot,
+    snap: &'s Snapshot,
     listener: &ListenerCtx,
     client_ip: IpAddr,
-) -> Outcome {
+) -> Outcome<'s> {
     let buf = &c.buf[..];
     let head = &c.head;
     let has_body = !matches!(head.framing, BodyFraming::None | BodyFraming::Length(0));
@@ -301,7 +309,10 @@ async fn handle<S: Stream>(
     if let BodyFraming::Length(n) = head.framing {
         if n > route.max_body_size {
             send_error(&c.io, w, 413, true, None).await;
-            return Outcome::error(413, false);
+            return Outcome {
+                route: Some(&route.label),
+                ..Outcome::error(413, false)
+            };
         }
     }
     match &route.action {
@@ -329,6 +340,7 @@ async fn handle<S: Stream>(
             Outcome {
                 status: respond.status,
                 body_bytes: body.len() as u64,
+                route: Some(&route.label),
                 upstream: None,
                 keep_alive: res.is_ok() && !close,
                 consumed: head.len,
@@ -336,11 +348,16 @@ async fn handle<S: Stream>(
             }
         }
         Action::Proxy(index) => {
-            let upstream = snap.upstreams[*index].clone();
-            match proxy(c, w, route, &upstream, listener, client_ip).await {
+            let upstream = &snap.upstreams[*index];
+            match proxy(c, w, route, upstream, listener, client_ip).await {
                 Ok(outcome) => outcome,
                 Err(failure) => {
                     let status = failure.error.status();
+                    if matches!(status, 502..=504) {
+                        w.stats
+                            .borrow_mut()
+                            .upstream_error(&upstream.metric_name, failure.error.kind());
+                    }
                     if failure.error.kind() != "client" && failure.error.kind() != "bad_request" {
                         tracing::debug!(upstream = %upstream.name, error = %failure.error, "request failed");
                     }
@@ -350,7 +367,8 @@ async fn handle<S: Stream>(
                         send_error(&c.io, w, status, true, None).await;
                     }
                     Outcome {
-                        upstream: failure.server.map(|s| (upstream.clone(), s)),
+                        route: Some(&route.label),
+                        upstream: failure.server.map(|s| (&**upstream, s)),
                         ..Outcome::error(status, false)
                     }
                 }
@@ -426,14 +444,14 @@ impl RequestBody {
 }
 
 /// Forwards one request to the upstream and relays its response.
-async fn proxy<S: Stream>(
+async fn proxy<'s, S: Stream>(
     c: &mut Client<S>,
     w: &Rc<Worker<S>>,
-    route: &Route,
-    upstream: &Arc<Upstream>,
+    route: &'s Route,
+    upstream: &'s Arc<Upstream>,
     listener: &ListenerCtx,
     client_ip: IpAddr,
-) -> Result<Outcome, Failure> {
+) -> Result<Outcome<'s>, Failure> {
     let Client {
         io: client,
         peer,
@@ -467,6 +485,7 @@ async fn proxy<S: Stream>(
     // Connect (trying other servers when a connect fails), send the head, and read the
     // response head. A reused connection that fails before any response byte is retried
     // once on a fresh connection when the request can be replayed.
+    let upstream_started = Instant::now();
     let mut tried: u64 = 0;
     let mut last_error = HttpError::NoHealthyUpstream;
     let mut fresh_only = false;
@@ -622,6 +641,11 @@ async fn proxy<S: Stream>(
         }
     };
     upstream.servers[server].state.record_success();
+    w.stats
+        .borrow_mut()
+        .upstream(&upstream.metric_name)
+        .duration
+        .observe(upstream_started.elapsed().as_secs_f64());
     let mut ub = ub_after_head;
     let active = ActiveGuard::new(w, upstream, server);
 
@@ -656,6 +680,11 @@ async fn proxy<S: Stream>(
             });
         }
         drop(active);
+        {
+            let mut stats = w.stats.borrow_mut();
+            stats.tunnels_active += 1;
+            stats.tunnel_path("copy");
+        }
         let bytes = crate::tunnel::run(
             client,
             &conn,
@@ -665,10 +694,17 @@ async fn proxy<S: Stream>(
             route.read_timeout,
         )
         .await;
+        {
+            let mut stats = w.stats.borrow_mut();
+            stats.tunnels_active -= 1;
+            stats.tunnel_bytes[0] += bytes.to_upstream;
+            stats.tunnel_bytes[1] += bytes.to_client;
+        }
         return Ok(Outcome {
             status,
             body_bytes: bytes.to_client,
-            upstream: Some((upstream.clone(), server)),
+            route: Some(&route.label),
+            upstream: Some((&**upstream, server)),
             keep_alive: false,
             consumed,
             leftover,
@@ -699,7 +735,8 @@ async fn proxy<S: Stream>(
             Ok(Outcome {
                 status,
                 body_bytes: sent.body_bytes,
-                upstream: Some((upstream.clone(), server)),
+                route: Some(&route.label),
+                upstream: Some((&**upstream, server)),
                 keep_alive: !close && sent.client_ok,
                 consumed,
                 leftover,
@@ -736,32 +773,31 @@ fn mark_failure(upstream: &Upstream, server: usize) {
     }
 }
 
-/// Counts a request in flight to a server (least_conn) for as long as it lives.
-struct ActiveGuard<S: Stream> {
-    w: Rc<Worker<S>>,
-    upstream: Arc<Upstream>,
+/// Counts a request in flight to a server (least_conn, and the upstream connections
+/// gauge) for as long as it lives.
+struct ActiveGuard<'a, S: Stream> {
+    w: &'a Worker<S>,
+    upstream: &'a Arc<Upstream>,
     server: usize,
 }
 
-impl<S: Stream> ActiveGuard<S> {
-    fn new(w: &Rc<Worker<S>>, upstream: &Arc<Upstream>, server: usize) -> Self {
+impl<'a, S: Stream> ActiveGuard<'a, S> {
+    fn new(w: &'a Worker<S>, upstream: &'a Arc<Upstream>, server: usize) -> Self {
         w.with_upstream(upstream, |p| p.picker.active[server] += 1);
-        ActiveGuard {
-            w: w.clone(),
-            upstream: upstream.clone(),
-            server,
-        }
+        w.stats.borrow_mut().upstream(&upstream.metric_name).active += 1;
+        ActiveGuard { w, upstream, server }
     }
 }
 
-impl<S: Stream> Drop for ActiveGuard<S> {
+impl<S: Stream> Drop for ActiveGuard<'_, S> {
     fn drop(&mut self) {
         let server = self.server;
-        self.w.with_upstream(&self.upstream, |p| {
+        self.w.with_upstream(self.upstream, |p| {
             if let Some(a) = p.picker.active.get_mut(server) {
                 *a = a.saturating_sub(1);
             }
         });
+        self.w.stats.borrow_mut().upstream(&self.upstream.metric_name).active -= 1;
     }
 }
 

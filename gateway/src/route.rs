@@ -19,7 +19,7 @@ pub enum Action {
 #[derive(Debug, Clone)]
 pub struct Route {
     /// Bounded label for metrics and logs: the path or prefix, with the host if any.
-    pub label: String,
+    pub label: Arc<str>,
     host: Option<String>,
     path: String,
     exact: bool,
@@ -84,7 +84,7 @@ impl Router {
                     DEFAULT_READ
                 };
                 Route {
-                    label,
+                    label: label.into(),
                     host,
                     path,
                     exact,
@@ -194,7 +194,7 @@ upstream = "u"
         );
         let label = |host: Option<&str>, path: &str| {
             r.find(host.map(str::as_bytes), path.as_bytes())
-                .map(|r| r.label.clone())
+                .map(|r| r.label.to_string())
         };
         assert_eq!(label(None, "/x").as_deref(), Some("/"));
         assert_eq!(label(None, "/api/x").as_deref(), Some("/api/"));

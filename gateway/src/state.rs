@@ -111,6 +111,8 @@ pub struct Shared {
     pub connections: AtomicUsize,
     /// Whether every listener of every worker is bound (readiness).
     pub listening: AtomicBool,
+    /// Every worker's published counters.
+    pub metrics: crate::metrics::Registry,
 }
 
 impl Shared {
@@ -121,6 +123,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             listening: AtomicBool::new(false),
+            metrics: crate::metrics::Registry::default(),
         })
     }
 

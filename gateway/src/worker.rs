@@ -4,6 +4,7 @@
 //! atomics (connection count, server health).
 
 use crate::access_log::{LogWriter, WorkerLog};
+use crate::metrics::{Published, Stats};
 use crate::io::{Stream, UringStream};
 use crate::proxy;
 use crate::state::{Shared, Snapshot};
@@ -41,11 +42,15 @@ pub struct Worker<S: Stream> {
     pub active: Cell<usize>,
     bufs: RefCell<Vec<BytesMut>>,
     outs: RefCell<Vec<Vec<u8>>>,
+    /// This worker's counters, and the copy it publishes every tick for `/metrics`.
+    pub stats: RefCell<Stats>,
+    published: Published,
 }
 
 impl<S: Stream> Worker<S> {
     pub fn new(id: usize, shared: Arc<Shared>, log: Option<LogWriter>) -> Worker<S> {
         let snap = shared.snapshot();
+        let published = shared.metrics.register(id);
         Worker {
             id,
             snapshot: RefCell::new((snap.generation, Rc::new(snap))),
@@ -57,7 +62,20 @@ impl<S: Stream> Worker<S> {
             active: Cell::new(0),
             bufs: RefCell::new(Vec::new()),
             outs: RefCell::new(Vec::new()),
+            stats: RefCell::new(Stats::default()),
+            published,
         }
+    }
+
+    /// Copies the counters where the scraper reads them.
+    fn publish(&self) {
+        let mut stats = self.stats.borrow_mut();
+        for pool in self.upstreams.borrow().values() {
+            stats.upstream(&pool.upstream.metric_name).idle = pool.idle_count() as i64;
+        }
+        let copy = stats.clone();
+        drop(stats);
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = copy;
     }
 
     /// The current config snapshot; refreshed from the shared one only when its generation
@@ -229,7 +247,7 @@ async fn run_worker(
         listener_fds.push(std_listener.as_raw_fd());
         let listener = tokio_uring::net::TcpListener::from_std(std_listener);
         let ctx = Rc::new(proxy::ListenerCtx {
-            name: l.name.clone(),
+            name: l.name.as_str().into(),
             proto: if l.tls.is_some() { "https" } else { "http" },
         });
         tokio_uring::spawn(accept_loop(worker.clone(), listener, ctx));
@@ -239,6 +257,7 @@ async fn run_worker(
 
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut ticks: u64 = 0;
+    let mut busy_mark = (Instant::now(), crate::metrics::thread_cpu_time());
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -246,7 +265,15 @@ async fn run_worker(
                 worker.log.borrow_mut().flush();
                 if ticks % 5 == 0 {
                     worker.sweep_upstreams();
+                    // Busy ratio: this thread's CPU time over wall time. A worker waiting
+                    // on its ring sleeps in io_uring_enter and accrues none.
+                    let now = (Instant::now(), crate::metrics::thread_cpu_time());
+                    let wall = now.0.duration_since(busy_mark.0).as_secs_f64();
+                    let cpu = now.1.saturating_sub(busy_mark.1).as_secs_f64();
+                    worker.stats.borrow_mut().busy_ratio = if wall > 0.0 { (cpu / wall).min(1.0) } else { 0.0 };
+                    busy_mark = now;
                 }
+                worker.publish();
             }
             changed = drain.changed() => {
                 if changed.is_err() || *drain.borrow() {
@@ -277,15 +304,18 @@ async fn run_worker(
         );
     }
     worker.log.borrow_mut().flush();
+    worker.publish();
 }
 
 /// Counts a connection for as long as its task lives.
 struct ConnectionGuard<S: Stream> {
     worker: Rc<Worker<S>>,
+    listener: Arc<str>,
 }
 
 impl<S: Stream> Drop for ConnectionGuard<S> {
     fn drop(&mut self) {
+        self.worker.stats.borrow_mut().listener(&self.listener).active -= 1;
         self.worker.active.set(self.worker.active.get() - 1);
         self.worker
             .shared
@@ -322,8 +352,15 @@ async fn accept_loop(
             continue;
         }
         worker.active.set(worker.active.get() + 1);
+        {
+            let mut stats = worker.stats.borrow_mut();
+            let l = stats.listener(&ctx.name);
+            l.total += 1;
+            l.active += 1;
+        }
         let guard = ConnectionGuard {
             worker: worker.clone(),
+            listener: ctx.name.clone(),
         };
         let ctx = ctx.clone();
         let w = worker.clone();

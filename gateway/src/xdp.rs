@@ -13,9 +13,9 @@
 //! Attachments use BPF links where the kernel has them, so a crashed gateway leaves no
 //! program behind; a clean shutdown detaches in `Drop`.
 //!
-//! Pinning: with a pin path (which must be on a bpffs mount), maps are pinned there by
-//! name and reused by the next load, so a restart keeps counters (and later the guard's
-//! state). Reuse takes the pinned map as it is: a change to a map's definition needs the
+//! Pinning: with a pin path (which must be on a bpffs mount; an unmounted `/sys/fs/bpf` is
+//! mounted on demand), maps are pinned there by name and reused by the next load, so a
+//! restart keeps counters (and later the guard's state). Reuse takes the pinned map as it is: a change to a map's definition needs the
 //! old pin removed, or the diff-and-migrate step the guard's reload will bring.
 //!
 //! Non-goals here: the guard's maps and policy (deny lists, rate limits, connection caps)
@@ -85,6 +85,14 @@ pub enum XdpError {
         path.display()
     )]
     NotBpffs { path: PathBuf },
+    /// The pin path is under `/sys/fs/bpf`, nothing was mounted there, and mounting bpffs
+    /// failed (e.g. a read-only /sys in a container).
+    #[error("mounting bpffs at {} for the XDP pin path", path.display())]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// The pin path could not be inspected or created.
     #[error("preparing XDP pin path {}", path.display())]
     PinPath {
@@ -139,6 +147,15 @@ pub enum XdpError {
         #[source]
         source: Box<MapError>,
     },
+}
+
+impl XdpError {
+    /// The message with every underlying cause, on one line: what `{:#}` shows through
+    /// anyhow. Use it when logging with `%`, which shows only the outermost message
+    /// (e.g. "attaching ... in native mode" without the kernel's reason).
+    pub fn detail(&self) -> String {
+        chain(self)
+    }
 }
 
 fn pinned_suffix(pin_path: Option<&Path>) -> String {
@@ -483,29 +500,74 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
 /// `statfs(2)` magic of bpffs (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
 
+/// Where bpffs is conventionally mounted (systemd mounts it there at boot).
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
 /// Creates `dir` if needed, after checking it lies on bpffs: a pin elsewhere fails with an
 /// opaque EPERM, and creating folders in the unmounted `/sys/fs/bpf` (sysfs) fails too.
+///
+/// A pin path under `/sys/fs/bpf` on a system where nothing mounted bpffs there gets it
+/// mounted, as bpftool and Cilium do: operators expect the conventional location to work,
+/// and a bpffs mount is global but inert. Any other location must already be bpffs.
 fn prepare_pin_dir(dir: &Path) -> Result<(), XdpError> {
     let pin_err = |source| XdpError::PinPath {
         path: dir.to_path_buf(),
         source,
     };
-    let existing = dir
-        .ancestors()
-        .find(|ancestor| ancestor.exists())
-        .ok_or_else(|| pin_err(io::Error::from(io::ErrorKind::NotFound)))?;
-    if !is_bpffs(existing).map_err(pin_err)? {
-        return Err(XdpError::NotBpffs {
-            path: dir.to_path_buf(),
-        });
+    let nearest_existing = || {
+        dir.ancestors()
+            .find(|ancestor| ancestor.exists())
+            .ok_or_else(|| pin_err(io::Error::from(io::ErrorKind::NotFound)))
+    };
+    if !is_bpffs(nearest_existing()?).map_err(pin_err)? {
+        let root = Path::new(BPFFS_ROOT);
+        if dir.starts_with(root) && root.is_dir() && !is_bpffs(root).map_err(pin_err)? {
+            mount_bpffs(root).map_err(|source| XdpError::MountBpffs {
+                path: root.to_path_buf(),
+                source,
+            })?;
+            tracing::warn!(
+                path = BPFFS_ROOT,
+                "bpffs was not mounted; mounted it to pin the XDP maps (systemd usually does \
+                 this at boot)"
+            );
+        }
+        if !is_bpffs(nearest_existing()?).map_err(pin_err)? {
+            return Err(XdpError::NotBpffs {
+                path: dir.to_path_buf(),
+            });
+        }
     }
     std::fs::create_dir_all(dir).map_err(pin_err)
 }
 
-fn is_bpffs(path: &Path) -> io::Result<bool> {
+fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let target = c_path(target)?;
+    // SAFETY: NUL-terminated strings that outlive the call; bpffs takes no mount data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt as _;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))
+}
+
+fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c_path = c_path(path)?;
     let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: `c_path` is NUL-terminated and `stat` is writable for one `statfs`.
     if unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {

@@ -84,6 +84,8 @@ pub struct Upstream {
     /// worker's idle pool for it carries over.
     pub id: u64,
     pub name: String,
+    /// `name` as the label value metrics are keyed by.
+    pub metric_name: Arc<str>,
     pub servers: Vec<Server>,
     pub balance: Balance,
     pub keepalive: usize,
@@ -128,6 +130,7 @@ impl Upstream {
         Arc::new(Upstream {
             id: NEXT_UPSTREAM_ID.fetch_add(1, Ordering::Relaxed),
             name: config.name.clone(),
+            metric_name: config.name.as_str().into(),
             servers,
             balance: config.balance,
             keepalive: config.keepalive,
