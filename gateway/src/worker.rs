@@ -29,11 +29,22 @@ const POOLED_BUFS: usize = 256;
 /// Initial capacity of a connection's head buffer; grows up to `max_header_bytes`.
 pub const HEAD_BUF_SIZE: usize = 4096;
 
+/// A worker's handle on the current snapshot, shared by its tasks through an `Rc` so that
+/// taking it per request touches no reference count other workers also touch.
+pub struct SnapshotRef(Arc<Snapshot>);
+
+impl std::ops::Deref for SnapshotRef {
+    type Target = Snapshot;
+    fn deref(&self) -> &Snapshot {
+        &self.0
+    }
+}
+
 /// One worker's state. Lives on its thread (`Rc`), never locked.
 pub struct Worker<S: Stream> {
     pub id: usize,
     pub shared: Arc<Shared>,
-    snapshot: RefCell<(u64, Rc<Arc<Snapshot>>)>,
+    snapshot: RefCell<(u64, Rc<SnapshotRef>)>,
     upstreams: RefCell<HashMap<u64, WorkerUpstream<S>>>,
     pub log: RefCell<WorkerLog>,
     pub draining: Cell<bool>,
@@ -53,7 +64,7 @@ impl<S: Stream> Worker<S> {
         let published = shared.metrics.register(id);
         Worker {
             id,
-            snapshot: RefCell::new((snap.generation, Rc::new(snap))),
+            snapshot: RefCell::new((snap.generation, Rc::new(SnapshotRef(snap)))),
             shared,
             upstreams: RefCell::new(HashMap::new()),
             log: RefCell::new(WorkerLog::new(log)),
@@ -80,12 +91,12 @@ impl<S: Stream> Worker<S> {
 
     /// The current config snapshot; refreshed from the shared one only when its generation
     /// changed, so a request costs no atomic reference-count traffic between workers.
-    pub fn snapshot(&self) -> Rc<Arc<Snapshot>> {
+    pub fn snapshot(&self) -> Rc<SnapshotRef> {
         let generation = self.shared.generation();
         let mut cached = self.snapshot.borrow_mut();
         if cached.0 != generation {
             let snap = self.shared.snapshot();
-            *cached = (snap.generation, Rc::new(snap));
+            *cached = (snap.generation, Rc::new(SnapshotRef(snap)));
         }
         cached.1.clone()
     }
@@ -184,10 +195,9 @@ pub fn start(
         let thread = std::thread::Builder::new()
             .name(format!("worker-{id}"))
             .spawn(move || {
-                let runtime = tokio_uring::builder()
+                tokio_uring::builder()
                     .entries(4096)
                     .start(run_worker(id, shared, log, drain, bound));
-                let _ = runtime;
                 let _ = done.send(id);
             })?;
         handles.push(WorkerHandle { thread });
@@ -263,7 +273,7 @@ async fn run_worker(
             _ = tick.tick() => {
                 ticks += 1;
                 worker.log.borrow_mut().flush();
-                if ticks % 5 == 0 {
+                if ticks.is_multiple_of(5) {
                     worker.sweep_upstreams();
                     // Busy ratio: this thread's CPU time over wall time. A worker waiting
                     // on its ring sleeps in io_uring_enter and accrues none.

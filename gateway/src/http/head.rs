@@ -9,8 +9,9 @@ use std::ops::Range;
 pub const MAX_HEADERS: usize = 128;
 
 /// How the body of a message is delimited (RFC 9112 §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BodyFraming {
+    #[default]
     None,
     Length(u64),
     Chunked,
@@ -75,11 +76,6 @@ pub struct RequestHead {
     pub known: Known,
 }
 
-impl Default for BodyFraming {
-    fn default() -> Self {
-        BodyFraming::None
-    }
-}
 
 impl RequestHead {
     pub fn method<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
@@ -307,10 +303,10 @@ fn classify(
                 known.host = Some(i);
             }
             7 if name.eq_ignore_ascii_case(b"upgrade") => known.upgrade = Some(i),
-            6 if name.eq_ignore_ascii_case(b"expect") => {
-                if trim(value).eq_ignore_ascii_case(b"100-continue") {
-                    known.expect_continue = true;
-                }
+            6 if name.eq_ignore_ascii_case(b"expect")
+                && trim(value).eq_ignore_ascii_case(b"100-continue") =>
+            {
+                known.expect_continue = true;
             }
             10 if name.eq_ignore_ascii_case(b"connection") => {
                 known.connection.push(i);
