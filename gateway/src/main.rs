@@ -166,10 +166,10 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
                     Some(guard)
                 }
                 Err(e) if mode == XdpMode::Auto => {
-                    tracing::warn!(error = %e, "XDP unavailable: limits are enforced in user space");
+                    tracing::warn!(error = %e.detail(), "XDP unavailable: limits are enforced in user space");
                     None
                 }
-                Err(e) => return Err(anyhow::anyhow!(e).context("attaching the XDP program")),
+                Err(e) => anyhow::bail!("attaching the XDP program: {}", e.detail()),
             }
         }
     };
