@@ -116,7 +116,11 @@ impl Control {
         if let Some(guard) = xdp.as_ref() {
             if let Ok(counts) = guard.packet_counts() {
                 for (verdict, counter) in counts.iter() {
-                    let _ = writeln!(out, "gateway_xdp_packets_total{{verdict=\"{verdict}\"}} {}", counter.packets);
+                    let _ = writeln!(
+                        out,
+                        "gateway_xdp_packets_total{{verdict=\"{verdict}\"}} {}",
+                        counter.packets
+                    );
                 }
             }
         }

@@ -13,6 +13,7 @@ pub mod control;
 pub mod http;
 pub mod io;
 pub mod metrics;
+pub mod pipe;
 pub mod proxy;
 pub mod route;
 pub mod state;

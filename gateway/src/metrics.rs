@@ -106,7 +106,8 @@ impl Stats {
 
     pub fn upstream(&mut self, name: &Arc<str>) -> &mut UpstreamStats {
         if !self.upstreams.contains_key(&**name) {
-            self.upstreams.insert(name.clone(), UpstreamStats::default());
+            self.upstreams
+                .insert(name.clone(), UpstreamStats::default());
         }
         self.upstreams.get_mut(&**name).expect("inserted above")
     }
@@ -117,7 +118,8 @@ impl Stats {
 
     pub fn listener(&mut self, name: &Arc<str>) -> &mut ListenerStats {
         if !self.listeners.contains_key(&**name) {
-            self.listeners.insert(name.clone(), ListenerStats::default());
+            self.listeners
+                .insert(name.clone(), ListenerStats::default());
         }
         self.listeners.get_mut(&**name).expect("inserted above")
     }
@@ -173,19 +175,33 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 
 /// Escapes a label value (Prometheus text format).
 fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn histogram(out: &mut String, name: &str, label: &str, value: &str, h: &Histogram) {
     let mut cumulative = 0;
     for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
         cumulative += h.counts[i];
-        let _ = writeln!(out, "{name}_bucket{{{label}=\"{}\",le=\"{bound}\"}} {cumulative}", esc(value));
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{label}=\"{}\",le=\"{bound}\"}} {cumulative}",
+            esc(value)
+        );
     }
     cumulative += h.counts[DURATION_BUCKETS.len()];
-    let _ = writeln!(out, "{name}_bucket{{{label}=\"{}\",le=\"+Inf\"}} {cumulative}", esc(value));
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{label}=\"{}\",le=\"+Inf\"}} {cumulative}",
+        esc(value)
+    );
     let _ = writeln!(out, "{name}_sum{{{label}=\"{}\"}} {}", esc(value), h.sum);
-    let _ = writeln!(out, "{name}_count{{{label}=\"{}\"}} {cumulative}", esc(value));
+    let _ = writeln!(
+        out,
+        "{name}_count{{{label}=\"{}\"}} {cumulative}",
+        esc(value)
+    );
 }
 
 /// Renders every metric in the Prometheus text format.
@@ -250,7 +266,12 @@ pub fn render(control: &Control) -> String {
         }
     }
 
-    header(&mut out, "gateway_http_requests_total", "counter", "HTTP requests answered, by listener, route and status.");
+    header(
+        &mut out,
+        "gateway_http_requests_total",
+        "counter",
+        "HTTP requests answered, by listener, route and status.",
+    );
     for ((listener, route, status), n) in &requests {
         let _ = writeln!(
             out,
@@ -259,31 +280,94 @@ pub fn render(control: &Control) -> String {
             esc(route)
         );
     }
-    header(&mut out, "gateway_http_request_duration_seconds", "histogram", "Time from the first byte of a request to the end of its response, by route.");
+    header(
+        &mut out,
+        "gateway_http_request_duration_seconds",
+        "histogram",
+        "Time from the first byte of a request to the end of its response, by route.",
+    );
     for (route, h) in &route_durations {
-        histogram(&mut out, "gateway_http_request_duration_seconds", "route", route, h);
+        histogram(
+            &mut out,
+            "gateway_http_request_duration_seconds",
+            "route",
+            route,
+            h,
+        );
     }
-    header(&mut out, "gateway_upstream_request_duration_seconds", "histogram", "Time from choosing an upstream server to the end of its response head, by upstream.");
+    header(
+        &mut out,
+        "gateway_upstream_request_duration_seconds",
+        "histogram",
+        "Time from choosing an upstream server to the end of its response head, by upstream.",
+    );
     for (name, h) in &upstream_durations {
-        histogram(&mut out, "gateway_upstream_request_duration_seconds", "upstream", name, h);
+        histogram(
+            &mut out,
+            "gateway_upstream_request_duration_seconds",
+            "upstream",
+            name,
+            h,
+        );
     }
-    header(&mut out, "gateway_connections_active", "gauge", "Client connections open, by listener.");
+    header(
+        &mut out,
+        "gateway_connections_active",
+        "gauge",
+        "Client connections open, by listener.",
+    );
     for (name, (_, active)) in &listeners {
-        let _ = writeln!(out, "gateway_connections_active{{listener=\"{}\"}} {active}", esc(name));
+        let _ = writeln!(
+            out,
+            "gateway_connections_active{{listener=\"{}\"}} {active}",
+            esc(name)
+        );
     }
-    header(&mut out, "gateway_connections_total", "counter", "Client connections accepted, by listener.");
+    header(
+        &mut out,
+        "gateway_connections_total",
+        "counter",
+        "Client connections accepted, by listener.",
+    );
     for (name, (total, _)) in &listeners {
-        let _ = writeln!(out, "gateway_connections_total{{listener=\"{}\"}} {total}", esc(name));
+        let _ = writeln!(
+            out,
+            "gateway_connections_total{{listener=\"{}\"}} {total}",
+            esc(name)
+        );
     }
-    header(&mut out, "gateway_upstream_connections_active", "gauge", "Upstream connections carrying a request, by upstream.");
+    header(
+        &mut out,
+        "gateway_upstream_connections_active",
+        "gauge",
+        "Upstream connections carrying a request, by upstream.",
+    );
     for (name, (active, _)) in &upstream_active {
-        let _ = writeln!(out, "gateway_upstream_connections_active{{upstream=\"{}\"}} {active}", esc(name));
+        let _ = writeln!(
+            out,
+            "gateway_upstream_connections_active{{upstream=\"{}\"}} {active}",
+            esc(name)
+        );
     }
-    header(&mut out, "gateway_upstream_connections_idle", "gauge", "Idle keep-alive upstream connections held, by upstream.");
+    header(
+        &mut out,
+        "gateway_upstream_connections_idle",
+        "gauge",
+        "Idle keep-alive upstream connections held, by upstream.",
+    );
     for (name, (_, idle)) in &upstream_active {
-        let _ = writeln!(out, "gateway_upstream_connections_idle{{upstream=\"{}\"}} {idle}", esc(name));
+        let _ = writeln!(
+            out,
+            "gateway_upstream_connections_idle{{upstream=\"{}\"}} {idle}",
+            esc(name)
+        );
     }
-    header(&mut out, "gateway_upstream_server_up", "gauge", "1 when an upstream server takes requests (passive and active health).");
+    header(
+        &mut out,
+        "gateway_upstream_server_up",
+        "gauge",
+        "1 when an upstream server takes requests (passive and active health).",
+    );
     let now = crate::clock::now_ms();
     for u in &snap.upstreams {
         for s in &u.servers {
@@ -296,30 +380,92 @@ pub fn render(control: &Control) -> String {
             );
         }
     }
-    header(&mut out, "gateway_upstream_errors_total", "counter", "Upstream failures by upstream and kind (failed, timeout, protocol, unavailable).");
+    header(
+        &mut out,
+        "gateway_upstream_errors_total",
+        "counter",
+        "Upstream failures by upstream and kind (failed, timeout, protocol, unavailable).",
+    );
     for ((name, kind), n) in &upstream_errors {
-        let _ = writeln!(out, "gateway_upstream_errors_total{{upstream=\"{}\",kind=\"{kind}\"}} {n}", esc(name));
+        let _ = writeln!(
+            out,
+            "gateway_upstream_errors_total{{upstream=\"{}\",kind=\"{kind}\"}} {n}",
+            esc(name)
+        );
     }
-    header(&mut out, "gateway_websocket_tunnels_active", "gauge", "WebSocket tunnels open.");
+    header(
+        &mut out,
+        "gateway_websocket_tunnels_active",
+        "gauge",
+        "WebSocket tunnels open.",
+    );
     let _ = writeln!(out, "gateway_websocket_tunnels_active {tunnels_active}");
-    header(&mut out, "gateway_tunnel_bytes_total", "counter", "Bytes relayed through tunnels, by direction.");
-    let _ = writeln!(out, "gateway_tunnel_bytes_total{{direction=\"upstream\"}} {}", tunnel_bytes[0]);
-    let _ = writeln!(out, "gateway_tunnel_bytes_total{{direction=\"client\"}} {}", tunnel_bytes[1]);
-    header(&mut out, "gateway_tunnels_total", "counter", "Tunnels opened, by copy path (splice or copy).");
+    header(
+        &mut out,
+        "gateway_tunnel_bytes_total",
+        "counter",
+        "Bytes relayed through tunnels, by direction.",
+    );
+    let _ = writeln!(
+        out,
+        "gateway_tunnel_bytes_total{{direction=\"upstream\"}} {}",
+        tunnel_bytes[0]
+    );
+    let _ = writeln!(
+        out,
+        "gateway_tunnel_bytes_total{{direction=\"client\"}} {}",
+        tunnel_bytes[1]
+    );
+    header(
+        &mut out,
+        "gateway_tunnels_total",
+        "counter",
+        "Tunnels opened, by copy path (splice or copy).",
+    );
     for (path, n) in &tunnel_paths {
         let _ = writeln!(out, "gateway_tunnels_total{{path=\"{path}\"}} {n}");
     }
-    header(&mut out, "gateway_limit_rejections_total", "counter", "Connections or requests refused by a limit, by limit and enforcer.");
+    header(
+        &mut out,
+        "gateway_limit_rejections_total",
+        "counter",
+        "Connections or requests refused by a limit, by limit and enforcer.",
+    );
     for ((limit, enforcer), n) in &limits {
-        let _ = writeln!(out, "gateway_limit_rejections_total{{limit=\"{limit}\",enforcer=\"{enforcer}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "gateway_limit_rejections_total{{limit=\"{limit}\",enforcer=\"{enforcer}\"}} {n}"
+        );
     }
-    header(&mut out, "gateway_worker_busy_ratio", "gauge", "Share of the last second a worker spent running rather than waiting on its ring.");
+    header(
+        &mut out,
+        "gateway_worker_busy_ratio",
+        "gauge",
+        "Share of the last second a worker spent running rather than waiting on its ring.",
+    );
     for (id, s) in &workers {
-        let _ = writeln!(out, "gateway_worker_busy_ratio{{worker=\"{id}\"}} {:.4}", s.busy_ratio);
+        let _ = writeln!(
+            out,
+            "gateway_worker_busy_ratio{{worker=\"{id}\"}} {:.4}",
+            s.busy_ratio
+        );
     }
-    header(&mut out, "gateway_config_reloads_total", "counter", "Config reloads by result.");
-    let _ = writeln!(out, "gateway_config_reloads_total{{result=\"success\"}} {}", control.reloads_ok.load(Ordering::Relaxed));
-    let _ = writeln!(out, "gateway_config_reloads_total{{result=\"error\"}} {}", control.reloads_failed.load(Ordering::Relaxed));
+    header(
+        &mut out,
+        "gateway_config_reloads_total",
+        "counter",
+        "Config reloads by result.",
+    );
+    let _ = writeln!(
+        out,
+        "gateway_config_reloads_total{{result=\"success\"}} {}",
+        control.reloads_ok.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "gateway_config_reloads_total{{result=\"error\"}} {}",
+        control.reloads_failed.load(Ordering::Relaxed)
+    );
     control.render_xdp(&mut out);
     render_process(&mut out);
     out
@@ -328,7 +474,9 @@ pub fn render(control: &Control) -> String {
 fn render_process(out: &mut String) {
     use prometheus::Encoder;
     let registry = prometheus::Registry::new();
-    let _ = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+    let _ = registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ));
     let mut buf = Vec::new();
     if prometheus::TextEncoder::new()
         .encode(&registry.gather(), &mut buf)
@@ -340,7 +488,10 @@ fn render_process(out: &mut String) {
 
 /// CPU time of the calling thread, for the busy ratio.
 pub fn thread_cpu_time() -> std::time::Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime with a valid timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
@@ -358,10 +509,22 @@ mod tests {
         h.observe(1000.0);
         let mut out = String::new();
         histogram(&mut out, "x", "route", "/a", &h);
-        assert!(out.contains("x_bucket{route=\"/a\",le=\"0.0001\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{route=\"/a\",le=\"0.0005\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{route=\"/a\",le=\"300\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{route=\"/a\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(
+            out.contains("x_bucket{route=\"/a\",le=\"0.0001\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_bucket{route=\"/a\",le=\"0.0005\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_bucket{route=\"/a\",le=\"300\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_bucket{route=\"/a\",le=\"+Inf\"} 3\n"),
+            "{out}"
+        );
         assert!(out.contains("x_count{route=\"/a\"} 3\n"), "{out}");
     }
 

@@ -90,6 +90,17 @@ pub async fn serve<S: Stream>(
         head: RequestHead::default(),
         resp: ResponseHead::default(),
     };
+    let expects_proxy_header = w
+        .snapshot()
+        .listener(&listener.name)
+        .is_some_and(|l| l.proxy_protocol);
+    if expects_proxy_header {
+        match read_proxy_header(&mut c, &w, accepted).await {
+            Some(source) => c.peer = source,
+            None => return,
+        }
+    }
+    let peer = c.peer;
     let mut first = true;
     loop {
         let snap = w.snapshot();
@@ -115,7 +126,9 @@ pub async fn serve<S: Stream>(
                     };
                     w.log.borrow_mut().record(snap.access_format, &entry);
                 }
-                w.stats.borrow_mut().request(&listener.name, &NO_ROUTE, status, 0.0);
+                w.stats
+                    .borrow_mut()
+                    .request(&listener.name, &NO_ROUTE, status, 0.0);
                 break;
             }
         };
@@ -170,6 +183,36 @@ pub async fn serve<S: Stream>(
         if c.buf.is_empty() && c.buf.capacity() > HEAD_BUF_SIZE * 4 {
             // A large head grew the buffer; do not keep that memory on an idle connection.
             c.buf = BytesMut::with_capacity(HEAD_BUF_SIZE);
+        }
+    }
+}
+
+/// Reads the PROXY protocol header a listener behind an L4 balancer expects, and returns the
+/// client address it names (the peer itself for LOCAL/UNKNOWN headers). `None`: no valid
+/// header in time; the connection is closed without an answer, as HAProxy does.
+async fn read_proxy_header<S: Stream>(
+    c: &mut Client<S>,
+    w: &Worker<S>,
+    accepted: Instant,
+) -> Option<SocketAddr> {
+    use crate::http::proxy_protocol::{parse, Parsed};
+    let deadline = accepted + w.snapshot().server.header_timeout;
+    loop {
+        match parse(&c.buf) {
+            Ok(Parsed::Header { len, source }) => {
+                c.buf.advance(len);
+                return Some(source.unwrap_or(c.peer));
+            }
+            Ok(Parsed::Incomplete) => {}
+            Err(_) => {
+                tracing::debug!(peer = %c.peer, "invalid PROXY protocol header");
+                return None;
+            }
+        }
+        let buf = std::mem::take(&mut c.buf);
+        match timeout_at(deadline, c.io.read(buf)).await {
+            Ok((Ok(n), buf)) if n > 0 => c.buf = buf,
+            _ => return None,
         }
     }
 }
@@ -785,7 +828,11 @@ impl<'a, S: Stream> ActiveGuard<'a, S> {
     fn new(w: &'a Worker<S>, upstream: &'a Arc<Upstream>, server: usize) -> Self {
         w.with_upstream(upstream, |p| p.picker.active[server] += 1);
         w.stats.borrow_mut().upstream(&upstream.metric_name).active += 1;
-        ActiveGuard { w, upstream, server }
+        ActiveGuard {
+            w,
+            upstream,
+            server,
+        }
     }
 }
 
@@ -797,7 +844,11 @@ impl<S: Stream> Drop for ActiveGuard<'_, S> {
                 *a = a.saturating_sub(1);
             }
         });
-        self.w.stats.borrow_mut().upstream(&self.upstream.metric_name).active -= 1;
+        self.w
+            .stats
+            .borrow_mut()
+            .upstream(&self.upstream.metric_name)
+            .active -= 1;
     }
 }
 

@@ -4,8 +4,8 @@
 //! atomics (connection count, server health).
 
 use crate::access_log::{LogWriter, WorkerLog};
-use crate::metrics::{Published, Stats};
 use crate::io::{Stream, UringStream};
+use crate::metrics::{Published, Stats};
 use crate::proxy;
 use crate::state::{Shared, Snapshot};
 use crate::upstream::pool::WorkerUpstream;
@@ -134,6 +134,9 @@ impl<S: Stream> Worker<S> {
 
     pub fn give_buf(&self, mut buf: BytesMut) {
         buf.clear();
+        // After `advance` the front of the allocation is out of view; reserving on an empty,
+        // unshared buffer moves the view back to the start instead of allocating.
+        buf.reserve(BODY_BUF_SIZE);
         // A buffer that was split or grew oddly is not worth keeping.
         if buf.capacity() >= BODY_BUF_SIZE && buf.capacity() <= 2 * BODY_BUF_SIZE {
             let mut pool = self.bufs.borrow_mut();
@@ -325,7 +328,11 @@ struct ConnectionGuard<S: Stream> {
 
 impl<S: Stream> Drop for ConnectionGuard<S> {
     fn drop(&mut self) {
-        self.worker.stats.borrow_mut().listener(&self.listener).active -= 1;
+        self.worker
+            .stats
+            .borrow_mut()
+            .listener(&self.listener)
+            .active -= 1;
         self.worker.active.set(self.worker.active.get() - 1);
         self.worker
             .shared

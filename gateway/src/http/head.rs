@@ -62,6 +62,21 @@ pub struct Known {
     pub expect_continue: bool,
 }
 
+impl Known {
+    /// Forgets the previous head's fields but keeps the vectors' memory for the next one.
+    fn clear(&mut self) {
+        let mut xff = std::mem::take(&mut self.x_forwarded_for);
+        let mut connection = std::mem::take(&mut self.connection);
+        xff.clear();
+        connection.clear();
+        *self = Known {
+            x_forwarded_for: xff,
+            connection,
+            ..Known::default()
+        };
+    }
+}
+
 /// A parsed request head. Offsets refer to the buffer it was parsed from.
 #[derive(Debug, Clone, Default)]
 pub struct RequestHead {
@@ -75,7 +90,6 @@ pub struct RequestHead {
     pub framing: BodyFraming,
     pub known: Known,
 }
-
 
 impl RequestHead {
     pub fn method<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
@@ -170,7 +184,7 @@ pub fn parse_request(
     head.version = req.version.unwrap_or(1);
     head.len = len;
     head.headers.clear();
-    head.known = Known::default();
+    head.known.clear();
     for h in req.headers.iter() {
         head.headers.push(HeaderSpan::new(base, h));
     }
@@ -249,7 +263,7 @@ pub fn parse_response(
     head.reason = r0..r0 + reason.len();
     head.len = len;
     head.headers.clear();
-    head.known = Known::default();
+    head.known.clear();
     for h in resp.headers.iter() {
         head.headers.push(HeaderSpan::new(base, h));
     }

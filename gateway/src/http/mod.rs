@@ -3,6 +3,7 @@
 
 pub mod chunked;
 pub mod head;
+pub mod proxy_protocol;
 pub mod rewrite;
 
 use std::fmt;
