@@ -165,3 +165,49 @@ pub fn idle_connection_alive(fd: RawFd) -> bool {
     }
     false
 }
+
+/// A descriptor registered with the reactor without taking ownership of it.
+struct WatchedFd(RawFd);
+
+impl AsRawFd for WatchedFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Resolves when the peer of `fd` has closed its end (EOF or reset), without consuming any
+/// byte it sent. Pending forever if it sends data instead (a pipelined request is not a
+/// hang-up) or if the descriptor cannot be watched.
+///
+/// This is readiness (epoll) beside the ring, not an io_uring read: a read racing the
+/// upstream would consume the client's next request, and an abandoned io_uring read
+/// loses its bytes. The future must be dropped before the stream is closed.
+pub async fn peer_closed(fd: RawFd) {
+    use tokio::io::unix::AsyncFd;
+    // SAFETY: the caller keeps the descriptor open while this future lives (it is dropped
+    // before the stream it watches), and AsyncFd deregisters on drop.
+    let Ok(watch) = (unsafe { AsyncFd::register_with_interest(WatchedFd(fd), tokio::io::Interest::READABLE) }) else {
+        return std::future::pending().await;
+    };
+    loop {
+        let Ok(mut ready) = watch.readable().await else {
+            return std::future::pending().await;
+        };
+        let mut byte = 0u8;
+        // SAFETY: recv into a valid one-byte buffer; MSG_PEEK leaves the data queued.
+        let n = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        if n == 0 {
+            return;
+        }
+        if n > 0 {
+            // Data, not a hang-up: stop watching.
+            return std::future::pending().await;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::WouldBlock {
+            ready.clear_ready();
+            continue;
+        }
+        return;
+    }
+}

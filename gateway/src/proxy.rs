@@ -642,7 +642,7 @@ async fn proxy<'s, S: Stream>(
         }
 
         // The response head (informational responses are relayed as they come).
-        match read_response_head(
+        let head_read = read_response_head(
             client,
             &conn,
             w,
@@ -652,9 +652,18 @@ async fn proxy<'s, S: Stream>(
             is_head,
             sent_continue,
             upgrade,
-        )
-        .await
-        {
+        );
+        // A client that hangs up while the upstream thinks frees the upstream connection
+        // at once (nginx: 499), instead of holding it for the whole read_timeout.
+        let head_result = tokio::select! {
+            r = head_read => r,
+            _ = client_hang_up(client.raw_fd()) => Err((
+                HttpError::ClientGone("closed while waiting for the upstream"),
+                BytesMut::new(),
+                true,
+            )),
+        };
+        match head_result {
             Ok(b) => {
                 drop(active);
                 break (conn, server, b);
@@ -799,6 +808,15 @@ async fn proxy<'s, S: Stream>(
     }
 }
 
+/// How long a response may be awaited before the client connection is watched for a
+/// hang-up: fast responses never pay for registering the socket with the reactor.
+const CLIENT_WATCH_AFTER: Duration = Duration::from_millis(500);
+
+async fn client_hang_up(fd: std::os::fd::RawFd) {
+    tokio::time::sleep(CLIENT_WATCH_AFTER).await;
+    crate::io::peer_closed(fd).await;
+}
+
 fn bit(server: usize) -> u64 {
     if server < 64 {
         1 << server
@@ -808,6 +826,11 @@ fn bit(server: usize) -> u64 {
 }
 
 fn mark_failure(upstream: &Upstream, server: usize) {
+    // nginx ignores max_fails for an upstream of one server: marking it down would only
+    // turn every request for fail_timeout into a 503 with nothing to fail over to.
+    if upstream.servers.len() == 1 {
+        return;
+    }
     let s = &upstream.servers[server];
     if s.state
         .record_failure(upstream.max_fails, upstream.fail_timeout)

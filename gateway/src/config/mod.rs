@@ -425,30 +425,63 @@ impl Config {
 
     /// Parses and validates config text; `path` is only used in error messages.
     pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
-        let config: Config = toml::from_str(source).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| line_of(source, s.start))
-                .unwrap_or_default();
-            // The toml error names the offending key in its message (unknown field,
-            // invalid type) and we add the dotted path of the table it was found in.
-            let message = e.message().trim().to_string();
-            let key = e
-                .span()
-                .map(|s| key_at(source, s.start))
-                .unwrap_or_else(|| "-".into());
-            ConfigErrors(vec![ConfigError {
-                file: path.to_path_buf(),
-                line,
-                key,
-                message,
-            }])
-        })?;
-        let errors = config.validate(path, source);
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors(errors))
+        // Serde stops at the first error. To report every one (as `nginx -t` users expect
+        // of a checker), each error's line is blanked out and the file parsed again, up to
+        // a bound; semantic checks then run on what parsed, skipping the tables whose
+        // lines were blanked (their errors would only be echoes of the first).
+        const MAX_ROUNDS: usize = 32;
+        let mut text = source.to_string();
+        let mut errors = Vec::new();
+        let mut blanked: Vec<String> = Vec::new();
+        let mut parsed = None;
+        for _ in 0..MAX_ROUNDS {
+            match toml::from_str::<Config>(&text) {
+                Ok(config) => {
+                    parsed = Some(config);
+                    break;
+                }
+                Err(e) => {
+                    let span = e.span();
+                    let line = span.as_ref().map(|s| line_of(source, s.start)).unwrap_or(0);
+                    let key = span
+                        .as_ref()
+                        .map(|s| key_at(source, s.start))
+                        .unwrap_or_else(|| "-".into());
+                    errors.push(ConfigError {
+                        file: path.to_path_buf(),
+                        line,
+                        key: key.clone(),
+                        message: e.message().trim().to_string(),
+                    });
+                    let Some(span) = span else { break };
+                    if !blank_line(&mut text, span.start) {
+                        break;
+                    }
+                    blanked.push(key);
+                }
+            }
+        }
+        if let Some(config) = &parsed {
+            // A semantic error is an echo of a blanked line when it names that very key,
+            // or when it is about a key missing from the same table (located at the
+            // table's header line): `upstream = 5` blanked must not also say "set
+            // upstream or respond".
+            let header_line = |line: usize| {
+                source
+                    .lines()
+                    .nth(line.saturating_sub(1))
+                    .is_some_and(|l| l.trim_start().starts_with('['))
+            };
+            errors.extend(config.validate(path, source).into_iter().filter(|e| {
+                !blanked.iter().any(|b| {
+                    let table = b.rsplit_once('.').map(|(t, _)| t).unwrap_or(b);
+                    e.key == *b || (header_line(e.line) && e.key.starts_with(table))
+                })
+            }));
+        }
+        match parsed {
+            Some(config) if errors.is_empty() => Ok(config),
+            _ => Err(ConfigErrors(errors)),
         }
     }
 
@@ -837,8 +870,24 @@ fn locate_table_key(source: &str, table: &str, key: &str) -> usize {
     locate_key(source, start..end, key)
 }
 
+/// Overwrites the line holding `offset` with spaces (keeping every byte offset valid).
+/// Refuses table headers and lines already blank: removing those would only cascade.
+fn blank_line(text: &mut String, offset: usize) -> bool {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map(|p| p + 1).unwrap_or(0);
+    let end = text[offset..].find('\n').map(|p| offset + p).unwrap_or(text.len());
+    let line = text[start..end].trim();
+    if line.is_empty() || line.starts_with('[') {
+        return false;
+    }
+    let blank = " ".repeat(end - start);
+    text.replace_range(start..end, &blank);
+    true
+}
+
 /// Best-effort dotted path of the key at a byte offset, for parse errors: the nearest table
-/// header above plus the key on that line.
+/// header above (with its index for arrays of tables, as `route[2]`) plus the key on that
+/// line.
 fn key_at(source: &str, offset: usize) -> String {
     let offset = offset.min(source.len());
     let line_start = source[..offset].rfind('\n').map(|p| p + 1).unwrap_or(0);
@@ -851,12 +900,24 @@ fn key_at(source: &str, offset: usize) -> String {
         .split_once('=')
         .map(|(k, _)| k.trim().to_string())
         .unwrap_or_default();
-    let table = source[..line_start]
+    let before = &source[..line_start];
+    let table = before
         .lines()
         .rev()
         .map(str::trim)
         .find(|l| l.starts_with('['))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').to_string())
+        .map(|header| {
+            if let Some(name) = header.strip_prefix("[[").and_then(|h| h.split(']').next()) {
+                let name = name.trim();
+                let index = before
+                    .lines()
+                    .filter(|l| l.trim().strip_prefix("[[").and_then(|h| h.split(']').next()).map(str::trim) == Some(name))
+                    .count();
+                format!("{name}[{}]", index.saturating_sub(1))
+            } else {
+                header.trim_matches(|c| c == '[' || c == ']').trim().to_string()
+            }
+        })
         .unwrap_or_default();
     match (table.is_empty(), key.is_empty() || key.starts_with('[')) {
         (true, true) => "-".into(),
@@ -919,6 +980,21 @@ respond = { status = 200, body = "ok\n" }
         let e = parse(&text).unwrap_err();
         assert_eq!(e.0[0].line, 4, "{e}");
         assert_eq!(e.0[0].key, "server.header_timeout");
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let text = GOOD
+            .replace("workers = 2", "workers = 2\nwrokers = 3\nheader_timeout = \"5x\"")
+            .replace("upstream = \"api\"", "upstream = \"apii\"\nconnect_timeout = 5");
+        let e = parse(&text).unwrap_err();
+        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"server.wrokers"), "{e}");
+        assert!(keys.contains(&"server.header_timeout"), "{e}");
+        assert!(keys.contains(&"route[0].connect_timeout"), "{e}");
+        // The same table's other problem is still found once the rest of it parses.
+        assert!(keys.contains(&"route[0].upstream"), "{e}");
+        assert_eq!(e.0.len(), 4, "{e}");
     }
 
     #[test]

@@ -1,0 +1,80 @@
+//! The shared harness for the gateway's integration tests: run the real binary against real
+//! sockets and real (sometimes deliberately misbehaving) upstreams, and talk to it in exact
+//! bytes.
+//!
+//! - [`gateway`]: the gateway as a child process, ready when `/ready` says so.
+//! - [`config`]: config builders with exactly the contract's keys.
+//! - [`origin`]: recording test upstreams and their misbehaving modes.
+//! - [`client`]: the raw client (exact bytes out, parsed response in, keep-alive, pipelining).
+//! - [`wire`]: strict HTTP/1.1 reading shared by client and origins.
+//! - [`nginx`]: the nginx reference front, for differential tests.
+//!
+//! Everything is synchronous (std::net and threads): simple to reason about, and no async
+//! runtime shares a bug with the code under test. Ports always come from port 0; readiness
+//! is polled, never slept for.
+
+pub mod client;
+pub mod config;
+pub mod gateway;
+pub mod nginx;
+pub mod origin;
+pub mod wire;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub use client::{Client, Req, Response};
+pub use config::{Config, Route, Upstream};
+pub use gateway::Gateway;
+pub use origin::{refused_addr, Action, Framing, Origin, RecordedRequest, Reply};
+pub use wire::{pattern_bytes, BodyFraming, CloseOutcome};
+
+/// The workspace root: the parent of this crate's directory.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The gateway binary: `$GATEWAY_BIN` (set by `cargo xtask test`), else
+/// `<workspace>/target/debug/gateway`.
+pub fn gateway_bin() -> PathBuf {
+    let path = match std::env::var_os("GATEWAY_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => workspace_root().join("target/debug/gateway"),
+    };
+    assert!(
+        path.is_file(),
+        "gateway binary not found at {} — build it first (`cargo build -p gateway`, or run \
+         `cargo xtask test`, which does and sets GATEWAY_BIN)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (bound to port 0, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// `127.0.0.1:<free port>`.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,160 @@
+//! The access log on stdout, in the contract's format: nginx `combined` plus the request time
+//! in microseconds and the upstream address (PRODUCT.md, "Access log"):
+//! `203.0.113.7 - - [26/Nov/2026:20:03:09 +0000] "GET /api/x HTTP/1.1" 200 512 "-" "curl/8.0" 1534 127.0.0.1:8081`.
+//! Where nothing was proxied the upstream is `-`, as nginx logs an empty `$upstream_addr`.
+
+use std::time::Duration;
+
+use gateway_tests::{Client, Config, Gateway, Origin, Reply, Req, Route, Upstream};
+use regex::Regex;
+
+const CLIENT: &str = "127.0.0.5";
+
+/// The combined-format prefix up to and including the user agent, then request time and
+/// upstream: captures `us` and `upstream`.
+fn line_re(request: &str, status: u16, bytes: &str, referer: &str, ua: &str) -> Regex {
+    Regex::new(&format!(
+        r#"^{ip} - - \[\d{{2}}/(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)/\d{{4}}:\d{{2}}:\d{{2}}:\d{{2}} [+-]\d{{4}}\] "{req}" {status} {bytes} "{referer}" "{ua}" (?P<us>\d+) (?P<upstream>\S+)$"#,
+        ip = regex::escape(CLIENT),
+        req = regex::escape(request),
+        referer = regex::escape(referer),
+        ua = regex::escape(ua),
+    ))
+    .unwrap()
+}
+
+fn logged(origin: &Origin, format: Option<&str>) -> Gateway {
+    let mut cfg = Config::new()
+        .upstream(Upstream::new("api", &[origin.addr()]))
+        .route(Route::respond_exact("/health", 200, "ok\n"))
+        .route(Route::prefix("/api/", "api"));
+    if let Some(f) = format {
+        cfg = cfg.log("format", f);
+    }
+    Gateway::with(&cfg)
+}
+
+fn send_from_client(gw: &Gateway, req: &Req) -> gateway_tests::Response {
+    Client::connect_from(CLIENT.parse().unwrap(), gw.http_addr()).must(req)
+}
+
+#[test]
+fn proxied_request_is_logged_with_request_time_and_upstream() {
+    let origin = Origin::start(|_| Reply::ok("hello").delay(Duration::from_millis(50)));
+    let gw = logged(&origin, None);
+    let r = send_from_client(
+        &gw,
+        &Req::get("/api/x?q=1")
+            .header("User-Agent", "itest/1.0")
+            .header("Referer", "http://ref.test/page"),
+    );
+    assert_eq!(r.status, 200);
+    let line = gw.wait_access_line(Duration::from_secs(5), |l| l.contains("/api/x?q=1"));
+    let re = line_re(
+        "GET /api/x?q=1 HTTP/1.1",
+        200,
+        "5",
+        "http://ref.test/page",
+        "itest/1.0",
+    );
+    let caps = re.captures(&line).unwrap_or_else(|| {
+        panic!("access log line not in the contract format:\n{line}\nexpected /{re}/")
+    });
+    let us: u64 = caps["us"].parse().unwrap();
+    assert!(
+        (50_000..10_000_000).contains(&us),
+        "request time {us} µs, but the origin alone took 50 ms"
+    );
+    assert_eq!(
+        &caps["upstream"],
+        origin.addr().to_string(),
+        "the upstream address"
+    );
+}
+
+#[test]
+fn one_line_per_request() {
+    let origin = Origin::start(|_| Reply::ok("x"));
+    let gw = logged(&origin, None);
+    let mut c = Client::connect_from(CLIENT.parse().unwrap(), gw.http_addr());
+    for i in 0..5 {
+        assert_eq!(c.get(&format!("/api/n/{i}")).status, 200);
+    }
+    gateway_tests::wait_until(Duration::from_secs(5), "five access log lines", || {
+        gw.access_log()
+            .lines()
+            .filter(|l| l.contains("/api/n/"))
+            .count()
+            == 5
+    });
+    let log = gw.access_log();
+    for i in 0..5 {
+        assert_eq!(
+            log.lines()
+                .filter(|l| l.contains(&format!("\"GET /api/n/{i} HTTP/1.1\"")))
+                .count(),
+            1,
+            "request {i} logged once:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn unproxied_requests_log_dash_as_upstream() {
+    let origin = Origin::echo();
+    let gw = logged(&origin, None);
+    let r = send_from_client(&gw, &Req::get("/health"));
+    assert_eq!(r.status, 200);
+    let r404 = send_from_client(&gw, &Req::get("/nowhere"));
+    assert_eq!(r404.status, 404);
+
+    let line = gw.wait_access_line(Duration::from_secs(5), |l| l.contains("/health"));
+    let caps = line_re("GET /health HTTP/1.1", 200, "3", "-", "-")
+        .captures(&line)
+        .unwrap_or_else(|| panic!("respond-route line not in the contract format:\n{line}"));
+    assert_eq!(&caps["upstream"], "-");
+
+    let line = gw.wait_access_line(Duration::from_secs(5), |l| l.contains("/nowhere"));
+    let caps = line_re(
+        "GET /nowhere HTTP/1.1",
+        404,
+        &r404.body.len().to_string(),
+        "-",
+        "-",
+    )
+    .captures(&line)
+    .unwrap_or_else(|| panic!("404 line not in the contract format:\n{line}"));
+    assert_eq!(&caps["upstream"], "-");
+}
+
+#[test]
+fn json_format_writes_the_same_fields() {
+    let origin = Origin::start(|_| Reply::ok("hello"));
+    let gw = logged(&origin, Some("json"));
+    send_from_client(
+        &gw,
+        &Req::get("/api/json").header("User-Agent", "itest/1.0"),
+    );
+    let line = gw.wait_access_line(Duration::from_secs(5), |l| l.contains("/api/json"));
+    let v: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("json access log line is not JSON ({e}): {line}"));
+    let obj = v.as_object().expect("one JSON object per line");
+    // The contract names the fields (same as combined) but not the JSON keys: look for the
+    // values.
+    let values: Vec<String> = obj
+        .values()
+        .map(|v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect();
+    let has = |pred: &dyn Fn(&str) -> bool, what: &str| {
+        assert!(values.iter().any(|v| pred(v)), "no {what} in {line}");
+    };
+    has(&|v| v == CLIENT, "client address");
+    has(&|v| v.contains("/api/json"), "request path");
+    has(&|v| v == "200", "status");
+    has(&|v| v == "5", "body bytes");
+    has(&|v| v == "itest/1.0", "user agent");
+    has(&|v| v == origin.addr().to_string(), "upstream address");
+}

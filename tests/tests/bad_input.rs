@@ -1,0 +1,456 @@
+//! Hostile and malformed client input. Every request-smuggling shape in the contract is
+//! answered 400 and the connection closed, before anything reaches the origin; heads over
+//! `max_header_bytes` get 431 (414 when the request line alone is too long); bodies over
+//! `max_body_size` get 413; a head trickled slower than `header_timeout` ends in 408 or a
+//! close; unrouted paths get 404; `respond` routes answer without an upstream.
+//!
+//! Contract reading for transfer codings (PRODUCT.md: "a transfer coding other than a final
+//! `chunked` ... is rejected with 400", and "501 unsupported transfer coding"), following
+//! RFC 9112:
+//! - the final coding is not `chunked` (`gzip`, `identity`, `chunked, gzip`): the body length
+//!   cannot be determined, RFC 9112 §6.3 rule 4 says the server MUST answer 400 and close →
+//!   **400** (the smuggling rule);
+//! - `chunked` is final but preceded by a coding the proxy does not implement
+//!   (`gzip, chunked`): the framing is known but the coding is not understood, RFC 9112 §6.1
+//!   says SHOULD answer 501 → **501** (the "unsupported transfer coding" status).
+//!
+//! This is the only reading under which both statuses in the contract can occur.
+
+use std::io::Write;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use gateway_tests::client::raw_request;
+use gateway_tests::{Client, Config, Gateway, Origin, Req, Route, Upstream};
+
+fn guarded(origin: &Origin) -> Gateway {
+    Gateway::with(
+        &Config::new()
+            .server("max_header_bytes", "4KiB")
+            .server("header_timeout", "500ms")
+            .upstream(Upstream::new("app", &[origin.addr()]))
+            .route(Route::respond_exact("/health", 200, "ok\n"))
+            .route(Route::prefix("/", "app").max_body_size("1KiB")),
+    )
+}
+
+/// Sends `raw` on a new connection; expects `status` and, when `closes`, the connection
+/// closed right after the response.
+fn expect_status(gw: &Gateway, case: &str, raw: &[u8], status: u16, closes: bool) {
+    let (mut c, r) = raw_request(gw.http_addr(), raw);
+    let r = r.unwrap_or_else(|e| panic!("{case}: no response: {e}"));
+    assert_eq!(
+        r.status,
+        status,
+        "{case}: got {} {:?}",
+        r.status,
+        r.body_str()
+    );
+    if closes {
+        c.expect_closed(Duration::from_secs(3), case);
+    }
+}
+
+const SMUGGLING: &[(&str, &str)] = &[
+    (
+        "Content-Length and Transfer-Encoding",
+        "POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "Transfer-Encoding and Content-Length",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "two different Content-Length fields",
+        "POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    ),
+    (
+        "Content-Length list of different values",
+        "POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 5, 6\r\n\r\nhello!",
+    ),
+    (
+        "non-numeric Content-Length",
+        "POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 5x\r\n\r\nhello",
+    ),
+    (
+        "negative Content-Length",
+        "POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\nhello",
+    ),
+    (
+        "Transfer-Encoding gzip (final coding not chunked)",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+    ),
+    (
+        "Transfer-Encoding identity (final coding not chunked)",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: identity\r\n\r\nhello",
+    ),
+    (
+        "Transfer-Encoding chunked, gzip (chunked not final)",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "Transfer-Encoding chunked then gzip in two fields",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "non-hex chunk size",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    ),
+    (
+        "negative chunk size",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+    ),
+    (
+        "overflowing chunk size",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n",
+    ),
+    (
+        "chunk size with 0x prefix",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+    ),
+    (
+        "chunk data longer than its size",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n",
+    ),
+    (
+        "obs-fold continuation line",
+        "GET /s HTTP/1.1\r\nHost: t\r\nX-Folded: first\r\n  second\r\n\r\n",
+    ),
+    (
+        "obs-fold with a tab",
+        "GET /s HTTP/1.1\r\nHost: t\r\nX-Folded: first\r\n\tsecond\r\n\r\n",
+    ),
+    (
+        "whitespace before a header colon",
+        "GET /s HTTP/1.1\r\nHost: t\r\nX-Thing : value\r\n\r\n",
+    ),
+    (
+        "whitespace before the Content-Length colon",
+        "POST /s HTTP/1.1\r\nHost: t\r\nContent-Length : 5\r\n\r\nhello",
+    ),
+    (
+        "whitespace before the Transfer-Encoding colon",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding\t: chunked\r\n\r\n0\r\n\r\n",
+    ),
+];
+
+#[test]
+fn smuggling_shapes_get_400_and_close() {
+    let origin = Origin::echo();
+    let gw = guarded(&origin);
+    for (case, raw) in SMUGGLING {
+        expect_status(&gw, case, raw.as_bytes(), 400, true);
+    }
+    assert_eq!(
+        origin.request_count(),
+        0,
+        "a rejected request reached the origin: {:?}",
+        origin
+            .requests()
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.raw_head).into_owned())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn smuggled_request_after_a_rejected_one_never_runs() {
+    // The classic CL.TE shape: whatever the proxy believes about the first body, the bytes
+    // after it must never be parsed as a second request.
+    let origin = Origin::echo();
+    let gw = guarded(&origin);
+    let raw = "POST /first HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";
+    let (mut c, r) = raw_request(gw.http_addr(), raw.as_bytes());
+    assert_eq!(r.expect("a response").status, 400);
+    c.expect_closed(Duration::from_secs(3), "after CL+TE");
+    assert!(
+        origin.requests().iter().all(|r| r.path() != "/smuggled"),
+        "the smuggled request reached the origin"
+    );
+}
+
+#[test]
+fn unsupported_transfer_coding_with_final_chunked_gets_501() {
+    let origin = Origin::echo();
+    let gw = guarded(&origin);
+    let raw = "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    expect_status(
+        &gw,
+        "Transfer-Encoding gzip, chunked",
+        raw.as_bytes(),
+        501,
+        false,
+    );
+    assert_eq!(origin.request_count(), 0);
+}
+
+#[test]
+fn other_malformed_requests_get_400() {
+    let origin = Origin::echo();
+    let gw = guarded(&origin);
+    let cases: &[(&str, &[u8])] = &[
+        ("text garbage", b"GARBAGE\r\n\r\n"),
+        ("random bytes", b"\x00\x01\x02\xff\xfe\r\n\r\n"),
+        (
+            "TLS ClientHello on the plain port",
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
+        ),
+        ("request line without version", b"GET /\r\nHost: t\r\n\r\n"),
+        (
+            "header line without colon",
+            b"GET / HTTP/1.1\r\nHost: t\r\nNoColonHere\r\n\r\n",
+        ),
+        (
+            "space in header name",
+            b"GET / HTTP/1.1\r\nHost: t\r\nBad Name: v\r\n\r\n",
+        ),
+        // RFC 9112 §3.2: a server MUST respond 400 to an HTTP/1.1 request without Host or
+        // with more than one.
+        (
+            "HTTP/1.1 without Host",
+            b"GET / HTTP/1.1\r\nUser-Agent: t\r\n\r\n",
+        ),
+        (
+            "two Host fields",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ),
+    ];
+    for (case, raw) in cases {
+        expect_status(&gw, case, raw, 400, false);
+    }
+    assert_eq!(
+        origin.request_count(),
+        0,
+        "a malformed request reached the origin"
+    );
+    // And the gateway still serves well-formed ones.
+    assert_eq!(gw.get("/fine").status, 200);
+}
+
+#[test]
+fn oversized_head_gets_431_and_long_uri_gets_414() {
+    let origin = Origin::echo();
+    let gw = guarded(&origin);
+    // Positive control: a head just under 4 KiB is fine.
+    let mut ok = Req::get("/near-limit");
+    for i in 0..3 {
+        ok = ok.header(&format!("X-Pad-{i}"), &"p".repeat(1000));
+    }
+    assert!(ok.to_bytes().len() < 4096);
+    assert_eq!(
+        gw.request(&ok).status,
+        200,
+        "a 3.1 KiB head is within max_header_bytes = 4KiB"
+    );
+
+    let mut big = Req::get("/big-head");
+    for i in 0..8 {
+        big = big.header(&format!("X-Pad-{i}"), &"p".repeat(1000));
+    }
+    expect_status(&gw, "8 KiB of headers", &big.to_bytes(), 431, false);
+
+    let long = Req::get(&format!("/{}", "u".repeat(6000)));
+    expect_status(&gw, "6 KB request-target", &long.to_bytes(), 414, false);
+    assert_eq!(
+        origin.request_count(),
+        1,
+        "only the positive control reached the origin"
+    );
+}
+
+#[test]
+fn body_over_max_body_size_by_content_length_gets_413_before_forwarding() {
+    let origin = Origin::echo();
+    let gw = guarded(&origin);
+    // Positive control: exactly the limit.
+    let r = gw.request(&Req::post("/up", vec![b'a'; 1024]));
+    assert_eq!(r.status, 200);
+    assert_eq!(origin.accepts(), 1);
+
+    let (_, r) = raw_request(
+        gw.http_addr(),
+        &Req::post("/up", vec![b'b'; 2048]).to_bytes(),
+    );
+    assert_eq!(r.expect("a response").status, 413);
+    // With Expect: 100-continue the client must get the 413 instead of a 100.
+    let mut c = gw.client();
+    c.send(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 4096\r\nExpect: 100-continue\r\n\r\n")
+        .unwrap();
+    let r = c
+        .read_response()
+        .expect("a final response without sending the body");
+    assert!(
+        r.interim.is_empty(),
+        "no 100 Continue for a body that will be refused"
+    );
+    assert_eq!(r.status, 413);
+    assert_eq!(
+        origin.request_count(),
+        1,
+        "the over-limit requests never reached the origin"
+    );
+}
+
+#[test]
+fn chunked_body_over_max_body_size_gets_413_mid_stream() {
+    let origin = Origin::echo();
+    let gw = guarded(&origin);
+    // Positive control: 1 KiB in chunks.
+    let r = gw.request(&Req::post("/up", vec![b'a'; 1024]).chunked(&[100]));
+    assert_eq!(r.status, 200);
+    assert_eq!(origin.last_request().body.len(), 1024);
+
+    let over = Req::post("/up", vec![b'c'; 2048]).chunked(&[256]);
+    let (mut c, r) = raw_request(gw.http_addr(), &over.to_bytes());
+    assert_eq!(r.expect("a response").status, 413);
+    c.expect_closed(Duration::from_secs(3), "after 413 mid-body");
+    assert_eq!(
+        origin.request_count(),
+        1,
+        "the over-limit body never completed at the origin"
+    );
+}
+
+/// Writes `bytes` one at a time, `gap` apart, until done or the peer goes away.
+fn trickle(mut c: std::net::TcpStream, bytes: Vec<u8>, gap: Duration) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        for b in bytes {
+            if c.write_all(&[b]).is_err() {
+                return;
+            }
+            thread::sleep(gap);
+        }
+    })
+}
+
+#[test]
+fn head_trickled_slower_than_header_timeout_is_cut_off() {
+    let origin = Origin::echo();
+    let gw = guarded(&origin);
+    let mut c = gw.client();
+    // Each byte is progress, but the whole head must arrive within 500 ms (the contract:
+    // "whole request head must arrive within this"), so a slowloris cannot keep it alive.
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX-Slow: {}\r\n\r\n",
+        "s".repeat(200)
+    );
+    let t = Instant::now();
+    let writer = trickle(
+        c.stream().try_clone().unwrap(),
+        head.into_bytes(),
+        Duration::from_millis(20),
+    );
+    let (outcome, bytes) = c.wait_closed(Duration::from_secs(4));
+    let took = t.elapsed();
+    assert!(
+        outcome.is_closed(),
+        "a trickled head kept the connection open for 4 s"
+    );
+    assert!(
+        took >= Duration::from_millis(400),
+        "cut off after {took:?}, before header_timeout"
+    );
+    assert!(
+        took < Duration::from_millis(2500),
+        "cut off only after {took:?} (header_timeout 500ms)"
+    );
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "a cut-off head gets 408 or a plain close, got {:?}",
+        gateway_tests::wire::excerpt(&bytes)
+    );
+    writer.join().unwrap();
+    assert_eq!(origin.request_count(), 0);
+}
+
+#[test]
+fn partial_head_then_silence_is_cut_off() {
+    let origin = Origin::echo();
+    let gw = guarded(&origin);
+    let mut c = gw.client();
+    c.send(b"GET /half HTTP/1.1\r\nHost: t\r\n").unwrap();
+    let t = Instant::now();
+    let (outcome, bytes) = c.wait_closed(Duration::from_secs(4));
+    assert!(
+        outcome.is_closed(),
+        "a half head kept the connection open for 4 s"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "cut off after {:?}",
+        t.elapsed()
+    );
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "got {:?}",
+        gateway_tests::wire::excerpt(&bytes)
+    );
+}
+
+#[test]
+fn unrouted_path_gets_404() {
+    let origin = Origin::echo();
+    let gw = Gateway::with(
+        &Config::new()
+            .upstream(Upstream::new("app", &[origin.addr()]))
+            .route(Route::prefix("/app/", "app")),
+    );
+    for path in ["/", "/other", "/ap", "/app"] {
+        let r = gw.get(path);
+        assert_eq!(r.status, 404, "{path}");
+        assert!(r.body.len() < 512);
+    }
+    assert_eq!(gw.get("/app/x").status, 200, "the routed prefix works");
+    assert_eq!(origin.request_count(), 1, "404s never reach an upstream");
+}
+
+#[test]
+fn respond_routes_answer_without_upstream() {
+    let origin = Origin::echo();
+    let gw = Gateway::with(
+        &Config::new()
+            .upstream(Upstream::new("app", &[origin.addr()]))
+            .route(Route::respond_exact("/health", 200, "ok\n"))
+            .route(Route::respond_prefix(
+                "/maint/",
+                503,
+                "down for maintenance\n",
+            ))
+            .route(Route::prefix("/", "app")),
+    );
+    let mut c = gw.client();
+    let r = c.get("/health");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"ok\n");
+    let r = c.get("/maint/page");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.body_str(), "down for maintenance\n");
+    let r = c.must(&Req::head("/health"));
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    assert_eq!(
+        origin.accepts(),
+        0,
+        "respond routes never touch the upstream"
+    );
+    // The connection stays usable, and other paths still proxy.
+    assert_eq!(c.get("/proxied").status, 200);
+    assert_eq!(origin.request_count(), 1);
+}
+
+#[test]
+fn keep_alive_connection_is_not_poisoned_by_a_good_request_with_body() {
+    // Control for the smuggling tests: a legitimate body of exactly Content-Length bytes
+    // followed by a second request on the same connection works.
+    let origin = Origin::echo();
+    let gw = guarded(&origin);
+    let mut c = Client::connect(gw.http_addr());
+    let rs = c
+        .pipeline(&[Req::post("/one", "hello"), Req::get("/two")])
+        .unwrap();
+    assert_eq!(rs[0].body, b"hello");
+    assert_eq!(rs[1].status, 200);
+    assert_eq!(origin.request_count(), 2);
+}

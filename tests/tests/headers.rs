@@ -1,0 +1,309 @@
+//! What the origin receives, and where: the forwarding headers (`Host` preserved,
+//! `X-Real-IP`, `X-Forwarded-For` appended, `X-Forwarded-Proto`), hop-by-hop headers and the
+//! ones named in `Connection` removed, end-to-end headers untouched; and route choice (exact
+//! over prefix, longest prefix, host-specific over hostless, no match 404).
+
+use std::net::IpAddr;
+
+use gateway_tests::{Client, Config, Gateway, Origin, Reply, Req, Route, Upstream};
+
+fn client_ip() -> IpAddr {
+    // A source other than 127.0.0.1, so a gateway that hard-codes or mixes up addresses shows.
+    "127.0.0.9".parse().unwrap()
+}
+
+fn proxied() -> (Origin, Gateway) {
+    let origin = Origin::start(|r| Reply::ok(r.target.clone()));
+    let gw = Gateway::with(&Config::proxy_all(&[origin.addr()]));
+    (origin, gw)
+}
+
+fn send(gw: &Gateway, req: &Req) -> gateway_tests::Response {
+    let r = Client::connect_from(client_ip(), gw.http_addr()).must(req);
+    assert_eq!(r.status, 200, "{:?}", r.body_str());
+    r
+}
+
+#[test]
+fn host_is_preserved() {
+    let (origin, gw) = proxied();
+    for host in ["example.test", "example.test:8080", "Mixed.Case.Test"] {
+        send(&gw, &Req::get("/h").host(Some(host)));
+        let got = origin.last_request();
+        assert_eq!(got.header_all("host"), vec![host], "Host {host:?}");
+    }
+}
+
+#[test]
+fn request_line_and_end_to_end_headers_pass_unchanged() {
+    let (origin, gw) = proxied();
+    let target = "/path/a%20b;p=1?q=1&r=%2F&empty=";
+    send(
+        &gw,
+        &Req::get(target)
+            .header("Accept", "text/html, */*;q=0.1")
+            .header("X-Custom", "  value with  inner  spaces")
+            .header("X-Dup", "one")
+            .header("X-Dup", "two")
+            .header("Authorization", "Bearer abc")
+            .header("Cookie", "a=1; b=2"),
+    );
+    let got = origin.last_request();
+    assert_eq!(got.method, "GET");
+    assert_eq!(
+        got.target, target,
+        "the request-target is forwarded as sent"
+    );
+    assert_eq!(got.version, "HTTP/1.1", "HTTP/1.1 to the upstream");
+    assert_eq!(got.header("accept"), Some("text/html, */*;q=0.1"));
+    assert_eq!(got.header("x-custom"), Some("value with  inner  spaces"));
+    assert_eq!(
+        got.header_all("x-dup"),
+        vec!["one", "two"],
+        "repeated fields keep their order"
+    );
+    assert_eq!(got.header("authorization"), Some("Bearer abc"));
+    assert_eq!(got.header("cookie"), Some("a=1; b=2"));
+}
+
+#[test]
+fn x_real_ip_is_the_client_address() {
+    let (origin, gw) = proxied();
+    // A client-supplied X-Real-IP is replaced, never believed.
+    send(&gw, &Req::get("/ip").header("X-Real-IP", "6.6.6.6"));
+    let got = origin.last_request();
+    assert_eq!(got.header_all("x-real-ip"), vec!["127.0.0.9"]);
+}
+
+#[test]
+fn x_forwarded_for_is_set_or_appended() {
+    let (origin, gw) = proxied();
+    send(&gw, &Req::get("/none"));
+    assert_eq!(
+        origin.last_request().header_all("x-forwarded-for"),
+        vec!["127.0.0.9"]
+    );
+
+    send(&gw, &Req::get("/one").header("X-Forwarded-For", "1.2.3.4"));
+    assert_eq!(
+        origin.last_request().header_all("x-forwarded-for"),
+        vec!["1.2.3.4, 127.0.0.9"],
+        "an untrusted X-Forwarded-For is appended to"
+    );
+
+    send(
+        &gw,
+        &Req::get("/list").header("X-Forwarded-For", "1.2.3.4, 5.6.7.8"),
+    );
+    assert_eq!(
+        origin.last_request().header_all("x-forwarded-for"),
+        vec!["1.2.3.4, 5.6.7.8, 127.0.0.9"]
+    );
+
+    // Several fields are one list (RFC 9110 §5.3); the origin gets one field.
+    send(
+        &gw,
+        &Req::get("/two")
+            .header("X-Forwarded-For", "1.1.1.1")
+            .header("X-Forwarded-For", "2.2.2.2"),
+    );
+    assert_eq!(
+        origin.last_request().header_all("x-forwarded-for"),
+        vec!["1.1.1.1, 2.2.2.2, 127.0.0.9"]
+    );
+}
+
+#[test]
+fn x_forwarded_proto_is_http_on_a_plain_listener() {
+    let (origin, gw) = proxied();
+    send(&gw, &Req::get("/p"));
+    assert_eq!(
+        origin.last_request().header_all("x-forwarded-proto"),
+        vec!["http"]
+    );
+    // A client claiming https over plain HTTP is overruled.
+    send(&gw, &Req::get("/p").header("X-Forwarded-Proto", "https"));
+    assert_eq!(
+        origin.last_request().header_all("x-forwarded-proto"),
+        vec!["http"]
+    );
+}
+
+#[test]
+fn hop_by_hop_headers_are_not_forwarded() {
+    let (origin, gw) = proxied();
+    send(
+        &gw,
+        &Req::get("/hop")
+            .header("Connection", "keep-alive, X-Secret, X-Other-Hop")
+            .header("Keep-Alive", "timeout=5")
+            .header("Proxy-Connection", "keep-alive")
+            .header("TE", "trailers")
+            .header("Trailer", "X-Checksum")
+            .header("Upgrade", "h2c")
+            .header("X-Secret", "do not forward")
+            .header("X-Other-Hop", "nor this")
+            .header("X-Kept", "end-to-end"),
+    );
+    let got = origin.last_request();
+    // RFC 9110 §7.6.1: Connection and the fields it names are for this hop only; Keep-Alive,
+    // Proxy-Connection, TE, Trailer (when no trailers follow) and Upgrade (on a route that is
+    // not a WebSocket route) are hop-by-hop too. Proxy-Authorization is left out of this list
+    // on purpose: the contract does not say whether the gateway consumes it.
+    for name in [
+        "x-secret",
+        "x-other-hop",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ] {
+        assert!(
+            !got.has_header(name),
+            "hop-by-hop header {name} was forwarded: {:?}",
+            got.headers
+        );
+    }
+    // The gateway may manage its own upstream connection with `Connection: keep-alive` (or
+    // nothing, as HTTP/1.1 implies it), but never forwards the client's.
+    for v in got.header_all("connection") {
+        assert!(
+            v.eq_ignore_ascii_case("keep-alive"),
+            "Connection to the upstream is {v:?}"
+        );
+    }
+    assert_eq!(got.header("x-kept"), Some("end-to-end"));
+}
+
+#[test]
+fn connection_close_from_client_is_not_forwarded() {
+    let (origin, gw) = proxied();
+    let mut c = Client::connect(gw.http_addr());
+    let r = c.must(
+        &Req::get("/close")
+            .header("Connection", "close, X-Secret")
+            .header("X-Secret", "s"),
+    );
+    assert_eq!(r.status, 200);
+    let got = origin.last_request();
+    assert!(!got.has_header("x-secret"));
+    assert!(
+        got.header_all("connection")
+            .iter()
+            .all(|v| !v.to_ascii_lowercase().contains("x-secret")),
+        "{:?}",
+        got.headers
+    );
+}
+
+#[test]
+fn chunked_request_reaches_origin_with_one_framing() {
+    let (origin, gw) = proxied();
+    send(&gw, &Req::post("/c", "chunky body").chunked(&[3]));
+    let got = origin.last_request();
+    assert_eq!(got.body, b"chunky body");
+    let te = got.header_all("transfer-encoding");
+    let cl = got.header_all("content-length");
+    assert!(
+        (te == ["chunked"] && cl.is_empty()) || (te.is_empty() && cl == ["11"]),
+        "exactly one framing upstream: TE {te:?}, CL {cl:?}"
+    );
+}
+
+#[test]
+fn response_hop_by_hop_headers_are_not_forwarded_to_the_client() {
+    let origin = Origin::start(|_| {
+        Reply::ok("r")
+            .header("Connection", "X-Upstream-Secret")
+            .header("X-Upstream-Secret", "internal")
+            .header("Keep-Alive", "timeout=60")
+            .header("X-Kept", "yes")
+    });
+    let gw = Gateway::with(&Config::proxy_all(&[origin.addr()]));
+    let r = gw.get("/r");
+    assert_eq!(r.status, 200);
+    assert!(r.header("x-upstream-secret").is_none(), "{:?}", r.headers);
+    assert!(
+        r.header("keep-alive").is_none_or(|v| !v.contains("60")),
+        "the upstream's Keep-Alive leaked: {:?}",
+        r.headers
+    );
+    assert_eq!(r.header("x-kept"), Some("yes"));
+}
+
+// ---- routing ----------------------------------------------------------------------------
+
+fn routed() -> (Vec<Origin>, Gateway) {
+    let origins: Vec<Origin> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| Origin::named(n))
+        .collect();
+    let mut cfg = Config::new();
+    for (o, n) in origins.iter().zip(["a", "b", "c", "d"]) {
+        cfg = cfg.upstream(Upstream::new(n, &[o.addr()]));
+    }
+    // Declared in an order that makes "first match wins" give wrong answers everywhere.
+    let cfg = cfg
+        .route(Route::prefix("/exact", "b"))
+        .route(Route::exact("/exact", "a"))
+        .route(Route::prefix("/p/", "b"))
+        .route(Route::prefix("/p/q/", "c"))
+        .route(Route::prefix("/h/", "a"))
+        .route(Route::prefix("/h/", "d").host("special.test"));
+    let gw = Gateway::with(&cfg);
+    (origins, gw)
+}
+
+fn served_by(gw: &Gateway, target: &str, host: &str) -> (u16, String) {
+    let r = gw.request(&Req::get(target).host(Some(host)));
+    (r.status, r.body_str())
+}
+
+#[test]
+fn exact_path_beats_prefix() {
+    let (_o, gw) = routed();
+    assert_eq!(served_by(&gw, "/exact", "x.test"), (200, "a".into()));
+    assert_eq!(
+        served_by(&gw, "/exact?query=1", "x.test"),
+        (200, "a".into()),
+        "the query is not part of the path"
+    );
+    assert_eq!(served_by(&gw, "/exactly", "x.test"), (200, "b".into()));
+    assert_eq!(served_by(&gw, "/exact/sub", "x.test"), (200, "b".into()));
+}
+
+#[test]
+fn longest_prefix_wins() {
+    let (_o, gw) = routed();
+    assert_eq!(served_by(&gw, "/p/x", "x.test"), (200, "b".into()));
+    assert_eq!(served_by(&gw, "/p/q/x", "x.test"), (200, "c".into()));
+    assert_eq!(served_by(&gw, "/p/q/", "x.test"), (200, "c".into()));
+    assert_eq!(served_by(&gw, "/p/qq", "x.test"), (200, "b".into()));
+}
+
+#[test]
+fn host_route_beats_hostless() {
+    let (_o, gw) = routed();
+    assert_eq!(served_by(&gw, "/h/x", "other.test"), (200, "a".into()));
+    assert_eq!(served_by(&gw, "/h/x", "special.test"), (200, "d".into()));
+    // Host names compare case-insensitively and without the port, as nginx's server_name
+    // matching does (RFC 9110 §4.2.3: the host is case-insensitive).
+    assert_eq!(served_by(&gw, "/h/x", "SPECIAL.test"), (200, "d".into()));
+    assert_eq!(
+        served_by(&gw, "/h/x", "special.test:8080"),
+        (200, "d".into())
+    );
+}
+
+#[test]
+fn no_matching_route_is_404() {
+    let (origins, gw) = routed();
+    for target in ["/", "/nothing", "/p", "/h", "/exac"] {
+        assert_eq!(served_by(&gw, target, "special.test").0, 404, "{target}");
+    }
+    assert!(
+        origins.iter().all(|o| o.request_count() == 0),
+        "a 404 reached an upstream"
+    );
+}
