@@ -88,7 +88,16 @@ fn route(control: &Control, method: &str, path: &str, authorization: Option<&str
         }
     };
     match (method, path) {
-        ("GET" | "HEAD", "/healthz") => text(200, "ok\n"),
+        ("GET" | "HEAD", "/healthz") => {
+            // Workers publish every 200 ms from their own runtime; one silent for seconds
+            // is wedged (or its thread died), which a liveness probe must see.
+            let silent = shared.metrics.silent_workers(5_000);
+            if silent.is_empty() {
+                text(200, "ok\n")
+            } else {
+                text(503, format!("workers not answering: {silent:?}\n"))
+            }
+        }
         ("GET" | "HEAD", "/ready") => {
             if shared.is_draining() {
                 text(503, "draining\n")

@@ -67,6 +67,14 @@ impl Control {
                 for e in &errors.0 {
                     tracing::error!(error = %e, "reload rejected; the running config keeps serving");
                 }
+                // logrotate sends SIGHUP whatever state the config file is in: the access
+                // log is reopened on the running config's target regardless.
+                if let Some(log) = &self.log {
+                    let current = Target::from_config(&self.shared.snapshot().config.log.access);
+                    if let Err(e) = log.reopen(current) {
+                        tracing::error!(error = %e, "cannot reopen the access log");
+                    }
+                }
                 return Err(errors);
             }
         };

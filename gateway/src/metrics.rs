@@ -78,6 +78,8 @@ pub struct Stats {
     /// (limit, enforcer) → rejections.
     pub limit_rejections: Vec<(&'static str, &'static str, u64)>,
     pub busy_ratio: f64,
+    /// When the worker last published (process clock, ms): its liveness for `/healthz`.
+    pub heartbeat_ms: u64,
 }
 
 fn bump<K: PartialEq + Copy>(list: &mut Vec<(K, u64)>, key: K, by: u64) {
@@ -157,6 +159,21 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .push((worker, published.clone()));
         published
+    }
+
+    /// Workers that have not published within `max_age_ms`: stuck or gone.
+    pub fn silent_workers(&self, max_age_ms: u64) -> Vec<usize> {
+        let now = crate::clock::now_ms();
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, p)| {
+                let beat = p.lock().unwrap_or_else(|e| e.into_inner()).heartbeat_ms;
+                now.saturating_sub(beat) > max_age_ms
+            })
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     fn collect(&self) -> Vec<(usize, Stats)> {

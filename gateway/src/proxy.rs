@@ -133,6 +133,9 @@ pub async fn serve<S: Stream>(
             }
         };
         first = false;
+        // The snapshot current when the head arrived, not when the connection started
+        // waiting: a keep-alive connection idle across a reload serves the new config.
+        let snap = w.snapshot();
         let client_ip = match snap.listener(&listener.name) {
             Some(settings) => client_ip(&c.buf, &c.head, peer.ip(), settings),
             None => peer.ip(),

@@ -84,6 +84,7 @@ impl<S: Stream> Worker<S> {
         for pool in self.upstreams.borrow().values() {
             stats.upstream(&pool.upstream.metric_name).idle = pool.idle_count() as i64;
         }
+        stats.heartbeat_ms = crate::clock::now_ms();
         let copy = stats.clone();
         drop(stats);
         *self.published.lock().unwrap_or_else(|e| e.into_inner()) = copy;
@@ -265,6 +266,7 @@ async fn run_worker(
         });
         tokio_uring::spawn(accept_loop(worker.clone(), listener, ctx));
     }
+    worker.publish();
     let _ = bound.send(Ok(()));
     drop(snap);
 

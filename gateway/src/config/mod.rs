@@ -215,11 +215,17 @@ pub enum Balance {
 #[serde(untagged)]
 pub enum ServerEntry {
     Addr(String),
-    Weighted {
-        addr: String,
-        #[serde(default = "one")]
-        weight: u32,
-    },
+    Weighted(WeightedServer),
+}
+
+/// `{ addr = "...", weight = N }`; its own struct so unknown keys are refused here too
+/// (serde cannot deny them on an untagged enum's variant).
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedServer {
+    pub addr: String,
+    #[serde(default = "one")]
+    pub weight: u32,
 }
 
 fn one() -> u32 {
@@ -230,13 +236,13 @@ impl ServerEntry {
     pub fn addr(&self) -> &str {
         match self {
             ServerEntry::Addr(a) => a,
-            ServerEntry::Weighted { addr, .. } => addr,
+            ServerEntry::Weighted(w) => &w.addr,
         }
     }
     pub fn weight(&self) -> u32 {
         match self {
             ServerEntry::Addr(_) => 1,
-            ServerEntry::Weighted { weight, .. } => *weight,
+            ServerEntry::Weighted(w) => w.weight,
         }
     }
 }

@@ -157,9 +157,11 @@ mod tests {
             servers: weights
                 .iter()
                 .enumerate()
-                .map(|(i, &weight)| ServerEntry::Weighted {
-                    addr: format!("127.0.0.1:{}", 9000 + i),
-                    weight,
+                .map(|(i, &weight)| {
+                    ServerEntry::Weighted(crate::config::WeightedServer {
+                        addr: format!("127.0.0.1:{}", 9000 + i),
+                        weight,
+                    })
                 })
                 .collect(),
             balance,
