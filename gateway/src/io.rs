@@ -32,6 +32,15 @@ pub trait Stream: 'static {
     async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Self>
     where
         Self: Sized;
+    /// Runs a non-blocking syscall on the socket when it is ready for `interest`, again
+    /// after each `WouldBlock`. Readiness comes from the reactor (epoll), never from an
+    /// io_uring operation, so nothing is consumed or left in flight: this is how the proxy
+    /// watches for a hang-up and how tunnels drive `splice(2)`.
+    async fn ready_io<R>(
+        &self,
+        interest: tokio::io::Interest,
+        f: impl FnMut(RawFd) -> io::Result<R>,
+    ) -> io::Result<R>;
     /// Sends FIN: no more bytes will be written.
     fn shutdown_write(&self);
     /// Shuts both directions down so that any operation still in flight completes.
@@ -41,6 +50,9 @@ pub trait Stream: 'static {
 
 /// A TCP stream driven by the worker's io_uring.
 pub struct UringStream {
+    /// Registered with the reactor on first use of `ready_io`. Declared before `inner` so
+    /// it is deregistered before the descriptor closes.
+    reactor: std::cell::OnceCell<tokio::io::unix::AsyncFd<WatchedFd>>,
     inner: tokio_uring::net::TcpStream,
     /// Operations submitted and not yet completed; non-zero on drop means a future holding
     /// an operation was dropped and the socket must be shut down to complete it.
@@ -51,6 +63,7 @@ impl UringStream {
     pub fn new(inner: tokio_uring::net::TcpStream) -> Self {
         let _ = inner.set_nodelay(true);
         UringStream {
+            reactor: std::cell::OnceCell::new(),
             inner,
             in_flight: Cell::new(0),
         }
@@ -124,12 +137,112 @@ impl Stream for UringStream {
         Ok(Self::new(tokio_uring::net::TcpStream::from_std(std)))
     }
 
+    async fn ready_io<R>(
+        &self,
+        interest: tokio::io::Interest,
+        mut f: impl FnMut(RawFd) -> io::Result<R>,
+    ) -> io::Result<R> {
+        if self.reactor.get().is_none() {
+            let fd = self.inner.as_raw_fd();
+            // SAFETY: the registration lives in this struct and is dropped before `inner`,
+            // so the descriptor stays open for as long as it is registered.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    WatchedFd(fd),
+                    tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+                )
+            }
+            .map_err(io::Error::from)?;
+            let _ = self.reactor.set(registered);
+        }
+        let reactor = self.reactor.get().expect("registered above");
+        reactor.async_io(interest, |w| f(w.0)).await
+    }
+
     fn shutdown_write(&self) {
         let _ = self.inner.shutdown(std::net::Shutdown::Write);
     }
 
     fn abort(&self) {
         let _ = self.inner.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
+/// A TCP stream driven by readiness (epoll through tokio's reactor): the driver for hosts
+/// where io_uring is unavailable, typically because a container runtime's seccomp
+/// profile forbids `io_uring_setup`. Same interface, same owned buffers.
+pub struct EpollStream {
+    inner: tokio::net::TcpStream,
+}
+
+impl EpollStream {
+    pub fn new(inner: tokio::net::TcpStream) -> Self {
+        let _ = inner.set_nodelay(true);
+        EpollStream { inner }
+    }
+}
+
+impl Stream for EpollStream {
+    async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        if buf.capacity() == buf.len() {
+            buf.reserve(4096);
+        }
+        loop {
+            if let Err(e) = self.inner.readable().await {
+                return (Err(e), buf);
+            }
+            match self.inner.try_read_buf(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return (other, buf),
+            }
+        }
+    }
+
+    async fn write_all<B: BoundedBuf>(&self, buf: B) -> (io::Result<()>, B) {
+        // SAFETY: BoundedBuf guarantees `stable_ptr()` is valid for `bytes_init()` bytes
+        // for as long as the buffer is not mutated, and we hold it until we return it.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.stable_ptr(), buf.bytes_init()) };
+        let mut written = 0;
+        while written < bytes.len() {
+            if let Err(e) = self.inner.writable().await {
+                return (Err(e), buf);
+            }
+            match self.inner.try_write(&bytes[written..]) {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Self> {
+        let std = connect_nonblocking(addr, timeout).await?;
+        Ok(Self::new(tokio::net::TcpStream::from_std(std)?))
+    }
+
+    async fn ready_io<R>(
+        &self,
+        interest: tokio::io::Interest,
+        mut f: impl FnMut(RawFd) -> io::Result<R>,
+    ) -> io::Result<R> {
+        let fd = self.inner.as_raw_fd();
+        self.inner.async_io(interest, || f(fd)).await
+    }
+
+    fn shutdown_write(&self) {
+        // SAFETY: shutdown on a descriptor this stream owns.
+        unsafe { libc::shutdown(self.inner.as_raw_fd(), libc::SHUT_WR) };
+    }
+
+    fn abort(&self) {
+        // SAFETY: shutdown on a descriptor this stream owns.
+        unsafe { libc::shutdown(self.inner.as_raw_fd(), libc::SHUT_RDWR) };
     }
 
     fn raw_fd(&self) -> RawFd {
@@ -167,7 +280,7 @@ pub fn idle_connection_alive(fd: RawFd) -> bool {
 }
 
 /// A descriptor registered with the reactor without taking ownership of it.
-struct WatchedFd(RawFd);
+pub struct WatchedFd(RawFd);
 
 impl AsRawFd for WatchedFd {
     fn as_raw_fd(&self) -> RawFd {
@@ -175,39 +288,29 @@ impl AsRawFd for WatchedFd {
     }
 }
 
-/// Resolves when the peer of `fd` has closed its end (EOF or reset), without consuming any
-/// byte it sent. Pending forever if it sends data instead (a pipelined request is not a
-/// hang-up) or if the descriptor cannot be watched.
+/// Resolves when the peer has closed its end (EOF or reset), without consuming any byte
+/// it sent. Pending forever if it sends data instead (a pipelined request is not a
+/// hang-up) or if the socket cannot be watched.
 ///
-/// This is readiness (epoll) beside the ring, not an io_uring read: a read racing the
-/// upstream would consume the client's next request, and an abandoned io_uring read
-/// loses its bytes. The future must be dropped before the stream is closed.
-pub async fn peer_closed(fd: RawFd) {
-    use tokio::io::unix::AsyncFd;
-    // SAFETY: the caller keeps the descriptor open while this future lives (it is dropped
-    // before the stream it watches), and AsyncFd deregisters on drop.
-    let Ok(watch) = (unsafe { AsyncFd::register_with_interest(WatchedFd(fd), tokio::io::Interest::READABLE) }) else {
-        return std::future::pending().await;
-    };
-    loop {
-        let Ok(mut ready) = watch.readable().await else {
-            return std::future::pending().await;
-        };
-        let mut byte = 0u8;
-        // SAFETY: recv into a valid one-byte buffer; MSG_PEEK leaves the data queued.
-        let n = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-        if n == 0 {
-            return;
-        }
-        if n > 0 {
-            // Data, not a hang-up: stop watching.
-            return std::future::pending().await;
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::WouldBlock {
-            ready.clear_ready();
-            continue;
-        }
-        return;
+/// Readiness beside the ring, not an io_uring read: a read racing the upstream would
+/// consume the client's next request, and an abandoned io_uring read loses its bytes.
+pub async fn peer_closed<S: Stream>(stream: &S) {
+    let peeked = stream
+        .ready_io(tokio::io::Interest::READABLE, |fd| {
+            let mut byte = 0u8;
+            // SAFETY: recv into a valid one-byte buffer; MSG_PEEK leaves the data queued.
+            let n = unsafe {
+                libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n)
+            }
+        })
+        .await;
+    match peeked {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
     }
 }

@@ -6,6 +6,7 @@ use gateway::access_log::{LogWriter, Target};
 use gateway::config::{Config, IoDriver, LoadedConfig, StderrFormat, XdpMode};
 use gateway::control::Control;
 use gateway::state::{Shared, Snapshot};
+use gateway::worker::DriverKind;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc;
@@ -130,14 +131,17 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let config = loaded.config.clone();
     let config_path = loaded.path.clone();
     raise_nofile(config.server.nofile);
-    match config.server.io {
-        IoDriver::Epoll => anyhow::bail!("server.io = \"epoll\": the epoll driver is not in this build yet; use \"uring\" or \"auto\""),
-        IoDriver::Auto | IoDriver::Uring => {
-            if let Err(e) = tokio_uring::uring_builder().build(8) {
-                anyhow::bail!("io_uring is not available ({e}); the epoll driver is not in this build yet");
-            }
+    let driver = match (config.server.io, gateway::worker::uring_available()) {
+        (IoDriver::Epoll, _) => DriverKind::Epoll,
+        (IoDriver::Uring, Ok(())) | (IoDriver::Auto, Ok(())) => DriverKind::Uring,
+        (IoDriver::Uring, Err(e)) => {
+            anyhow::bail!("server.io = \"uring\" but io_uring is unavailable: {e}")
         }
-    }
+        (IoDriver::Auto, Err(e)) => {
+            tracing::warn!(error = %e, "io_uring is unavailable (seccomp or kernel.io_uring_disabled?): using the epoll driver");
+            DriverKind::Epoll
+        }
+    };
 
     let access = Target::from_config(&config.log.access);
     let log = LogWriter::start(access).context("opening the access log")?;
@@ -177,7 +181,9 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let workers = config.effective_workers();
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let (done_tx, done_rx) = mpsc::channel();
+    let _ = gateway::metrics::IO_DRIVER.set(driver.as_str());
     let handles = gateway::worker::start(
+        driver,
         workers,
         shared.clone(),
         Some(log.clone()),
@@ -197,7 +203,7 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("binding the admin listener {admin_addr}"))?;
         tokio::spawn(gateway::admin::serve(admin, control.clone()));
-        tracing::info!(workers, listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, "gateway started");
+        tracing::info!(workers, driver = driver.as_str(), listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, "gateway started");
 
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup())?;

@@ -13,6 +13,9 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+/// The I/O driver the workers run, set once at start.
+pub static IO_DRIVER: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
 /// Histogram bounds in seconds: sub-millisecond proxying up to multi-minute uploads.
 pub const DURATION_BUCKETS: [f64; 18] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -466,6 +469,11 @@ pub fn render(control: &Control) -> String {
             "gateway_worker_busy_ratio{{worker=\"{id}\"}} {:.4}",
             s.busy_ratio
         );
+    }
+    header(&mut out, "gateway_io_driver", "gauge", "The data plane's I/O driver (1 = in use).");
+    for driver in ["io_uring", "epoll"] {
+        let on = IO_DRIVER.get().is_some_and(|d| *d == driver);
+        let _ = writeln!(out, "gateway_io_driver{{driver=\"{driver}\"}} {}", u8::from(on));
     }
     header(
         &mut out,

@@ -660,7 +660,7 @@ async fn proxy<'s, S: Stream>(
         // at once (nginx: 499), instead of holding it for the whole read_timeout.
         let head_result = tokio::select! {
             r = head_read => r,
-            _ = client_hang_up(client.raw_fd()) => Err((
+            _ = client_hang_up(client) => Err((
                 HttpError::ClientGone("closed while waiting for the upstream"),
                 BytesMut::new(),
                 true,
@@ -815,9 +815,9 @@ async fn proxy<'s, S: Stream>(
 /// hang-up: fast responses never pay for registering the socket with the reactor.
 const CLIENT_WATCH_AFTER: Duration = Duration::from_millis(500);
 
-async fn client_hang_up(fd: std::os::fd::RawFd) {
+async fn client_hang_up<S: Stream>(client: &S) {
     tokio::time::sleep(CLIENT_WATCH_AFTER).await;
-    crate::io::peer_closed(fd).await;
+    crate::io::peer_closed(client).await;
 }
 
 fn bit(server: usize) -> u64 {

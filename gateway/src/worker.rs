@@ -179,9 +179,78 @@ pub struct WorkerHandle {
     pub thread: std::thread::JoinHandle<()>,
 }
 
+/// Which I/O driver the workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverKind {
+    Uring,
+    Epoll,
+}
+
+impl DriverKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::Uring => "io_uring",
+            DriverKind::Epoll => "epoll",
+        }
+    }
+}
+
+/// What a worker needs from its runtime: how to accept and how to spawn a task.
+#[allow(async_fn_in_trait)] // Single-threaded runtimes: nothing here is Send.
+pub trait Driver: 'static {
+    type Stream: Stream;
+    type Listener: 'static;
+    fn listener(std: std::net::TcpListener) -> std::io::Result<Self::Listener>;
+    async fn accept(listener: &Self::Listener) -> std::io::Result<(Self::Stream, SocketAddr)>;
+    fn spawn(task: impl std::future::Future<Output = ()> + 'static);
+}
+
+/// io_uring through tokio-uring.
+pub struct Uring;
+
+impl Driver for Uring {
+    type Stream = UringStream;
+    type Listener = tokio_uring::net::TcpListener;
+    fn listener(std: std::net::TcpListener) -> std::io::Result<Self::Listener> {
+        Ok(tokio_uring::net::TcpListener::from_std(std))
+    }
+    async fn accept(listener: &Self::Listener) -> std::io::Result<(UringStream, SocketAddr)> {
+        let (stream, peer) = listener.accept().await?;
+        Ok((UringStream::new(stream), peer))
+    }
+    fn spawn(task: impl std::future::Future<Output = ()> + 'static) {
+        tokio_uring::spawn(task);
+    }
+}
+
+/// Readiness through tokio's epoll reactor, for hosts without io_uring.
+pub struct Epoll;
+
+impl Driver for Epoll {
+    type Stream = crate::io::EpollStream;
+    type Listener = tokio::net::TcpListener;
+    fn listener(std: std::net::TcpListener) -> std::io::Result<Self::Listener> {
+        tokio::net::TcpListener::from_std(std)
+    }
+    async fn accept(listener: &Self::Listener) -> std::io::Result<(Self::Stream, SocketAddr)> {
+        let (stream, peer) = listener.accept().await?;
+        Ok((crate::io::EpollStream::new(stream), peer))
+    }
+    fn spawn(task: impl std::future::Future<Output = ()> + 'static) {
+        tokio::task::spawn_local(task);
+    }
+}
+
+/// Whether io_uring can be used here (a seccomp profile may forbid `io_uring_setup`,
+/// or `kernel.io_uring_disabled` may be set).
+pub fn uring_available() -> Result<(), std::io::Error> {
+    tokio_uring::uring_builder().build(8).map(|_| ())
+}
+
 /// Starts `count` workers, each binding every listener of the current snapshot. Returns once
 /// all are bound, or the first bind error.
 pub fn start(
+    driver: DriverKind,
     count: usize,
     shared: Arc<Shared>,
     log: Option<LogWriter>,
@@ -199,9 +268,27 @@ pub fn start(
         let thread = std::thread::Builder::new()
             .name(format!("worker-{id}"))
             .spawn(move || {
-                tokio_uring::builder()
-                    .entries(4096)
-                    .start(run_worker(id, shared, log, drain, bound));
+                match driver {
+                    DriverKind::Uring => {
+                        tokio_uring::builder()
+                            .entries(4096)
+                            .start(run_worker::<Uring>(id, shared, log, drain, bound));
+                    }
+                    DriverKind::Epoll => {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build();
+                        match runtime {
+                            Ok(rt) => {
+                                let local = tokio::task::LocalSet::new();
+                                local.block_on(&rt, run_worker::<Epoll>(id, shared, log, drain, bound));
+                            }
+                            Err(e) => {
+                                let _ = bound.send(Err(format!("worker {id}: cannot start a runtime: {e}")));
+                            }
+                        }
+                    }
+                }
                 let _ = done.send(id);
             })?;
         handles.push(WorkerHandle { thread });
@@ -235,14 +322,14 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     Ok(socket.into())
 }
 
-async fn run_worker(
+async fn run_worker<D: Driver>(
     id: usize,
     shared: Arc<Shared>,
     log: Option<LogWriter>,
     mut drain: watch::Receiver<bool>,
     bound: mpsc::Sender<Result<(), String>>,
 ) {
-    let worker: Rc<Worker<UringStream>> = Rc::new(Worker::new(id, shared.clone(), log));
+    let worker: Rc<Worker<D::Stream>> = Rc::new(Worker::new(id, shared.clone(), log));
     let snap = worker.snapshot();
     let mut listener_fds: Vec<RawFd> = Vec::new();
     for l in &snap.config.listeners {
@@ -259,12 +346,18 @@ async fn run_worker(
             }
         };
         listener_fds.push(std_listener.as_raw_fd());
-        let listener = tokio_uring::net::TcpListener::from_std(std_listener);
+        let listener = match D::listener(std_listener) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = bound.send(Err(format!("listener {:?}: {e}", l.name)));
+                return;
+            }
+        };
         let ctx = Rc::new(proxy::ListenerCtx {
             name: l.name.as_str().into(),
             proto: if l.tls.is_some() { "https" } else { "http" },
         });
-        tokio_uring::spawn(accept_loop(worker.clone(), listener, ctx));
+        D::spawn(accept_loop::<D>(worker.clone(), listener, ctx));
     }
     worker.publish();
     let _ = bound.send(Ok(()));
@@ -343,13 +436,13 @@ impl<S: Stream> Drop for ConnectionGuard<S> {
     }
 }
 
-async fn accept_loop(
-    worker: Rc<Worker<UringStream>>,
-    listener: tokio_uring::net::TcpListener,
+async fn accept_loop<D: Driver>(
+    worker: Rc<Worker<D::Stream>>,
+    listener: D::Listener,
     ctx: Rc<proxy::ListenerCtx>,
 ) {
     loop {
-        let accepted = listener.accept().await;
+        let accepted = D::accept(&listener).await;
         if worker.draining.get() {
             break;
         }
@@ -383,9 +476,9 @@ async fn accept_loop(
         };
         let ctx = ctx.clone();
         let w = worker.clone();
-        tokio_uring::spawn(async move {
+        D::spawn(async move {
             let _guard = guard;
-            proxy::serve(w, ctx, UringStream::new(stream), peer, Instant::now()).await;
+            proxy::serve(w, ctx, stream, peer, Instant::now()).await;
         });
     }
 }

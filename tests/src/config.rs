@@ -91,6 +91,13 @@ impl Config {
         for (k, v) in &self.server {
             let _ = writeln!(t, "{k} = {v}");
         }
+        // The whole suite runs once per I/O driver: `cargo xtask test` sets this to
+        // "epoll" for the second pass (and leaves the default, io_uring, for the first).
+        if let Ok(io) = std::env::var("GATEWAY_TEST_IO") {
+            if !self.server.iter().any(|(k, _)| k == "io") {
+                let _ = writeln!(t, "io = {io:?}");
+            }
+        }
         t.push_str("\n[log]\n");
         for (k, v) in &self.log {
             let _ = writeln!(t, "{k} = {v}");

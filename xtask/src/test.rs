@@ -93,5 +93,32 @@ pub fn run(args: &Args) -> Result<()> {
     ]);
     test.args(&args.cargo_test_args)
         .env("GATEWAY_BIN", &gateway_bin);
-    run_cmd(&mut test)
+    run_cmd(&mut test)?;
+
+    // The data plane has two drivers behind one interface; the HTTP behaviour suites run
+    // again on the epoll one so neither rots.
+    if args.cargo_test_args.is_empty() {
+        eprintln!("xtask: the proxy suites again on the epoll driver (GATEWAY_TEST_IO=epoll)");
+        let mut epoll = cargo_cmd(&["test", "--package", "gateway-tests", "--no-fail-fast"]);
+        for suite in EPOLL_SUITES {
+            epoll.args(["--test", suite]);
+        }
+        epoll
+            .env("GATEWAY_BIN", &gateway_bin)
+            .env("GATEWAY_TEST_IO", "epoll");
+        run_cmd(&mut epoll)?;
+    }
+    Ok(())
 }
+
+/// Integration suites that exercise the data plane, run on both I/O drivers.
+const EPOLL_SUITES: &[&str] = &[
+    "framing",
+    "keepalive",
+    "balancing",
+    "failures",
+    "bad_input",
+    "headers",
+    "access_log",
+    "io_driver",
+];
