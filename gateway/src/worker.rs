@@ -26,8 +26,10 @@ use tokio::sync::{watch, Notify};
 pub const BODY_BUF_SIZE: usize = 64 * 1024;
 /// Buffers kept for reuse per worker; more in flight are allocated and then freed.
 const POOLED_BUFS: usize = 256;
-/// Initial capacity of a connection's head buffer; grows up to `max_header_bytes`.
-pub const HEAD_BUF_SIZE: usize = 4096;
+/// Initial capacity of a connection's head buffer; grows up to `max_header_bytes`. An idle
+/// keep-alive connection holds it (an io_uring read needs its buffer while it waits), so it
+/// is sized for a typical head, like nginx's 1k `client_header_buffer_size`.
+pub const HEAD_BUF_SIZE: usize = 1024;
 
 /// A worker's handle on the current snapshot, shared by its tasks through an `Rc` so that
 /// taking it per request touches no reference count other workers also touch.

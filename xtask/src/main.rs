@@ -5,6 +5,7 @@
 //!
 //! The alias lives in `.cargo/config.toml`: `xtask = "run --quiet --package xtask --"`.
 
+mod bench;
 mod demo_upstream;
 mod install;
 mod run;
@@ -38,12 +39,8 @@ enum Cmd {
     Run(run::Args),
     /// Run every check CI runs: fmt, clippy, build, and all tests.
     Test(test::Args),
-    /// Benchmarks against nginx (not yet implemented).
-    Bench {
-        /// Arguments for the benchmark harness.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// Benchmarks against nginx with the reference config, interleaved, same machine.
+    Bench(bench::Args),
     /// Run only the demo upstream: answers every request with 200 and a short JSON body.
     DemoUpstream(demo_upstream::Args),
 }
@@ -58,12 +55,7 @@ fn main() -> ExitCode {
         Cmd::Install(args) => install::run(&args).map(|()| ExitCode::SUCCESS),
         Cmd::Run(args) => run::run(&args),
         Cmd::Test(args) => test::run(&args).map(|()| ExitCode::SUCCESS),
-        // The real `bench` (issue 7) goes in bench.rs and runs `install::run` first, like
-        // `run` and `test`.
-        Cmd::Bench { args: _ } => {
-            eprintln!("xtask bench: not yet implemented; see issue 7");
-            Ok(ExitCode::from(2))
-        }
+        Cmd::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Cmd::DemoUpstream(args) => demo_upstream::run(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -1,0 +1,607 @@
+//! `cargo xtask bench`: the gateway against nginx on the same machine, in the same run.
+//!
+//! One fast upstream (nginx, one worker, static answers) serves both contenders: nginx with
+//! the reference config (`tests/fixtures/nginx-reference.conf`, the contract's front) and
+//! the gateway with the equivalent config, same worker count, access logs off. Contenders
+//! run interleaved (nginx, gateway, nginx, gateway, …) so drift on a shared machine hits
+//! both. Per scenario and contender: requests per second, p50/p99/p99.9 latency, the
+//! proxy's CPU seconds per request (user+system of all its processes, from /proc), and
+//! peak RSS; then ratios gateway/nginx with min/median/max over rounds.
+//!
+//! Output: a table on stdout, `target/bench/results.json` and `results.md`, a bar chart
+//! `target/bench/cpu_per_request.svg`, and (full runs only) the figures spliced into
+//! `docs/benchmarks.md` between its markers.
+
+use crate::{find_program, install, run_cmd, target_dir, workspace_root};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Interleaved rounds per scenario (nginx, gateway, nginx, gateway, …).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Worker threads/processes for both proxies.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Concurrent client connections.
+    #[arg(long, default_value_t = 50)]
+    pub connections: usize,
+    /// Pin the proxies to this CPU list and the load generator and upstream to the rest
+    /// (taskset syntax, e.g. "0"); "none" to not pin.
+    #[arg(long, default_value = "0")]
+    pub proxy_cpus: String,
+    /// A smoke run under a minute (1 s per measurement, 1 round, every scenario): what
+    /// `cargo xtask test` runs so the harness never rots. Does not touch docs/.
+    #[arg(long)]
+    pub quick: bool,
+    /// Use this gateway binary instead of building a release one.
+    #[arg(long, value_name = "PATH")]
+    pub gateway_bin: Option<PathBuf>,
+    /// Where results go (default target/bench).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// One workload.
+struct Scenario {
+    name: &'static str,
+    what: &'static str,
+    path: &'static str,
+    /// Extra wrk arguments (e.g. a Lua script for uploads).
+    lua: Option<&'static str>,
+    close: bool,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario { name: "keepalive_small", what: "keep-alive, 20-byte responses", path: "/api/small", lua: None, close: false },
+    Scenario { name: "new_connection", what: "a new connection per request", path: "/api/small", lua: None, close: true },
+    Scenario { name: "response_1mib", what: "keep-alive, 1 MiB responses", path: "/api/1m", lua: None, close: false },
+    Scenario { name: "upload_10mib", what: "keep-alive, 10 MiB uploads", path: "/api/upload", lua: Some(UPLOAD_LUA), close: false },
+];
+
+/// Percentiles wrk cannot print itself (p99.9), as one parseable line.
+const REPORT_LUA: &str = r#"
+done = function(summary, latency, requests)
+  io.write(string.format("BENCH requests=%d errors=%d duration_us=%d p50=%d p99=%d p999=%d\n",
+    summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write
+      + summary.errors.status + summary.errors.timeout,
+    summary.duration, latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"#;
+
+const UPLOAD_LUA: &str = r#"
+wrk.method = "POST"
+wrk.body = string.rep("x", 10 * 1024 * 1024)
+wrk.headers["Content-Type"] = "application/octet-stream"
+"#;
+
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    cpu_us_per_req: f64,
+    peak_rss_kib: u64,
+    errors: u64,
+}
+
+struct Proc {
+    name: &'static str,
+    child: Child,
+    url: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signalling a child we started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    install::run(&install::Args::default())?;
+    let (duration, rounds) = if args.quick { (1, 1) } else { (args.duration, args.rounds.max(1)) };
+    let gateway_bin = match &args.gateway_bin {
+        Some(p) => p.clone(),
+        None => {
+            let mut build = Command::new(crate::cargo());
+            build
+                .current_dir(workspace_root())
+                .args(["build", "--release", "-p", "gateway", "--bin", "gateway"])
+                .env_remove(crate::AYA_BUILD_SKIP);
+            run_cmd(&mut build)?;
+            target_dir()?.join("release").join("gateway")
+        }
+    };
+    let nginx = find_program("nginx").context("nginx not found (cargo xtask install)")?;
+    let wrk = find_program("wrk").context("wrk not found (cargo xtask install)")?;
+    let out_dir = match &args.out {
+        Some(d) => d.clone(),
+        None => target_dir()?.join("bench"),
+    };
+    let scratch = out_dir.join("scratch");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(scratch.join("up/html"))?;
+    std::fs::create_dir_all(scratch.join("ng/body"))?;
+    std::fs::create_dir_all(scratch.join("ng/proxy"))?;
+    std::fs::write(scratch.join("up/html/1m"), vec![b'x'; 1 << 20])?;
+    std::fs::write(scratch.join("report.lua"), REPORT_LUA)?;
+    std::fs::write(scratch.join("upload.lua"), format!("{UPLOAD_LUA}\n{REPORT_LUA}"))?;
+
+    let pin = (args.proxy_cpus != "none").then(|| args.proxy_cpus.clone());
+    let others = pin.as_ref().map(|p| other_cpus(p));
+    let upstream_addr = free_addr()?;
+    let up = start_upstream(&nginx, &scratch, upstream_addr, others.as_deref())?;
+    let ng = start_reference_nginx(&nginx, &scratch, upstream_addr, args.workers, pin.as_deref())?;
+    let gw = start_gateway(&gateway_bin, &scratch, upstream_addr, args.workers, pin.as_deref())?;
+    let contenders = [&ng, &gw];
+    // Memory per idle connection first, while both processes are fresh: later scenarios
+    // leave freed memory in the allocators that new connections would reuse unseen.
+    let idle_n = if args.quick { 500 } else { 2000 };
+    let idle = [
+        ("nginx", idle_memory_per_connection(&ng, idle_n)?),
+        ("gateway", idle_memory_per_connection(&gw, idle_n)?),
+    ];
+
+    let mut results: BTreeMap<&str, BTreeMap<&str, Vec<Sample>>> = BTreeMap::new();
+    let mut direct: BTreeMap<&str, Sample> = BTreeMap::new();
+    for scenario in SCENARIOS {
+        eprintln!("xtask bench: {} ({})", scenario.name, scenario.what);
+        // The upstream alone: the ceiling no proxy can pass.
+        let d = measure(&wrk, &scratch, scenario, &up, &format!("http://{upstream_addr}"), duration, args.connections, others.as_deref())?;
+        direct.insert(scenario.name, d);
+        for _ in 0..rounds {
+            for c in contenders {
+                let s = measure(&wrk, &scratch, scenario, c, &c.url, duration, args.connections, others.as_deref())?;
+                eprintln!(
+                    "  {:8} {:>10.0} req/s  p99 {:>7.2} ms  {:>7.2} µs CPU/req  errors {}",
+                    c.name, s.rps, s.p99_ms, s.cpu_us_per_req, s.errors
+                );
+                results.entry(scenario.name).or_default().entry(c.name).or_default().push(s);
+            }
+        }
+    }
+    drop(gw);
+    drop(ng);
+    drop(up);
+
+    let report = Report { args, duration, rounds, results, direct, idle };
+    let table = report.table();
+    println!("{table}");
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(out_dir.join("results.json"), serde_json::to_string_pretty(&report.json())?)?;
+    std::fs::write(out_dir.join("results.md"), &table)?;
+    std::fs::write(out_dir.join("cpu_per_request.svg"), report.svg())?;
+    if !args.quick && args.out.is_none() {
+        splice_into_docs(&table)?;
+    }
+    eprintln!("xtask bench: results in {}", out_dir.display());
+    let failed: u64 = report.results.values().flat_map(|m| m.values()).flatten().map(|s| s.errors).sum();
+    if failed > 0 {
+        bail!("{failed} requests failed during the benchmark");
+    }
+    Ok(())
+}
+
+fn other_cpus(pinned: &str) -> String {
+    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let taken: Vec<usize> = pinned.split(',').filter_map(|c| c.trim().parse().ok()).collect();
+    let rest: Vec<String> = (0..n).filter(|c| !taken.contains(c)).map(|c| c.to_string()).collect();
+    if rest.is_empty() {
+        pinned.to_string()
+    } else {
+        rest.join(",")
+    }
+}
+
+fn free_addr() -> Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn pinned(cmd: &Path, cpus: Option<&str>) -> Command {
+    match cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(cmd);
+            c
+        }
+        None => Command::new(cmd),
+    }
+}
+
+fn wait_port(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listens on {addr} after 10 s")
+}
+
+fn start_upstream(nginx: &Path, dir: &Path, addr: SocketAddr, cpus: Option<&str>) -> Result<Proc> {
+    let conf = format!(
+        "worker_processes 1;\nerror_log {d}/up/error.log warn;\npid {d}/up/nginx.pid;\nevents {{ worker_connections 16384; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_max_body_size 0;\n  client_body_temp_path {d}/up;\n\
+         server {{\n    listen {addr} reuseport backlog=4096;\n    root {d}/up/html;\n\
+         location /api/small {{ return 200 \"hello from upstream\\n\"; }}\n\
+         location /api/1m {{ alias {d}/up/html/1m; }}\n\
+         location /api/upload {{ client_body_buffer_size 1m; return 200 \"stored\\n\"; }}\n\
+         location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("up/nginx.conf"), conf)?;
+    let child = pinned(nginx, cpus)
+        .args(["-p", &format!("{}/up/", dir.display()), "-c", &format!("{}/up/nginx.conf", dir.display()), "-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the upstream nginx")?;
+    let proc = Proc { name: "upstream", child, url: format!("http://{addr}") };
+    wait_port(addr)?;
+    Ok(proc)
+}
+
+fn start_reference_nginx(nginx: &Path, dir: &Path, upstream: SocketAddr, workers: usize, cpus: Option<&str>) -> Result<Proc> {
+    let template = std::fs::read_to_string(workspace_root().join("tests/fixtures/nginx-reference.conf"))?;
+    let addr = free_addr()?;
+    let conf = template
+        .replace("@WORKERS@", &workers.to_string())
+        .replace("@PREFIX@", &format!("{}/ng", dir.display()))
+        .replace("@LISTEN@", &addr.to_string())
+        .replace("@API_UPSTREAM@", &upstream.to_string())
+        .replace("@WS_UPSTREAM@", &upstream.to_string());
+    std::fs::write(dir.join("ng/nginx.conf"), conf)?;
+    let child = pinned(nginx, cpus)
+        .args(["-p", &format!("{}/ng/", dir.display()), "-c", &format!("{}/ng/nginx.conf", dir.display()), "-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nginx with the reference config")?;
+    let proc = Proc { name: "nginx", child, url: format!("http://{addr}") };
+    wait_port(addr)?;
+    Ok(proc)
+}
+
+fn start_gateway(bin: &Path, dir: &Path, upstream: SocketAddr, workers: usize, cpus: Option<&str>) -> Result<Proc> {
+    let addr = free_addr()?;
+    let admin = free_addr()?;
+    let conf = format!(
+        "[server]\nworkers = {workers}\n\n[log]\naccess = \"off\"\nlevel = \"warn\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
+         [[listener]]\nname = \"http\"\nlisten = \"{addr}\"\n\n\
+         [[upstream]]\nname = \"api\"\nservers = [\"{upstream}\"]\nkeepalive = 32\n\n\
+         [[route]]\npath_prefix = \"/api/\"\nupstream = \"api\"\nconnect_timeout = \"60s\"\nsend_timeout = \"300s\"\nread_timeout = \"300s\"\nmax_body_size = \"50MiB\"\n"
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, conf)?;
+    let child = pinned(bin, cpus)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let proc = Proc { name: "gateway", child, url: format!("http://{addr}") };
+    wait_port(addr)?;
+    Ok(proc)
+}
+
+/// The process and its children (nginx workers), for CPU and memory accounting.
+fn process_tree(root: u32) -> Vec<u32> {
+    let mut pids = vec![root];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
+                if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(root) {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    pids
+}
+
+/// User+system CPU seconds of a process tree.
+fn cpu_seconds(root: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    process_tree(root)
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| {
+            let fields: Vec<u64> = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r)
+                .unwrap_or("")
+                .split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            // After the command: state is not numeric, so utime/stime are at 10 and 11.
+            (fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0)) as f64 / ticks
+        })
+        .sum()
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn rss_kib(root: u32, key: &str) -> u64 {
+    process_tree(root).iter().map(|&p| status_kib(p, key)).sum()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    wrk: &Path,
+    dir: &Path,
+    scenario: &Scenario,
+    target: &Proc,
+    base: &str,
+    seconds: u64,
+    connections: usize,
+    cpus: Option<&str>,
+) -> Result<Sample> {
+    let script = if scenario.lua.is_some() { dir.join("upload.lua") } else { dir.join("report.lua") };
+    let connections = if scenario.lua.is_some() { connections.min(8) } else { connections };
+    let mut cmd = pinned(wrk, cpus);
+    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--timeout", "10s", "-s"])
+        .arg(&script);
+    if scenario.close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(format!("{base}{}", scenario.path));
+    let pid = target.child.id();
+    let cpu0 = cpu_seconds(pid);
+    let output = cmd.output().context("running wrk")?;
+    let cpu1 = cpu_seconds(pid);
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("BENCH "))
+        .with_context(|| format!("wrk printed no result: {text}{}", String::from_utf8_lossy(&output.stderr)))?;
+    let field = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let requests = field("requests").max(1.0);
+    let non_2xx: u64 = text
+        .lines()
+        .find(|l| l.contains("Non-2xx"))
+        .and_then(|l| l.split_whitespace().last().and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
+    Ok(Sample {
+        rps: requests / (field("duration_us") / 1e6).max(1e-9),
+        p50_ms: field("p50") / 1000.0,
+        p99_ms: field("p99") / 1000.0,
+        p999_ms: field("p999") / 1000.0,
+        cpu_us_per_req: (cpu1 - cpu0) * 1e6 / requests,
+        peak_rss_kib: rss_kib(pid, "VmHWM:"),
+        errors: field("errors") as u64 + non_2xx,
+    })
+}
+
+/// Opens `n` keep-alive connections, one request each, holds them idle, and reports the
+/// growth in resident memory per connection (KiB).
+fn idle_memory_per_connection(target: &Proc, n: usize) -> Result<f64> {
+    let addr: SocketAddr = target.url.trim_start_matches("http://").parse()?;
+    let pid = target.child.id();
+    let before = rss_kib(pid, "VmRSS:");
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /api/small HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        let mut buf = [0u8; 1024];
+        let got = s.read(&mut buf)?;
+        if got == 0 {
+            bail!("{} closed a fresh connection", target.name);
+        }
+        conns.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = rss_kib(pid, "VmRSS:");
+    drop(conns);
+    Ok(after.saturating_sub(before) as f64 / n as f64)
+}
+
+struct Report<'a> {
+    args: &'a Args,
+    duration: u64,
+    rounds: usize,
+    results: BTreeMap<&'static str, BTreeMap<&'static str, Vec<Sample>>>,
+    direct: BTreeMap<&'static str, Sample>,
+    idle: [(&'static str, f64); 2],
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn stat(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> (f64, f64, f64) {
+    let v: Vec<f64> = samples.iter().map(f).collect();
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, median(v), max)
+}
+
+impl Report<'_> {
+    fn medians(&self, scenario: &str, who: &str) -> Option<Sample> {
+        let s = self.results.get(scenario)?.get(who)?;
+        Some(Sample {
+            rps: stat(s, |x| x.rps).1,
+            p50_ms: stat(s, |x| x.p50_ms).1,
+            p99_ms: stat(s, |x| x.p99_ms).1,
+            p999_ms: stat(s, |x| x.p999_ms).1,
+            cpu_us_per_req: stat(s, |x| x.cpu_us_per_req).1,
+            peak_rss_kib: s.iter().map(|x| x.peak_rss_kib).max().unwrap_or(0),
+            errors: s.iter().map(|x| x.errors).sum(),
+        })
+    }
+
+    fn table(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "{} workers each, {} connections, {} s x {} interleaved rounds, proxies pinned to CPU {} (medians; ratio = gateway / nginx)\n",
+            self.args.workers, self.args.connections, self.duration, self.rounds, self.args.proxy_cpus
+        );
+        let _ = writeln!(t, "| scenario | proxy | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req (min–max) | peak RSS MiB |");
+        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|");
+        for scenario in SCENARIOS {
+            if let Some(d) = self.direct.get(scenario.name) {
+                let _ = writeln!(t, "| {} | upstream direct | {:.0} | {:.2} | {:.2} | {:.2} | – | – |", scenario.name, d.rps, d.p50_ms, d.p99_ms, d.p999_ms);
+            }
+            for who in ["nginx", "gateway"] {
+                let (Some(m), Some(all)) = (self.medians(scenario.name, who), self.results.get(scenario.name).and_then(|r| r.get(who))) else { continue };
+                let (lo, _, hi) = stat(all, |x| x.cpu_us_per_req);
+                let _ = writeln!(
+                    t,
+                    "| {} | {who} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} ({:.1}–{:.1}) | {:.1} |",
+                    scenario.name, m.rps, m.p50_ms, m.p99_ms, m.p999_ms, m.cpu_us_per_req, lo, hi, m.peak_rss_kib as f64 / 1024.0
+                );
+            }
+            if let (Some(n), Some(g)) = (self.medians(scenario.name, "nginx"), self.medians(scenario.name, "gateway")) {
+                let _ = writeln!(
+                    t,
+                    "| {} | **ratio** | **{:.2}** | {:.2} | **{:.2}** | {:.2} | **{:.2}** | {:.2} |",
+                    scenario.name,
+                    g.rps / n.rps.max(1e-9),
+                    g.p50_ms / n.p50_ms.max(1e-9),
+                    g.p99_ms / n.p99_ms.max(1e-9),
+                    g.p999_ms / n.p999_ms.max(1e-9),
+                    g.cpu_us_per_req / n.cpu_us_per_req.max(1e-9),
+                    g.peak_rss_kib as f64 / (n.peak_rss_kib as f64).max(1.0)
+                );
+            }
+        }
+        let _ = writeln!(t, "\nIdle keep-alive connections, resident memory per connection: nginx {:.1} KiB, gateway {:.1} KiB.", self.idle[0].1, self.idle[1].1);
+        t
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let mut scenarios = serde_json::Map::new();
+        for (name, by) in &self.results {
+            let mut entry = serde_json::Map::new();
+            for (who, samples) in by {
+                entry.insert(
+                    who.to_string(),
+                    serde_json::json!(samples
+                        .iter()
+                        .map(|s| serde_json::json!({
+                            "rps": s.rps, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "p999_ms": s.p999_ms,
+                            "cpu_us_per_req": s.cpu_us_per_req, "peak_rss_kib": s.peak_rss_kib, "errors": s.errors,
+                        }))
+                        .collect::<Vec<_>>()),
+                );
+            }
+            if let Some(d) = self.direct.get(name) {
+                entry.insert("upstream_direct".into(), serde_json::json!({"rps": d.rps, "p99_ms": d.p99_ms}));
+            }
+            scenarios.insert(name.to_string(), serde_json::Value::Object(entry));
+        }
+        serde_json::json!({
+            "workers": self.args.workers,
+            "connections": self.args.connections,
+            "duration_s": self.duration,
+            "rounds": self.rounds,
+            "proxy_cpus": self.args.proxy_cpus,
+            "scenarios": scenarios,
+            "idle_kib_per_connection": { "nginx": self.idle[0].1, "gateway": self.idle[1].1 },
+        })
+    }
+
+    /// Bars of CPU µs per request, nginx and gateway side by side per scenario.
+    fn svg(&self) -> String {
+        let rows: Vec<(&str, f64, f64)> = SCENARIOS
+            .iter()
+            .filter_map(|s| {
+                Some((s.name, self.medians(s.name, "nginx")?.cpu_us_per_req, self.medians(s.name, "gateway")?.cpu_us_per_req))
+            })
+            .collect();
+        let max = rows.iter().map(|r| r.1.max(r.2)).fold(1.0, f64::max);
+        let mut svg = String::new();
+        let height = 40 + rows.len() * 50;
+        let _ = writeln!(svg, r#"<svg xmlns="http://www.w3.org/2000/svg" width="640" height="{height}" font-family="sans-serif" font-size="12">"#);
+        let _ = writeln!(svg, r#"<text x="10" y="20">CPU µs per request (median), nginx (grey) vs gateway (blue)</text>"#);
+        for (i, (name, n, g)) in rows.iter().enumerate() {
+            let y = 40 + i * 50;
+            let wn = n / max * 400.0;
+            let wg = g / max * 400.0;
+            let _ = writeln!(svg, r#"<text x="10" y="{}">{name}</text>"#, y + 14);
+            let _ = writeln!(svg, r##"<rect x="150" y="{y}" width="{wn:.1}" height="18" fill="#999"/><text x="{:.1}" y="{}">{n:.1}</text>"##, 155.0 + wn, y + 14);
+            let _ = writeln!(svg, r##"<rect x="150" y="{}" width="{wg:.1}" height="18" fill="#36c"/><text x="{:.1}" y="{}">{g:.1}</text>"##, y + 20, 155.0 + wg, y + 34);
+        }
+        svg.push_str("</svg>\n");
+        svg
+    }
+}
+
+const BEGIN: &str = "<!-- bench:begin -->";
+const END: &str = "<!-- bench:end -->";
+
+/// Replaces the figures between the markers of docs/benchmarks.md.
+fn splice_into_docs(table: &str) -> Result<()> {
+    let path = workspace_root().join("docs/benchmarks.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_default();
+    let (Some(a), Some(b)) = (doc.find(BEGIN), doc.find(END)) else {
+        eprintln!("xtask bench: {} has no {BEGIN}/{END} markers; not updated", path.display());
+        return Ok(());
+    };
+    let machine = machine_line();
+    let new = format!("{}{BEGIN}\n{machine}\n\n{table}\n{}", &doc[..a], &doc[b..]);
+    std::fs::write(&path, new)?;
+    eprintln!("xtask bench: updated {}", path.display());
+    Ok(())
+}
+
+fn machine_line() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "Machine: {} × {cpu}, Linux {}. Measured {}.",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        kernel.trim(),
+        Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    )
+}
