@@ -107,6 +107,19 @@ pub fn run(args: &Args) -> Result<()> {
             .env("GATEWAY_BIN", &gateway_bin)
             .env("GATEWAY_TEST_IO", "epoll");
         run_cmd(&mut epoll)?;
+
+        // The benchmark harness, once, quickly, so it never rots (figures not kept).
+        eprintln!("xtask: benchmark harness smoke run (cargo xtask bench --quick)");
+        crate::bench::run(&crate::bench::Args {
+            duration: 1,
+            rounds: 1,
+            workers: 1,
+            connections: 20,
+            proxy_cpus: "0".into(),
+            quick: true,
+            gateway_bin: Some(gateway_bin.clone()),
+            out: Some(target_dir()?.join("bench-quick")),
+        })?;
     }
     Ok(())
 }
