@@ -10,6 +10,7 @@ pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod fasthash;
 pub mod http;
 pub mod io;
 pub mod metrics;

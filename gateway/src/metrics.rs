@@ -8,7 +8,8 @@
 //! Process metrics (`process_*`) come from the prometheus crate's process collector.
 
 use crate::control::Control;
-use std::collections::{BTreeMap, HashMap};
+use crate::fasthash::FastMap;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -70,9 +71,9 @@ pub struct ListenerStats {
 /// One worker's counters.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
-    pub routes: HashMap<Arc<str>, RouteStats>,
-    pub upstreams: HashMap<Arc<str>, UpstreamStats>,
-    pub listeners: HashMap<Arc<str>, ListenerStats>,
+    pub routes: FastMap<Arc<str>, RouteStats>,
+    pub upstreams: FastMap<Arc<str>, UpstreamStats>,
+    pub listeners: FastMap<Arc<str>, ListenerStats>,
     pub tunnels_active: i64,
     /// Bytes relayed by tunnels: [to upstream, to client].
     pub tunnel_bytes: [u64; 2],

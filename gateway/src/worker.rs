@@ -12,7 +12,7 @@ use crate::upstream::pool::WorkerUpstream;
 use crate::upstream::Upstream;
 use bytes::BytesMut;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use crate::fasthash::FastMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
@@ -47,7 +47,7 @@ pub struct Worker<S: Stream> {
     pub id: usize,
     pub shared: Arc<Shared>,
     snapshot: RefCell<(u64, Rc<SnapshotRef>)>,
-    upstreams: RefCell<HashMap<u64, WorkerUpstream<S>>>,
+    upstreams: RefCell<FastMap<u64, WorkerUpstream<S>>>,
     pub log: RefCell<WorkerLog>,
     pub draining: Cell<bool>,
     drain_notify: Notify,
@@ -68,7 +68,7 @@ impl<S: Stream> Worker<S> {
             id,
             snapshot: RefCell::new((snap.generation, Rc::new(SnapshotRef(snap)))),
             shared,
-            upstreams: RefCell::new(HashMap::new()),
+            upstreams: RefCell::new(FastMap::default()),
             log: RefCell::new(WorkerLog::new(log)),
             draining: Cell::new(false),
             drain_notify: Notify::new(),
