@@ -179,6 +179,26 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     };
 
     let workers = config.effective_workers();
+    let control = Control::new(shared.clone(), config_path, Some(log.clone()));
+    *control.xdp.lock().unwrap_or_else(|e| e.into_inner()) = xdp;
+
+    // The control plane's own thread: admin server, signals, reloads. Up before the
+    // workers so probes see "starting" (503 on /ready) rather than a refused connection.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("control")
+        .build()?;
+    let admin_addr = config.admin.listen.clone();
+    let admin = std::net::TcpListener::bind(&admin_addr)
+        .with_context(|| format!("binding the admin listener {admin_addr}"))?;
+    admin.set_nonblocking(true)?;
+    {
+        let _entered = runtime.enter();
+        let admin = tokio::net::TcpListener::from_std(admin)?;
+        runtime.spawn(gateway::admin::serve(admin, control.clone()));
+    }
+
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let (done_tx, done_rx) = mpsc::channel();
     let _ = gateway::metrics::IO_DRIVER.set(driver.as_str());
@@ -190,19 +210,8 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
         drain_rx,
         done_tx,
     )?;
-    let control = Control::new(shared.clone(), config_path, Some(log.clone()));
-    *control.xdp.lock().unwrap_or_else(|e| e.into_inner()) = xdp;
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .thread_name("control")
-        .build()?;
     let code = runtime.block_on(async {
-        let admin_addr = &config.admin.listen;
-        let admin = tokio::net::TcpListener::bind(admin_addr)
-            .await
-            .with_context(|| format!("binding the admin listener {admin_addr}"))?;
-        tokio::spawn(gateway::admin::serve(admin, control.clone()));
         tracing::info!(workers, driver = driver.as_str(), listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, "gateway started");
 
         use tokio::signal::unix::{signal, SignalKind};

@@ -84,6 +84,8 @@ pub struct Stats {
     pub busy_ratio: f64,
     /// When the worker last published (process clock, ms): its liveness for `/healthz`.
     pub heartbeat_ms: u64,
+    /// The worker finished its drain and stopped: silent, but not stuck.
+    pub finished: bool,
 }
 
 fn bump<K: PartialEq + Copy>(list: &mut Vec<(K, u64)>, key: K, by: u64) {
@@ -173,8 +175,8 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|(_, p)| {
-                let beat = p.lock().unwrap_or_else(|e| e.into_inner()).heartbeat_ms;
-                now.saturating_sub(beat) > max_age_ms
+                let stats = p.lock().unwrap_or_else(|e| e.into_inner());
+                !stats.finished && now.saturating_sub(stats.heartbeat_ms) > max_age_ms
             })
             .map(|(id, _)| *id)
             .collect()

@@ -402,9 +402,15 @@ async fn run_worker<D: Driver>(
         unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
     }
     let deadline = Instant::now() + worker.snapshot().server.graceful_timeout;
+    let mut last_publish = Instant::now();
     while worker.active.get() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
         worker.log.borrow_mut().flush();
+        // Keep the heartbeat (and the metrics) going: a drain is not a hang.
+        if last_publish.elapsed() >= Duration::from_millis(200) {
+            worker.publish();
+            last_publish = Instant::now();
+        }
     }
     if worker.active.get() > 0 {
         tracing::warn!(
@@ -414,6 +420,7 @@ async fn run_worker<D: Driver>(
         );
     }
     worker.log.borrow_mut().flush();
+    worker.stats.borrow_mut().finished = true;
     worker.publish();
 }
 

@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod gateway;
 pub mod nginx;
 pub mod origin;

@@ -315,7 +315,11 @@ fn bpffs() -> Result<bool> {
         return Ok(false);
     }
     eprintln!("xtask: mounting bpffs at {BPFFS}");
-    run_cmd(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+    // A container build step is root without CAP_SYS_ADMIN: building must still work there,
+    // so a refused mount is a warning (the XDP tests will say what they lack).
+    if let Err(e) = run_cmd(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS])) {
+        eprintln!("xtask: warning: cannot mount bpffs at {BPFFS}: {e:#}");
+    }
     Ok(true)
 }
 

@@ -134,4 +134,5 @@ const EPOLL_SUITES: &[&str] = &[
     "headers",
     "access_log",
     "io_driver",
+    "control_plane",
 ];
