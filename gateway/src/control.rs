@@ -100,13 +100,36 @@ impl Control {
             snapshot.upstreams.len(),
             snapshot.router.routes().len()
         );
-        let listeners_changed = listener_addrs(&old.config) != listener_addrs(&snapshot.config);
+        // New listen addresses must bind before the config is accepted: workers bind
+        // their own SO_REUSEPORT sockets when they see the new snapshot, and cannot
+        // report a failure back to whoever asked for the reload.
+        let old_addrs = listener_addrs(&old.config);
+        for (i, addr) in listener_addrs(&snapshot.config).into_iter().enumerate() {
+            if old_addrs.contains(&addr) {
+                continue;
+            }
+            let probe = addr
+                .parse()
+                .map_err(|e| format!("{e}"))
+                .and_then(|a| crate::worker::bind_reuseport(a).map_err(|e| e.to_string()));
+            if let Err(e) = probe {
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                let line = std::fs::read_to_string(&self.config_path)
+                    .map(|text| crate::config::line_of(&text, snapshot.config.listeners[i].span().start))
+                    .unwrap_or(0);
+                let error = crate::config::ConfigError {
+                    file: self.config_path.clone(),
+                    line,
+                    key: format!("listener[{i}].listen"),
+                    message: format!("cannot bind {addr}: {e}"),
+                };
+                tracing::error!(%error, "reload rejected; the running config keeps serving");
+                return Err(ConfigErrors(vec![error]));
+            }
+        }
         self.shared.install(snapshot);
         self.sync_checkers();
         self.reloads_ok.fetch_add(1, Ordering::Relaxed);
-        if listeners_changed {
-            tracing::warn!("listener addresses changed: restart the gateway to bind them");
-        }
         tracing::info!("{summary}");
         Ok(summary)
     }

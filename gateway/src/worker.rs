@@ -332,38 +332,13 @@ async fn run_worker<D: Driver>(
     bound: mpsc::Sender<Result<(), String>>,
 ) {
     let worker: Rc<Worker<D::Stream>> = Rc::new(Worker::new(id, shared.clone(), log));
-    let snap = worker.snapshot();
-    let mut listener_fds: Vec<RawFd> = Vec::new();
-    for l in &snap.config.listeners {
-        let l = l.get_ref();
-        let addr: SocketAddr = l.listen.parse().expect("validated listen address");
-        let std_listener = match bind_reuseport(addr) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = bound.send(Err(format!(
-                    "listener {:?}: cannot bind {addr}: {e}",
-                    l.name
-                )));
-                return;
-            }
-        };
-        listener_fds.push(std_listener.as_raw_fd());
-        let listener = match D::listener(std_listener) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = bound.send(Err(format!("listener {:?}: {e}", l.name)));
-                return;
-            }
-        };
-        let ctx = Rc::new(proxy::ListenerCtx {
-            name: l.name.as_str().into(),
-            proto: if l.tls.is_some() { "https" } else { "http" },
-        });
-        D::spawn(accept_loop::<D>(worker.clone(), listener, ctx));
+    let mut listeners = BoundListeners::default();
+    if let Err(e) = listeners.reconcile::<D>(&worker) {
+        let _ = bound.send(Err(e));
+        return;
     }
     worker.publish();
     let _ = bound.send(Ok(()));
-    drop(snap);
 
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut ticks: u64 = 0;
@@ -373,6 +348,13 @@ async fn run_worker<D: Driver>(
             _ = tick.tick() => {
                 ticks += 1;
                 worker.log.borrow_mut().flush();
+                if worker.snapshot().generation != listeners.generation {
+                    // A reload: bind listeners it added, close those it removed. Their
+                    // connections carry on; the reload already checked the binds.
+                    if let Err(e) = listeners.reconcile::<D>(&worker) {
+                        tracing::error!(worker = id, error = %e, "applying listener changes");
+                    }
+                }
                 if ticks.is_multiple_of(5) {
                     worker.sweep_upstreams();
                     // Busy ratio: this thread's CPU time over wall time. A worker waiting
@@ -397,10 +379,7 @@ async fn run_worker<D: Driver>(
     // wake idle keep-alive connections so they close, let in-flight requests finish.
     worker.draining.set(true);
     worker.drain_notify.notify_waiters();
-    for fd in &listener_fds {
-        // SAFETY: shutdown on a listening descriptor this worker owns.
-        unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
-    }
+    listeners.close_all();
     let deadline = Instant::now() + worker.snapshot().server.graceful_timeout;
     let mut last_publish = Instant::now();
     while worker.active.get() > 0 && Instant::now() < deadline {
@@ -422,6 +401,72 @@ async fn run_worker<D: Driver>(
     worker.log.borrow_mut().flush();
     worker.stats.borrow_mut().finished = true;
     worker.publish();
+}
+
+/// The listening sockets a worker has bound, reconciled with the snapshot on reload.
+#[derive(Default)]
+struct BoundListeners {
+    generation: u64,
+    /// Descriptor and the flag that stops its accept loop, per listener.
+    bound: Vec<(ListenerKey, RawFd, Rc<Cell<bool>>)>,
+}
+
+/// What identifies a bound listener: address, name, and whether it terminates TLS.
+type ListenerKey = (SocketAddr, String, bool);
+
+impl BoundListeners {
+    fn reconcile<D: Driver>(&mut self, worker: &Rc<Worker<D::Stream>>) -> Result<(), String> {
+        let snap = worker.snapshot();
+        let wanted: Vec<ListenerKey> = snap
+            .config
+            .listeners
+            .iter()
+            .map(|l| {
+                let l = l.get_ref();
+                (l.listen.parse().expect("validated listen address"), l.name.clone(), l.tls.is_some())
+            })
+            .collect();
+        self.bound.retain(|(key, fd, closed)| {
+            if wanted.contains(key) {
+                return true;
+            }
+            closed.set(true);
+            // SAFETY: shutdown on a listening descriptor this worker owns; it makes the
+            // pending accept fail so the accept loop sees `closed` and ends.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+            tracing::info!(worker = worker.id, listener = %key.1, addr = %key.0, "listener closed");
+            false
+        });
+        for key in wanted {
+            if self.bound.iter().any(|(k, _, _)| *k == key) {
+                continue;
+            }
+            let (addr, name, tls) = key.clone();
+            let std_listener = bind_reuseport(addr).map_err(|e| format!("listener {name:?}: cannot bind {addr}: {e}"))?;
+            let fd = std_listener.as_raw_fd();
+            let listener = D::listener(std_listener).map_err(|e| format!("listener {name:?}: {e}"))?;
+            let ctx = Rc::new(proxy::ListenerCtx {
+                name: name.as_str().into(),
+                proto: if tls { "https" } else { "http" },
+            });
+            let closed = Rc::new(Cell::new(false));
+            D::spawn(accept_loop::<D>(worker.clone(), listener, ctx, closed.clone()));
+            if self.generation != 0 {
+                tracing::info!(worker = worker.id, listener = %name, %addr, "listener bound");
+            }
+            self.bound.push((key, fd, closed));
+        }
+        self.generation = snap.generation;
+        Ok(())
+    }
+
+    fn close_all(&mut self) {
+        for (_, fd, closed) in self.bound.drain(..) {
+            closed.set(true);
+            // SAFETY: as in `reconcile`.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+    }
 }
 
 /// Counts a connection for as long as its task lives.
@@ -449,10 +494,11 @@ async fn accept_loop<D: Driver>(
     worker: Rc<Worker<D::Stream>>,
     listener: D::Listener,
     ctx: Rc<proxy::ListenerCtx>,
+    closed: Rc<Cell<bool>>,
 ) {
     loop {
         let accepted = D::accept(&listener).await;
-        if worker.draining.get() {
+        if worker.draining.get() || closed.get() {
             break;
         }
         let (stream, peer) = match accepted {
