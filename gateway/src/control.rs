@@ -91,7 +91,16 @@ impl Control {
                 }]));
             }
         }
-        let snapshot = Snapshot::build(loaded, old.generation + 1, Some(&old));
+        let snapshot = match Snapshot::build(loaded, old.generation + 1, Some(&old)) {
+            Ok(s) => s,
+            Err(errors) => {
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                for e in &errors.0 {
+                    tracing::error!(error = %e, "reload rejected; the running config keeps serving");
+                }
+                return Err(errors);
+            }
+        };
         let summary = format!(
             "config generation {} loaded from {}: {} listener(s), {} upstream(s), {} route(s)",
             snapshot.generation,
@@ -115,7 +124,9 @@ impl Control {
             if let Err(e) = probe {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 let line = std::fs::read_to_string(&self.config_path)
-                    .map(|text| crate::config::line_of(&text, snapshot.config.listeners[i].span().start))
+                    .map(|text| {
+                        crate::config::line_of(&text, snapshot.config.listeners[i].span().start)
+                    })
                     .unwrap_or(0);
                 let error = crate::config::ConfigError {
                     file: self.config_path.clone(),
@@ -128,6 +139,14 @@ impl Control {
             }
         }
         self.shared.install(snapshot);
+        let snap = self.shared.snapshot();
+        self.shared.conn_limiter.apply(&snap.config.limits);
+        if let Some(guard) = self.xdp.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            // Same program, maps rewritten in place: counters and buckets are kept.
+            if let Err(e) = guard.apply_config(&snap.config) {
+                tracing::error!(error = %e.detail(), "applying the new limits to the XDP guard");
+            }
+        }
         self.sync_checkers();
         self.reloads_ok.fetch_add(1, Ordering::Relaxed);
         tracing::info!("{summary}");
@@ -136,6 +155,16 @@ impl Control {
 }
 
 impl Control {
+    /// Drops by the XDP guard per limit (deny, conn_rate, max_conns_per_ip,
+    /// new_source_rate), for `gateway_limit_rejections_total{enforcer="xdp"}`.
+    pub fn xdp_rejections(&self) -> Vec<(&'static str, u64)> {
+        let xdp = self.xdp.lock().unwrap_or_else(|e| e.into_inner());
+        match xdp.as_ref().map(|g| g.packet_counts()) {
+            Some(Ok(counts)) => counts.limit_rejections().to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
     /// XDP verdict counters (summed over CPUs) and which enforcer is active.
     pub fn render_xdp(&self, out: &mut String) {
         use std::fmt::Write;
@@ -153,6 +182,26 @@ impl Control {
                         counter.packets
                     );
                 }
+            }
+        }
+        if let Some(Ok(fill)) = xdp.as_ref().map(|g| g.map_fill()) {
+            let _ = writeln!(out, "# HELP gateway_xdp_map_entries Entries in each XDP map.\n# TYPE gateway_xdp_map_entries gauge");
+            for f in &fill {
+                let _ = writeln!(
+                    out,
+                    "gateway_xdp_map_entries{{map=\"{}\"}} {}",
+                    f.map.to_ascii_lowercase(),
+                    f.entries
+                );
+            }
+            let _ = writeln!(out, "# HELP gateway_xdp_map_capacity Capacity of each XDP map.\n# TYPE gateway_xdp_map_capacity gauge");
+            for f in &fill {
+                let _ = writeln!(
+                    out,
+                    "gateway_xdp_map_capacity{{map=\"{}\"}} {}",
+                    f.map.to_ascii_lowercase(),
+                    f.capacity
+                );
             }
         }
         let _ = writeln!(

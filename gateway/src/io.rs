@@ -41,6 +41,11 @@ pub trait Stream: 'static {
         interest: tokio::io::Interest,
         f: impl FnMut(RawFd) -> io::Result<R>,
     ) -> io::Result<R>;
+    /// Whether the bytes on [`Stream::raw_fd`] are the payload itself, so a tunnel may move
+    /// them with `splice(2)`: true for plain sockets, false for TLS (they carry ciphertext).
+    fn spliceable(&self) -> bool {
+        true
+    }
     /// Sends FIN: no more bytes will be written.
     fn shutdown_write(&self);
     /// Shuts both directions down so that any operation still in flight completes.
@@ -300,7 +305,12 @@ pub async fn peer_closed<S: Stream>(stream: &S) {
             let mut byte = 0u8;
             // SAFETY: recv into a valid one-byte buffer; MSG_PEEK leaves the data queued.
             let n = unsafe {
-                libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+                libc::recv(
+                    fd,
+                    (&mut byte as *mut u8).cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
             };
             if n < 0 {
                 Err(io::Error::last_os_error())

@@ -9,7 +9,7 @@ use gateway::state::{Shared, Snapshot};
 use gateway::worker::DriverKind;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -145,8 +145,8 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
 
     let access = Target::from_config(&config.log.access);
     let log = LogWriter::start(access).context("opening the access log")?;
-    let shared = Shared::new(Snapshot::build(loaded, 1, None));
-
+    // The XDP guard first: whether it attached decides what user space must enforce.
+    let ports = gateway::xdp::listener_ports(&config);
     let xdp = match config.xdp.mode {
         XdpMode::Off => None,
         mode => {
@@ -156,27 +156,49 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
                 _ => gateway::xdp::XdpMode::Auto,
             };
             let interfaces = config.xdp.interfaces();
-            match gateway::xdp::XdpGuard::load_and_attach(
+            let options =
+                gateway::xdp::GuardOptions::for_tracked_sources(config.xdp.max_tracked_ips);
+            match gateway::xdp::XdpGuard::start(
                 &interfaces,
                 want,
                 Some(&config.xdp.pin_path),
+                &options,
+                &config.limits,
+                &ports,
             ) {
                 Ok(guard) => {
                     tracing::info!(
                         ?interfaces,
                         program_id = guard.program_id(),
-                        "XDP program attached"
+                        "XDP guard attached"
                     );
                     Some(guard)
                 }
                 Err(e) if mode == XdpMode::Auto => {
-                    tracing::warn!(error = %e.detail(), "XDP unavailable: limits are enforced in user space");
+                    tracing::warn!(error = %e.detail(), "XDP unavailable: per-IP limits are enforced in user space at accept");
                     None
                 }
                 Err(e) => anyhow::bail!("attaching the XDP program: {}", e.detail()),
             }
         }
     };
+    let cap_sink: Option<Arc<dyn gateway::limits::CapSink>> = xdp.as_ref().and_then(|g| match g.cap_marker() {
+        Ok(marker) => Some(Arc::new(marker) as Arc<dyn gateway::limits::CapSink>),
+        Err(e) => {
+            tracing::warn!(error = %e.detail(), "XDP connection-cap marks unavailable: the cap is enforced at accept only");
+            None
+        }
+    });
+    let conn_limiter = gateway::limits::ConnLimiter::new(
+        &config.limits,
+        gateway::limits::Enforcement {
+            xdp_conn_rate: xdp.is_some(),
+        },
+        cap_sink,
+    );
+
+    let snapshot = Snapshot::build(loaded, 1, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let shared = Shared::new(snapshot, conn_limiter);
 
     let workers = config.effective_workers();
     let control = Control::new(shared.clone(), config_path, Some(log.clone()));

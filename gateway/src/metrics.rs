@@ -86,6 +86,10 @@ pub struct Stats {
     pub heartbeat_ms: u64,
     /// The worker finished its drain and stopped: silent, but not stuck.
     pub finished: bool,
+    /// (listener, result) → TLS handshakes.
+    pub tls_handshakes: Vec<(Arc<str>, &'static str, u64)>,
+    /// Duration of successful TLS handshakes, by listener.
+    pub tls_handshake_duration: FastMap<Arc<str>, Histogram>,
 }
 
 fn bump<K: PartialEq + Copy>(list: &mut Vec<(K, u64)>, key: K, by: u64) {
@@ -130,6 +134,31 @@ impl Stats {
                 .insert(name.clone(), ListenerStats::default());
         }
         self.listeners.get_mut(&**name).expect("inserted above")
+    }
+
+    pub fn tls_handshake(
+        &mut self,
+        listener: &Arc<str>,
+        result: &'static str,
+        seconds: Option<f64>,
+    ) {
+        match self
+            .tls_handshakes
+            .iter_mut()
+            .find(|(l, r, _)| *r == result && **l == **listener)
+        {
+            Some((_, _, n)) => *n += 1,
+            None => self.tls_handshakes.push((listener.clone(), result, 1)),
+        }
+        if let Some(seconds) = seconds {
+            if !self.tls_handshake_duration.contains_key(&**listener) {
+                self.tls_handshake_duration
+                    .insert(listener.clone(), Histogram::default());
+            }
+            if let Some(h) = self.tls_handshake_duration.get_mut(&**listener) {
+                h.observe(seconds);
+            }
+        }
     }
 
     pub fn tunnel_path(&mut self, path: &'static str) {
@@ -243,6 +272,8 @@ pub fn render(control: &Control) -> String {
     let mut tunnel_bytes = [0u64; 2];
     let mut tunnel_paths: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut limits: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
+    let mut tls: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+    let mut tls_durations: BTreeMap<String, Histogram> = BTreeMap::new();
     for u in &snap.upstreams {
         upstream_active.entry(u.name.clone()).or_default();
     }
@@ -284,9 +315,23 @@ pub fn render(control: &Control) -> String {
         for (path, n) in &s.tunnel_paths {
             *tunnel_paths.entry(path).or_default() += n;
         }
+        for (listener, result, n) in &s.tls_handshakes {
+            *tls.entry((listener.to_string(), result)).or_default() += n;
+        }
+        for (listener, h) in &s.tls_handshake_duration {
+            tls_durations
+                .entry(listener.to_string())
+                .or_default()
+                .merge(h);
+        }
         for (limit, enforcer, n) in &s.limit_rejections {
             *limits.entry((limit, enforcer)).or_default() += n;
         }
+    }
+    for (limit, n) in control.xdp_rejections() {
+        *limits
+            .entry((limit, crate::limits::ENFORCER_XDP))
+            .or_default() += n;
     }
 
     header(
@@ -473,10 +518,42 @@ pub fn render(control: &Control) -> String {
             s.busy_ratio
         );
     }
-    header(&mut out, "gateway_io_driver", "gauge", "The data plane's I/O driver (1 = in use).");
+    header(&mut out, "gateway_tls_handshakes_total", "counter", "TLS handshakes by listener and result (full, resumed, timeout, protocol_error, client_gone).");
+    for ((listener, result), n) in &tls {
+        let _ = writeln!(
+            out,
+            "gateway_tls_handshakes_total{{listener=\"{}\",result=\"{result}\"}} {n}",
+            esc(listener)
+        );
+    }
+    header(
+        &mut out,
+        "gateway_tls_handshake_duration_seconds",
+        "histogram",
+        "Duration of successful TLS handshakes, by listener.",
+    );
+    for (listener, h) in &tls_durations {
+        histogram(
+            &mut out,
+            "gateway_tls_handshake_duration_seconds",
+            "listener",
+            listener,
+            h,
+        );
+    }
+    header(
+        &mut out,
+        "gateway_io_driver",
+        "gauge",
+        "The data plane's I/O driver (1 = in use).",
+    );
     for driver in ["io_uring", "epoll"] {
         let on = IO_DRIVER.get().is_some_and(|d| *d == driver);
-        let _ = writeln!(out, "gateway_io_driver{{driver=\"{driver}\"}} {}", u8::from(on));
+        let _ = writeln!(
+            out,
+            "gateway_io_driver{{driver=\"{driver}\"}} {}",
+            u8::from(on)
+        );
     }
     header(
         &mut out,

@@ -30,6 +30,8 @@ use tokio_uring::buf::BoundedBuf;
 pub struct ListenerCtx {
     pub name: Arc<str>,
     pub proto: &'static str,
+    /// Whether connections start with a PROXY protocol header.
+    pub proxy_protocol: bool,
 }
 
 /// The `route` label of requests that matched no route (or never got that far).
@@ -76,31 +78,28 @@ impl Outcome<'_> {
     }
 }
 
+/// Serves one client connection whose preamble (PROXY header, TLS handshake) the worker
+/// has already handled: `peer` is the client address it established, `initial` any bytes
+/// read past the preamble.
 pub async fn serve<S: Stream>(
     w: Rc<Worker<S>>,
     listener: Rc<ListenerCtx>,
     io: S,
     peer: SocketAddr,
     accepted: Instant,
+    initial: BytesMut,
 ) {
     let mut c = Client {
         io,
         peer,
-        buf: BytesMut::with_capacity(HEAD_BUF_SIZE),
+        buf: if initial.is_empty() {
+            BytesMut::with_capacity(HEAD_BUF_SIZE)
+        } else {
+            initial
+        },
         head: RequestHead::default(),
         resp: ResponseHead::default(),
     };
-    let expects_proxy_header = w
-        .snapshot()
-        .listener(&listener.name)
-        .is_some_and(|l| l.proxy_protocol);
-    if expects_proxy_header {
-        match read_proxy_header(&mut c, &w, accepted).await {
-            Some(source) => c.peer = source,
-            None => return,
-        }
-    }
-    let peer = c.peer;
     let mut first = true;
     loop {
         let snap = w.snapshot();
@@ -190,31 +189,34 @@ pub async fn serve<S: Stream>(
     }
 }
 
-/// Reads the PROXY protocol header a listener behind an L4 balancer expects, and returns the
-/// client address it names (the peer itself for LOCAL/UNKNOWN headers). `None`: no valid
-/// header in time; the connection is closed without an answer, as HAProxy does.
-async fn read_proxy_header<S: Stream>(
-    c: &mut Client<S>,
-    w: &Worker<S>,
-    accepted: Instant,
+/// Reads the PROXY protocol header a listener behind an L4 balancer expects, on the raw
+/// socket (before any TLS handshake), and returns the client address it names (the peer
+/// itself for LOCAL/UNKNOWN headers). Bytes read past the header stay in `buf`. `None`: no
+/// valid header by `deadline`; the connection is closed without an answer, as HAProxy does.
+pub async fn read_proxy_header<S: Stream>(
+    io: &S,
+    buf: &mut BytesMut,
+    peer: SocketAddr,
+    deadline: Instant,
 ) -> Option<SocketAddr> {
     use crate::http::proxy_protocol::{parse, Parsed};
-    let deadline = accepted + w.snapshot().server.header_timeout;
     loop {
-        match parse(&c.buf) {
+        match parse(buf) {
             Ok(Parsed::Header { len, source }) => {
-                c.buf.advance(len);
-                return Some(source.unwrap_or(c.peer));
+                buf.advance(len);
+                return Some(source.unwrap_or(peer));
             }
             Ok(Parsed::Incomplete) => {}
             Err(_) => {
-                tracing::debug!(peer = %c.peer, "invalid PROXY protocol header");
+                tracing::debug!(%peer, "invalid PROXY protocol header");
                 return None;
             }
         }
-        let buf = std::mem::take(&mut c.buf);
-        match timeout_at(deadline, c.io.read(buf)).await {
-            Ok((Ok(n), buf)) if n > 0 => c.buf = buf,
+        if buf.capacity() - buf.len() < 256 {
+            buf.reserve(HEAD_BUF_SIZE);
+        }
+        match timeout_at(deadline, io.read(std::mem::take(buf))).await {
+            Ok((Ok(n), b)) if n > 0 => *buf = b,
             _ => return None,
         }
     }
@@ -345,6 +347,26 @@ async fn handle<'s, S: Stream>(
     let buf = &c.buf[..];
     let head = &c.head;
     let has_body = !matches!(head.framing, BodyFraming::None | BodyFraming::Length(0));
+    // limits.request_rate (nginx limit_req): over it, 429 with Retry-After. The verdict is
+    // taken before awaiting so the limiter's borrow ends here.
+    let verdict = w.request_limiter.borrow_mut().check_with(
+        snap.generation,
+        &snap.config.limits,
+        client_ip,
+        Instant::now(),
+    );
+    if let Err(retry_after) = verdict {
+        w.stats.borrow_mut().limit_rejection(
+            crate::limits::LIMIT_REQUEST_RATE,
+            crate::limits::ENFORCER_USERSPACE,
+        );
+        let retry_after = retry_after.to_string();
+        send_error(&c.io, w, 429, has_body, Some(("Retry-After", &retry_after))).await;
+        return Outcome {
+            consumed: head.len,
+            ..Outcome::error(429, !has_body)
+        };
+    }
     let Some(route) = snap.router.find(head.host(buf), head.path(buf)) else {
         send_error(&c.io, w, 404, has_body, None).await;
         return Outcome {
@@ -738,7 +760,6 @@ async fn proxy<'s, S: Stream>(
         {
             let mut stats = w.stats.borrow_mut();
             stats.tunnels_active += 1;
-            stats.tunnel_path("copy");
         }
         let bytes = crate::tunnel::run(
             client,
@@ -752,6 +773,7 @@ async fn proxy<'s, S: Stream>(
         {
             let mut stats = w.stats.borrow_mut();
             stats.tunnels_active -= 1;
+            stats.tunnel_path(bytes.path);
             stats.tunnel_bytes[0] += bytes.to_upstream;
             stats.tunnel_bytes[1] += bytes.to_client;
         }

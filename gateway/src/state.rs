@@ -3,13 +3,14 @@
 //! current when its head arrived and keeps it to the end, so in-flight work never sees a
 //! half-applied config.
 
-use crate::config::{AccessFormat, Config, LoadedConfig};
+use crate::config::{AccessFormat, Config, ConfigError, ConfigErrors, LoadedConfig};
 use crate::route::Router;
+use crate::tls::TlsAcceptor;
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,8 @@ pub struct ListenerSettings {
     pub name: String,
     pub trusted_proxies: Vec<IpNet>,
     pub proxy_protocol: bool,
-    pub tls: bool,
+    /// The TLS acceptor (certificates, session cache, ticket keys) of a TLS listener.
+    pub tls: Option<TlsAcceptor>,
 }
 
 #[derive(Debug)]
@@ -49,8 +51,45 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds the snapshot for a validated config. Upstreams unchanged from `previous`
     /// are reused as they are (their workers' idle pools carry over).
-    pub fn build(loaded: LoadedConfig, generation: u64, previous: Option<&Snapshot>) -> Snapshot {
+    pub fn build(
+        loaded: LoadedConfig,
+        generation: u64,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, ConfigErrors> {
         let config = loaded.config;
+        // TLS acceptors: a listener that had one keeps its ticket keys and session cache
+        // (clients resume across a reload); new certificates apply to new handshakes.
+        let base = loaded.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for (i, l) in config.listeners.iter().enumerate() {
+            let l = l.get_ref();
+            let tls = match &l.tls {
+                None => None,
+                Some(tls) => {
+                    let old = previous
+                        .and_then(|p| p.listener(&l.name))
+                        .and_then(|s| s.tls.as_ref());
+                    let built = match old {
+                        Some(old) => old.rebuild(tls, &base),
+                        None => TlsAcceptor::from_config(tls, &base),
+                    };
+                    Some(built.map_err(|e| {
+                        ConfigErrors(vec![ConfigError {
+                            file: loaded.path.clone(),
+                            line: 0,
+                            key: format!("listener[{i}].tls"),
+                            message: e.to_string(),
+                        }])
+                    })?)
+                }
+            };
+            listeners.push(ListenerSettings {
+                name: l.name.clone(),
+                trusted_proxies: l.trusted_proxies.clone(),
+                proxy_protocol: l.proxy_protocol,
+                tls,
+            });
+        }
         let old: &[Arc<Upstream>] = previous.map(|p| p.upstreams.as_slice()).unwrap_or(&[]);
         let upstreams = config
             .upstreams
@@ -59,7 +98,7 @@ impl Snapshot {
             .collect();
         let router = Router::build(&config);
         let s = &config.server;
-        Snapshot {
+        Ok(Snapshot {
             generation,
             path: loaded.path,
             router,
@@ -71,23 +110,11 @@ impl Snapshot {
                 graceful_timeout: s.graceful_timeout.0,
                 max_connections: s.max_connections,
             },
-            listeners: config
-                .listeners
-                .iter()
-                .map(|l| {
-                    let l = l.get_ref();
-                    ListenerSettings {
-                        name: l.name.clone(),
-                        trusted_proxies: l.trusted_proxies.clone(),
-                        proxy_protocol: l.proxy_protocol,
-                        tls: l.tls.is_some(),
-                    }
-                })
-                .collect(),
+            listeners,
             access_format: config.log.format,
             access_enabled: config.log.access != "off",
             config,
-        }
+        })
     }
 
     pub fn listener(&self, name: &str) -> Option<&ListenerSettings> {
@@ -113,10 +140,13 @@ pub struct Shared {
     pub listening: AtomicBool,
     /// Every worker's published counters.
     pub metrics: crate::metrics::Registry,
+    /// Per-IP connection limits (deny, rate when XDP is not enforcing it, concurrent cap),
+    /// checked once per accepted connection; it also marks capped IPs for XDP.
+    pub conn_limiter: crate::limits::ConnLimiter,
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot) -> Arc<Shared> {
+    pub fn new(snapshot: Snapshot, conn_limiter: crate::limits::ConnLimiter) -> Arc<Shared> {
         Arc::new(Shared {
             generation: AtomicU64::new(snapshot.generation),
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -124,6 +154,7 @@ impl Shared {
             connections: AtomicUsize::new(0),
             listening: AtomicBool::new(false),
             metrics: crate::metrics::Registry::default(),
+            conn_limiter,
         })
     }
 

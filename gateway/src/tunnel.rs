@@ -4,16 +4,18 @@
 //!
 //! Two paths behind one entry point, [`run`]:
 //!
-//! - **splice** (plaintext sockets, a pair of pipes from the worker's [`pipe`] pool): each
-//!   direction moves bytes socket → pipe → socket with `splice(2)`, driven by readiness
-//!   (tokio `AsyncFd` on the two sockets, which the io_uring runtime's reactor serves). The
-//!   payload never enters user space. No io_uring operation touches the sockets while they
-//!   are spliced: they arrive from the handshake with nothing in flight (every read in
-//!   `proxy` has completed before the 101 is relayed), and from here on only readiness and
-//!   plain syscalls are used, so a dropped tunnel future loses no bytes and leaves nothing
-//!   in the ring. `docs/design/tunnels.md` has the measurements behind the choice of
-//!   readiness over io_uring's own splice opcode.
-//! - **copy** (no pipes to be had): two buffered copy loops on the io_uring driver.
+//! - **splice** (both sockets plaintext, a pair of pipes from the worker's [`pipe`] pool):
+//!   each direction moves bytes socket → pipe → socket with `splice(2)`, driven by readiness
+//!   ([`Stream::ready_io`]: tokio's reactor, which the io_uring runtime serves; the stream
+//!   owns the registration and drops it before its socket closes). The payload never enters
+//!   user space. No io_uring operation touches the sockets while they are spliced: they
+//!   arrive from the handshake with nothing in flight (every read in `proxy` has completed
+//!   before the 101 is relayed; the hang-up watch is readiness too), and from here on only
+//!   readiness and plain syscalls are used, so a dropped tunnel future loses no bytes and
+//!   leaves nothing in the ring. `docs/design/tunnels.md` has the measurements behind the
+//!   choice of readiness over io_uring's own splice opcode.
+//! - **copy** (a TLS side, whose socket carries ciphertext; no pipes to be had; or
+//!   `GATEWAY_TUNNEL_SPLICE=off`): two buffered copy loops on the stream's own driver.
 //!
 //! Either way: bytes that arrived with the handshake are delivered first; EOF from one side
 //! shuts down writing on the other (half-close); an error on either side, or the idle
@@ -27,9 +29,8 @@ use crate::worker::Worker;
 use bytes::BytesMut;
 use std::cell::Cell;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
-use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 /// [`TunnelBytes::path`] of a spliced tunnel.
@@ -141,15 +142,32 @@ pub async fn run<S: Stream>(
 ) -> TunnelBytes {
     let started = Instant::now();
     let progress = Progress::new();
-    let path = match pipe::take_pair() {
-        Some(pipes) => match Spliced::register(client.raw_fd(), upstream.raw_fd()) {
-            Ok(fds) => {
-                run_splice(&fds, pipes, from_client, &from_upstream, &progress, idle).await;
+    let pipes = if splice_enabled() && spliceable(client) && spliceable(upstream) {
+        pipe::take_pair()
+    } else {
+        None
+    };
+    let path = match pipes {
+        Some(pipes) => match set_nonblocking(client.raw_fd())
+            .and_then(|()| set_nonblocking(upstream.raw_fd()))
+        {
+            Ok(()) => {
+                run_splice(
+                    client,
+                    upstream,
+                    pipes,
+                    from_client,
+                    &from_upstream,
+                    &progress,
+                    idle,
+                )
+                .await;
                 w.give_buf(from_upstream);
                 PATH_SPLICE
             }
             Err(e) => {
-                tracing::debug!(error = %e, "tunnel: cannot register sockets for splicing; copying");
+                // Only fails on a descriptor already closed; the copy path will say so.
+                tracing::debug!(error = %e, "tunnel: cannot make the sockets non-blocking; copying");
                 drop(pipes);
                 run_copy(
                     client,
@@ -195,6 +213,19 @@ pub async fn run<S: Stream>(
     out
 }
 
+/// Whether tunnels may splice: yes unless `GATEWAY_TUNNEL_SPLICE=off` (or `0`) was in the
+/// environment at start. An escape hatch (a kernel whose splice misbehaves) and the switch
+/// the tunnel benchmark uses to measure the copy path; read once.
+pub fn splice_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        !matches!(
+            std::env::var("GATEWAY_TUNNEL_SPLICE").as_deref(),
+            Ok("off") | Ok("0")
+        )
+    })
+}
+
 /// Waits until nothing moved for `idle`.
 async fn watchdog(last_activity: &Cell<Instant>, idle: Duration) {
     loop {
@@ -209,45 +240,17 @@ async fn watchdog(last_activity: &Cell<Instant>, idle: Duration) {
 // ---------------------------------------------------------------------------------------
 // The splice path.
 
-/// A socket descriptor borrowed for readiness; the stream that owns it outlives it.
-struct SockFd(RawFd);
-
-impl AsRawFd for SockFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
+/// Whether the bytes on this stream's socket are the payload itself. An allowlist of the
+/// plaintext stream types: anything else (TLS, whose socket carries ciphertext, or a type
+/// this function does not know) takes the copy path.
+fn spliceable<S: Stream>(s: &S) -> bool {
+    s.spliceable()
 }
 
-/// Both sockets, non-blocking and registered with the reactor for the tunnel's lifetime;
-/// dropping this deregisters them (before `proxy` closes the sockets).
-struct Spliced {
-    client: AsyncFd<SockFd>,
-    upstream: AsyncFd<SockFd>,
-}
-
-impl Spliced {
-    fn register(client: RawFd, upstream: RawFd) -> io::Result<Spliced> {
-        // splice(2) reading a TCP socket blocks unless the socket itself is non-blocking
-        // (SPLICE_F_NONBLOCK only covers the pipe). Nothing after the tunnel uses the
-        // sockets through io_uring: `proxy` closes both when `run` returns.
-        set_nonblocking(client)?;
-        set_nonblocking(upstream)?;
-        let register = |fd| {
-            // SAFETY: `fd` belongs to a stream that `run` borrows, so it stays open and
-            // refers to the same socket for as long as this `AsyncFd` (owned by `run`'s
-            // future) exists.
-            unsafe {
-                AsyncFd::register_with_interest(SockFd(fd), Interest::READABLE | Interest::WRITABLE)
-            }
-            .map_err(io::Error::from)
-        };
-        Ok(Spliced {
-            client: register(client)?,
-            upstream: register(upstream)?,
-        })
-    }
-}
-
+/// Puts a socket in non-blocking mode: splice(2) reading or writing a TCP socket blocks
+/// unless the socket itself is non-blocking (`SPLICE_F_NONBLOCK` only covers the pipe).
+/// Nothing uses the sockets through io_uring after the tunnel: `proxy` closes both when
+/// [`run`] returns.
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl flag calls on a descriptor the caller keeps open.
     unsafe {
@@ -259,13 +262,9 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-fn shutdown(fd: &AsyncFd<SockFd>, how: libc::c_int) {
-    // SAFETY: shutdown on an open socket; errors (already shut, reset) do not matter here.
-    unsafe { libc::shutdown(fd.as_raw_fd(), how) };
-}
-
-async fn run_splice(
-    fds: &Spliced,
+async fn run_splice<S: Stream>(
+    client: &S,
+    upstream: &S,
     (mut up_pipe, mut down_pipe): (PooledPipe, PooledPipe),
     from_client: &[u8],
     from_upstream: &[u8],
@@ -275,16 +274,16 @@ async fn run_splice(
     let both = async {
         tokio::try_join!(
             splice_dir(
-                &fds.client,
-                &fds.upstream,
+                client,
+                upstream,
                 &mut up_pipe,
                 from_client,
                 Dir::ToUpstream,
                 progress
             ),
             splice_dir(
-                &fds.upstream,
-                &fds.client,
+                upstream,
+                client,
                 &mut down_pipe,
                 from_upstream,
                 Dir::ToClient,
@@ -304,15 +303,16 @@ async fn run_splice(
         _ = watchdog(&progress.last_activity, idle) => progress.ended(CloseReason::Idle),
     }
     // Both directions are over (or abandoned): make sure neither peer waits on us.
-    shutdown(&fds.client, libc::SHUT_RDWR);
-    shutdown(&fds.upstream, libc::SHUT_RDWR);
+    client.abort();
+    upstream.abort();
 }
 
 /// One direction: `pending` first, then splice `from` → pipe → `to` until EOF, which is
-/// passed on as a half-close.
-async fn splice_dir(
-    from: &AsyncFd<SockFd>,
-    to: &AsyncFd<SockFd>,
+/// passed on as a half-close. Readiness comes from [`Stream::ready_io`] (the reactor,
+/// never an io_uring operation).
+async fn splice_dir<S: Stream>(
+    from: &S,
+    to: &S,
     pipe: &mut PooledPipe,
     pending: &[u8],
     dir: Dir,
@@ -321,7 +321,7 @@ async fn splice_dir(
     let mut sent = 0;
     while sent < pending.len() {
         let n = to
-            .async_io(Interest::WRITABLE, |fd| send(fd.0, &pending[sent..]))
+            .ready_io(Interest::WRITABLE, |fd| send(fd, &pending[sent..]))
             .await?;
         sent += n;
         dir.add(progress, n);
@@ -329,17 +329,17 @@ async fn splice_dir(
     }
     loop {
         let n = from
-            .async_io(Interest::READABLE, |fd| pipe.fill_from(fd.0))
+            .ready_io(Interest::READABLE, |fd| pipe.fill_from(fd))
             .await?;
         if n == 0 {
             progress.ended(dir.eof());
-            shutdown(to, libc::SHUT_WR);
+            to.shutdown_write();
             return Ok(());
         }
         progress.touch();
         while pipe.buffered() > 0 {
             let n = to
-                .async_io(Interest::WRITABLE, |fd| pipe.drain_to(fd.0))
+                .ready_io(Interest::WRITABLE, |fd| pipe.drain_to(fd))
                 .await?;
             dir.add(progress, n);
         }

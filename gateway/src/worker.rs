@@ -4,15 +4,16 @@
 //! atomics (connection count, server health).
 
 use crate::access_log::{LogWriter, WorkerLog};
+use crate::fasthash::FastMap;
 use crate::io::{Stream, UringStream};
 use crate::metrics::{Published, Stats};
 use crate::proxy;
 use crate::state::{Shared, Snapshot};
+use crate::tls::stream::MaybeTls;
 use crate::upstream::pool::WorkerUpstream;
 use crate::upstream::Upstream;
 use bytes::BytesMut;
 use std::cell::{Cell, RefCell};
-use crate::fasthash::FastMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
@@ -55,6 +56,8 @@ pub struct Worker<S: Stream> {
     pub active: Cell<usize>,
     bufs: RefCell<Vec<BytesMut>>,
     outs: RefCell<Vec<Vec<u8>>>,
+    /// `limits.request_rate` for the clients of this worker (its share of the rate).
+    pub request_limiter: RefCell<crate::limits::RequestLimiter>,
     /// This worker's counters, and the copy it publishes every tick for `/metrics`.
     pub stats: RefCell<Stats>,
     published: Published,
@@ -64,6 +67,10 @@ impl<S: Stream> Worker<S> {
     pub fn new(id: usize, shared: Arc<Shared>, log: Option<LogWriter>) -> Worker<S> {
         let snap = shared.snapshot();
         let published = shared.metrics.register(id);
+        let request_limiter = crate::limits::RequestLimiter::new(
+            &snap.config.limits,
+            snap.config.effective_workers(),
+        );
         Worker {
             id,
             snapshot: RefCell::new((snap.generation, Rc::new(SnapshotRef(snap)))),
@@ -75,6 +82,7 @@ impl<S: Stream> Worker<S> {
             active: Cell::new(0),
             bufs: RefCell::new(Vec::new()),
             outs: RefCell::new(Vec::new()),
+            request_limiter: RefCell::new(request_limiter),
             stats: RefCell::new(Stats::default()),
             published,
         }
@@ -283,10 +291,14 @@ pub fn start(
                         match runtime {
                             Ok(rt) => {
                                 let local = tokio::task::LocalSet::new();
-                                local.block_on(&rt, run_worker::<Epoll>(id, shared, log, drain, bound));
+                                local.block_on(
+                                    &rt,
+                                    run_worker::<Epoll>(id, shared, log, drain, bound),
+                                );
                             }
                             Err(e) => {
-                                let _ = bound.send(Err(format!("worker {id}: cannot start a runtime: {e}")));
+                                let _ = bound
+                                    .send(Err(format!("worker {id}: cannot start a runtime: {e}")));
                             }
                         }
                     }
@@ -331,7 +343,7 @@ async fn run_worker<D: Driver>(
     mut drain: watch::Receiver<bool>,
     bound: mpsc::Sender<Result<(), String>>,
 ) {
-    let worker: Rc<Worker<D::Stream>> = Rc::new(Worker::new(id, shared.clone(), log));
+    let worker: Rc<Worker<MaybeTls<D::Stream>>> = Rc::new(Worker::new(id, shared.clone(), log));
     let mut listeners = BoundListeners::default();
     if let Err(e) = listeners.reconcile::<D>(&worker) {
         let _ = bound.send(Err(e));
@@ -411,11 +423,15 @@ struct BoundListeners {
     bound: Vec<(ListenerKey, RawFd, Rc<Cell<bool>>)>,
 }
 
-/// What identifies a bound listener: address, name, and whether it terminates TLS.
-type ListenerKey = (SocketAddr, String, bool);
+/// What identifies a bound listener: address, name, whether it terminates TLS, whether it
+/// expects a PROXY header (a change of any rebinds it).
+type ListenerKey = (SocketAddr, String, bool, bool);
 
 impl BoundListeners {
-    fn reconcile<D: Driver>(&mut self, worker: &Rc<Worker<D::Stream>>) -> Result<(), String> {
+    fn reconcile<D: Driver>(
+        &mut self,
+        worker: &Rc<Worker<MaybeTls<D::Stream>>>,
+    ) -> Result<(), String> {
         let snap = worker.snapshot();
         let wanted: Vec<ListenerKey> = snap
             .config
@@ -423,7 +439,12 @@ impl BoundListeners {
             .iter()
             .map(|l| {
                 let l = l.get_ref();
-                (l.listen.parse().expect("validated listen address"), l.name.clone(), l.tls.is_some())
+                (
+                    l.listen.parse().expect("validated listen address"),
+                    l.name.clone(),
+                    l.tls.is_some(),
+                    l.proxy_protocol,
+                )
             })
             .collect();
         self.bound.retain(|(key, fd, closed)| {
@@ -441,16 +462,24 @@ impl BoundListeners {
             if self.bound.iter().any(|(k, _, _)| *k == key) {
                 continue;
             }
-            let (addr, name, tls) = key.clone();
-            let std_listener = bind_reuseport(addr).map_err(|e| format!("listener {name:?}: cannot bind {addr}: {e}"))?;
+            let (addr, name, tls, proxy_protocol) = key.clone();
+            let std_listener = bind_reuseport(addr)
+                .map_err(|e| format!("listener {name:?}: cannot bind {addr}: {e}"))?;
             let fd = std_listener.as_raw_fd();
-            let listener = D::listener(std_listener).map_err(|e| format!("listener {name:?}: {e}"))?;
+            let listener =
+                D::listener(std_listener).map_err(|e| format!("listener {name:?}: {e}"))?;
             let ctx = Rc::new(proxy::ListenerCtx {
                 name: name.as_str().into(),
                 proto: if tls { "https" } else { "http" },
+                proxy_protocol,
             });
             let closed = Rc::new(Cell::new(false));
-            D::spawn(accept_loop::<D>(worker.clone(), listener, ctx, closed.clone()));
+            D::spawn(accept_loop::<D>(
+                worker.clone(),
+                listener,
+                ctx,
+                closed.clone(),
+            ));
             if self.generation != 0 {
                 tracing::info!(worker = worker.id, listener = %name, %addr, "listener bound");
             }
@@ -465,6 +494,51 @@ impl BoundListeners {
             closed.set(true);
             // SAFETY: as in `reconcile`.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+    }
+}
+
+/// What comes before HTTP on a connection: the PROXY header when the listener expects one
+/// (always in plaintext, ahead of any TLS), then the TLS handshake on TLS listeners, both
+/// within `header_timeout` of the accept. `None` closes the connection.
+async fn preamble<S: Stream>(
+    w: &Worker<MaybeTls<S>>,
+    ctx: &proxy::ListenerCtx,
+    stream: S,
+    peer: SocketAddr,
+    accepted: Instant,
+) -> Option<(MaybeTls<S>, SocketAddr, BytesMut)> {
+    let snap = w.snapshot();
+    let settings = snap.listener(&ctx.name);
+    let proxy_protocol = settings.is_some_and(|s| s.proxy_protocol);
+    let acceptor = settings.and_then(|s| s.tls.clone());
+    let deadline = accepted + snap.server.header_timeout;
+    drop(snap);
+    let mut initial = BytesMut::new();
+    let mut peer = peer;
+    if proxy_protocol {
+        peer = proxy::read_proxy_header(&stream, &mut initial, peer, deadline).await?;
+    }
+    let Some(acceptor) = acceptor else {
+        return Some((MaybeTls::Plain(stream), peer, initial));
+    };
+    let budget = deadline.saturating_duration_since(Instant::now());
+    match crate::tls::accept_with_prefix(&acceptor, stream, initial, budget).await {
+        Ok(tls) => {
+            let hs = tls.handshake();
+            w.stats.borrow_mut().tls_handshake(
+                &ctx.name,
+                hs.metric_label(),
+                Some(hs.duration.as_secs_f64()),
+            );
+            Some((MaybeTls::Tls(Box::new(tls)), peer, BytesMut::new()))
+        }
+        Err(e) => {
+            w.stats
+                .borrow_mut()
+                .tls_handshake(&ctx.name, e.metric_label(), None);
+            tracing::debug!(%peer, listener = %ctx.name, error = %e, "TLS handshake failed");
+            None
         }
     }
 }
@@ -491,7 +565,7 @@ impl<S: Stream> Drop for ConnectionGuard<S> {
 }
 
 async fn accept_loop<D: Driver>(
-    worker: Rc<Worker<D::Stream>>,
+    worker: Rc<Worker<MaybeTls<D::Stream>>>,
     listener: D::Listener,
     ctx: Rc<proxy::ListenerCtx>,
     closed: Rc<Cell<bool>>,
@@ -509,6 +583,23 @@ async fn accept_loop<D: Driver>(
                 tracing::warn!(listener = %ctx.name, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
+            }
+        };
+        // Per-IP limits at accept. Behind a PROXY-protocol balancer the peer is the
+        // balancer, so those listeners check the client address after the header instead.
+        let ticket = if ctx.proxy_protocol {
+            None
+        } else {
+            match worker.shared.conn_limiter.on_accept(peer.ip()) {
+                Ok(t) => Some(t),
+                Err(r) => {
+                    worker
+                        .stats
+                        .borrow_mut()
+                        .limit_rejection(r.limit, r.enforcer);
+                    drop(stream);
+                    continue;
+                }
             }
         };
         let max = worker.snapshot().server.max_connections;
@@ -533,7 +624,20 @@ async fn accept_loop<D: Driver>(
         let w = worker.clone();
         D::spawn(async move {
             let _guard = guard;
-            proxy::serve(w, ctx, stream, peer, Instant::now()).await;
+            let mut _ticket = ticket;
+            let accepted = Instant::now();
+            if let Some((io, peer, initial)) = preamble(&w, &ctx, stream, peer, accepted).await {
+                if ctx.proxy_protocol {
+                    match w.shared.conn_limiter.on_accept(peer.ip()) {
+                        Ok(t) => _ticket = Some(t),
+                        Err(r) => {
+                            w.stats.borrow_mut().limit_rejection(r.limit, r.enforcer);
+                            return;
+                        }
+                    }
+                }
+                proxy::serve(w, ctx, io, peer, accepted, initial).await;
+            }
         });
     }
 }

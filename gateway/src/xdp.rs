@@ -13,30 +13,55 @@
 //! Attachments use BPF links where the kernel has them, so a crashed gateway leaves no
 //! program behind; a clean shutdown detaches in `Drop`.
 //!
-//! Pinning: with a pin path (which must be on a bpffs mount; an unmounted `/sys/fs/bpf` is
-//! mounted on demand), maps are pinned there by name and reused by the next load, so a
-//! restart keeps counters (and later the guard's state). Reuse takes the pinned map as it is: a change to a map's definition needs the
-//! old pin removed, or the diff-and-migrate step the guard's reload will bring.
+//! The guard's policy (design: `docs/design/xdp-guard.md`) lives in maps the program
+//! reads on every packet: [`XdpGuard::apply`] writes the limits and the listener ports into
+//! the one-entry `GUARD_CONFIG` array and diffs the deny/allow LPM tries against the config
+//! (insert new, remove gone). A reload therefore keeps the program id, its attachments and
+//! every counter. With no config written (no pin path, or a fresh one) the program
+//! passes everything.
+//! [`XdpGuard::start`] loads, applies, then attaches, so no packet meets an unconfigured
+//! guard once it is attached.
 //!
-//! Non-goals here: the guard's maps and policy (deny lists, rate limits, connection caps)
-//! and pinning the program or its links (a restart re-attaches).
+//! The per-IP connection cap is counted in user space (`crate::limits::ConnLimiter`,
+//! completed handshakes only, so spoofed SYNs never count); [`XdpGuard::cap_marker`] hands
+//! it a [`CapMarker`] that marks addresses at their cap in the `CAPPED_*` maps.
+//!
+//! Pinning: with a pin path (which must be on a bpffs mount; an unmounted `/sys/fs/bpf` is
+//! mounted on demand), the counters, the config, the tries, the rate buckets and the
+//! backstop bucket are pinned there by name and reused by the next load, so a restart keeps
+//! counts and rate state. A pinned map whose definition no longer matches this build (key
+//! or value size, or size) is removed and recreated, with a warning. The `CAPPED_*` maps
+//! are never pinned: they mirror the connection counts of this process, which a restart
+//! resets.
+//!
+//! Non-goals here: pinning the program or its links (a restart re-attaches).
 
 use std::{
+    collections::BTreeSet,
     error::Error as StdError,
     fmt, io,
+    net::IpAddr,
     path::{Path, PathBuf},
+    sync::Mutex,
 };
 
 use aya::{
-    maps::{MapData, MapError, PerCpuArray},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap as BpfHashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues,
+    },
     programs::{xdp::XdpLinkId, ProgramError, Xdp},
     Ebpf, EbpfError, EbpfLoader, TestRun as _, TestRunOptions,
 };
+use gateway_common::{flags, BucketParams, NetEntry, TokenBucket};
 pub use gateway_common::{
-    names,
+    names, sizes,
     verdict::{self, VERDICT_COUNT},
-    VerdictCounter,
+    GuardConfig, VerdictCounter,
 };
+use ipnet::IpNet;
+
+use crate::config::{Config, LimitsConfig};
 
 /// How to attach the program to an interface.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -140,8 +165,11 @@ pub enum XdpError {
         #[source]
         source: Box<ProgramError>,
     },
-    /// Reading a map failed.
-    #[error("reading XDP map {name}")]
+    /// The config cannot be expressed in the guard's maps (e.g. too many listener ports).
+    #[error("XDP guard policy: {0}")]
+    Policy(String),
+    /// Reading or writing a map failed.
+    #[error("XDP map {name}")]
     Map {
         name: &'static str,
         #[source]
@@ -232,6 +260,27 @@ impl VerdictCounts {
             .zip(self.counters.iter().copied())
     }
 
+    /// The drops as `gateway_limit_rejections_total{limit, enforcer="xdp"}`: `(limit
+    /// label, packets)`. Drops count packets, so a client's retransmitted SYN counts again.
+    /// `new_source_rate` is the global backstop (see [`GuardOptions`]).
+    pub fn limit_rejections(&self) -> [(&'static str, u64); 4] {
+        [
+            (crate::limits::LIMIT_DENY, self.packets(verdict::DROP_DENY)),
+            (
+                crate::limits::LIMIT_CONN_RATE,
+                self.packets(verdict::DROP_RATE),
+            ),
+            (
+                crate::limits::LIMIT_MAX_CONNS,
+                self.packets(verdict::DROP_CONN_CAP),
+            ),
+            (
+                crate::limits::LIMIT_NEW_SOURCE_RATE,
+                self.packets(verdict::DROP_NEW_SOURCE),
+            ),
+        ]
+    }
+
     /// Packets seen, whatever the verdict.
     pub fn total_packets(&self) -> u64 {
         self.counters
@@ -240,11 +289,75 @@ impl VerdictCounts {
     }
 }
 
+/// Sizes of the guard's state maps, fixed at load time (a change needs a restart, and
+/// drops the pinned rate state, whose definition then no longer matches).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GuardOptions {
+    /// Source addresses with a `conn_rate` bucket, per address family (LRU; the least
+    /// recently charged is forgotten when full). Default [`sizes::RATE_ENTRIES`].
+    pub tracked_sources: u32,
+    /// Global backstop: new per-source buckets created per second, all CPUs together.
+    /// Beyond it a SYN from a source without a bucket is dropped (`drop_new_source`),
+    /// and known sources keep their state. Default: `tracked_sources / 8`, so a flood of
+    /// new sources cycles the LRU no faster than once per 8 s. 0 turns the backstop off.
+    pub new_sources_per_sec: f64,
+    /// Burst of the backstop. Default: `tracked_sources / 4`.
+    pub new_sources_burst: u32,
+}
+
+impl Default for GuardOptions {
+    fn default() -> Self {
+        GuardOptions::for_tracked_sources(sizes::RATE_ENTRIES)
+    }
+}
+
+impl GuardOptions {
+    /// The defaults for a given LRU size.
+    pub fn for_tracked_sources(tracked_sources: u32) -> GuardOptions {
+        let tracked_sources = tracked_sources.max(1);
+        GuardOptions {
+            tracked_sources,
+            new_sources_per_sec: f64::from(tracked_sources) / 8.0,
+            new_sources_burst: (tracked_sources / 4).max(1),
+        }
+    }
+}
+
+/// How full one map is, for the `gateway_xdp_map_entries{map}` gauge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    /// The map's name (`gateway_common::names`), the `map` label.
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// What [`XdpGuard::apply`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    pub networks_added: usize,
+    pub networks_removed: usize,
+    pub ports: Vec<u16>,
+}
+
+type TrieV4 = LpmTrie<MapData, [u8; 4], NetEntry>;
+type TrieV6 = LpmTrie<MapData, [u8; 16], NetEntry>;
+
 /// The loaded XDP program, its maps, and its attachments. Dropping it detaches the program
 /// from every interface and unloads it (pinned maps stay).
 pub struct XdpGuard {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, VerdictCounter>,
+    config: Array<MapData, GuardConfig>,
+    deny_v4: TrieV4,
+    deny_v6: TrieV6,
+    allow_v4: TrieV4,
+    allow_v6: TrieV6,
+    capped_ids: (u32, u32),
+    /// Own descriptors of the hash maps `map_fill` counts in batches (aya's typed maps
+    /// do not lend out their descriptors).
+    counted: Vec<(&'static str, MapData, u32)>,
+    options: GuardOptions,
     program_id: u32,
     pin_path: Option<PathBuf>,
     attachments: Vec<Attachment>,
@@ -257,13 +370,55 @@ impl fmt::Debug for XdpGuard {
             .field("program_id", &self.program_id)
             .field("pin_path", &self.pin_path)
             .field("attachments", &self.attachments)
+            .field("options", &self.options)
             .finish_non_exhaustive()
     }
 }
 
+/// One map's expected definition: `(name, key size, value size, max entries)`. Used to
+/// spot a pinned map left by a build with another layout.
+type MapShape = (&'static str, u32, u32, u32);
+
+/// The maps pinned under the pin path, with the shape this build expects of them.
+fn pinned_maps(options: &GuardOptions) -> [MapShape; 9] {
+    let size = |n: usize| n as u32;
+    [
+        (
+            names::VERDICT_COUNTERS,
+            4,
+            size(size_of::<VerdictCounter>()),
+            VERDICT_COUNT,
+        ),
+        (names::GUARD_CONFIG, 4, size(size_of::<GuardConfig>()), 1),
+        (names::DENY_V4, 8, 4, sizes::NET_ENTRIES),
+        (names::DENY_V6, 20, 4, sizes::NET_ENTRIES),
+        (names::ALLOW_V4, 8, 4, sizes::NET_ENTRIES),
+        (names::ALLOW_V6, 20, 4, sizes::NET_ENTRIES),
+        (
+            names::RATE_V4,
+            4,
+            size(size_of::<TokenBucket>()),
+            options.tracked_sources,
+        ),
+        (
+            names::RATE_V6,
+            16,
+            size(size_of::<TokenBucket>()),
+            options.tracked_sources,
+        ),
+        (
+            names::NEW_SOURCE_BUCKET,
+            4,
+            size(size_of::<TokenBucket>()),
+            1,
+        ),
+    ]
+}
+
 impl XdpGuard {
     /// Loads the program and attaches it to every interface in `interfaces`, in `mode`.
-    /// On error nothing stays attached.
+    /// On error nothing stays attached. The program passes everything until
+    /// [`apply`](Self::apply); prefer [`start`](Self::start), which applies first.
     pub fn load_and_attach(
         interfaces: &[String],
         mode: XdpMode,
@@ -280,14 +435,55 @@ impl XdpGuard {
         Ok(guard)
     }
 
-    /// Loads (and verifies) the program without attaching it anywhere. With `pin_path`,
-    /// maps are pinned under it, reusing maps a previous run pinned there.
+    /// Loads the program, writes the policy of `limits` for the listener `ports`, then
+    /// attaches to every interface: the guard is in force from its first packet. On error
+    /// nothing stays attached.
+    pub fn start(
+        interfaces: &[String],
+        mode: XdpMode,
+        pin_path: Option<&Path>,
+        options: &GuardOptions,
+        limits: &LimitsConfig,
+        ports: &[u16],
+    ) -> Result<XdpGuard, XdpError> {
+        if interfaces.is_empty() {
+            return Err(XdpError::NoInterfaces);
+        }
+        let mut guard = Self::load_with(pin_path, options)?;
+        guard.apply(limits, ports)?;
+        for interface in interfaces {
+            guard.attach(interface, mode)?;
+        }
+        Ok(guard)
+    }
+
+    /// Loads (and verifies) the program with default [`GuardOptions`], without attaching
+    /// it anywhere. With `pin_path`, maps are pinned under it, reusing maps a previous run
+    /// pinned there.
     pub fn load(pin_path: Option<&Path>) -> Result<XdpGuard, XdpError> {
+        Self::load_with(pin_path, &GuardOptions::default())
+    }
+
+    /// [`load`](Self::load) with explicit map sizes.
+    pub fn load_with(
+        pin_path: Option<&Path>,
+        options: &GuardOptions,
+    ) -> Result<XdpGuard, XdpError> {
         let object = embedded_object().ok_or(XdpError::NotBuilt)?;
+        let options = GuardOptions {
+            tracked_sources: options.tracked_sources.max(1),
+            ..*options
+        };
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::RATE_V4, options.tracked_sources);
+        loader.map_max_entries(names::RATE_V6, options.tracked_sources);
         if let Some(dir) = pin_path {
             prepare_pin_dir(dir)?;
-            loader.map_pin_path(names::VERDICT_COUNTERS, dir.join(names::VERDICT_COUNTERS));
+            for (name, key_size, value_size, max_entries) in pinned_maps(&options) {
+                let path = dir.join(name);
+                drop_mismatched_pin(&path, name, key_size, value_size, max_entries);
+                loader.map_pin_path(name, path);
+            }
         }
         let mut ebpf = loader.load(object).map_err(|source| XdpError::Load {
             pin_path: pin_path.map(Path::to_path_buf),
@@ -307,25 +503,183 @@ impl XdpGuard {
             })?
             .id();
 
-        let map = ebpf
-            .take_map(names::VERDICT_COUNTERS)
-            .ok_or(XdpError::Missing {
-                kind: "map",
-                name: names::VERDICT_COUNTERS,
-            })?;
-        let counters = PerCpuArray::try_from(map).map_err(|source| XdpError::Map {
-            name: names::VERDICT_COUNTERS,
-            source: Box::new(source),
-        })?;
-
-        tracing::debug!(program_id, pin_path = ?pin_path, "XDP program loaded");
-        Ok(XdpGuard {
+        let capped_ids = (
+            map_id(&ebpf, names::CAPPED_V4)?,
+            map_id(&ebpf, names::CAPPED_V6)?,
+        );
+        let mut counted = Vec::new();
+        for (name, capacity) in [
+            (names::RATE_V4, options.tracked_sources),
+            (names::RATE_V6, options.tracked_sources),
+            (names::CAPPED_V4, sizes::CAPPED_ENTRIES),
+            (names::CAPPED_V6, sizes::CAPPED_ENTRIES),
+        ] {
+            let data = MapData::from_id(map_id(&ebpf, name)?).map_err(map_err(name))?;
+            counted.push((name, data, capacity));
+        }
+        let mut guard = XdpGuard {
+            counters: take_map(&mut ebpf, names::VERDICT_COUNTERS)?,
+            config: take_map(&mut ebpf, names::GUARD_CONFIG)?,
+            deny_v4: take_map(&mut ebpf, names::DENY_V4)?,
+            deny_v6: take_map(&mut ebpf, names::DENY_V6)?,
+            allow_v4: take_map(&mut ebpf, names::ALLOW_V4)?,
+            allow_v6: take_map(&mut ebpf, names::ALLOW_V6)?,
             ebpf,
-            counters,
+            capped_ids,
+            counted,
+            options,
             program_id,
             pin_path: pin_path.map(Path::to_path_buf),
             attachments: Vec::new(),
             links: Vec::new(),
+        };
+        guard.reset_new_source_bucket()?;
+        tracing::debug!(program_id, pin_path = ?pin_path, "XDP program loaded");
+        Ok(guard)
+    }
+
+    /// Fills the per-CPU backstop buckets: a restart must not start out throttled.
+    fn reset_new_source_bucket(&mut self) -> Result<(), XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(names::NEW_SOURCE_BUCKET)
+            .ok_or(XdpError::Missing {
+                kind: "map",
+                name: names::NEW_SOURCE_BUCKET,
+            })?;
+        let mut bucket: PerCpuArray<&mut MapData, TokenBucket> =
+            PerCpuArray::try_from(map).map_err(map_err(names::NEW_SOURCE_BUCKET))?;
+        let cpus = possible_cpus();
+        let full = TokenBucket {
+            tokens_mtok: new_source_params(&self.options, cpus).burst_mtok,
+            last_ns: 0,
+        };
+        let values = PerCpuValues::try_from(vec![full; cpus])
+            .map_err(|err| XdpError::Policy(format!("per-CPU backstop buckets: {err}")))?;
+        bucket
+            .set(0, values, 0)
+            .map_err(map_err(names::NEW_SOURCE_BUCKET))
+    }
+
+    /// Writes the policy of `limits` for listener `ports` into the program's maps, in place:
+    /// the deny/allow tries are diffed against the config (new networks inserted first,
+    /// then those gone removed, so a change never opens a gap), then the config entry is
+    /// rewritten whole. Program id, attachments, counters and rate state stay. With
+    /// nothing to protect (no ports) the config is written disabled: everything passes.
+    pub fn apply(
+        &mut self,
+        limits: &LimitsConfig,
+        ports: &[u16],
+    ) -> Result<ApplySummary, XdpError> {
+        let mut ports: Vec<u16> = ports.to_vec();
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.len() > sizes::MAX_PORTS {
+            return Err(XdpError::Policy(format!(
+                "{} listener ports, but the XDP guard protects at most {}",
+                ports.len(),
+                sizes::MAX_PORTS
+            )));
+        }
+        let mut summary = ApplySummary {
+            ports: ports.clone(),
+            ..ApplySummary::default()
+        };
+        let (deny_v4, deny_v6) = split_nets(&limits.deny);
+        let (allow_v4, allow_v6) = split_nets(&limits.allow);
+        sync_trie(&mut self.deny_v4, names::DENY_V4, &deny_v4, &mut summary)?;
+        sync_trie(&mut self.deny_v6, names::DENY_V6, &deny_v6, &mut summary)?;
+        sync_trie(&mut self.allow_v4, names::ALLOW_V4, &allow_v4, &mut summary)?;
+        sync_trie(&mut self.allow_v6, names::ALLOW_V6, &allow_v6, &mut summary)?;
+
+        let config = guard_config(limits, &ports, &self.options, possible_cpus());
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(names::GUARD_CONFIG))?;
+        tracing::info!(
+            program_id = self.program_id,
+            ports = ?summary.ports,
+            networks_added = summary.networks_added,
+            networks_removed = summary.networks_removed,
+            "XDP guard policy applied"
+        );
+        Ok(summary)
+    }
+
+    /// [`apply`](Self::apply) with the limits and listener ports of `config`.
+    pub fn apply_config(&mut self, config: &Config) -> Result<ApplySummary, XdpError> {
+        self.apply(&config.limits, &listener_ports(config))
+    }
+
+    /// The config entry as the program sees it.
+    pub fn current_config(&self) -> Result<GuardConfig, XdpError> {
+        self.config.get(&0, 0).map_err(map_err(names::GUARD_CONFIG))
+    }
+
+    /// The map sizes this guard was loaded with.
+    pub fn options(&self) -> &GuardOptions {
+        &self.options
+    }
+
+    /// Entries and capacity of the deny/allow tries, the rate LRUs and the cap maps, for
+    /// `gateway_xdp_map_entries{map}`. Hash maps are counted with `BPF_MAP_LOOKUP_BATCH`
+    /// (4096 entries per syscall: a few milliseconds for full 65536-entry LRUs); the tries,
+    /// which have no batch operations and hold the (short) configured lists, key by key.
+    pub fn map_fill(&self) -> Result<Vec<MapFill>, XdpError> {
+        fn walk<K: aya::Pod>(
+            map: &'static str,
+            keys: aya::maps::MapKeys<'_, K>,
+            capacity: u32,
+        ) -> Result<MapFill, XdpError> {
+            let mut entries = 0u64;
+            for key in keys {
+                key.map_err(map_err(map))?;
+                entries += 1;
+            }
+            Ok(MapFill {
+                map,
+                entries,
+                capacity: u64::from(capacity),
+            })
+        }
+        let mut fill = vec![
+            walk(names::DENY_V4, self.deny_v4.keys(), sizes::NET_ENTRIES)?,
+            walk(names::DENY_V6, self.deny_v6.keys(), sizes::NET_ENTRIES)?,
+            walk(names::ALLOW_V4, self.allow_v4.keys(), sizes::NET_ENTRIES)?,
+            walk(names::ALLOW_V6, self.allow_v6.keys(), sizes::NET_ENTRIES)?,
+        ];
+        for (map, data, capacity) in &self.counted {
+            let info = data.info().map_err(map_err(map))?;
+            let entries = count_entries(
+                std::os::fd::AsFd::as_fd(data.fd()),
+                info.key_size() as usize,
+                info.value_size() as usize,
+            )
+            .map_err(|err| XdpError::Policy(format!("counting the entries of {map}: {err}")))?;
+            fill.push(MapFill {
+                map,
+                entries,
+                capacity: u64::from(*capacity),
+            });
+        }
+        Ok(fill)
+    }
+
+    /// A handle on the `CAPPED_*` maps for `crate::limits::ConnLimiter`, which marks the
+    /// addresses at `max_conns_per_ip` there. It holds its own map descriptors, so it can
+    /// outlive the guard (marks then no longer matter) and be shared between threads.
+    pub fn cap_marker(&self) -> Result<CapMarker, XdpError> {
+        fn open<M: TryFrom<aya::maps::Map, Error = MapError>>(
+            name: &'static str,
+            id: u32,
+        ) -> Result<M, XdpError> {
+            let data = MapData::from_id(id).map_err(map_err(name))?;
+            let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
+            M::try_from(map).map_err(map_err(name))
+        }
+        Ok(CapMarker {
+            v4: Mutex::new(open(names::CAPPED_V4, self.capped_ids.0)?),
+            v6: Mutex::new(open(names::CAPPED_V6, self.capped_ids.1)?),
         })
     }
 
@@ -432,6 +786,17 @@ impl XdpGuard {
     /// `BPF_PROG_TEST_RUN`, without any interface, and returns its XDP action
     /// (`XDP_PASS` = 2, `XDP_DROP` = 1). Counters move as for a received frame.
     pub fn test_run(&self, frame: &[u8]) -> Result<u32, XdpError> {
+        self.test_run_repeat(frame, 1).map(|(action, _)| action)
+    }
+
+    /// Runs the program `repeat` times over `frame` in one `BPF_PROG_TEST_RUN` and
+    /// returns its last XDP action and the kernel's average time per run (a micro-benchmark
+    /// of the program's path for that frame). Counters move once per run.
+    pub fn test_run_repeat(
+        &self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), XdpError> {
         let program: &Xdp = self
             .ebpf
             .program(names::PROGRAM)
@@ -446,11 +811,12 @@ impl XdpGuard {
             })?;
         let options = TestRunOptions {
             data_in: Some(frame),
+            repeat,
             ..TestRunOptions::default()
         };
         program
             .test_run(options)
-            .map(|result| result.return_value)
+            .map(|result| (result.return_value, result.duration))
             .map_err(|source| XdpError::Program {
                 action: "BPF_PROG_TEST_RUN",
                 source: Box::new(source),
@@ -481,6 +847,350 @@ impl Drop for XdpGuard {
                 ),
             }
         }
+    }
+}
+
+// ---- Policy → maps ----
+
+/// The TCP ports of `config`'s listeners (what the guard protects).
+pub fn listener_ports(config: &Config) -> Vec<u16> {
+    let mut ports: Vec<u16> = config
+        .listeners
+        .iter()
+        .filter_map(|l| l.get_ref().listen.parse::<std::net::SocketAddr>().ok())
+        .map(|addr| addr.port())
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Milli-tokens per token (the kernel's unit, `gateway_common::BucketParams`).
+const MTOK: u64 = 1000;
+/// Largest bucket, in tokens: keeps `burst_mtok * 1e9` (the kernel's largest product)
+/// below 2^64.
+pub const MAX_BURST: u64 = 10_000_000;
+
+/// Kernel bucket parameters for `rate` tokens per second with `burst` tokens.
+fn bucket_params(rate: f64, burst: u64) -> BucketParams {
+    let burst_mtok = burst.clamp(1, MAX_BURST) * MTOK;
+    // At least one milli-token per second: a zero rate would never refill and the
+    // division below would be by zero.
+    let rate_mtok_per_s = ((rate * MTOK as f64).round() as u64).max(1);
+    let fill_ns =
+        u64::try_from(u128::from(burst_mtok) * 1_000_000_000 / u128::from(rate_mtok_per_s) + 1)
+            .unwrap_or(u64::MAX);
+    BucketParams {
+        rate_mtok_per_s,
+        burst_mtok,
+        fill_ns,
+    }
+}
+
+/// `conn_burst`, or one second's worth of `conn_rate` (at least 1) when unset.
+pub fn effective_conn_burst(limits: &LimitsConfig) -> Option<u64> {
+    let rate = limits.conn_rate.as_ref()?.per_second;
+    Some(
+        limits
+            .conn_burst
+            .map_or_else(|| rate.ceil().max(1.0) as u64, u64::from)
+            .max(1),
+    )
+}
+
+/// The backstop's per-CPU share: each CPU refills its own bucket, so an even spread of
+/// SYNs over the CPUs (RSS) adds up to the global rate.
+fn new_source_params(options: &GuardOptions, cpus: usize) -> BucketParams {
+    let cpus = cpus.max(1) as f64;
+    bucket_params(
+        options.new_sources_per_sec / cpus,
+        (f64::from(options.new_sources_burst) / cpus).ceil() as u64,
+    )
+}
+
+/// The `GUARD_CONFIG` entry for `limits` and `ports` (sorted, at most `MAX_PORTS`).
+pub fn guard_config(
+    limits: &LimitsConfig,
+    ports: &[u16],
+    options: &GuardOptions,
+    cpus: usize,
+) -> GuardConfig {
+    let mut config = GuardConfig::default();
+    if ports.is_empty() {
+        return config;
+    }
+    config.flags = flags::CFG_ENABLED;
+    for (slot, port) in config.ports.iter_mut().zip(ports) {
+        *slot = *port;
+    }
+    config.port_count = ports.len().min(sizes::MAX_PORTS) as u32;
+    if let (Some(rate), Some(burst)) = (&limits.conn_rate, effective_conn_burst(limits)) {
+        config.flags |= flags::CFG_CONN_RATE;
+        config.conn = bucket_params(rate.per_second, burst);
+        if options.new_sources_per_sec > 0.0 {
+            config.flags |= flags::CFG_NEW_SOURCE_LIMIT;
+            config.new_source = new_source_params(options, cpus);
+        }
+    }
+    if limits.max_conns_per_ip.is_some() {
+        config.flags |= flags::CFG_CONN_CAP;
+    }
+    config
+}
+
+fn possible_cpus() -> usize {
+    aya::util::nr_cpus().unwrap_or(1).max(1)
+}
+
+/// `(network address, prefix length)` of every network of one family.
+type NetKeys<const N: usize> = BTreeSet<([u8; N], u32)>;
+
+/// LPM keys of `nets`, per family, host bits cleared (the trie stores what it is given).
+fn split_nets(nets: &[IpNet]) -> (NetKeys<4>, NetKeys<16>) {
+    let mut v4 = BTreeSet::new();
+    let mut v6 = BTreeSet::new();
+    for net in nets {
+        match net.trunc() {
+            IpNet::V4(n) => {
+                v4.insert((n.network().octets(), u32::from(n.prefix_len())));
+            }
+            IpNet::V6(n) => {
+                v6.insert((n.network().octets(), u32::from(n.prefix_len())));
+            }
+        }
+    }
+    (v4, v6)
+}
+
+/// Makes `trie` hold exactly `wanted`: inserts what is missing, then removes the rest.
+fn sync_trie<const N: usize>(
+    trie: &mut LpmTrie<MapData, [u8; N], NetEntry>,
+    name: &'static str,
+    wanted: &BTreeSet<([u8; N], u32)>,
+    summary: &mut ApplySummary,
+) -> Result<(), XdpError>
+where
+    [u8; N]: aya::Pod,
+{
+    let mut present = BTreeSet::new();
+    for key in trie.keys() {
+        let key = key.map_err(map_err(name))?;
+        present.insert((key.data(), key.prefix_len()));
+    }
+    for (addr, prefix_len) in wanted.difference(&present) {
+        trie.insert(
+            &Key::new(*prefix_len, *addr),
+            NetEntry {
+                prefix_len: *prefix_len,
+            },
+            0,
+        )
+        .map_err(map_err(name))?;
+        summary.networks_added += 1;
+    }
+    for (addr, prefix_len) in present.difference(wanted) {
+        match trie.remove(&Key::new(*prefix_len, *addr)) {
+            Ok(()) | Err(MapError::KeyNotFound) => summary.networks_removed += 1,
+            Err(err) => return Err(map_err(name)(err)),
+        }
+    }
+    Ok(())
+}
+
+// ---- Connection-cap marks ----
+
+/// Writes "this address is at its connection cap" into the `CAPPED_*` maps, which the
+/// program checks on every SYN. Made by [`XdpGuard::cap_marker`]; used through
+/// [`crate::limits::CapSink`]. Marks change only when an address crosses its cap, so the
+/// mutexes are cold.
+pub struct CapMarker {
+    v4: Mutex<BpfHashMap<MapData, [u8; 4], u32>>,
+    v6: Mutex<BpfHashMap<MapData, [u8; 16], u32>>,
+}
+
+impl fmt::Debug for CapMarker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CapMarker").finish_non_exhaustive()
+    }
+}
+
+impl CapMarker {
+    /// Marks (`Some(count)`) or unmarks (`None`) `ip`.
+    pub fn set(&self, ip: IpAddr, count: Option<u32>) -> Result<(), XdpError> {
+        fn update<const N: usize>(
+            map: &Mutex<BpfHashMap<MapData, [u8; N], u32>>,
+            name: &'static str,
+            key: [u8; N],
+            count: Option<u32>,
+        ) -> Result<(), XdpError>
+        where
+            [u8; N]: aya::Pod,
+        {
+            let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+            match count {
+                Some(count) => map.insert(key, count, 0).map_err(map_err(name)),
+                None => match map.remove(&key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                    Err(err) => Err(map_err(name)(err)),
+                },
+            }
+        }
+        match ip.to_canonical() {
+            IpAddr::V4(ip) => update(&self.v4, names::CAPPED_V4, ip.octets(), count),
+            IpAddr::V6(ip) => update(&self.v6, names::CAPPED_V6, ip.octets(), count),
+        }
+    }
+
+    /// Whether `ip` is marked.
+    pub fn is_marked(&self, ip: IpAddr) -> bool {
+        match ip.to_canonical() {
+            IpAddr::V4(ip) => self
+                .v4
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&ip.octets(), 0)
+                .is_ok(),
+            IpAddr::V6(ip) => self
+                .v6
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&ip.octets(), 0)
+                .is_ok(),
+        }
+    }
+}
+
+impl crate::limits::CapSink for CapMarker {
+    fn set_capped(&self, ip: IpAddr, count: Option<u32>) {
+        if let Err(err) = self.set(ip, count) {
+            // The user-space count still refuses the connection at accept; only the
+            // early drop of the SYN is lost.
+            tracing::warn!(%ip, error = %err.detail(), "updating the XDP connection-cap mark failed");
+        }
+    }
+}
+
+// ---- Map plumbing ----
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> XdpError {
+    move |source| XdpError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, XdpError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(XdpError::Missing { kind: "map", name })?;
+    M::try_from(map).map_err(map_err(name))
+}
+
+fn map_id(ebpf: &Ebpf, name: &'static str) -> Result<u32, XdpError> {
+    let map = ebpf
+        .map(name)
+        .ok_or(XdpError::Missing { kind: "map", name })?;
+    let (aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data)) = map else {
+        return Err(XdpError::Missing {
+            kind: "hash map",
+            name,
+        });
+    };
+    Ok(data.info().map_err(map_err(name))?.id())
+}
+
+/// `union bpf_attr` as `BPF_MAP_*_BATCH` reads it (include/uapi/linux/bpf.h).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Number of entries in a (non-per-CPU) hash map, read `BATCH` at a time with
+/// `BPF_MAP_LOOKUP_BATCH` (Linux 5.6+). The batch token of hash maps is a bucket index;
+/// eight bytes hold it.
+fn count_entries(
+    fd: std::os::fd::BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    const BATCH: u32 = 4096;
+    let mut keys = vec![0u8; key_size * BATCH as usize];
+    let mut values = vec![0u8; value_size * BATCH as usize];
+    let mut token_in = 0u64;
+    let mut token_out = 0u64;
+    let mut first = true;
+    let mut total = 0u64;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::addr_of!(token_in) as u64
+            },
+            out_batch: std::ptr::addr_of_mut!(token_out) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` points at buffers of `BATCH` keys and values of the map's sizes
+        // and at two 8-byte tokens, all alive for the call; the kernel writes only there.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc < 0).then(io::Error::last_os_error);
+        total += u64::from(attr.count);
+        match err {
+            None => {}
+            // The end of the map; `count` holds the last partial batch.
+            Some(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
+            Some(err) => return Err(err),
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// Removes the pin at `path` if the pinned map's key size, value size or size differ from
+/// this build's: reusing it would feed the program a map of the wrong shape.
+fn drop_mismatched_pin(path: &Path, name: &str, key: u32, value: u32, max_entries: u32) {
+    let Ok(info) = MapInfo::from_pin(path) else {
+        return;
+    };
+    let found = (info.key_size(), info.value_size(), info.max_entries());
+    if found == (key, value, max_entries) {
+        return;
+    }
+    tracing::warn!(
+        map = name,
+        path = %path.display(),
+        ?found,
+        expected = ?(key, value, max_entries),
+        "pinned XDP map has another definition (older build or other sizes); replacing it, \
+         its contents are lost"
+    );
+    if let Err(err) = std::fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), error = %err, "removing the stale pin failed");
     }
 }
 

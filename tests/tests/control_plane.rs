@@ -1148,7 +1148,10 @@ fn reload_moves_a_listener_and_keeps_its_open_connections() {
     wait_until(5 * SECOND, "the new listen address serves", || {
         TcpStream::connect_timeout(&moved.http_addr, Duration::from_millis(200)).is_ok()
     });
-    assert_eq!(gateway_tests::client::get(moved.http_addr, "/y").body_str(), "api");
+    assert_eq!(
+        gateway_tests::client::get(moved.http_addr, "/y").body_str(),
+        "api"
+    );
     wait_until(5 * SECOND, "the old listen address is closed", || {
         TcpStream::connect_timeout(&old_addr, Duration::from_millis(200)).is_err()
     });

@@ -9,10 +9,17 @@ use gateway_tests::gateway::Gateway;
 fn metrics_name_the_driver_in_use() {
     let gw = Gateway::with(&Config::new());
     let want = std::env::var("GATEWAY_TEST_IO").unwrap_or_else(|_| "uring".into());
-    let want = if want == "uring" || want == "auto" { "io_uring" } else { "epoll" };
+    let want = if want == "uring" || want == "auto" {
+        "io_uring"
+    } else {
+        "epoll"
+    };
     let metrics = gw.admin_get("/metrics").body_str();
     let line = format!("gateway_io_driver{{driver=\"{want}\"}} 1");
-    assert!(metrics.lines().any(|l| l == line), "expected {line:?} in:\n{metrics}");
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "expected {line:?} in:\n{metrics}"
+    );
 }
 
 #[test]
@@ -22,5 +29,8 @@ fn explicit_epoll_serves_requests() {
     let resp = gw.get("/hello");
     assert_eq!(resp.status, 200);
     let metrics = gw.admin_get("/metrics").body_str();
-    assert!(metrics.contains("gateway_io_driver{driver=\"epoll\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("gateway_io_driver{driver=\"epoll\"} 1"),
+        "{metrics}"
+    );
 }

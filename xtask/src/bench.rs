@@ -63,10 +63,34 @@ struct Scenario {
 }
 
 const SCENARIOS: &[Scenario] = &[
-    Scenario { name: "keepalive_small", what: "keep-alive, 20-byte responses", path: "/api/small", lua: None, close: false },
-    Scenario { name: "new_connection", what: "a new connection per request", path: "/api/small", lua: None, close: true },
-    Scenario { name: "response_1mib", what: "keep-alive, 1 MiB responses", path: "/api/1m", lua: None, close: false },
-    Scenario { name: "upload_10mib", what: "keep-alive, 10 MiB uploads", path: "/api/upload", lua: Some(UPLOAD_LUA), close: false },
+    Scenario {
+        name: "keepalive_small",
+        what: "keep-alive, 20-byte responses",
+        path: "/api/small",
+        lua: None,
+        close: false,
+    },
+    Scenario {
+        name: "new_connection",
+        what: "a new connection per request",
+        path: "/api/small",
+        lua: None,
+        close: true,
+    },
+    Scenario {
+        name: "response_1mib",
+        what: "keep-alive, 1 MiB responses",
+        path: "/api/1m",
+        lua: None,
+        close: false,
+    },
+    Scenario {
+        name: "upload_10mib",
+        what: "keep-alive, 10 MiB uploads",
+        path: "/api/upload",
+        lua: Some(UPLOAD_LUA),
+        close: false,
+    },
 ];
 
 /// Percentiles wrk cannot print itself (p99.9), as one parseable line.
@@ -120,7 +144,11 @@ impl Drop for Proc {
 
 pub fn run(args: &Args) -> Result<()> {
     install::run(&install::Args::default())?;
-    let (duration, rounds) = if args.quick { (1, 1) } else { (args.duration, args.rounds.max(1)) };
+    let (duration, rounds) = if args.quick {
+        (1, 1)
+    } else {
+        (args.duration, args.rounds.max(1))
+    };
     let gateway_bin = match &args.gateway_bin {
         Some(p) => p.clone(),
         None => {
@@ -146,14 +174,29 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(scratch.join("ng/proxy"))?;
     std::fs::write(scratch.join("up/html/1m"), vec![b'x'; 1 << 20])?;
     std::fs::write(scratch.join("report.lua"), REPORT_LUA)?;
-    std::fs::write(scratch.join("upload.lua"), format!("{UPLOAD_LUA}\n{REPORT_LUA}"))?;
+    std::fs::write(
+        scratch.join("upload.lua"),
+        format!("{UPLOAD_LUA}\n{REPORT_LUA}"),
+    )?;
 
     let pin = (args.proxy_cpus != "none").then(|| args.proxy_cpus.clone());
     let others = pin.as_ref().map(|p| other_cpus(p));
     let upstream_addr = free_addr()?;
     let up = start_upstream(&nginx, &scratch, upstream_addr, others.as_deref())?;
-    let ng = start_reference_nginx(&nginx, &scratch, upstream_addr, args.workers, pin.as_deref())?;
-    let gw = start_gateway(&gateway_bin, &scratch, upstream_addr, args.workers, pin.as_deref())?;
+    let ng = start_reference_nginx(
+        &nginx,
+        &scratch,
+        upstream_addr,
+        args.workers,
+        pin.as_deref(),
+    )?;
+    let gw = start_gateway(
+        &gateway_bin,
+        &scratch,
+        upstream_addr,
+        args.workers,
+        pin.as_deref(),
+    )?;
     let contenders = [&ng, &gw];
     // Memory per idle connection first, while both processes are fresh: later scenarios
     // leave freed memory in the allocators that new connections would reuse unseen.
@@ -168,16 +211,39 @@ pub fn run(args: &Args) -> Result<()> {
     for scenario in SCENARIOS {
         eprintln!("xtask bench: {} ({})", scenario.name, scenario.what);
         // The upstream alone: the ceiling no proxy can pass.
-        let d = measure(&wrk, &scratch, scenario, &up, &format!("http://{upstream_addr}"), duration, args.connections, others.as_deref())?;
+        let d = measure(
+            &wrk,
+            &scratch,
+            scenario,
+            &up,
+            &format!("http://{upstream_addr}"),
+            duration,
+            args.connections,
+            others.as_deref(),
+        )?;
         direct.insert(scenario.name, d);
         for _ in 0..rounds {
             for c in contenders {
-                let s = measure(&wrk, &scratch, scenario, c, &c.url, duration, args.connections, others.as_deref())?;
+                let s = measure(
+                    &wrk,
+                    &scratch,
+                    scenario,
+                    c,
+                    &c.url,
+                    duration,
+                    args.connections,
+                    others.as_deref(),
+                )?;
                 eprintln!(
                     "  {:8} {:>10.0} req/s  p99 {:>7.2} ms  {:>7.2} µs CPU/req  errors {}",
                     c.name, s.rps, s.p99_ms, s.cpu_us_per_req, s.errors
                 );
-                results.entry(scenario.name).or_default().entry(c.name).or_default().push(s);
+                results
+                    .entry(scenario.name)
+                    .or_default()
+                    .entry(c.name)
+                    .or_default()
+                    .push(s);
             }
         }
     }
@@ -185,18 +251,34 @@ pub fn run(args: &Args) -> Result<()> {
     drop(ng);
     drop(up);
 
-    let report = Report { args, duration, rounds, results, direct, idle };
+    let report = Report {
+        args,
+        duration,
+        rounds,
+        results,
+        direct,
+        idle,
+    };
     let table = report.table();
     println!("{table}");
     std::fs::create_dir_all(&out_dir)?;
-    std::fs::write(out_dir.join("results.json"), serde_json::to_string_pretty(&report.json())?)?;
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&report.json())?,
+    )?;
     std::fs::write(out_dir.join("results.md"), &table)?;
     std::fs::write(out_dir.join("cpu_per_request.svg"), report.svg())?;
     if !args.quick && args.out.is_none() {
         splice_into_docs(&table)?;
     }
     eprintln!("xtask bench: results in {}", out_dir.display());
-    let failed: u64 = report.results.values().flat_map(|m| m.values()).flatten().map(|s| s.errors).sum();
+    let failed: u64 = report
+        .results
+        .values()
+        .flat_map(|m| m.values())
+        .flatten()
+        .map(|s| s.errors)
+        .sum();
     if failed > 0 {
         bail!("{failed} requests failed during the benchmark");
     }
@@ -204,9 +286,17 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 fn other_cpus(pinned: &str) -> String {
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let taken: Vec<usize> = pinned.split(',').filter_map(|c| c.trim().parse().ok()).collect();
-    let rest: Vec<String> = (0..n).filter(|c| !taken.contains(c)).map(|c| c.to_string()).collect();
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let taken: Vec<usize> = pinned
+        .split(',')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    let rest: Vec<String> = (0..n)
+        .filter(|c| !taken.contains(c))
+        .map(|c| c.to_string())
+        .collect();
     if rest.is_empty() {
         pinned.to_string()
     } else {
@@ -253,18 +343,36 @@ fn start_upstream(nginx: &Path, dir: &Path, addr: SocketAddr, cpus: Option<&str>
     );
     std::fs::write(dir.join("up/nginx.conf"), conf)?;
     let child = pinned(nginx, cpus)
-        .args(["-p", &format!("{}/up/", dir.display()), "-c", &format!("{}/up/nginx.conf", dir.display()), "-g", "daemon off;"])
+        .args([
+            "-p",
+            &format!("{}/up/", dir.display()),
+            "-c",
+            &format!("{}/up/nginx.conf", dir.display()),
+            "-g",
+            "daemon off;",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("starting the upstream nginx")?;
-    let proc = Proc { name: "upstream", child, url: format!("http://{addr}") };
+    let proc = Proc {
+        name: "upstream",
+        child,
+        url: format!("http://{addr}"),
+    };
     wait_port(addr)?;
     Ok(proc)
 }
 
-fn start_reference_nginx(nginx: &Path, dir: &Path, upstream: SocketAddr, workers: usize, cpus: Option<&str>) -> Result<Proc> {
-    let template = std::fs::read_to_string(workspace_root().join("tests/fixtures/nginx-reference.conf"))?;
+fn start_reference_nginx(
+    nginx: &Path,
+    dir: &Path,
+    upstream: SocketAddr,
+    workers: usize,
+    cpus: Option<&str>,
+) -> Result<Proc> {
+    let template =
+        std::fs::read_to_string(workspace_root().join("tests/fixtures/nginx-reference.conf"))?;
     let addr = free_addr()?;
     let conf = template
         .replace("@WORKERS@", &workers.to_string())
@@ -274,17 +382,34 @@ fn start_reference_nginx(nginx: &Path, dir: &Path, upstream: SocketAddr, workers
         .replace("@WS_UPSTREAM@", &upstream.to_string());
     std::fs::write(dir.join("ng/nginx.conf"), conf)?;
     let child = pinned(nginx, cpus)
-        .args(["-p", &format!("{}/ng/", dir.display()), "-c", &format!("{}/ng/nginx.conf", dir.display()), "-g", "daemon off;"])
+        .args([
+            "-p",
+            &format!("{}/ng/", dir.display()),
+            "-c",
+            &format!("{}/ng/nginx.conf", dir.display()),
+            "-g",
+            "daemon off;",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("starting nginx with the reference config")?;
-    let proc = Proc { name: "nginx", child, url: format!("http://{addr}") };
+    let proc = Proc {
+        name: "nginx",
+        child,
+        url: format!("http://{addr}"),
+    };
     wait_port(addr)?;
     Ok(proc)
 }
 
-fn start_gateway(bin: &Path, dir: &Path, upstream: SocketAddr, workers: usize, cpus: Option<&str>) -> Result<Proc> {
+fn start_gateway(
+    bin: &Path,
+    dir: &Path,
+    upstream: SocketAddr,
+    workers: usize,
+    cpus: Option<&str>,
+) -> Result<Proc> {
     let addr = free_addr()?;
     let admin = free_addr()?;
     let conf = format!(
@@ -303,7 +428,11 @@ fn start_gateway(bin: &Path, dir: &Path, upstream: SocketAddr, workers: usize, c
         .stderr(Stdio::inherit())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let proc = Proc { name: "gateway", child, url: format!("http://{addr}") };
+    let proc = Proc {
+        name: "gateway",
+        child,
+        url: format!("http://{addr}"),
+    };
     wait_port(addr)?;
     Ok(proc)
 }
@@ -313,9 +442,16 @@ fn process_tree(root: u32) -> Vec<u32> {
     let mut pids = vec![root];
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
             if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
+                let fields: Vec<&str> = stat
+                    .rsplit_once(')')
+                    .map(|(_, r)| r)
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
                 if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(root) {
                     pids.push(pid);
                 }
@@ -341,7 +477,8 @@ fn cpu_seconds(root: u32) -> f64 {
                 .filter_map(|f| f.parse().ok())
                 .collect();
             // After the command: state is not numeric, so utime/stime are at 10 and 11.
-            (fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0)) as f64 / ticks
+            (fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0)) as f64
+                / ticks
         })
         .sum()
 }
@@ -372,11 +509,26 @@ fn measure(
     connections: usize,
     cpus: Option<&str>,
 ) -> Result<Sample> {
-    let script = if scenario.lua.is_some() { dir.join("upload.lua") } else { dir.join("report.lua") };
-    let connections = if scenario.lua.is_some() { connections.min(8) } else { connections };
+    let script = if scenario.lua.is_some() {
+        dir.join("upload.lua")
+    } else {
+        dir.join("report.lua")
+    };
+    let connections = if scenario.lua.is_some() {
+        connections.min(8)
+    } else {
+        connections
+    };
     let mut cmd = pinned(wrk, cpus);
-    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--timeout", "10s", "-s"])
-        .arg(&script);
+    cmd.args([
+        "-t1",
+        &format!("-c{connections}"),
+        &format!("-d{seconds}s"),
+        "--timeout",
+        "10s",
+        "-s",
+    ])
+    .arg(&script);
     if scenario.close {
         cmd.args(["-H", "Connection: close"]);
     }
@@ -389,7 +541,12 @@ fn measure(
     let line = text
         .lines()
         .find(|l| l.starts_with("BENCH "))
-        .with_context(|| format!("wrk printed no result: {text}{}", String::from_utf8_lossy(&output.stderr)))?;
+        .with_context(|| {
+            format!(
+                "wrk printed no result: {text}{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
     let field = |name: &str| -> f64 {
         line.split_whitespace()
             .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
@@ -487,18 +644,38 @@ impl Report<'_> {
         let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|");
         for scenario in SCENARIOS {
             if let Some(d) = self.direct.get(scenario.name) {
-                let _ = writeln!(t, "| {} | upstream direct | {:.0} | {:.2} | {:.2} | {:.2} | – | – |", scenario.name, d.rps, d.p50_ms, d.p99_ms, d.p999_ms);
+                let _ = writeln!(
+                    t,
+                    "| {} | upstream direct | {:.0} | {:.2} | {:.2} | {:.2} | – | – |",
+                    scenario.name, d.rps, d.p50_ms, d.p99_ms, d.p999_ms
+                );
             }
             for who in ["nginx", "gateway"] {
-                let (Some(m), Some(all)) = (self.medians(scenario.name, who), self.results.get(scenario.name).and_then(|r| r.get(who))) else { continue };
+                let (Some(m), Some(all)) = (
+                    self.medians(scenario.name, who),
+                    self.results.get(scenario.name).and_then(|r| r.get(who)),
+                ) else {
+                    continue;
+                };
                 let (lo, _, hi) = stat(all, |x| x.cpu_us_per_req);
                 let _ = writeln!(
                     t,
                     "| {} | {who} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} ({:.1}–{:.1}) | {:.1} |",
-                    scenario.name, m.rps, m.p50_ms, m.p99_ms, m.p999_ms, m.cpu_us_per_req, lo, hi, m.peak_rss_kib as f64 / 1024.0
+                    scenario.name,
+                    m.rps,
+                    m.p50_ms,
+                    m.p99_ms,
+                    m.p999_ms,
+                    m.cpu_us_per_req,
+                    lo,
+                    hi,
+                    m.peak_rss_kib as f64 / 1024.0
                 );
             }
-            if let (Some(n), Some(g)) = (self.medians(scenario.name, "nginx"), self.medians(scenario.name, "gateway")) {
+            if let (Some(n), Some(g)) = (
+                self.medians(scenario.name, "nginx"),
+                self.medians(scenario.name, "gateway"),
+            ) {
                 let _ = writeln!(
                     t,
                     "| {} | **ratio** | **{:.2}** | {:.2} | **{:.2}** | {:.2} | **{:.2}** | {:.2} |",
@@ -533,7 +710,10 @@ impl Report<'_> {
                 );
             }
             if let Some(d) = self.direct.get(name) {
-                entry.insert("upstream_direct".into(), serde_json::json!({"rps": d.rps, "p99_ms": d.p99_ms}));
+                entry.insert(
+                    "upstream_direct".into(),
+                    serde_json::json!({"rps": d.rps, "p99_ms": d.p99_ms}),
+                );
             }
             scenarios.insert(name.to_string(), serde_json::Value::Object(entry));
         }
@@ -553,21 +733,42 @@ impl Report<'_> {
         let rows: Vec<(&str, f64, f64)> = SCENARIOS
             .iter()
             .filter_map(|s| {
-                Some((s.name, self.medians(s.name, "nginx")?.cpu_us_per_req, self.medians(s.name, "gateway")?.cpu_us_per_req))
+                Some((
+                    s.name,
+                    self.medians(s.name, "nginx")?.cpu_us_per_req,
+                    self.medians(s.name, "gateway")?.cpu_us_per_req,
+                ))
             })
             .collect();
         let max = rows.iter().map(|r| r.1.max(r.2)).fold(1.0, f64::max);
         let mut svg = String::new();
         let height = 40 + rows.len() * 50;
-        let _ = writeln!(svg, r#"<svg xmlns="http://www.w3.org/2000/svg" width="640" height="{height}" font-family="sans-serif" font-size="12">"#);
-        let _ = writeln!(svg, r#"<text x="10" y="20">CPU µs per request (median), nginx (grey) vs gateway (blue)</text>"#);
+        let _ = writeln!(
+            svg,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="640" height="{height}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="10" y="20">CPU µs per request (median), nginx (grey) vs gateway (blue)</text>"#
+        );
         for (i, (name, n, g)) in rows.iter().enumerate() {
             let y = 40 + i * 50;
             let wn = n / max * 400.0;
             let wg = g / max * 400.0;
             let _ = writeln!(svg, r#"<text x="10" y="{}">{name}</text>"#, y + 14);
-            let _ = writeln!(svg, r##"<rect x="150" y="{y}" width="{wn:.1}" height="18" fill="#999"/><text x="{:.1}" y="{}">{n:.1}</text>"##, 155.0 + wn, y + 14);
-            let _ = writeln!(svg, r##"<rect x="150" y="{}" width="{wg:.1}" height="18" fill="#36c"/><text x="{:.1}" y="{}">{g:.1}</text>"##, y + 20, 155.0 + wg, y + 34);
+            let _ = writeln!(
+                svg,
+                r##"<rect x="150" y="{y}" width="{wn:.1}" height="18" fill="#999"/><text x="{:.1}" y="{}">{n:.1}</text>"##,
+                155.0 + wn,
+                y + 14
+            );
+            let _ = writeln!(
+                svg,
+                r##"<rect x="150" y="{}" width="{wg:.1}" height="18" fill="#36c"/><text x="{:.1}" y="{}">{g:.1}</text>"##,
+                y + 20,
+                155.0 + wg,
+                y + 34
+            );
         }
         svg.push_str("</svg>\n");
         svg
@@ -582,7 +783,10 @@ fn splice_into_docs(table: &str) -> Result<()> {
     let path = workspace_root().join("docs/benchmarks.md");
     let doc = std::fs::read_to_string(&path).unwrap_or_default();
     let (Some(a), Some(b)) = (doc.find(BEGIN), doc.find(END)) else {
-        eprintln!("xtask bench: {} has no {BEGIN}/{END} markers; not updated", path.display());
+        eprintln!(
+            "xtask bench: {} has no {BEGIN}/{END} markers; not updated",
+            path.display()
+        );
         return Ok(());
     };
     let machine = machine_line();
@@ -595,13 +799,24 @@ fn splice_into_docs(table: &str) -> Result<()> {
 fn machine_line() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
         "Machine: {} × {cpu}, Linux {}. Measured {}.",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         kernel.trim(),
-        Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+        Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d %H:%M UTC")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
     )
 }

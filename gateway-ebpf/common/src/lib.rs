@@ -8,22 +8,17 @@
 //! implemented only with the `user` feature, which the `gateway` crate turns on; the eBPF
 //! crate builds this crate without it (no `aya`, no `std`).
 //!
-//! What lives here today: the verdict indices and the per-CPU counter value of
-//! `VERDICT_COUNTERS`, plus the names user space looks maps and programs up by.
-//!
-//! Room left for the guard (not built yet; see PRODUCT.md "[limits]" and "[xdp]"), each to
-//! be added here as its own `#[repr(C)]` type with a size assert:
-//! - deny/allow networks: one `LpmTrie` per address family (`DENY_V4`/`DENY_V6`,
-//!   `ALLOW_V4`/`ALLOW_V6`), keyed by the address bytes in network order;
-//! - per-IP token buckets for `conn_rate`/`conn_burst` (LRU hash per family, value with
-//!   tokens and last-refill time in ns);
-//! - per-IP concurrent connection counts for `max_conns_per_ip`;
-//! - a one-entry config `Array` holding the limits and the protected ports, so a reload
-//!   updates limits in place instead of reloading the program (limits that change at run
-//!   time belong in a map, not in load-time globals).
-//!
-//! The verdicts those maps produce already have counter slots below, so the metric
-//! `gateway_xdp_packets_total{verdict}` keeps its label set when the guard lands.
+//! The maps (names in [`names`], design in `docs/design/xdp-guard.md`):
+//! - `VERDICT_COUNTERS`: per-CPU [`VerdictCounter`] per [`verdict`];
+//! - `GUARD_CONFIG`: one-entry array holding [`GuardConfig`] (limits and protected ports),
+//!   rewritten in place by user space on reload; all zero (no `CFG_ENABLED`) = pass all;
+//! - `DENY_V4`/`DENY_V6`, `ALLOW_V4`/`ALLOW_V6`: LPM tries keyed by
+//!   `{prefix_len: u32, addr bytes in network order}`, value [`NetEntry`];
+//! - `RATE_V4`/`RATE_V6`: LRU hashes, source address → [`TokenBucket`] (`conn_rate`);
+//! - `CAPPED_V4`/`CAPPED_V6`: hashes of source addresses at `max_conns_per_ip`, written by
+//!   user space only (value: the connection count when marked);
+//! - `NEW_SOURCE_BUCKET`: per-CPU [`TokenBucket`], the global backstop that limits how fast
+//!   new `RATE_*` entries are created.
 #![no_std]
 
 /// Names the user-space loader uses to find the program and maps in the object.
@@ -35,6 +30,39 @@ pub mod names {
     pub const PROGRAM: &str = "gateway_xdp";
     /// `PerCpuArray<VerdictCounter>` with [`super::verdict::VERDICT_COUNT`] entries.
     pub const VERDICT_COUNTERS: &str = "VERDICT_COUNTERS";
+    /// `Array<GuardConfig>` with one entry.
+    pub const GUARD_CONFIG: &str = "GUARD_CONFIG";
+    /// `LpmTrie<[u8; 4], NetEntry>`.
+    pub const DENY_V4: &str = "DENY_V4";
+    /// `LpmTrie<[u8; 16], NetEntry>`.
+    pub const DENY_V6: &str = "DENY_V6";
+    /// `LpmTrie<[u8; 4], NetEntry>`.
+    pub const ALLOW_V4: &str = "ALLOW_V4";
+    /// `LpmTrie<[u8; 16], NetEntry>`.
+    pub const ALLOW_V6: &str = "ALLOW_V6";
+    /// `LruHashMap<[u8; 4], TokenBucket>`.
+    pub const RATE_V4: &str = "RATE_V4";
+    /// `LruHashMap<[u8; 16], TokenBucket>`.
+    pub const RATE_V6: &str = "RATE_V6";
+    /// `HashMap<[u8; 4], u32>`.
+    pub const CAPPED_V4: &str = "CAPPED_V4";
+    /// `HashMap<[u8; 16], u32>`.
+    pub const CAPPED_V6: &str = "CAPPED_V6";
+    /// `PerCpuArray<TokenBucket>` with one entry.
+    pub const NEW_SOURCE_BUCKET: &str = "NEW_SOURCE_BUCKET";
+}
+
+/// Compiled-in map sizes. The LRU and cap maps can be resized at load time
+/// (`EbpfLoader::map_max_entries`); these are the defaults the object declares.
+pub mod sizes {
+    /// Networks per deny/allow trie and family.
+    pub const NET_ENTRIES: u32 = 16_384;
+    /// Source addresses with a `conn_rate` bucket, per family (LRU).
+    pub const RATE_ENTRIES: u32 = 65_536;
+    /// Source addresses marked at their connection cap, per family.
+    pub const CAPPED_ENTRIES: u32 = 65_536;
+    /// Listener ports the guard can protect at once.
+    pub const MAX_PORTS: usize = 16;
 }
 
 /// Verdict indices: the key of `VERDICT_COUNTERS`, one slot per outcome.
@@ -45,19 +73,22 @@ pub mod names {
 pub mod verdict {
     /// Passed to the network stack.
     pub const PASS: u32 = 0;
-    /// Reserved: dropped because the source is in a denied network.
+    /// Dropped because the source is in a denied network.
     pub const DROP_DENY: u32 = 1;
-    /// Reserved: dropped because the source exceeded its new-connection rate.
+    /// Dropped because the source exceeded its new-connection rate.
     pub const DROP_RATE: u32 = 2;
-    /// Reserved: dropped because the source is at its concurrent-connection cap.
+    /// Dropped because the source is at its concurrent-connection cap.
     pub const DROP_CONN_CAP: u32 = 3;
     /// Passed without judgement because the program could not parse the frame (for
-    /// example a truncated header). The guard fails open, but visibly: a rising count
-    /// here is a bug or an attack, never silent.
+    /// example a truncated header) or a map update failed. The guard fails open, but
+    /// visibly: a rising count here is a bug or an attack, never silent.
     pub const PASS_ERROR: u32 = 4;
+    /// Dropped: a SYN from a source with no rate state while the global new-source
+    /// backstop is exhausted (a flood from many addresses; known sources keep working).
+    pub const DROP_NEW_SOURCE: u32 = 5;
 
     /// Number of verdict slots; the `max_entries` of `VERDICT_COUNTERS`.
-    pub const VERDICT_COUNT: u32 = 5;
+    pub const VERDICT_COUNT: u32 = 6;
 
     /// The `verdict` label of `gateway_xdp_packets_total`, indexed by verdict.
     pub const LABELS: [&str; VERDICT_COUNT as usize] = [
@@ -66,6 +97,7 @@ pub mod verdict {
         "drop_rate",
         "drop_conn_cap",
         "pass_error",
+        "drop_new_source",
     ];
 
     /// Whether the verdict lets the packet through (`XDP_PASS`) rather than dropping it.
@@ -83,11 +115,87 @@ pub struct VerdictCounter {
     pub bytes: u64,
 }
 
+/// Bits of [`GuardConfig::flags`].
+pub mod flags {
+    /// User space has written a configuration: without it the program passes everything.
+    pub const CFG_ENABLED: u32 = 1;
+    /// `conn_rate` is set: SYNs are charged to per-source token buckets.
+    pub const CFG_CONN_RATE: u32 = 1 << 1;
+    /// `max_conns_per_ip` is set: SYNs from sources in `CAPPED_*` are dropped.
+    pub const CFG_CONN_CAP: u32 = 1 << 2;
+    /// The global new-source backstop is active.
+    pub const CFG_NEW_SOURCE_LIMIT: u32 = 1 << 3;
+}
+
+/// Token-bucket parameters in milli-tokens (1 token = 1000), so fractional rates such as
+/// `"0.5/s"` need no floating point in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BucketParams {
+    /// Refill rate, milli-tokens per second.
+    pub rate_mtok_per_s: u64,
+    /// Bucket size (burst), milli-tokens.
+    pub burst_mtok: u64,
+    /// Nanoseconds to refill an empty bucket: elapsed time is capped at this before it is
+    /// multiplied by the rate, which keeps `elapsed * rate` far from `u64` overflow
+    /// (user space bounds `burst_mtok` so that `burst_mtok * 1e9` fits).
+    pub fill_ns: u64,
+}
+
+/// The one entry of `GUARD_CONFIG`. User space rewrites it whole on every reload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardConfig {
+    /// [`flags`] bits.
+    pub flags: u32,
+    /// Number of valid entries in `ports`.
+    pub port_count: u32,
+    /// Protected TCP destination ports (host byte order); only the first `port_count`
+    /// count.
+    pub ports: [u16; sizes::MAX_PORTS],
+    /// Per-source new-connection bucket (`conn_rate`/`conn_burst`).
+    pub conn: BucketParams,
+    /// Global backstop bucket for creating new per-source entries, per CPU (user space
+    /// divides the global rate by the number of CPUs).
+    pub new_source: BucketParams,
+}
+
+/// Value of the LRU `RATE_*` maps and of `NEW_SOURCE_BUCKET`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenBucket {
+    /// Milli-tokens left.
+    pub tokens_mtok: u64,
+    /// `bpf_ktime_get_ns` of the last refill that added at least one milli-token.
+    pub last_ns: u64,
+}
+
+/// Value of the deny/allow tries: the prefix length of the matched entry, so the program
+/// can let the more specific of a deny and an allow match win.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetEntry {
+    pub prefix_len: u32,
+}
+
 const _: () = assert!(size_of::<VerdictCounter>() == 16);
 const _: () = assert!(align_of::<VerdictCounter>() == 8);
 const _: () = assert!(verdict::LABELS.len() == verdict::VERDICT_COUNT as usize);
+const _: () = assert!(size_of::<BucketParams>() == 24);
+const _: () = assert!(size_of::<GuardConfig>() == 8 + 2 * sizes::MAX_PORTS + 2 * 24);
+const _: () = assert!(size_of::<TokenBucket>() == 16);
+const _: () = assert!(size_of::<NetEntry>() == 4);
 
-// SAFETY: `#[repr(C)]`, only `u64` fields, no padding (asserted above): every bit pattern
-// is a valid value and the struct has no uninitialised bytes.
+// SAFETY (all impls below): `#[repr(C)]`, only integer fields and arrays of them, no
+// padding (sizes asserted above equal the sum of the fields): every bit pattern is a valid
+// value and the structs have no uninitialised bytes.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for VerdictCounter {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for BucketParams {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for GuardConfig {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TokenBucket {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NetEntry {}

@@ -379,6 +379,8 @@ pub struct XdpConfig {
     pub interface: Option<Interfaces>,
     pub mode: XdpMode,
     pub pin_path: PathBuf,
+    /// Source addresses the kernel tracks (rate buckets); sizes the LRU maps.
+    pub max_tracked_ips: u32,
 }
 
 impl Default for XdpConfig {
@@ -387,6 +389,7 @@ impl Default for XdpConfig {
             interface: None,
             mode: XdpMode::Off,
             pin_path: PathBuf::from("/sys/fs/bpf/gateway"),
+            max_tracked_ips: 65536,
         }
     }
 }
@@ -621,12 +624,10 @@ impl Config {
                         "needs at least one certificate".into(),
                     );
                 }
-                err(
-                    span.clone(),
-                    &table,
-                    "tls",
-                    "TLS termination is not available in this build yet".into(),
-                );
+                let base = file.parent().unwrap_or(Path::new("."));
+                if let Err(e) = crate::tls::TlsAcceptor::from_config(tls, base) {
+                    err(span.clone(), &table, "tls", e.to_string());
+                }
             }
         }
 
@@ -802,6 +803,30 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
+        if self.xdp.max_tracked_ips < 1024 || self.xdp.max_tracked_ips > 16 << 20 {
+            err(
+                None,
+                "xdp",
+                "max_tracked_ips",
+                "must be between 1024 and 16777216".into(),
+            );
+        }
+        if self.xdp.mode != XdpMode::Off {
+            let ports: std::collections::HashSet<u16> = self
+                .listeners
+                .iter()
+                .filter_map(|l| l.get_ref().listen.parse::<SocketAddr>().ok())
+                .map(|a| a.port())
+                .collect();
+            if ports.len() > 16 {
+                err(
+                    None,
+                    "xdp",
+                    "mode",
+                    "the XDP guard covers at most 16 listener ports".into(),
+                );
+            }
+        }
         if self.xdp.mode != XdpMode::Off && self.xdp.interfaces().is_empty() {
             err(
                 None,
@@ -881,7 +906,10 @@ fn locate_table_key(source: &str, table: &str, key: &str) -> usize {
 fn blank_line(text: &mut String, offset: usize) -> bool {
     let offset = offset.min(text.len());
     let start = text[..offset].rfind('\n').map(|p| p + 1).unwrap_or(0);
-    let end = text[offset..].find('\n').map(|p| offset + p).unwrap_or(text.len());
+    let end = text[offset..]
+        .find('\n')
+        .map(|p| offset + p)
+        .unwrap_or(text.len());
     let line = text[start..end].trim();
     if line.is_empty() || line.starts_with('[') {
         return false;
@@ -917,11 +945,20 @@ fn key_at(source: &str, offset: usize) -> String {
                 let name = name.trim();
                 let index = before
                     .lines()
-                    .filter(|l| l.trim().strip_prefix("[[").and_then(|h| h.split(']').next()).map(str::trim) == Some(name))
+                    .filter(|l| {
+                        l.trim()
+                            .strip_prefix("[[")
+                            .and_then(|h| h.split(']').next())
+                            .map(str::trim)
+                            == Some(name)
+                    })
                     .count();
                 format!("{name}[{}]", index.saturating_sub(1))
             } else {
-                header.trim_matches(|c| c == '[' || c == ']').trim().to_string()
+                header
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .trim()
+                    .to_string()
             }
         })
         .unwrap_or_default();
@@ -991,8 +1028,14 @@ respond = { status = 200, body = "ok\n" }
     #[test]
     fn every_error_is_reported_at_once() {
         let text = GOOD
-            .replace("workers = 2", "workers = 2\nwrokers = 3\nheader_timeout = \"5x\"")
-            .replace("upstream = \"api\"", "upstream = \"apii\"\nconnect_timeout = 5");
+            .replace(
+                "workers = 2",
+                "workers = 2\nwrokers = 3\nheader_timeout = \"5x\"",
+            )
+            .replace(
+                "upstream = \"api\"",
+                "upstream = \"apii\"\nconnect_timeout = 5",
+            );
         let e = parse(&text).unwrap_err();
         let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
         assert!(keys.contains(&"server.wrokers"), "{e}");

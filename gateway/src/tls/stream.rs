@@ -1,0 +1,519 @@
+//! [`TlsStream`]: a server-side TLS connection over any [`Stream`], itself a [`Stream`], so
+//! the proxy and tunnels run over it unchanged; and [`accept`], the handshake in front of it.
+//!
+//! rustls' buffered API does the protocol work synchronously in memory; this type only moves
+//! ciphertext between rustls and the socket through owned buffers:
+//!
+//! - **in**: the socket is read into `incoming` (an owned `BytesMut`, so the kernel can fill
+//!   it while the future is parked), fed to rustls with `read_tls`, decrypted by
+//!   `process_new_packets`, and the plaintext copied into the caller's buffer;
+//! - **out**: plaintext goes into rustls with `writer().write`, rustls encrypts it, and the
+//!   records are taken out into `outgoing` (an owned `Vec`) and written by the inner stream.
+//!
+//! Methods take `&self`, and a tunnel reads and writes one stream from two futures at once.
+//! That works because the rustls state sits in a `RefCell` borrowed only between awaits, the
+//! two directions have separate ciphertext buffers, and inner writes are serialised by an
+//! async lock (records must reach the socket in the order rustls made them). A read that
+//! makes rustls want to send something (an alert, a KeyUpdate answer) writes it itself when
+//! no write is running, else leaves it to the running write, which flushes until rustls has
+//! nothing left. Two writes at once are serialised by the lock; two reads at once are not
+//! supported (they would race for `incoming`; nothing in the proxy does that).
+
+use super::{TlsAcceptor, TlsError};
+use crate::io::Stream;
+use bytes::{Buf, BytesMut};
+use rustls::server::ServerConnection;
+use rustls::{HandshakeKind, ProtocolVersion};
+use std::cell::{Cell, RefCell};
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+use tokio_uring::buf::BoundedBuf;
+
+/// How much ciphertext one socket read asks for: two full TLS records (16 KiB of plaintext
+/// plus at most 256 bytes of overhead each, RFC 8446 §5.2), so bulk transfers cost about one
+/// read per 32 KiB, like the plaintext path's large reads.
+const READ_CHUNK: usize = 32 * 1024 + 512;
+
+/// Encrypted bytes rustls may hold before `write_all` must flush: one body buffer
+/// (`worker::BODY_BUF_SIZE`) plus record overhead, so relaying a 64 KiB buffer costs one
+/// socket write.
+const WRITE_BUFFER_LIMIT: usize = 64 * 1024 + 4 * 1024;
+
+/// The outgoing buffer is kept between writes up to this size; a larger one (after a big
+/// write) is freed so idle keep-alive connections do not hold it.
+const OUTGOING_KEEP: usize = 80 * 1024;
+
+/// What a finished handshake was, for metrics and logs.
+#[derive(Debug, Clone)]
+pub struct HandshakeInfo {
+    /// An abbreviated handshake on a resumed session (ticket or session ID).
+    pub resumed: bool,
+    /// `"TLSv1.3"` or `"TLSv1.2"`, as nginx's `$ssl_protocol` names them.
+    pub version: &'static str,
+    /// From the call to [`accept`] to its return, including the wait for the ClientHello.
+    pub duration: Duration,
+    /// The server name the client asked for (SNI), lower-case.
+    pub sni: Option<Box<str>>,
+}
+
+impl HandshakeInfo {
+    /// The `result` label of `gateway_tls_handshakes_total`: `"full"` or `"resumed"`.
+    pub fn metric_label(&self) -> &'static str {
+        if self.resumed {
+            "resumed"
+        } else {
+            "full"
+        }
+    }
+}
+
+/// A TLS connection a client opened to one of our listeners.
+pub struct TlsStream<S: Stream> {
+    inner: S,
+    conn: RefCell<ServerConnection>,
+    /// Ciphertext read from the socket and not yet taken by rustls. Empty (taken) while an
+    /// inner read owns it.
+    incoming: Cell<BytesMut>,
+    /// Records on their way to the socket; taken while an inner write owns it.
+    outgoing: Cell<Vec<u8>>,
+    /// Held by whoever is writing to the socket.
+    write_lock: tokio::sync::Mutex<()>,
+    /// The socket said EOF.
+    eof: Cell<bool>,
+    /// close_notify went out, or the socket was aborted: nothing more to send on drop.
+    closed: Cell<bool>,
+    info: HandshakeInfo,
+}
+
+/// Performs the server side of a TLS handshake on `inner` within `timeout` (the listener's
+/// `header_timeout`). On failure the socket has been shut down; the caller just drops the
+/// connection (and counts [`TlsError::metric_label`]).
+pub async fn accept<S: Stream>(
+    acceptor: &TlsAcceptor,
+    inner: S,
+    timeout: Duration,
+) -> Result<TlsStream<S>, TlsError> {
+    accept_with_prefix(acceptor, inner, BytesMut::new(), timeout).await
+}
+
+/// [`accept`] on a socket from which `read_ahead` was already read: the bytes that came
+/// behind a PROXY protocol header (which precedes the ClientHello in plaintext) in the same
+/// read. They are the start of the TLS stream.
+pub async fn accept_with_prefix<S: Stream>(
+    acceptor: &TlsAcceptor,
+    inner: S,
+    read_ahead: BytesMut,
+    timeout: Duration,
+) -> Result<TlsStream<S>, TlsError> {
+    let started = Instant::now();
+    let conn =
+        ServerConnection::new(acceptor.server_config().clone()).map_err(TlsError::Protocol)?;
+    let mut stream = TlsStream {
+        inner,
+        conn: RefCell::new(conn),
+        incoming: Cell::new(read_ahead),
+        outgoing: Cell::new(Vec::new()),
+        write_lock: tokio::sync::Mutex::new(()),
+        eof: Cell::new(false),
+        closed: Cell::new(false),
+        info: HandshakeInfo {
+            resumed: false,
+            version: "",
+            duration: Duration::ZERO,
+            sni: None,
+        },
+    };
+    stream
+        .conn
+        .get_mut()
+        .set_buffer_limit(Some(WRITE_BUFFER_LIMIT));
+    // The whole handshake under one deadline. A timeout drops the handshake future with a
+    // socket read in flight; `abort` shuts the socket so that read completes (crate::io).
+    match tokio::time::timeout(timeout, stream.drive_handshake()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            stream.abort();
+            return Err(e);
+        }
+        Err(_) => {
+            stream.abort();
+            return Err(TlsError::Timeout);
+        }
+    }
+    let conn = stream.conn.get_mut();
+    stream.info = HandshakeInfo {
+        resumed: conn.handshake_kind() == Some(HandshakeKind::Resumed),
+        version: match conn.protocol_version() {
+            Some(ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            _ => "TLSv1.2",
+        },
+        duration: started.elapsed(),
+        sni: conn.server_name().map(Into::into),
+    };
+    Ok(stream)
+}
+
+/// What one synchronous pass over rustls found for a reader.
+enum ReadStep {
+    /// This many plaintext bytes were appended to the caller's buffer.
+    Data(usize),
+    /// The peer closed (close_notify, or EOF on the socket).
+    Eof,
+    /// More ciphertext is needed from the socket.
+    NeedInput,
+    Failed(rustls::Error),
+}
+
+impl<S: Stream> TlsStream<S> {
+    /// How the handshake went.
+    pub fn handshake(&self) -> &HandshakeInfo {
+        &self.info
+    }
+
+    /// The server name the client asked for (SNI), lower-case.
+    pub fn sni(&self) -> Option<&str> {
+        self.info.sni.as_deref()
+    }
+
+    /// The socket under the TLS layer.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Drives the handshake until it is complete and everything rustls wants to send
+    /// (the server's flight, then TLS 1.3 session tickets) is on the socket.
+    async fn drive_handshake(&self) -> Result<(), TlsError> {
+        loop {
+            let processed = {
+                let mut conn = self.conn.borrow_mut();
+                self.process(&mut conn).map(|_| conn.is_handshaking())
+            };
+            // Send what rustls queued: the next flight, or the alert explaining a failure.
+            let flushed = {
+                let _guard = self.write_lock.lock().await;
+                self.flush_locked().await
+            };
+            match processed {
+                Err(e) => return Err(TlsError::Protocol(e)),
+                Ok(false) => return flushed.map_err(TlsError::Io),
+                Ok(true) => flushed.map_err(TlsError::Io)?,
+            }
+            if self.fill_incoming().await.map_err(TlsError::Io)? == 0 {
+                return Err(TlsError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "client closed the connection",
+                )));
+            }
+        }
+    }
+
+    /// Feeds buffered ciphertext to rustls and decrypts it. Stops feeding once plaintext is
+    /// waiting, so rustls' plaintext buffer stays bounded by one `read_tls` worth of records;
+    /// the rest of the ciphertext waits in `incoming` for the next read.
+    fn process(&self, conn: &mut ServerConnection) -> Result<rustls::IoState, rustls::Error> {
+        let mut incoming = self.incoming.take();
+        let result = loop {
+            let state = match conn.process_new_packets() {
+                Ok(state) => state,
+                Err(e) => break Err(e),
+            };
+            if incoming.is_empty() || state.plaintext_bytes_to_read() > 0 {
+                break Ok(state);
+            }
+            // Never hand rustls an empty slice here: `read_tls` returning 0 means EOF to it.
+            match conn.read_tls(&mut &incoming[..]) {
+                Ok(0) | Err(_) => break Ok(state),
+                Ok(n) => incoming.advance(n),
+            }
+        };
+        self.incoming.set(incoming);
+        result
+    }
+
+    /// Reads more ciphertext from the socket into `incoming`; returns the count (0: EOF,
+    /// which is also passed on to rustls).
+    async fn fill_incoming(&self) -> io::Result<usize> {
+        let mut incoming = self.incoming.take();
+        if incoming.is_empty() {
+            incoming.clear();
+        }
+        if incoming.capacity() - incoming.len() < READ_CHUNK / 2 {
+            // Reclaims the space consumed at the front when it can, instead of growing.
+            incoming.reserve(READ_CHUNK);
+        }
+        let (res, incoming) = self.inner.read(incoming).await;
+        self.incoming.set(incoming);
+        let n = res?;
+        if n == 0 {
+            self.eof.set(true);
+            let _ = self.conn.borrow_mut().read_tls(&mut io::empty());
+        }
+        Ok(n)
+    }
+
+    /// Writes every record rustls has queued. The caller holds `write_lock`.
+    async fn flush_locked(&self) -> io::Result<()> {
+        loop {
+            let mut out = self.outgoing.take();
+            {
+                let mut conn = self.conn.borrow_mut();
+                while conn.wants_write() {
+                    conn.write_tls(&mut out)?;
+                }
+            }
+            if out.is_empty() {
+                self.outgoing.set(out);
+                return Ok(());
+            }
+            let (res, mut out) = self.inner.write_all(out).await;
+            out.clear();
+            if out.capacity() <= OUTGOING_KEEP {
+                self.outgoing.set(out);
+            }
+            res?;
+        }
+    }
+
+    /// Sends what a read made rustls queue, unless a write is running (it will send it).
+    async fn flush_from_reader(&self) {
+        if let Ok(_guard) = self.write_lock.try_lock() {
+            // A failure here shows up again on the next read or write.
+            let _ = self.flush_locked().await;
+        }
+    }
+
+    /// One synchronous pass for a reader: decrypt, and copy plaintext into `buf`'s spare
+    /// capacity.
+    fn read_step(&self, buf: &mut BytesMut) -> (ReadStep, bool) {
+        let mut conn = self.conn.borrow_mut();
+        let step = match self.process(&mut conn) {
+            Err(e) => ReadStep::Failed(e),
+            Ok(state) if state.plaintext_bytes_to_read() > 0 => {
+                let want = state
+                    .plaintext_bytes_to_read()
+                    .min(buf.capacity() - buf.len());
+                let start = buf.len();
+                // rustls' reader wants initialised memory; zeroing `want` bytes is cheap next
+                // to decrypting them.
+                buf.resize(start + want, 0);
+                let got = conn.reader().read(&mut buf[start..]).unwrap_or(0);
+                buf.truncate(start + got);
+                ReadStep::Data(got)
+            }
+            // Peer EOF without close_notify counts as EOF too, as in nginx: HTTP framing (and
+            // the WebSocket close handshake) already tell a truncated message from a finished
+            // one, and many clients close without close_notify.
+            Ok(state) if state.peer_has_closed() || self.eof.get() => ReadStep::Eof,
+            Ok(_) => ReadStep::NeedInput,
+        };
+        (step, conn.wants_write())
+    }
+}
+
+impl<S: Stream> Stream for TlsStream<S> {
+    /// Ciphertext on the socket: never spliced.
+    fn spliceable(&self) -> bool {
+        false
+    }
+
+    async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        if buf.capacity() == buf.len() {
+            buf.reserve(4096);
+        }
+        loop {
+            let (step, wants_write) = self.read_step(&mut buf);
+            if wants_write {
+                self.flush_from_reader().await;
+            }
+            match step {
+                ReadStep::Data(n) => return (Ok(n), buf),
+                ReadStep::Eof => return (Ok(0), buf),
+                ReadStep::Failed(e) => {
+                    return (Err(io::Error::new(io::ErrorKind::InvalidData, e)), buf)
+                }
+                ReadStep::NeedInput => {}
+            }
+            if let Err(e) = self.fill_incoming().await {
+                return (Err(e), buf);
+            }
+        }
+    }
+
+    async fn write_all<B: BoundedBuf>(&self, buf: B) -> (io::Result<()>, B) {
+        // SAFETY: a `BoundedBuf` points at `bytes_init()` initialised bytes that stay put
+        // while the buffer is alive (the contract io_uring relies on), and `buf` is held
+        // unmoved-in-memory and unmodified until this function returns it.
+        let data = unsafe { std::slice::from_raw_parts(buf.stable_ptr(), buf.bytes_init()) };
+        let _guard = self.write_lock.lock().await;
+        let mut sent = 0;
+        while sent < data.len() {
+            // rustls takes as much as its buffer limit allows and encrypts it.
+            let taken = self.conn.borrow_mut().writer().write(&data[sent..]);
+            match taken {
+                Ok(n) => sent += n,
+                Err(e) => return (Err(e), buf),
+            }
+            if let Err(e) = self.flush_locked().await {
+                return (Err(e), buf);
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    /// Not supported: TLS here is only terminated, upstream connections are plaintext. Use
+    /// [`MaybeTls`] where one stream type must serve both sides.
+    async fn connect(_addr: SocketAddr, _timeout: Duration) -> io::Result<Self> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "TLS to upstreams is not supported",
+        ))
+    }
+
+    /// Sends close_notify, then FIN. The alert is a few dozen bytes written with a
+    /// non-blocking `send` (this method is synchronous): after a completed `write_all` the
+    /// socket buffer has room for it, and if it does not, the FIN alone still ends the stream.
+    /// Readiness of the socket, whose bytes are ciphertext: good for hang-up detection
+    /// ([`crate::io::peer_closed`]), never for splicing.
+    async fn ready_io<R>(
+        &self,
+        interest: tokio::io::Interest,
+        f: impl FnMut(RawFd) -> io::Result<R>,
+    ) -> io::Result<R> {
+        self.inner.ready_io(interest, f).await
+    }
+
+    fn shutdown_write(&self) {
+        self.send_close_notify();
+        self.inner.shutdown_write();
+    }
+
+    fn abort(&self) {
+        self.closed.set(true);
+        self.inner.abort();
+    }
+
+    /// The socket's descriptor: for readiness (hang-up detection) only. Bytes on it are
+    /// ciphertext, so it must never be spliced.
+    fn raw_fd(&self) -> RawFd {
+        self.inner.raw_fd()
+    }
+}
+
+impl<S: Stream> TlsStream<S> {
+    /// Queues close_notify and pushes it out with one non-blocking `send`, once, and only
+    /// when no write is running (its records must not be interleaved with ours).
+    fn send_close_notify(&self) {
+        if self.closed.replace(true) {
+            return;
+        }
+        let Ok(_guard) = self.write_lock.try_lock() else {
+            return;
+        };
+        let mut out = Vec::new();
+        {
+            let mut conn = self.conn.borrow_mut();
+            conn.send_close_notify();
+            while conn.wants_write() {
+                if conn.write_tls(&mut out).is_err() {
+                    break;
+                }
+            }
+        }
+        if !out.is_empty() {
+            // SAFETY: send from a live buffer on a descriptor the inner stream owns.
+            unsafe {
+                libc::send(
+                    self.inner.raw_fd(),
+                    out.as_ptr().cast(),
+                    out.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+        }
+    }
+}
+
+impl<S: Stream> Drop for TlsStream<S> {
+    /// A connection the proxy closes (keep-alive over, `Connection: close`, drain) ends with
+    /// close_notify, as nginx's `SSL_shutdown` does: without it OpenSSL 3 clients report
+    /// "unexpected EOF" for a response delimited by the close.
+    fn drop(&mut self) {
+        self.send_close_notify();
+    }
+}
+
+/// A client connection that is either plaintext or TLS: one stream type for listeners of
+/// both kinds, so code generic over one `S: Stream` serves both. Upstream connections made
+/// with [`Stream::connect`] are always `Plain`.
+pub enum MaybeTls<S: Stream> {
+    Plain(S),
+    /// Boxed: rustls' connection state is over a kilobyte, and plaintext connections (all
+    /// upstream ones among them) should not pay for it.
+    Tls(Box<TlsStream<S>>),
+}
+
+impl<S: Stream> MaybeTls<S> {
+    /// Whether bytes on [`Stream::raw_fd`] are the payload itself, so the socket can be
+    /// spliced. False for TLS, where they are ciphertext.
+    pub fn is_plain(&self) -> bool {
+        matches!(self, MaybeTls::Plain(_))
+    }
+}
+
+impl<S: Stream> Stream for MaybeTls<S> {
+    fn spliceable(&self) -> bool {
+        self.is_plain()
+    }
+
+    async fn read(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        match self {
+            MaybeTls::Plain(s) => s.read(buf).await,
+            MaybeTls::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn write_all<B: BoundedBuf>(&self, buf: B) -> (io::Result<()>, B) {
+        match self {
+            MaybeTls::Plain(s) => s.write_all(buf).await,
+            MaybeTls::Tls(s) => s.write_all(buf).await,
+        }
+    }
+
+    async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Self> {
+        S::connect(addr, timeout).await.map(MaybeTls::Plain)
+    }
+
+    async fn ready_io<R>(
+        &self,
+        interest: tokio::io::Interest,
+        f: impl FnMut(RawFd) -> io::Result<R>,
+    ) -> io::Result<R> {
+        match self {
+            MaybeTls::Plain(s) => s.ready_io(interest, f).await,
+            MaybeTls::Tls(s) => s.ready_io(interest, f).await,
+        }
+    }
+
+    fn shutdown_write(&self) {
+        match self {
+            MaybeTls::Plain(s) => s.shutdown_write(),
+            MaybeTls::Tls(s) => s.shutdown_write(),
+        }
+    }
+
+    fn abort(&self) {
+        match self {
+            MaybeTls::Plain(s) => s.abort(),
+            MaybeTls::Tls(s) => s.abort(),
+        }
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            MaybeTls::Plain(s) => s.raw_fd(),
+            MaybeTls::Tls(s) => s.raw_fd(),
+        }
+    }
+}
