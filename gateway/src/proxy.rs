@@ -383,6 +383,21 @@ async fn handle<'s, S: Stream>(
             };
         }
     }
+    if route.websocket {
+        use crate::http::head::WebSocketHandshake;
+        let (status, extra) = match head.websocket_handshake(buf) {
+            WebSocketHandshake::NotAsked | WebSocketHandshake::Valid => (0, None),
+            WebSocketHandshake::Invalid => (400, None),
+            WebSocketHandshake::UnsupportedVersion => (426, Some(("Sec-WebSocket-Version", "13"))),
+        };
+        if status != 0 {
+            send_error(&c.io, w, status, true, extra).await;
+            return Outcome {
+                route: Some(&route.label),
+                ..Outcome::error(status, false)
+            };
+        }
+    }
     match &route.action {
         Action::Respond(respond) => {
             let mut out = w.take_out();
@@ -528,7 +543,8 @@ async fn proxy<'s, S: Stream>(
         resp,
     } = c;
     let buf = &buf[..];
-    let upgrade = route.websocket && head.is_websocket_upgrade(buf);
+    let upgrade = route.websocket
+        && head.websocket_handshake(buf) == crate::http::head::WebSocketHandshake::Valid;
 
     // The request head, rewritten, followed by the body bytes that arrived with it.
     let mut body = RequestBody::new(head.framing);

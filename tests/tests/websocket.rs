@@ -806,3 +806,47 @@ fn drain_keeps_tunnels_until_the_graceful_deadline() {
         .expect("the gateway exits");
     assert!(status.success(), "exit status {status}");
 }
+
+#[test]
+fn malformed_handshakes_are_refused_before_the_origin() {
+    let (origin, accepts) = {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let counter = accepts.clone();
+        thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(s);
+            }
+        });
+        (addr, accepts)
+    };
+    let gw = gateway(origin, "5s");
+    let ask = |extra: &str| {
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{extra}\r\n"
+        );
+        gateway_tests::client::raw_request(gw.http_addr(), req.as_bytes())
+            .1
+            .expect("a response")
+    };
+    // No key, a key of the wrong length, two keys: 400.
+    for extra in [
+        "Sec-WebSocket-Version: 13\r\n",
+        "Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+    ] {
+        let resp = ask(extra);
+        assert_eq!(resp.status, 400, "{extra:?}");
+    }
+    // A version other than 13: 426 naming the one we speak (RFC 6455 §4.4).
+    let resp = ask("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n");
+    assert_eq!(resp.status, 426);
+    assert_eq!(resp.header("sec-websocket-version"), Some("13"));
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        0,
+        "nothing reached the origin"
+    );
+}

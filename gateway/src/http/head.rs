@@ -126,16 +126,67 @@ impl RequestHead {
             !self.known.conn_close
         }
     }
-    /// A WebSocket opening handshake (RFC 6455 §4.1) as far as the proxy cares.
-    pub fn is_websocket_upgrade(&self, buf: &[u8]) -> bool {
-        self.version == 1
-            && self.known.conn_upgrade
+    /// Whether the client asks to switch to WebSocket (`Connection: upgrade` and a
+    /// `websocket` token in `Upgrade`), valid or not.
+    pub fn asks_websocket(&self, buf: &[u8]) -> bool {
+        self.known.conn_upgrade
             && self.known.upgrade.is_some_and(|i| {
                 self.headers[i]
                     .value(buf)
-                    .eq_ignore_ascii_case(b"websocket")
+                    .split(|&b| b == b',')
+                    .any(|t| trim(t).eq_ignore_ascii_case(b"websocket"))
             })
     }
+
+    /// Checks a WebSocket opening handshake (RFC 6455 §4.1): HTTP/1.1 GET, no body, one
+    /// `Sec-WebSocket-Key` of 16 bytes in base64, `Sec-WebSocket-Version: 13`.
+    pub fn websocket_handshake(&self, buf: &[u8]) -> WebSocketHandshake {
+        if !self.asks_websocket(buf) {
+            return WebSocketHandshake::NotAsked;
+        }
+        if self.version != 1 || self.method(buf) != b"GET" || self.framing != BodyFraming::None {
+            return WebSocketHandshake::Invalid;
+        }
+        let mut keys = self
+            .headers
+            .iter()
+            .filter(|h| h.is(buf, "sec-websocket-key"));
+        let key_ok = match (keys.next(), keys.next()) {
+            (Some(k), None) => {
+                let k = trim(k.value(buf));
+                k.len() == 24
+                    && k.ends_with(b"==")
+                    && k[..22]
+                        .iter()
+                        .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
+            }
+            _ => false,
+        };
+        if !key_ok {
+            return WebSocketHandshake::Invalid;
+        }
+        let version_13 = self
+            .headers
+            .iter()
+            .filter(|h| h.is(buf, "sec-websocket-version"))
+            .any(|h| trim(h.value(buf)) == b"13");
+        if !version_13 {
+            return WebSocketHandshake::UnsupportedVersion;
+        }
+        WebSocketHandshake::Valid
+    }
+}
+
+/// What a request on a WebSocket route asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebSocketHandshake {
+    /// No upgrade asked: an ordinary request.
+    NotAsked,
+    Valid,
+    /// Malformed handshake: 400.
+    Invalid,
+    /// Not version 13: 426 with `Sec-WebSocket-Version: 13` (RFC 6455 §4.4).
+    UnsupportedVersion,
 }
 
 /// Parses a request head from the start of `buf`. `Ok(false)` means more bytes are needed.
@@ -488,6 +539,41 @@ mod tests {
             let err = req(&text).unwrap_err();
             assert_eq!(err.status(), status, "{headers:?}: {err:?}");
         }
+    }
+
+    #[test]
+    fn websocket_handshakes() {
+        let ws = |extra: &str| {
+            let text = format!("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: WebSocket\r\n{extra}\r\n");
+            req(&text).unwrap().websocket_handshake(text.as_bytes())
+        };
+        let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+        assert_eq!(
+            ws(&format!("{key}Sec-WebSocket-Version: 13\r\n")),
+            WebSocketHandshake::Valid
+        );
+        assert_eq!(
+            ws(&format!("{key}Sec-WebSocket-Version: 8\r\n")),
+            WebSocketHandshake::UnsupportedVersion
+        );
+        assert_eq!(
+            ws("Sec-WebSocket-Version: 13\r\n"),
+            WebSocketHandshake::Invalid
+        );
+        assert_eq!(
+            ws(&format!("{key}{key}Sec-WebSocket-Version: 13\r\n")),
+            WebSocketHandshake::Invalid
+        );
+        let plain = "GET /ws HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(
+            req(plain).unwrap().websocket_handshake(plain.as_bytes()),
+            WebSocketHandshake::NotAsked
+        );
+        let post = format!("POST /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 1\r\n{key}Sec-WebSocket-Version: 13\r\n\r\n");
+        assert_eq!(
+            req(&post).unwrap().websocket_handshake(post.as_bytes()),
+            WebSocketHandshake::Invalid
+        );
     }
 
     #[test]
