@@ -60,6 +60,8 @@ struct Scenario {
     /// Extra wrk arguments (e.g. a Lua script for uploads).
     lua: Option<&'static str>,
     close: bool,
+    /// Over TLS (ECDSA P-256 certificate) instead of plaintext.
+    tls: bool,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -69,6 +71,7 @@ const SCENARIOS: &[Scenario] = &[
         path: "/api/small",
         lua: None,
         close: false,
+        tls: false,
     },
     Scenario {
         name: "new_connection",
@@ -76,6 +79,7 @@ const SCENARIOS: &[Scenario] = &[
         path: "/api/small",
         lua: None,
         close: true,
+        tls: false,
     },
     Scenario {
         name: "response_1mib",
@@ -83,6 +87,7 @@ const SCENARIOS: &[Scenario] = &[
         path: "/api/1m",
         lua: None,
         close: false,
+        tls: false,
     },
     Scenario {
         name: "upload_10mib",
@@ -90,6 +95,23 @@ const SCENARIOS: &[Scenario] = &[
         path: "/api/upload",
         lua: Some(UPLOAD_LUA),
         close: false,
+        tls: false,
+    },
+    Scenario {
+        name: "tls_keepalive",
+        what: "TLS 1.3 (ECDSA P-256), keep-alive, 20-byte responses",
+        path: "/api/small",
+        lua: None,
+        close: false,
+        tls: true,
+    },
+    Scenario {
+        name: "tls_new_connection",
+        what: "TLS (ECDSA P-256), a new connection per request; wrk resumes sessions",
+        path: "/api/small",
+        lua: None,
+        close: true,
+        tls: true,
     },
 ];
 
@@ -124,6 +146,8 @@ struct Proc {
     name: &'static str,
     child: Child,
     url: String,
+    /// The TLS listener's base URL, for the TLS scenarios.
+    tls_url: Option<String>,
 }
 
 impl Drop for Proc {
@@ -174,6 +198,31 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(scratch.join("ng/proxy"))?;
     std::fs::write(scratch.join("up/html/1m"), vec![b'x'; 1 << 20])?;
     std::fs::write(scratch.join("report.lua"), REPORT_LUA)?;
+    let mut cert = Command::new("openssl");
+    cert.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+    ])
+    .args([
+        "-subj",
+        "/CN=bench.test",
+        "-addext",
+        "subjectAltName=DNS:bench.test",
+        "-keyout",
+    ])
+    .arg(scratch.join("ecdsa.key"))
+    .arg("-out")
+    .arg(scratch.join("ecdsa.crt"))
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    run_cmd(&mut cert).context("generating the benchmark's TLS certificate (openssl)")?;
     std::fs::write(
         scratch.join("upload.lua"),
         format!("{UPLOAD_LUA}\n{REPORT_LUA}"),
@@ -210,26 +259,33 @@ pub fn run(args: &Args) -> Result<()> {
     let mut direct: BTreeMap<&str, Sample> = BTreeMap::new();
     for scenario in SCENARIOS {
         eprintln!("xtask bench: {} ({})", scenario.name, scenario.what);
-        // The upstream alone: the ceiling no proxy can pass.
-        let d = measure(
-            &wrk,
-            &scratch,
-            scenario,
-            &up,
-            &format!("http://{upstream_addr}"),
-            duration,
-            args.connections,
-            others.as_deref(),
-        )?;
-        direct.insert(scenario.name, d);
+        // The upstream alone: the ceiling no proxy can pass (plaintext scenarios only).
+        if !scenario.tls {
+            let d = measure(
+                &wrk,
+                &scratch,
+                scenario,
+                &up,
+                &format!("http://{upstream_addr}"),
+                duration,
+                args.connections,
+                others.as_deref(),
+            )?;
+            direct.insert(scenario.name, d);
+        }
         for _ in 0..rounds {
             for c in contenders {
+                let base = if scenario.tls {
+                    c.tls_url.clone().context("no TLS listener")?
+                } else {
+                    c.url.clone()
+                };
                 let s = measure(
                     &wrk,
                     &scratch,
                     scenario,
                     c,
-                    &c.url,
+                    &base,
                     duration,
                     args.connections,
                     others.as_deref(),
@@ -359,6 +415,7 @@ fn start_upstream(nginx: &Path, dir: &Path, addr: SocketAddr, cpus: Option<&str>
         name: "upstream",
         child,
         url: format!("http://{addr}"),
+        tls_url: None,
     };
     wait_port(addr)?;
     Ok(proc)
@@ -374,6 +431,17 @@ fn start_reference_nginx(
     let template =
         std::fs::read_to_string(workspace_root().join("tests/fixtures/nginx-reference.conf"))?;
     let addr = free_addr()?;
+    let tls_addr = free_addr()?;
+    // The reference front with TLS added as the contract says the TLS benchmarks do.
+    let template = template.replace(
+        "listen @LISTEN@ reuseport;",
+        &format!(
+            "listen @LISTEN@ reuseport;\n        listen {tls_addr} ssl reuseport;\n        \
+             ssl_certificate {d}/ecdsa.crt;\n        ssl_certificate_key {d}/ecdsa.key;\n        \
+             ssl_protocols TLSv1.2 TLSv1.3;\n        ssl_session_cache shared:SSL:10m;",
+            d = dir.display()
+        ),
+    );
     let conf = template
         .replace("@WORKERS@", &workers.to_string())
         .replace("@PREFIX@", &format!("{}/ng", dir.display()))
@@ -398,8 +466,10 @@ fn start_reference_nginx(
         name: "nginx",
         child,
         url: format!("http://{addr}"),
+        tls_url: Some(format!("https://{tls_addr}")),
     };
     wait_port(addr)?;
+    wait_port(tls_addr)?;
     Ok(proc)
 }
 
@@ -411,10 +481,14 @@ fn start_gateway(
     cpus: Option<&str>,
 ) -> Result<Proc> {
     let addr = free_addr()?;
+    let tls_addr = free_addr()?;
     let admin = free_addr()?;
+    let d = dir.display();
     let conf = format!(
         "[server]\nworkers = {workers}\n\n[log]\naccess = \"off\"\nlevel = \"warn\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
          [[listener]]\nname = \"http\"\nlisten = \"{addr}\"\n\n\
+         [[listener]]\nname = \"https\"\nlisten = \"{tls_addr}\"\n\
+         tls = {{ certificates = [{{ cert = \"{d}/ecdsa.crt\", key = \"{d}/ecdsa.key\" }}] }}\n\n\
          [[upstream]]\nname = \"api\"\nservers = [\"{upstream}\"]\nkeepalive = 32\n\n\
          [[route]]\npath_prefix = \"/api/\"\nupstream = \"api\"\nconnect_timeout = \"60s\"\nsend_timeout = \"300s\"\nread_timeout = \"300s\"\nmax_body_size = \"50MiB\"\n"
     );
@@ -432,8 +506,10 @@ fn start_gateway(
         name: "gateway",
         child,
         url: format!("http://{addr}"),
+        tls_url: Some(format!("https://{tls_addr}")),
     };
     wait_port(addr)?;
+    wait_port(tls_addr)?;
     Ok(proc)
 }
 

@@ -30,6 +30,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_PACKAGES: &[(&str, Option<&str>)] = &[
     ("nginx", Some("nginx")),
     ("curl", Some("curl")),
+    ("openssl", Some("openssl")),
     ("iproute2", Some("ip")),
     ("wrk", Some("wrk")),
     ("bpftool", Some("bpftool")),
