@@ -93,6 +93,11 @@ impl LogWriter {
     }
 }
 
+/// Whether `target` can be opened for appending (a reload checks before switching).
+pub fn check_target(target: &Target) -> std::io::Result<()> {
+    open(target).map(|_| ())
+}
+
 fn open(target: &Target) -> std::io::Result<Option<Box<dyn Write + Send>>> {
     Ok(match target {
         Target::Off => None,

@@ -79,9 +79,11 @@ impl Control {
             }
         };
         let old = self.shared.snapshot();
+        // The access log target must open, but is switched only once the whole reload is
+        // known to succeed (a rejected reload keeps logging where it did).
         let access = Target::from_config(&loaded.config.log.access);
-        if let Some(log) = &self.log {
-            if let Err(e) = log.reopen(access) {
+        if self.log.is_some() {
+            if let Err(e) = crate::access_log::check_target(&access) {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 return Err(ConfigErrors(vec![crate::config::ConfigError {
                     file: self.config_path.clone(),
@@ -139,6 +141,11 @@ impl Control {
             }
         }
         self.shared.install(snapshot);
+        if let Some(log) = &self.log {
+            if let Err(e) = log.reopen(access) {
+                tracing::error!(error = %e, "cannot reopen the access log");
+            }
+        }
         let snap = self.shared.snapshot();
         self.shared.conn_limiter.apply(&snap.config.limits);
         if let Some(guard) = self.xdp.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {

@@ -221,6 +221,18 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
         runtime.spawn(gateway::admin::serve(admin, control.clone()));
     }
 
+    // Signal handlers before the workers start: a SIGTERM during start-up then drains
+    // (there is nothing yet) instead of killing the process with the default action.
+    let (mut hup, mut term, mut int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _entered = runtime.enter();
+        (
+            signal(SignalKind::hangup())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
+
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let (done_tx, done_rx) = mpsc::channel();
     let _ = gateway::metrics::IO_DRIVER.set(driver.as_str());
@@ -236,10 +248,6 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let code = runtime.block_on(async {
         tracing::info!(workers, driver = driver.as_str(), listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, "gateway started");
 
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         loop {
             tokio::select! {
                 _ = hup.recv() => {

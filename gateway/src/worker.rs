@@ -447,19 +447,8 @@ impl BoundListeners {
                 )
             })
             .collect();
-        self.bound.retain(|(key, fd, closed)| {
-            if wanted.contains(key) {
-                return true;
-            }
-            closed.set(true);
-            // SAFETY: shutdown on a listening descriptor this worker owns; it makes the
-            // pending accept fail so the accept loop sees `closed` and ends.
-            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
-            tracing::info!(worker = worker.id, listener = %key.1, addr = %key.0, "listener closed");
-            false
-        });
-        for key in wanted {
-            if self.bound.iter().any(|(k, _, _)| *k == key) {
+        for key in &wanted {
+            if self.bound.iter().any(|(k, _, _)| k == key) {
                 continue;
             }
             let (addr, name, tls, proxy_protocol) = key.clone();
@@ -483,8 +472,21 @@ impl BoundListeners {
             if self.generation != 0 {
                 tracing::info!(worker = worker.id, listener = %name, %addr, "listener bound");
             }
-            self.bound.push((key, fd, closed));
+            self.bound.push((key.clone(), fd, closed));
         }
+        // Close removed listeners only after the new ones are bound, so a listener that
+        // changed in place (name, TLS, PROXY) never leaves its address unserved.
+        self.bound.retain(|(key, fd, closed)| {
+            if wanted.contains(key) {
+                return true;
+            }
+            closed.set(true);
+            // SAFETY: shutdown on a listening descriptor this worker owns; it makes the
+            // pending accept fail so the accept loop sees `closed` and ends.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+            tracing::info!(worker = worker.id, listener = %key.1, addr = %key.0, "listener closed");
+            false
+        });
         self.generation = snap.generation;
         Ok(())
     }

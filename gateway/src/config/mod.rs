@@ -211,11 +211,36 @@ pub enum Balance {
     ClientIpHash,
 }
 
-#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[derive(Debug, Serialize, Clone, PartialEq)]
 #[serde(untagged)]
 pub enum ServerEntry {
     Addr(String),
     Weighted(WeightedServer),
+}
+
+/// By hand rather than `#[serde(untagged)]`, whose error ("did not match any variant")
+/// would hide which key of `{ addr, weight }` is wrong.
+impl<'de> Deserialize<'de> for ServerEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = ServerEntry;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address like \"127.0.0.1:8081\" or { addr = \"...\", weight = N }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ServerEntry, E> {
+                Ok(ServerEntry::Addr(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ServerEntry, A::Error> {
+                WeightedServer::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ServerEntry::Weighted)
+            }
+        }
+        d.deserialize_any(Entry)
+    }
 }
 
 /// `{ addr = "...", weight = N }`; its own struct so unknown keys are refused here too
@@ -451,6 +476,17 @@ impl Config {
                 }
                 Err(e) => {
                     let span = e.span();
+                    // "missing field `x`" right after blanking `x` is an echo, not a
+                    // second mistake.
+                    let echo = e
+                        .message()
+                        .strip_prefix("missing field `")
+                        .and_then(|m| m.split('`').next());
+                    if let Some(field) = echo {
+                        if blanked.iter().any(|b| b.rsplit('.').next() == Some(field)) {
+                            break;
+                        }
+                    }
                     let line = span.as_ref().map(|s| line_of(source, s.start)).unwrap_or(0);
                     let key = span
                         .as_ref()
@@ -934,7 +970,12 @@ fn key_at(source: &str, offset: usize) -> String {
         .split_once('=')
         .map(|(k, _)| k.trim().to_string())
         .unwrap_or_default();
-    let before = &source[..line_start];
+    // An error on a table header line belongs to that table.
+    let before = if line.trim_start().starts_with('[') {
+        &source[..line_end]
+    } else {
+        &source[..line_start]
+    };
     let table = before
         .lines()
         .rev()
@@ -1015,6 +1056,17 @@ respond = { status = 200, body = "ok\n" }
         assert_eq!(e.0[0].line, 4, "{e}");
         assert!(e.0[0].message.contains("wrokers"), "{e}");
         assert_eq!(e.0[0].key, "server.wrokers");
+    }
+
+    #[test]
+    fn misspelled_weight_is_named() {
+        let text = GOOD.replace("weight = 2", "wieght = 2");
+        let e = parse(&text).unwrap_err();
+        assert!(e.0[0].message.contains("wieght"), "{e}");
+        assert_eq!(e.0[0].line, 11, "{e}");
+        assert_eq!(e.0[0].key, "upstream[0].servers", "{e}");
+        // Blanking that line must not be reported as a second error.
+        assert_eq!(e.0.len(), 1, "{e}");
     }
 
     #[test]
