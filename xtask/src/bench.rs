@@ -148,6 +148,8 @@ struct Proc {
     url: String,
     /// The TLS listener's base URL, for the TLS scenarios.
     tls_url: Option<String>,
+    /// A TLS listener with an RSA 2048 certificate, for full-handshake figures.
+    rsa_addr: Option<SocketAddr>,
 }
 
 impl Drop for Proc {
@@ -223,6 +225,23 @@ pub fn run(args: &Args) -> Result<()> {
     .stdout(Stdio::null())
     .stderr(Stdio::null());
     run_cmd(&mut cert).context("generating the benchmark's TLS certificate (openssl)")?;
+    let mut rsa = Command::new("openssl");
+    rsa.args([
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+    ])
+    .args([
+        "-subj",
+        "/CN=bench.test",
+        "-addext",
+        "subjectAltName=DNS:bench.test",
+        "-keyout",
+    ])
+    .arg(scratch.join("rsa.key"))
+    .arg("-out")
+    .arg(scratch.join("rsa.crt"))
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    run_cmd(&mut rsa).context("generating the benchmark's RSA certificate (openssl)")?;
     std::fs::write(
         scratch.join("upload.lua"),
         format!("{UPLOAD_LUA}\n{REPORT_LUA}"),
@@ -303,6 +322,37 @@ pub fn run(args: &Args) -> Result<()> {
             }
         }
     }
+    // Full TLS handshakes (no resumption: `openssl s_time -new`), one request each.
+    let mut handshakes: Vec<(&'static str, &'static str, Vec<(f64, f64)>)> = Vec::new();
+    for (kind, use_rsa) in [("ECDSA P-256", false), ("RSA 2048", true)] {
+        for c in contenders {
+            handshakes.push((kind, c.name, Vec::new()));
+        }
+        for _ in 0..rounds {
+            for c in contenders {
+                let addr: SocketAddr = if use_rsa {
+                    c.rsa_addr.context("no RSA listener")?
+                } else {
+                    c.tls_url
+                        .as_deref()
+                        .context("no TLS listener")?
+                        .trim_start_matches("https://")
+                        .parse()?
+                };
+                let m = full_handshakes(addr, duration.max(2), c.child.id(), others.as_deref())?;
+                eprintln!(
+                    "  {kind:11} {:8} {:>8.0} handshakes/s  {:>8.1} µs CPU/handshake",
+                    c.name, m.0, m.1
+                );
+                if let Some(entry) = handshakes
+                    .iter_mut()
+                    .find(|(k, n, _)| *k == kind && *n == c.name)
+                {
+                    entry.2.push(m);
+                }
+            }
+        }
+    }
     drop(gw);
     drop(ng);
     drop(up);
@@ -315,7 +365,18 @@ pub fn run(args: &Args) -> Result<()> {
         direct,
         idle,
     };
-    let table = report.table();
+    let mut table = report.table();
+    let _ = writeln!(table, "\nFull TLS handshakes (`openssl s_time -new`, one client, one request per connection; medians):\n");
+    let _ = writeln!(
+        table,
+        "| certificate | proxy | handshakes/s | CPU µs per handshake |"
+    );
+    let _ = writeln!(table, "|---|---|---:|---:|");
+    for (kind, who, samples) in &handshakes {
+        let rate = median(samples.iter().map(|s| s.0).collect());
+        let cpu = median(samples.iter().map(|s| s.1).collect());
+        let _ = writeln!(table, "| {kind} | {who} | {rate:.0} | {cpu:.0} |");
+    }
     println!("{table}");
     std::fs::create_dir_all(&out_dir)?;
     std::fs::write(
@@ -416,6 +477,7 @@ fn start_upstream(nginx: &Path, dir: &Path, addr: SocketAddr, cpus: Option<&str>
         child,
         url: format!("http://{addr}"),
         tls_url: None,
+        rsa_addr: None,
     };
     wait_port(addr)?;
     Ok(proc)
@@ -442,6 +504,20 @@ fn start_reference_nginx(
             d = dir.display()
         ),
     );
+    // A second server with the RSA certificate on its own port (nginx binds certificates to
+    // servers, not to listen sockets), proxying /api/ the same way.
+    let rsa_addr = free_addr()?;
+    let last = template
+        .rfind('}')
+        .context("reference config has no closing brace")?;
+    let template = format!(
+        "{}    server {{\n        listen {rsa_addr} ssl reuseport;\n        ssl_certificate {d}/rsa.crt;\n        \
+         ssl_certificate_key {d}/rsa.key;\n        ssl_protocols TLSv1.2 TLSv1.3;\n        \
+         location /api/ {{\n            proxy_pass http://api;\n            proxy_http_version 1.1;\n            \
+         proxy_set_header Connection \"\";\n        }}\n    }}\n}}\n",
+        &template[..last],
+        d = dir.display()
+    );
     let conf = template
         .replace("@WORKERS@", &workers.to_string())
         .replace("@PREFIX@", &format!("{}/ng", dir.display()))
@@ -467,9 +543,11 @@ fn start_reference_nginx(
         child,
         url: format!("http://{addr}"),
         tls_url: Some(format!("https://{tls_addr}")),
+        rsa_addr: Some(rsa_addr),
     };
     wait_port(addr)?;
     wait_port(tls_addr)?;
+    wait_port(rsa_addr)?;
     Ok(proc)
 }
 
@@ -482,6 +560,7 @@ fn start_gateway(
 ) -> Result<Proc> {
     let addr = free_addr()?;
     let tls_addr = free_addr()?;
+    let rsa_addr = free_addr()?;
     let admin = free_addr()?;
     let d = dir.display();
     let conf = format!(
@@ -489,6 +568,8 @@ fn start_gateway(
          [[listener]]\nname = \"http\"\nlisten = \"{addr}\"\n\n\
          [[listener]]\nname = \"https\"\nlisten = \"{tls_addr}\"\n\
          tls = {{ certificates = [{{ cert = \"{d}/ecdsa.crt\", key = \"{d}/ecdsa.key\" }}] }}\n\n\
+         [[listener]]\nname = \"https-rsa\"\nlisten = \"{rsa_addr}\"\n\
+         tls = {{ certificates = [{{ cert = \"{d}/rsa.crt\", key = \"{d}/rsa.key\" }}] }}\n\n\
          [[upstream]]\nname = \"api\"\nservers = [\"{upstream}\"]\nkeepalive = 32\n\n\
          [[route]]\npath_prefix = \"/api/\"\nupstream = \"api\"\nconnect_timeout = \"60s\"\nsend_timeout = \"300s\"\nread_timeout = \"300s\"\nmax_body_size = \"50MiB\"\n"
     );
@@ -507,9 +588,11 @@ fn start_gateway(
         child,
         url: format!("http://{addr}"),
         tls_url: Some(format!("https://{tls_addr}")),
+        rsa_addr: Some(rsa_addr),
     };
     wait_port(addr)?;
     wait_port(tls_addr)?;
+    wait_port(rsa_addr)?;
     Ok(proc)
 }
 
@@ -644,6 +727,50 @@ fn measure(
         peak_rss_kib: rss_kib(pid, "VmHWM:"),
         errors: field("errors") as u64 + non_2xx,
     })
+}
+
+/// Runs `openssl s_time -new` for `seconds` against `addr`: full handshakes, each followed
+/// by one request. Returns (handshakes per second, proxy CPU µs per handshake).
+fn full_handshakes(
+    addr: SocketAddr,
+    seconds: u64,
+    proxy_pid: u32,
+    cpus: Option<&str>,
+) -> Result<(f64, f64)> {
+    let mut cmd = pinned(Path::new("openssl"), cpus);
+    cmd.args([
+        "s_time",
+        "-connect",
+        &addr.to_string(),
+        "-new",
+        "-time",
+        &seconds.to_string(),
+    ])
+    .args(["-www", "/api/small"]);
+    let cpu0 = cpu_seconds(proxy_pid);
+    let output = cmd.output().context("running openssl s_time")?;
+    let cpu1 = cpu_seconds(proxy_pid);
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "1234 connections in 6 real seconds, 0 bytes read per connection"
+    let line = text
+        .lines()
+        .find(|l| l.contains("connections in") && l.contains("real seconds"))
+        .with_context(|| format!("s_time printed no result: {text}"))?;
+    let count: f64 = line
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.parse().ok())
+        .context("s_time count")?;
+    let secs: f64 = line
+        .split("connections in ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|w| w.parse().ok())
+        .context("s_time seconds")?;
+    if count < 1.0 {
+        bail!("no TLS handshake completed against {addr}");
+    }
+    Ok((count / secs.max(1e-9), (cpu1 - cpu0) * 1e6 / count))
 }
 
 /// Opens `n` keep-alive connections, one request each, holds them idle, and reports the
