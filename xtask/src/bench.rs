@@ -323,7 +323,7 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     // Full TLS handshakes (no resumption: `openssl s_time -new`), one request each.
-    let mut handshakes: Vec<(&'static str, &'static str, Vec<(f64, f64)>)> = Vec::new();
+    let mut handshakes: Vec<HandshakeSeries> = Vec::new();
     for (kind, use_rsa) in [("ECDSA P-256", false), ("RSA 2048", true)] {
         for c in contenders {
             handshakes.push((kind, c.name, Vec::new()));
@@ -728,6 +728,9 @@ fn measure(
         errors: field("errors") as u64 + non_2xx,
     })
 }
+
+/// (certificate kind, proxy, [(handshakes per second, CPU µs per handshake)] per round).
+type HandshakeSeries = (&'static str, &'static str, Vec<(f64, f64)>);
 
 /// Runs `openssl s_time -new` for `seconds` against `addr`: full handshakes, each followed
 /// by one request. Returns (handshakes per second, proxy CPU µs per handshake).
