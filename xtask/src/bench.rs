@@ -366,6 +366,34 @@ pub fn run(args: &Args) -> Result<()> {
         idle,
     };
     let mut table = report.table();
+    if !args.quick {
+        // WebSocket bulk: the tunnel benchmark (splice, copy, nginx), its own binary.
+        let mut build = Command::new(crate::cargo());
+        build.current_dir(workspace_root()).args([
+            "build",
+            "--release",
+            "-p",
+            "gateway-benches",
+            "--bin",
+            "tunnel-bench",
+        ]);
+        run_cmd(&mut build)?;
+        let output = Command::new(target_dir()?.join("release").join("tunnel-bench"))
+            .arg("--gateway")
+            .arg(&gateway_bin)
+            .arg("--nginx")
+            .arg(&nginx)
+            .args(["--seconds", &duration.max(3).to_string()])
+            .args(["--only", "gateway-splice,gateway-copy,nginx"])
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running tunnel-bench")?;
+        let _ = writeln!(
+            table,
+            "\nWebSocket bulk through tunnels (upstream streams to the client; one proxy worker):\n\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
     let _ = writeln!(table, "\nFull TLS handshakes (`openssl s_time -new`, one client, one request per connection; medians):\n");
     let _ = writeln!(
         table,
