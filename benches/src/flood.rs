@@ -676,7 +676,17 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        // Our own child, by its pid; then nginx's master by its pid file (normally the same).
+        // SIGTERM first (an nginx master killed outright leaves its workers running), then
+        // SIGKILL; then nginx's master by its pid file (normally the same process).
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("nginx.pid")) {

@@ -186,7 +186,17 @@ struct Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        // SIGTERM first: an nginx master killed outright leaves its workers running.
         // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
         let _ = self.child.wait();
         if let Ok(pid) = std::fs::read_to_string(self._dir.0.join("nginx.pid")) {
