@@ -487,19 +487,7 @@ fn start_upstream(nginx: &Path, dir: &Path, addr: SocketAddr, cpus: Option<&str>
         d = dir.display()
     );
     std::fs::write(dir.join("up/nginx.conf"), conf)?;
-    let child = pinned(nginx, cpus)
-        .args([
-            "-p",
-            &format!("{}/up/", dir.display()),
-            "-c",
-            &format!("{}/up/nginx.conf", dir.display()),
-            "-g",
-            "daemon off;",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting the upstream nginx")?;
+    let child = spawn_nginx(nginx, &dir.join("up"), cpus).context("starting the upstream nginx")?;
     let proc = Proc {
         name: "upstream",
         child,
@@ -509,6 +497,19 @@ fn start_upstream(nginx: &Path, dir: &Path, addr: SocketAddr, cpus: Option<&str>
     };
     wait_port(addr)?;
     Ok(proc)
+}
+
+/// Starts nginx in the foreground with `prefix/nginx.conf` and `prefix/` as its prefix.
+fn spawn_nginx(nginx: &Path, prefix: &Path, cpus: Option<&str>) -> std::io::Result<Child> {
+    pinned(nginx, cpus)
+        .arg("-p")
+        .arg(format!("{}/", prefix.display()))
+        .arg("-c")
+        .arg(prefix.join("nginx.conf"))
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
 }
 
 fn start_reference_nginx(
@@ -553,18 +554,7 @@ fn start_reference_nginx(
         .replace("@API_UPSTREAM@", &upstream.to_string())
         .replace("@WS_UPSTREAM@", &upstream.to_string());
     std::fs::write(dir.join("ng/nginx.conf"), conf)?;
-    let child = pinned(nginx, cpus)
-        .args([
-            "-p",
-            &format!("{}/ng/", dir.display()),
-            "-c",
-            &format!("{}/ng/nginx.conf", dir.display()),
-            "-g",
-            "daemon off;",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    let child = spawn_nginx(nginx, &dir.join("ng"), cpus)
         .context("starting nginx with the reference config")?;
     let proc = Proc {
         name: "nginx",
