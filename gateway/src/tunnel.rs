@@ -147,41 +147,31 @@ pub async fn run<S: Stream>(
     } else {
         None
     };
+    // Splice needs both sockets non-blocking; that only fails on a descriptor already
+    // closed, and then the copy path below says so.
+    let pipes = pipes.filter(|_| {
+        let ready =
+            set_nonblocking(client.raw_fd()).and_then(|()| set_nonblocking(upstream.raw_fd()));
+        if let Err(e) = &ready {
+            tracing::debug!(error = %e, "tunnel: cannot make the sockets non-blocking; copying");
+        }
+        ready.is_ok()
+    });
     let path = match pipes {
-        Some(pipes) => match set_nonblocking(client.raw_fd())
-            .and_then(|()| set_nonblocking(upstream.raw_fd()))
-        {
-            Ok(()) => {
-                run_splice(
-                    client,
-                    upstream,
-                    pipes,
-                    from_client,
-                    &from_upstream,
-                    &progress,
-                    idle,
-                )
-                .await;
-                w.give_buf(from_upstream);
-                PATH_SPLICE
-            }
-            Err(e) => {
-                // Only fails on a descriptor already closed; the copy path will say so.
-                tracing::debug!(error = %e, "tunnel: cannot make the sockets non-blocking; copying");
-                drop(pipes);
-                run_copy(
-                    client,
-                    upstream,
-                    from_client,
-                    from_upstream,
-                    w,
-                    &progress,
-                    idle,
-                )
-                .await;
-                PATH_COPY
-            }
-        },
+        Some(pipes) => {
+            run_splice(
+                client,
+                upstream,
+                pipes,
+                from_client,
+                &from_upstream,
+                &progress,
+                idle,
+            )
+            .await;
+            w.give_buf(from_upstream);
+            PATH_SPLICE
+        }
         None => {
             run_copy(
                 client,

@@ -200,48 +200,12 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(scratch.join("ng/proxy"))?;
     std::fs::write(scratch.join("up/html/1m"), vec![b'x'; 1 << 20])?;
     std::fs::write(scratch.join("report.lua"), REPORT_LUA)?;
-    let mut cert = Command::new("openssl");
-    cert.args([
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-days",
-        "2",
-    ])
-    .args([
-        "-subj",
-        "/CN=bench.test",
-        "-addext",
-        "subjectAltName=DNS:bench.test",
-        "-keyout",
-    ])
-    .arg(scratch.join("ecdsa.key"))
-    .arg("-out")
-    .arg(scratch.join("ecdsa.crt"))
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    run_cmd(&mut cert).context("generating the benchmark's TLS certificate (openssl)")?;
-    let mut rsa = Command::new("openssl");
-    rsa.args([
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-    ])
-    .args([
-        "-subj",
-        "/CN=bench.test",
-        "-addext",
-        "subjectAltName=DNS:bench.test",
-        "-keyout",
-    ])
-    .arg(scratch.join("rsa.key"))
-    .arg("-out")
-    .arg(scratch.join("rsa.crt"))
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    run_cmd(&mut rsa).context("generating the benchmark's RSA certificate (openssl)")?;
+    self_signed(
+        &scratch,
+        "ecdsa",
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"],
+    )?;
+    self_signed(&scratch, "rsa", &["-newkey", "rsa:2048"])?;
     std::fs::write(
         scratch.join("upload.lua"),
         format!("{UPLOAD_LUA}\n{REPORT_LUA}"),
@@ -497,6 +461,27 @@ fn start_upstream(nginx: &Path, dir: &Path, addr: SocketAddr, cpus: Option<&str>
     };
     wait_port(addr)?;
     Ok(proc)
+}
+
+/// A throwaway self-signed certificate for `bench.test` at `dir/NAME.crt` and `dir/NAME.key`.
+fn self_signed(dir: &Path, name: &str, key_args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["req", "-x509", "-nodes", "-days", "2"])
+        .args(key_args)
+        .args([
+            "-subj",
+            "/CN=bench.test",
+            "-addext",
+            "subjectAltName=DNS:bench.test",
+        ])
+        .arg("-keyout")
+        .arg(dir.join(format!("{name}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{name}.crt")))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    run_cmd(&mut cmd)
+        .with_context(|| format!("generating the benchmark's {name} certificate (openssl)"))
 }
 
 /// Starts nginx in the foreground with `prefix/nginx.conf` and `prefix/` as its prefix.
