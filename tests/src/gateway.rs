@@ -40,8 +40,21 @@ impl Gateway {
         Gateway::try_start(config_toml).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Starts the gateway from a [`Config`].
+    /// Starts the gateway from a [`Config`]. Ports come from binding port 0 and letting go,
+    /// so a concurrent test can take one before the gateway binds it: on "Address already
+    /// in use" the start is retried with fresh listener and admin ports.
     pub fn with(config: &Config) -> Gateway {
+        let mut config = config.clone();
+        for _ in 0..4 {
+            match Gateway::try_start(&config.to_toml()) {
+                Ok(gw) => return gw,
+                Err(e) if e.contains("Address already in use") => {
+                    config.http_addr = crate::free_addr();
+                    config.admin_addr = crate::free_addr();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
         Gateway::start(&config.to_toml())
     }
 
