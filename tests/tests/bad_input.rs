@@ -113,6 +113,42 @@ const SMUGGLING: &[(&str, &str)] = &[
         "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n",
     ),
     (
+        "chunk size followed by text after whitespace",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5 junk\r\nhello\r\n0\r\n\r\n",
+    ),
+    (
+        "chunk-size line ended by a bare LF",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+    ),
+    (
+        "chunk extension holding a bare LF",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5;x\ny\r\nhello\r\n0\r\n\r\n",
+    ),
+    (
+        "last chunk followed by a bare LF, then a request",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\nGET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n",
+    ),
+    (
+        "trailer line ended by a bare LF",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: 1\n\r\n",
+    ),
+    (
+        "trailer line that is not a field",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+    ),
+    (
+        "request line ended by a bare LF",
+        "GET /s HTTP/1.1\nHost: t\r\n\r\n",
+    ),
+    (
+        "header line ended by a bare LF",
+        "GET /s HTTP/1.1\r\nHost: t\nX-A: b\r\n\r\n",
+    ),
+    (
+        "head ended by a bare LF",
+        "GET /s HTTP/1.1\r\nHost: t\r\n\nGET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n",
+    ),
+    (
         "obs-fold continuation line",
         "GET /s HTTP/1.1\r\nHost: t\r\nX-Folded: first\r\n  second\r\n\r\n",
     ),
@@ -453,4 +489,26 @@ fn keep_alive_connection_is_not_poisoned_by_a_good_request_with_body() {
     assert_eq!(rs[0].body, b"hello");
     assert_eq!(rs[1].status, 200);
     assert_eq!(origin.request_count(), 2);
+}
+
+#[test]
+fn endless_chunk_extension_gets_400() {
+    // The decoder forwards raw bytes, so an extension that never ends would stream forever
+    // (or grow a buffer): the chunk-size line is capped instead.
+    let origin = Origin::echo();
+    let gw = guarded(&origin);
+    let mut c = Client::connect(gw.http_addr());
+    c.send(b"POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5;")
+        .unwrap();
+    let junk = vec![b'a'; 8 * 1024];
+    for _ in 0..16 {
+        if c.send(&junk).is_err() {
+            break;
+        }
+    }
+    let r = c
+        .read_response()
+        .expect("a response to an endless extension");
+    assert_eq!(r.status, 400);
+    c.expect_closed(Duration::from_secs(3), "after an endless chunk extension");
 }

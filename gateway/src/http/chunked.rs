@@ -5,6 +5,14 @@
 //! bytes unchanged (no re-encoding, no copy) and only uses the decoder to find the end of
 //! the message, to count payload bytes against `max_body_size`, and to reject malformed
 //! framing; `on_data` hands out payload slices for the rare peer that needs them decoded.
+//!
+//! Because the raw bytes are forwarded, the decoder accepts only what every parser behind
+//! it reads the same way (RFC 9112 §7.1): a chunk-size line is hex digits, optional
+//! `BWS ; extension` text, then CR LF, nothing else (`5 junk` is refused); every line ends
+//! in CR LF, never a bare LF (a peer that ends the body at a bare LF would run the rest
+//! as a new request); trailer lines are forwarded only when each one is a well-formed
+//! `name: value` field line; the line and trailer lengths are capped so an endless
+//! extension or trailer section ends in an error rather than in unbounded forwarding.
 
 /// Longest chunk-size line (size plus extensions) we accept; longer is an attack, not a
 /// client (nginx and hyper cap it similarly).
@@ -16,7 +24,9 @@ const MAX_TRAILERS: usize = 16 * 1024;
 enum State {
     /// Reading hex digits of a chunk size.
     Size,
-    /// After the size: optional whitespace and `;ext`, up to CR LF.
+    /// Whitespace after the size (RFC 9112 §7.1.1 `BWS`): only a `;` may follow.
+    SizeWs,
+    /// After `;`: extension text (field-vchar, SP, HTAB), up to CR LF.
     Extension,
     SizeLf,
     Data,
@@ -24,7 +34,10 @@ enum State {
     DataLf,
     /// At the start of a trailer line (or the final empty line).
     TrailerStart,
-    TrailerLine,
+    /// Inside a trailer field name (a token), up to `:`.
+    TrailerName,
+    /// Inside a trailer field value, up to CR.
+    TrailerValue,
     TrailerLf,
     FinalLf,
     Done,
@@ -89,28 +102,37 @@ impl ChunkedDecoder {
                             return Err(ChunkedError::BadSize);
                         }
                         self.remaining = self.remaining * 16 + d as u64;
-                        self.line_len += 1;
                     } else if self.size_digits == 0 {
                         return Err(ChunkedError::BadSize);
                     } else if b == b'\r' {
                         self.state = State::SizeLf;
-                    } else if b == b';' || b == b' ' || b == b'\t' {
+                    } else if b == b';' {
                         self.state = State::Extension;
+                    } else if b == b' ' || b == b'\t' {
+                        self.state = State::SizeWs;
                     } else {
                         return Err(ChunkedError::BadSize);
                     }
+                    self.count_line()?;
+                    i += 1;
+                }
+                State::SizeWs => {
+                    match b {
+                        b' ' | b'\t' => {}
+                        b';' => self.state = State::Extension,
+                        // `5 junk` or `5 \r\n`: not a chunk-size line.
+                        _ => return Err(ChunkedError::BadSize),
+                    }
+                    self.count_line()?;
                     i += 1;
                 }
                 State::Extension => {
                     if b == b'\r' {
                         self.state = State::SizeLf;
-                    } else if b == b'\n' || b < 0x09 {
+                    } else if !is_field_char(b) {
                         return Err(ChunkedError::BadFraming);
                     }
-                    self.line_len += 1;
-                    if self.line_len > MAX_CHUNK_LINE {
-                        return Err(ChunkedError::TooLong);
-                    }
+                    self.count_line()?;
                     i += 1;
                 }
                 State::SizeLf => {
@@ -154,20 +176,31 @@ impl ChunkedDecoder {
                 State::TrailerStart => {
                     if b == b'\r' {
                         self.state = State::FinalLf;
+                    } else if is_tchar(b) {
+                        self.state = State::TrailerName;
                     } else {
-                        self.state = State::TrailerLine;
-                        self.trailer_len += 1;
+                        // A bare LF here is where a lenient peer ends the body.
+                        return Err(ChunkedError::BadFraming);
                     }
+                    self.count_trailer()?;
                     i += 1;
                 }
-                State::TrailerLine => {
+                State::TrailerName => {
+                    if b == b':' {
+                        self.state = State::TrailerValue;
+                    } else if !is_tchar(b) {
+                        return Err(ChunkedError::BadFraming);
+                    }
+                    self.count_trailer()?;
+                    i += 1;
+                }
+                State::TrailerValue => {
                     if b == b'\r' {
                         self.state = State::TrailerLf;
+                    } else if !is_field_char(b) {
+                        return Err(ChunkedError::BadFraming);
                     }
-                    self.trailer_len += 1;
-                    if self.trailer_len > MAX_TRAILERS {
-                        return Err(ChunkedError::TooLong);
-                    }
+                    self.count_trailer()?;
                     i += 1;
                 }
                 State::TrailerLf => {
@@ -192,6 +225,35 @@ impl ChunkedDecoder {
         }
         Ok(i)
     }
+}
+
+impl ChunkedDecoder {
+    fn count_line(&mut self) -> Result<(), ChunkedError> {
+        self.line_len += 1;
+        if self.line_len > MAX_CHUNK_LINE {
+            return Err(ChunkedError::TooLong);
+        }
+        Ok(())
+    }
+
+    fn count_trailer(&mut self) -> Result<(), ChunkedError> {
+        self.trailer_len += 1;
+        if self.trailer_len > MAX_TRAILERS {
+            return Err(ChunkedError::TooLong);
+        }
+        Ok(())
+    }
+}
+
+/// RFC 9110 §5.6.2 `tchar`: the characters of a field name.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// RFC 9110 §5.5 field-vchar, SP or HTAB: what a field value (or extension) may hold.
+/// Excludes CR, LF, NUL and the other controls.
+pub fn is_field_char(b: u8) -> bool {
+    b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -253,6 +315,33 @@ mod tests {
     }
 
     #[test]
+    fn extensions_with_whitespace() {
+        let body = b"5 ;a=1\r\nhello\r\n0;b\r\n\r\n";
+        let (n, out, done) = decode_all(body).unwrap();
+        assert!(done && n == body.len() && out == b"hello");
+    }
+
+    #[test]
+    fn endless_extension_and_trailers_are_capped() {
+        let mut d = ChunkedDecoder::new();
+        assert_eq!(d.decode(b"5;", |_| {}), Ok(2));
+        let junk = vec![b'a'; 1024];
+        let mut err = None;
+        for _ in 0..64 {
+            if let Err(e) = d.decode(&junk, |_| {}) {
+                err = Some(e);
+                break;
+            }
+        }
+        assert_eq!(err, Some(ChunkedError::TooLong));
+        let mut d = ChunkedDecoder::new();
+        d.decode(b"0\r\n", |_| {}).unwrap();
+        let line = b"X-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+        let failed = (0..1000).any(|_| d.decode(line, |_| {}).is_err());
+        assert!(failed, "trailers are bounded");
+    }
+
+    #[test]
     fn bad_sizes() {
         for bad in [
             &b"x\r\n"[..],
@@ -262,6 +351,18 @@ mod tests {
             b"ffffffffffffffffff\r\n",
             b"3\r\nabcX\r\n",
             b"0x5\r\n",
+            // Text after whitespace, trailing whitespace, a bare LF anywhere.
+            b"5 junk\r\nhello\r\n0\r\n\r\n",
+            b"5 \r\nhello\r\n0\r\n\r\n",
+            b"5;a\nb\r\nhello\r\n",
+            b"5;a\0\r\nhello\r\n",
+            b"0\r\n\nGET /admin HTTP/1.1\r\n\r\n",
+            b"0\r\nX: 1\n\r\n",
+            b"0\r\nX: 1\r\n\n",
+            b"0\r\nX 1\r\n\r\n",
+            b"0\r\n: v\r\n\r\n",
+            b"0\r\n X: 1\r\n\r\n",
+            b"0\r\nX: a\rb\r\n\r\n",
         ] {
             assert!(
                 decode_all(bad).is_err(),

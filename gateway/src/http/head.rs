@@ -225,6 +225,9 @@ pub fn parse_request(
             HttpError::HeadTooLarge
         });
     }
+    if !crlf_only(&buf[..len]) {
+        return Err(HttpError::BadRequest("bare LF in request head"));
+    }
     let base = buf.as_ptr();
     let method = req.method.expect("complete head has a method");
     let target = req.path.expect("complete head has a target");
@@ -302,6 +305,9 @@ pub fn parse_response(
         }
         httparse::Status::Complete(len) => len,
     };
+    if !crlf_only(&buf[..len]) {
+        return Err(HttpError::BadUpstream("bare LF in response head"));
+    }
     let base = buf.as_ptr();
     head.status = resp.code.unwrap_or(0);
     head.version = resp.version.unwrap_or(1);
@@ -454,6 +460,20 @@ impl BodyFraming {
     }
 }
 
+/// Whether every line of a head ends in CR LF. httparse accepts a bare LF as a line end
+/// (RFC 9112 §2.2 allows a recipient to); a proxy must not, because the peer behind it
+/// may split the same bytes differently. One pass over the head, no allocation.
+fn crlf_only(head: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for &b in head {
+        if b == b'\n' && prev != b'\r' {
+            return false;
+        }
+        prev = b;
+    }
+    true
+}
+
 pub fn trim(mut s: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = s {
         s = rest;
@@ -539,6 +559,26 @@ mod tests {
             let err = req(&text).unwrap_err();
             assert_eq!(err.status(), status, "{headers:?}: {err:?}");
         }
+    }
+
+    #[test]
+    fn bare_lf_is_rejected() {
+        for text in [
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n\n",
+            "\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert_eq!(req(text).unwrap_err().status(), 400, "{text:?}");
+        }
+        let mut h = ResponseHead::default();
+        let text = b"HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            parse_response(text, &mut h, 8192, false)
+                .unwrap_err()
+                .status(),
+            502
+        );
     }
 
     #[test]
