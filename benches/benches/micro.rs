@@ -63,6 +63,9 @@ fn benches(c: &mut Criterion) {
         proto: "https",
         upgrade: false,
         default_host: "gw",
+        trusted_peer: false,
+        keep_forwarding: &[],
+        underscores: false,
     };
     let mut out = Vec::with_capacity(4096);
     c.bench_function("rewrite_request_head", |b| {

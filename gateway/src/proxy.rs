@@ -432,7 +432,7 @@ async fn handle<'s, S: Stream>(
         }
         Action::Proxy(index) => {
             let upstream = &snap.upstreams[*index];
-            match proxy(c, w, route, upstream, listener, client_ip).await {
+            match proxy(c, w, snap, route, upstream, listener, client_ip).await {
                 Ok(outcome) => outcome,
                 Err(failure) => {
                     let status = failure.error.status();
@@ -530,6 +530,7 @@ impl RequestBody {
 async fn proxy<'s, S: Stream>(
     c: &mut Client<S>,
     w: &Rc<Worker<S>>,
+    snap: &Snapshot,
     route: &'s Route,
     upstream: &'s Arc<Upstream>,
     listener: &ListenerCtx,
@@ -559,6 +560,11 @@ async fn proxy<'s, S: Stream>(
         proto: listener.proto,
         upgrade,
         default_host: &listener.name,
+        trusted_peer: snap
+            .listener(&listener.name)
+            .is_some_and(|l| l.trusts(peer.ip())),
+        keep_forwarding: &snap.config.server.forward_client_headers,
+        underscores: snap.config.server.underscores_in_headers,
     };
     rewrite::write_upstream_request(&mut out, buf, head, &fwd);
     out.extend_from_slice(&after_head[..prefix]);

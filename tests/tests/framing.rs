@@ -372,3 +372,124 @@ fn request_body_streams_before_the_client_finishes() {
     assert_eq!(r.body_str(), (10 << 20).to_string());
     assert!(origin.last_request().body == body);
 }
+
+// ---- the framing rule: the gateway writes the framing it parsed (issue 10.1, 17.7, 17.8) --
+
+/// A body that is itself a request: if the upstream ever reads it as one, it runs.
+const SMUGGLED: &[u8] = b"GET /admin/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n";
+
+fn guarded_origin() -> (Origin, Gateway) {
+    let origin = Origin::start(|req| Reply::ok(format!("{} {}", req.path(), req.body.len())));
+    let gw = Gateway::with(
+        &Config::new()
+            .upstream(Upstream::new("app", &[origin.addr()]))
+            .route(Route::respond_prefix("/admin", 403, "no\n"))
+            .route(Route::prefix("/", "app")),
+    );
+    (origin, gw)
+}
+
+#[test]
+fn connection_cannot_remove_framing_or_proxy_headers() {
+    let (origin, gw) = guarded_origin();
+    for connection in [
+        "Content-Length",
+        "content-length, keep-alive",
+        "Transfer-Encoding",
+        "Host",
+        "X-Forwarded-For, X-Real-IP, X-Forwarded-Proto",
+    ] {
+        let mut c = gw.client();
+        let head = format!(
+            "GET /public/ HTTP/1.1\r\nHost: t\r\nConnection: {connection}\r\nContent-Length: {}\r\n\r\n",
+            SMUGGLED.len()
+        );
+        let mut raw = head.into_bytes();
+        raw.extend_from_slice(SMUGGLED);
+        c.send(&raw).unwrap();
+        let r = c.read_response().expect("a response");
+        assert_eq!(r.status, 200, "Connection: {connection}");
+        assert_eq!(r.body_str(), format!("/public/ {}", SMUGGLED.len()));
+        let got = origin.last_request();
+        assert_eq!(got.body, SMUGGLED, "Connection: {connection}");
+        assert_eq!(got.header("host"), Some("t"), "Connection: {connection}");
+        for name in ["x-forwarded-for", "x-real-ip", "x-forwarded-proto"] {
+            assert!(
+                got.has_header(name),
+                "{name} missing: Connection: {connection}"
+            );
+        }
+        // The connection is still in sync.
+        assert_eq!(c.get("/after").body_str(), "/after 0");
+    }
+    assert!(
+        origin
+            .requests()
+            .iter()
+            .all(|r| !r.path().starts_with("/admin")),
+        "a body reached the origin as a request"
+    );
+    assert!(origin.errors().is_empty(), "{:?}", origin.errors());
+}
+
+#[test]
+fn odd_request_framing_is_forwarded_canonical() {
+    let (origin, gw) = guarded_origin();
+    let cases: &[(&str, &str, &str)] = &[
+        ("Content-Length: 0005", "hello", "5"),
+        ("Content-Length: 5, 5", "hello", "5"),
+        ("Content-Length: 5\r\nContent-Length: 5", "hello", "5"),
+    ];
+    for (fields, body, want) in cases {
+        let raw = format!("POST /p HTTP/1.1\r\nHost: t\r\n{fields}\r\n\r\n{body}");
+        let (_c, r) = gateway_tests::client::raw_request(gw.http_addr(), raw.as_bytes());
+        assert_eq!(r.unwrap().status, 200, "{fields}");
+        let got = origin.last_request();
+        assert_eq!(got.header_all("content-length"), vec![*want], "{fields}");
+    }
+    for te in [
+        "Transfer-Encoding: chunked,",
+        "Transfer-Encoding: ,chunked",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: ",
+    ] {
+        let raw = format!("POST /p HTTP/1.1\r\nHost: t\r\n{te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
+        let (_c, r) = gateway_tests::client::raw_request(gw.http_addr(), raw.as_bytes());
+        assert_eq!(r.unwrap().status, 200, "{te:?}");
+        let got = origin.last_request();
+        assert_eq!(got.body, b"hello", "{te:?}");
+        assert_eq!(
+            got.header_all("transfer-encoding"),
+            vec!["chunked"],
+            "{te:?}"
+        );
+    }
+}
+
+#[test]
+fn upstream_connection_cannot_unframe_the_response() {
+    let origin = Origin::start(|req| match req.path() {
+        "/cl" => Reply::ok("abc").header("Connection", "Content-Length"),
+        "/te" => Reply::ok("chunky")
+            .header("Connection", "Transfer-Encoding")
+            .chunked(&[2]),
+        "/204" => Reply::raw(&b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"[..]),
+        _ => Reply::ok("next"),
+    });
+    let gw = Gateway::with(&Config::proxy_all(&[origin.addr()]));
+    let mut c = gw.client();
+    let r = c.get("/cl");
+    assert_eq!(r.header("content-length"), Some("3"));
+    assert_eq!(r.body, b"abc");
+    assert!(!r.says_close());
+    assert_eq!(c.get("/x").body_str(), "next", "in sync after /cl");
+    let r = c.get("/te");
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(r.body, b"chunky");
+    assert_eq!(c.get("/y").body_str(), "next", "in sync after /te");
+    let r = c.get("/204");
+    assert_eq!(r.status, 204);
+    assert!(
+        r.header("content-length").is_none(),
+        "204 carries no framing"
+    );
+}

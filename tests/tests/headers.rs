@@ -307,3 +307,114 @@ fn no_matching_route_is_404() {
         "a 404 reached an upstream"
     );
 }
+
+// ---- forwarding headers and underscore aliases (issue 10.6, 17.4) -------------------------
+
+/// Claims about the client that only a trusted proxy may make.
+const FORWARDING: [(&str, &str); 9] = [
+    ("Forwarded", "for=198.51.100.1;host=evil.test;proto=https"),
+    ("X-Forwarded-Host", "evil.test"),
+    ("X-Forwarded-Port", "443"),
+    ("X-Original-URL", "/admin/secret.txt"),
+    ("X-Rewrite-URL", "/admin/secret.txt"),
+    ("True-Client-IP", "198.51.100.1"),
+    ("X-Client-IP", "198.51.100.1"),
+    ("X-Real-IP", "198.51.100.1"),
+    ("X-Forwarded-Proto", "https"),
+];
+
+/// A gateway whose listener trusts 127.0.0.8 only, with extra `[server]` keys.
+fn trusting(origin: &Origin, server: &[(&str, &str)]) -> Gateway {
+    let mut cfg = Config::proxy_all(&[origin.addr()]);
+    for (k, v) in server {
+        cfg = cfg.server_raw(k, v);
+    }
+    let toml = cfg.to_toml().replacen(
+        "name = \"http\"\n",
+        "name = \"http\"\ntrusted_proxies = [\"127.0.0.8/32\"]\n",
+        1,
+    );
+    Gateway::start(&toml)
+}
+
+fn with_forwarding(path: &str) -> Req {
+    FORWARDING
+        .iter()
+        .fold(Req::get(path), |r, (n, v)| r.header(n, v))
+}
+
+#[test]
+fn forwarding_headers_from_untrusted_peers_are_removed() {
+    let origin = Origin::start(|r| Reply::ok(r.target.clone()));
+    let gw = trusting(&origin, &[]);
+    send(&gw, &with_forwarding("/f"));
+    let got = origin.last_request();
+    for (name, value) in FORWARDING {
+        assert!(
+            got.header_all(name).iter().all(|v| *v != value),
+            "{name}: {value} reached the origin from an untrusted peer"
+        );
+    }
+    assert_eq!(got.header("x-real-ip"), Some("127.0.0.9"));
+    assert_eq!(got.header("x-forwarded-proto"), Some("http"));
+}
+
+#[test]
+fn forwarding_headers_from_trusted_proxies_or_the_keep_list_stay() {
+    let origin = Origin::start(|r| Reply::ok(r.target.clone()));
+    let gw = trusting(
+        &origin,
+        &[("forward_client_headers", "[\"X-Forwarded-Host\"]")],
+    );
+    send(&gw, &with_forwarding("/f"));
+    let got = origin.last_request();
+    assert_eq!(got.header("x-forwarded-host"), Some("evil.test"), "kept");
+    assert!(!got.has_header("x-original-url"), "not in the keep-list");
+    let r = Client::connect_from("127.0.0.8".parse().unwrap(), gw.http_addr())
+        .must(&with_forwarding("/t"));
+    assert_eq!(r.status, 200);
+    let got = origin.last_request();
+    for name in [
+        "forwarded",
+        "x-forwarded-port",
+        "x-original-url",
+        "true-client-ip",
+    ] {
+        assert!(got.has_header(name), "{name} from a trusted proxy");
+    }
+}
+
+#[test]
+fn underscore_aliases_never_reach_the_origin() {
+    let origin = Origin::start(|r| Reply::ok(r.target.clone()));
+    let aliased = |path: &str| {
+        Req::get(path)
+            .header("X_Real_IP", "198.51.100.1")
+            .header("X-Forwarded_For", "198.51.100.1")
+            .header("x_forwarded_proto", "https")
+            .header("X_Original_URL", "/admin")
+            .header("X_App_Token", "t")
+    };
+    let gw = trusting(&origin, &[]);
+    send(&gw, &aliased("/u"));
+    let got = origin.last_request();
+    assert!(
+        got.headers.iter().all(|(n, _)| !n.contains('_')),
+        "underscored names are dropped by default: {:?}",
+        got.headers
+    );
+    let gw = trusting(&origin, &[("underscores_in_headers", "true")]);
+    send(&gw, &aliased("/u"));
+    let got = origin.last_request();
+    let underscored: Vec<&str> = got
+        .headers
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| n.contains('_'))
+        .collect();
+    assert_eq!(
+        underscored,
+        ["X_App_Token"],
+        "only non-aliases pass when allowed"
+    );
+}

@@ -98,6 +98,10 @@ pub struct ServerConfig {
     pub keepalive_timeout: Dur,
     pub header_timeout: Dur,
     pub max_header_bytes: Size,
+    /// Forward request header names containing `_` (nginx `underscores_in_headers`).
+    pub underscores_in_headers: bool,
+    /// Forwarding headers (`Forwarded`, `X-Forwarded-Host`...) kept from untrusted peers.
+    pub forward_client_headers: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -112,6 +116,8 @@ impl Default for ServerConfig {
             keepalive_timeout: secs(5),
             header_timeout: secs(10),
             max_header_bytes: Size(16 * 1024),
+            underscores_in_headers: false,
+            forward_client_headers: Vec::new(),
         }
     }
 }

@@ -60,6 +60,9 @@ pub struct Known {
     /// Indexes of the `Connection` headers (their tokens name more hop-by-hop fields).
     pub connection: Vec<usize>,
     pub expect_continue: bool,
+    /// The one `Content-Length` value (lists of equal values folded), even where the
+    /// framing ignores it (a response to HEAD keeps the representation's length).
+    pub content_length: Option<u64>,
 }
 
 impl Known {
@@ -105,6 +108,10 @@ impl RequestHead {
             .position(|&b| b == b'?')
             .unwrap_or(target.len());
         &target[..end]
+    }
+    /// The request target sent upstream.
+    pub fn forward_target<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        self.target(buf)
     }
     pub fn host<'b>(&self, buf: &'b [u8]) -> Option<&'b [u8]> {
         self.known.host.map(|i| self.headers[i].value(buf))
@@ -427,6 +434,7 @@ fn classify(
             _ => {}
         }
     }
+    known.content_length = content_length;
     if transfer_encoding {
         if content_length.is_some() {
             return Err(bad("both Content-Length and Transfer-Encoding"));
@@ -437,10 +445,12 @@ fn classify(
             )),
             Side::Request if other_coding => Err(HttpError::UnsupportedCoding),
             Side::Request => Ok(BodyFraming::Chunked),
-            // RFC 9112 §6.3 rule 4: a response whose final coding is not chunked runs
-            // until the connection closes.
-            Side::Response if chunked_last => Ok(BodyFraming::Chunked),
-            Side::Response => Ok(BodyFraming::UntilClose),
+            // The gateway writes the client's framing itself, so it must understand the
+            // upstream's: only a lone `chunked` (empty list elements ignored). nginx too
+            // answers 502 to "unknown Transfer-Encoding"; relaying `gzip` until close
+            // would hand the client a body whose coding no header names any more.
+            Side::Response if chunked_last && !other_coding => Ok(BodyFraming::Chunked),
+            Side::Response => Err(bad("transfer coding other than chunked")),
         };
     }
     Ok(match content_length {

@@ -7,20 +7,89 @@ use super::head::{BodyFraming, HeaderSpan, Known, RequestHead, ResponseHead};
 use std::io::Write;
 use std::net::IpAddr;
 
-/// Fields that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the ones
-/// the proxy sets itself.
-fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 8] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    ];
-    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+/// What a request field is to the proxy, which decides whether it is forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// `Content-Length`, `Transfer-Encoding`: the proxy writes the framing it parsed.
+    Framing,
+    /// Written by the proxy from the request target or the `Host` it parsed.
+    Host,
+    /// `X-Forwarded-For`: the incoming values, joined, then the peer.
+    ForwardedFor,
+    /// Set by the proxy itself: `X-Real-IP`, `X-Forwarded-Proto`.
+    GatewaySet,
+    /// Claims about the client or the original request that only a trusted proxy may make.
+    Forwarding,
+    /// Describes one connection (RFC 9110 §7.6.1), or is answered by the proxy (`Expect`).
+    HopByHop,
+    /// End-to-end: forwarded unless `Connection` names it.
+    Other,
+}
+
+/// Fields that say who the client is or what it asked for, which applications trust for
+/// access control, logging and redirects. From an untrusted peer they are spoofed.
+const FORWARDING: [&[u8]; 16] = [
+    b"forwarded",
+    b"x-forwarded-host",
+    b"x-forwarded-port",
+    b"x-forwarded-server",
+    b"x-forwarded-prefix",
+    b"x-forwarded-scheme",
+    b"x-forwarded-ssl",
+    b"x-original-url",
+    b"x-rewrite-url",
+    b"x-original-host",
+    b"x-host",
+    b"true-client-ip",
+    b"x-client-ip",
+    b"x-cluster-client-ip",
+    b"cf-connecting-ip",
+    b"fastly-client-ip",
+];
+
+const HOP_BY_HOP: [&[u8]; 9] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"upgrade",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"expect",
+];
+
+fn class_of(name: &[u8]) -> Class {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    if is(b"content-length") || is(b"transfer-encoding") {
+        Class::Framing
+    } else if is(b"host") {
+        Class::Host
+    } else if is(b"x-forwarded-for") {
+        Class::ForwardedFor
+    } else if is(b"x-real-ip") || is(b"x-forwarded-proto") {
+        Class::GatewaySet
+    } else if FORWARDING.iter().any(|n| is(n)) {
+        Class::Forwarding
+    } else if HOP_BY_HOP.iter().any(|n| is(n)) {
+        Class::HopByHop
+    } else {
+        Class::Other
+    }
+}
+
+/// The class of the name a CGI/WSGI/Rack server sees for `name`: those map `-` and `_` to
+/// the same variable, so `X_Real_IP` is `X-Real-IP` to the application (Puma
+/// CVE-2024-45614). No allocation: no name the proxy manages is longer than 32 bytes.
+fn alias_class(name: &[u8]) -> Class {
+    let mut folded = [0u8; 32];
+    if name.len() > folded.len() {
+        return Class::Other;
+    }
+    for (d, &b) in folded.iter_mut().zip(name) {
+        *d = if b == b'_' { b'-' } else { b };
+    }
+    class_of(&folded[..name.len()])
 }
 
 /// Whether a `Connection` header of the message names this field.
@@ -45,45 +114,71 @@ pub struct Forwarding<'a> {
     pub upgrade: bool,
     /// Used as `Host` when the client sent none (HTTP/1.0).
     pub default_host: &'a str,
+    /// The peer is one of the listener's `trusted_proxies`: its forwarding fields stand.
+    pub trusted_peer: bool,
+    /// Forwarding fields kept even from untrusted peers (lowercase names).
+    pub keep_forwarding: &'a [String],
+    /// `underscores_in_headers`: forward names containing `_` (except aliases of the
+    /// fields the proxy manages).
+    pub underscores: bool,
 }
 
 /// Writes the request head to send upstream, always as HTTP/1.1 on a keep-alive
 /// connection (nginx: `proxy_http_version 1.1; proxy_set_header Connection "";`).
+///
+/// The framing rule: the fields that decide how the upstream reads this message (`Host`,
+/// `Content-Length`, `Transfer-Encoding`) and the ones the proxy vouches for are never
+/// copied from the client; they are written from what the proxy parsed, so no `Connection`
+/// token, duplicate or odd spelling can make the upstream frame or attribute the request
+/// differently from the proxy (RFC 9112 §6.3, RFC 9110 §7.6.1).
 pub fn write_upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwarding) {
     out.extend_from_slice(head.method(buf));
     out.push(b' ');
-    out.extend_from_slice(head.target(buf));
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    if head.known.host.is_none() {
-        out.extend_from_slice(b"Host: ");
-        out.extend_from_slice(fwd.default_host.as_bytes());
-        out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(head.forward_target(buf));
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    match head.host(buf) {
+        Some(host) => out.extend_from_slice(host),
+        None => out.extend_from_slice(fwd.default_host.as_bytes()),
     }
+    out.extend_from_slice(b"\r\n");
     let mut forwarded_for_written = false;
     for h in &head.headers {
         let name = h.name(buf);
-        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            // $proxy_add_x_forwarded_for: every incoming value, joined, then the peer.
-            if !forwarded_for_written {
-                forwarded_for_written = true;
-                out.extend_from_slice(b"X-Forwarded-For: ");
-                for (n, &i) in head.known.x_forwarded_for.iter().enumerate() {
-                    if n > 0 {
-                        out.extend_from_slice(b", ");
-                    }
-                    out.extend_from_slice(head.headers[i].value(buf));
-                }
-                let _ = write!(out, ", {}\r\n", fwd.peer_ip);
-            }
+        let class = class_of(name);
+        if name.contains(&b'_') && (!fwd.underscores || alias_class(name) != Class::Other) {
+            // nginx `underscores_in_headers off`; when on, still never an alias.
             continue;
         }
-        if is_hop_by_hop(name)
-            || name.eq_ignore_ascii_case(b"x-real-ip")
-            || name.eq_ignore_ascii_case(b"x-forwarded-proto")
-            || name.eq_ignore_ascii_case(b"expect")
-            || named_by_connection(buf, &head.headers, &head.known, name)
-        {
-            continue;
+        match class {
+            Class::Framing | Class::Host | Class::GatewaySet | Class::HopByHop => continue,
+            Class::ForwardedFor => {
+                // $proxy_add_x_forwarded_for: every incoming value, joined, then the peer.
+                if !forwarded_for_written {
+                    forwarded_for_written = true;
+                    out.extend_from_slice(b"X-Forwarded-For: ");
+                    for &i in &head.known.x_forwarded_for {
+                        out.extend_from_slice(head.headers[i].value(buf));
+                        out.extend_from_slice(b", ");
+                    }
+                    let _ = write!(out, "{}\r\n", fwd.peer_ip);
+                }
+                continue;
+            }
+            Class::Forwarding => {
+                let kept = fwd.trusted_peer
+                    || fwd
+                        .keep_forwarding
+                        .iter()
+                        .any(|k| name.eq_ignore_ascii_case(k.as_bytes()));
+                if !kept {
+                    continue;
+                }
+            }
+            Class::Other => {
+                if named_by_connection(buf, &head.headers, &head.known, name) {
+                    continue;
+                }
+            }
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
@@ -98,10 +193,23 @@ pub fn write_upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead,
         "X-Real-IP: {}\r\nX-Forwarded-Proto: {}\r\n",
         fwd.client_ip, fwd.proto
     );
+    write_framing(out, head.framing);
     if fwd.upgrade {
         out.extend_from_slice(b"Upgrade: websocket\r\nConnection: upgrade\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// The proxy's own framing field for a body framed as `framing`: one canonical
+/// `Content-Length` (never `0005` or `5, 5`) or one `Transfer-Encoding: chunked`.
+fn write_framing(out: &mut Vec<u8>, framing: BodyFraming) {
+    match framing {
+        BodyFraming::Length(n) => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        BodyFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        BodyFraming::None | BodyFraming::UntilClose => {}
+    }
 }
 
 /// How the response body travels to the client.
@@ -114,6 +222,11 @@ pub enum ClientFraming {
 }
 
 /// Writes the response head for the client. Returns how the body must be relayed.
+///
+/// The framing fields are the proxy's own, as for requests: none for 1xx, 204 and 304
+/// (RFC 9110 §8.6, §15.4.5: no body follows), the representation's canonical
+/// `Content-Length` for a response to HEAD (as nginx keeps it, RFC 9110 §9.3.2), and
+/// otherwise what the proxy will actually relay. `Connection` cannot remove them.
 pub fn write_client_response(
     out: &mut Vec<u8>,
     buf: &[u8],
@@ -132,16 +245,27 @@ pub fn write_client_response(
     out.extend_from_slice(b"\r\n");
     for h in &head.headers {
         let name = h.name(buf);
-        if is_hop_by_hop(name) || named_by_connection(buf, &head.headers, &head.known, name) {
-            continue;
-        }
-        if framing == ClientFraming::Dechunk && name.eq_ignore_ascii_case(b"transfer-encoding") {
-            continue;
+        match class_of(name) {
+            Class::Framing | Class::HopByHop => continue,
+            _ if named_by_connection(buf, &head.headers, &head.known, name) => continue,
+            _ => {}
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(h.value(buf));
         out.extend_from_slice(b"\r\n");
+    }
+    let bodiless = head.status < 200 || head.status == 204 || head.status == 304;
+    match head.framing {
+        // Only a response to HEAD has no body framing with a status that allows a body.
+        BodyFraming::None if !bodiless => {
+            if let Some(n) = head.known.content_length {
+                write_framing(out, BodyFraming::Length(n));
+            }
+        }
+        BodyFraming::Chunked if framing == ClientFraming::Dechunk => {}
+        f if !bodiless => write_framing(out, f),
+        _ => {}
     }
     if upgrade {
         out.extend_from_slice(b"Upgrade: websocket\r\nConnection: upgrade\r\n");
@@ -164,7 +288,7 @@ mod tests {
     use super::super::head::{parse_request, parse_response};
     use super::*;
 
-    fn forward(text: &str) -> String {
+    fn forward_with(text: &str, trusted_peer: bool, keep: &[String], underscores: bool) -> String {
         let mut head = RequestHead::default();
         assert!(parse_request(text.as_bytes(), &mut head, 16384).unwrap());
         let mut out = Vec::new();
@@ -174,9 +298,118 @@ mod tests {
             proto: "http",
             upgrade: false,
             default_host: "gw",
+            trusted_peer,
+            keep_forwarding: keep,
+            underscores,
         };
         write_upstream_request(&mut out, text.as_bytes(), &head, &fwd);
         String::from_utf8(out).unwrap()
+    }
+
+    fn forward(text: &str) -> String {
+        forward_with(text, false, &[], false)
+    }
+
+    fn respond(text: &[u8], request_was_head: bool, client_version: u8) -> String {
+        let mut head = ResponseHead::default();
+        assert!(parse_response(text, &mut head, 8192, request_was_head).unwrap());
+        let mut out = Vec::new();
+        write_client_response(&mut out, text, &head, client_version, false, false);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn connection_cannot_remove_what_the_proxy_writes() {
+        let out = forward(
+            "POST /a HTTP/1.1\r\nHost: h\r\nConnection: Content-Length, host, X-Real-IP, X-Forwarded-For, X-Forwarded-Proto, Transfer-Encoding\r\nContent-Length: 0005\r\n\r\n",
+        );
+        assert_eq!(
+            out,
+            "POST /a HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 127.0.0.1\r\nX-Real-IP: 203.0.113.7\r\nX-Forwarded-Proto: http\r\nContent-Length: 5\r\n\r\n"
+        );
+        let out = forward(
+            "POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked,\r\nTransfer-Encoding:\r\nConnection: transfer-encoding\r\n\r\n",
+        );
+        assert!(out.ends_with("Transfer-Encoding: chunked\r\n\r\n"), "{out}");
+        assert_eq!(out.matches("Transfer-Encoding").count(), 1, "{out}");
+        let out = forward("POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\n\r\n");
+        assert_eq!(out.matches("Content-Length").count(), 1, "{out}");
+        assert!(out.contains("Content-Length: 5\r\n"), "{out}");
+    }
+
+    #[test]
+    fn forwarding_headers_from_untrusted_peers_are_dropped() {
+        let text = "GET / HTTP/1.1\r\nHost: h\r\nForwarded: for=1.2.3.4\r\nX-Forwarded-Host: evil\r\nX-Original-URL: /admin\r\nTrue-Client-IP: 1.2.3.4\r\nX-Forwarded-Port: 1\r\n\r\n";
+        let out = forward(text);
+        for name in [
+            "Forwarded:",
+            "X-Forwarded-Host",
+            "X-Original-URL",
+            "True-Client-IP",
+            "X-Forwarded-Port",
+        ] {
+            assert!(!out.contains(name), "{name} in {out}");
+        }
+        let out = forward_with(text, false, &["x-forwarded-host".into()], false);
+        assert!(out.contains("X-Forwarded-Host: evil\r\n"), "{out}");
+        assert!(!out.contains("X-Original-URL"), "{out}");
+        let out = forward_with(text, true, &[], false);
+        assert!(
+            out.contains("Forwarded: for=1.2.3.4\r\n") && out.contains("X-Original-URL"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn underscore_aliases_are_dropped() {
+        let text = "GET / HTTP/1.1\r\nHost: h\r\nX_Real_IP: 1.1.1.1\r\nX-Forwarded_For: 1.1.1.1\r\nx_forwarded_proto: https\r\nContent_Length: 5\r\nX_App: y\r\n\r\n";
+        let out = forward(text);
+        assert!(!out.contains('_'), "{out}");
+        let out = forward_with(text, false, &[], true);
+        assert!(out.contains("X_App: y\r\n"), "{out}");
+        assert_eq!(
+            out.matches('_').count(),
+            1,
+            "only the non-alias survives: {out}"
+        );
+    }
+
+    #[test]
+    fn response_framing_is_the_proxys() {
+        let out = respond(
+            b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 0003\r\n\r\nabc",
+            false,
+            1,
+        );
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n");
+        let out = respond(b"HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n", false, 1);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let out = respond(
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+            false,
+            1,
+        );
+        assert_eq!(out, "HTTP/1.1 204 No Content\r\n\r\n");
+        let out = respond(
+            b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+            1,
+        );
+        assert_eq!(out, "HTTP/1.1 304 Not Modified\r\n\r\n");
+        let out = respond(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", true, 1);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+        let out = respond(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            true,
+            1,
+        );
+        assert_eq!(out, "HTTP/1.1 200 OK\r\n\r\n");
+        let out = respond(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+            0,
+        );
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\r\n");
     }
 
     #[test]
