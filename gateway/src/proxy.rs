@@ -39,6 +39,9 @@ static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "no
 
 /// How long a client may pause while sending a request body (nginx `client_body_timeout`).
 const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most informational responses before the final one; more is an upstream that never
+/// answers, not a slow one.
+const MAX_INTERIM: usize = 32;
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
@@ -570,6 +573,7 @@ async fn proxy<'s, S: Stream>(
     out.extend_from_slice(&after_head[..prefix]);
     let consumed = head.len + prefix;
     let replayable = head.is_idempotent(buf) && body.done;
+    let ws_accept = upgrade.then(|| crate::http::head::websocket_accept(buf, head));
     let is_head = head.is_head(buf);
 
     // Connect (trying other servers when a connect fails), send the head, and read the
@@ -698,7 +702,8 @@ async fn proxy<'s, S: Stream>(
             route,
             is_head,
             sent_continue,
-            upgrade,
+            ws_accept.as_ref(),
+            head.version == 1,
         );
         // A client that hangs up while the upstream thinks frees the upstream connection
         // at once (nginx: 499), instead of holding it for the whole read_timeout.
@@ -987,23 +992,39 @@ async fn read_response_head<S: Stream>(
     route: &Route,
     is_head: bool,
     sent_continue: bool,
-    upgrade: bool,
+    ws_accept: Option<&[u8; 28]>,
+    relay_interim: bool,
 ) -> Result<BytesMut, (HttpError, BytesMut, bool)> {
     let mut got_bytes = false;
+    let mut interim = 0;
     loop {
         if !ub.is_empty() {
             match parse_response(&ub, resp, MAX_RESPONSE_HEAD, is_head) {
                 Ok(true) => {
-                    if resp.status == 101 && !upgrade {
-                        return Err((
-                            HttpError::BadUpstream("101 without an upgrade request"),
-                            ub,
-                            true,
-                        ));
+                    if resp.status == 101 {
+                        // A tunnel only for the WebSocket handshake the proxy forwarded,
+                        // accepted with the right key (RFC 6455 §4.1): never a raw tunnel.
+                        let why = match ws_accept {
+                            None => "101 without an upgrade request",
+                            Some(a) if !resp.accepts_websocket(&ub, a) => {
+                                "101 without a valid WebSocket accept"
+                            }
+                            Some(_) => return Ok(ub),
+                        };
+                        return Err((HttpError::BadUpstream(why), ub, true));
                     }
-                    if (100..200).contains(&resp.status) && resp.status != 101 {
-                        // Relay informational responses, except a 100 the proxy already sent.
-                        if !(resp.status == 100 && sent_continue) {
+                    if (100..200).contains(&resp.status) {
+                        interim += 1;
+                        if interim > MAX_INTERIM {
+                            return Err((
+                                HttpError::BadUpstream("endless informational responses"),
+                                ub,
+                                true,
+                            ));
+                        }
+                        // Relay informational responses, except a 100 the proxy already sent
+                        // and any to an HTTP/1.0 client (RFC 9110 §15.2).
+                        if relay_interim && !(resp.status == 100 && sent_continue) {
                             let mut out = w.take_out();
                             rewrite::write_informational(&mut out, &ub, resp);
                             let (r, o) = client.write_all(out).await;

@@ -512,3 +512,113 @@ fn endless_chunk_extension_gets_400() {
     assert_eq!(r.status, 400);
     c.expect_closed(Duration::from_secs(3), "after an endless chunk extension");
 }
+
+// ---- hostile upstreams: status lines, 101s, interim responses (issue 10.7, 17.2, 17.5) ----
+
+const WS_REQUEST: &[u8] = b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+/// The accept value for the key above (RFC 6455 §1.3).
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+fn raw_upstream(reply: &'static [u8], websocket: bool) -> (Origin, Gateway) {
+    let origin = Origin::start(move |_| gateway_tests::Reply::raw(reply));
+    let gw = Gateway::with(
+        &Config::new()
+            .upstream(Upstream::new("app", &[origin.addr()]))
+            .route(Route::prefix("/", "app").websocket(websocket)),
+    );
+    (origin, gw)
+}
+
+#[test]
+fn invalid_upstream_status_lines_get_502() {
+    let replies: &[&'static [u8]] = &[
+        b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 600 Big\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 0200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 20 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nbody",
+    ];
+    for reply in replies {
+        let (_origin, gw) = raw_upstream(reply, false);
+        let r = gw.get("/s");
+        let case = String::from_utf8_lossy(reply);
+        assert_eq!(r.status, 502, "{case}");
+        let metrics = gw.admin_get("/metrics").body_str();
+        for line in metrics.lines().filter(|l| l.contains("status=\"")) {
+            let status = line.split("status=\"").nth(1).unwrap_or("");
+            assert!(
+                !status.starts_with("0")
+                    && !status.starts_with("600")
+                    && !status.starts_with("20\""),
+                "{case}: upstream value in a metric label: {line}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_response_with_many_fields_within_the_head_size_is_relayed() {
+    // nginx has no field-count limit for responses, only a size limit: a header-reflecting
+    // endpoint must not turn a client's request into a 502.
+    let origin = Origin::start(|_| {
+        (0..300).fold(gateway_tests::Reply::ok("many"), |r, i| {
+            r.header(&format!("X-Reflected-{i}"), "v")
+        })
+    });
+    let gw = Gateway::with(&Config::proxy_all(&[origin.addr()]));
+    let r = gw.get("/many");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-reflected-299"), Some("v"));
+    assert_eq!(r.body, b"many");
+}
+
+#[test]
+fn a_101_is_a_tunnel_only_with_the_right_websocket_accept() {
+    let bad: &[&'static [u8]] = &[
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    ];
+    for reply in bad {
+        let (_origin, gw) = raw_upstream(reply, true);
+        let (_c, r) = raw_request(gw.http_addr(), WS_REQUEST);
+        assert_eq!(r.unwrap().status, 502, "{}", String::from_utf8_lossy(reply));
+    }
+    // A 101 on a route that is not a WebSocket route.
+    let good: &'static [u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+    let (_origin, gw) = raw_upstream(good, false);
+    let (_c, r) = raw_request(gw.http_addr(), WS_REQUEST);
+    assert_eq!(r.unwrap().status, 502, "101 on a plain route");
+    // The right accept on a WebSocket route switches.
+    let (_origin, gw) = raw_upstream(good, true);
+    let mut c = Client::connect(gw.http_addr());
+    c.send(WS_REQUEST).unwrap();
+    let head = c.read_head().expect("a 101");
+    assert!(
+        head.start_line.starts_with("HTTP/1.1 101"),
+        "{}",
+        head.start_line
+    );
+    assert_eq!(
+        gateway_tests::wire::header(&head.headers, "sec-websocket-accept"),
+        Some(WS_ACCEPT)
+    );
+}
+
+#[test]
+fn interim_responses_are_not_relayed_to_http10_clients() {
+    let origin = Origin::start(|_| {
+        gateway_tests::Reply::ok("final").interim(103, &[("Link", "</a.css>; rel=preload")])
+    });
+    let gw = Gateway::with(&Config::proxy_all(&[origin.addr()]));
+    let mut c = Client::connect(gw.http_addr());
+    let r = c.must(&Req::get("/hints").version("HTTP/1.0"));
+    assert_eq!(r.status, 200);
+    assert!(r.interim.is_empty(), "a 1xx reached an HTTP/1.0 client");
+    assert_eq!(r.body, b"final");
+    // HTTP/1.1 clients still get it.
+    assert_eq!(gw.get("/hints").interim.len(), 1);
+}

@@ -184,6 +184,58 @@ impl RequestHead {
     }
 }
 
+/// The `Sec-WebSocket-Accept` value that proves an upstream read this handshake's key
+/// (RFC 6455 §4.2.2): base64(SHA-1(key + GUID)). Only for a `Valid` handshake.
+pub fn websocket_accept(buf: &[u8], head: &RequestHead) -> [u8; 28] {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let key = head
+        .headers
+        .iter()
+        .find(|h| h.is(buf, "sec-websocket-key"))
+        .map(|h| trim(h.value(buf)))
+        .unwrap_or_default();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key);
+    ctx.update(GUID);
+    base64_20(ctx.finish().as_ref())
+}
+
+fn base64_20(bytes: &[u8]) -> [u8; 28] {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = [b'='; 28];
+    for (i, group) in bytes.chunks(3).enumerate() {
+        let n = group
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (j, &b)| n | (b as u32) << (16 - 8 * j));
+        for k in 0..=group.len() {
+            out[i * 4 + k] = ALPHABET[(n >> (18 - 6 * k)) as usize & 63];
+        }
+    }
+    out
+}
+
+impl ResponseHead {
+    /// Whether a 101 accepts exactly the WebSocket handshake whose accept value is `accept`:
+    /// `Upgrade: websocket`, `Connection: upgrade` and the right `Sec-WebSocket-Accept`.
+    /// Anything else must not become a raw tunnel.
+    pub fn accepts_websocket(&self, buf: &[u8], accept: &[u8; 28]) -> bool {
+        let upgrade_ok = self
+            .known
+            .upgrade
+            .is_some_and(|i| trim(self.headers[i].value(buf)).eq_ignore_ascii_case(b"websocket"));
+        let mut accepts = self
+            .headers
+            .iter()
+            .filter(|h| h.is(buf, "sec-websocket-accept"));
+        let accept_ok = match (accepts.next(), accepts.next()) {
+            (Some(h), None) => trim(h.value(buf)) == accept,
+            _ => false,
+        };
+        upgrade_ok && self.known.conn_upgrade && accept_ok
+    }
+}
+
 /// What a request on a WebSocket route asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WebSocketHandshake {
@@ -251,6 +303,11 @@ pub fn parse_request(
     }
     let framing = classify(buf, &head.headers, &mut head.known, Side::Request)?;
     head.framing = framing;
+    if head.version == 0 {
+        // RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored
+        // (and no 1xx may be sent to such a client).
+        head.known.expect_continue = false;
+    }
     if head.version == 0 && framing == BodyFraming::Chunked {
         // RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty.
         return Err(HttpError::BadRequest(
@@ -292,6 +349,10 @@ impl ResponseHead {
 
 /// Parses a response head. `request_was_head` tells whether the body is absent whatever the
 /// headers say (RFC 9112 §6.3 rule 1).
+///
+/// The number of fields is bounded by the head size only, as in nginx (a response that
+/// reflects many request headers is relayed): up to `MAX_HEADERS` are parsed on the stack,
+/// a rare larger head takes one allocation sized by its bytes.
 pub fn parse_response(
     buf: &[u8],
     head: &mut ResponseHead,
@@ -299,24 +360,47 @@ pub fn parse_response(
     request_was_head: bool,
 ) -> Result<bool, HttpError> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut raw);
-    let status = resp
-        .parse(buf)
-        .map_err(|_| HttpError::BadUpstream("malformed response head"))?;
-    let len = match status {
+    match parse_response_in(buf, head, max_head, request_was_head, &mut raw) {
+        Err(httparse::Error::TooManyHeaders) => {}
+        other => return other.map_err(|_| HttpError::BadUpstream("malformed response head"))?,
+    }
+    // Every field line takes at least three bytes (`a:` and a line end).
+    let mut raw = vec![httparse::EMPTY_HEADER; buf.len().min(max_head) / 3 + 1];
+    parse_response_in(buf, head, max_head, request_was_head, &mut raw)
+        .map_err(|_| HttpError::BadUpstream("malformed response head"))?
+}
+
+fn parse_response_in<'b>(
+    buf: &'b [u8],
+    head: &mut ResponseHead,
+    max_head: usize,
+    request_was_head: bool,
+    raw: &mut [httparse::Header<'b>],
+) -> Result<Result<bool, HttpError>, httparse::Error> {
+    let mut resp = httparse::Response::new(raw);
+    let len = match resp.parse(buf)? {
         httparse::Status::Partial => {
             if buf.len() >= max_head {
-                return Err(HttpError::BadUpstream("response head too large"));
+                return Ok(Err(HttpError::BadUpstream("response head too large")));
             }
-            return Ok(false);
+            return Ok(Ok(false));
         }
         httparse::Status::Complete(len) => len,
     };
+    if len > max_head {
+        return Ok(Err(HttpError::BadUpstream("response head too large")));
+    }
     if !crlf_only(&buf[..len]) {
-        return Err(HttpError::BadUpstream("bare LF in response head"));
+        return Ok(Err(HttpError::BadUpstream("bad line end in response head")));
+    }
+    // RFC 9110 §15: a status is three digits, 100 to 599. Anything else is refused, never
+    // re-serialised, and never becomes a metric label.
+    let status = resp.code.unwrap_or(0);
+    if !(100..=599).contains(&status) || !three_digit_status(buf) {
+        return Ok(Err(HttpError::BadUpstream("invalid status code")));
     }
     let base = buf.as_ptr();
-    head.status = resp.code.unwrap_or(0);
+    head.status = status;
     head.version = resp.version.unwrap_or(1);
     let reason = resp.reason.unwrap_or("");
     let r0 = if reason.is_empty() {
@@ -326,12 +410,19 @@ pub fn parse_response(
     };
     head.reason = r0..r0 + reason.len();
     head.len = len;
+    if head.headers.capacity() > 4 * MAX_HEADERS && resp.headers.len() <= MAX_HEADERS {
+        // A huge head grew the vector; do not keep that memory for the connection's life.
+        head.headers = Vec::with_capacity(MAX_HEADERS);
+    }
     head.headers.clear();
     head.known.clear();
     for h in resp.headers.iter() {
         head.headers.push(HeaderSpan::new(base, h));
     }
-    let framing = classify(buf, &head.headers, &mut head.known, Side::Response)?;
+    let framing = match classify(buf, &head.headers, &mut head.known, Side::Response) {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(e)),
+    };
     head.framing = if request_was_head
         || (100..200).contains(&head.status)
         || head.status == 204
@@ -344,7 +435,17 @@ pub fn parse_response(
             other => other,
         }
     };
-    Ok(true)
+    Ok(Ok(true))
+}
+
+/// Whether the status line's code is exactly three digits followed by a space or the line
+/// end (`HTTP/1.1 200 OK`), not `0200` or `20`.
+fn three_digit_status(buf: &[u8]) -> bool {
+    let Some(sp) = buf.iter().position(|&b| b == b' ') else {
+        return false;
+    };
+    let code = &buf[sp + 1..];
+    code.len() >= 4 && code[..3].iter().all(u8::is_ascii_digit) && matches!(code[3], b' ' | b'\r')
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -589,6 +690,73 @@ mod tests {
                 .status(),
             502
         );
+    }
+
+    #[test]
+    fn status_lines() {
+        let mut h = ResponseHead::default();
+        for bad in [
+            &b"HTTP/1.1 99 X\r\n\r\n"[..],
+            b"HTTP/1.1 000 X\r\n\r\n",
+            b"HTTP/1.1 600 X\r\n\r\n",
+            b"HTTP/1.1 0200 OK\r\n\r\n",
+            b"HTTP/1.1 20 OK\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"HTTP/1.1 +20 OK\r\n\r\n",
+        ] {
+            let r = parse_response(bad, &mut h, 8192, false);
+            assert!(
+                matches!(r, Err(HttpError::BadUpstream(_))),
+                "{:?}: {r:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        for good in [&b"HTTP/1.1 599 X\r\n\r\n"[..], b"HTTP/1.1 100\r\n\r\n"] {
+            assert!(parse_response(good, &mut h, 8192, false).unwrap());
+        }
+    }
+
+    #[test]
+    fn many_response_fields_within_the_size_are_parsed() {
+        let mut text = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..1000 {
+            text.push_str(&format!("X-H{i}: v\r\n"));
+        }
+        text.push_str("Content-Length: 0\r\n\r\n");
+        let mut h = ResponseHead::default();
+        assert!(parse_response(text.as_bytes(), &mut h, 64 * 1024, false).unwrap());
+        assert_eq!(h.headers.len(), 1001);
+        let small = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        assert!(parse_response(small, &mut h, 64 * 1024, false).unwrap());
+        assert!(h.headers.capacity() <= 4 * MAX_HEADERS);
+        let err = parse_response(text.as_bytes(), &mut h, 4096, false).unwrap_err();
+        assert_eq!(err.status(), 502);
+    }
+
+    #[test]
+    fn websocket_accept_value() {
+        // The example of RFC 6455 §1.3.
+        let text =
+            "GET /ws HTTP/1.1\r\nHost: a\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        let h = req(text).unwrap();
+        assert_eq!(
+            &websocket_accept(text.as_bytes(), &h),
+            b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        let accept = websocket_accept(text.as_bytes(), &h);
+        let mut r = ResponseHead::default();
+        let ok = b"HTTP/1.1 101 S\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        assert!(parse_response(ok, &mut r, 8192, false).unwrap());
+        assert!(r.accepts_websocket(ok, &accept));
+        for bad in [
+            &b"HTTP/1.1 101 S\r\nUpgrade: h2c\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"[..],
+            b"HTTP/1.1 101 S\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            b"HTTP/1.1 101 S\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",
+            b"HTTP/1.1 101 S\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+        ] {
+            assert!(parse_response(bad, &mut r, 8192, false).unwrap());
+            assert!(!r.accepts_websocket(bad, &accept), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]
