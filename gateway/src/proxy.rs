@@ -370,7 +370,7 @@ async fn handle<'s, S: Stream>(
             ..Outcome::error(429, !has_body)
         };
     }
-    let Some(route) = snap.router.find(head.host(buf), head.path(buf)) else {
+    let Some(route) = snap.router.find(head.host(buf), head.path()) else {
         send_error(&c.io, w, 404, has_body, None).await;
         return Outcome {
             consumed: head.len,

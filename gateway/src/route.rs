@@ -111,9 +111,15 @@ impl Router {
         &self.routes
     }
 
-    /// The route for a request, if any. `host` is the `Host` header value (port ignored).
+    /// The route for a request, if any. `host` is the `Host` header value or the
+    /// authority of an absolute-form target, compared without its port and without one
+    /// trailing dot (`admin.example.com.` is `admin.example.com`, as in nginx); `path` is
+    /// the normalised path (`http::target`).
     pub fn find(&self, host: Option<&[u8]>, path: &[u8]) -> Option<&Route> {
-        let host = host.map(strip_port);
+        let host = host.map(|h| {
+            let h = strip_port(h);
+            h.strip_suffix(b".").unwrap_or(h)
+        });
         self.routes.iter().find(|r| {
             if let Some(want) = &r.host {
                 match host {
@@ -220,6 +226,14 @@ upstream = "u"
             Some("*.wild.test/")
         );
         assert_eq!(label(Some("wild.test"), "/z").as_deref(), Some("/"));
+        assert_eq!(
+            label(Some("API.example.com.:80"), "/api/x").as_deref(),
+            Some("api.example.com/api/")
+        );
+        assert_eq!(
+            label(Some("a.wild.test."), "/z").as_deref(),
+            Some("*.wild.test/")
+        );
     }
 
     #[test]

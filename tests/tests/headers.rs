@@ -418,3 +418,134 @@ fn underscore_aliases_never_reach_the_origin() {
         "only non-aliases pass when allowed"
     );
 }
+
+// ---- normalised routing, in front of a real nginx (issue 10.4) ----------------------------
+
+/// nginx serving a secret file, which the gateway guards with a 403 route on `/admin` and
+/// on the host `admin.example.com`.
+const NGINX_FILES: &str = r#"
+worker_processes 1;
+error_log @PREFIX@/error.log;
+pid @PREFIX@/nginx.pid;
+events { worker_connections 64; }
+http {
+    access_log @PREFIX@/access.log;
+    client_body_temp_path @PREFIX@;
+    proxy_temp_path @PREFIX@;
+    fastcgi_temp_path @PREFIX@;
+    uwsgi_temp_path @PREFIX@;
+    scgi_temp_path @PREFIX@;
+    server {
+        listen @LISTEN@;
+        root @PREFIX@/www;
+    }
+}
+"#;
+
+const SECRET: &str = "TOP-SECRET-9f1c";
+
+fn guarded_nginx() -> (gateway_tests::nginx::Nginx, Gateway) {
+    use gateway_tests::nginx::{Nginx, NginxParams};
+    let unused = gateway_tests::free_addr();
+    let nginx = Nginx::start(
+        NGINX_FILES,
+        &NginxParams {
+            workers: 1,
+            listen: gateway_tests::free_addr(),
+            api_upstream: unused,
+            ws_upstream: unused,
+        },
+    );
+    let www = nginx.prefix().join("www");
+    std::fs::create_dir_all(www.join("admin")).unwrap();
+    std::fs::create_dir_all(www.join("public")).unwrap();
+    std::fs::write(www.join("admin/secret.txt"), SECRET).unwrap();
+    std::fs::write(www.join("public/index.html"), "public\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [www.clone(), www.join("admin"), www.join("public")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let gw = Gateway::with(
+        &Config::new()
+            .upstream(Upstream::new("files", &[nginx.addr()]))
+            .route(Route::respond_prefix("/admin", 403, "guarded\n"))
+            .route(Route::respond_prefix("/", 403, "guarded host\n").host("admin.example.com"))
+            .route(Route::prefix("/", "files")),
+    );
+    (nginx, gw)
+}
+
+#[test]
+fn routing_is_on_the_normalised_path_and_host() {
+    let (nginx, gw) = guarded_nginx();
+    assert_eq!(gw.get("/public/index.html").body_str(), "public\n");
+    let cases: &[(&str, &str, u16)] = &[
+        ("/admin/secret.txt", "t", 403),
+        ("/public/../admin/secret.txt", "t", 403),
+        ("/public/%2e%2e/admin/secret.txt", "t", 403),
+        ("/public/%2E%2E/admin/secret.txt", "t", 403),
+        ("/public/./../admin/secret.txt", "t", 403),
+        ("//admin/secret.txt", "t", 403),
+        ("///admin//secret.txt", "t", 403),
+        ("/%61dmin/secret.txt", "t", 403),
+        ("/%61%64%6d%69%6e/secret.txt", "t", 403),
+        ("/admin%2fsecret.txt", "t", 400),
+        ("/admin%2Fsecret.txt", "t", 400),
+        ("/public%2f..%2fadmin/secret.txt", "t", 400),
+        ("/../admin/secret.txt", "t", 400),
+        ("/%2e%2e/admin/secret.txt", "t", 400),
+        ("/admin\\secret.txt", "t", 400),
+        ("/public/%00/../../admin/secret.txt", "t", 400),
+        ("/public/%zz", "t", 400),
+        ("/public/index.html", "admin.example.com", 403),
+        ("/public/index.html", "admin.example.com.", 403),
+        ("/public/index.html", "ADMIN.Example.COM.:8080", 403),
+        ("/public/index.html", "admin.example.com..", 400),
+        ("/public/index.html", "user@admin.example.com", 400),
+        ("http://t/admin/secret.txt", "t", 403),
+        ("HTTP://t/public/../admin/secret.txt", "t", 403),
+        ("http://admin.example.com/public/index.html", "t", 403),
+        ("http://admin.example.com./public/index.html", "t", 403),
+        ("http://user@t/public/index.html", "t", 400),
+    ];
+    for (target, host, status) in cases {
+        let (_c, r) = gateway_tests::client::raw_request(
+            gw.http_addr(),
+            format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+        );
+        let r = r.unwrap_or_else(|e| panic!("{target} {host}: {e}"));
+        assert_eq!(
+            r.status,
+            *status,
+            "{target} Host {host}: {:?}",
+            r.body_str()
+        );
+        assert!(
+            !r.body_str().contains(SECRET),
+            "{target} Host {host}: the secret"
+        );
+    }
+    let log = std::fs::read_to_string(nginx.prefix().join("access.log")).unwrap_or_default();
+    assert!(!log.contains("admin"), "nginx served an admin path:\n{log}");
+}
+
+#[test]
+fn the_normalised_target_is_forwarded() {
+    let (origin, gw) = proxied();
+    for (target, forwarded) in [
+        ("/a/./b//c/../d?x=/../&y=%2F", "/a/b/d?x=/../&y=%2F"),
+        ("/%7Euser/%c3%a9", "/~user/%C3%A9"),
+        ("http://example.test/abs?q", "/abs?q"),
+    ] {
+        send(&gw, &Req::get(target));
+        assert_eq!(origin.last_request().target, forwarded, "{target}");
+    }
+    send(
+        &gw,
+        &Req::get("http://abs.test:81/x").host(Some("other.test")),
+    );
+    assert_eq!(
+        origin.last_request().header_all("host"),
+        vec!["abs.test:81"]
+    );
+}

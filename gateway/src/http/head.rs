@@ -2,7 +2,7 @@
 //! buffer (no allocation per header), and checked for the framing rules of RFC 9112 that
 //! request smuggling exploits.
 
-use super::HttpError;
+use super::{target, HttpError};
 use std::ops::Range;
 
 /// Most header fields in one head. More is answered 431, as an oversized head is.
@@ -92,6 +92,13 @@ pub struct RequestHead {
     pub len: usize,
     pub framing: BodyFraming,
     pub known: Known,
+    /// The normalised target (path, then the query as received): routed and forwarded.
+    /// Its memory is reused from one request of the connection to the next.
+    norm: Vec<u8>,
+    /// Length of the path part of `norm`.
+    norm_path: usize,
+    /// The authority of an absolute-form target, which replaces `Host` (RFC 9112 §3.2.2).
+    authority: Option<Range<usize>>,
 }
 
 impl RequestHead {
@@ -101,20 +108,21 @@ impl RequestHead {
     pub fn target<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
         &buf[self.target.clone()]
     }
-    pub fn path<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
-        let target = self.target(buf);
-        let end = target
-            .iter()
-            .position(|&b| b == b'?')
-            .unwrap_or(target.len());
-        &target[..end]
+    /// The normalised path the request is routed on (see `target`).
+    pub fn path(&self) -> &[u8] {
+        &self.norm[..self.norm_path]
     }
-    /// The request target sent upstream.
-    pub fn forward_target<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
-        self.target(buf)
+    /// The request target sent upstream: the normalised path in origin form, with the
+    /// query as received.
+    pub fn forward_target(&self) -> &[u8] {
+        &self.norm
     }
+    /// The host the request is for: an absolute-form target's authority, or `Host`.
     pub fn host<'b>(&self, buf: &'b [u8]) -> Option<&'b [u8]> {
-        self.known.host.map(|i| self.headers[i].value(buf))
+        match &self.authority {
+            Some(a) => Some(&buf[a.clone()]),
+            None => self.known.host.map(|i| self.headers[i].value(buf)),
+        }
     }
     pub fn is_head(&self, buf: &[u8]) -> bool {
         self.method(buf) == b"HEAD"
@@ -318,11 +326,42 @@ pub fn parse_request(
         // RFC 9112 §3.2: a request without Host gets 400.
         return Err(HttpError::BadRequest("missing Host header"));
     }
-    let target = head.target(buf);
-    if target.first() != Some(&b'/') && target != b"*" && !target.starts_with(b"http") {
-        return Err(HttpError::BadRequest("invalid request target"));
+    if head
+        .known
+        .host
+        .is_some_and(|i| !target::valid_host(head.headers[i].value(buf)))
+    {
+        return Err(HttpError::BadRequest("invalid Host header"));
     }
+    route_target(buf, head)?;
     Ok(true)
+}
+
+/// Fills the normalised target and the authority of an absolute-form target.
+fn route_target(buf: &[u8], head: &mut RequestHead) -> Result<(), HttpError> {
+    let raw = &buf[head.target.clone()];
+    head.authority = None;
+    let origin_form = if raw == b"*" {
+        // Asterisk form is for OPTIONS only (RFC 9112 §3.2.4); it matches no route.
+        if head.method(buf) != b"OPTIONS" {
+            return Err(HttpError::BadRequest("asterisk form outside OPTIONS"));
+        }
+        head.norm.clear();
+        head.norm.push(b'*');
+        head.norm_path = 1;
+        return Ok(());
+    } else if raw.first() == Some(&b'/') {
+        raw
+    } else {
+        let (authority, rest) =
+            target::split_absolute(raw).ok_or(HttpError::BadRequest("invalid request target"))?;
+        let t0 = head.target.start;
+        head.authority = Some(t0 + authority.start..t0 + authority.end);
+        &raw[rest..]
+    };
+    head.norm_path =
+        target::normalise(origin_form, &mut head.norm).map_err(HttpError::BadRequest)?;
+    Ok(())
 }
 
 /// A parsed response head. Offsets refer to the buffer it was parsed from.
@@ -628,7 +667,8 @@ mod tests {
         let h = req(text).unwrap();
         let buf = text.as_bytes();
         assert_eq!(h.method(buf), b"GET");
-        assert_eq!(h.path(buf), b"/api/x");
+        assert_eq!(h.path(), b"/api/x");
+        assert_eq!(h.forward_target(), b"/api/x?y=1");
         assert_eq!(h.host(buf), Some(&b"example.com"[..]));
         assert_eq!(h.framing, BodyFraming::None);
         assert_eq!(h.known.x_forwarded_for.len(), 1);
@@ -670,6 +710,29 @@ mod tests {
             let err = req(&text).unwrap_err();
             assert_eq!(err.status(), status, "{headers:?}: {err:?}");
         }
+    }
+
+    #[test]
+    fn targets_are_normalised_and_absolute_form_replaces_host() {
+        let text = "GET http://Admin.Example.com.:8080/public/%2e%2e/admin?x HTTP/1.1\r\nHost: other\r\n\r\n";
+        let h = req(text).unwrap();
+        assert_eq!(h.path(), b"/admin");
+        assert_eq!(h.forward_target(), b"/admin?x");
+        assert_eq!(
+            h.host(text.as_bytes()),
+            Some(&b"Admin.Example.com.:8080"[..])
+        );
+        for bad in [
+            "GET /../admin HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a%2fb HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET http://u@h/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET * HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a..b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: u@a\r\n\r\n",
+        ] {
+            assert_eq!(req(bad).unwrap_err().status(), 400, "{bad:?}");
+        }
+        assert!(req("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").is_ok());
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod chunked;
 pub mod head;
 pub mod proxy_protocol;
 pub mod rewrite;
+pub mod target;
 
 use std::fmt;
 

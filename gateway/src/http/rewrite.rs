@@ -134,7 +134,7 @@ pub struct Forwarding<'a> {
 pub fn write_upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwarding) {
     out.extend_from_slice(head.method(buf));
     out.push(b' ');
-    out.extend_from_slice(head.forward_target(buf));
+    out.extend_from_slice(head.forward_target());
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     match head.host(buf) {
         Some(host) => out.extend_from_slice(host),

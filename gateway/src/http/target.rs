@@ -1,0 +1,246 @@
+//! The request target as the gateway routes it and forwards it: the path normalised the
+//! way nginx and most origin servers normalise it, so that the route chosen is the one the
+//! upstream will serve (RFC 3986 §6.2.2, RFC 9112 §3.2).
+//!
+//! - `%XX` of an unreserved character (`A-Z a-z 0-9 - . _ ~`) is decoded; other escapes
+//!   stay encoded, their hex digits upper-cased;
+//! - runs of `/` are merged; `.` and `..` segments are resolved (after decoding, so
+//!   `%2e%2e` is `..`);
+//! - refused with 400: an encoded `/` or `\` (`%2F`, `%5C`), a raw `\` (IIS and others
+//!   read it as `/`), `%00`, a `%` not followed by two hex digits, a `..` above the root, a
+//!   fragment, and a path that does not start with `/`.
+//!
+//! The query (from the first `?`) is kept byte for byte. The normalised target is what is
+//! forwarded, so the upstream never sees a path other than the one that was routed.
+
+/// Why a target cannot be normalised safely.
+pub type Invalid = &'static str;
+
+/// Writes the normalised `target` (an origin-form path with an optional query) into `out`,
+/// reusing its memory, and returns the length of the path part.
+pub fn normalise(target: &[u8], out: &mut Vec<u8>) -> Result<usize, Invalid> {
+    out.clear();
+    let path_end = target
+        .iter()
+        .position(|&b| b == b'?')
+        .unwrap_or(target.len());
+    let (path, query) = target.split_at(path_end);
+    if path.is_empty() {
+        // `http://h` or `http://h?q` in absolute form: the path is `/` (RFC 9112 §3.2.1).
+        out.push(b'/');
+        out.extend_from_slice(query);
+        return Ok(1);
+    }
+    if path[0] != b'/' {
+        return Err("path does not start with /");
+    }
+    if path.contains(&b'#') || path.contains(&b'\\') {
+        return Err("fragment or backslash in path");
+    }
+    let mut i = 0;
+    let mut ended_in_dot = false;
+    while i < path.len() {
+        // At a `/`: merge the run.
+        while i < path.len() && path[i] == b'/' {
+            i += 1;
+        }
+        if i == path.len() {
+            out.push(b'/');
+            ended_in_dot = false;
+            break;
+        }
+        let segment_start = out.len();
+        out.push(b'/');
+        while i < path.len() && path[i] != b'/' {
+            i += decode_one(&path[i..], out)?;
+        }
+        ended_in_dot = true;
+        match &out[segment_start + 1..] {
+            b"." => out.truncate(segment_start),
+            b".." => {
+                out.truncate(segment_start);
+                let Some(parent) = out.iter().rposition(|&b| b == b'/') else {
+                    return Err("dot segment above the root");
+                };
+                out.truncate(parent);
+            }
+            _ => ended_in_dot = false,
+        }
+    }
+    if ended_in_dot || out.is_empty() {
+        // `/a/.` and `/a/b/..` name a directory: `/a/`.
+        out.push(b'/');
+    }
+    let path_len = out.len();
+    out.extend_from_slice(query);
+    Ok(path_len)
+}
+
+/// Copies one character (or one escape) of a path segment; returns the bytes consumed.
+fn decode_one(input: &[u8], out: &mut Vec<u8>) -> Result<usize, Invalid> {
+    if input[0] != b'%' {
+        out.push(input[0]);
+        return Ok(1);
+    }
+    let (Some(hi), Some(lo)) = (
+        input.get(1).copied().and_then(hex),
+        input.get(2).copied().and_then(hex),
+    ) else {
+        return Err("bad percent-encoding");
+    };
+    let byte = hi << 4 | lo;
+    match byte {
+        0 => return Err("encoded NUL"),
+        b'/' | b'\\' => return Err("encoded slash in a segment"),
+        b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => out.push(b),
+        _ => {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.extend_from_slice(&[b'%', HEX[hi as usize], HEX[lo as usize]]);
+        }
+    }
+    Ok(3)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Splits an absolute-form target (`http://authority/path?q`, RFC 9112 §3.2.2) into the
+/// authority and the origin-form rest (`/` when the path is empty). `None`: not a valid
+/// `http`/`https` URI, or one with userinfo, which no client should send (RFC 9110 §4.2.4).
+pub fn split_absolute(target: &[u8]) -> Option<(std::ops::Range<usize>, usize)> {
+    let scheme_len = if target.len() >= 7 && target[..7].eq_ignore_ascii_case(b"http://") {
+        7
+    } else if target.len() >= 8 && target[..8].eq_ignore_ascii_case(b"https://") {
+        8
+    } else {
+        return None;
+    };
+    let rest = &target[scheme_len..];
+    let end = rest
+        .iter()
+        .position(|&b| b == b'/' || b == b'?')
+        .unwrap_or(rest.len());
+    let authority = &rest[..end];
+    if authority.is_empty() || !valid_host(authority) {
+        return None;
+    }
+    Some((scheme_len..scheme_len + end, scheme_len + end))
+}
+
+/// Whether a `Host` value (or an authority) is a plain host with an optional port, as
+/// nginx's host validation accepts it: no userinfo, path, whitespace or control bytes,
+/// no empty label (`..`, a leading `.`).
+pub fn valid_host(host: &[u8]) -> bool {
+    let mut prev = b'.';
+    for &b in host {
+        let ok = b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'~' | b':' | b'[' | b']' | b'%')
+            || (b == b'.' && prev != b'.');
+        if !ok {
+            return false;
+        }
+        prev = b;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(target: &str) -> Result<String, Invalid> {
+        let mut out = Vec::new();
+        let path_len = normalise(target.as_bytes(), &mut out)?;
+        let s = String::from_utf8(out).unwrap();
+        assert!(s[path_len..].is_empty() || s[path_len..].starts_with('?'));
+        Ok(s)
+    }
+
+    #[test]
+    fn normalises_like_nginx() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a/b/", "/a/b/"),
+            ("/public/../admin/secret.txt", "/admin/secret.txt"),
+            ("/public/%2e%2e/admin", "/admin"),
+            ("/public/%2E%2e/admin", "/admin"),
+            ("//admin", "/admin"),
+            ("/a//b///c", "/a/b/c"),
+            ("/%61dmin", "/admin"),
+            ("/./admin", "/admin"),
+            ("/a/.", "/a/"),
+            ("/a/b/..", "/a/"),
+            ("/a/..", "/"),
+            ("/a/b/../../c", "/c"),
+            ("/a%20b;p=1?q=1&r=%2F&x=/../", "/a%20b;p=1?q=1&r=%2F&x=/../"),
+            ("/%c3%a9", "/%C3%A9"),
+            ("/.../x", "/.../x"),
+            ("/a.b/..c", "/a.b/..c"),
+            ("/%7euser", "/~user"),
+            ("", "/"),
+            ("?q=1", "/?q=1"),
+        ] {
+            assert_eq!(norm(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_cannot_be_normalised_safely() {
+        for raw in [
+            "/..",
+            "/../admin",
+            "/a/../../admin",
+            "/%2e%2e/admin",
+            "/admin%2fsecret",
+            "/admin%2Fsecret",
+            "/admin%5csecret",
+            "/admin\\secret",
+            "/a%00",
+            "/a%",
+            "/a%4",
+            "/a%zz",
+            "/a#frag",
+            "a/b",
+        ] {
+            assert!(norm(raw).is_err(), "{raw:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn absolute_form() {
+        let t = b"http://Admin.Example.com:80/x?y";
+        let (auth, rest) = split_absolute(t).unwrap();
+        assert_eq!(&t[auth], b"Admin.Example.com:80");
+        assert_eq!(&t[rest..], b"/x?y");
+        let t = b"https://h";
+        let (auth, rest) = split_absolute(t).unwrap();
+        assert_eq!((&t[auth], &t[rest..]), (&b"h"[..], &b""[..]));
+        for bad in [
+            &b"http://user@h/x"[..],
+            b"http:///x",
+            b"ftp://h/x",
+            b"httpx",
+        ] {
+            assert!(split_absolute(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        for good in [
+            "a.example.com",
+            "a.example.com.",
+            "h:8080",
+            "[::1]:80",
+            "x_y",
+            "",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good}");
+        }
+        for bad in ["a..b", ".a", "a/b", "u@h", "a b", "a\\b", "h?x"] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+    }
+}
