@@ -386,6 +386,14 @@ async fn handle<'s, S: Stream>(
             };
         }
     }
+    if head.method(buf) == b"TRACE" && !route.allow_trace {
+        send_error(&c.io, w, 405, has_body, None).await;
+        return Outcome {
+            route: Some(&route.label),
+            consumed: head.len,
+            ..Outcome::error(405, !has_body)
+        };
+    }
     if route.websocket {
         use crate::http::head::WebSocketHandshake;
         let (status, extra) = match head.websocket_handshake(buf) {

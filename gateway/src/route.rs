@@ -29,6 +29,9 @@ pub struct Route {
     pub send_timeout: Duration,
     pub read_timeout: Duration,
     pub max_body_size: u64,
+    /// `TRACE` is forwarded (else 405): upstreams that echo it leak cookies and the
+    /// forwarding headers the gateway adds.
+    pub allow_trace: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -94,6 +97,7 @@ impl Router {
                     send_timeout: r.send_timeout.map(|d| d.0).unwrap_or(send),
                     read_timeout: r.read_timeout.map(|d| d.0).unwrap_or(read),
                     max_body_size: r.max_body_size.map(|s| s.0).unwrap_or(DEFAULT_MAX_BODY),
+                    allow_trace: r.allow_trace,
                 }
             })
             .collect();

@@ -622,3 +622,44 @@ fn interim_responses_are_not_relayed_to_http10_clients() {
     // HTTP/1.1 clients still get it.
     assert_eq!(gw.get("/hints").interim.len(), 1);
 }
+
+// ---- methods (issue 17.6) -------------------------------------------------------------
+
+#[test]
+fn trace_and_connect_get_405_unless_the_route_allows_trace() {
+    let origin = Origin::echo();
+    let toml = Config::new()
+        .upstream(Upstream::new("app", &[origin.addr()]))
+        .route(Route::prefix("/debug/", "app"))
+        .route(Route::prefix("/", "app"))
+        .to_toml()
+        .replacen(
+            "path_prefix = \"/debug/\"\n",
+            "path_prefix = \"/debug/\"\nallow_trace = true\n",
+            1,
+        );
+    let gw = Gateway::start(&toml);
+    let trace = b"TRACE /x HTTP/1.1\r\nHost: t\r\nCookie: session=s\r\n\r\n";
+    let (mut c, r) = raw_request(gw.http_addr(), trace);
+    let r = r.expect("a response to TRACE");
+    assert_eq!(r.status, 405);
+    assert!(
+        r.header("allow").is_some(),
+        "a 405 names the allowed methods"
+    );
+    assert_eq!(c.get("/after").status, 200, "the connection stays usable");
+    for connect in [
+        &b"CONNECT internal.test:22 HTTP/1.1\r\nHost: internal.test:22\r\n\r\n"[..],
+        b"CONNECT /x HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"CONNECT /debug/x HTTP/1.1\r\nHost: t\r\n\r\n",
+    ] {
+        expect_status(&gw, "CONNECT", connect, 405, true);
+    }
+    assert_eq!(origin.request_count(), 1, "only /after reached the origin");
+    let (_c, r) = raw_request(
+        gw.http_addr(),
+        b"TRACE /debug/x HTTP/1.1\r\nHost: t\r\n\r\n",
+    );
+    assert_eq!(r.unwrap().status, 200, "allow_trace forwards TRACE");
+    assert_eq!(origin.last_request().method, "TRACE");
+}

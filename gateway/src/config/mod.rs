@@ -374,6 +374,9 @@ pub struct RouteConfig {
     pub read_timeout: Option<Dur>,
     #[serde(default)]
     pub max_body_size: Option<Size>,
+    /// Forward `TRACE` on this route (refused with 405 by default, as nginx does).
+    #[serde(default)]
+    pub allow_trace: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize, Clone, Default)]

@@ -333,6 +333,10 @@ pub fn parse_request(
     {
         return Err(HttpError::BadRequest("invalid Host header"));
     }
+    if head.method(buf) == b"CONNECT" {
+        // Not a forward proxy: there is nothing a CONNECT could be routed to (nginx: 405).
+        return Err(HttpError::MethodNotAllowed);
+    }
     route_target(buf, head)?;
     Ok(true)
 }
@@ -733,6 +737,8 @@ mod tests {
             assert_eq!(req(bad).unwrap_err().status(), 400, "{bad:?}");
         }
         assert!(req("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").is_ok());
+        let connect = req("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n");
+        assert_eq!(connect.unwrap_err().status(), 405);
     }
 
     #[test]

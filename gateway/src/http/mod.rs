@@ -18,6 +18,9 @@ pub enum HttpError {
     BadRequest(&'static str),
     /// No route matched (404).
     NoRoute,
+    /// `CONNECT` (the gateway is not a forward proxy), or `TRACE` on a route that does not
+    /// allow it (405).
+    MethodNotAllowed,
     /// Head not received within `header_timeout` (408).
     HeadTimeout,
     /// Body over `max_body_size` (413).
@@ -47,6 +50,7 @@ impl HttpError {
         match self {
             HttpError::BadRequest(_) => 400,
             HttpError::NoRoute => 404,
+            HttpError::MethodNotAllowed => 405,
             HttpError::HeadTimeout => 408,
             HttpError::BodyTooLarge => 413,
             HttpError::UriTooLong => 414,
@@ -140,6 +144,10 @@ pub fn write_simple_response(
         reason(status),
         body.len()
     );
+    if status == 405 {
+        // RFC 9110 §15.5.6: a 405 names the methods the target supports.
+        out.extend_from_slice(b"Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n");
+    }
     for (name, value) in extra_headers {
         let _ = write!(out, "{name}: {value}\r\n");
     }
@@ -155,6 +163,7 @@ pub fn error_body(status: u16) -> &'static [u8] {
     match status {
         400 => b"400 Bad Request\n",
         404 => b"404 Not Found\n",
+        405 => b"405 Method Not Allowed\n",
         408 => b"408 Request Timeout\n",
         413 => b"413 Content Too Large\n",
         414 => b"414 URI Too Long\n",
