@@ -137,6 +137,14 @@ const SMUGGLING: &[(&str, &str)] = &[
         "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nGET /smuggled HTTP/1.1\r\n\r\n",
     ),
     (
+        "trailer standing in for a field the gateway writes",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n",
+    ),
+    (
+        "trailer carrying Content-Length",
+        "POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nContent-Length: 40\r\n\r\n",
+    ),
+    (
         "request line ended by a bare LF",
         "GET /s HTTP/1.1\nHost: t\r\n\r\n",
     ),

@@ -58,6 +58,10 @@ pub struct ChunkedDecoder {
     size_digits: u32,
     line_len: usize,
     trailer_len: usize,
+    /// The trailer field name being read (while it fits; longer names are no field the
+    /// proxy manages).
+    name: [u8; 32],
+    name_len: usize,
     /// Payload bytes seen so far.
     pub payload: u64,
 }
@@ -76,6 +80,8 @@ impl ChunkedDecoder {
             size_digits: 0,
             line_len: 0,
             trailer_len: 0,
+            name: [0; 32],
+            name_len: 0,
             payload: 0,
         }
     }
@@ -178,6 +184,8 @@ impl ChunkedDecoder {
                         self.state = State::FinalLf;
                     } else if is_tchar(b) {
                         self.state = State::TrailerName;
+                        self.name_len = 0;
+                        self.push_name(b);
                     } else {
                         // A bare LF here is where a lenient peer ends the body.
                         return Err(ChunkedError::BadFraming);
@@ -187,9 +195,20 @@ impl ChunkedDecoder {
                 }
                 State::TrailerName => {
                     if b == b':' {
+                        // A trailer must not stand in for a field the proxy writes or
+                        // strips: a server that merges trailers into the header section
+                        // would take a spoofed `X-Forwarded-For` or `Content-Length` from
+                        // it (RFC 9110 §6.5.1).
+                        if self.name_len <= self.name.len()
+                            && super::rewrite::is_managed(&self.name[..self.name_len])
+                        {
+                            return Err(ChunkedError::BadFraming);
+                        }
                         self.state = State::TrailerValue;
                     } else if !is_tchar(b) {
                         return Err(ChunkedError::BadFraming);
+                    } else {
+                        self.push_name(b);
                     }
                     self.count_trailer()?;
                     i += 1;
@@ -234,6 +253,13 @@ impl ChunkedDecoder {
             return Err(ChunkedError::TooLong);
         }
         Ok(())
+    }
+
+    fn push_name(&mut self, b: u8) {
+        if let Some(slot) = self.name.get_mut(self.name_len) {
+            *slot = b;
+        }
+        self.name_len += 1;
     }
 
     fn count_trailer(&mut self) -> Result<(), ChunkedError> {
@@ -363,6 +389,10 @@ mod tests {
             b"0\r\n: v\r\n\r\n",
             b"0\r\n X: 1\r\n\r\n",
             b"0\r\nX: a\rb\r\n\r\n",
+            b"0\r\nContent-Length: 5\r\n\r\n",
+            b"0\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+            b"0\r\nx_real_ip: 1.2.3.4\r\n\r\n",
+            b"0\r\nHost: evil\r\n\r\n",
         ] {
             assert!(
                 decode_all(bad).is_err(),

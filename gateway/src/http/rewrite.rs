@@ -92,6 +92,12 @@ fn alias_class(name: &[u8]) -> Class {
     class_of(&folded[..name.len()])
 }
 
+/// Whether the proxy writes, strips or vouches for this field (or an underscore alias of
+/// one): such a name must never come from anywhere the proxy does not control.
+pub fn is_managed(name: &[u8]) -> bool {
+    class_of(name) != Class::Other || alias_class(name) != Class::Other
+}
+
 /// Whether a `Connection` header of the message names this field.
 fn named_by_connection(buf: &[u8], headers: &[HeaderSpan], known: &Known, name: &[u8]) -> bool {
     known.connection.iter().any(|&i| {
