@@ -497,6 +497,7 @@ fn routing_is_on_the_normalised_path_and_host() {
         ("/admin\\secret.txt", "t", 400),
         ("/public/%00/../../admin/secret.txt", "t", 400),
         ("/public/%zz", "t", 400),
+        ("/public/..;/admin/secret.txt", "t", 400),
         ("/public/index.html", "admin.example.com", 403),
         ("/public/index.html", "admin.example.com.", 403),
         ("/public/index.html", "ADMIN.Example.COM.:8080", 403),

@@ -8,7 +8,8 @@
 //!   `%2e%2e` is `..`);
 //! - refused with 400: an encoded `/` or `\` (`%2F`, `%5C`), a raw `\` (IIS and others
 //!   read it as `/`), `%00`, a `%` not followed by two hex digits, a `..` above the root, a
-//!   fragment, and a path that does not start with `/`.
+//!   fragment, a dot segment with `;` parameters (`..;`, which Tomcat and Jetty resolve as
+//!   `..`), and a path that does not start with `/`.
 //!
 //! The query (from the first `?`) is kept byte for byte. The normalised target is what is
 //! forwarded, so the upstream never sees a path other than the one that was routed.
@@ -55,7 +56,13 @@ pub fn normalise(target: &[u8], out: &mut Vec<u8>) -> Result<usize, Invalid> {
             i += decode_one(&path[i..], out)?;
         }
         ended_in_dot = true;
-        match &out[segment_start + 1..] {
+        let segment = &out[segment_start + 1..];
+        if segment.starts_with(b".;") || segment.starts_with(b"..;") {
+            // Tomcat and Jetty drop `;params` before resolving dot segments, so `..;` is
+            // `..` to them (`/public/..;/admin`), which nothing here would resolve.
+            return Err("dot segment with parameters");
+        }
+        match segment {
             b"." => out.truncate(segment_start),
             b".." => {
                 out.truncate(segment_start);
@@ -178,6 +185,7 @@ mod tests {
             ("/%c3%a9", "/%C3%A9"),
             ("/.../x", "/.../x"),
             ("/a.b/..c", "/a.b/..c"),
+            ("/a;p=1/b", "/a;p=1/b"),
             ("/%7euser", "/~user"),
             ("", "/"),
             ("?q=1", "/?q=1"),
@@ -202,6 +210,10 @@ mod tests {
             "/a%4",
             "/a%zz",
             "/a#frag",
+            "/public/..;/admin",
+            "/public/..;x=1/admin",
+            "/.;/admin",
+            "/public/%2e%2e;/admin",
             "a/b",
         ] {
             assert!(norm(raw).is_err(), "{raw:?} was accepted");
