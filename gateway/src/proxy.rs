@@ -12,7 +12,7 @@ use crate::clock;
 use crate::http::chunked::{ChunkedDecoder, ChunkedError};
 use crate::http::head::{parse_request, parse_response, BodyFraming, RequestHead, ResponseHead};
 use crate::http::rewrite::{self, ClientFraming, Forwarding};
-use crate::http::{error_body, write_simple_response, HttpError};
+use crate::http::{error_body, write_simple_response, HttpError, Side};
 use crate::io::Stream;
 use crate::route::{Action, Route};
 use crate::state::{ListenerSettings, Snapshot};
@@ -598,6 +598,18 @@ async fn proxy<'s, S: Stream>(
             Some(conn) => conn,
             None => match S::connect(addr, route.connect_timeout).await {
                 Ok(conn) => conn,
+                Err(e) if crate::budget::is_local_resource_error(&e) => {
+                    // Our shortage, not the server's: this request fails (500, as nginx
+                    // when its socket() fails), no server is marked down, and the next
+                    // request is served normally as soon as resources free up.
+                    crate::budget::refused(crate::budget::Refusal::UpstreamLocal, &e);
+                    w.give_out(out);
+                    w.give_buf(ub);
+                    return Err(Failure::before_response(
+                        HttpError::LocalResource("connect"),
+                        None,
+                    ));
+                }
                 Err(e) => {
                     let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
                     tracing::warn!(upstream = %upstream.name, server = %addr, error = %e, "connect failed");
@@ -667,14 +679,7 @@ async fn proxy<'s, S: Stream>(
             match stream_request_body(client, &conn, w, &mut body, route).await {
                 Ok(extra) => leftover = extra,
                 Err(error) => {
-                    if !matches!(
-                        error,
-                        HttpError::ClientGone(_)
-                            | HttpError::BadRequest(_)
-                            | HttpError::BodyTooLarge
-                    ) {
-                        mark_failure(upstream, server);
-                    }
+                    book_failure(upstream, server, &error);
                     w.give_out(out);
                     w.give_buf(ub);
                     return Err(Failure::before_response(error, Some(server)));
@@ -724,9 +729,7 @@ async fn proxy<'s, S: Stream>(
                     out.extend_from_slice(&after_head[..prefix]);
                     continue;
                 }
-                if !matches!(error, HttpError::ClientGone(_)) {
-                    mark_failure(upstream, server);
-                }
+                book_failure(upstream, server, &error);
                 w.give_out(out);
                 w.give_buf(ub);
                 return Err(Failure::before_response(error, Some(server)));
@@ -836,8 +839,8 @@ async fn proxy<'s, S: Stream>(
             })
         }
         Err(error) => {
-            if !matches!(error, HttpError::ClientGone(_)) {
-                mark_failure(upstream, server);
+            if error.side() == Side::Upstream {
+                book_failure(upstream, server, &error);
                 tracing::warn!(upstream = %upstream.name, server = %upstream.servers[server].label, error = %error, "response cut short");
             }
             Err(Failure {
@@ -863,6 +866,15 @@ fn bit(server: usize) -> u64 {
         1 << server
     } else {
         0
+    }
+}
+
+/// Counts `error` against `server` only when it is the server's fault
+/// ([`HttpError::side`]): a client that stalls, or a response the gateway refuses for its
+/// own limits, must never take servers down.
+fn book_failure(upstream: &Upstream, server: usize, error: &HttpError) {
+    if error.side() == Side::Upstream {
+        mark_failure(upstream, server);
     }
 }
 
@@ -990,7 +1002,7 @@ async fn read_response_head<S: Stream>(
                 Ok(true) => {
                     if resp.status == 101 && !upgrade {
                         return Err((
-                            HttpError::BadUpstream("101 without an upgrade request"),
+                            HttpError::ResponseRefused("101 without an upgrade request"),
                             ub,
                             true,
                         ));

@@ -108,7 +108,9 @@ impl Snapshot {
                 header_timeout: s.header_timeout.0,
                 max_header_bytes: s.max_header_bytes.0 as usize,
                 graceful_timeout: s.graceful_timeout.0,
-                max_connections: s.max_connections,
+                max_connections: s.max_connections.unwrap_or_else(|| {
+                    crate::budget::default_max_connections(crate::budget::nofile())
+                }),
             },
             listeners,
             access_format: config.log.format,

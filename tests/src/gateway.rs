@@ -60,6 +60,17 @@ impl Gateway {
 
     /// Like [`Gateway::start`] but returns the reason instead of panicking.
     pub fn try_start(config_toml: &str) -> Result<Gateway, String> {
+        Gateway::try_start_limited(config_toml, None)
+    }
+
+    /// Starts the gateway with RLIMIT_NOFILE (soft and hard) set to `nofile` in the child
+    /// before exec, so descriptor exhaustion is reached with a handful of connections.
+    pub fn with_nofile(config: &Config, nofile: u64) -> Gateway {
+        Gateway::try_start_limited(&config.to_toml(), Some(nofile))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_start_limited(config_toml: &str, nofile: Option<u64>) -> Result<Gateway, String> {
         let (http_addr, admin_addr) = addresses_of(config_toml)?;
         let dir = tempfile::Builder::new()
             .prefix("gateway-test-")
@@ -69,14 +80,32 @@ impl Gateway {
         std::fs::write(&config_path, config_toml).map_err(|e| format!("write config: {e}"))?;
         let stdout = File::create(dir.path().join("stdout.log")).unwrap();
         let stderr = File::create(dir.path().join("stderr.log")).unwrap();
-        let child = Command::new(gateway_bin())
+        let mut command = Command::new(gateway_bin());
+        command
             .arg("run")
             .arg("--config")
             .arg(&config_path)
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
+            .stderr(stderr);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", gateway_bin().display()))?;
         let mut gw = Gateway {

@@ -257,3 +257,183 @@ fn client_going_away_releases_the_upstream_connection() {
         || stall.active() == 0,
     );
 }
+
+/// Two servers that each close after every response (so each request needs a fresh
+/// `connect()`), behind `max_fails = 1`: one failure booked to a server would mark it down.
+fn fragile_pair() -> (Origin, Origin, Upstream) {
+    let a = Origin::start(|_| Reply::ok("a").close());
+    let b = Origin::start(|_| Reply::ok("b").close());
+    let up = Upstream::new("app", &[a.addr(), b.addr()])
+        .max_fails(1)
+        .fail_timeout("60s");
+    (a, b, up)
+}
+
+/// After the pressure is gone, every request is served at once, by both servers: none was
+/// marked down.
+fn assert_both_servers_serve(gw: &Gateway, context: &str) {
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let r = gw.get(&format!("/after/{i}"));
+        assert_eq!(
+            r.status, 200,
+            "{context}: request {i} after recovery: {}",
+            r.status
+        );
+        seen.insert(r.body_str());
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "{context}: a server was marked down (only {seen:?} answered)"
+    );
+}
+
+/// Opens a connection and sends one GET on it: the response, with the connection to hold.
+fn hold(gw: &Gateway, i: usize) -> std::io::Result<(Client, Response)> {
+    let mut c = gw.client();
+    c.set_read_timeout(Duration::from_secs(5));
+    c.send(&Req::get(&format!("/hold/{i}")).to_bytes())?;
+    let r = c.read_response()?;
+    Ok((c, r))
+}
+
+fn local_refusals(gw: &Gateway, reason: &str) -> f64 {
+    gateway_tests::control::scrape(gw.admin_addr())
+        .get("gateway_local_refusals_total", &[("reason", reason)])
+        .unwrap_or(0.0)
+}
+
+/// Issue 17.1: descriptors run out while clients hold connections. The gateway must book
+/// that to itself (500 for the request whose connect could not get a descriptor, or the
+/// new connection closed at accept), never to the upstream servers; `/healthz` answers
+/// throughout, and service is normal again as soon as the clients leave.
+#[test]
+fn descriptor_exhaustion_marks_no_server_down() {
+    let (_a, _b, up) = fragile_pair();
+    let gw = Gateway::with_nofile(
+        &Config::new()
+            .workers(1)
+            // Explicit and high: the descriptor limit, not the connection cap, is what is hit.
+            .server_raw("max_connections", "10000")
+            .upstream(up)
+            .route(Route::prefix("/", "app")),
+        256,
+    );
+    let mut held = Vec::new();
+    let (mut served, mut internal, mut closed) = (0, 0, 0);
+    for i in 0..400 {
+        match hold(&gw, i) {
+            Ok((c, r)) if r.status == 200 => {
+                served += 1;
+                held.push(c);
+            }
+            Ok((_, r)) => {
+                assert_eq!(
+                    r.status,
+                    500,
+                    "request {i} under descriptor exhaustion: {} {:?}",
+                    r.status,
+                    r.body_str()
+                );
+                internal += 1;
+                break;
+            }
+            Err(_) => {
+                closed += 1;
+                break;
+            }
+        }
+    }
+    assert!(
+        served > 50 && internal + closed == 1,
+        "expected the descriptor limit to be reached: {served} served, {internal} answered 500, {closed} closed"
+    );
+    // The admin listener still has descriptors while the data plane is out of them.
+    assert_eq!(
+        gateway_tests::gateway::admin_status(gw.admin_addr(), "/healthz"),
+        Some(200),
+        "/healthz under descriptor exhaustion"
+    );
+    assert!(local_refusals(&gw, "upstream_local") + local_refusals(&gw, "fd_reserve") >= 1.0);
+    drop(held);
+    assert_both_servers_serve(&gw, "after descriptor exhaustion");
+}
+
+/// With `max_connections` unset it is derived from RLIMIT_NOFILE, so the connection cap
+/// fires long before the descriptors run out; refusals are counted.
+#[test]
+fn default_max_connections_fires_before_descriptors_run_out() {
+    let (_a, _b, up) = fragile_pair();
+    // 256 descriptors: (256 - 2 × 64) / 2 = 64 connections.
+    let gw = Gateway::with_nofile(
+        &Config::new()
+            .workers(1)
+            .upstream(up)
+            .route(Route::prefix("/", "app")),
+        256,
+    );
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..80 {
+        match hold(&gw, i) {
+            Ok((c, r)) => {
+                assert_eq!(r.status, 200, "request {i}");
+                held.push(c);
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(held.len(), 64, "connections served under the derived cap");
+    assert_eq!(refused, 16);
+    assert_eq!(
+        gateway_tests::gateway::admin_status(gw.admin_addr(), "/healthz"),
+        Some(200)
+    );
+    assert_eq!(local_refusals(&gw, "max_connections"), 16.0);
+    drop(held);
+    assert_both_servers_serve(&gw, "after the connection cap");
+}
+
+/// Issue 17.2: a response refused for a limit of the gateway's own (too many header fields,
+/// a head over the size limit) is a 502 for that request only: a client asking for such
+/// responses on purpose must not take the servers down.
+#[test]
+fn refused_responses_never_mark_servers_down() {
+    fn handler(name: &'static str) -> impl Fn(&gateway_tests::RecordedRequest) -> Reply {
+        move |r| match r.path() {
+            "/many" => (0..300).fold(Reply::ok(name), |reply, i| {
+                reply.header(&format!("X-Reflect-{i}"), "v")
+            }),
+            "/huge" => Reply::ok(name).header("X-Huge", &"h".repeat(100 * 1024)),
+            _ => Reply::ok(name),
+        }
+    }
+    let a = Origin::start(handler("a"));
+    let b = Origin::start(handler("b"));
+    let gw = Gateway::with(
+        &Config::new()
+            .upstream(
+                Upstream::new("app", &[a.addr(), b.addr()])
+                    .max_fails(1)
+                    .fail_timeout("60s"),
+            )
+            .route(Route::prefix("/", "app")),
+    );
+    for path in ["/many", "/huge", "/many", "/huge"] {
+        let r = gw.get(path);
+        // Relayed or refused, but never booked to the server.
+        assert!(
+            r.status == 200 || r.status == 502,
+            "{path}: {} {:?}",
+            r.status,
+            r.body_str()
+        );
+    }
+    assert_eq!(
+        gw.get("/huge").status,
+        502,
+        "a 100 KiB response head is refused"
+    );
+    assert_both_servers_serve(&gw, "after refused responses");
+}

@@ -91,7 +91,8 @@ pub enum IoDriver {
 pub struct ServerConfig {
     pub workers: usize,
     pub io: IoDriver,
-    pub max_connections: usize,
+    /// Unset: computed from the effective RLIMIT_NOFILE (`budget::default_max_connections`).
+    pub max_connections: Option<usize>,
     pub nofile: u64,
     pub graceful_timeout: Dur,
     pub shutdown_delay: Dur,
@@ -105,7 +106,7 @@ impl Default for ServerConfig {
         ServerConfig {
             workers: 0,
             io: IoDriver::Auto,
-            max_connections: 100_000,
+            max_connections: None,
             nofile: 65535,
             graceful_timeout: secs(30),
             shutdown_delay: secs(0),
@@ -571,7 +572,7 @@ impl Config {
                 "must be between 1KiB and 1MiB".into(),
             );
         }
-        if s.max_connections == 0 {
+        if s.max_connections == Some(0) {
             err(
                 None,
                 "server",

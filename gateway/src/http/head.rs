@@ -290,13 +290,16 @@ pub fn parse_response(
 ) -> Result<bool, HttpError> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut raw);
-    let status = resp
-        .parse(buf)
-        .map_err(|_| HttpError::BadUpstream("malformed response head"))?;
+    // A limit of the gateway's own (field count, head size) refuses the response for this
+    // request only: it says nothing about the server's health (HttpError::side).
+    let status = resp.parse(buf).map_err(|e| match e {
+        httparse::Error::TooManyHeaders => HttpError::ResponseRefused("too many header fields"),
+        _ => HttpError::BadUpstream("malformed response head"),
+    })?;
     let len = match status {
         httparse::Status::Partial => {
             if buf.len() >= max_head {
-                return Err(HttpError::BadUpstream("response head too large"));
+                return Err(HttpError::ResponseRefused("response head too large"));
             }
             return Ok(false);
         }
