@@ -437,3 +437,145 @@ fn refused_responses_never_mark_servers_down() {
     );
     assert_both_servers_serve(&gw, "after refused responses");
 }
+
+/// Issue 10.5: a body within `request_buffering` is read whole before any upstream is
+/// connected, so a client that trickles its body holds nothing upstream.
+#[test]
+fn small_body_is_read_whole_before_the_upstream_is_connected() {
+    let origin = Origin::echo();
+    let gw = single(origin.addr(), "5s");
+    let body = vec![b'q'; 3000];
+    let mut c = gw.client();
+    c.set_read_timeout(Duration::from_secs(5));
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.send(head.as_bytes()).unwrap();
+    c.send(&body[..1000]).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    c.send(&body[1000..2999]).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        origin.accepts(),
+        0,
+        "the upstream was connected before the body was complete"
+    );
+    c.send(&body[2999..]).unwrap();
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, body, "the whole body reached the upstream");
+    assert_eq!(origin.accepts(), 1);
+}
+
+/// Issue 10.5: a body larger than `request_buffering` streams, under a minimum rate after
+/// `client_body_timeout`. A trickling client gets 408 and the upstream sees its connection
+/// closed (not kept, not pooled).
+#[test]
+fn slow_body_gets_408_and_frees_the_upstream_connection() {
+    let origin = Origin::echo();
+    let gw = Gateway::with(
+        &Config::new()
+            .server("request_buffering", "1KiB")
+            .server("client_body_timeout", "1s")
+            .server("client_min_rate", "1KiB")
+            .upstream(Upstream::new("app", &[origin.addr()]).max_fails(1))
+            .route(Route::prefix("/", "app")),
+    );
+    let mut c = gw.client();
+    c.set_read_timeout(Duration::from_secs(10));
+    c.send(b"POST /slow HTTP/1.1\r\nHost: app\r\nContent-Length: 100000\r\n\r\n")
+        .unwrap();
+    c.send(&[b'x'; 2048]).unwrap();
+    gateway_tests::wait_until(
+        Duration::from_secs(5),
+        "the upstream to be connected once the buffered part arrived",
+        || origin.active() == 1,
+    );
+    let started = Instant::now();
+    let writer = {
+        let mut s = c.stream().try_clone().unwrap();
+        thread::spawn(move || {
+            use std::io::Write;
+            // 10 bytes every 100 ms: 100 B/s, far under the 1 KiB/s minimum.
+            for _ in 0..100 {
+                if s.write_all(&[b'y'; 10]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let r = c.read_response().expect("a 408 response");
+    assert_eq!(r.status, 408, "{:?}", r.body_str());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "408 only after {:?}",
+        started.elapsed()
+    );
+    gateway_tests::wait_until(
+        Duration::from_secs(3),
+        "the upstream connection of the slow body to be closed",
+        || origin.active() == 0,
+    );
+    drop(c);
+    writer.join().unwrap();
+    assert_eq!(
+        gw.get("/after").status,
+        200,
+        "the server is not marked down"
+    );
+}
+
+/// Issue 17.9: an error answered before the request was read (413 on Content-Length) is
+/// followed by a lingering close, so a client still sending its body reads the 413 rather
+/// than losing it to an RST. On loopback an RST does not destroy a response already
+/// delivered, so what is asserted is the RST itself: the client's body is taken and
+/// discarded (its writes succeed) and the connection ends with a FIN, not a reset.
+#[test]
+fn lingering_close_lets_the_client_read_a_413() {
+    let origin = Origin::echo();
+    let gw = Gateway::with(
+        &Config::new()
+            .upstream(Upstream::new("app", &[origin.addr()]))
+            .route(Route::prefix("/", "app").max_body_size("1KiB")),
+    );
+    for round in 0..3 {
+        let mut c = gw.client();
+        c.set_read_timeout(Duration::from_secs(10));
+        c.send(b"POST /big HTTP/1.1\r\nHost: app\r\nContent-Length: 8000000\r\n\r\n")
+            .unwrap();
+        let writer = {
+            let mut s = c.stream().try_clone().unwrap();
+            thread::spawn(move || {
+                use std::io::Write;
+                let chunk = vec![b'z'; 64 * 1024];
+                for _ in 0..64 {
+                    s.write_all(&chunk)?;
+                }
+                std::io::Result::Ok(())
+            })
+        };
+        // Let the client's body run into the gateway after the 413 went out.
+        let written = writer.join().unwrap();
+        let r = c
+            .read_response()
+            .unwrap_or_else(|e| panic!("round {round}: the 413 was lost: {e}"));
+        assert_eq!(r.status, 413, "round {round}");
+        assert!(
+            written.is_ok(),
+            "round {round}: the body was refused with a reset: {written:?}"
+        );
+        let (outcome, _) = c.wait_closed(Duration::from_secs(3));
+        assert_eq!(
+            outcome,
+            gateway_tests::CloseOutcome::Eof,
+            "round {round}: the connection did not end with a FIN"
+        );
+    }
+    assert_eq!(
+        origin.accepts(),
+        0,
+        "a refused body never reaches the upstream"
+    );
+}

@@ -99,6 +99,15 @@ pub struct ServerConfig {
     pub keepalive_timeout: Dur,
     pub header_timeout: Dur,
     pub max_header_bytes: Size,
+    /// Request bodies up to this size are read whole before an upstream is chosen; larger
+    /// ones have this much read first, then stream (nginx `client_body_buffer_size`).
+    pub request_buffering: Size,
+    /// Longest pause between two reads of a request body, and the grace period before
+    /// `client_min_rate` applies (nginx `client_body_timeout`).
+    pub client_body_timeout: Dur,
+    /// Average bytes per second a request body, and a response being sent to the client,
+    /// must keep after their grace period; 0 turns the check off.
+    pub client_min_rate: Size,
 }
 
 impl Default for ServerConfig {
@@ -113,6 +122,9 @@ impl Default for ServerConfig {
             keepalive_timeout: secs(5),
             header_timeout: secs(10),
             max_header_bytes: Size(16 * 1024),
+            request_buffering: Size(64 * 1024),
+            client_body_timeout: secs(60),
+            client_min_rate: Size(1024),
         }
     }
 }
@@ -578,6 +590,22 @@ impl Config {
                 "server",
                 "max_connections",
                 "must be at least 1".into(),
+            );
+        }
+        if s.request_buffering.0 > crate::budget::REQUEST_BUFFERING_MAX {
+            err(
+                None,
+                "server",
+                "request_buffering",
+                "at most 1MiB (it is held in memory per connection)".into(),
+            );
+        }
+        if s.client_body_timeout.0.is_zero() {
+            err(
+                None,
+                "server",
+                "client_body_timeout",
+                "must be greater than zero".into(),
             );
         }
         if s.workers > 1024 {
