@@ -32,17 +32,14 @@ pub enum Buffer {
     RequestBody,
     /// The upstream's response head.
     ResponseHead,
-    /// Pipelined requests read ahead of their turn.
-    Pipelined,
 }
 
 impl Buffer {
-    const ALL: [Buffer; 5] = [
+    const ALL: [Buffer; 4] = [
         Buffer::TlsInput,
         Buffer::RequestHead,
         Buffer::RequestBody,
         Buffer::ResponseHead,
-        Buffer::Pipelined,
     ];
 
     pub fn label(self) -> &'static str {
@@ -51,7 +48,6 @@ impl Buffer {
             Buffer::RequestHead => "request_head",
             Buffer::RequestBody => "request_body",
             Buffer::ResponseHead => "response_head",
-            Buffer::Pipelined => "pipelined",
         }
     }
 }
@@ -128,7 +124,7 @@ impl Counted {
     }
 }
 
-static OVER_BUDGET: [Counted; Buffer::ALL.len()] = [const { Counted::new() }; 5];
+static OVER_BUDGET: [Counted; Buffer::ALL.len()] = [const { Counted::new() }; 4];
 static REFUSED: [Counted; Refusal::ALL.len()] = [const { Counted::new() }; 4];
 
 /// A connection went over its budget for `buffer`: count it, log at a bounded rate. The

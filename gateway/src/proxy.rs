@@ -146,6 +146,9 @@ pub async fn serve<S: Stream>(
             Err(HttpError::ClientGone(_)) => break,
             Err(e) => {
                 let status = e.status();
+                if matches!(e, HttpError::HeadTooLarge | HttpError::UriTooLong) {
+                    crate::budget::over_budget(crate::budget::Buffer::RequestHead, Some(peer));
+                }
                 send_error(&c.io, &w, status, true, None).await;
                 linger(&c.io, &w).await;
                 if snap.access_enabled {
@@ -602,6 +605,11 @@ impl RequestBody {
             BodyFraming::Chunked => {
                 let n = self.decoder.decode(input, |_| {}).map_err(|e| match e {
                     ChunkedError::BadSize => HttpError::BadRequest("bad chunk size"),
+                    ChunkedError::TooLong => {
+                        // An endless chunk extension or trailer section.
+                        crate::budget::over_budget(crate::budget::Buffer::RequestBody, None);
+                        HttpError::BadRequest("chunk line or trailers too long")
+                    }
                     _ => HttpError::BadRequest("bad chunked framing"),
                 })?;
                 if self.decoder.payload > max_body {
@@ -1200,7 +1208,12 @@ async fn read_response_head<S: Stream>(
                     return Ok(ub);
                 }
                 Ok(false) => {}
-                Err(e) => return Err((e, ub, true)),
+                Err(e) => {
+                    if matches!(e, HttpError::ResponseRefused(_)) {
+                        crate::budget::over_budget(crate::budget::Buffer::ResponseHead, None);
+                    }
+                    return Err((e, ub, true));
+                }
             }
         }
         if ub.capacity() - ub.len() < 1024 {
