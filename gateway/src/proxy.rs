@@ -528,7 +528,7 @@ async fn handle<'s, S: Stream>(
                 Ok(outcome) => outcome,
                 Err(failure) => {
                     let status = failure.error.status();
-                    if matches!(status, 502..=504) {
+                    if failure.error.side() != Side::Client {
                         w.stats
                             .borrow_mut()
                             .upstream_error(&upstream.metric_name, failure.error.kind());
