@@ -579,3 +579,69 @@ fn lingering_close_lets_the_client_read_a_413() {
         "a refused body never reaches the upstream"
     );
 }
+
+/// Issue 10.5, responses: a client that takes a large response more slowly than
+/// `client_min_rate` (while each write still completes within `send_timeout`, which alone
+/// never cut it off) is disconnected, and the upstream connection is closed with it.
+#[test]
+fn slow_reader_is_cut_off_and_frees_the_upstream_connection() {
+    const BIG: usize = 64 << 20;
+    let origin = Origin::start(|_| Reply::ok(vec![b'r'; BIG]));
+    let gw = Gateway::with(
+        &Config::new()
+            .server("client_min_rate", "4MiB")
+            .upstream(Upstream::new("app", &[origin.addr()]))
+            .route(Route::prefix("/", "app").send_timeout("1s")),
+    );
+    // A small receive buffer, set before connecting so the kernel does not grow it: what
+    // the gateway can park in socket buffers stays small next to the response.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.connect(&gw.http_addr().into()).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    {
+        use std::io::Write;
+        stream
+            .write_all(b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n")
+            .unwrap();
+    }
+    origin.wait_requests(1, Duration::from_secs(5));
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 16 * 1024];
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // 16 KiB every 50 ms: about 320 KiB/s, far under the 4 MiB/s minimum, yet no single
+    // write of the gateway waits anywhere near send_timeout. Read until the gateway has
+    // given up on this client and closed the upstream connection (what it had already
+    // written may still sit in socket buffers).
+    while origin.active() > 0 {
+        use std::io::Read;
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "a slow reader is still served after {:?} ({got} bytes)",
+            started.elapsed()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        got < BIG,
+        "the whole response was delivered to a slow reader"
+    );
+    gateway_tests::wait_until(
+        Duration::from_secs(3),
+        "the upstream connection of the slow reader to be closed",
+        || origin.active() == 0,
+    );
+    let m = gateway_tests::control::scrape(gw.admin_addr());
+    assert!(
+        m.get("gateway_local_refusals_total", &[("reason", "slow_client")])
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+}
