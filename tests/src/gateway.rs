@@ -44,9 +44,19 @@ impl Gateway {
     /// so a concurrent test can take one before the gateway binds it: on "Address already
     /// in use" the start is retried with fresh listener and admin ports.
     pub fn with(config: &Config) -> Gateway {
+        Gateway::with_limit(config, None)
+    }
+
+    /// [`Gateway::with`], with RLIMIT_NOFILE (soft and hard) set to `nofile` in the child
+    /// before exec, so descriptor exhaustion is reached with a handful of connections.
+    pub fn with_nofile(config: &Config, nofile: u64) -> Gateway {
+        Gateway::with_limit(config, Some(nofile))
+    }
+
+    fn with_limit(config: &Config, nofile: Option<u64>) -> Gateway {
         let mut config = config.clone();
         for _ in 0..4 {
-            match Gateway::try_start(&config.to_toml()) {
+            match Gateway::try_start_limited(&config.to_toml(), nofile) {
                 Ok(gw) => return gw,
                 Err(e) if e.contains("Address already in use") => {
                     config.http_addr = crate::free_addr();
@@ -55,19 +65,12 @@ impl Gateway {
                 Err(e) => panic!("{e}"),
             }
         }
-        Gateway::start(&config.to_toml())
+        Gateway::try_start_limited(&config.to_toml(), nofile).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Like [`Gateway::start`] but returns the reason instead of panicking.
     pub fn try_start(config_toml: &str) -> Result<Gateway, String> {
         Gateway::try_start_limited(config_toml, None)
-    }
-
-    /// Starts the gateway with RLIMIT_NOFILE (soft and hard) set to `nofile` in the child
-    /// before exec, so descriptor exhaustion is reached with a handful of connections.
-    pub fn with_nofile(config: &Config, nofile: u64) -> Gateway {
-        Gateway::try_start_limited(&config.to_toml(), Some(nofile))
-            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn try_start_limited(config_toml: &str, nofile: Option<u64>) -> Result<Gateway, String> {
