@@ -135,14 +135,14 @@ pub fn over_budget(buffer: Buffer, peer: Option<std::net::SocketAddr>) {
     }
 }
 
-/// A connection or upstream connect was refused for a local resource: count, log at a
-/// bounded rate.
+/// A connection, an upstream connect or a slow client was refused for a limit or shortage
+/// of the gateway's own: count, log at a bounded rate.
 pub fn refused(reason: Refusal, detail: &dyn std::fmt::Display) {
     if let Some(n) = REFUSED[reason as usize].hit() {
         tracing::warn!(
             reason = reason.label(),
             events = n,
-            "refused for a local resource limit: {detail}"
+            "refused for a local limit: {detail}"
         );
     }
 }
@@ -159,7 +159,7 @@ pub fn render(out: &mut String) {
     family(
         out,
         "gateway_local_refusals_total",
-        "Connections or requests refused for a local resource limit (never booked to an upstream server).",
+        "Connections or requests refused or cut off for a limit or shortage of the gateway's own (never booked to an upstream server).",
         "reason",
         Refusal::ALL.map(|r| (r.label(), &REFUSED[r as usize])),
     );

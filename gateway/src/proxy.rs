@@ -1411,3 +1411,36 @@ async fn write_client<S: Stream, B: BoundedBuf>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RateClock;
+    use std::time::Duration;
+
+    #[test]
+    fn rate_clock_bounds_the_whole_transfer() {
+        let mut clock = RateClock::new(Duration::from_secs(60), Duration::from_secs(10), 1000);
+        // Nothing moved yet: the grace period is all there is.
+        let d = clock.deadline() - clock.started;
+        assert!(
+            d >= Duration::from_secs(10) && d < Duration::from_secs(11),
+            "{d:?}"
+        );
+        // Each 1000 bytes earn one more second, never more than the pause from now.
+        clock.moved(5000);
+        let d = clock.deadline() - clock.started;
+        assert!(
+            d >= Duration::from_secs(15) && d < Duration::from_secs(16),
+            "{d:?}"
+        );
+        clock.moved(1_000_000);
+        let d = clock.deadline() - clock.started;
+        assert!(
+            d <= Duration::from_secs(61),
+            "the pause still applies: {d:?}"
+        );
+        // A rate of 0 leaves only the pause.
+        let clock = RateClock::new(Duration::from_secs(3), Duration::from_secs(10), 0);
+        assert!(clock.deadline() - clock.started <= Duration::from_secs(4));
+    }
+}
