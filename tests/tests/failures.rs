@@ -298,6 +298,22 @@ fn hold(gw: &Gateway, i: usize) -> std::io::Result<(Client, Response)> {
     Ok((c, r))
 }
 
+/// Waits until the gateway has seen the held clients go and closed their descriptors
+/// (it learns of each hang-up asynchronously), so what follows measures recovery, not
+/// the race with those closes.
+fn wait_released(gw: &Gateway) {
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+            .map(|d| d.count())
+            .unwrap_or(usize::MAX)
+    };
+    gateway_tests::wait_until(
+        Duration::from_secs(5),
+        "the gateway to close the connections of departed clients",
+        || fds() < 96,
+    );
+}
+
 fn local_refusals(gw: &Gateway, reason: &str) -> f64 {
     gateway_tests::control::scrape(gw.admin_addr())
         .get("gateway_local_refusals_total", &[("reason", reason)])
@@ -357,6 +373,7 @@ fn descriptor_exhaustion_marks_no_server_down() {
     );
     assert!(local_refusals(&gw, "upstream_local") + local_refusals(&gw, "fd_reserve") >= 1.0);
     drop(held);
+    wait_released(&gw);
     assert_both_servers_serve(&gw, "after descriptor exhaustion");
 }
 
@@ -392,6 +409,7 @@ fn default_max_connections_fires_before_descriptors_run_out() {
     );
     assert_eq!(local_refusals(&gw, "max_connections"), 16.0);
     drop(held);
+    wait_released(&gw);
     assert_both_servers_serve(&gw, "after the connection cap");
 }
 
