@@ -119,11 +119,16 @@ fn raise_nofile(want: u64) {
             );
         }
         if target > limit.rlim_cur {
+            let before = limit.rlim_cur;
             limit.rlim_cur = target;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                 tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_NOFILE");
+                limit.rlim_cur = before;
             }
         }
+        // The data plane keeps descriptors in reserve below this limit, and an unset
+        // `max_connections` is derived from it (crate::budget).
+        gateway::budget::set_nofile(limit.rlim_cur);
     }
 }
 

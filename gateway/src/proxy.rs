@@ -12,10 +12,10 @@ use crate::clock;
 use crate::http::chunked::{ChunkedDecoder, ChunkedError};
 use crate::http::head::{parse_request, parse_response, BodyFraming, RequestHead, ResponseHead};
 use crate::http::rewrite::{self, ClientFraming, Forwarding};
-use crate::http::{error_body, write_simple_response, HttpError};
+use crate::http::{error_body, write_simple_response, HttpError, Side};
 use crate::io::Stream;
 use crate::route::{Action, Route};
-use crate::state::{ListenerSettings, Snapshot};
+use crate::state::{ListenerSettings, ServerSettings, Snapshot};
 use crate::upstream::Upstream;
 use crate::worker::{Worker, HEAD_BUF_SIZE};
 use bytes::{Buf, BytesMut};
@@ -37,11 +37,48 @@ pub struct ListenerCtx {
 /// The `route` label of requests that matched no route (or never got that far).
 static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "none".into());
 
-/// How long a client may pause while sending a request body (nginx `client_body_timeout`).
-const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most informational responses before the final one; more is an upstream that never
 /// answers, not a slow one.
 const MAX_INTERIM: usize = 32;
+/// A transfer to or from a client that must keep moving: no pause longer than `pause`,
+/// and after `grace`, an average of at least `min_rate` bytes per second since it began.
+/// A per-read timeout alone lets a client trickle one byte per timeout and hold an upstream
+/// connection (and a thread of a thread-per-connection backend) for hours; this bounds the
+/// whole transfer by its size.
+struct RateClock {
+    started: Instant,
+    bytes: u64,
+    pause: Duration,
+    grace: Duration,
+    /// Bytes per second; 0: only `pause` applies.
+    min_rate: u64,
+}
+
+impl RateClock {
+    fn new(pause: Duration, grace: Duration, min_rate: u64) -> RateClock {
+        RateClock {
+            started: Instant::now(),
+            bytes: 0,
+            pause,
+            grace,
+            min_rate,
+        }
+    }
+
+    /// When the next read or write must have completed.
+    fn deadline(&self) -> Instant {
+        let pause = Instant::now() + self.pause;
+        if self.min_rate == 0 {
+            return pause;
+        }
+        let earned = Duration::from_secs_f64(self.bytes as f64 / self.min_rate as f64);
+        pause.min(self.started + self.grace + earned)
+    }
+
+    fn moved(&mut self, n: usize) {
+        self.bytes += n as u64;
+    }
+}
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
@@ -112,7 +149,11 @@ pub async fn serve<S: Stream>(
             Err(HttpError::ClientGone(_)) => break,
             Err(e) => {
                 let status = e.status();
+                if matches!(e, HttpError::HeadTooLarge | HttpError::UriTooLong) {
+                    crate::budget::over_budget(crate::budget::Buffer::RequestHead, Some(peer));
+                }
                 send_error(&c.io, &w, status, true, None).await;
+                linger(&c.io, &w).await;
                 if snap.access_enabled {
                     let entry = Entry {
                         client_ip: peer.ip(),
@@ -178,6 +219,11 @@ pub async fn serve<S: Stream>(
             w.log.borrow_mut().record(snap.access_format, &entry);
         }
         if !outcome.keep_alive || w.draining.get() {
+            if outcome.status >= 400 && outcome.status != 499 {
+                // The request may not have been read to its end (a 413 before the body):
+                // let the client read the answer instead of an RST.
+                linger(&c.io, &w).await;
+            }
             break;
         }
         c.buf.advance(outcome.consumed);
@@ -307,6 +353,52 @@ async fn read_head<S: Stream>(
             Ok((Err(_), _)) => return Err(HttpError::ClientGone("read error")),
         }
     }
+}
+
+/// nginx `lingering_time`: the longest a closing connection keeps discarding input.
+const LINGERING_TIME: Duration = Duration::from_secs(30);
+/// nginx `lingering_timeout`: the longest wait for more input while lingering.
+const LINGERING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Input discarded at most while lingering.
+const LINGERING_BYTES: usize = 8 << 20;
+
+/// Lingering close, as nginx does after an error response: send FIN, then read and discard
+/// what the client still sends, for a bounded time and byte count, before closing. Closing
+/// a socket with unread input makes the kernel send an RST, and a client that is still
+/// sending (a body the gateway refused) would often lose the response with it.
+async fn linger<S: Stream>(io: &S, w: &Worker<S>) {
+    io.shutdown_write();
+    let until = Instant::now() + LINGERING_TIME;
+    let mut discarded = 0;
+    let mut b = w.take_buf();
+    while discarded < LINGERING_BYTES {
+        b.clear();
+        let deadline = until.min(Instant::now() + LINGERING_TIMEOUT);
+        let read = tokio::select! {
+            r = timeout_at(deadline, io.read(b)) => r,
+            // A drain does not wait for lingering connections.
+            _ = w.drained() => {
+                io.abort();
+                return;
+            }
+        };
+        match read {
+            Ok((Ok(n), back)) if n > 0 => {
+                discarded += n;
+                b = back;
+            }
+            Ok((_, back)) => {
+                b = back;
+                break;
+            }
+            Err(_) => {
+                // The abandoned read holds the buffer; shut the socket so it completes.
+                io.abort();
+                return;
+            }
+        }
+    }
+    w.give_buf(b);
 }
 
 async fn timeout_at<F: std::future::Future>(
@@ -443,11 +535,11 @@ async fn handle<'s, S: Stream>(
         }
         Action::Proxy(index) => {
             let upstream = &snap.upstreams[*index];
-            match proxy(c, w, snap, route, upstream, listener, client_ip).await {
+            match proxy(c, w, snap, route, upstream, listener, client_ip, &snap.server).await {
                 Ok(outcome) => outcome,
                 Err(failure) => {
                     let status = failure.error.status();
-                    if matches!(status, 502..=504) {
+                    if failure.error.side() != Side::Client {
                         w.stats
                             .borrow_mut()
                             .upstream_error(&upstream.metric_name, failure.error.kind());
@@ -524,6 +616,11 @@ impl RequestBody {
             BodyFraming::Chunked => {
                 let n = self.decoder.decode(input, |_| {}).map_err(|e| match e {
                     ChunkedError::BadSize => HttpError::BadRequest("bad chunk size"),
+                    ChunkedError::TooLong => {
+                        // An endless chunk extension or trailer section.
+                        crate::budget::over_budget(crate::budget::Buffer::RequestBody, None);
+                        HttpError::BadRequest("chunk line or trailers too long")
+                    }
                     _ => HttpError::BadRequest("bad chunked framing"),
                 })?;
                 if self.decoder.payload > max_body {
@@ -546,6 +643,7 @@ async fn proxy<'s, S: Stream>(
     upstream: &'s Arc<Upstream>,
     listener: &ListenerCtx,
     client_ip: IpAddr,
+    server_settings: &ServerSettings,
 ) -> Result<Outcome<'s>, Failure> {
     let Client {
         io: client,
@@ -577,12 +675,55 @@ async fn proxy<'s, S: Stream>(
         keep_forwarding: &snap.config.server.forward_client_headers,
         underscores: snap.config.server.underscores_in_headers,
     };
-    rewrite::write_upstream_request(&mut out, buf, head, &fwd);
-    out.extend_from_slice(&after_head[..prefix]);
     let consumed = head.len + prefix;
-    let replayable = head.is_idempotent(buf) && body.done;
     let ws_accept = upgrade.then(|| crate::http::head::websocket_accept(buf, head));
     let is_head = head.is_head(buf);
+    let mut sent_continue = false;
+    let mut leftover: Option<BytesMut> = None;
+    let mut body_clock = RateClock::new(
+        server_settings.client_body_timeout,
+        server_settings.client_body_timeout,
+        server_settings.client_min_rate,
+    );
+    body_clock.moved(prefix);
+
+    // Read the body, or its first `request_buffering` bytes, before any upstream is chosen
+    // (as nginx does): a client that trickles a small body then holds nothing upstream.
+    let mut buffered = Vec::new();
+    if !body.done && server_settings.request_buffering > prefix {
+        if head.known.expect_continue {
+            sent_continue = true;
+            if let Err(e) = send_continue(client).await {
+                w.give_out(out);
+                return Err(Failure::before_response(e, None));
+            }
+        }
+        let limit = server_settings.request_buffering - prefix;
+        match buffer_request_body(
+            client,
+            w,
+            &mut body,
+            &mut body_clock,
+            route,
+            &mut buffered,
+            limit,
+        )
+        .await
+        {
+            Ok(extra) => leftover = extra,
+            Err(e) => {
+                w.give_out(out);
+                return Err(Failure::before_response(e, None));
+            }
+        }
+    }
+    let write_request = |out: &mut Vec<u8>| {
+        rewrite::write_upstream_request(out, buf, head, &fwd);
+        out.extend_from_slice(&after_head[..prefix]);
+        out.extend_from_slice(&buffered);
+    };
+    write_request(&mut out);
+    let replayable = head.is_idempotent(buf) && body.done;
 
     // Connect (trying other servers when a connect fails), send the head, and read the
     // response head. A reused connection that fails before any response byte is retried
@@ -591,8 +732,6 @@ async fn proxy<'s, S: Stream>(
     let mut tried: u64 = 0;
     let mut last_error = HttpError::NoHealthyUpstream;
     let mut fresh_only = false;
-    let mut sent_continue = false;
-    let mut leftover: Option<BytesMut> = None;
     let mut ub = w.take_buf();
     let (conn, server, ub_after_head) = loop {
         let now = clock::now_ms();
@@ -616,6 +755,18 @@ async fn proxy<'s, S: Stream>(
             Some(conn) => conn,
             None => match S::connect(addr, route.connect_timeout).await {
                 Ok(conn) => conn,
+                Err(e) if crate::budget::is_local_resource_error(&e) => {
+                    // Our shortage, not the server's: this request fails (500, as nginx
+                    // when its socket() fails), no server is marked down, and the next
+                    // request is served normally as soon as resources free up.
+                    crate::budget::refused(crate::budget::Refusal::UpstreamLocal, &e);
+                    w.give_out(out);
+                    w.give_buf(ub);
+                    return Err(Failure::before_response(
+                        HttpError::LocalResource("connect"),
+                        None,
+                    ));
+                }
                 Err(e) => {
                     let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
                     tracing::warn!(upstream = %upstream.name, server = %addr, error = %e, "connect failed");
@@ -653,9 +804,8 @@ async fn proxy<'s, S: Stream>(
             if reused && replayable && !fresh_only {
                 fresh_only = true;
                 if out.is_empty() {
-                    // The timed-out write took the buffer with it; rebuild the head.
-                    rewrite::write_upstream_request(&mut out, buf, head, &fwd);
-                    out.extend_from_slice(&after_head[..prefix]);
+                    // The timed-out write took the buffer with it; rebuild the request.
+                    write_request(&mut out);
                 }
                 continue;
             }
@@ -669,30 +819,16 @@ async fn proxy<'s, S: Stream>(
         if !body.done {
             if head.known.expect_continue && !sent_continue {
                 sent_continue = true;
-                let (r, o) = client
-                    .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
-                    .await;
-                let _ = o;
-                if r.is_err() {
+                if let Err(e) = send_continue(client).await {
                     w.give_out(out);
                     w.give_buf(ub);
-                    return Err(Failure::before_response(
-                        HttpError::ClientGone("write"),
-                        Some(server),
-                    ));
+                    return Err(Failure::before_response(e, Some(server)));
                 }
             }
-            match stream_request_body(client, &conn, w, &mut body, route).await {
+            match stream_request_body(client, &conn, w, &mut body, &mut body_clock, route).await {
                 Ok(extra) => leftover = extra,
                 Err(error) => {
-                    if !matches!(
-                        error,
-                        HttpError::ClientGone(_)
-                            | HttpError::BadRequest(_)
-                            | HttpError::BodyTooLarge
-                    ) {
-                        mark_failure(upstream, server);
-                    }
+                    book_failure(upstream, server, &error);
                     w.give_out(out);
                     w.give_buf(ub);
                     return Err(Failure::before_response(error, Some(server)));
@@ -739,13 +875,10 @@ async fn proxy<'s, S: Stream>(
                 {
                     fresh_only = true;
                     out.clear();
-                    rewrite::write_upstream_request(&mut out, buf, head, &fwd);
-                    out.extend_from_slice(&after_head[..prefix]);
+                    write_request(&mut out);
                     continue;
                 }
-                if !matches!(error, HttpError::ClientGone(_)) {
-                    mark_failure(upstream, server);
-                }
+                book_failure(upstream, server, &error);
                 w.give_out(out);
                 w.give_buf(ub);
                 return Err(Failure::before_response(error, Some(server)));
@@ -832,6 +965,7 @@ async fn proxy<'s, S: Stream>(
         resp_framing,
         client_framing,
         route,
+        server_settings.client_min_rate,
     )
     .await;
     drop(active);
@@ -855,8 +989,8 @@ async fn proxy<'s, S: Stream>(
             })
         }
         Err(error) => {
-            if !matches!(error, HttpError::ClientGone(_)) {
-                mark_failure(upstream, server);
+            if error.side() == Side::Upstream {
+                book_failure(upstream, server, &error);
                 tracing::warn!(upstream = %upstream.name, server = %upstream.servers[server].label, error = %error, "response cut short");
             }
             Err(Failure {
@@ -882,6 +1016,15 @@ fn bit(server: usize) -> u64 {
         1 << server
     } else {
         0
+    }
+}
+
+/// Counts `error` against `server` only when it is the server's fault
+/// ([`HttpError::side`]): a client that stalls, or a response the gateway refuses for its
+/// own limits, must never take servers down.
+fn book_failure(upstream: &Upstream, server: usize, error: &HttpError) {
+    if error.side() == Side::Upstream {
+        mark_failure(upstream, server);
     }
 }
 
@@ -942,28 +1085,11 @@ async fn stream_request_body<S: Stream>(
     upstream: &S,
     w: &Worker<S>,
     body: &mut RequestBody,
+    clock: &mut RateClock,
     route: &Route,
 ) -> Result<Option<BytesMut>, HttpError> {
     while !body.done {
-        let b = w.take_buf();
-        let (res, mut b) = match timeout(CLIENT_BODY_TIMEOUT, client.read(b)).await {
-            Ok(r) => r,
-            Err(_) => return Err(HttpError::ClientGone("body timeout")),
-        };
-        match res {
-            Ok(0) | Err(_) => {
-                w.give_buf(b);
-                return Err(HttpError::ClientGone("closed mid-body"));
-            }
-            Ok(_) => {}
-        }
-        let n = match body.take(&b, route.max_body_size) {
-            Ok(n) => n,
-            Err(e) => {
-                w.give_buf(b);
-                return Err(e);
-            }
-        };
+        let (mut b, n) = read_body_part(client, w, body, clock, route).await?;
         let extra = if n < b.len() {
             Some(b.split_off(n))
         } else {
@@ -986,6 +1112,76 @@ async fn stream_request_body<S: Stream>(
         }
     }
     Ok(None)
+}
+
+/// Reads the next piece of a request body from the client within `clock`'s deadline:
+/// the buffer and how many of its bytes belong to the body (the rest is a pipelined
+/// request). A missed deadline is a 408 (the caller closes the upstream connection).
+async fn read_body_part<S: Stream>(
+    client: &S,
+    w: &Worker<S>,
+    body: &mut RequestBody,
+    clock: &mut RateClock,
+    route: &Route,
+) -> Result<(BytesMut, usize), HttpError> {
+    let b = w.take_buf();
+    let (res, b) = match timeout_at(clock.deadline(), client.read(b)).await {
+        Ok(r) => r,
+        Err(_) => {
+            crate::budget::refused(
+                crate::budget::Refusal::SlowClient,
+                &"request body too slow: 408",
+            );
+            // The abandoned read owns the buffer; the connection closes after the 408.
+            return Err(HttpError::BodyTimeout);
+        }
+    };
+    match res {
+        Ok(0) | Err(_) => {
+            w.give_buf(b);
+            return Err(HttpError::ClientGone("closed mid-body"));
+        }
+        Ok(n) => clock.moved(n),
+    }
+    match body.take(&b, route.max_body_size) {
+        Ok(n) => Ok((b, n)),
+        Err(e) => {
+            w.give_buf(b);
+            Err(e)
+        }
+    }
+}
+
+/// Reads the request body into `into` until it is complete or `limit` bytes are held,
+/// before any upstream is involved. Returns bytes read past the body's end.
+async fn buffer_request_body<S: Stream>(
+    client: &S,
+    w: &Worker<S>,
+    body: &mut RequestBody,
+    clock: &mut RateClock,
+    route: &Route,
+    into: &mut Vec<u8>,
+    limit: usize,
+) -> Result<Option<BytesMut>, HttpError> {
+    while !body.done && into.len() < limit {
+        let (mut b, n) = read_body_part(client, w, body, clock, route).await?;
+        into.extend_from_slice(&b[..n]);
+        if n < b.len() {
+            let extra = b.split_off(n);
+            w.give_buf(b);
+            return Ok(Some(extra));
+        }
+        w.give_buf(b);
+    }
+    Ok(None)
+}
+
+/// Tells a client that sent `Expect: 100-continue` to go ahead with its body.
+async fn send_continue<S: Stream>(client: &S) -> Result<(), HttpError> {
+    let (r, _) = client
+        .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+        .await;
+    r.map_err(|_| HttpError::ClientGone("write"))
 }
 
 /// Reads the upstream's response head into `ub`, relaying informational responses.
@@ -1019,7 +1215,7 @@ async fn read_response_head<S: Stream>(
                             }
                             Some(_) => return Ok(ub),
                         };
-                        return Err((HttpError::BadUpstream(why), ub, true));
+                        return Err((HttpError::ResponseRefused(why), ub, true));
                     }
                     if (100..200).contains(&resp.status) {
                         interim += 1;
@@ -1047,7 +1243,12 @@ async fn read_response_head<S: Stream>(
                     return Ok(ub);
                 }
                 Ok(false) => {}
-                Err(e) => return Err((e, ub, true)),
+                Err(e) => {
+                    if matches!(e, HttpError::ResponseRefused(_)) {
+                        crate::budget::over_budget(crate::budget::Buffer::ResponseHead, None);
+                    }
+                    return Err((e, ub, true));
+                }
             }
         }
         if ub.capacity() - ub.len() < 1024 {
@@ -1129,7 +1330,12 @@ async fn relay_response_body<S: Stream>(
     framing: BodyFraming,
     client_framing: ClientFraming,
     route: &Route,
+    min_rate: u64,
 ) -> Result<Relayed, HttpError> {
+    // A client that takes the response too slowly is cut off (and the upstream connection
+    // with it, never pooled): a per-write timeout alone lets a reader of a large response
+    // hold both connections for as long as it trickles.
+    let clock = &mut RateClock::new(route.send_timeout, route.send_timeout, min_rate);
     let mut body = ResponseBody {
         framing,
         remaining: match framing {
@@ -1159,12 +1365,12 @@ async fn relay_response_body<S: Stream>(
     if small {
         out.extend_from_slice(first_body);
     }
-    w.give_out(write_client(client, out, route).await?);
+    w.give_out(write_client(client, out, clock).await?);
     if !small {
         if client_framing == ClientFraming::Dechunk {
-            decoded = write_client(client, std::mem::take(&mut decoded), route).await?;
+            decoded = write_client(client, std::mem::take(&mut decoded), clock).await?;
         } else {
-            ub = write_client(client, ub.slice(..n), route)
+            ub = write_client(client, ub.slice(..n), clock)
                 .await?
                 .into_inner();
         }
@@ -1201,11 +1407,11 @@ async fn relay_response_body<S: Stream>(
         if client_framing == ClientFraming::Dechunk {
             body_bytes += decoded.len() as u64;
             if !decoded.is_empty() {
-                decoded = write_client(client, std::mem::take(&mut decoded), route).await?;
+                decoded = write_client(client, std::mem::take(&mut decoded), clock).await?;
             }
         } else if n > 0 {
             body_bytes += n as u64;
-            ub = write_client(client, ub.slice(..n), route)
+            ub = write_client(client, ub.slice(..n), clock)
                 .await?
                 .into_inner();
         }
@@ -1218,15 +1424,58 @@ async fn relay_response_body<S: Stream>(
     })
 }
 
-/// Writes to the client within the route's send timeout; the buffer comes back on success.
+/// Writes to the client within `clock`'s deadline; the buffer comes back on success.
 async fn write_client<S: Stream, B: BoundedBuf>(
     client: &S,
     buf: B,
-    route: &Route,
+    clock: &mut RateClock,
 ) -> Result<B, HttpError> {
-    match timeout(route.send_timeout, client.write_all(buf)).await {
-        Err(_) => Err(HttpError::ClientGone("write timeout")),
+    let len = buf.bytes_init();
+    match timeout_at(clock.deadline(), client.write_all(buf)).await {
+        Err(_) => {
+            crate::budget::refused(
+                crate::budget::Refusal::SlowClient,
+                &"response taken too slowly: connection closed",
+            );
+            Err(HttpError::ClientGone("write timeout"))
+        }
         Ok((Err(_), _)) => Err(HttpError::ClientGone("write")),
-        Ok((Ok(()), b)) => Ok(b),
+        Ok((Ok(()), b)) => {
+            clock.moved(len);
+            Ok(b)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateClock;
+    use std::time::Duration;
+
+    #[test]
+    fn rate_clock_bounds_the_whole_transfer() {
+        let mut clock = RateClock::new(Duration::from_secs(60), Duration::from_secs(10), 1000);
+        // Nothing moved yet: the grace period is all there is.
+        let d = clock.deadline() - clock.started;
+        assert!(
+            d >= Duration::from_secs(10) && d < Duration::from_secs(11),
+            "{d:?}"
+        );
+        // Each 1000 bytes earn one more second, never more than the pause from now.
+        clock.moved(5000);
+        let d = clock.deadline() - clock.started;
+        assert!(
+            d >= Duration::from_secs(15) && d < Duration::from_secs(16),
+            "{d:?}"
+        );
+        clock.moved(1_000_000);
+        let d = clock.deadline() - clock.started;
+        assert!(
+            d <= Duration::from_secs(61),
+            "the pause still applies: {d:?}"
+        );
+        // A rate of 0 leaves only the pause.
+        let clock = RateClock::new(Duration::from_secs(3), Duration::from_secs(10), 0);
+        assert!(clock.deadline() - clock.started <= Duration::from_secs(4));
     }
 }

@@ -23,6 +23,9 @@ pub struct ServerSettings {
     pub max_header_bytes: usize,
     pub graceful_timeout: Duration,
     pub max_connections: usize,
+    pub request_buffering: usize,
+    pub client_body_timeout: Duration,
+    pub client_min_rate: u64,
 }
 
 /// Per-listener settings, by listener name.
@@ -108,7 +111,12 @@ impl Snapshot {
                 header_timeout: s.header_timeout.0,
                 max_header_bytes: s.max_header_bytes.0 as usize,
                 graceful_timeout: s.graceful_timeout.0,
-                max_connections: s.max_connections,
+                max_connections: s.max_connections.unwrap_or_else(|| {
+                    crate::budget::default_max_connections(crate::budget::nofile())
+                }),
+                request_buffering: s.request_buffering.0 as usize,
+                client_body_timeout: s.client_body_timeout.0,
+                client_min_rate: s.client_min_rate.0,
             },
             listeners,
             access_format: config.log.format,

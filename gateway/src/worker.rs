@@ -581,12 +581,22 @@ async fn accept_loop<D: Driver>(
             Ok(pair) => pair,
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off instead of spinning; the connection
-                // stays in the backlog until descriptors free up.
-                tracing::warn!(listener = %ctx.name, error = %e, "accept failed");
+                // stays in the backlog until descriptors free up. Logged at a bounded rate.
+                crate::budget::refused(crate::budget::Refusal::FdReserve, &e);
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
         };
+        if crate::budget::fd_in_reserve(stream.raw_fd()) {
+            // The last descriptors stay free for the admin listener (so /healthz answers)
+            // and for upstream connects of the connections already accepted.
+            crate::budget::refused(
+                crate::budget::Refusal::FdReserve,
+                &"descriptor reserve reached: connection closed",
+            );
+            drop(stream);
+            continue;
+        }
         // Per-IP limits at accept. Behind a PROXY-protocol balancer the peer is the
         // balancer, so those listeners check the client address after the header instead.
         let ticket = if ctx.proxy_protocol {
@@ -607,7 +617,13 @@ async fn accept_loop<D: Driver>(
         let max = worker.snapshot().server.max_connections;
         if worker.shared.connections.fetch_add(1, Ordering::Relaxed) >= max {
             worker.shared.connections.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(listener = %ctx.name, max, "max_connections reached: connection closed");
+            crate::budget::refused(
+                crate::budget::Refusal::MaxConnections,
+                &format_args!(
+                    "max_connections ({max}) reached on {}: connection closed",
+                    ctx.name
+                ),
+            );
             drop(stream);
             continue;
         }

@@ -44,9 +44,19 @@ impl Gateway {
     /// so a concurrent test can take one before the gateway binds it: on "Address already
     /// in use" the start is retried with fresh listener and admin ports.
     pub fn with(config: &Config) -> Gateway {
+        Gateway::with_limit(config, None)
+    }
+
+    /// [`Gateway::with`], with RLIMIT_NOFILE (soft and hard) set to `nofile` in the child
+    /// before exec, so descriptor exhaustion is reached with a handful of connections.
+    pub fn with_nofile(config: &Config, nofile: u64) -> Gateway {
+        Gateway::with_limit(config, Some(nofile))
+    }
+
+    fn with_limit(config: &Config, nofile: Option<u64>) -> Gateway {
         let mut config = config.clone();
         for _ in 0..4 {
-            match Gateway::try_start(&config.to_toml()) {
+            match Gateway::try_start_limited(&config.to_toml(), nofile) {
                 Ok(gw) => return gw,
                 Err(e) if e.contains("Address already in use") => {
                     config.http_addr = crate::free_addr();
@@ -55,11 +65,15 @@ impl Gateway {
                 Err(e) => panic!("{e}"),
             }
         }
-        Gateway::start(&config.to_toml())
+        Gateway::try_start_limited(&config.to_toml(), nofile).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Like [`Gateway::start`] but returns the reason instead of panicking.
     pub fn try_start(config_toml: &str) -> Result<Gateway, String> {
+        Gateway::try_start_limited(config_toml, None)
+    }
+
+    fn try_start_limited(config_toml: &str, nofile: Option<u64>) -> Result<Gateway, String> {
         let (http_addr, admin_addr) = addresses_of(config_toml)?;
         let dir = tempfile::Builder::new()
             .prefix("gateway-test-")
@@ -69,14 +83,32 @@ impl Gateway {
         std::fs::write(&config_path, config_toml).map_err(|e| format!("write config: {e}"))?;
         let stdout = File::create(dir.path().join("stdout.log")).unwrap();
         let stderr = File::create(dir.path().join("stderr.log")).unwrap();
-        let child = Command::new(gateway_bin())
+        let mut command = Command::new(gateway_bin());
+        command
             .arg("run")
             .arg("--config")
             .arg(&config_path)
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
+            .stderr(stderr);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", gateway_bin().display()))?;
         let mut gw = Gateway {

@@ -91,7 +91,8 @@ pub enum IoDriver {
 pub struct ServerConfig {
     pub workers: usize,
     pub io: IoDriver,
-    pub max_connections: usize,
+    /// Unset: computed from the effective RLIMIT_NOFILE (`budget::default_max_connections`).
+    pub max_connections: Option<usize>,
     pub nofile: u64,
     pub graceful_timeout: Dur,
     pub shutdown_delay: Dur,
@@ -102,6 +103,15 @@ pub struct ServerConfig {
     pub underscores_in_headers: bool,
     /// Forwarding headers (`Forwarded`, `X-Forwarded-Host`...) kept from untrusted peers.
     pub forward_client_headers: Vec<String>,
+    /// Request bodies up to this size are read whole before an upstream is chosen; larger
+    /// ones have this much read first, then stream (nginx `client_body_buffer_size`).
+    pub request_buffering: Size,
+    /// Longest pause between two reads of a request body, and the grace period before
+    /// `client_min_rate` applies (nginx `client_body_timeout`).
+    pub client_body_timeout: Dur,
+    /// Average bytes per second a request body, and a response being sent to the client,
+    /// must keep after their grace period; 0 turns the check off.
+    pub client_min_rate: Size,
 }
 
 impl Default for ServerConfig {
@@ -109,7 +119,7 @@ impl Default for ServerConfig {
         ServerConfig {
             workers: 0,
             io: IoDriver::Auto,
-            max_connections: 100_000,
+            max_connections: None,
             nofile: 65535,
             graceful_timeout: secs(30),
             shutdown_delay: secs(0),
@@ -118,6 +128,9 @@ impl Default for ServerConfig {
             max_header_bytes: Size(16 * 1024),
             underscores_in_headers: false,
             forward_client_headers: Vec::new(),
+            request_buffering: Size(64 * 1024),
+            client_body_timeout: secs(60),
+            client_min_rate: Size(1024),
         }
     }
 }
@@ -580,12 +593,28 @@ impl Config {
                 "must be between 1KiB and 1MiB".into(),
             );
         }
-        if s.max_connections == 0 {
+        if s.max_connections == Some(0) {
             err(
                 None,
                 "server",
                 "max_connections",
                 "must be at least 1".into(),
+            );
+        }
+        if s.request_buffering.0 > crate::budget::REQUEST_BUFFERING_MAX {
+            err(
+                None,
+                "server",
+                "request_buffering",
+                "at most 1MiB (it is held in memory per connection)".into(),
+            );
+        }
+        if s.client_body_timeout.0.is_zero() {
+            err(
+                None,
+                "server",
+                "client_body_timeout",
+                "must be greater than zero".into(),
             );
         }
         if s.workers > 1024 {

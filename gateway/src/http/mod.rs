@@ -43,6 +43,26 @@ pub enum HttpError {
     UpstreamTimeout(&'static str),
     /// The client went away or stalled mid-request: nothing can be answered.
     ClientGone(&'static str),
+    /// The client sent its body too slowly (408): the upstream connection is closed.
+    BodyTimeout,
+    /// The gateway itself ran short (descriptors, buffers, memory) while connecting (500,
+    /// as nginx answers when its `socket()` fails). Never booked to the upstream server.
+    LocalResource(&'static str),
+    /// A response the gateway refuses for a limit of its own (head size, header count, a
+    /// status it will not relay): 502 for this request only, the server stays up.
+    ResponseRefused(&'static str),
+}
+
+/// Whose fault an error is: decides whether it counts against an upstream server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client's request or behaviour.
+    Client,
+    /// The upstream server really failed (refused, reset, timed out, spoke bad HTTP):
+    /// the only side passive health checks count.
+    Upstream,
+    /// The gateway's own limits or resources.
+    Internal,
 }
 
 impl HttpError {
@@ -61,6 +81,22 @@ impl HttpError {
             HttpError::NoHealthyUpstream => 503,
             HttpError::UpstreamTimeout(_) => 504,
             HttpError::ClientGone(_) => 499,
+            HttpError::BodyTimeout => 408,
+            HttpError::LocalResource(_) => 500,
+            HttpError::ResponseRefused(_) => 502,
+        }
+    }
+
+    /// Whose fault this is. Only [`Side::Upstream`] marks a server down.
+    pub fn side(&self) -> Side {
+        match self {
+            HttpError::UpstreamFailed(_)
+            | HttpError::BadUpstream(_)
+            | HttpError::UpstreamTimeout(_) => Side::Upstream,
+            HttpError::NoHealthyUpstream
+            | HttpError::LocalResource(_)
+            | HttpError::ResponseRefused(_) => Side::Internal,
+            _ => Side::Client,
         }
     }
 
@@ -73,6 +109,8 @@ impl HttpError {
             HttpError::UpstreamTimeout(_) => "timeout",
             HttpError::BadRequest(_) => "bad_request",
             HttpError::ClientGone(_) => "client_gone",
+            HttpError::LocalResource(_) => "local",
+            HttpError::ResponseRefused(_) => "refused",
             _ => "client",
         }
     }
@@ -85,7 +123,9 @@ impl fmt::Display for HttpError {
             | HttpError::UpstreamFailed(why)
             | HttpError::BadUpstream(why)
             | HttpError::UpstreamTimeout(why)
-            | HttpError::ClientGone(why) => write!(f, "{} ({why})", reason(self.status())),
+            | HttpError::ClientGone(why)
+            | HttpError::LocalResource(why)
+            | HttpError::ResponseRefused(why) => write!(f, "{} ({why})", reason(self.status())),
             _ => f.write_str(reason(self.status())),
         }
     }
@@ -166,6 +206,7 @@ pub fn error_body(status: u16) -> &'static [u8] {
         405 => b"405 Method Not Allowed\n",
         408 => b"408 Request Timeout\n",
         413 => b"413 Content Too Large\n",
+        500 => b"500 Internal Server Error\n",
         414 => b"414 URI Too Long\n",
         426 => b"426 Upgrade Required\n",
         429 => b"429 Too Many Requests\n",

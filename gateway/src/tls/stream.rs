@@ -224,8 +224,15 @@ impl<S: Stream> TlsStream<S> {
             }
             // Never hand rustls an empty slice here: `read_tls` returning 0 means EOF to it.
             match conn.read_tls(&mut &incoming[..]) {
-                Ok(0) | Err(_) => break Ok(state),
+                Ok(0) => break Ok(state),
                 Ok(n) => incoming.advance(n),
+                // rustls refuses input it cannot buffer ("message buffer full": a handshake
+                // message declaring more than it accepts). That input will never be taken,
+                // so the connection is over: reading on would only pile ciphertext up.
+                Err(e) => {
+                    crate::budget::over_budget(crate::budget::Buffer::TlsInput, None);
+                    break Err(rustls::Error::General(format!("TLS input refused: {e}")));
+                }
             }
         };
         self.incoming.set(incoming);
@@ -238,6 +245,16 @@ impl<S: Stream> TlsStream<S> {
         let mut incoming = self.incoming.take();
         if incoming.is_empty() {
             incoming.clear();
+        }
+        if incoming.len() >= crate::budget::TLS_INPUT_MAX {
+            // rustls takes whole records as they come; this much untaken ciphertext means
+            // it stopped taking any. Close rather than grow (the memory budget).
+            self.incoming.set(incoming);
+            crate::budget::over_budget(crate::budget::Buffer::TlsInput, None);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS input over its budget",
+            ));
         }
         if incoming.capacity() - incoming.len() < READ_CHUNK / 2 {
             // Reclaims the space consumed at the front when it can, instead of growing.

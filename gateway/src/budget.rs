@@ -1,0 +1,244 @@
+//! The memory budget of one connection, and the process-wide counters of what was refused
+//! for lack of resources (memory, descriptors, connection slots).
+//!
+//! Every buffer that grows with input has a cap here or in the config, and an error path:
+//! over the cap the connection is closed, counted in
+//! `gateway_connections_over_budget_total{buffer}` and logged at a bounded rate (one line
+//! per second per kind at most, with the count suppressed meanwhile), so a flood of hostile
+//! connections cannot turn the log into a second resource to exhaust.
+//!
+//! Counters are process-wide atomics rather than per-worker stats because some of the code
+//! that hits a cap (the TLS stream, the descriptor guard) has no worker at hand.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Ciphertext waiting in a TLS stream's input buffer: two TLS records of the largest size
+/// (RFC 8446 §5.2: 2^14 + 256 bytes each) plus slack. rustls' own deframer refuses a
+/// message above its limit ("message buffer full"); what it refuses must not pile up here.
+pub const TLS_INPUT_MAX: usize = 2 * (16 * 1024 + 256) + 1024;
+/// Body bytes held in memory while a request body is buffered before the upstream is
+/// chosen is `[server] request_buffering`, bounded by this (a sanity cap on the config).
+pub const REQUEST_BUFFERING_MAX: u64 = 1 << 20;
+
+/// The buffers that have a cap, as the `buffer` label of the over-budget counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buffer {
+    /// Ciphertext in a TLS stream's input buffer, or a TLS message rustls refused.
+    TlsInput,
+    /// The request head (`max_header_bytes`).
+    RequestHead,
+    /// A buffered request body, or a chunked body's extensions/trailers.
+    RequestBody,
+    /// The upstream's response head.
+    ResponseHead,
+}
+
+impl Buffer {
+    const ALL: [Buffer; 4] = [
+        Buffer::TlsInput,
+        Buffer::RequestHead,
+        Buffer::RequestBody,
+        Buffer::ResponseHead,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Buffer::TlsInput => "tls_input",
+            Buffer::RequestHead => "request_head",
+            Buffer::RequestBody => "request_body",
+            Buffer::ResponseHead => "response_head",
+        }
+    }
+}
+
+/// Why a connection or an upstream connect was refused locally (label `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `server.max_connections` reached at accept.
+    MaxConnections,
+    /// The accepted descriptor fell inside the reserve kept for the admin listener.
+    FdReserve,
+    /// `socket()`/`connect()` to an upstream failed for a local reason (EMFILE, ENFILE,
+    /// ENOBUFS, ENOMEM, or the descriptor reserve): booked to the gateway, not the server.
+    UpstreamLocal,
+    /// A client was too slow: request body past its deadline, or response not taken.
+    SlowClient,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 4] = [
+        Refusal::MaxConnections,
+        Refusal::FdReserve,
+        Refusal::UpstreamLocal,
+        Refusal::SlowClient,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::FdReserve => "fd_reserve",
+            Refusal::UpstreamLocal => "upstream_local",
+            Refusal::SlowClient => "slow_client",
+        }
+    }
+}
+
+/// A counter with a rate-limited log line.
+struct Counted {
+    count: AtomicU64,
+    /// Unix second of the last log line.
+    logged_at: AtomicU64,
+    /// Events since the last log line.
+    unlogged: AtomicU64,
+}
+
+impl Counted {
+    const fn new() -> Counted {
+        Counted {
+            count: AtomicU64::new(0),
+            logged_at: AtomicU64::new(0),
+            unlogged: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one event; returns how many events the caller's log line stands for, or
+    /// `None` when a line was already written this second.
+    fn hit(&self) -> Option<u64> {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let last = self.logged_at.load(Ordering::Relaxed);
+        if last == now
+            || self
+                .logged_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        Some(self.unlogged.swap(0, Ordering::Relaxed))
+    }
+}
+
+static OVER_BUDGET: [Counted; Buffer::ALL.len()] = [const { Counted::new() }; 4];
+static REFUSED: [Counted; Refusal::ALL.len()] = [const { Counted::new() }; 4];
+
+/// A connection went over its budget for `buffer`: count it, log at a bounded rate. The
+/// caller closes the connection.
+pub fn over_budget(buffer: Buffer, peer: Option<std::net::SocketAddr>) {
+    if let Some(n) = OVER_BUDGET[buffer as usize].hit() {
+        tracing::warn!(buffer = buffer.label(), peer = ?peer, events = n, "connection over its memory budget: closed");
+    }
+}
+
+/// A connection, an upstream connect or a slow client was refused for a limit or shortage
+/// of the gateway's own: count, log at a bounded rate.
+pub fn refused(reason: Refusal, detail: &dyn std::fmt::Display) {
+    if let Some(n) = REFUSED[reason as usize].hit() {
+        tracing::warn!(
+            reason = reason.label(),
+            events = n,
+            "refused for a local limit: {detail}"
+        );
+    }
+}
+
+/// Appends the counters in Prometheus text format.
+pub fn render(out: &mut String) {
+    family(
+        out,
+        "gateway_connections_over_budget_total",
+        "Connections closed because a buffer went over its memory budget.",
+        "buffer",
+        Buffer::ALL.map(|b| (b.label(), &OVER_BUDGET[b as usize])),
+    );
+    family(
+        out,
+        "gateway_local_refusals_total",
+        "Connections or requests refused or cut off for a limit or shortage of the gateway's own (never booked to an upstream server).",
+        "reason",
+        Refusal::ALL.map(|r| (r.label(), &REFUSED[r as usize])),
+    );
+}
+
+fn family<const N: usize>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: [(&str, &Counted); N],
+) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, counted) in values {
+        let n = counted.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+    }
+}
+
+/// Descriptors kept free for the admin listener, logs and reloads: client accepts and
+/// upstream connects stop short of them (see [`fd_in_reserve`]).
+pub const FD_RESERVE: u64 = 64;
+
+/// The effective RLIMIT_NOFILE soft limit, set once at startup by the binary.
+static NOFILE: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Records the effective descriptor limit (after `server.nofile` was applied).
+pub fn set_nofile(limit: u64) {
+    NOFILE.store(limit, Ordering::Relaxed);
+}
+
+/// The effective descriptor limit (`u64::MAX` if unknown).
+pub fn nofile() -> u64 {
+    NOFILE.load(Ordering::Relaxed)
+}
+
+/// Whether a descriptor the data plane just got lies in the reserve. The kernel hands out
+/// the lowest free number, so descriptor `fd` at or above `nofile - FD_RESERVE` means
+/// fewer than `FD_RESERVE` are left: the data plane closes it, and the admin listener
+/// (which never checks) still finds descriptors to answer `/healthz` with.
+pub fn fd_in_reserve(fd: std::os::fd::RawFd) -> bool {
+    (fd as u64).saturating_add(FD_RESERVE) >= nofile()
+}
+
+/// The `max_connections` default for a descriptor limit: each client connection may hold
+/// two descriptors (client and upstream), and the reserve stays free.
+pub fn default_max_connections(nofile: u64) -> usize {
+    (nofile.saturating_sub(FD_RESERVE * 2) / 2).clamp(1, 1 << 20) as usize
+}
+
+/// Whether an `io::Error` from `socket()`/`connect()` is the gateway's own shortage
+/// (descriptors, buffers, memory), not the upstream's fault.
+pub fn is_local_resource_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_leave_the_reserve() {
+        assert_eq!(default_max_connections(1024), (1024 - 128) / 2);
+        assert_eq!(default_max_connections(10), 1);
+    }
+
+    #[test]
+    fn local_errors_are_recognised() {
+        for code in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(is_local_resource_error(&std::io::Error::from_raw_os_error(
+                code
+            )));
+        }
+        assert!(!is_local_resource_error(
+            &std::io::Error::from_raw_os_error(libc::ECONNREFUSED)
+        ));
+    }
+}

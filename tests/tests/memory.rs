@@ -1,0 +1,226 @@
+//! The memory budget per connection (issue 10.3, "memory budget"): hostile connections of
+//! every kind that used to grow a buffer with input are opened at once against the real
+//! binary, and its resident memory (VmRSS from /proc/PID/status) must stay under
+//! budget × connections + baseline the whole time:
+//!
+//! - a TLS handshake message declaring 65,535 bytes (rustls refuses it: "message buffer
+//!   full"; the gateway used to keep reading into a buffer, 3.5 GB in 6 s);
+//! - an endless request head; an endless chunk extension; endless trailers;
+//! - pipelined requests whose responses are never read;
+//! - a reader that never takes a 100 MiB response.
+//!
+//! Each attacker reconnects whenever the gateway closes on it, for the whole attack window.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use gateway_tests::control::scrape;
+use gateway_tests::{Config, Gateway, Origin, Reply, Route, Upstream};
+
+/// Connections per hostile kind.
+const PER_KIND: usize = 8;
+/// What one connection may cost at most: head and body buffers, TLS state and its in/out
+/// buffers, with room for allocator slack (docs/architecture.md, "Memory budget").
+const BUDGET_PER_CONNECTION_KIB: u64 = 512;
+/// Allowance for what is not per connection (buffer pools warming up, metrics, logs).
+const SLACK_KIB: u64 = 24 * 1024;
+const ATTACK: Duration = Duration::from_secs(5);
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// A self-signed certificate for the TLS listener, from the openssl CLI.
+fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .arg("ec_paramgen_curve:prime256v1")
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(status.success(), "openssl req failed");
+    (cert, key)
+}
+
+/// One hostile kind: the bytes sent first, then what is sent again and again.
+struct Kind {
+    name: &'static str,
+    tls: bool,
+    first: Vec<u8>,
+    /// Repeated until the gateway closes; empty: send nothing more and just hold.
+    again: Vec<u8>,
+}
+
+fn kinds() -> Vec<Kind> {
+    // A ClientHello whose handshake header declares 65,535 bytes (RFC 8446 §4: 24-bit
+    // length), continued by full-size records that never complete it.
+    let mut hello = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0xff, 0xff];
+    hello.resize(5 + 0x4000, 0x41);
+    let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+    record.resize(5 + 0x4000, 0x42);
+    let pipelined: Vec<u8> = b"GET /small HTTP/1.1\r\nHost: app\r\n\r\n".repeat(64);
+    vec![
+        Kind {
+            name: "tls_handshake",
+            tls: true,
+            first: hello,
+            again: record,
+        },
+        Kind {
+            name: "endless_head",
+            tls: false,
+            first: b"GET / HTTP/1.1\r\nHost: app\r\nX-Long: ".to_vec(),
+            again: vec![b'a'; 4096],
+        },
+        Kind {
+            name: "endless_chunk_extension",
+            tls: false,
+            first: b"POST / HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n5;ext="
+                .to_vec(),
+            again: vec![b'e'; 4096],
+        },
+        Kind {
+            name: "endless_trailers",
+            tls: false,
+            first: b"POST / HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+                .to_vec(),
+            again: b"X-Trailer: tttttttttttttttttttttttttttttttttttttttt\r\n".repeat(64),
+        },
+        Kind {
+            name: "pipelined_unread",
+            tls: false,
+            first: pipelined.clone(),
+            again: pipelined,
+        },
+        Kind {
+            name: "slow_reader_100MiB",
+            tls: false,
+            first: b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n".to_vec(),
+            again: Vec::new(),
+        },
+    ]
+}
+
+/// Runs one hostile connection of `kind` again and again until `stop`; never reads.
+fn attack(addr: SocketAddr, kind: &Kind, stop: &AtomicBool) -> usize {
+    let mut connections = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        connections += 1;
+        s.set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        if s.write_all(&kind.first).is_err() {
+            continue;
+        }
+        while !stop.load(Ordering::Relaxed) {
+            if kind.again.is_empty() {
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            match s.write(&kind.again) {
+                Ok(_) => {}
+                // A full socket buffer: the gateway is not reading (fine), keep holding.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => break,
+            }
+        }
+    }
+    connections
+}
+
+#[test]
+fn hostile_connections_stay_within_the_memory_budget() {
+    const BIG: usize = 100 << 20;
+    let origin = Origin::start(|r| match r.path() {
+        "/big" => Reply::ok(vec![b'b'; BIG]),
+        _ => Reply::ok("small"),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path());
+    let tls_addr = gateway_tests::free_addr();
+    let gw = Gateway::with(
+        &Config::new()
+            .upstream(Upstream::new("app", &[origin.addr()]))
+            .route(Route::prefix("/", "app"))
+            .extra(&format!(
+                "[[listener]]\nname = \"https\"\nlisten = \"{tls_addr}\"\ntls = {{ certificates = [{{ cert = {:?}, key = {:?} }}] }}\n",
+                cert.display().to_string(),
+                key.display().to_string()
+            )),
+    );
+    // Warm the buffer pools with ordinary traffic, then take the baseline.
+    for _ in 0..50 {
+        assert_eq!(gw.get("/small").status, 200);
+    }
+    let baseline = rss_kib(gw.pid());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut attackers = Vec::new();
+    for kind in kinds() {
+        let kind = Arc::new(kind);
+        for _ in 0..PER_KIND {
+            let (kind, stop) = (kind.clone(), stop.clone());
+            let addr = if kind.tls { tls_addr } else { gw.http_addr() };
+            attackers.push(thread::spawn(move || {
+                (kind.name, attack(addr, &kind, &stop))
+            }));
+        }
+    }
+    let connections = (attackers.len()) as u64;
+    let bound = baseline + connections * BUDGET_PER_CONNECTION_KIB + SLACK_KIB;
+    let started = Instant::now();
+    let mut peak = baseline;
+    while started.elapsed() < ATTACK {
+        let rss = rss_kib(gw.pid());
+        peak = peak.max(rss);
+        if rss > bound {
+            stop.store(true, Ordering::Relaxed);
+            panic!(
+                "RSS {rss} KiB after {:?} is over the budget: {baseline} KiB baseline + {connections} connections × {BUDGET_PER_CONNECTION_KIB} KiB + {SLACK_KIB} KiB",
+                started.elapsed()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Ordinary clients are still served during the attack.
+    assert_eq!(gw.get("/small").status, 200, "served during the attack");
+    stop.store(true, Ordering::Relaxed);
+    for a in attackers {
+        let (name, n) = a.join().unwrap();
+        assert!(n >= 1, "{name}: no connection made");
+    }
+    eprintln!(
+        "memory: baseline {baseline} KiB, peak {peak} KiB with {connections} hostile connections (bound {bound} KiB)"
+    );
+    // Each capped buffer that was hit is counted, by buffer.
+    let m = scrape(gw.admin_addr());
+    for buffer in ["tls_input", "request_head", "request_body"] {
+        let n = m
+            .get(
+                "gateway_connections_over_budget_total",
+                &[("buffer", buffer)],
+            )
+            .unwrap_or(0.0);
+        assert!(n >= 1.0, "over-budget connections not counted for {buffer}");
+    }
+}
