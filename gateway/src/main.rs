@@ -251,7 +251,7 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     )?;
 
     let code = runtime.block_on(async {
-        tracing::info!(workers, driver = driver.as_str(), listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, "gateway started");
+        tracing::info!(workers, driver = driver.as_str(), listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, max_connections = shared.snapshot().server.max_connections, nofile = gateway::budget::nofile(), "gateway started");
 
         loop {
             tokio::select! {
