@@ -13,6 +13,7 @@
 //! runtime shares a bug with the code under test. Ports always come from port 0; readiness
 //! is polled, never slept for.
 
+pub mod adversary;
 pub mod client;
 pub mod config;
 pub mod control;
