@@ -20,6 +20,7 @@ pub mod control;
 pub mod gateway;
 pub mod nginx;
 pub mod origin;
+pub mod recording;
 pub mod wire;
 
 use std::net::{SocketAddr, TcpListener};
