@@ -90,16 +90,13 @@ impl Rig {
     }
 
     /// The rig, with extra upstreams/routes/keys added by `extend` (e.g. a hostile origin).
-    pub fn start_with(extend: impl FnOnce(Config) -> Config) -> Rig {
+    pub fn start_with(extend: impl Fn(Config) -> Config) -> Rig {
         Rig::start_edited(extend, |toml| toml)
     }
 
     /// [`Rig::start_with`], then `edit` rewrites the config text (for keys the builder does
     /// not model, such as a listener's `trusted_proxies`).
-    pub fn start_edited(
-        extend: impl FnOnce(Config) -> Config,
-        edit: impl FnOnce(String) -> String,
-    ) -> Rig {
+    pub fn start_edited(extend: impl Fn(Config) -> Config, edit: impl Fn(String) -> String) -> Rig {
         let www = tempfile::Builder::new()
             .prefix("adv-www-")
             .tempdir()
@@ -117,15 +114,26 @@ impl Rig {
         let echo = Origin::start(|r| {
             Reply::ok(format!("echo {} {} {}", r.method, r.target, r.body.len()))
         });
-        let config = Config::new()
-            .log("format", "json")
-            .upstream(Upstream::new("nginx", &[nginx.addr()]))
-            .upstream(Upstream::new("echo", &[echo.addr()]))
-            .route(Route::respond_prefix("/admin", 403, "denied\n"))
-            .route(Route::respond_prefix("/", 403, "denied host\n").host(ADMIN_HOST))
-            .route(Route::prefix("/echo/", "echo"))
-            .route(Route::prefix("/", "nginx"));
-        let gw = Gateway::start(&edit(extend(config).to_toml()));
+        let config = || {
+            Config::new()
+                .log("format", "json")
+                .upstream(Upstream::new("nginx", &[nginx.addr()]))
+                .upstream(Upstream::new("echo", &[echo.addr()]))
+                .route(Route::respond_prefix("/admin", 403, "denied\n"))
+                .route(Route::respond_prefix("/", 403, "denied host\n").host(ADMIN_HOST))
+                .route(Route::prefix("/echo/", "echo"))
+                .route(Route::prefix("/", "nginx"))
+        };
+        // Fresh ports on a lost race for one (as `Gateway::with` does).
+        let mut attempt = 0;
+        let gw = loop {
+            attempt += 1;
+            match Gateway::try_start(&edit(extend(config()).to_toml())) {
+                Ok(gw) => break gw,
+                Err(e) if attempt < 4 && e.contains("Address already in use") => {}
+                Err(e) => panic!("{e}"),
+            }
+        };
         let rig = Rig {
             gw,
             nginx,
@@ -585,5 +593,44 @@ impl Drop for Wsgi {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_like_nginx() {
+        for (raw, want) in [
+            ("/public/../admin/secret.txt", "/admin/secret.txt"),
+            ("/public/%2e%2e/admin/x", "/admin/x"),
+            ("//admin//x", "/admin/x"),
+            ("/%61dmin/x?q=/../", "/admin/x?q=/../"),
+            ("/./admin/", "/admin/"),
+            ("/%2fadmin", "/%2fadmin"),
+            ("/", "/"),
+        ] {
+            assert_eq!(normalise_target(raw), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn unmatched_counts_each_log_line_once() {
+        let l = |m: &str, u: &str| Logged {
+            method: m.into(),
+            uri: u.into(),
+            line: String::new(),
+        };
+        let seen = [l("GET", "/a"), l("GET", "/a"), l("GET", "/admin/x")];
+        let logged = [l("GET", "/a"), l("GET", "/public/../admin/x")];
+        assert_eq!(unmatched(&seen, &logged), vec![l("GET", "/a")]);
+    }
+
+    #[test]
+    fn splits_pipelined_responses() {
+        let bytes = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\nHTTP/1.1 403 Forbidden\r\n\r\nrest";
+        assert_eq!(statuses(bytes), vec![100, 200, 204, 200, 403]);
+        assert_eq!(first_status(bytes), Some(200));
     }
 }

@@ -413,3 +413,63 @@ fn serve(mut stream: TcpStream, record: &Mutex<Vec<u8>>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn targets(p: &StreamParse) -> Vec<&str> {
+        p.requests.iter().map(|r| r.target.as_str()).collect()
+    }
+
+    #[test]
+    fn both_parsers_agree_on_clean_streams() {
+        let s = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;e=1\r\nabc\r\n0\r\nT: 1\r\n\r\n";
+        let (strict, lenient) = (
+            parse_stream(s, Mode::Strict),
+            parse_stream(s, Mode::Lenient),
+        );
+        assert!(strict.error.is_none(), "{:?}", strict.error);
+        assert_eq!(strict.requests, lenient.requests);
+        assert_eq!(targets(&strict), ["/a", "/b"]);
+        assert_eq!(strict.requests[1].body_len, 3);
+    }
+
+    #[test]
+    fn bare_lf_trailer_desync_is_visible() {
+        // Issue 10 item 2: the lenient parser ends the body at the bare LF and runs what
+        // follows; the strict one refuses.
+        let s = b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+        let strict = parse_stream(s, Mode::Strict);
+        assert!(strict.error.is_some());
+        assert_eq!(
+            targets(&parse_stream(s, Mode::Lenient)),
+            ["/a", "/smuggled"]
+        );
+    }
+
+    #[test]
+    fn strict_refuses_non_canonical_framing() {
+        for head in [
+            "Content-Length: 05",
+            "Content-Length: 5, 5",
+            "Transfer-Encoding: chunked,",
+            "Transfer-Encoding: chunked\r\nContent-Length: 5",
+            "X-A : 1\r\nContent-Length: 5",
+        ] {
+            let s = format!("POST /a HTTP/1.1\r\n{head}\r\n\r\nhello");
+            assert!(
+                parse_stream(s.as_bytes(), Mode::Strict).error.is_some(),
+                "{head}"
+            );
+        }
+    }
+
+    #[test]
+    fn lenient_reads_chunk_sizes_like_forgiving_servers() {
+        let s = b"POST /a HTTP/1.1\nTransfer-Encoding: chunked\n\n5 junk\nhello\n0\n\n";
+        let p = parse_stream(s, Mode::Lenient);
+        assert!(p.error.is_none(), "{:?}", p.error);
+        assert_eq!(p.requests[0].body_len, 5);
+    }
+}
