@@ -224,10 +224,19 @@ impl Rig {
             std::fs::read_to_string(self.nginx.prefix().join("access.log")).unwrap_or_default();
         json_lines(&text)
             .into_iter()
-            .map(|v| Logged {
-                method: v["method"].as_str().unwrap_or_default().to_string(),
-                uri: v["uri"].as_str().unwrap_or_default().to_string(),
-                line: v["request"].as_str().unwrap_or_default().to_string(),
+            .map(|v| {
+                let line = v["request"].as_str().unwrap_or_default().to_string();
+                // nginx leaves `$request_uri` empty for a request it refused while parsing
+                // the target (400 for `..` above the root): take the target from the line.
+                let uri = match v["uri"].as_str().unwrap_or_default() {
+                    "" => line.split(' ').nth(1).unwrap_or_default().to_string(),
+                    u => u.to_string(),
+                };
+                Logged {
+                    method: v["method"].as_str().unwrap_or_default().to_string(),
+                    uri,
+                    line,
+                }
             })
             .collect()
     }
