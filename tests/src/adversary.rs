@@ -360,14 +360,20 @@ fn write_www(root: &std::path::Path) {
     }
 }
 
-/// Reads until EOF, an error, or `quiet` without a byte (5 s at most). Returns the bytes and
-/// whether the connection still looked open.
+/// Reads until EOF, an error, or `quiet` without a byte once bytes have started to come
+/// (the first byte may take up to 3 s on a loaded machine; 5 s in all). Returns the bytes
+/// and whether the connection still looked open.
 fn read_quiet(s: &mut TcpStream, quiet: Duration) -> (Vec<u8>, bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    let _ = s.set_read_timeout(Some(quiet));
     let mut got = Vec::new();
     let mut buf = [0u8; 16384];
     while Instant::now() < deadline {
+        let wait = if got.is_empty() {
+            Duration::from_secs(3)
+        } else {
+            quiet
+        };
+        let _ = s.set_read_timeout(Some(wait));
         match s.read(&mut buf) {
             Ok(0) => return (got, false),
             Ok(n) => got.extend_from_slice(&buf[..n]),

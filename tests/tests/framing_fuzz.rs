@@ -305,15 +305,16 @@ fn gen_case(rng: &mut Rng, id: usize) -> Case {
     Case { id, bytes, intents }
 }
 
-/// Sends a case and reads until the gateway closes (every case's last request says close)
-/// or 2 s pass.
+/// Sends a case and reads until the gateway closes (every case's last request says close,
+/// and a refusal closes too), stays silent for 1 s, or 5 s pass: closing earlier could cut
+/// off pipelined requests the gateway has yet to forward.
 fn run_case(addr: std::net::SocketAddr, case: &Case) {
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
         return;
     };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
     let _ = s.write_all(&case.bytes);
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(5);
     let mut buf = [0u8; 8192];
     while Instant::now() < deadline {
         match s.read(&mut buf) {
@@ -349,7 +350,7 @@ fn framing_differential_fuzz() {
     let all: Arc<Vec<Case>> = Arc::new((0..cases).map(|id| gen_case(&mut rng, id)).collect());
     let started = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
-    let threads: Vec<_> = (0..4)
+    let threads: Vec<_> = (0..8)
         .map(|_| {
             let (all, next, addr) = (all.clone(), next.clone(), gw.http_addr());
             std::thread::spawn(move || loop {
@@ -369,13 +370,11 @@ fn framing_differential_fuzz() {
             recorder.streams().iter().map(Vec::len).sum::<usize>(),
         )
     };
-    let mut last = snapshot();
-    loop {
+    let (mut last, mut stable) = (snapshot(), 0);
+    while stable < 2 {
         std::thread::sleep(Duration::from_millis(300));
         let now = snapshot();
-        if now == last {
-            break;
-        }
+        stable = if now == last { stable + 1 } else { 0 };
         last = now;
     }
     eprintln!(
