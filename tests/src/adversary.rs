@@ -72,9 +72,66 @@ pub struct Logged {
     pub line: String,
 }
 
+/// What the client talks to: the gateway under test, or nginx as the reference front
+/// (issue 17: "with nginx's behaviour in the same case as the reference").
+pub enum Front {
+    Gateway(Gateway),
+    Nginx(Nginx),
+}
+
+/// The reference front: nginx configured as the gateway is (403 for `/admin` and for the
+/// admin host, `/echo/` and `/` proxied with the forwarding headers of the reference
+/// config), logging what it proxied in the gateway's JSON keys.
+const NGINX_FRONT_CONF: &str = r#"
+worker_processes 1;
+error_log @PREFIX@/error.log info;
+pid @PREFIX@/nginx.pid;
+events { worker_connections 1024; }
+http {
+    log_format front escape=json '{"method":"$request_method","uri":"$request_uri","status":$status,"upstream":"$upstream_addr","request":"$request"}';
+    access_log @PREFIX@/access.log front;
+    client_body_temp_path @PREFIX@/body;
+    proxy_temp_path @PREFIX@/proxy;
+    fastcgi_temp_path @PREFIX@/fastcgi;
+    uwsgi_temp_path @PREFIX@/uwsgi;
+    scgi_temp_path @PREFIX@/scgi;
+    upstream backend { server @API_UPSTREAM@; keepalive 32; }
+    upstream echo { server @WS_UPSTREAM@; keepalive 32; }
+    server {
+        listen @LISTEN@ default_server;
+        location /admin { return 403 "denied
+"; }
+        location /echo/ {
+            proxy_pass http://echo;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+        }
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+        }
+    }
+    server {
+        listen @LISTEN@;
+        server_name admin.example.com;
+        return 403 "denied host
+";
+    }
+}
+"#;
+
 /// The rig; see the module doc.
 pub struct Rig {
-    pub gw: Gateway,
+    pub front: Front,
     pub nginx: Nginx,
     /// An origin that records (and so reflects) every header it gets, behind `/echo/`.
     pub echo: Origin,
@@ -97,23 +154,7 @@ impl Rig {
     /// [`Rig::start_with`], then `edit` rewrites the config text (for keys the builder does
     /// not model, such as a listener's `trusted_proxies`).
     pub fn start_edited(extend: impl Fn(Config) -> Config, edit: impl Fn(String) -> String) -> Rig {
-        let www = tempfile::Builder::new()
-            .prefix("adv-www-")
-            .tempdir()
-            .unwrap();
-        write_www(www.path());
-        let nginx = Nginx::start(
-            &NGINX_CONF.replace("@WWW@", &www.path().display().to_string()),
-            &NginxParams {
-                workers: 1,
-                listen: free_addr(),
-                api_upstream: free_addr(),
-                ws_upstream: free_addr(),
-            },
-        );
-        let echo = Origin::start(|r| {
-            Reply::ok(format!("echo {} {} {}", r.method, r.target, r.body.len()))
-        });
+        let (www, nginx, echo) = backends();
         let config = || {
             Config::new()
                 .log("format", "json")
@@ -134,8 +175,29 @@ impl Rig {
                 Err(e) => panic!("{e}"),
             }
         };
+        Rig::ready(Front::Gateway(gw), nginx, echo, www)
+    }
+
+    /// The same rig with nginx as the front instead of the gateway: the reference the
+    /// suite's expectations are measured against.
+    pub fn start_nginx_front() -> Rig {
+        let (www, nginx, echo) = backends();
+        let front = Nginx::start(
+            NGINX_FRONT_CONF,
+            &NginxParams {
+                workers: 1,
+                listen: free_addr(),
+                api_upstream: nginx.addr(),
+                ws_upstream: echo.addr(),
+            },
+        );
+        Rig::ready(Front::Nginx(front), nginx, echo, www)
+    }
+
+    /// Checks that the rig works before it is used to prove anything.
+    fn ready(front: Front, nginx: Nginx, echo: Origin, www: TempDir) -> Rig {
         let rig = Rig {
-            gw,
+            front,
             nginx,
             echo,
             _www: www,
@@ -162,6 +224,32 @@ impl Rig {
         rig
     }
 
+    /// The gateway under test (panics for the nginx reference front).
+    pub fn gw(&self) -> &Gateway {
+        match &self.front {
+            Front::Gateway(gw) => gw,
+            Front::Nginx(_) => panic!("this case needs the gateway as the front"),
+        }
+    }
+
+    /// Where clients connect.
+    pub fn front_addr(&self) -> SocketAddr {
+        match &self.front {
+            Front::Gateway(gw) => gw.http_addr(),
+            Front::Nginx(n) => n.addr(),
+        }
+    }
+
+    /// The front's access log (JSON lines with `method`, `uri`, `upstream`).
+    fn front_log(&self) -> String {
+        match &self.front {
+            Front::Gateway(gw) => gw.access_log(),
+            Front::Nginx(n) => {
+                std::fs::read_to_string(n.prefix().join("access.log")).unwrap_or_default()
+            }
+        }
+    }
+
     /// Sends `bytes` on a new connection and returns every byte that came back until the
     /// gateway closed or stayed quiet for a moment. When the connection is still open, a
     /// follow-up `GET /public/index.html` is sent on it, so a smuggled response queued on
@@ -173,8 +261,8 @@ impl Rig {
     /// [`Rig::exchange`] from a chosen loopback source address (a distinct client IP).
     pub fn exchange_from(&self, source: Option<IpAddr>, case: &str, bytes: &[u8]) -> Vec<u8> {
         let mut s = match source {
-            Some(ip) => crate::client::connect_from(ip, self.gw.http_addr()),
-            None => crate::client::connect(self.gw.http_addr()),
+            Some(ip) => crate::client::connect_from(ip, self.front_addr()),
+            None => crate::client::connect(self.front_addr()),
         };
         // A rejecting gateway may close before everything is written; what it answered
         // still counts.
@@ -207,7 +295,7 @@ impl Rig {
     /// What the gateway logged as proxied to `upstream`.
     pub fn gateway_logged(&self, upstream: SocketAddr) -> Vec<Logged> {
         let want = upstream.to_string();
-        json_lines(&self.gw.access_log())
+        json_lines(&self.front_log())
             .into_iter()
             .filter(|v| v["upstream"].as_str() == Some(want.as_str()))
             .map(|v| Logged {
@@ -333,6 +421,27 @@ impl Rig {
         }
         failures
     }
+}
+
+/// The backends every rig has: nginx serving the document root, and the echo origin.
+fn backends() -> (TempDir, Nginx, Origin) {
+    let www = tempfile::Builder::new()
+        .prefix("adv-www-")
+        .tempdir()
+        .unwrap();
+    write_www(www.path());
+    let nginx = Nginx::start(
+        &NGINX_CONF.replace("@WWW@", &www.path().display().to_string()),
+        &NginxParams {
+            workers: 1,
+            listen: free_addr(),
+            api_upstream: free_addr(),
+            ws_upstream: free_addr(),
+        },
+    );
+    let echo =
+        Origin::start(|r| Reply::ok(format!("echo {} {} {}", r.method, r.target, r.body.len())));
+    (www, nginx, echo)
 }
 
 const PUBLIC_GET: &str =

@@ -8,25 +8,25 @@ use gateway_tests::adversary::{first_status, Rig};
 
 use super::{expect_status, request};
 
+/// Chunk-size lines with something besides hex digits and `;` extensions.
+pub(crate) const BAD_SIZE_LINES: &[&str] = &[
+    "5 junk",
+    "5\tjunk",
+    "5 5",
+    "5 ",
+    "5\t",
+    "5 0",
+    " 5",
+    "+5",
+    "5;",
+    "5;a=b junk",
+];
+
 #[test]
 fn chunk_size_with_trailing_text_is_400() {
     let rig = Rig::start();
     let mut failures = Vec::new();
-    for (i, line) in [
-        "5 junk",
-        "5\tjunk",
-        "5 5",
-        "5 ",
-        "5\t",
-        "5 0",
-        " 5",
-        "+5",
-        "5;",
-        "5;a=b junk",
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (i, line) in BAD_SIZE_LINES.iter().enumerate() {
         for target in ["/public/index.html", "/echo/chunk"] {
             let raw = request(
                 "POST",

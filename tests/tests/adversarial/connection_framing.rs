@@ -10,7 +10,7 @@ use gateway_tests::adversary::{first_status, Rig};
 use super::{request, SMUGGLED};
 
 /// `Connection` values (and extra lines) that name `Content-Length`, in many spellings.
-const NAMES_CONTENT_LENGTH: &[&[&str]] = &[
+pub(crate) const NAMES_CONTENT_LENGTH: &[&[&str]] = &[
     &["Connection: Content-Length"],
     &["Connection: content-length"],
     &["Connection: CONTENT-LENGTH"],

@@ -9,7 +9,7 @@ use gateway_tests::RecordedRequest;
 
 use super::request;
 
-const SPOOFED: &[(&str, &str)] = &[
+pub(crate) const SPOOFED: &[(&str, &str)] = &[
     (
         "Forwarded",
         "for=6.6.6.6;host=admin.example.com;proto=https",
@@ -22,7 +22,7 @@ const SPOOFED: &[(&str, &str)] = &[
     ("X-Client-IP", "6.6.6.6"),
 ];
 
-fn send_spoofed(rig: &Rig, target: &str) -> Option<RecordedRequest> {
+pub(crate) fn send_spoofed(rig: &Rig, target: &str) -> Option<RecordedRequest> {
     let mut lines: Vec<String> = SPOOFED.iter().map(|(n, v)| format!("{n}: {v}")).collect();
     lines.push("X-Real-IP: 6.6.6.6".into());
     lines.push("X-Forwarded-Proto: https".into());

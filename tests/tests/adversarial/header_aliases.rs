@@ -10,7 +10,7 @@ use gateway_tests::{Route, Upstream};
 
 use super::request;
 
-const ALIASES: &[(&str, &str)] = &[
+pub(crate) const ALIASES: &[(&str, &str)] = &[
     ("X_Real_IP", "6.6.6.6"),
     ("x_real_ip", "6.6.6.7"),
     ("X-Real_IP", "6.6.6.8"),
@@ -24,7 +24,7 @@ const ALIASES: &[(&str, &str)] = &[
 ];
 
 /// Names the gateway sets or strips, in the alias-normalised form.
-const PROTECTED: &[&str] = &[
+pub(crate) const PROTECTED: &[&str] = &[
     "x-real-ip",
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -39,7 +39,7 @@ const PROTECTED: &[&str] = &[
     "host",
 ];
 
-fn alias_lines() -> Vec<String> {
+pub(crate) fn alias_lines() -> Vec<String> {
     ALIASES.iter().map(|(n, v)| format!("{n}: {v}")).collect()
 }
 

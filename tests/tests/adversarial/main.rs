@@ -16,6 +16,7 @@ mod connection_framing;
 mod forwarding_headers;
 mod header_aliases;
 mod methods;
+mod nginx_reference;
 mod path_normalisation;
 mod protocol_details;
 mod response_framing;

@@ -58,7 +58,7 @@ fn bad_upstream_status_lines_are_502() {
         expect_status(&rig, &case, &raw, &[502], &mut failures);
     }
     // The metrics' status labels stay within what HTTP allows.
-    let metrics = rig.gw.admin_get("/metrics").body_str();
+    let metrics = rig.gw().admin_get("/metrics").body_str();
     let label = regex::Regex::new(r#"status="([^"]*)""#).unwrap();
     for cap in label.captures_iter(&metrics) {
         let v = &cap[1];
