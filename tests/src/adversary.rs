@@ -39,29 +39,67 @@ pub const PUBLIC_BODY: &str = "public page\n";
 /// The host the gateway guards with a host route.
 pub const ADMIN_HOST: &str = "admin.example.com";
 
-/// nginx: serves a document root, logs every request as JSON with the raw target.
-const NGINX_CONF: &str = r#"
+/// The part of both nginx configs that is the same: process, logs, temp paths.
+fn nginx_conf(log_format: &str, http_body: &str) -> String {
+    format!(
+        r#"
 worker_processes 1;
 error_log @PREFIX@/error.log info;
 pid @PREFIX@/nginx.pid;
-events { worker_connections 1024; }
-http {
-    log_format adv escape=json '{"method":"$request_method","uri":"$request_uri","status":$status,"request":"$request"}';
+events {{ worker_connections 1024; }}
+http {{
+    log_format adv escape=json '{log_format}';
     access_log @PREFIX@/access.log adv;
     client_body_temp_path @PREFIX@/body;
     proxy_temp_path @PREFIX@/proxy;
     fastcgi_temp_path @PREFIX@/fastcgi;
     uwsgi_temp_path @PREFIX@/uwsgi;
     scgi_temp_path @PREFIX@/scgi;
-    keepalive_timeout 60s;
-    keepalive_requests 100000;
+{http_body}
+}}
+"#
+    )
+}
+
+/// nginx behind the front: serves a document root, logs every request it parsed as JSON
+/// with the raw target.
+fn backend_conf(www: &std::path::Path) -> String {
+    nginx_conf(
+        r#"{"method":"$request_method","uri":"$request_uri","status":$status,"request":"$request"}"#,
+        &format!(
+            "    keepalive_timeout 60s;\n    keepalive_requests 100000;\n    server {{\n        listen @LISTEN@;\n        root {};\n        location / {{ }}\n    }}",
+            www.display()
+        ),
+    )
+}
+
+/// The reference front: nginx configured as the gateway is (403 for `/admin` and for the
+/// admin host, `/echo/` and `/` proxied with the forwarding headers of the reference
+/// config), logging what it proxied in the gateway's JSON keys.
+fn front_conf() -> String {
+    nginx_conf(
+        r#"{"method":"$request_method","uri":"$request_uri","status":$status,"upstream":"$upstream_addr","request":"$request"}"#,
+        r#"    upstream backend { server @API_UPSTREAM@; keepalive 32; }
+    upstream echo { server @WS_UPSTREAM@; keepalive 32; }
+    server {
+        listen @LISTEN@ default_server;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        location /admin { return 403 "denied\n"; }
+        location /echo/ { proxy_pass http://echo; }
+        location / { proxy_pass http://backend; }
+    }
     server {
         listen @LISTEN@;
-        root @WWW@;
-        location / { }
-    }
+        server_name admin.example.com;
+        return 403 "denied host\n";
+    }"#,
+    )
 }
-"#;
 
 /// One access-log record: method and target.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -78,56 +116,6 @@ pub enum Front {
     Gateway(Gateway),
     Nginx(Nginx),
 }
-
-/// The reference front: nginx configured as the gateway is (403 for `/admin` and for the
-/// admin host, `/echo/` and `/` proxied with the forwarding headers of the reference
-/// config), logging what it proxied in the gateway's JSON keys.
-const NGINX_FRONT_CONF: &str = r#"
-worker_processes 1;
-error_log @PREFIX@/error.log info;
-pid @PREFIX@/nginx.pid;
-events { worker_connections 1024; }
-http {
-    log_format front escape=json '{"method":"$request_method","uri":"$request_uri","status":$status,"upstream":"$upstream_addr","request":"$request"}';
-    access_log @PREFIX@/access.log front;
-    client_body_temp_path @PREFIX@/body;
-    proxy_temp_path @PREFIX@/proxy;
-    fastcgi_temp_path @PREFIX@/fastcgi;
-    uwsgi_temp_path @PREFIX@/uwsgi;
-    scgi_temp_path @PREFIX@/scgi;
-    upstream backend { server @API_UPSTREAM@; keepalive 32; }
-    upstream echo { server @WS_UPSTREAM@; keepalive 32; }
-    server {
-        listen @LISTEN@ default_server;
-        location /admin { return 403 "denied
-"; }
-        location /echo/ {
-            proxy_pass http://echo;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Real-IP $remote_addr;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-        }
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Real-IP $remote_addr;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-        }
-    }
-    server {
-        listen @LISTEN@;
-        server_name admin.example.com;
-        return 403 "denied host
-";
-    }
-}
-"#;
 
 /// The rig; see the module doc.
 pub struct Rig {
@@ -183,7 +171,7 @@ impl Rig {
     pub fn start_nginx_front() -> Rig {
         let (www, nginx, echo) = backends();
         let front = Nginx::start(
-            NGINX_FRONT_CONF,
+            &front_conf(),
             &NginxParams {
                 workers: 1,
                 listen: free_addr(),
@@ -431,7 +419,7 @@ fn backends() -> (TempDir, Nginx, Origin) {
         .unwrap();
     write_www(www.path());
     let nginx = Nginx::start(
-        &NGINX_CONF.replace("@WWW@", &www.path().display().to_string()),
+        &backend_conf(www.path()),
         &NginxParams {
             workers: 1,
             listen: free_addr(),
