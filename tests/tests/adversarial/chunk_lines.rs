@@ -42,7 +42,7 @@ fn chunk_size_with_trailing_text_is_400() {
 }
 
 #[test]
-fn valid_chunk_extensions_pass_and_are_not_forwarded_raw() {
+fn valid_chunk_extensions_pass() {
     // RFC 9112 §7.1.1: chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ).
     let rig = Rig::start();
     let mut failures = Vec::new();
