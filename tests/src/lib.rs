@@ -13,12 +13,14 @@
 //! runtime shares a bug with the code under test. Ports always come from port 0; readiness
 //! is polled, never slept for.
 
+pub mod adversary;
 pub mod client;
 pub mod config;
 pub mod control;
 pub mod gateway;
 pub mod nginx;
 pub mod origin;
+pub mod recording;
 pub mod wire;
 
 use std::net::{SocketAddr, TcpListener};
