@@ -26,8 +26,9 @@ enum State {
     Size,
     /// Whitespace after the size (RFC 9112 §7.1.1 `BWS`): only a `;` may follow.
     SizeWs,
-    /// After `;`: extension text (field-vchar, SP, HTAB), up to CR LF.
-    Extension,
+    /// A chunk extension (RFC 9112 §7.1.1), one part of
+    /// `BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ]` at a time.
+    Extension(Ext),
     SizeLf,
     Data,
     DataCr,
@@ -41,6 +42,27 @@ enum State {
     TrailerLf,
     FinalLf,
     Done,
+}
+
+/// Where inside a chunk extension the decoder stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ext {
+    /// After `;`: whitespace, then the first character of a name.
+    BeforeName,
+    /// Inside the name (a token).
+    Name,
+    /// Whitespace after the name: `=`, `;` or CR may follow.
+    AfterName,
+    /// After `=`: whitespace, then a token or a quoted string.
+    BeforeValue,
+    /// Inside a token value.
+    Token,
+    /// Inside a quoted string.
+    Quoted,
+    /// After a backslash inside a quoted string.
+    Escaped,
+    /// After a value: whitespace, then `;` or CR.
+    AfterValue,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +135,7 @@ impl ChunkedDecoder {
                     } else if b == b'\r' {
                         self.state = State::SizeLf;
                     } else if b == b';' {
-                        self.state = State::Extension;
+                        self.state = State::Extension(Ext::BeforeName);
                     } else if b == b' ' || b == b'\t' {
                         self.state = State::SizeWs;
                     } else {
@@ -125,19 +147,41 @@ impl ChunkedDecoder {
                 State::SizeWs => {
                     match b {
                         b' ' | b'\t' => {}
-                        b';' => self.state = State::Extension,
+                        b';' => self.state = State::Extension(Ext::BeforeName),
                         // `5 junk` or `5 \r\n`: not a chunk-size line.
                         _ => return Err(ChunkedError::BadSize),
                     }
                     self.count_line()?;
                     i += 1;
                 }
-                State::Extension => {
-                    if b == b'\r' {
-                        self.state = State::SizeLf;
-                    } else if !is_field_char(b) {
-                        return Err(ChunkedError::BadFraming);
-                    }
+                State::Extension(at) => {
+                    // `5;` (no name) or `5;a=b junk` are read differently by different
+                    // peers: only the exact grammar is forwarded.
+                    let ws = b == b' ' || b == b'\t';
+                    let next = match at {
+                        Ext::BeforeName if ws => Ext::BeforeName,
+                        Ext::BeforeName | Ext::Name if is_tchar(b) => Ext::Name,
+                        Ext::Name | Ext::AfterName if ws => Ext::AfterName,
+                        Ext::Name | Ext::AfterName | Ext::AfterValue if b == b';' => {
+                            Ext::BeforeName
+                        }
+                        Ext::Name | Ext::AfterName if b == b'=' => Ext::BeforeValue,
+                        Ext::BeforeValue if ws => Ext::BeforeValue,
+                        Ext::BeforeValue if b == b'"' => Ext::Quoted,
+                        Ext::BeforeValue | Ext::Token if is_tchar(b) => Ext::Token,
+                        Ext::Token | Ext::AfterValue if ws => Ext::AfterValue,
+                        Ext::Quoted if b == b'"' => Ext::AfterValue,
+                        Ext::Quoted if b == b'\\' => Ext::Escaped,
+                        Ext::Quoted | Ext::Escaped if is_field_char(b) => Ext::Quoted,
+                        Ext::Name | Ext::Token | Ext::AfterValue if b == b'\r' => {
+                            self.state = State::SizeLf;
+                            self.count_line()?;
+                            i += 1;
+                            continue;
+                        }
+                        _ => return Err(ChunkedError::BadFraming),
+                    };
+                    self.state = State::Extension(next);
                     self.count_line()?;
                     i += 1;
                 }
@@ -342,15 +386,19 @@ mod tests {
 
     #[test]
     fn extensions_with_whitespace() {
-        let body = b"5 ;a=1\r\nhello\r\n0;b\r\n\r\n";
-        let (n, out, done) = decode_all(body).unwrap();
-        assert!(done && n == body.len() && out == b"hello");
+        for body in [
+            &b"5 ;a=1\r\nhello\r\n0;b\r\n\r\n"[..],
+            b"5; a = 1 ; b=\"x\\\"y; z\"\r\nhello\r\n0;c;d=e\r\n\r\n",
+        ] {
+            let (n, out, done) = decode_all(body).unwrap();
+            assert!(done && n == body.len() && out == b"hello");
+        }
     }
 
     #[test]
     fn endless_extension_and_trailers_are_capped() {
         let mut d = ChunkedDecoder::new();
-        assert_eq!(d.decode(b"5;", |_| {}), Ok(2));
+        assert_eq!(d.decode(b"5;a=", |_| {}), Ok(4));
         let junk = vec![b'a'; 1024];
         let mut err = None;
         for _ in 0..64 {
@@ -382,6 +430,13 @@ mod tests {
             b"5 \r\nhello\r\n0\r\n\r\n",
             b"5;a\nb\r\nhello\r\n",
             b"5;a\0\r\nhello\r\n",
+            // Chunk extensions outside RFC 9112 §7.1.1.
+            b"5;\r\nhello\r\n0\r\n\r\n",
+            b"5;a=b junk\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\r\nhello\r\n0\r\n\r\n",
+            b"5;=b\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"b\r\nhello\r\n0\r\n\r\n",
+            b"5;a;\r\nhello\r\n0\r\n\r\n",
             b"0\r\n\nGET /admin HTTP/1.1\r\n\r\n",
             b"0\r\nX: 1\n\r\n",
             b"0\r\nX: 1\r\n\n",
