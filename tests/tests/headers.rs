@@ -550,3 +550,69 @@ fn the_normalised_target_is_forwarded() {
         vec!["abs.test:81"]
     );
 }
+
+/// A WSGI application (Python's `wsgiref`), which maps `-` and `_` to the same variable
+/// as CGI, WSGI and Rack servers do, reporting the client address and scheme it sees.
+const WSGI_APP: &str = r#"
+import sys
+from wsgiref.simple_server import make_server, WSGIRequestHandler
+class Quiet(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+def app(environ, start_response):
+    body = "\n".join("%s=%s" % (k, environ.get(k, "")) for k in
+        ("HTTP_X_REAL_IP", "HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO")).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+print(server.server_port, flush=True)
+server.serve_forever()
+"#;
+
+struct Wsgi(std::process::Child, std::net::SocketAddr);
+
+impl Wsgi {
+    fn start() -> Wsgi {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", WSGI_APP])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs the wsgiref application");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line.trim().parse().expect("the wsgiref port");
+        Wsgi(child, ([127, 0, 0, 1], port).into())
+    }
+}
+
+impl Drop for Wsgi {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_wsgi_application_sees_the_gateways_client_address_and_scheme() {
+    let app = Wsgi::start();
+    for underscores in ["false", "true"] {
+        let gw = Gateway::with(
+            &Config::proxy_all(&[app.1]).server_raw("underscores_in_headers", underscores),
+        );
+        let r = send(
+            &gw,
+            &Req::get("/whoami")
+                .header("X_Real_IP", "198.51.100.1")
+                .header("X-Forwarded_For", "198.51.100.1")
+                .header("X_Forwarded_Proto", "https"),
+        );
+        assert_eq!(
+            r.body_str(),
+            "HTTP_X_REAL_IP=127.0.0.9\nHTTP_X_FORWARDED_FOR=127.0.0.9\nHTTP_X_FORWARDED_PROTO=http",
+            "underscores_in_headers = {underscores}"
+        );
+    }
+}
