@@ -743,7 +743,10 @@ async fn proxy<'s, S: Stream>(
                     out.extend_from_slice(&after_head[..prefix]);
                     continue;
                 }
-                if !matches!(error, HttpError::ClientGone(_)) {
+                if !matches!(
+                    error,
+                    HttpError::ClientGone(_) | HttpError::UpstreamRefused(_)
+                ) {
                     mark_failure(upstream, server);
                 }
                 w.give_out(out);
@@ -1019,13 +1022,13 @@ async fn read_response_head<S: Stream>(
                             }
                             Some(_) => return Ok(ub),
                         };
-                        return Err((HttpError::BadUpstream(why), ub, true));
+                        return Err((HttpError::UpstreamRefused(why), ub, true));
                     }
                     if (100..200).contains(&resp.status) {
                         interim += 1;
                         if interim > MAX_INTERIM {
                             return Err((
-                                HttpError::BadUpstream("endless informational responses"),
+                                HttpError::UpstreamRefused("endless informational responses"),
                                 ub,
                                 true,
                             ));

@@ -424,14 +424,14 @@ fn parse_response_in<'b>(
     let len = match resp.parse(buf)? {
         httparse::Status::Partial => {
             if buf.len() >= max_head {
-                return Ok(Err(HttpError::BadUpstream("response head too large")));
+                return Ok(Err(HttpError::UpstreamRefused("response head too large")));
             }
             return Ok(Ok(false));
         }
         httparse::Status::Complete(len) => len,
     };
     if len > max_head {
-        return Ok(Err(HttpError::BadUpstream("response head too large")));
+        return Ok(Err(HttpError::UpstreamRefused("response head too large")));
     }
     if !crlf_only(&buf[..len]) {
         return Ok(Err(HttpError::BadUpstream("bad line end in response head")));
@@ -440,7 +440,7 @@ fn parse_response_in<'b>(
     // re-serialised, and never becomes a metric label.
     let status = resp.code.unwrap_or(0);
     if !(100..=599).contains(&status) || !three_digit_status(buf) {
-        return Ok(Err(HttpError::BadUpstream("invalid status code")));
+        return Ok(Err(HttpError::UpstreamRefused("invalid status code")));
     }
     let base = buf.as_ptr();
     head.status = status;
@@ -774,8 +774,12 @@ mod tests {
             b"HTTP/1.1 +20 OK\r\n\r\n",
         ] {
             let r = parse_response(bad, &mut h, 8192, false);
+            // httparse refuses some itself (malformed), the rest are refused here.
             assert!(
-                matches!(r, Err(HttpError::BadUpstream(_))),
+                matches!(
+                    r,
+                    Err(HttpError::UpstreamRefused(_) | HttpError::BadUpstream(_))
+                ),
                 "{:?}: {r:?}",
                 String::from_utf8_lossy(bad)
             );

@@ -37,6 +37,11 @@ pub enum HttpError {
     UpstreamFailed(&'static str),
     /// The upstream sent bytes that are not valid HTTP (502).
     BadUpstream(&'static str),
+    /// The upstream answered something the gateway refuses to relay by its own rule (an
+    /// over-large head, a status outside 100–599, an unrequested or unproven 101): 502
+    /// for this request only. A client can provoke these from a reflecting endpoint, so
+    /// they never count against the server.
+    UpstreamRefused(&'static str),
     /// No server of the upstream is up (503).
     NoHealthyUpstream,
     /// The upstream did not answer within the route's timeouts (504).
@@ -57,7 +62,9 @@ impl HttpError {
             HttpError::TooManyRequests => 429,
             HttpError::HeadTooLarge => 431,
             HttpError::UnsupportedCoding => 501,
-            HttpError::UpstreamFailed(_) | HttpError::BadUpstream(_) => 502,
+            HttpError::UpstreamFailed(_)
+            | HttpError::BadUpstream(_)
+            | HttpError::UpstreamRefused(_) => 502,
             HttpError::NoHealthyUpstream => 503,
             HttpError::UpstreamTimeout(_) => 504,
             HttpError::ClientGone(_) => 499,
@@ -69,6 +76,7 @@ impl HttpError {
         match self {
             HttpError::UpstreamFailed(_) => "failed",
             HttpError::BadUpstream(_) => "protocol",
+            HttpError::UpstreamRefused(_) => "refused",
             HttpError::NoHealthyUpstream => "unavailable",
             HttpError::UpstreamTimeout(_) => "timeout",
             HttpError::BadRequest(_) => "bad_request",
@@ -84,6 +92,7 @@ impl fmt::Display for HttpError {
             HttpError::BadRequest(why)
             | HttpError::UpstreamFailed(why)
             | HttpError::BadUpstream(why)
+            | HttpError::UpstreamRefused(why)
             | HttpError::UpstreamTimeout(why)
             | HttpError::ClientGone(why) => write!(f, "{} ({why})", reason(self.status())),
             _ => f.write_str(reason(self.status())),
