@@ -526,6 +526,26 @@ fn routing_is_on_the_normalised_path_and_host() {
             "{target} Host {host}: the secret"
         );
     }
+    // The framing rule, the issue's own exploit: a body that is a request, with
+    // `Connection` naming the field that frames it.
+    let smuggled = "GET /admin/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n";
+    for connection in ["Content-Length", "Transfer-Encoding", "host"] {
+        let mut c = gw.client();
+        let raw = format!(
+            "GET /public/index.html HTTP/1.1\r\nHost: t\r\nConnection: {connection}\r\nContent-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        );
+        c.send(raw.as_bytes()).unwrap();
+        let r = c.read_response().expect("a response");
+        assert_eq!(r.status, 200, "Connection: {connection}");
+        assert!(!r.body_str().contains(SECRET), "Connection: {connection}");
+        let r = c.get("/public/index.html");
+        assert_eq!(
+            r.body_str(),
+            "public\n",
+            "Connection: {connection}: out of sync"
+        );
+    }
     let log = std::fs::read_to_string(nginx.prefix().join("access.log")).unwrap_or_default();
     assert!(!log.contains("admin"), "nginx served an admin path:\n{log}");
 }
