@@ -1221,7 +1221,7 @@ async fn read_response_head<S: Stream>(
                         interim += 1;
                         if interim > MAX_INTERIM {
                             return Err((
-                                HttpError::BadUpstream("endless informational responses"),
+                                HttpError::ResponseRefused("endless informational responses"),
                                 ub,
                                 true,
                             ));

@@ -553,13 +553,22 @@ fn invalid_upstream_status_lines_get_502() {
         let r = gw.get("/s");
         let case = String::from_utf8_lossy(reply);
         assert_eq!(r.status, 502, "{case}");
-        let metrics = gw.admin_get("/metrics").body_str();
+        // Workers publish counters periodically: wait for this 502, then check every
+        // status label is one the gateway validated.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let metrics = loop {
+            let m = gw.admin_get("/metrics").body_str();
+            if m.contains("status=\"502\"") {
+                break m;
+            }
+            assert!(Instant::now() < deadline, "{case}: no 502 counted:\n{m}");
+            thread::sleep(Duration::from_millis(50));
+        };
         for line in metrics.lines().filter(|l| l.contains("status=\"")) {
             let status = line.split("status=\"").nth(1).unwrap_or("");
+            let code: u16 = status.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
             assert!(
-                !status.starts_with("0")
-                    && !status.starts_with("600")
-                    && !status.starts_with("20\""),
+                (100..=599).contains(&code) && status.as_bytes().get(3) == Some(&b'"'),
                 "{case}: upstream value in a metric label: {line}"
             );
         }
@@ -670,4 +679,44 @@ fn trace_and_connect_get_405_unless_the_route_allows_trace() {
     );
     assert_eq!(r.unwrap().status, 200, "allow_trace forwards TRACE");
     assert_eq!(origin.last_request().method, "TRACE");
+}
+
+#[test]
+fn a_refused_status_does_not_mark_the_server_down() {
+    // An endpoint that sets the status from the request: a client asking for a status the
+    // gateway will not relay gets a 502, and the other requests are unaffected.
+    let reflecting = |req: &gateway_tests::RecordedRequest| match req.path() {
+        "/status" => {
+            gateway_tests::Reply::raw(&b"HTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n"[..])
+        }
+        _ => gateway_tests::Reply::ok("fine"),
+    };
+    let (a, b) = (Origin::start(reflecting), Origin::start(reflecting));
+    let gw = Gateway::with(
+        &Config::new()
+            .upstream(Upstream::new("app", &[a.addr(), b.addr()]).max_fails(1))
+            .route(Route::prefix("/", "app")),
+    );
+    for _ in 0..4 {
+        assert_eq!(gw.get("/status").status, 502);
+    }
+    for _ in 0..4 {
+        assert_eq!(gw.get("/ok").status, 200, "a server was marked down");
+    }
+    for o in [&a, &b] {
+        assert!(o.requests().iter().any(|r| r.path() == "/ok"));
+    }
+    // Workers publish their counters periodically: wait for the refusals to show.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = gw.admin_get("/metrics").body_str();
+        if metrics.contains("kind=\"refused\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "refusals are not counted:\n{metrics}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -493,3 +493,29 @@ fn upstream_connection_cannot_unframe_the_response() {
         "204 carries no framing"
     );
 }
+
+#[test]
+fn http10_expect_is_ignored_and_gets_no_interim_response() {
+    // RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored, and
+    // such a client never gets a 1xx (it could not tell it from the final response).
+    let (origin, gw) = start_echo();
+    let mut c = gw.client();
+    c.send(b"POST /up HTTP/1.0\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .unwrap();
+    // The body is held back until the head is at the origin: by then a gateway that
+    // honoured the expectation would have answered 100.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while origin.heads_seen() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the head never reached the origin"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.send(b"hello").unwrap();
+    let r = c.read_response().unwrap();
+    assert!(r.interim.is_empty(), "{:?}", r.interim);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"hello");
+    assert_eq!(origin.last_request().body, b"hello");
+}

@@ -526,6 +526,26 @@ fn routing_is_on_the_normalised_path_and_host() {
             "{target} Host {host}: the secret"
         );
     }
+    // The framing rule, the issue's own exploit: a body that is a request, with
+    // `Connection` naming the field that frames it.
+    let smuggled = "GET /admin/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n";
+    for connection in ["Content-Length", "Transfer-Encoding", "host"] {
+        let mut c = gw.client();
+        let raw = format!(
+            "GET /public/index.html HTTP/1.1\r\nHost: t\r\nConnection: {connection}\r\nContent-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        );
+        c.send(raw.as_bytes()).unwrap();
+        let r = c.read_response().expect("a response");
+        assert_eq!(r.status, 200, "Connection: {connection}");
+        assert!(!r.body_str().contains(SECRET), "Connection: {connection}");
+        let r = c.get("/public/index.html");
+        assert_eq!(
+            r.body_str(),
+            "public\n",
+            "Connection: {connection}: out of sync"
+        );
+    }
     let log = std::fs::read_to_string(nginx.prefix().join("access.log")).unwrap_or_default();
     assert!(!log.contains("admin"), "nginx served an admin path:\n{log}");
 }
@@ -549,4 +569,70 @@ fn the_normalised_target_is_forwarded() {
         origin.last_request().header_all("host"),
         vec!["abs.test:81"]
     );
+}
+
+/// A WSGI application (Python's `wsgiref`), which maps `-` and `_` to the same variable
+/// as CGI, WSGI and Rack servers do, reporting the client address and scheme it sees.
+const WSGI_APP: &str = r#"
+import sys
+from wsgiref.simple_server import make_server, WSGIRequestHandler
+class Quiet(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+def app(environ, start_response):
+    body = "\n".join("%s=%s" % (k, environ.get(k, "")) for k in
+        ("HTTP_X_REAL_IP", "HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO")).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+print(server.server_port, flush=True)
+server.serve_forever()
+"#;
+
+struct Wsgi(std::process::Child, std::net::SocketAddr);
+
+impl Wsgi {
+    fn start() -> Wsgi {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", WSGI_APP])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs the wsgiref application");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line.trim().parse().expect("the wsgiref port");
+        Wsgi(child, ([127, 0, 0, 1], port).into())
+    }
+}
+
+impl Drop for Wsgi {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_wsgi_application_sees_the_gateways_client_address_and_scheme() {
+    let app = Wsgi::start();
+    for underscores in ["false", "true"] {
+        let gw = Gateway::with(
+            &Config::proxy_all(&[app.1]).server_raw("underscores_in_headers", underscores),
+        );
+        let r = send(
+            &gw,
+            &Req::get("/whoami")
+                .header("X_Real_IP", "198.51.100.1")
+                .header("X-Forwarded_For", "198.51.100.1")
+                .header("X_Forwarded_Proto", "https"),
+        );
+        assert_eq!(
+            r.body_str(),
+            "HTTP_X_REAL_IP=127.0.0.9\nHTTP_X_FORWARDED_FOR=127.0.0.9\nHTTP_X_FORWARDED_PROTO=http",
+            "underscores_in_headers = {underscores}"
+        );
+    }
 }

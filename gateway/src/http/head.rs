@@ -405,12 +405,19 @@ pub fn parse_response(
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     match parse_response_in(buf, head, max_head, request_was_head, &mut raw) {
         Err(httparse::Error::TooManyHeaders) => {}
-        other => return other.map_err(|_| HttpError::BadUpstream("malformed response head"))?,
+        other => return other.map_err(malformed)?,
     }
     // Every field line takes at least three bytes (`a:` and a line end).
     let mut raw = vec![httparse::EMPTY_HEADER; buf.len().min(max_head) / 3 + 1];
-    parse_response_in(buf, head, max_head, request_was_head, &mut raw)
-        .map_err(|_| HttpError::BadUpstream("malformed response head"))?
+    parse_response_in(buf, head, max_head, request_was_head, &mut raw).map_err(malformed)?
+}
+
+fn malformed(e: httparse::Error) -> HttpError {
+    match e {
+        // A status that is not three digits: refused like one outside 100–599.
+        httparse::Error::Status => HttpError::ResponseRefused("invalid status code"),
+        _ => HttpError::BadUpstream("malformed response head"),
+    }
 }
 
 fn parse_response_in<'b>(

@@ -48,8 +48,10 @@ pub enum HttpError {
     /// The gateway itself ran short (descriptors, buffers, memory) while connecting (500,
     /// as nginx answers when its `socket()` fails). Never booked to the upstream server.
     LocalResource(&'static str),
-    /// A response the gateway refuses for a limit of its own (head size, header count, a
-    /// status it will not relay): 502 for this request only, the server stays up.
+    /// A response the gateway refuses by a rule of its own (an over-large head, a status
+    /// outside 100–599, an unrequested or unproven 101, endless 1xx): 502 for this request
+    /// only. A client can provoke these from a reflecting endpoint, so they never count
+    /// against the server.
     ResponseRefused(&'static str),
 }
 
