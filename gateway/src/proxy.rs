@@ -535,7 +535,18 @@ async fn handle<'s, S: Stream>(
         }
         Action::Proxy(index) => {
             let upstream = &snap.upstreams[*index];
-            match proxy(c, w, snap, route, upstream, listener, client_ip, &snap.server).await {
+            match proxy(
+                c,
+                w,
+                snap,
+                route,
+                upstream,
+                listener,
+                client_ip,
+                &snap.server,
+            )
+            .await
+            {
                 Ok(outcome) => outcome,
                 Err(failure) => {
                     let status = failure.error.status();

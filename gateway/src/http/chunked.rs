@@ -162,7 +162,7 @@ impl ChunkedDecoder {
                         Ext::BeforeName if ws => Ext::BeforeName,
                         Ext::BeforeName | Ext::Name if is_tchar(b) => Ext::Name,
                         Ext::Name | Ext::AfterName if ws => Ext::AfterName,
-                        Ext::Name | Ext::AfterName | Ext::AfterValue if b == b';' => {
+                        Ext::Name | Ext::AfterName | Ext::Token | Ext::AfterValue if b == b';' => {
                             Ext::BeforeName
                         }
                         Ext::Name | Ext::AfterName if b == b'=' => Ext::BeforeValue,
@@ -388,6 +388,7 @@ mod tests {
     fn extensions_with_whitespace() {
         for body in [
             &b"5 ;a=1\r\nhello\r\n0;b\r\n\r\n"[..],
+            b"5;a=b;c=d\r\nhello\r\n0;e=f\r\n\r\n",
             b"5; a = 1 ; b=\"x\\\"y; z\"\r\nhello\r\n0;c;d=e\r\n\r\n",
         ] {
             let (n, out, done) = decode_all(body).unwrap();

@@ -782,7 +782,10 @@ mod tests {
         ] {
             let r = parse_response(bad, &mut h, 8192, false);
             assert!(
-                matches!(r, Err(HttpError::BadUpstream(_) | HttpError::ResponseRefused(_))),
+                matches!(
+                    r,
+                    Err(HttpError::BadUpstream(_) | HttpError::ResponseRefused(_))
+                ),
                 "{:?}: {r:?}",
                 String::from_utf8_lossy(bad)
             );
