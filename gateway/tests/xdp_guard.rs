@@ -28,7 +28,9 @@ use std::{
 };
 
 use gateway::config::{LimitsConfig, Rate};
-use gateway::limits::{CapSink, ConnLimiter, ConnTicket, Enforcement};
+use gateway::limits::{
+    source_key, CapSink, ConnLimiter, ConnTicket, Enforcement, XdpLedger, LIMIT_CONN_RATE,
+};
 use gateway::xdp::{names, verdict, GuardOptions, XdpError, XdpGuard, XdpMode};
 use ipnet::IpNet;
 
@@ -192,7 +194,7 @@ fn test_run_deny_drops_every_tcp_segment_to_listener_ports_only() {
             tcp6(B6, PORT, SYN, false),
             verdict::PASS,
         ),
-        ("ARP", arp(), verdict::PASS),
+        ("ARP", arp(), verdict::PASS_NOT_IP),
         (
             "truncated TCP header",
             tcp4(A4, PORT, SYN)[..14 + 20 + 10].to_vec(),
@@ -351,14 +353,45 @@ fn test_run_new_source_backstop_keeps_known_sources() {
         &tcp4(source(2), PORT, SYN),
         verdict::PASS,
     );
+    // Over the backstop a new source passes untracked (not dropped: a random-source
+    // flood must not lock new clients out), and no state is created for it.
     for d in 3..6 {
         expect(
             &guard,
             "new source over backstop",
             &tcp4(source(d), PORT, SYN),
-            verdict::DROP_NEW_SOURCE,
+            verdict::PASS_UNTRACKED,
         );
     }
+    let ledger = guard.charge_ledger().expect("ledger");
+    let charged = |d: u8| ledger.charged(IpAddr::V4(source(d)));
+    assert_eq!(charged(1).map(|c| c.syns), Some(1));
+    assert_eq!(charged(3), None, "an untracked source has no state");
+    // So user space charges the untracked source's connection at accept.
+    let limits_one = LimitsConfig {
+        conn_rate: rate(0.001),
+        conn_burst: Some(1),
+        ..LimitsConfig::default()
+    };
+    let limiter = ConnLimiter::new(
+        &limits_one,
+        Enforcement {
+            xdp: Some(Arc::new(guard.charge_ledger().unwrap())),
+        },
+        None,
+    );
+    drop(limiter.on_accept(IpAddr::V4(source(3))).unwrap());
+    assert_eq!(
+        limiter.on_accept(IpAddr::V4(source(3))).unwrap_err().limit,
+        LIMIT_CONN_RATE
+    );
+    // The charged source's connection is credited (its SYN paid in the kernel) once.
+    drop(limiter.on_accept(IpAddr::V4(source(1))).unwrap());
+    drop(limiter.on_accept(IpAddr::V4(source(1))).unwrap());
+    assert_eq!(
+        limiter.on_accept(IpAddr::V4(source(1))).unwrap_err().limit,
+        LIMIT_CONN_RATE
+    );
     expect(
         &guard,
         "known source",
@@ -432,8 +465,12 @@ fn test_run_conn_cap_marks_from_user_space() {
         &tcp6(A6, PORT, SYN, false),
         verdict::PASS,
     );
+    assert!(
+        marker.is_marked(source_key(a6, 64)),
+        "v6 is marked by its /64"
+    );
     limiter.apply(&LimitsConfig::default());
-    assert!(!marker.is_marked(a6));
+    assert!(!marker.is_marked(source_key(a6, 64)));
 }
 
 #[test]
@@ -610,6 +647,352 @@ fn possible_cpus() -> usize {
         .unwrap_or(1)
 }
 
+/// Limits with a SYN limit (so unclassifiable TCP fails closed) and a deny entry per family.
+fn fail_closed_limits() -> LimitsConfig {
+    LimitsConfig {
+        conn_rate: rate(1000.0),
+        conn_burst: Some(1000),
+        deny: vec![net("203.0.113.0/24"), net("2001:db8:a::/48")],
+        ..LimitsConfig::default()
+    }
+}
+
+#[test]
+fn test_run_ipv4_fragments_fail_closed() {
+    if !privileged("test_run_ipv4_fragments_fail_closed") {
+        return;
+    }
+    pin_to_one_cpu();
+    let mut guard = XdpGuard::load(None).expect("load");
+    guard.apply(&fail_closed_limits(), &[PORT]).expect("apply");
+    let syn = tcp_header(PORT, SYN);
+    // First fragment with only 8 bytes of TCP (ports, sequence number), padded to the
+    // 60-byte Ethernet minimum with what would be the SYN flag at its place: the IP total
+    // length says the TCP header is cut, so the padding must not be read as TCP.
+    let mut tiny = ipv4_fragment(B4, MF, &syn[..8]);
+    tiny.extend_from_slice(&[0, 0, 0, 0, 0, SYN]);
+    tiny.resize(60, 0);
+    expect(
+        &guard,
+        "first fragment, 8 bytes of TCP",
+        &tiny,
+        verdict::DROP_UNCLASSIFIED,
+    );
+    expect(
+        &guard,
+        "first fragment, 8 bytes of TCP, unpadded",
+        &ipv4_fragment(B4, MF, &syn[..8]),
+        verdict::DROP_UNCLASSIFIED,
+    );
+    // The rest of the header at offset 8 (1 unit): overlaps the TCP header.
+    expect(
+        &guard,
+        "non-first fragment at offset 8",
+        &ipv4_fragment(B4, 1, &syn[8..]),
+        verdict::DROP_UNCLASSIFIED,
+    );
+    expect(
+        &guard,
+        "non-first fragment at offset 16",
+        &ipv4_fragment(B4, 2, &[0; 16]),
+        verdict::DROP_UNCLASSIFIED,
+    );
+    // A non-first fragment past the TCP header: its first fragment was judged whole.
+    expect(
+        &guard,
+        "non-first fragment at offset 1480",
+        &ipv4_fragment(B4, 185, &[0; 64]),
+        verdict::PASS,
+    );
+    // Deny needs only the source address: it applies to every fragment.
+    for (what, frame) in [
+        ("denied, tiny first", ipv4_fragment(A4, MF, &syn[..8])),
+        ("denied, offset 8", ipv4_fragment(A4, 1, &syn[8..])),
+        ("denied, offset 1480", ipv4_fragment(A4, 185 | MF, &[0; 64])),
+    ] {
+        expect(&guard, what, &frame, verdict::DROP_DENY);
+    }
+    // A first fragment with the whole TCP header is judged like the whole segment: its
+    // SYN is charged.
+    let mut whole = syn.clone();
+    whole.extend_from_slice(&[0; 32]);
+    let first = ipv4_fragment(B4, MF, &whole);
+    guard
+        .apply(
+            &LimitsConfig {
+                conn_rate: rate(0.001),
+                conn_burst: Some(1),
+                ..LimitsConfig::default()
+            },
+            &[PORT],
+        )
+        .unwrap();
+    expect(&guard, "first fragment with a SYN", &first, verdict::PASS);
+    expect(&guard, "its second SYN", &first, verdict::DROP_RATE);
+    expect(
+        &guard,
+        "the unfragmented SYN",
+        &tcp4(B4, PORT, SYN),
+        verdict::DROP_RATE,
+    );
+    // Without any SYN limit there is nothing to fail closed for.
+    guard.apply(&LimitsConfig::default(), &[PORT]).unwrap();
+    expect(&guard, "no limits", &tiny, verdict::PASS);
+}
+
+#[test]
+fn test_run_ipv6_extension_chains_are_walked_and_fail_closed_beyond_the_bound() {
+    if !privileged("test_run_ipv6_extension_chains_are_walked_and_fail_closed_beyond_the_bound") {
+        return;
+    }
+    pin_to_one_cpu();
+    let mut guard = XdpGuard::load(None).expect("load");
+    guard.apply(&fail_closed_limits(), &[PORT]).expect("apply");
+    let syn = tcp_header(PORT, SYN);
+    for n in 1..=8 {
+        expect(
+            &guard,
+            &format!("{n} extension headers, allowed source"),
+            &ipv6_chain(B6, n, 6, &syn),
+            verdict::PASS,
+        );
+        expect(
+            &guard,
+            &format!("{n} extension headers, denied source"),
+            &ipv6_chain(A6, n, 6, &syn),
+            verdict::DROP_DENY,
+        );
+        expect(
+            &guard,
+            &format!("{n} extension headers, then UDP"),
+            &ipv6_chain(B6, n, 17, &[0; 16]),
+            verdict::PASS,
+        );
+    }
+    for n in [9, 12, 30] {
+        expect(
+            &guard,
+            &format!("{n} extension headers (over the bound)"),
+            &ipv6_chain(B6, n, 6, &syn),
+            verdict::DROP_UNCLASSIFIED,
+        );
+        expect(
+            &guard,
+            &format!("{n} extension headers, denied source"),
+            &ipv6_chain(A6, n, 6, &syn),
+            verdict::DROP_DENY,
+        );
+    }
+    // The authentication header counts in 4-octet units (RFC 4302).
+    let mut ah = vec![6, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1];
+    ah.extend_from_slice(&syn);
+    expect(
+        &guard,
+        "AH then a denied SYN",
+        &ipv6(A6, 51, &ah),
+        verdict::DROP_DENY,
+    );
+    // Fragments: the first must carry the whole TCP header; a non-first one that
+    // overlaps it is dropped, one past it passes; deny applies to all.
+    let frag = |next: u8, units: u16, more: bool, rest: &[u8]| {
+        let mut payload = vec![next, 0];
+        payload.extend_from_slice(&((units << 3) | u16::from(more)).to_be_bytes());
+        payload.extend_from_slice(&[0, 0, 0, 7]);
+        payload.extend_from_slice(rest);
+        payload
+    };
+    let mut whole = syn.clone();
+    whole.extend_from_slice(&[0; 16]);
+    expect(
+        &guard,
+        "v6 first fragment, 8 bytes of TCP",
+        &ipv6(B6, 44, &frag(6, 0, true, &syn[..8])),
+        verdict::DROP_UNCLASSIFIED,
+    );
+    expect(
+        &guard,
+        "v6 first fragment, whole TCP header",
+        &ipv6(B6, 44, &frag(6, 0, true, &whole)),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "v6 non-first fragment at offset 8",
+        &ipv6(B6, 44, &frag(6, 1, false, &syn[8..])),
+        verdict::DROP_UNCLASSIFIED,
+    );
+    expect(
+        &guard,
+        "v6 non-first fragment at offset 1232",
+        &ipv6(B6, 44, &frag(6, 154, false, &[0; 64])),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "v6 non-first fragment, denied source",
+        &ipv6(A6, 44, &frag(6, 154, false, &[0; 64])),
+        verdict::DROP_DENY,
+    );
+}
+
+#[test]
+fn test_run_vlan_tags_are_parsed_and_non_ip_counted() {
+    if !privileged("test_run_vlan_tags_are_parsed_and_non_ip_counted") {
+        return;
+    }
+    pin_to_one_cpu();
+    let mut guard = XdpGuard::load(None).expect("load");
+    let limits = LimitsConfig {
+        conn_rate: rate(0.001),
+        conn_burst: Some(1),
+        deny: vec![net("203.0.113.0/24"), net("2001:db8:a::/48")],
+        ..LimitsConfig::default()
+    };
+    guard.apply(&limits, &[PORT]).expect("apply");
+    let q = [0x8100u16];
+    let qinq = [0x88a8u16, 0x8100];
+    expect(
+        &guard,
+        "802.1Q, denied v4",
+        &vlan(&q, &tcp4(A4, PORT, SYN)),
+        verdict::DROP_DENY,
+    );
+    expect(
+        &guard,
+        "QinQ, denied v6",
+        &vlan(&qinq, &tcp6(A6, PORT, SYN, false)),
+        verdict::DROP_DENY,
+    );
+    expect(
+        &guard,
+        "QinQ, denied v4 ACK",
+        &vlan(&qinq, &tcp4(A4, PORT, ACK)),
+        verdict::DROP_DENY,
+    );
+    // Tagged SYNs are charged to the same bucket as untagged ones.
+    expect(
+        &guard,
+        "802.1Q SYN",
+        &vlan(&q, &tcp4(B4, PORT, SYN)),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "untagged SYN, same source",
+        &tcp4(B4, PORT, SYN),
+        verdict::DROP_RATE,
+    );
+    expect(
+        &guard,
+        "QinQ v6 SYN",
+        &vlan(&qinq, &tcp6(B6, PORT, SYN, false)),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "QinQ v6 SYN again",
+        &vlan(&qinq, &tcp6(B6, PORT, SYN, false)),
+        verdict::DROP_RATE,
+    );
+    expect(
+        &guard,
+        "802.1Q ARP",
+        &vlan(&q, &arp()),
+        verdict::PASS_NOT_IP,
+    );
+    expect(
+        &guard,
+        "three tags",
+        &vlan(&[0x88a8, 0x8100, 0x8100], &tcp4(A4, PORT, SYN)),
+        verdict::PASS_NOT_IP,
+    );
+    expect(
+        &guard,
+        "tag cut short",
+        &ethernet(0x8100, &[0, 1]),
+        verdict::PASS_ERROR,
+    );
+}
+
+#[test]
+fn test_run_ipv6_sources_are_aggregated_by_prefix() {
+    if !privileged("test_run_ipv6_sources_are_aggregated_by_prefix") {
+        return;
+    }
+    pin_to_one_cpu();
+    let mut guard = XdpGuard::load(None).expect("load");
+    let mut limits = LimitsConfig {
+        conn_rate: rate(0.001),
+        conn_burst: Some(2),
+        max_conns_per_ip: Some(1),
+        ..LimitsConfig::default()
+    };
+    assert_eq!(limits.ipv6_prefix, 64, "the default");
+    guard.apply(&limits, &[PORT]).expect("apply");
+    let ip = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+    let syn = |s: &str| tcp6(ip(s), PORT, SYN, false);
+    expect(
+        &guard,
+        "first of the /64",
+        &syn("2001:db8:5:1::1"),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "second of the /64",
+        &syn("2001:db8:5:1:ffff::2"),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "third of the /64",
+        &syn("2001:db8:5:1::3"),
+        verdict::DROP_RATE,
+    );
+    expect(
+        &guard,
+        "another /64",
+        &syn("2001:db8:5:2::1"),
+        verdict::PASS,
+    );
+    let fill = guard.map_fill().unwrap();
+    assert_eq!(
+        fill.iter()
+            .find(|f| f.map == names::RATE_V6)
+            .unwrap()
+            .entries,
+        2
+    );
+    // The cap marks the /64 too: user space counts by the same key.
+    let marker: Arc<dyn CapSink> = Arc::new(guard.cap_marker().unwrap());
+    let limiter = ConnLimiter::new(&limits, Enforcement::default(), Some(marker));
+    let _held = limiter
+        .on_accept("2001:db8:5:3::1".parse().unwrap())
+        .unwrap();
+    expect(
+        &guard,
+        "capped /64",
+        &syn("2001:db8:5:3::abcd"),
+        verdict::DROP_CONN_CAP,
+    );
+    // /128 on reload: every address is its own client again.
+    limits.ipv6_prefix = 128;
+    guard.apply(&limits, &[PORT]).expect("apply");
+    assert_eq!(guard.current_config().unwrap().v6_prefix_len, 128);
+    expect(
+        &guard,
+        "/128: a new address",
+        &syn("2001:db8:5:1::3"),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "/128: not capped",
+        &syn("2001:db8:5:3::abcd"),
+        verdict::PASS,
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Over veth pairs
 
@@ -754,13 +1137,8 @@ impl Rig {
         )
         .unwrap_or_else(|e| panic!("start the guard: {}", e.detail()));
         let marker: Arc<dyn CapSink> = Arc::new(guard.cap_marker().unwrap());
-        let limiter = ConnLimiter::new(
-            limits,
-            Enforcement {
-                xdp_conn_rate: true,
-            },
-            Some(marker),
-        );
+        let ledger: Arc<dyn XdpLedger> = Arc::new(guard.charge_ledger().unwrap());
+        let limiter = ConnLimiter::new(limits, Enforcement { xdp: Some(ledger) }, Some(marker));
         let server = Server::start(
             &[
                 a.host4.into(),
@@ -1214,6 +1592,54 @@ fn tcp6(src: Ipv6Addr, dport: u16, flags: u8, hop_by_hop: bool) -> Vec<u8> {
     packet.extend_from_slice(&DST6.octets());
     packet.extend_from_slice(&payload);
     ethernet(0x86dd, &packet)
+}
+
+/// IPv4 "more fragments" flag in the flags/offset field.
+const MF: u16 = 0x2000;
+
+/// An IPv4 TCP fragment: `flags_offset` is the raw flags + offset field (offset in
+/// 8-octet units), `payload` this fragment's part of the TCP segment.
+fn ipv4_fragment(src: Ipv4Addr, flags_offset: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = tcp4(src, PORT, SYN);
+    frame.truncate(14 + 20);
+    frame[14 + 2..14 + 4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    frame[14 + 6..14 + 8].copy_from_slice(&flags_offset.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An IPv6 packet whose first next header is `next`.
+fn ipv6(src: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut packet = vec![0x60, 0, 0, 0];
+    packet.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    packet.extend_from_slice(&[next, 64]);
+    packet.extend_from_slice(&src.octets());
+    packet.extend_from_slice(&DST6.octets());
+    packet.extend_from_slice(payload);
+    ethernet(0x86dd, &packet)
+}
+
+/// IPv6 with `n` 8-octet destination-options headers, then `upper` (protocol `last`).
+fn ipv6_chain(src: Ipv6Addr, n: usize, last: u8, upper: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    for i in 0..n {
+        let next = if i + 1 == n { last } else { 60 };
+        // Length 0 (8 octets): a PadN option fills the 6 bytes after the two.
+        payload.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    payload.extend_from_slice(upper);
+    ipv6(src, if n == 0 { last } else { 60 }, &payload)
+}
+
+/// `frame` with VLAN tags of the given TPIDs (outermost first) inserted after the MACs.
+fn vlan(tpids: &[u16], frame: &[u8]) -> Vec<u8> {
+    let mut tagged = frame[..12].to_vec();
+    for (i, tpid) in tpids.iter().enumerate() {
+        tagged.extend_from_slice(&tpid.to_be_bytes());
+        tagged.extend_from_slice(&(100 + i as u16).to_be_bytes());
+    }
+    tagged.extend_from_slice(&frame[12..]);
+    tagged
 }
 
 fn arp() -> Vec<u8> {

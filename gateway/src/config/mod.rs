@@ -370,7 +370,7 @@ pub struct RouteConfig {
     pub max_body_size: Option<Size>,
 }
 
-#[derive(Debug, Deserialize, Serialize, Clone, Default)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub conn_rate: Option<Rate>,
@@ -380,6 +380,23 @@ pub struct LimitsConfig {
     pub request_burst: Option<u32>,
     pub deny: Vec<IpNet>,
     pub allow: Vec<IpNet>,
+    /// IPv6 clients are limited per prefix of this length (1..=128; default 64).
+    pub ipv6_prefix: u8,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            conn_rate: None,
+            conn_burst: None,
+            max_conns_per_ip: None,
+            request_rate: None,
+            request_burst: None,
+            deny: Vec::new(),
+            allow: Vec::new(),
+            ipv6_prefix: crate::limits::DEFAULT_IPV6_PREFIX,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
@@ -830,6 +847,14 @@ impl Config {
         let l = &self.limits;
         if l.conn_burst.is_some() && l.conn_rate.is_none() {
             err(None, "limits", "conn_burst", "needs conn_rate".into());
+        }
+        if !(1..=128).contains(&l.ipv6_prefix) {
+            err(
+                None,
+                "limits",
+                "ipv6_prefix",
+                "must be between 1 and 128".into(),
+            );
         }
         if l.max_conns_per_ip == Some(0) {
             err(
