@@ -1121,21 +1121,24 @@ struct Rig {
 
 impl Rig {
     fn new(tag: &str, limits: &LimitsConfig) -> Rig {
+        Rig::with(tag, limits, &GuardOptions::default(), true)
+    }
+
+    /// With `xdp_on_b` false the program is attached to pair A only: pair B stands for a
+    /// second NIC, a tunnel or `lo`, where connections arrive unseen by the program.
+    fn with(tag: &str, limits: &LimitsConfig, options: &GuardOptions, xdp_on_b: bool) -> Rig {
         let a = VethPair::create(&format!("{tag}a"));
         let b = VethPair::create(&format!("{tag}b"));
         // Both pairs get a listener on the same port: one per host address.
         let probe = TcpListener::bind((a.host4, 0)).unwrap();
         let port = probe.local_addr().unwrap().port();
         drop(probe);
-        let guard = XdpGuard::start(
-            &[a.host_if.clone(), b.host_if.clone()],
-            XdpMode::Auto,
-            None,
-            &GuardOptions::default(),
-            limits,
-            &[port],
-        )
-        .unwrap_or_else(|e| panic!("start the guard: {}", e.detail()));
+        let mut interfaces = vec![a.host_if.clone()];
+        if xdp_on_b {
+            interfaces.push(b.host_if.clone());
+        }
+        let guard = XdpGuard::start(&interfaces, XdpMode::Auto, None, options, limits, &[port])
+            .unwrap_or_else(|e| panic!("start the guard: {}", e.detail()));
         let marker: Arc<dyn CapSink> = Arc::new(guard.cap_marker().unwrap());
         let ledger: Arc<dyn XdpLedger> = Arc::new(guard.charge_ledger().unwrap());
         let limiter = ConnLimiter::new(limits, Enforcement { xdp: Some(ledger) }, Some(marker));
@@ -1372,6 +1375,327 @@ fn veth_syn_flood_from_one_namespace_while_another_is_served() {
     assert!(started.elapsed() < Duration::from_secs(20));
 }
 
+#[test]
+fn veth_conn_rate_is_charged_for_connections_on_an_interface_without_the_program() {
+    if !privileged("veth_conn_rate_is_charged_for_connections_on_an_interface_without_the_program")
+    {
+        return;
+    }
+    let limits = LimitsConfig {
+        conn_rate: rate(0.05),
+        conn_burst: Some(3),
+        ..LimitsConfig::default()
+    };
+    let rig = Rig::with("u", &limits, &GuardOptions::default(), false);
+    assert!(
+        rig.b.attached_xdp().is_none(),
+        "pair B must have no program"
+    );
+    // Pair B (no program): user space charges at accept, so the fourth is refused.
+    let to_b = rig.addr(rig.b.host4);
+    for i in 0..3 {
+        try_connect(&rig.b.netns, to_b, LONG)
+            .unwrap_or_else(|e| panic!("connection {i} within the burst: {e}"));
+    }
+    let before = rig.guard.packet_counts().unwrap();
+    for _ in 0..2 {
+        assert!(
+            try_connect(&rig.b.netns, to_b, SHORT).is_err(),
+            "a connection over conn_rate on the interface without XDP was served"
+        );
+    }
+    assert_eq!(
+        rig.guard.packet_counts().unwrap().total_packets(),
+        before.total_packets(),
+        "pair B's traffic must not have met the program"
+    );
+    // IPv6 on the same link: its own key, the same rule.
+    let to_b6 = rig.addr(rig.b.host6);
+    for _ in 0..3 {
+        try_connect(&rig.b.netns, to_b6, LONG).expect("v6 within its burst");
+    }
+    assert!(try_connect(&rig.b.netns, to_b6, SHORT).is_err());
+    // Pair A (program attached): the kernel charges, user space credits the charge
+    // instead of charging again, and the kernel drops the excess SYNs.
+    let to_a = rig.addr(rig.a.host4);
+    for i in 0..3 {
+        try_connect(&rig.a.netns, to_a, LONG)
+            .unwrap_or_else(|e| panic!("XDP path, connection {i} within the burst: {e}"));
+    }
+    let before = rig.guard.packet_counts().unwrap();
+    assert!(try_connect(&rig.a.netns, to_a, SHORT).is_err());
+    let after = rig.guard.packet_counts().unwrap();
+    assert!(
+        after.packets(verdict::DROP_RATE) > before.packets(verdict::DROP_RATE),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn veth_random_source_flood_does_not_lock_out_new_clients() {
+    if !privileged("veth_random_source_flood_does_not_lock_out_new_clients") {
+        return;
+    }
+    // Each client address is its own key (/128), so every client below is a new source;
+    // a small backstop so that a short, modest flood exhausts it for certain.
+    let limits = LimitsConfig {
+        conn_rate: rate(5.0),
+        conn_burst: Some(10),
+        ipv6_prefix: 128,
+        ..LimitsConfig::default()
+    };
+    let options = GuardOptions {
+        tracked_sources: 4096,
+        new_sources_per_sec: 200.0,
+        new_sources_burst: 200,
+    };
+    let rig = Rig::with("s", &limits, &options, true);
+    // Spoofed sources: random /64s of a /48 that the host routes back into namespace A,
+    // where the SYN-ACKs (SYN cookies) die, as they would in a spoofer's victims' networks.
+    let subnet = rig.a.host6.segments()[3];
+    let spoof = Ipv6Addr::new(0x2001, 0xdb8, 0xf000 | subnet, 0, 0, 0, 0, 0);
+    ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{spoof}/48"),
+        "via",
+        &rig.a.peer6.to_string(),
+        "dev",
+        &rig.a.host_if,
+    ]);
+    // New legitimate clients: fresh addresses in namespace B's /64.
+    const CLIENTS: u16 = 20;
+    let peer = rig.b.peer6.segments();
+    let client = |i: u16| Ipv6Addr::new(peer[0], peer[1], peer[2], peer[3], 0, 0, 0xc1, 0x100 + i);
+    for i in 0..CLIENTS {
+        ip(&[
+            "-n",
+            &rig.b.netns,
+            "addr",
+            "add",
+            &format!("{}/64", client(i)),
+            "dev",
+            &rig.b.peer_if,
+            "nodad",
+        ]);
+    }
+    // The flood targets the very listener the clients use (pair B's host address),
+    // arriving through pair A: the host accepts any local address on any interface.
+    let target = rig.addr(rig.b.host6);
+    let flood = SpoofFlood::start(&rig.a, spoof, target, 5_000);
+    // Exhausted: SYNs of new sources over the backstop (passed untracked now; dropped
+    // by the design this replaced, which locked new clients out).
+    let over_backstop = |c: &gateway::xdp::VerdictCounts| {
+        c.packets(verdict::PASS_UNTRACKED) + c.packets(verdict::DROP_NEW_SOURCE)
+    };
+    assert!(
+        wait_until(LONG, || over_backstop(&rig.guard.packet_counts().unwrap())
+            > 1_000),
+        "the flood did not exhaust the backstop: {:?}",
+        rig.guard.packet_counts().unwrap()
+    );
+    let before = rig.guard.packet_counts().unwrap();
+    let mut served = 0;
+    let mut failures = Vec::new();
+    for i in 0..CLIENTS {
+        // Under one second: a client whose first SYN was dropped (the old backstop)
+        // would need the one-second retransmission and fail here.
+        match connect_from(
+            &rig.b.netns,
+            client(i).into(),
+            target,
+            Duration::from_millis(900),
+        ) {
+            Ok(_) => served += 1,
+            Err(e) => failures.push(e),
+        }
+    }
+    let during = rig.guard.packet_counts().unwrap();
+    let sent = flood.stop();
+    let untracked = over_backstop(&during) - over_backstop(&before);
+    eprintln!(
+        "random-source flood: {sent} SYNs sent; {served}/{CLIENTS} new clients served; \
+         {untracked} SYNs over the backstop while they connected; {during:?}; failures {failures:?}"
+    );
+    assert!(
+        untracked > 100,
+        "the backstop was not exhausted while the clients connected: {during:?}"
+    );
+    assert!(
+        served * 10 >= u32::from(CLIENTS) * 9,
+        "only {served} of {CLIENTS} new clients served during the flood: {failures:?}"
+    );
+    assert_eq!(during.packets(verdict::DROP_NEW_SOURCE), 0);
+}
+
+/// Connects from `source` inside `netns` within `timeout` and does one echo round trip.
+fn connect_from(
+    netns: &str,
+    source: IpAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Result<(), String> {
+    let netns = netns.to_owned();
+    std::thread::spawn(move || {
+        enter_netns(&netns);
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        socket
+            .bind(&SocketAddr::new(source, 0).into())
+            .map_err(|e| format!("bind {source}: {e}"))?;
+        socket
+            .connect_timeout(&to.into(), timeout)
+            .map_err(|e| format!("{source}: {e}"))?;
+        let mut stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(LONG)).unwrap();
+        stream.write_all(b"ping\n").map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 5];
+        stream
+            .read_exact(&mut buf)
+            .map_err(|e| format!("{source}: echo: {e}"))?;
+        Ok(())
+    })
+    .join()
+    .expect("connect thread")
+}
+
+/// A paced SYN flood from random sources in `prefix`/48, sent as raw Ethernet frames
+/// (AF_PACKET) from the namespace end of a veth pair, with correct TCP checksums so
+/// that the host stack answers them (with SYN cookies).
+struct SpoofFlood {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl SpoofFlood {
+    fn start(pair: &VethPair, prefix: Ipv6Addr, to: SocketAddr, per_second: u64) -> SpoofFlood {
+        let SocketAddr::V6(to) = to else {
+            panic!("an IPv6 target")
+        };
+        let mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", pair.host_if))
+            .expect("host end MAC");
+        let dst_mac: Vec<u8> = mac
+            .trim()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        let (netns, peer_if) = (pair.netns.clone(), pair.peer_if.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            enter_netns(&netns);
+            // SAFETY: plain socket(2); the descriptor is closed below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let name = std::ffi::CString::new(peer_if).unwrap();
+            // SAFETY: a NUL-terminated name.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert!(index > 0, "if_nametoindex");
+            // SAFETY: a zeroed sockaddr_ll is valid; the fields are set below.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = index as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&dst_mac);
+            let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+            let mut next = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while !stopping.load(Ordering::Relaxed) {
+                // Pace: never ahead of `per_second` since the start.
+                let due = started.elapsed().as_secs_f64() * per_second as f64;
+                if (sent as f64) >= due {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                let mut src = prefix.octets();
+                src[6..14].copy_from_slice(&next().to_be_bytes());
+                src[14..].copy_from_slice(&next().to_be_bytes()[..2]);
+                let frame = syn6_frame(&dst_mac, Ipv6Addr::from(src), &to, next() as u16);
+                // SAFETY: `frame` and `addr` are valid for the call.
+                let rc = unsafe {
+                    libc::sendto(
+                        fd,
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        0,
+                        std::ptr::addr_of!(addr).cast(),
+                        size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                if rc > 0 {
+                    sent += 1;
+                }
+            }
+            // SAFETY: our own descriptor.
+            unsafe { libc::close(fd) };
+            sent
+        });
+        SpoofFlood {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the flood; returns the SYNs sent.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map_or(0, |t| t.join().unwrap_or(0))
+    }
+}
+
+impl Drop for SpoofFlood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// An Ethernet + IPv6 + TCP SYN frame with a correct TCP checksum (RFC 8200 section 8.1).
+fn syn6_frame(dst_mac: &[u8], src: Ipv6Addr, to: &std::net::SocketAddrV6, sport: u16) -> Vec<u8> {
+    let mut tcp = tcp_header(to.port(), SYN);
+    tcp[0..2].copy_from_slice(&(sport | 1024).to_be_bytes());
+    let mut sum = 0u32;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&src.octets());
+    add(&to.ip().octets());
+    add(&(tcp.len() as u32).to_be_bytes());
+    add(&[0, 0, 0, 6]);
+    add(&tcp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let mut frame = dst_mac.to_vec();
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x66, 0x86, 0xdd, 0x60, 0, 0, 0]);
+    frame.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[6, 64]);
+    frame.extend_from_slice(&src.octets());
+    frame.extend_from_slice(&to.ip().octets());
+    frame.extend_from_slice(&tcp);
+    frame
+}
+
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
@@ -1387,6 +1711,7 @@ impl Drop for KillOnDrop {
 struct VethPair {
     netns: String,
     host_if: String,
+    peer_if: String,
     host4: Ipv4Addr,
     peer4: Ipv4Addr,
     host6: Ipv6Addr,
@@ -1405,6 +1730,7 @@ impl VethPair {
         let veth = VethPair {
             netns: format!("ggx{pid}{tag}"),
             host_if: format!("ggh{pid}{tag}"),
+            peer_if: peer_if.clone(),
             host4: Ipv4Addr::new(198, 51, 100, block + 1),
             peer4: Ipv4Addr::new(198, 51, 100, block + 2),
             host6: Ipv6Addr::new(0x2001, 0xdb8, 0x77, subnet, 0, 0, 0, 1),
