@@ -1,21 +1,30 @@
 //! The gateway's XDP program: the first code every inbound frame meets.
 //!
-//! It guards TCP to the gateway's listener ports, IPv4 and IPv6, before the kernel spends
-//! anything on a handshake (design and non-goals: `docs/design/xdp-guard.md`):
+//! It guards TCP to the gateway's listener ports, IPv4 and IPv6, behind up to two VLAN
+//! tags, before the kernel spends anything on a handshake (design and non-goals:
+//! `docs/design/xdp-guard.md`):
 //! 1. a source in a denied network (`DENY_*` LPM tries) loses every packet, unless a more
-//!    specific `ALLOW_*` entry covers it; allowed sources are exempt from 2-4;
-//! 2. a SYN (without ACK) from a source user space marked in `CAPPED_*` (at
+//!    specific `ALLOW_*` entry covers it; allowed sources are exempt from 2-5. Deny needs
+//!    only the source address, so it holds for fragments and unparsable chains too;
+//! 2. TCP that cannot be classified (a first fragment without the whole TCP header, a
+//!    fragment overlapping it, an IPv6 extension chain beyond the bound) is dropped while a
+//!    SYN limit is configured: it fails closed rather than let a SYN escape 3-5;
+//! 3. a SYN (without ACK) from a source key user space marked in `CAPPED_*` (at
 //!    `max_conns_per_ip` completed connections) is dropped;
-//! 3. a SYN is charged to its source's token bucket in the LRU `RATE_*` (`conn_rate`,
-//!    `conn_burst`); an empty bucket drops it;
-//! 4. a SYN from a source with no bucket yet takes a token from the per-CPU global
-//!    `NEW_SOURCE_BUCKET` first; when that is empty the SYN is dropped rather than
-//!    evicting known sources' state with a flood of new ones.
+//! 4. a SYN is charged to its source key's token bucket in the LRU `RATE_*` (`conn_rate`,
+//!    `conn_burst`); an empty bucket drops it. The entry counts the charged SYNs, which user
+//!    space reads at accept to charge only the connections no program charged;
+//! 5. a SYN from a source with no bucket yet takes a token from the per-CPU global
+//!    `NEW_SOURCE_BUCKET` first; when that is empty the SYN passes without state (kernel
+//!    SYN cookies and the user-space charge at accept cover it) rather than evict known
+//!    sources' state or lock new clients out.
 //!
+//! IPv6 source keys are the address masked to `GuardConfig::v6_prefix_len` (default /64).
 //! Everything else passes untouched: other protocols, other ports, frames that are not
-//! IPv4/IPv6, and every frame while `GUARD_CONFIG` lacks `CFG_ENABLED` (user space writes
-//! it after loading). Frames the program cannot parse pass too, counted as `PASS_ERROR`
-//! (fail open, visibly). Every verdict bumps one per-CPU counter in `VERDICT_COUNTERS`.
+//! IPv4/IPv6 (counted `PASS_NOT_IP`), and every frame while `GUARD_CONFIG` lacks
+//! `CFG_ENABLED` (user space writes it after loading). Frames too short for a header pass
+//! too, counted as `PASS_ERROR` (fail open, visibly). Every verdict bumps one per-CPU
+//! counter in `VERDICT_COUNTERS`.
 //!
 //! Built for `bpfel-unknown-none` by aya-build from `gateway/build.rs`. For the host (where
 //! `cargo clippy --workspace --all-targets` compiles it) it is an ordinary binary with an

@@ -51,7 +51,8 @@ pub const LIMIT_MAX_CONNS: &str = "max_conns_per_ip";
 /// `limit` label: over `request_rate`/`request_burst`.
 pub const LIMIT_REQUEST_RATE: &str = "request_rate";
 /// `limit` label: the XDP global backstop on new sources (no config key; see
-/// `crate::xdp::GuardOptions`).
+/// `crate::xdp::GuardOptions`). No longer produced: over the backstop a new source passes
+/// untracked and is charged at accept.
 pub const LIMIT_NEW_SOURCE_RATE: &str = "new_source_rate";
 /// `enforcer` label: dropped by the XDP program.
 pub const ENFORCER_XDP: &str = "xdp";
