@@ -517,7 +517,15 @@ impl ConnLimiter {
     pub fn on_accept_at(&self, ip: IpAddr, now: Instant) -> Result<ConnTicket, Rejection> {
         let ip = ip.to_canonical();
         // The prefix only changes on reload; a connection racing one is keyed either way.
-        let key = source_key(ip, self.inner.policy().v6_prefix);
+        let early = self.inner.policy();
+        let key = source_key(ip, early.v6_prefix);
+        // What the program recorded for this key: a map lookup (a syscall), so done before
+        // the shard lock is taken.
+        let charge = match (&early.conn_rate, &early.enforcement.xdp) {
+            (Some(_), Some(ledger)) => ledger.charged(key).map(|charge| (charge, ledger.now_ns())),
+            _ => None,
+        };
+        drop(early);
         let mut shard = self
             .inner
             .shard(&key)
@@ -557,11 +565,6 @@ impl ConnLimiter {
                     }
                 }
             }
-            let charge = policy
-                .enforcement
-                .xdp
-                .as_ref()
-                .and_then(|ledger| Some((ledger.charged(ip)?, ledger.now_ns())));
             let bucket = shard.rate.entry(ip).or_insert_with(|| Bucket {
                 // New here: at most the program's latest charge can be this connection's.
                 xdp_seen: charge.map_or(0, |(c, _)| c.syns.saturating_sub(1)),

@@ -1124,6 +1124,21 @@ respond = { status = 200, body = "ok\n" }
     }
 
     #[test]
+    fn ipv6_prefix_defaults_to_64_and_is_bounded() {
+        assert_eq!(parse(GOOD).unwrap().limits.ipv6_prefix, 64);
+        let with = |v: &str| format!("{GOOD}\n[limits]\nipv6_prefix = {v}\n");
+        assert_eq!(parse(&with("48")).unwrap().limits.ipv6_prefix, 48);
+        assert_eq!(parse(&with("128")).unwrap().limits.ipv6_prefix, 128);
+        for bad in ["0", "129", "300", "\"64\""] {
+            let e = parse(&with(bad)).unwrap_err();
+            assert!(
+                e.0.iter().any(|e| e.key.ends_with("ipv6_prefix")),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn semantic_errors_are_all_reported() {
         let text = GOOD
             .replace("upstream = \"api\"", "upstream = \"apii\"")
