@@ -1577,35 +1577,13 @@ impl SpoofFlood {
         let SocketAddr::V6(to) = to else {
             panic!("an IPv6 target")
         };
-        let mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", pair.host_if))
-            .expect("host end MAC");
-        let dst_mac: Vec<u8> = mac
-            .trim()
-            .split(':')
-            .map(|b| u8::from_str_radix(b, 16).unwrap())
-            .collect();
+        let dst_mac = mac_of(&pair.host_if);
         let (netns, peer_if) = (pair.netns.clone(), pair.peer_if.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
             enter_netns(&netns);
-            // SAFETY: plain socket(2); the descriptor is closed below.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-            assert!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let name = std::ffi::CString::new(peer_if).unwrap();
-            // SAFETY: a NUL-terminated name.
-            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            assert!(index > 0, "if_nametoindex");
-            // SAFETY: a zeroed sockaddr_ll is valid; the fields are set below.
-            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = index as i32;
-            addr.sll_halen = 6;
-            addr.sll_addr[..6].copy_from_slice(&dst_mac);
+            let port = PacketPort::open(&peer_if, &dst_mac, false);
             let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
             let mut next = move || {
                 seed ^= seed << 13;
@@ -1626,23 +1604,10 @@ impl SpoofFlood {
                 src[6..14].copy_from_slice(&next().to_be_bytes());
                 src[14..].copy_from_slice(&next().to_be_bytes()[..2]);
                 let frame = syn6_frame(&dst_mac, Ipv6Addr::from(src), &to, next() as u16);
-                // SAFETY: `frame` and `addr` are valid for the call.
-                let rc = unsafe {
-                    libc::sendto(
-                        fd,
-                        frame.as_ptr().cast(),
-                        frame.len(),
-                        0,
-                        std::ptr::addr_of!(addr).cast(),
-                        size_of::<libc::sockaddr_ll>() as u32,
-                    )
-                };
-                if rc > 0 {
+                if port.send(&frame) {
                     sent += 1;
                 }
             }
-            // SAFETY: our own descriptor.
-            unsafe { libc::close(fd) };
             sent
         });
         SpoofFlood {
@@ -1694,6 +1659,226 @@ fn syn6_frame(dst_mac: &[u8], src: Ipv6Addr, to: &std::net::SocketAddrV6, sport:
     frame.extend_from_slice(&to.ip().octets());
     frame.extend_from_slice(&tcp);
     frame
+}
+
+/// The MAC address of `interface` (in this thread's namespace's sysfs: the host's).
+fn mac_of(interface: &str) -> Vec<u8> {
+    let mac = std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))
+        .unwrap_or_else(|e| panic!("MAC of {interface}: {e}"));
+    mac.trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect()
+}
+
+/// An AF_PACKET socket on `interface` (opened from inside its namespace): sends whole
+/// Ethernet frames to `dst_mac` and, when opened to receive, sees every frame the
+/// interface receives.
+struct PacketPort {
+    fd: std::os::fd::OwnedFd,
+    to: libc::sockaddr_ll,
+}
+
+impl PacketPort {
+    fn open(interface: &str, dst_mac: &[u8], receive: bool) -> PacketPort {
+        use std::os::fd::FromRawFd as _;
+        // ETH_P_ALL in network byte order to receive; 0 sends only.
+        let protocol: u16 = if receive {
+            (libc::ETH_P_ALL as u16).to_be()
+        } else {
+            0
+        };
+        // SAFETY: plain socket(2); the descriptor is owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
+        assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor, closed when the `OwnedFd` drops.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(interface).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(index > 0, "if_nametoindex {interface}");
+        // SAFETY: a zeroed sockaddr_ll is valid; the fields are set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = protocol;
+        to.sll_ifindex = index as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&dst_mac[..6]);
+        if receive {
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
+            // SAFETY: valid descriptor, address and option of the sizes given.
+            unsafe {
+                assert_eq!(
+                    libc::bind(
+                        fd.as_raw_fd(),
+                        std::ptr::addr_of!(to).cast(),
+                        size_of::<libc::sockaddr_ll>() as u32
+                    ),
+                    0,
+                    "bind AF_PACKET: {}",
+                    std::io::Error::last_os_error()
+                );
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    std::ptr::addr_of!(timeout).cast(),
+                    size_of::<libc::timeval>() as u32,
+                );
+            }
+        }
+        PacketPort { fd, to }
+    }
+
+    fn send(&self, frame: &[u8]) -> bool {
+        // SAFETY: `frame` and `to` are valid for the call.
+        let rc = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                std::ptr::addr_of!(self.to).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        rc == frame.len() as isize
+    }
+
+    /// Whether a SYN-ACK from `from:from_port` to local port `to_port` arrives within
+    /// `within`.
+    fn saw_syn_ack(&self, from: Ipv4Addr, from_port: u16, to_port: u16, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            // SAFETY: `buf` is writable for its length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 54 {
+                continue;
+            }
+            let f = &buf[..n as usize];
+            let ihl = usize::from(f[14] & 0x0f) * 4;
+            if f[12..14] != [0x08, 0x00] || f[23] != 6 || f.len() < 14 + ihl + 14 {
+                continue;
+            }
+            let tcp = &f[14 + ihl..];
+            if f[26..30] == from.octets()
+                && tcp[0..2] == from_port.to_be_bytes()
+                && tcp[2..4] == to_port.to_be_bytes()
+                && tcp[13] & (SYN | ACK) == SYN | ACK
+            {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+fn ip_checksum(bytes: &[u8], initial: u32) -> u16 {
+    let mut sum = initial;
+    for pair in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A SYN from `src:sport` to `dst:dport` with correct checksums, as Ethernet frames to
+/// `mac`: whole, or split after 8 bytes of TCP into two fragments (RFC 791), the first one
+/// optionally padded to Ethernet's 60-byte minimum with the SYN flag where the TCP flags
+/// would be.
+fn syn4_frames(
+    mac: &[u8],
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+    split: Option<bool>,
+) -> Vec<Vec<u8>> {
+    let mut tcp = tcp_header(dport, SYN);
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    let mut pseudo = 0u32;
+    for w in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
+        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    pseudo += 6 + 20;
+    let sum = ip_checksum(&tcp, pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let frame = |flags_offset: u16, payload: &[u8]| {
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&sport.to_be_bytes()); // identification
+        ip.extend_from_slice(&flags_offset.to_be_bytes());
+        ip.extend_from_slice(&[64, 6, 0, 0]);
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        let sum = ip_checksum(&ip, 0);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        ip.extend_from_slice(payload);
+        let mut f = mac[..6].to_vec();
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x42, 0x08, 0x00]);
+        f.extend_from_slice(&ip);
+        f
+    };
+    match split {
+        None => vec![frame(0, &tcp)],
+        Some(padded) => {
+            let mut first = frame(MF, &tcp[..8]);
+            if padded {
+                first.resize(60, 0);
+                first[14 + 20 + 13] = SYN;
+            }
+            vec![first, frame(1, &tcp[8..])]
+        }
+    }
+}
+
+#[test]
+fn veth_fragmented_syn_does_not_reach_the_listener() {
+    if !privileged("veth_fragmented_syn_does_not_reach_the_listener") {
+        return;
+    }
+    let limits = LimitsConfig {
+        conn_rate: rate(100.0),
+        conn_burst: Some(100),
+        ..LimitsConfig::default()
+    };
+    let rig = Rig::new("g", &limits);
+    let mac = mac_of(&rig.a.host_if);
+    let (src, dst, port) = (rig.a.peer4, rig.a.host4, rig.server.addrs[0].port());
+    let (netns, peer_if) = (rig.a.netns.clone(), rig.a.peer_if.clone());
+    let before = rig.guard.packet_counts().unwrap();
+    let answered = std::thread::spawn(move || {
+        enter_netns(&netns);
+        let wire = PacketPort::open(&peer_if, &mac, true);
+        // The whole SYN first: it is answered, so the observation works; then the two
+        // fragmented ones, which the stack would reassemble into the same SYN.
+        [(41001, None), (41002, Some(false)), (41003, Some(true))]
+            .into_iter()
+            .map(|(sport, split)| {
+                for frame in syn4_frames(&mac, (src, sport), (dst, port), split) {
+                    assert!(wire.send(&frame), "send");
+                }
+                wire.saw_syn_ack(dst, port, sport, Duration::from_secs(1))
+            })
+            .collect::<Vec<bool>>()
+    })
+    .join()
+    .expect("wire thread");
+    let after = rig.guard.packet_counts().unwrap();
+    assert_eq!(
+        answered,
+        vec![true, false, false],
+        "[whole SYN, 8-byte first fragment, padded 8-byte first fragment] answered; {after:?}"
+    );
+    assert!(
+        after.packets(verdict::DROP_UNCLASSIFIED) >= before.packets(verdict::DROP_UNCLASSIFIED) + 2,
+        "{after:?}"
+    );
 }
 
 struct KillOnDrop(std::process::Child);
