@@ -26,6 +26,17 @@
 //!   falls (veth runs the receive path on the sender's CPU). The host routes
 //!   203.0.113.0/24 back into the attacker namespace, which drops the SYN-ACKs (no such
 //!   local address), as a spoofer's victims' networks would.
+//! - `spoof6`: random sources, a fresh /64 of 2001:db8:f000::/36 for every SYN (raw
+//!   Ethernet frames through AF_PACKET, checksums right), paced like `spoof`, routed back
+//!   into the attacker namespace the same way. Every SYN is a new source: the flood that
+//!   exhausts the XDP guard's new-source backstop. Needs `--new-clients` (IPv6 target).
+//!
+//! `--new-clients`: the legitimate client is not exempt and every request comes from a new
+//! source, a random /64 of 2001:db8:c1::/48 (an AnyIP `local` route in its namespace,
+//! `IPV6_FREEBIND`), to the proxy's IPv6 address: the clients a random-source flood must
+//! not lock out. Their connect timeout is 900 ms, below the kernel's 1 s SYN
+//! retransmission, so a client whose first SYN was dropped counts as failed. The report's
+//! `ok %` is then the share of new clients served on their first SYN.
 //!
 //! Topology: two namespaces, each behind a veth pair with a /30 of 198.51.100.0/24; the proxy
 //! listens on `0.0.0.0:PORT` in the host namespace, the upstream (a std::net origin answering
@@ -47,12 +58,12 @@
 //! sudo target/release/flood-bench --gateway target/release/gateway [--nginx /usr/sbin/nginx] \
 //!     [--seconds 5] [--clients 4] [--floods none,hping,spoof] \
 //!     [--only gateway-xdp,gateway-off,nginx] [--rounds 1] [--spoof-pps 50000] \
-//!     [--hping-interval-us 0] [--out FILE]
+//!     [--hping-interval-us 0] [--new-clients] [--out FILE]
 //! ```
 
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
@@ -68,8 +79,15 @@ const PROXY_CPU: usize = 1;
 const REQUEST: &[u8] = b"GET /api/flood HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 const WARMUP: Duration = Duration::from_secs(1);
+/// Connect timeout of a `--new-clients` request: below the 1 s SYN retransmission.
+const NEW_CLIENT_CONNECT_TIMEOUT: Duration = Duration::from_millis(900);
 /// Spoofed sources: 203.0.113.1 ..= 203.0.113.254.
 const SPOOF_NET: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 0);
+/// Random spoofed IPv6 sources: 2001:db8:f000::/36, a fresh /64 each.
+const SPOOF6_NET: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf000, 0, 0, 0, 0, 0);
+const SPOOF6_LEN: u8 = 36;
+/// New legitimate clients (`--new-clients`): 2001:db8:c1::/48, a fresh /64 per request.
+const CLIENTS6_NET: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0);
 
 /// Set by SIGINT: every wait polls it, and `main` returns so that the `Drop`s clean up.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -104,6 +122,7 @@ struct Options {
     rounds: usize,
     spoof_pps: u64,
     hping_interval_us: u64,
+    new_clients: bool,
     out: Option<PathBuf>,
 }
 
@@ -113,8 +132,8 @@ fn usage(msg: &str) -> ! {
     }
     eprintln!(
         "usage: flood-bench [--gateway PATH] [--nginx PATH] [--seconds N] [--clients N]\n\
-         \x20                  [--floods none,hping,spoof] [--only NAME,...] [--rounds N] [--spoof-pps N]\n\
-         \x20                  [--hping-interval-us N] [--out FILE]\n\
+         \x20                  [--floods none,hping,spoof,spoof6] [--only NAME,...] [--rounds N]\n\
+         \x20                  [--spoof-pps N] [--hping-interval-us N] [--new-clients] [--out FILE]\n\
          proxies: gateway-xdp gateway-off nginx (needs root, hping3)"
     );
     std::process::exit(2)
@@ -131,6 +150,7 @@ fn parse_args() -> Options {
         rounds: 1,
         spoof_pps: 50_000,
         hping_interval_us: 0,
+        new_clients: false,
         out: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -166,6 +186,7 @@ fn parse_args() -> Options {
                         "none" => Flood::None,
                         "hping" => Flood::Hping,
                         "spoof" => Flood::Spoof,
+                        "spoof6" => Flood::Spoof6,
                         other => usage(&format!("unknown flood {other}")),
                     })
                     .collect()
@@ -182,6 +203,7 @@ fn parse_args() -> Options {
                     .parse()
                     .unwrap_or_else(|_| usage("--spoof-pps N (0: as fast as possible)"))
             }
+            "--new-clients" => o.new_clients = true,
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -197,6 +219,7 @@ enum Flood {
     None,
     Hping,
     Spoof,
+    Spoof6,
 }
 
 impl Flood {
@@ -205,6 +228,7 @@ impl Flood {
             Flood::None => "none",
             Flood::Hping => "hping3 -S (1 source)",
             Flood::Spoof => "spoofed 203.0.113.0/24",
+            Flood::Spoof6 => "spoofed random /64s",
         }
     }
 }
@@ -314,12 +338,15 @@ struct Row {
     proxy: &'static str,
     flood: &'static str,
     ok_per_s: f64,
+    ok_share: f64,
     failed: u64,
     p99: Duration,
     max: Duration,
     syns: u64,
     syns_per_s: f64,
     xdp_drops_per_s: Option<f64>,
+    /// SYNs of new sources passed without state (the new-source backstop exhausted).
+    xdp_untracked_per_s: Option<f64>,
     proxy_cpu: f64,
     softirq: f64,
     seconds: f64,
@@ -328,16 +355,19 @@ struct Row {
 impl Row {
     fn line(&self) -> String {
         format!(
-            "{:12} {:28} {:8.0} req/s ok, {} failed, p99 {:.1} ms, max {:.0} ms, {} SYNs ({:.0}/s), XDP drops {}/s, proxy CPU {:.2} s, softirq {:.2} s (window {:.2} s)",
+            "{:12} {:28} {:8.0} req/s ok ({:.1} %), {} failed, p99 {:.1} ms, max {:.0} ms, {} SYNs ({:.0}/s), XDP drops {}/s, untracked {}/s, proxy CPU {:.2} s, softirq {:.2} s (window {:.2} s)",
             self.proxy,
             self.flood,
             self.ok_per_s,
+            self.ok_share,
             self.failed,
             self.p99.as_secs_f64() * 1e3,
             self.max.as_secs_f64() * 1e3,
             self.syns,
             self.syns_per_s,
             self.xdp_drops_per_s
+                .map_or_else(|| "-".to_string(), |d| format!("{d:.0}")),
+            self.xdp_untracked_per_s
                 .map_or_else(|| "-".to_string(), |d| format!("{d:.0}")),
             self.proxy_cpu,
             self.softirq,
@@ -373,27 +403,41 @@ fn report(rows: &[Row], opts: &Options) -> String {
         s,
         "{} s per run after a 1 s warm-up, {} client threads, proxy pinned to CPU {PROXY_CPU}, \
          everything else to CPU {GENERATOR_CPU}; spoofed flood paced at {} SYN/s (0: unpaced); \
-         hping3 interval {} µs (0: --flood).\n",
-        opts.seconds, opts.clients, opts.spoof_pps, opts.hping_interval_us
+         hping3 interval {} µs (0: --flood); legitimate client: {}.\n",
+        opts.seconds,
+        opts.clients,
+        opts.spoof_pps,
+        opts.hping_interval_us,
+        if opts.new_clients {
+            "a new source (random /64 of 2001:db8:c1::/48) per request, not exempt"
+        } else {
+            "one address, exempt (allow)"
+        }
     );
     let _ = writeln!(
         s,
-        "| proxy | flood | legit ok req/s | legit failed | legit p99 | legit max | attacker SYNs (per s) | XDP drops/s | proxy CPU s | softirq CPU s | softirq µs per SYN |"
+        "| proxy | flood | legit ok req/s | legit ok % | legit failed | legit p99 | legit max | attacker SYNs (per s) | XDP drops/s | XDP untracked/s | proxy CPU s | softirq CPU s | softirq µs per SYN |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {} | {:.1} ms | {:.0} ms | {} ({:.0}) | {} | {:.2} | {:.2} | {} |",
+            "| {} | {} | {:.0} | {:.1} | {} | {:.1} ms | {:.0} ms | {} ({:.0}) | {} | {} | {:.2} | {:.2} | {} |",
             r.proxy,
             r.flood,
             r.ok_per_s,
+            r.ok_share,
             r.failed,
             r.p99.as_secs_f64() * 1e3,
             r.max.as_secs_f64() * 1e3,
             r.syns,
             r.syns_per_s,
             r.xdp_drops_per_s
+                .map_or_else(|| "-".to_string(), |d| format!("{d:.0}")),
+            r.xdp_untracked_per_s
                 .map_or_else(|| "-".to_string(), |d| format!("{d:.0}")),
             r.proxy_cpu,
             r.softirq,
@@ -414,12 +458,24 @@ fn run(
     origin: SocketAddr,
     opts: &Options,
 ) -> Result<Row, String> {
-    let proxy = start_proxy(rig, target, origin)?;
-    let to = SocketAddr::new(rig.client.host4.into(), proxy.port);
+    let proxy = start_proxy(rig, target, origin, opts.new_clients)?;
+    let (to, sources) = if opts.new_clients {
+        (
+            SocketAddr::new(rig.client.host6.into(), proxy.port),
+            Some(CLIENTS6_NET),
+        )
+    } else {
+        (SocketAddr::new(rig.client.host4.into(), proxy.port), None)
+    };
     // The path works before anything is measured.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match in_netns(&rig.client.netns, move || one_request(to)) {
+        match in_netns(&rig.client.netns, move || {
+            one_request(
+                to,
+                sources.map(|net| random_in(net, 48, std::process::id().into())),
+            )
+        }) {
             Ok(_) => break,
             Err(e) if Instant::now() > deadline => {
                 return Err(format!(
@@ -435,8 +491,9 @@ fn run(
         Flood::None => None,
         Flood::Hping => Some(Flooder::hping(rig, proxy.port, opts.hping_interval_us)?),
         Flood::Spoof => Some(Flooder::spoof(rig, proxy.port, opts.spoof_pps)),
+        Flood::Spoof6 => Some(Flooder::spoof6(rig, to, opts.spoof_pps)?),
     };
-    let clients = Clients::start(&rig.client.netns, to, opts.clients);
+    let clients = Clients::start(&rig.client.netns, to, sources, opts.clients);
     if !sleep_unless_stopped(WARMUP) {
         return Err("interrupted".into());
     }
@@ -448,13 +505,14 @@ fn run(
             softirq_seconds(),
             rig.attacker.syns_sent(),
             proxy.xdp_drops(),
+            proxy.xdp_packets("pass_untracked"),
         )
     };
-    let (t0, cpu0, soft0, tx0, drops0) = snapshot(&proxy);
+    let (t0, cpu0, soft0, tx0, drops0, untracked0) = snapshot(&proxy);
     clients.measuring.store(true, Ordering::SeqCst);
     let complete = sleep_unless_stopped(Duration::from_secs(opts.seconds));
     clients.measuring.store(false, Ordering::SeqCst);
-    let (t1, cpu1, soft1, tx1, drops1) = snapshot(&proxy);
+    let (t1, cpu1, soft1, tx1, drops1, untracked1) = snapshot(&proxy);
     drop(flooder);
     let (ok, failed, mut latencies) = clients.finish();
     drop(proxy);
@@ -472,12 +530,21 @@ fn run(
         proxy: target.name(),
         flood: flood.name(),
         ok_per_s: ok as f64 / secs,
+        ok_share: if ok + failed == 0 {
+            0.0
+        } else {
+            ok as f64 * 100.0 / (ok + failed) as f64
+        },
         failed,
         p99,
         max: latencies.last().copied().unwrap_or_default(),
         syns,
         syns_per_s: syns as f64 / secs,
         xdp_drops_per_s: match (drops0, drops1) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / secs),
+            _ => None,
+        },
+        xdp_untracked_per_s: match (untracked0, untracked1) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / secs),
             _ => None,
         },
@@ -511,12 +578,15 @@ struct Clients {
 }
 
 impl Clients {
-    fn start(netns: &str, to: SocketAddr, n: usize) -> Clients {
+    /// `sources`: bind every request to a fresh random /64 of this /48 (new clients).
+    fn start(netns: &str, to: SocketAddr, sources: Option<Ipv6Addr>, n: usize) -> Clients {
         let stop = Arc::new(AtomicBool::new(false));
         let measuring = Arc::new(AtomicBool::new(false));
         let threads = (0..n)
-            .map(|_| {
+            .map(|i| {
                 let (stop, measuring, netns) = (stop.clone(), measuring.clone(), netns.to_owned());
+                let mut seed =
+                    0x2545_f491_4f6c_dd1d_u64 ^ (i as u64) << 32 ^ u64::from(std::process::id());
                 std::thread::spawn(move || {
                     let (mut ok, mut failed, mut lat) = (0u64, 0u64, Vec::new());
                     if enter_netns(&netns).is_err() {
@@ -525,7 +595,8 @@ impl Clients {
                     while !stop.load(Ordering::Relaxed) && !stopped() {
                         let counted = measuring.load(Ordering::Relaxed);
                         let t = Instant::now();
-                        let result = one_request(to);
+                        seed = xorshift64(seed);
+                        let result = one_request(to, sources.map(|net| random_in(net, 48, seed)));
                         // Only requests that started and ended inside the window count.
                         if counted && measuring.load(Ordering::Relaxed) {
                             match result {
@@ -573,9 +644,47 @@ impl Drop for Clients {
     }
 }
 
-/// One request on a new connection; `Ok` on a complete `200` response (read to EOF).
-fn one_request(to: SocketAddr) -> Result<(), String> {
-    let mut s = TcpStream::connect_timeout(&to, CLIENT_TIMEOUT).map_err(|e| e.to_string())?;
+fn xorshift64(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+/// An address in `net`/`len` (len < 64) with a random /64 (from `seed`) and host ::1.
+fn random_in(net: Ipv6Addr, len: u8, seed: u64) -> Ipv6Addr {
+    let mask = u64::MAX >> len;
+    let hi = (u128::from(net) >> 64) as u64 & !mask | xorshift64(seed | 1) & mask;
+    Ipv6Addr::from(u128::from(hi) << 64 | 1)
+}
+
+/// One request on a new connection, from `source` when given (a non-local address the
+/// namespace routes to itself: `IPV6_FREEBIND`); `Ok` on a complete `200` response.
+fn one_request(to: SocketAddr, source: Option<Ipv6Addr>) -> Result<(), String> {
+    let e = |e: io::Error| e.to_string();
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(e)?;
+    if let Some(source) = source {
+        socket.set_freebind_ipv6(true).map_err(e)?;
+        socket
+            .bind(&SocketAddr::new(IpAddr::V6(source), 0).into())
+            .map_err(|err| format!("bind {source}: {err}"))?;
+    }
+    // A new client must get in on its first SYN: the kernel retransmits a lost one after
+    // 1 s, so a lockout shows as a failure here rather than as a slow success.
+    let connect_timeout = if source.is_some() {
+        NEW_CLIENT_CONNECT_TIMEOUT
+    } else {
+        CLIENT_TIMEOUT
+    };
+    socket
+        .connect_timeout(&to.into(), connect_timeout)
+        .map_err(e)?;
+    let mut s: TcpStream = socket.into();
     s.set_read_timeout(Some(CLIENT_TIMEOUT))
         .and_then(|()| s.set_write_timeout(Some(CLIENT_TIMEOUT)))
         .and_then(|()| s.set_nodelay(true))
@@ -662,10 +771,16 @@ struct Proxy {
 impl Proxy {
     /// Sum of the XDP drop verdicts from the admin `/metrics` (gateway with XDP only).
     fn xdp_drops(&self) -> Option<u64> {
+        self.xdp_packets("drop")
+    }
+
+    /// Sum of the XDP verdicts whose label starts with `verdict` (gateway with XDP only).
+    fn xdp_packets(&self, verdict: &str) -> Option<u64> {
         let body = http_get(self.admin?, "/metrics").ok()?;
+        let prefix = format!("gateway_xdp_packets_total{{verdict=\"{verdict}");
         let mut sum = None;
         for line in body.lines() {
-            if let Some(rest) = line.strip_prefix("gateway_xdp_packets_total{verdict=\"drop") {
+            if let Some(rest) = line.strip_prefix(prefix.as_str()) {
                 let n: u64 = rest.split_whitespace().last()?.parse().ok()?;
                 *sum.get_or_insert(0) += n;
             }
@@ -717,7 +832,12 @@ fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("0.0.0.0:0")?.local_addr()?.port())
 }
 
-fn start_proxy(rig: &Rig, target: &Target, origin: SocketAddr) -> Result<Proxy, String> {
+fn start_proxy(
+    rig: &Rig,
+    target: &Target,
+    origin: SocketAddr,
+    ipv6: bool,
+) -> Result<Proxy, String> {
     let e = |e: io::Error| e.to_string();
     let port = free_port().map_err(e)?;
     let dir = std::env::temp_dir().join(format!(
@@ -728,6 +848,12 @@ fn start_proxy(rig: &Rig, target: &Target, origin: SocketAddr) -> Result<Proxy, 
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(e)?;
     let legit = rig.client.peer4;
+    // The new clients and the IPv6 flood only (the gateway's `[::]` is IPv6-only).
+    let listen = if ipv6 {
+        format!("[::]:{port}")
+    } else {
+        format!("0.0.0.0:{port}")
+    };
     let mut admin = None;
     let mut cmd;
     match target {
@@ -747,7 +873,7 @@ fn start_proxy(rig: &Rig, target: &Target, origin: SocketAddr) -> Result<Proxy, 
             let config = format!(
                 "[server]\nworkers = 1\n\n[log]\naccess = \"off\"\nlevel = \"warn\"\n\n\
                  [admin]\nlisten = \"{admin_addr}\"\n\n\
-                 [[listener]]\nname = \"http\"\nlisten = \"0.0.0.0:{port}\"\n\n\
+                 [[listener]]\nname = \"http\"\nlisten = \"{listen}\"\n\n\
                  [[upstream]]\nname = \"api\"\nservers = [\"{origin}\"]\nkeepalive = 32\n\n\
                  [[route]]\npath_prefix = \"/api/\"\nupstream = \"api\"\n\n\
                  [limits]\nconn_rate = \"50/s\"\nconn_burst = 100\nmax_conns_per_ip = 64\n\
@@ -781,7 +907,7 @@ fn start_proxy(rig: &Rig, target: &Target, origin: SocketAddr) -> Result<Proxy, 
                 )
                 .replace("@WORKERS@", "1")
                 .replace("@PREFIX@", &dir.display().to_string())
-                .replace("@LISTEN@", &format!("0.0.0.0:{port}"))
+                .replace("@LISTEN@", &listen)
                 .replace("@API_UPSTREAM@", &origin.to_string())
                 .replace("@WS_UPSTREAM@", &origin.to_string());
             if !conf.contains("limit_req zone=rate") || !conf.contains("limit_req_zone") {
@@ -819,7 +945,8 @@ fn start_proxy(rig: &Rig, target: &Target, origin: SocketAddr) -> Result<Proxy, 
         dir,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    let probe = if ipv6 { "::1" } else { "127.0.0.1" };
+    while TcpStream::connect((probe, port)).is_err() {
         let exited = proxy.child.try_wait().ok().flatten().is_some();
         if exited || Instant::now() > deadline || stopped() {
             let log = std::fs::read_to_string(proxy.dir.join("stderr.log")).unwrap_or_default();
@@ -896,6 +1023,40 @@ impl Flooder {
     }
 }
 
+impl Flooder {
+    /// Random-source SYNs to `to` (the client's listener address, through the attacker's
+    /// link: the host takes any local address on any interface).
+    fn spoof6(rig: &Rig, to: SocketAddr, pps: u64) -> Result<Flooder, String> {
+        let SocketAddr::V6(to) = to else {
+            return Err("spoof6 needs --new-clients (an IPv6 target)".into());
+        };
+        let mac =
+            std::fs::read_to_string(format!("/sys/class/net/{}/address", rig.attacker.host_if))
+                .map_err(|e| format!("host MAC: {e}"))?;
+        let mac: Vec<u8> = mac
+            .trim()
+            .split(':')
+            .filter_map(|b| u8::from_str_radix(b, 16).ok())
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (netns, peer_if) = (rig.attacker.netns.clone(), rig.attacker.peer_if.clone());
+        let thread = {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            std::thread::spawn(move || {
+                if let Err(e) = spoof6_syns(&netns, &peer_if, &mac, to, pps, &stop, &sent) {
+                    eprintln!("spoofed IPv6 flood: {e}");
+                }
+            })
+        };
+        Ok(Flooder::Spoof {
+            stop,
+            thread: Some(thread),
+            sent,
+        })
+    }
+}
+
 impl Drop for Flooder {
     fn drop(&mut self) {
         match self {
@@ -929,13 +1090,7 @@ fn spoof_syns(
     sent: &AtomicU64,
 ) -> io::Result<()> {
     enter_netns(netns)?;
-    // SAFETY: plain socket(2); the descriptor is owned by `sock` below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor, closed when `sock` drops.
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let sock = raw_socket(libc::AF_INET, libc::IPPROTO_RAW)?;
     let to = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
@@ -945,6 +1100,72 @@ fn spoof_syns(
         sin_zero: [0; 8],
     };
     let mut state: u32 = 0x9e37_79b9 ^ std::process::id();
+    send_paced(&sock, &to, pps, stop, sent, |n| {
+        // xorshift32 for sequence numbers and ports.
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let src = Ipv4Addr::from(u32::from(SPOOF_NET) | (1 + (n % 254) as u32));
+        let sport = 1024 + (state % 64000) as u16;
+        syn_packet(src, dst, sport, port, state)
+    })
+}
+
+/// Sends SYNs from random /64s of `SPOOF6_NET` to `to` as Ethernet frames out of
+/// `peer_if` in `netns` (AF_PACKET: no source address check), paced at `pps`, until `stop`.
+fn spoof6_syns(
+    netns: &str,
+    peer_if: &str,
+    dst_mac: &[u8],
+    to: std::net::SocketAddrV6,
+    pps: u64,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+) -> io::Result<()> {
+    enter_netns(netns)?;
+    let sock = raw_socket(libc::AF_PACKET, 0)?;
+    let name = std::ffi::CString::new(peer_if).map_err(io::Error::other)?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: all-zero is a valid sockaddr_ll; the fields that matter are set below.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = index as i32;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&dst_mac[..6]);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    send_paced(&sock, &addr, pps, stop, sent, |_| {
+        state = xorshift64(state);
+        let src = random_in(SPOOF6_NET, SPOOF6_LEN, state);
+        let sport = 1024 + (state >> 48) as u16 % 64000;
+        syn6_frame(dst_mac, src, &to, sport, state as u32)
+    })
+}
+
+/// A raw socket of `family` and `protocol`.
+fn raw_socket(family: libc::c_int, protocol: libc::c_int) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned by the result.
+    let fd = unsafe { libc::socket(family, libc::SOCK_RAW, protocol) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor, closed when the `OwnedFd` drops.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Sends `packet(n)` for n = 0, 1, ... to `addr` (a `sockaddr_*`) on `sock` until `stop`,
+/// paced at `pps` (0: as fast as it can), counting into `sent`.
+fn send_paced<A, P: AsRef<[u8]>>(
+    sock: &std::os::fd::OwnedFd,
+    addr: &A,
+    pps: u64,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+    mut packet: impl FnMut(u64) -> P,
+) -> io::Result<()> {
     let mut n: u64 = 0;
     let started = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -955,22 +1176,17 @@ fn spoof_syns(
                 std::thread::sleep(ahead);
             }
         }
-        // xorshift32 for sequence numbers and ports.
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        let src = Ipv4Addr::from(u32::from(SPOOF_NET) | (1 + (n % 254) as u32));
-        let sport = 1024 + (state % 64000) as u16;
-        let packet = syn_packet(src, dst, sport, port, state);
-        // SAFETY: sendto with a valid buffer and address of the right length.
+        let packet = packet(n);
+        let packet = packet.as_ref();
+        // SAFETY: sendto with a valid buffer and an address of its own size.
         let rc = unsafe {
             libc::sendto(
                 sock.as_raw_fd(),
                 packet.as_ptr().cast(),
                 packet.len(),
                 0,
-                std::ptr::addr_of!(to).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                std::ptr::from_ref(addr).cast(),
+                std::mem::size_of::<A>() as libc::socklen_t,
             )
         };
         if rc < 0 {
@@ -987,6 +1203,38 @@ fn spoof_syns(
     }
     sent.store(n, Ordering::Relaxed);
     Ok(())
+}
+
+/// Ethernet + IPv6 + TCP SYN, TCP checksum over the pseudo-header (RFC 8200 section 8.1).
+fn syn6_frame(
+    dst_mac: &[u8],
+    src: Ipv6Addr,
+    to: &std::net::SocketAddrV6,
+    sport: u16,
+    seq: u32,
+) -> Vec<u8> {
+    let mut t = [0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&to.port().to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = 0x02; // SYN
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = 0u32;
+    for w in src.octets().chunks(2).chain(to.ip().octets().chunks(2)) {
+        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    pseudo += u32::from(libc::IPPROTO_TCP as u16) + 20;
+    let sum = checksum(&t, pseudo);
+    t[16..18].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = dst_mac[..6].to_vec();
+    frame.extend_from_slice(&[
+        0x02, 0, 0, 0, 0x0f, 0x10, 0x86, 0xdd, 0x60, 0, 0, 0, 0, 20, 6, 64,
+    ]);
+    frame.extend_from_slice(&src.octets());
+    frame.extend_from_slice(&to.ip().octets());
+    frame.extend_from_slice(&t);
+    frame
 }
 
 /// An IPv4 + TCP SYN (no options), checksums filled in.
@@ -1049,14 +1297,34 @@ impl Rig {
         let client = VethPair::create("c");
         // SYN-ACKs to the spoofed sources go back into the attacker namespace (which drops
         // them), never out of the host's default route.
+        route_via(
+            &format!("{SPOOF_NET}/24"),
+            attacker.peer4.into(),
+            &attacker.host_if,
+        );
+        // The same for the random IPv6 sources; and the new clients' /48 is routed to the
+        // client namespace, which takes all of it as local (AnyIP) so a client can bind any
+        // address of it.
+        route_via(
+            &format!("{SPOOF6_NET}/{SPOOF6_LEN}"),
+            attacker.peer6.into(),
+            &attacker.host_if,
+        );
+        route_via(
+            &format!("{CLIENTS6_NET}/48"),
+            client.peer6.into(),
+            &client.host_if,
+        );
         ip(&[
+            "-n",
+            &client.netns,
+            "-6",
             "route",
             "add",
-            &format!("{SPOOF_NET}/24"),
-            "via",
-            &attacker.peer4.to_string(),
+            "local",
+            &format!("{CLIENTS6_NET}/48"),
             "dev",
-            &attacker.host_if,
+            "lo",
         ]);
         Rig {
             attacker,
@@ -1089,6 +1357,8 @@ struct VethPair {
     peer_if: String,
     host4: Ipv4Addr,
     peer4: Ipv4Addr,
+    host6: Ipv6Addr,
+    peer6: Ipv6Addr,
 }
 
 impl VethPair {
@@ -1101,6 +1371,8 @@ impl VethPair {
             peer_if: format!("gfp{pid}{tag}"),
             host4: Ipv4Addr::new(198, 51, 100, block + 1),
             peer4: Ipv4Addr::new(198, 51, 100, block + 2),
+            host6: Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0x200 + u16::from(block), 0, 0, 0, 1),
+            peer6: Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0x200 + u16::from(block), 0, 0, 0, 2),
         };
         let (ns, host, peer) = (&veth.netns, &veth.host_if, &veth.peer_if);
         ip(&["netns", "add", ns]);
@@ -1108,6 +1380,14 @@ impl VethPair {
             "link", "add", host, "type", "veth", "peer", "name", peer, "netns", ns,
         ]);
         ip(&["addr", "add", &format!("{}/30", veth.host4), "dev", host]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", veth.host6),
+            "dev",
+            host,
+            "nodad",
+        ]);
         ip(&["link", "set", host, "up"]);
         ip(&[
             "-n",
@@ -1117,6 +1397,16 @@ impl VethPair {
             &format!("{}/30", veth.peer4),
             "dev",
             peer,
+        ]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/64", veth.peer6),
+            "dev",
+            peer,
+            "nodad",
         ]);
         ip(&["-n", ns, "link", "set", peer, "up"]);
         ip(&["-n", ns, "link", "set", "lo", "up"]);
@@ -1201,6 +1491,12 @@ fn free_block(pid: u32, tag: &str) -> u8 {
         .expect("a free /30 in 198.51.100.0/24")
 }
 
+/// `ip route add NET via GATEWAY dev DEV` in the host namespace.
+fn route_via(net: &str, gateway: IpAddr, dev: &str) {
+    let gateway = gateway.to_string();
+    ip(&["route", "add", net, "via", &gateway, "dev", dev]);
+}
+
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
     assert!(
@@ -1232,6 +1528,24 @@ mod tests {
         }
         pseudo += 6 + 20;
         assert_eq!(checksum(&p[20..], pseudo), 0);
+    }
+
+    #[test]
+    fn syn6_checksum_verifies_and_sources_stay_in_their_network() {
+        let to = std::net::SocketAddrV6::new("2001:db8:77:201::1".parse().unwrap(), 8080, 0, 0);
+        let src = random_in(SPOOF6_NET, SPOOF6_LEN, 12345);
+        assert_eq!(u128::from(src) >> 92, u128::from(SPOOF6_NET) >> 92);
+        assert_ne!(
+            random_in(SPOOF6_NET, SPOOF6_LEN, 1),
+            random_in(SPOOF6_NET, SPOOF6_LEN, 2)
+        );
+        let frame = syn6_frame(&[2, 0, 0, 0, 0, 1], src, &to, 40000, 7);
+        let mut pseudo = 0u32;
+        for w in frame[22..54].chunks(2) {
+            pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        pseudo += 6 + 20;
+        assert_eq!(checksum(&frame[54..], pseudo), 0);
     }
 
     #[test]

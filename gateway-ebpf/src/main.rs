@@ -1,21 +1,30 @@
 //! The gateway's XDP program: the first code every inbound frame meets.
 //!
-//! It guards TCP to the gateway's listener ports, IPv4 and IPv6, before the kernel spends
-//! anything on a handshake (design and non-goals: `docs/design/xdp-guard.md`):
+//! It guards TCP to the gateway's listener ports, IPv4 and IPv6, behind up to two VLAN
+//! tags, before the kernel spends anything on a handshake (design and non-goals:
+//! `docs/design/xdp-guard.md`):
 //! 1. a source in a denied network (`DENY_*` LPM tries) loses every packet, unless a more
-//!    specific `ALLOW_*` entry covers it; allowed sources are exempt from 2-4;
-//! 2. a SYN (without ACK) from a source user space marked in `CAPPED_*` (at
+//!    specific `ALLOW_*` entry covers it; allowed sources are exempt from 2-5. Deny needs
+//!    only the source address, so it holds for fragments and unparsable chains too;
+//! 2. TCP that cannot be classified (a first fragment without the whole TCP header, a
+//!    fragment overlapping it, an IPv6 extension chain beyond the bound) is dropped while a
+//!    SYN limit is configured: it fails closed rather than let a SYN escape 3-5;
+//! 3. a SYN (without ACK) from a source key user space marked in `CAPPED_*` (at
 //!    `max_conns_per_ip` completed connections) is dropped;
-//! 3. a SYN is charged to its source's token bucket in the LRU `RATE_*` (`conn_rate`,
-//!    `conn_burst`); an empty bucket drops it;
-//! 4. a SYN from a source with no bucket yet takes a token from the per-CPU global
-//!    `NEW_SOURCE_BUCKET` first; when that is empty the SYN is dropped rather than
-//!    evicting known sources' state with a flood of new ones.
+//! 4. a SYN is charged to its source key's token bucket in the LRU `RATE_*` (`conn_rate`,
+//!    `conn_burst`); an empty bucket drops it. The entry counts the charged SYNs, which user
+//!    space reads at accept to charge only the connections no program charged;
+//! 5. a SYN from a source with no bucket yet takes a token from the per-CPU global
+//!    `NEW_SOURCE_BUCKET` first; when that is empty the SYN passes without state (kernel
+//!    SYN cookies and the user-space charge at accept cover it) rather than evict known
+//!    sources' state or lock new clients out.
 //!
+//! IPv6 source keys are the address masked to `GuardConfig::v6_prefix_len` (default /64).
 //! Everything else passes untouched: other protocols, other ports, frames that are not
-//! IPv4/IPv6, and every frame while `GUARD_CONFIG` lacks `CFG_ENABLED` (user space writes
-//! it after loading). Frames the program cannot parse pass too, counted as `PASS_ERROR`
-//! (fail open, visibly). Every verdict bumps one per-CPU counter in `VERDICT_COUNTERS`.
+//! IPv4/IPv6 (counted `PASS_NOT_IP`), and every frame while `GUARD_CONFIG` lacks
+//! `CFG_ENABLED` (user space writes it after loading). Frames too short for a header pass
+//! too, counted as `PASS_ERROR` (fail open, visibly). Every verdict bumps one per-CPU
+//! counter in `VERDICT_COUNTERS`.
 //!
 //! Built for `bpfel-unknown-none` by aya-build from `gateway/build.rs`. For the host (where
 //! `cargo clippy --workspace --all-targets` compiles it) it is an ordinary binary with an
@@ -36,7 +45,7 @@ use gateway_common::{
     flags::{CFG_CONN_CAP, CFG_CONN_RATE, CFG_ENABLED, CFG_NEW_SOURCE_LIMIT},
     sizes::{CAPPED_ENTRIES, MAX_PORTS, NET_ENTRIES, RATE_ENTRIES},
     verdict::{self, VERDICT_COUNT},
-    BucketParams, GuardConfig, NetEntry, TokenBucket, VerdictCounter,
+    BucketParams, GuardConfig, NetEntry, SourceRate, TokenBucket, VerdictCounter,
 };
 
 // ---- Maps: every map the program uses is declared here, and only here. ----
@@ -66,9 +75,9 @@ static ALLOW_V6: LpmTrie<[u8; 16], NetEntry> = LpmTrie::with_max_entries(NET_ENT
 /// Per-source `conn_rate` buckets. LRU: when full, the least recently charged source is
 /// forgotten (a forgotten source starts again with a full bucket).
 #[map]
-static RATE_V4: LruHashMap<[u8; 4], TokenBucket> = LruHashMap::with_max_entries(RATE_ENTRIES, 0);
+static RATE_V4: LruHashMap<[u8; 4], SourceRate> = LruHashMap::with_max_entries(RATE_ENTRIES, 0);
 #[map]
-static RATE_V6: LruHashMap<[u8; 16], TokenBucket> = LruHashMap::with_max_entries(RATE_ENTRIES, 0);
+static RATE_V6: LruHashMap<[u8; 16], SourceRate> = LruHashMap::with_max_entries(RATE_ENTRIES, 0);
 
 /// Sources at `max_conns_per_ip` completed connections; written by user space only, so a
 /// spoofed SYN can never put an address here.
@@ -99,11 +108,29 @@ pub fn gateway_xdp(ctx: XdpContext) -> u32 {
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+/// IEEE 802.1Q customer tag and IEEE 802.1ad service tag (QinQ outer tag).
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
 const ETH_LEN: usize = 14;
+const VLAN_LEN: usize = 4;
 const IPV6_LEN: usize = 40;
+const TCP_LEN: usize = 20;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
+/// VLAN tags parsed (802.1ad outer + 802.1Q inner); a frame with more is not IP to us.
+const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers walked before the chain counts as unclassifiable. Real TCP
+/// carries zero or one (RFC 7045 section 1; RFC 9098 reports drops of long chains on the
+/// Internet anyway); eight leaves room for every legitimate combination of RFC 8200
+/// section 4.1's order while the loop stays small for the verifier.
+const MAX_IPV6_EXT: usize = 8;
+/// Bytes of IPv6 extension headers walked at most: bounds the offset for the verifier.
+const MAX_IPV6_EXT_BYTES: usize = 1024;
+/// A non-first fragment with an offset below this (in 8-octet units) overlaps the fixed
+/// TCP header, which a legitimate sender never does (RFC 1858 section 3.2: such a
+/// fragment could rewrite the flags of a first fragment that was judged harmless).
+const MIN_FRAG_UNITS: u16 = (TCP_LEN as u16).div_ceil(8);
 
 /// Decides the verdict (a `gateway_common::verdict` index) for one frame: `Ok` for a
 /// judgement, `Err` when the frame could not be judged (the caller fails open and counts
@@ -119,86 +146,197 @@ fn try_gateway_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     }
     let eth: *const EthHdr = ptr_at(ctx, 0).map_err(|Truncated| verdict::PASS_ERROR)?;
     // SAFETY: `ptr_at` checked the whole header lies within [data, data_end).
-    let ether_type = u16::from_be(unsafe { (*eth).ether_type });
-    match ether_type {
-        ETH_P_IPV4 => {
-            let ip: *const Ipv4Hdr =
-                ptr_at(ctx, ETH_LEN).map_err(|Truncated| verdict::PASS_ERROR)?;
-            // SAFETY: bounds checked by `ptr_at`.
-            let (vihl, protocol, frag, src) =
-                unsafe { ((*ip).vihl, (*ip).protocol, (*ip).frag_off, (*ip).src) };
-            if protocol != IPPROTO_TCP {
-                return Ok(verdict::PASS);
-            }
-            // A non-first fragment carries no TCP header; the first fragment (which does)
-            // is judged, so a dropped first fragment sinks the whole datagram anyway.
-            if u16::from_be(frag) & 0x1fff != 0 {
-                return Ok(verdict::PASS);
-            }
-            let ihl = ((vihl & 0x0f) as usize) * 4;
-            if ihl < 20 {
-                return Err(verdict::PASS_ERROR);
-            }
-            let (port, tcp_flags) = tcp_port_flags(ctx, ETH_LEN + ihl)?;
-            if !protected(cfg, port) {
-                return Ok(verdict::PASS);
-            }
-            Ok(judge(
-                cfg, &src, &DENY_V4, &ALLOW_V4, &CAPPED_V4, &RATE_V4, 32, tcp_flags,
-            ))
+    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let mut l3 = ETH_LEN;
+    // One or two VLAN tags (IEEE 802.1Q-2018 section 9.6): the frame is judged by what
+    // they carry, so tagging a SYN does not take it past the guard.
+    for _ in 0..MAX_VLAN_TAGS {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
         }
-        ETH_P_IPV6 => {
-            let ip: *const Ipv6Hdr =
-                ptr_at(ctx, ETH_LEN).map_err(|Truncated| verdict::PASS_ERROR)?;
-            // SAFETY: bounds checked by `ptr_at`.
-            let (mut next, src) = unsafe { ((*ip).next_header, (*ip).src) };
-            let mut offset = ETH_LEN + IPV6_LEN;
-            // Walk up to three extension headers (RFC 8200 section 4): without this a
-            // hop-by-hop or destination-options header would slip a denied source past
-            // the guard. Bounded and unrolled for the verifier.
-            for _ in 0..3 {
-                match next {
-                    IPPROTO_TCP => break,
-                    // Hop-by-hop, routing, destination options: length in 8-octet units,
-                    // not counting the first 8 (RFC 8200 section 4.3).
-                    0 | 43 | 60 => {
-                        let ext: *const Ipv6Ext =
-                            ptr_at(ctx, offset).map_err(|Truncated| verdict::PASS_ERROR)?;
-                        // SAFETY: bounds checked by `ptr_at`.
-                        let (n, len) = unsafe { ((*ext).next_header, (*ext).len) };
-                        next = n;
-                        offset += (len as usize + 1) * 8;
-                    }
-                    // Fragment header (RFC 8200 section 4.5): fixed 8 octets; only the
-                    // first fragment carries the TCP header.
-                    44 => {
-                        let ext: *const Ipv6Frag =
-                            ptr_at(ctx, offset).map_err(|Truncated| verdict::PASS_ERROR)?;
-                        // SAFETY: bounds checked by `ptr_at`.
-                        let (n, frag) = unsafe { ((*ext).next_header, (*ext).frag_off) };
-                        if u16::from_be(frag) & 0xfff8 != 0 {
-                            return Ok(verdict::PASS);
-                        }
-                        next = n;
-                        offset += 8;
-                    }
-                    _ => return Ok(verdict::PASS),
-                }
-            }
-            if next != IPPROTO_TCP {
-                // More extension headers than walked: cannot find the port. Fail open.
-                return Err(verdict::PASS_ERROR);
-            }
-            let (port, tcp_flags) = tcp_port_flags(ctx, offset)?;
-            if !protected(cfg, port) {
-                return Ok(verdict::PASS);
-            }
-            Ok(judge(
-                cfg, &src, &DENY_V6, &ALLOW_V6, &CAPPED_V6, &RATE_V6, 128, tcp_flags,
-            ))
-        }
-        _ => Ok(verdict::PASS),
+        let tag: *const VlanHdr = ptr_at(ctx, l3).map_err(|Truncated| verdict::PASS_ERROR)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        ether_type = u16::from_be(unsafe { (*tag).inner_type });
+        l3 += VLAN_LEN;
     }
+    match ether_type {
+        ETH_P_IPV4 => ipv4(ctx, cfg, l3),
+        ETH_P_IPV6 => ipv6(ctx, cfg, l3),
+        // Including a third VLAN tag: the stack does not deliver it as IP either.
+        _ => Ok(verdict::PASS_NOT_IP),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, cfg: &GuardConfig, l3: usize) -> Result<u32, u32> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).map_err(|Truncated| verdict::PASS_ERROR)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (vihl, total_len, protocol, frag, src) = unsafe {
+        (
+            (*ip).vihl,
+            (*ip).total_len,
+            (*ip).protocol,
+            (*ip).frag_off,
+            (*ip).src,
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return Ok(verdict::PASS);
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Err(verdict::PASS_ERROR);
+    }
+    let frag = u16::from_be(frag);
+    let frag_units = frag & 0x1fff;
+    let more_fragments = frag & 0x2000 != 0;
+    let v4 = Family4;
+    if frag_units != 0 {
+        // A non-first fragment has no TCP header, so no port. It cannot become a segment
+        // without its first fragment, which is judged below with a whole TCP header, and
+        // Linux discards a datagram with overlapping fragments (net/ipv4/ip_fragment.c,
+        // as RFC 5722 asks of IPv6); a fragment that would overlap the TCP header is
+        // dropped here anyway. Deny needs only the source, so it applies.
+        return Ok(if frag_units < MIN_FRAG_UNITS {
+            unclassified(cfg, &v4, &src)
+        } else {
+            v4.listed(&src).unwrap_or(verdict::PASS)
+        });
+    }
+    // A first fragment must carry the whole fixed TCP header inside the IP datagram (the
+    // frame may hold Ethernet padding after it, which must not be read as TCP): the
+    // "tiny fragment" attack of RFC 1858 section 3.1 puts the flags in the second one.
+    if more_fragments && (u16::from_be(total_len) as usize) < ihl + TCP_LEN {
+        return Ok(unclassified(cfg, &v4, &src));
+    }
+    let (port, tcp_flags) = tcp_port_flags(ctx, l3 + ihl)?;
+    if !protected(cfg, port) {
+        return Ok(verdict::PASS);
+    }
+    Ok(judge(cfg, &v4, &src, &src, tcp_flags))
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, cfg: &GuardConfig, l3: usize) -> Result<u32, u32> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3).map_err(|Truncated| verdict::PASS_ERROR)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (mut next, payload_len, src) = unsafe { ((*ip).next_header, (*ip).payload_len, (*ip).src) };
+    let payload_len = u16::from_be(payload_len) as usize;
+    let v6 = Family6;
+    let mut ext_len = 0usize;
+    let mut first_fragment = false;
+    // Walk the extension headers (RFC 8200 section 4), at most MAX_IPV6_EXT of them:
+    // bounded and unrolled for the verifier.
+    for _ in 0..MAX_IPV6_EXT {
+        if next == IPPROTO_TCP {
+            break;
+        }
+        let offset = l3 + IPV6_LEN + ext_len;
+        match next {
+            // Hop-by-hop, routing, destination options, mobility, HIP, shim6 and the
+            // experimental 253/254 (RFC 7045 section 4; RFC 8200 section 4.3): length
+            // in 8-octet units, not counting the first 8.
+            0 | 43 | 60 | 135 | 139 | 140 | 253 | 254 => {
+                let ext: *const Ipv6Ext =
+                    ptr_at(ctx, offset).map_err(|Truncated| verdict::PASS_ERROR)?;
+                // SAFETY: bounds checked by `ptr_at`.
+                let (n, len) = unsafe { ((*ext).next_header, (*ext).len) };
+                next = n;
+                ext_len += (len as usize + 1) * 8;
+            }
+            // Authentication header: length in 4-octet units, minus 2 (RFC 4302
+            // section 2.2).
+            51 => {
+                let ext: *const Ipv6Ext =
+                    ptr_at(ctx, offset).map_err(|Truncated| verdict::PASS_ERROR)?;
+                // SAFETY: bounds checked by `ptr_at`.
+                let (n, len) = unsafe { ((*ext).next_header, (*ext).len) };
+                next = n;
+                ext_len += (len as usize + 2) * 4;
+            }
+            // Fragment header (RFC 8200 section 4.5): fixed 8 octets.
+            44 => {
+                let ext: *const Ipv6Frag =
+                    ptr_at(ctx, offset).map_err(|Truncated| verdict::PASS_ERROR)?;
+                // SAFETY: bounds checked by `ptr_at`.
+                let (n, frag) = unsafe { ((*ext).next_header, u16::from_be((*ext).frag_off)) };
+                let units = frag >> 3;
+                if units != 0 {
+                    // As for IPv4: the first fragment is judged whole (RFC 7112 puts the
+                    // entire header chain in it), and overlaps are discarded (RFC 5722).
+                    return Ok(if n == IPPROTO_TCP && units < MIN_FRAG_UNITS {
+                        unclassified(cfg, &v6, &src)
+                    } else {
+                        v6.listed(&src).unwrap_or(verdict::PASS)
+                    });
+                }
+                // Offset 0 with M set; M clear is an atomic fragment (RFC 6946), a
+                // whole datagram.
+                first_fragment = frag & 1 != 0;
+                next = n;
+                ext_len += 8;
+            }
+            // UDP, ICMPv6, ESP, no next header, ...: not TCP we can see.
+            _ => return Ok(verdict::PASS),
+        }
+        if ext_len > MAX_IPV6_EXT_BYTES {
+            return Ok(unclassified(cfg, &v6, &src));
+        }
+    }
+    if next != IPPROTO_TCP {
+        return Ok(if is_ipv6_ext(next) {
+            // More extension headers than the bound: the port is unknown, so fail closed.
+            unclassified(cfg, &v6, &src)
+        } else {
+            verdict::PASS
+        });
+    }
+    if ext_len > MAX_IPV6_EXT_BYTES {
+        return Ok(unclassified(cfg, &v6, &src));
+    }
+    // The TCP header must lie inside the datagram (not the frame's padding), and in the
+    // first fragment (RFC 7112 section 5: a first fragment without the whole chain and
+    // upper-layer header may be dropped).
+    if first_fragment && payload_len < ext_len + TCP_LEN {
+        return Ok(unclassified(cfg, &v6, &src));
+    }
+    let (port, tcp_flags) = tcp_port_flags(ctx, l3 + IPV6_LEN + ext_len)?;
+    if !protected(cfg, port) {
+        return Ok(verdict::PASS);
+    }
+    let key = mask_v6(&src, cfg.v6_prefix_len);
+    Ok(judge(cfg, &v6, &src, &key, tcp_flags))
+}
+
+/// Whether `next` is an IPv6 extension header the walk above steps over.
+#[inline(always)]
+fn is_ipv6_ext(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}
+
+/// `addr` with all but the first `prefix_len` bits cleared: the `RATE_V6`/`CAPPED_V6`
+/// key, so every address of one /64 (by default) is one client.
+#[inline(always)]
+fn mask_v6(addr: &[u8; 16], prefix_len: u32) -> [u8; 16] {
+    let a = addr;
+    let hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+    let lo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
+    let p = if prefix_len > 128 { 128 } else { prefix_len };
+    let (mask_hi, mask_lo) = if p >= 128 {
+        (u64::MAX, u64::MAX)
+    } else if p >= 64 {
+        (u64::MAX, !(u64::MAX >> (p - 64)))
+    } else if p == 0 {
+        (0, 0)
+    } else {
+        (!(u64::MAX >> p), 0)
+    };
+    let hi = (hi & mask_hi).to_be_bytes();
+    let lo = (lo & mask_lo).to_be_bytes();
+    [
+        hi[0], hi[1], hi[2], hi[3], hi[4], hi[5], hi[6], hi[7], lo[0], lo[1], lo[2], lo[3], lo[4],
+        lo[5], lo[6], lo[7],
+    ]
 }
 
 /// Destination port (host order) and flags byte of the TCP header at `offset`.
@@ -226,72 +364,146 @@ fn protected(cfg: &GuardConfig, port: u16) -> bool {
     false
 }
 
-/// The verdict for a TCP segment from `src` to a protected port. Generic over the address
-/// family's key type (`[u8; 4]` or `[u8; 16]`, network byte order).
-#[allow(clippy::too_many_arguments)]
+/// One address family's maps. `K` is the address in network byte order.
+trait Family {
+    type K: Copy;
+    const FULL_PREFIX: u32;
+    fn deny(&self) -> &LpmTrie<Self::K, NetEntry>;
+    fn allow(&self) -> &LpmTrie<Self::K, NetEntry>;
+    fn capped(&self) -> &HashMap<Self::K, u32>;
+    fn rate(&self) -> &LruHashMap<Self::K, SourceRate>;
+
+    /// `Some(verdict)` when the source is listed: the more specific of a deny and an
+    /// allow entry wins, a tie goes to deny. Only the source address is needed, so this
+    /// holds for every packet, whatever follows the fixed IP header.
+    #[inline(always)]
+    fn listed(&self, src: &Self::K) -> Option<u32> {
+        let key = Key::new(Self::FULL_PREFIX, *src);
+        let denied = self.deny().get(&key).map(|e| e.prefix_len);
+        let allowed = self.allow().get(&key).map(|e| e.prefix_len);
+        match (denied, allowed) {
+            (Some(d), Some(a)) if a > d => Some(verdict::PASS),
+            (Some(_), _) => Some(verdict::DROP_DENY),
+            (None, Some(_)) => Some(verdict::PASS),
+            (None, None) => None,
+        }
+    }
+}
+
+struct Family4;
+struct Family6;
+
+impl Family for Family4 {
+    type K = [u8; 4];
+    const FULL_PREFIX: u32 = 32;
+    fn deny(&self) -> &LpmTrie<[u8; 4], NetEntry> {
+        &DENY_V4
+    }
+    fn allow(&self) -> &LpmTrie<[u8; 4], NetEntry> {
+        &ALLOW_V4
+    }
+    fn capped(&self) -> &HashMap<[u8; 4], u32> {
+        &CAPPED_V4
+    }
+    fn rate(&self) -> &LruHashMap<[u8; 4], SourceRate> {
+        &RATE_V4
+    }
+}
+
+impl Family for Family6 {
+    type K = [u8; 16];
+    const FULL_PREFIX: u32 = 128;
+    fn deny(&self) -> &LpmTrie<[u8; 16], NetEntry> {
+        &DENY_V6
+    }
+    fn allow(&self) -> &LpmTrie<[u8; 16], NetEntry> {
+        &ALLOW_V6
+    }
+    fn capped(&self) -> &HashMap<[u8; 16], u32> {
+        &CAPPED_V6
+    }
+    fn rate(&self) -> &LruHashMap<[u8; 16], SourceRate> {
+        &RATE_V6
+    }
+}
+
+/// The verdict for TCP the program cannot classify (no port, no flags): deny and allow
+/// still apply; otherwise, while a SYN limit is configured, drop it rather than let a
+/// SYN escape `conn_rate` and the cap (fail closed). No legitimate sender produces such
+/// packets (see the callers).
 #[inline(always)]
-fn judge<K: Copy>(
-    cfg: &GuardConfig,
-    src: &K,
-    deny: &LpmTrie<K, NetEntry>,
-    allow: &LpmTrie<K, NetEntry>,
-    capped: &HashMap<K, u32>,
-    rate: &LruHashMap<K, TokenBucket>,
-    full_prefix: u32,
-    tcp_flags: u8,
-) -> u32 {
-    let key = Key::new(full_prefix, *src);
-    let denied = deny.get(&key).map(|e| e.prefix_len);
-    let allowed = allow.get(&key).map(|e| e.prefix_len);
-    match (denied, allowed) {
-        // The more specific entry wins; on a tie, deny.
-        (Some(d), Some(a)) if a > d => return verdict::PASS,
-        (Some(_), _) => return verdict::DROP_DENY,
-        (None, Some(_)) => return verdict::PASS,
-        (None, None) => {}
+fn unclassified<F: Family>(cfg: &GuardConfig, family: &F, src: &F::K) -> u32 {
+    if let Some(verdict) = family.listed(src) {
+        return verdict;
+    }
+    if cfg.flags & (CFG_CONN_RATE | CFG_CONN_CAP) != 0 {
+        verdict::DROP_UNCLASSIFIED
+    } else {
+        verdict::PASS
+    }
+}
+
+/// The verdict for a TCP segment from `src` to a protected port; `key` is the source's
+/// rate/cap key (`src` itself for IPv4, masked to the prefix for IPv6).
+#[inline(always)]
+fn judge<F: Family>(cfg: &GuardConfig, family: &F, src: &F::K, key: &F::K, tcp_flags: u8) -> u32 {
+    if let Some(verdict) = family.listed(src) {
+        return verdict;
     }
     // Only a connection attempt is limited; everything else of an admitted connection
     // flows (the cap and the rate are about new connections).
     if tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
         return verdict::PASS;
     }
-    if cfg.flags & CFG_CONN_CAP != 0 && capped.get_ptr(src).is_some() {
+    if cfg.flags & CFG_CONN_CAP != 0 && family.capped().get_ptr(key).is_some() {
         return verdict::DROP_CONN_CAP;
     }
     if cfg.flags & CFG_CONN_RATE == 0 {
         return verdict::PASS;
     }
+    let rate = family.rate();
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(bucket) = rate.get_ptr_mut(src) {
-        // SAFETY: a pointer to a live map value. Another CPU may update the same bucket
-        // concurrently; a lost update costs one token of accuracy, not safety.
-        return if unsafe { take(&mut *bucket, &cfg.conn, now) } {
-            verdict::PASS
-        } else {
-            verdict::DROP_RATE
-        };
+    if let Some(state) = rate.get_ptr_mut(key) {
+        // SAFETY: a pointer to a live map value. Another CPU may update the same entry
+        // concurrently; a lost update costs one token (or one `syns` count) of accuracy.
+        let state = unsafe { &mut *state };
+        if !take(&mut state.bucket, &cfg.conn, now) {
+            return verdict::DROP_RATE;
+        }
+        state.syns = state.syns.wrapping_add(1);
+        state.charged_ns = now;
+        return verdict::PASS;
     }
-    // A source without state. The backstop decides whether it gets some.
+    // A source without state. The backstop decides whether it gets some; without a
+    // token it passes untracked: dropping it would lock every new client out during a
+    // random-source flood, while passing costs little (the kernel answers with SYN
+    // cookies, a spoofed source never completes, and user space charges a real one at
+    // accept because no program charged it).
     if cfg.flags & CFG_NEW_SOURCE_LIMIT != 0 {
         match NEW_SOURCE_BUCKET.get_ptr_mut(0) {
             // SAFETY: this CPU's slot; XDP runs with migration disabled.
             Some(global) => {
                 if !unsafe { take(&mut *global, &cfg.new_source, now) } {
-                    return verdict::DROP_NEW_SOURCE;
+                    return verdict::PASS_UNTRACKED;
                 }
             }
             None => return verdict::PASS_ERROR,
         }
     }
-    let fresh = TokenBucket {
-        // The bucket starts full, minus this SYN (user space keeps burst >= 1 token).
-        tokens_mtok: cfg.conn.burst_mtok.saturating_sub(MTOK),
-        last_ns: now,
+    let fresh = SourceRate {
+        bucket: TokenBucket {
+            // The bucket starts full, minus this SYN (user space keeps burst >= 1 token).
+            tokens_mtok: cfg.conn.burst_mtok.saturating_sub(MTOK),
+            last_ns: now,
+        },
+        syns: 1,
+        charged_ns: now,
     };
-    match rate.insert(src, fresh, 0) {
+    match rate.insert(key, &fresh, 0) {
         Ok(()) => verdict::PASS,
-        // Could not record the source: let the SYN through, visibly.
+        // Could not record the source: let the SYN through, visibly (user space charges
+        // it at accept, since no charge was recorded).
         Err(_) => verdict::PASS_ERROR,
     }
 }
@@ -376,12 +588,19 @@ struct EthHdr {
     ether_type: u16,
 }
 
+/// IEEE 802.1Q tag after the outer EtherType: TCI, then the inner EtherType.
+#[repr(C)]
+struct VlanHdr {
+    _tci: u16,
+    inner_type: u16,
+}
+
 /// IPv4 header without options (RFC 791 section 3.1); network byte order.
 #[repr(C)]
 struct Ipv4Hdr {
     vihl: u8,
     _tos: u8,
-    _total_len: u16,
+    total_len: u16,
     _id: u16,
     frag_off: u16,
     _ttl: u8,
@@ -395,7 +614,7 @@ struct Ipv4Hdr {
 #[repr(C)]
 struct Ipv6Hdr {
     _vtcfl: [u8; 4],
-    _payload_len: u16,
+    payload_len: u16,
     next_header: u8,
     _hop_limit: u8,
     src: [u8; 16],
@@ -433,10 +652,11 @@ struct TcpHdr {
 }
 
 const _: () = assert!(size_of::<EthHdr>() == 14);
+const _: () = assert!(size_of::<VlanHdr>() == VLAN_LEN);
 const _: () = assert!(size_of::<Ipv4Hdr>() == 20);
 const _: () = assert!(size_of::<Ipv6Hdr>() == IPV6_LEN);
 const _: () = assert!(size_of::<Ipv6Frag>() == 8);
-const _: () = assert!(size_of::<TcpHdr>() == 20);
+const _: () = assert!(size_of::<TcpHdr>() == TCP_LEN);
 
 // ---- Runtime glue ----
 

@@ -4,7 +4,10 @@
 //! - [`ConnLimiter`], one per process (cheap `Clone`, shared by every worker), is asked
 //!   once per accepted connection ([`ConnLimiter::on_accept`]) and told of the close when
 //!   the returned [`ConnTicket`] drops. It applies `deny`/`allow`, `conn_rate`/`conn_burst`
-//!   (only while the XDP program is not enforcing it) and `max_conns_per_ip`. It always
+//!   and `max_conns_per_ip`. With the XDP program attached, `conn_rate` is charged here
+//!   only for connections no program charged (an [`XdpLedger`] says which): a connection
+//!   that came in on an interface without the program, or a SYN the program let pass
+//!   untracked during a flood of new sources, is still rate limited. It always
 //!   keeps the per-IP count of open connections: that count is what feeds the XDP cap —
 //!   an address reaching `max_conns_per_ip` is marked through a [`CapSink`] and its next
 //!   SYNs are dropped in the kernel; only completed handshakes count, so spoofed SYNs can
@@ -16,6 +19,11 @@
 //!   them) and stricter for a client with a single keep-alive connection. Chosen for a
 //!   lock-free hot path; see `docs/design/xdp-guard.md`.
 //!
+//! Per-IP means per source key ([`source_key`]): an IPv4 address, or an IPv6 address
+//! masked to `[limits] ipv6_prefix` (default /64, the usual end-site assignment, so one
+//! subscriber is one client, not 2^64), as the XDP program keys its maps. `deny`/`allow`
+//! match the full address.
+//!
 //! Precedence of the lists, same as the XDP program: the longest matching prefix of
 //! `deny` and `allow` wins, a tie goes to `deny`; an allowed address is exempt from every
 //! limit. Memory is bounded: per-IP state exists only for open connections and recently
@@ -26,7 +34,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -43,7 +51,8 @@ pub const LIMIT_MAX_CONNS: &str = "max_conns_per_ip";
 /// `limit` label: over `request_rate`/`request_burst`.
 pub const LIMIT_REQUEST_RATE: &str = "request_rate";
 /// `limit` label: the XDP global backstop on new sources (no config key; see
-/// `crate::xdp::GuardOptions`).
+/// `crate::xdp::GuardOptions`). No longer produced: over the backstop a new source passes
+/// untracked and is charged at accept.
 pub const LIMIT_NEW_SOURCE_RATE: &str = "new_source_rate";
 /// `enforcer` label: dropped by the XDP program.
 pub const ENFORCER_XDP: &str = "xdp";
@@ -73,11 +82,73 @@ pub trait CapSink: Send + Sync {
     fn set_capped(&self, ip: IpAddr, count: Option<u32>);
 }
 
+/// What the XDP program recorded for one source key in its rate map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpCharge {
+    /// SYNs the program charged to the key's bucket since the entry was created.
+    pub syns: u64,
+    /// When it charged the last one, CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`).
+    pub charged_ns: u64,
+}
+
+/// Read access to the program's per-source charges (`crate::xdp::ChargeLedger`, or a
+/// test double): how user space tells a connection the program charged from one it did
+/// not see (another interface, `lo`, a tunnel) or let pass untracked.
+pub trait XdpLedger: Send + Sync {
+    /// The record for `key` (a [`source_key`]), if the program has one.
+    fn charged(&self, key: IpAddr) -> Option<XdpCharge>;
+
+    /// Now, on the clock of [`XdpCharge::charged_ns`].
+    fn now_ns(&self) -> u64 {
+        monotonic_ns()
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// How long after the program charged a source's SYN a connection from that source may be
+/// credited with it. Covers SYN retransmissions and a busy accept queue; older charges
+/// are not credited, so a surplus of charged SYNs cannot be saved up.
+pub const XDP_CHARGE_WINDOW: Duration = Duration::from_secs(10);
+
 /// Which limits the XDP program enforces already, so user space does not charge them twice.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct Enforcement {
-    /// The program is attached and charges `conn_rate` per SYN: skip it at accept.
-    pub xdp_conn_rate: bool,
+    /// The program is attached and charges `conn_rate` per SYN: at accept, a connection
+    /// is charged in user space only when the ledger shows no unclaimed charge for its
+    /// source within [`XDP_CHARGE_WINDOW`].
+    pub xdp: Option<Arc<dyn XdpLedger>>,
+}
+
+impl std::fmt::Debug for Enforcement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enforcement")
+            .field("xdp", &self.xdp.is_some())
+            .finish()
+    }
+}
+
+/// Default of `[limits] ipv6_prefix`.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+/// The per-IP key of `ip`: an IPv4 (or IPv4-mapped) address as is, an IPv6 address with
+/// all but its first `v6_prefix` bits cleared.
+pub fn source_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(ip) => IpAddr::V6(Ipv6Addr::from_bits(mask6(ip.to_bits(), v6_prefix.min(128)))),
+        v4 => v4,
+    }
 }
 
 /// Networks grouped by prefix length, longest first: a longest-prefix match is at most
@@ -195,6 +266,8 @@ struct BucketLimit {
 struct Bucket {
     tokens: f64,
     last: Instant,
+    /// XDP charges ([`XdpCharge::syns`]) already credited to connections of this key.
+    xdp_seen: u64,
 }
 
 impl Bucket {
@@ -202,6 +275,24 @@ impl Bucket {
         Bucket {
             tokens: limit.burst,
             last: now,
+            xdp_seen: 0,
+        }
+    }
+
+    /// Whether the program charged this connection: an XDP charge not yet credited, and
+    /// recent. Claims it.
+    fn claim_xdp_charge(&mut self, charge: XdpCharge, now_ns: u64) -> bool {
+        if charge.syns < self.xdp_seen {
+            // The kernel's entry is younger than ours (LRU eviction, restart).
+            self.xdp_seen = charge.syns.saturating_sub(1);
+        }
+        let recent =
+            now_ns.saturating_sub(charge.charged_ns) <= XDP_CHARGE_WINDOW.as_nanos() as u64;
+        if recent && charge.syns > self.xdp_seen {
+            self.xdp_seen += 1;
+            true
+        } else {
+            false
         }
     }
 
@@ -234,6 +325,7 @@ struct ConnPolicy {
     lists: NetLists,
     conn_rate: Option<BucketLimit>,
     max_conns: Option<u32>,
+    v6_prefix: u8,
     enforcement: Enforcement,
 }
 
@@ -251,17 +343,18 @@ impl ConnPolicy {
                 ),
             }),
             max_conns: limits.max_conns_per_ip,
+            v6_prefix: limits.ipv6_prefix,
             enforcement,
         }
     }
 }
 
-/// Per-IP state in one shard.
+/// Per-source-key state in one shard.
 #[derive(Default)]
 struct Shard {
-    /// Open connections per counted address (entries at zero are removed).
+    /// Open connections per counted key (entries at zero are removed).
     conns: HashMap<IpAddr, ConnCount>,
-    /// `conn_rate` buckets, when user space enforces it.
+    /// `conn_rate` buckets (with the XDP charges they were credited), when it is set.
     rate: HashMap<IpAddr, Bucket>,
 }
 
@@ -339,6 +432,7 @@ impl std::fmt::Debug for ConnLimiter {
 pub struct ConnTicket {
     /// `None` for a connection that was not counted (allowed address).
     limiter: Option<Arc<Inner>>,
+    /// The source key the connection is counted under.
     ip: IpAddr,
 }
 
@@ -382,7 +476,7 @@ impl ConnLimiter {
     /// lowered cap keeps its connections but gets no new one until below it). User-space
     /// rate buckets are kept (they clamp to a new burst on their next refill).
     pub fn apply(&self, limits: &LimitsConfig) {
-        let enforcement = self.inner.policy().enforcement;
+        let enforcement = self.inner.policy().enforcement.clone();
         self.replace_policy(ConnPolicy::new(limits, enforcement));
     }
 
@@ -395,7 +489,7 @@ impl ConnLimiter {
 
     fn replace_policy(&self, policy: ConnPolicy) {
         let max = policy.max_conns;
-        let drop_rate_state = policy.conn_rate.is_none() || policy.enforcement.xdp_conn_rate;
+        let drop_rate_state = policy.conn_rate.is_none();
         *self.inner.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
         for shard in &self.inner.shards {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
@@ -414,7 +508,7 @@ impl ConnLimiter {
 
     /// Decides on a connection just accepted from `ip` (the peer address). `Ok`: serve
     /// it and keep the ticket until the connection closes. `Err`: close it at once and
-    /// count the rejection.
+    /// count the rejection. Counted under `ip`'s [`source_key`].
     pub fn on_accept(&self, ip: IpAddr) -> Result<ConnTicket, Rejection> {
         self.on_accept_at(ip, Instant::now())
     }
@@ -422,9 +516,19 @@ impl ConnLimiter {
     /// [`on_accept`](Self::on_accept) at a given time (tests).
     pub fn on_accept_at(&self, ip: IpAddr, now: Instant) -> Result<ConnTicket, Rejection> {
         let ip = ip.to_canonical();
+        // The prefix only changes on reload; a connection racing one is keyed either way.
+        let early = self.inner.policy();
+        let key = source_key(ip, early.v6_prefix);
+        // What the program recorded for this key: a map lookup (a syscall), so done before
+        // the shard lock is taken.
+        let charge = match (&early.conn_rate, &early.enforcement.xdp) {
+            (Some(_), Some(ledger)) => ledger.charged(key).map(|charge| (charge, ledger.now_ns())),
+            _ => None,
+        };
+        drop(early);
         let mut shard = self
             .inner
-            .shard(&ip)
+            .shard(&key)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         // Under the shard lock, for the same reason as in `release`.
@@ -437,14 +541,20 @@ impl ConnLimiter {
         };
         match policy.lists.classify(ip) {
             Listed::Denied => return reject(LIMIT_DENY),
-            Listed::Allowed => return Ok(ConnTicket { limiter: None, ip }),
+            Listed::Allowed => {
+                return Ok(ConnTicket {
+                    limiter: None,
+                    ip: key,
+                })
+            }
             Listed::Neither => {}
         }
+        let ip = key;
         let open = shard.conns.get(&ip).map_or(0, |c| c.open);
         if policy.max_conns.is_some_and(|max| open >= max) {
             return reject(LIMIT_MAX_CONNS);
         }
-        if let (Some(limit), false) = (policy.conn_rate, policy.enforcement.xdp_conn_rate) {
+        if let Some(limit) = policy.conn_rate {
             if !shard.rate.contains_key(&ip) && shard.rate.len() >= RATE_ENTRIES_PER_SHARD {
                 // Full buckets say nothing a missing entry does not; if none is full,
                 // forget an arbitrary one (it restarts full: the bound wins over accuracy).
@@ -455,11 +565,14 @@ impl ConnLimiter {
                     }
                 }
             }
-            let bucket = shard
-                .rate
-                .entry(ip)
-                .or_insert_with(|| Bucket::full(limit, now));
-            if !bucket.take(limit, now) {
+            let bucket = shard.rate.entry(ip).or_insert_with(|| Bucket {
+                // New here: at most the program's latest charge can be this connection's.
+                xdp_seen: charge.map_or(0, |(c, _)| c.syns.saturating_sub(1)),
+                ..Bucket::full(limit, now)
+            });
+            let charged_by_xdp =
+                charge.is_some_and(|(charge, now_ns)| bucket.claim_xdp_charge(charge, now_ns));
+            if !charged_by_xdp && !bucket.take(limit, now) {
                 return reject(LIMIT_CONN_RATE);
             }
         }
@@ -472,9 +585,9 @@ impl ConnLimiter {
         })
     }
 
-    /// Open connections counted for `ip`.
+    /// Open connections counted for `ip`'s source key.
     pub fn open_connections(&self, ip: IpAddr) -> u32 {
-        let ip = ip.to_canonical();
+        let ip = source_key(ip, self.inner.policy().v6_prefix);
         let shard = self
             .inner
             .shard(&ip)
@@ -501,6 +614,7 @@ impl ConnLimiter {
 pub struct RequestLimiter {
     workers: u32,
     lists: NetLists,
+    v6_prefix: u8,
     /// `None` when `request_rate` is unset.
     gcra: Option<Gcra>,
     /// Theoretical arrival time per address, in ns since `epoch`.
@@ -526,6 +640,7 @@ impl RequestLimiter {
         let mut limiter = RequestLimiter {
             workers: workers.clamp(1, u32::MAX as usize) as u32,
             lists: NetLists::default(),
+            v6_prefix: DEFAULT_IPV6_PREFIX,
             gcra: None,
             tat: HashMap::new(),
             epoch: Instant::now(),
@@ -539,6 +654,7 @@ impl RequestLimiter {
     /// New limits (reload). States are kept; they are timestamps, valid under any rate.
     pub fn configure(&mut self, limits: &LimitsConfig) {
         self.lists = NetLists::new(limits);
+        self.v6_prefix = limits.ipv6_prefix;
         self.gcra = limits.request_rate.as_ref().and_then(|rate| {
             let workers = f64::from(self.workers);
             let per_worker = rate.per_second / workers;
@@ -577,7 +693,7 @@ impl RequestLimiter {
         self.check(ip, now)
     }
 
-    /// One request from `ip` (the client address) at `now`. `Err(retry_after_secs)`
+    /// One request from `ip` (the client address; limited per [`source_key`]) at `now`. `Err(retry_after_secs)`
     /// (at least 1): answer 429 with `Retry-After: retry_after_secs`.
     pub fn check(&mut self, ip: IpAddr, now: Instant) -> Result<(), u64> {
         let Some(gcra) = self.gcra else {
@@ -587,6 +703,7 @@ impl RequestLimiter {
         if !self.lists.allow.is_empty() && self.lists.classify(ip) == Listed::Allowed {
             return Ok(());
         }
+        let ip = source_key(ip, self.v6_prefix);
         let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         let tat = match self.tat.get(&ip) {
             Some(&tat) => tat.max(now_ns),
@@ -751,7 +868,7 @@ mod tests {
     }
 
     #[test]
-    fn conn_rate_is_a_token_bucket_unless_xdp_enforces_it() {
+    fn conn_rate_is_a_token_bucket() {
         let mut l = limits();
         l.conn_rate = Some(Rate { per_second: 10.0 });
         l.conn_burst = Some(3);
@@ -770,18 +887,130 @@ mod tests {
         let t1 = t0 + Duration::from_millis(100);
         drop(limiter.on_accept_at(v4(1), t1).unwrap());
         assert!(limiter.on_accept_at(v4(1), t1).is_err());
+    }
 
+    /// A ledger the test writes: `(key, charge)` pairs, and a settable clock.
+    #[derive(Default)]
+    struct Ledger {
+        charges: Mutex<HashMap<IpAddr, XdpCharge>>,
+        now_ns: std::sync::atomic::AtomicU64,
+    }
+
+    impl Ledger {
+        /// The program charged one more SYN of `key` at `at_ns`.
+        fn syn(&self, key: IpAddr, at_ns: u64) {
+            let mut charges = self.charges.lock().unwrap();
+            let entry = charges.entry(key).or_insert(XdpCharge {
+                syns: 0,
+                charged_ns: 0,
+            });
+            entry.syns += 1;
+            entry.charged_ns = at_ns;
+        }
+    }
+
+    impl XdpLedger for Ledger {
+        fn charged(&self, key: IpAddr) -> Option<XdpCharge> {
+            self.charges.lock().unwrap().get(&key).copied()
+        }
+        fn now_ns(&self) -> u64 {
+            self.now_ns.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn with_xdp_only_connections_no_program_charged_are_charged() {
+        let mut l = limits();
+        l.conn_rate = Some(Rate { per_second: 0.001 });
+        l.conn_burst = Some(2);
+        let ledger = Arc::new(Ledger::default());
+        let window = XDP_CHARGE_WINDOW.as_nanos() as u64;
+        ledger
+            .now_ns
+            .store(window * 10, std::sync::atomic::Ordering::Relaxed);
         let xdp = ConnLimiter::new(
             &l,
             Enforcement {
-                xdp_conn_rate: true,
+                xdp: Some(ledger.clone()),
             },
             None,
         );
+        let t0 = Instant::now();
+        let now_ns = window * 10;
+        // Ten connections whose SYNs the program charged: none costs a user-space token.
         for _ in 0..10 {
+            ledger.syn(v4(1), now_ns);
             drop(xdp.on_accept_at(v4(1), t0).unwrap());
         }
-        assert_eq!(xdp.tracked(), (0, 0));
+        // Connections the program never saw (another interface): the user-space bucket
+        // (burst 2) pays, then refuses.
+        drop(xdp.on_accept_at(v4(1), t0).unwrap());
+        drop(xdp.on_accept_at(v4(1), t0).unwrap());
+        assert_eq!(
+            xdp.on_accept_at(v4(1), t0).unwrap_err().limit,
+            LIMIT_CONN_RATE
+        );
+        // A source the program never charged (untracked during a flood, or `lo`).
+        drop(xdp.on_accept_at(v4(2), t0).unwrap());
+        drop(xdp.on_accept_at(v4(2), t0).unwrap());
+        assert!(xdp.on_accept_at(v4(2), t0).is_err());
+        // An old charge is not credited: saved-up SYNs do not buy connections later.
+        ledger.syn(v4(3), now_ns - window - 1);
+        ledger.syn(v4(3), now_ns - window - 1);
+        drop(xdp.on_accept_at(v4(3), t0).unwrap());
+        drop(xdp.on_accept_at(v4(3), t0).unwrap());
+        assert!(xdp.on_accept_at(v4(3), t0).is_err());
+        // A key first seen here gets at most the latest charge, however many came before.
+        for _ in 0..5 {
+            ledger.syn(v4(4), now_ns);
+        }
+        for _ in 0..3 {
+            drop(xdp.on_accept_at(v4(4), t0).unwrap());
+        }
+        assert!(xdp.on_accept_at(v4(4), t0).is_err());
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_prefix() {
+        let mut l = limits();
+        l.max_conns_per_ip = Some(2);
+        l.conn_rate = Some(Rate { per_second: 0.001 });
+        l.conn_burst = Some(3);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(
+            source_key(a, 64),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(source_key(b, 128), b);
+        assert_eq!(source_key(a, 48), "2001:db8:1::".parse::<IpAddr>().unwrap());
+        assert_eq!(source_key(v4(1), 64), v4(1));
+        let limiter = ConnLimiter::new(&l, Enforcement::default(), None);
+        let t0 = Instant::now();
+        let _a = limiter.on_accept_at(a, t0).unwrap();
+        let _b = limiter.on_accept_at(b, t0).unwrap();
+        assert_eq!(limiter.open_connections(a), 2);
+        // Same /64: capped together.
+        assert_eq!(
+            limiter.on_accept_at(b, t0).unwrap_err().limit,
+            LIMIT_MAX_CONNS
+        );
+        let _c = limiter.on_accept_at(other, t0).unwrap();
+        // /128 keys each address alone.
+        l.ipv6_prefix = 128;
+        limiter.apply(&l);
+        let _d = limiter
+            .on_accept_at("2001:db8:1:2::77".parse().unwrap(), t0)
+            .unwrap();
+
+        let mut r = limits();
+        r.request_rate = Some(Rate { per_second: 1.0 });
+        r.request_burst = Some(1);
+        let mut requests = RequestLimiter::new(&r, 1);
+        assert_eq!(requests.check(a, t0), Ok(()));
+        assert!(requests.check(b, t0).is_err(), "same /64 shares the rate");
+        assert_eq!(requests.check(other, t0), Ok(()));
     }
 
     #[test]
@@ -792,7 +1021,8 @@ mod tests {
         let limiter = ConnLimiter::new(&l, Enforcement::default(), None);
         let now = Instant::now();
         for i in 0..(SHARDS * RATE_ENTRIES_PER_SHARD * 2) as u32 {
-            let ip = IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)));
+            // One /64 each: with the default prefix, addresses of one /64 are one key.
+            let ip = IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i) << 64));
             drop(limiter.on_accept_at(ip, now).unwrap());
         }
         let (conns, rate) = limiter.tracked();

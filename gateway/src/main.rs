@@ -197,7 +197,14 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let conn_limiter = gateway::limits::ConnLimiter::new(
         &config.limits,
         gateway::limits::Enforcement {
-            xdp_conn_rate: xdp.is_some(),
+            // Without the ledger user space charges every connection (never too few).
+            xdp: xdp.as_ref().and_then(|g| match g.charge_ledger() {
+                Ok(ledger) => Some(Arc::new(ledger) as Arc<dyn gateway::limits::XdpLedger>),
+                Err(e) => {
+                    tracing::warn!(error = %e.detail(), "XDP charge ledger unavailable: conn_rate is also charged at accept");
+                    None
+                }
+            }),
         },
         cap_sink,
     );

@@ -53,7 +53,7 @@ use aya::{
     programs::{xdp::XdpLinkId, ProgramError, Xdp},
     Ebpf, EbpfError, EbpfLoader, TestRun as _, TestRunOptions,
 };
-use gateway_common::{flags, BucketParams, NetEntry, TokenBucket};
+use gateway_common::{flags, BucketParams, NetEntry, SourceRate, TokenBucket};
 pub use gateway_common::{
     names, sizes,
     verdict::{self, VERDICT_COUNT},
@@ -297,8 +297,9 @@ pub struct GuardOptions {
     /// recently charged is forgotten when full). Default [`sizes::RATE_ENTRIES`].
     pub tracked_sources: u32,
     /// Global backstop: new per-source buckets created per second, all CPUs together.
-    /// Beyond it a SYN from a source without a bucket is dropped (`drop_new_source`),
-    /// and known sources keep their state. Default: `tracked_sources / 8`, so a flood of
+    /// Beyond it a SYN from a source without a bucket passes without one
+    /// (`pass_untracked`; user space charges it at accept), and known sources keep
+    /// their state. Default: `tracked_sources / 8`, so a flood of
     /// new sources cycles the LRU no faster than once per 8 s. 0 turns the backstop off.
     pub new_sources_per_sec: f64,
     /// Burst of the backstop. Default: `tracked_sources / 4`.
@@ -354,6 +355,7 @@ pub struct XdpGuard {
     allow_v4: TrieV4,
     allow_v6: TrieV6,
     capped_ids: (u32, u32),
+    rate_ids: (u32, u32),
     /// Own descriptors of the hash maps `map_fill` counts in batches (aya's typed maps
     /// do not lend out their descriptors).
     counted: Vec<(&'static str, MapData, u32)>,
@@ -397,13 +399,13 @@ fn pinned_maps(options: &GuardOptions) -> [MapShape; 9] {
         (
             names::RATE_V4,
             4,
-            size(size_of::<TokenBucket>()),
+            size(size_of::<SourceRate>()),
             options.tracked_sources,
         ),
         (
             names::RATE_V6,
             16,
-            size(size_of::<TokenBucket>()),
+            size(size_of::<SourceRate>()),
             options.tracked_sources,
         ),
         (
@@ -507,6 +509,10 @@ impl XdpGuard {
             map_id(&ebpf, names::CAPPED_V4)?,
             map_id(&ebpf, names::CAPPED_V6)?,
         );
+        let rate_ids = (
+            map_id(&ebpf, names::RATE_V4)?,
+            map_id(&ebpf, names::RATE_V6)?,
+        );
         let mut counted = Vec::new();
         for (name, capacity) in [
             (names::RATE_V4, options.tracked_sources),
@@ -526,6 +532,7 @@ impl XdpGuard {
             allow_v6: take_map(&mut ebpf, names::ALLOW_V6)?,
             ebpf,
             capped_ids,
+            rate_ids,
             counted,
             options,
             program_id,
@@ -669,17 +676,19 @@ impl XdpGuard {
     /// addresses at `max_conns_per_ip` there. It holds its own map descriptors, so it can
     /// outlive the guard (marks then no longer matter) and be shared between threads.
     pub fn cap_marker(&self) -> Result<CapMarker, XdpError> {
-        fn open<M: TryFrom<aya::maps::Map, Error = MapError>>(
-            name: &'static str,
-            id: u32,
-        ) -> Result<M, XdpError> {
-            let data = MapData::from_id(id).map_err(map_err(name))?;
-            let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
-            M::try_from(map).map_err(map_err(name))
-        }
         Ok(CapMarker {
-            v4: Mutex::new(open(names::CAPPED_V4, self.capped_ids.0)?),
-            v6: Mutex::new(open(names::CAPPED_V6, self.capped_ids.1)?),
+            v4: Mutex::new(open_map(names::CAPPED_V4, self.capped_ids.0)?),
+            v6: Mutex::new(open_map(names::CAPPED_V6, self.capped_ids.1)?),
+        })
+    }
+
+    /// A read handle on the `RATE_*` maps for `crate::limits::ConnLimiter`: at accept it
+    /// tells whether the program charged the connection's SYN (issue 17 item 3). Holds
+    /// its own map descriptors, like [`cap_marker`](Self::cap_marker).
+    pub fn charge_ledger(&self) -> Result<ChargeLedger, XdpError> {
+        Ok(ChargeLedger {
+            v4: open_map(names::RATE_V4, self.rate_ids.0)?,
+            v6: open_map(names::RATE_V6, self.rate_ids.1)?,
         })
     }
 
@@ -935,6 +944,7 @@ pub fn guard_config(
     if limits.max_conns_per_ip.is_some() {
         config.flags |= flags::CFG_CONN_CAP;
     }
+    config.v6_prefix_len = u32::from(limits.ipv6_prefix.clamp(1, 128));
     config
 }
 
@@ -1070,7 +1080,47 @@ impl crate::limits::CapSink for CapMarker {
     }
 }
 
+// ---- Charges the program recorded ----
+
+/// Reads the program's per-source charges (`RATE_*`: SYN count and time of the last
+/// charged SYN) for [`crate::limits::XdpLedger`]. One map lookup per accepted connection
+/// while `conn_rate` is set; lookups need no lock.
+pub struct ChargeLedger {
+    v4: BpfHashMap<MapData, [u8; 4], SourceRate>,
+    v6: BpfHashMap<MapData, [u8; 16], SourceRate>,
+}
+
+impl fmt::Debug for ChargeLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChargeLedger").finish_non_exhaustive()
+    }
+}
+
+impl crate::limits::XdpLedger for ChargeLedger {
+    fn charged(&self, key: IpAddr) -> Option<crate::limits::XdpCharge> {
+        let state = match key.to_canonical() {
+            IpAddr::V4(ip) => self.v4.get(&ip.octets(), 0),
+            IpAddr::V6(ip) => self.v6.get(&ip.octets(), 0),
+        }
+        .ok()?;
+        Some(crate::limits::XdpCharge {
+            syns: state.syns,
+            charged_ns: state.charged_ns,
+        })
+    }
+}
+
 // ---- Map plumbing ----
+
+/// Opens the map `id` (of this guard's program) through a descriptor of its own.
+fn open_map<M: TryFrom<aya::maps::Map, Error = MapError>>(
+    name: &'static str,
+    id: u32,
+) -> Result<M, XdpError> {
+    let data = MapData::from_id(id).map_err(map_err(name))?;
+    let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
+    M::try_from(map).map_err(map_err(name))
+}
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> XdpError {
     move |source| XdpError::Map {

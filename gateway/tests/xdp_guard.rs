@@ -28,7 +28,9 @@ use std::{
 };
 
 use gateway::config::{LimitsConfig, Rate};
-use gateway::limits::{CapSink, ConnLimiter, ConnTicket, Enforcement};
+use gateway::limits::{
+    source_key, CapSink, ConnLimiter, ConnTicket, Enforcement, XdpLedger, LIMIT_CONN_RATE,
+};
 use gateway::xdp::{names, verdict, GuardOptions, XdpError, XdpGuard, XdpMode};
 use ipnet::IpNet;
 
@@ -192,7 +194,7 @@ fn test_run_deny_drops_every_tcp_segment_to_listener_ports_only() {
             tcp6(B6, PORT, SYN, false),
             verdict::PASS,
         ),
-        ("ARP", arp(), verdict::PASS),
+        ("ARP", arp(), verdict::PASS_NOT_IP),
         (
             "truncated TCP header",
             tcp4(A4, PORT, SYN)[..14 + 20 + 10].to_vec(),
@@ -351,14 +353,45 @@ fn test_run_new_source_backstop_keeps_known_sources() {
         &tcp4(source(2), PORT, SYN),
         verdict::PASS,
     );
+    // Over the backstop a new source passes untracked (not dropped: a random-source
+    // flood must not lock new clients out), and no state is created for it.
     for d in 3..6 {
         expect(
             &guard,
             "new source over backstop",
             &tcp4(source(d), PORT, SYN),
-            verdict::DROP_NEW_SOURCE,
+            verdict::PASS_UNTRACKED,
         );
     }
+    let ledger = guard.charge_ledger().expect("ledger");
+    let charged = |d: u8| ledger.charged(IpAddr::V4(source(d)));
+    assert_eq!(charged(1).map(|c| c.syns), Some(1));
+    assert_eq!(charged(3), None, "an untracked source has no state");
+    // So user space charges the untracked source's connection at accept.
+    let limits_one = LimitsConfig {
+        conn_rate: rate(0.001),
+        conn_burst: Some(1),
+        ..LimitsConfig::default()
+    };
+    let limiter = ConnLimiter::new(
+        &limits_one,
+        Enforcement {
+            xdp: Some(Arc::new(guard.charge_ledger().unwrap())),
+        },
+        None,
+    );
+    drop(limiter.on_accept(IpAddr::V4(source(3))).unwrap());
+    assert_eq!(
+        limiter.on_accept(IpAddr::V4(source(3))).unwrap_err().limit,
+        LIMIT_CONN_RATE
+    );
+    // The charged source's connection is credited (its SYN paid in the kernel) once.
+    drop(limiter.on_accept(IpAddr::V4(source(1))).unwrap());
+    drop(limiter.on_accept(IpAddr::V4(source(1))).unwrap());
+    assert_eq!(
+        limiter.on_accept(IpAddr::V4(source(1))).unwrap_err().limit,
+        LIMIT_CONN_RATE
+    );
     expect(
         &guard,
         "known source",
@@ -432,8 +465,12 @@ fn test_run_conn_cap_marks_from_user_space() {
         &tcp6(A6, PORT, SYN, false),
         verdict::PASS,
     );
+    assert!(
+        marker.is_marked(source_key(a6, 64)),
+        "v6 is marked by its /64"
+    );
     limiter.apply(&LimitsConfig::default());
-    assert!(!marker.is_marked(a6));
+    assert!(!marker.is_marked(source_key(a6, 64)));
 }
 
 #[test]
@@ -610,6 +647,352 @@ fn possible_cpus() -> usize {
         .unwrap_or(1)
 }
 
+/// Limits with a SYN limit (so unclassifiable TCP fails closed) and a deny entry per family.
+fn fail_closed_limits() -> LimitsConfig {
+    LimitsConfig {
+        conn_rate: rate(1000.0),
+        conn_burst: Some(1000),
+        deny: vec![net("203.0.113.0/24"), net("2001:db8:a::/48")],
+        ..LimitsConfig::default()
+    }
+}
+
+#[test]
+fn test_run_ipv4_fragments_fail_closed() {
+    if !privileged("test_run_ipv4_fragments_fail_closed") {
+        return;
+    }
+    pin_to_one_cpu();
+    let mut guard = XdpGuard::load(None).expect("load");
+    guard.apply(&fail_closed_limits(), &[PORT]).expect("apply");
+    let syn = tcp_header(PORT, SYN);
+    // First fragment with only 8 bytes of TCP (ports, sequence number), padded to the
+    // 60-byte Ethernet minimum with what would be the SYN flag at its place: the IP total
+    // length says the TCP header is cut, so the padding must not be read as TCP.
+    let mut tiny = ipv4_fragment(B4, MF, &syn[..8]);
+    tiny.extend_from_slice(&[0, 0, 0, 0, 0, SYN]);
+    tiny.resize(60, 0);
+    expect(
+        &guard,
+        "first fragment, 8 bytes of TCP",
+        &tiny,
+        verdict::DROP_UNCLASSIFIED,
+    );
+    expect(
+        &guard,
+        "first fragment, 8 bytes of TCP, unpadded",
+        &ipv4_fragment(B4, MF, &syn[..8]),
+        verdict::DROP_UNCLASSIFIED,
+    );
+    // The rest of the header at offset 8 (1 unit): overlaps the TCP header.
+    expect(
+        &guard,
+        "non-first fragment at offset 8",
+        &ipv4_fragment(B4, 1, &syn[8..]),
+        verdict::DROP_UNCLASSIFIED,
+    );
+    expect(
+        &guard,
+        "non-first fragment at offset 16",
+        &ipv4_fragment(B4, 2, &[0; 16]),
+        verdict::DROP_UNCLASSIFIED,
+    );
+    // A non-first fragment past the TCP header: its first fragment was judged whole.
+    expect(
+        &guard,
+        "non-first fragment at offset 1480",
+        &ipv4_fragment(B4, 185, &[0; 64]),
+        verdict::PASS,
+    );
+    // Deny needs only the source address: it applies to every fragment.
+    for (what, frame) in [
+        ("denied, tiny first", ipv4_fragment(A4, MF, &syn[..8])),
+        ("denied, offset 8", ipv4_fragment(A4, 1, &syn[8..])),
+        ("denied, offset 1480", ipv4_fragment(A4, 185 | MF, &[0; 64])),
+    ] {
+        expect(&guard, what, &frame, verdict::DROP_DENY);
+    }
+    // A first fragment with the whole TCP header is judged like the whole segment: its
+    // SYN is charged.
+    let mut whole = syn.clone();
+    whole.extend_from_slice(&[0; 32]);
+    let first = ipv4_fragment(B4, MF, &whole);
+    guard
+        .apply(
+            &LimitsConfig {
+                conn_rate: rate(0.001),
+                conn_burst: Some(1),
+                ..LimitsConfig::default()
+            },
+            &[PORT],
+        )
+        .unwrap();
+    expect(&guard, "first fragment with a SYN", &first, verdict::PASS);
+    expect(&guard, "its second SYN", &first, verdict::DROP_RATE);
+    expect(
+        &guard,
+        "the unfragmented SYN",
+        &tcp4(B4, PORT, SYN),
+        verdict::DROP_RATE,
+    );
+    // Without any SYN limit there is nothing to fail closed for.
+    guard.apply(&LimitsConfig::default(), &[PORT]).unwrap();
+    expect(&guard, "no limits", &tiny, verdict::PASS);
+}
+
+#[test]
+fn test_run_ipv6_extension_chains_are_walked_and_fail_closed_beyond_the_bound() {
+    if !privileged("test_run_ipv6_extension_chains_are_walked_and_fail_closed_beyond_the_bound") {
+        return;
+    }
+    pin_to_one_cpu();
+    let mut guard = XdpGuard::load(None).expect("load");
+    guard.apply(&fail_closed_limits(), &[PORT]).expect("apply");
+    let syn = tcp_header(PORT, SYN);
+    for n in 1..=8 {
+        expect(
+            &guard,
+            &format!("{n} extension headers, allowed source"),
+            &ipv6_chain(B6, n, 6, &syn),
+            verdict::PASS,
+        );
+        expect(
+            &guard,
+            &format!("{n} extension headers, denied source"),
+            &ipv6_chain(A6, n, 6, &syn),
+            verdict::DROP_DENY,
+        );
+        expect(
+            &guard,
+            &format!("{n} extension headers, then UDP"),
+            &ipv6_chain(B6, n, 17, &[0; 16]),
+            verdict::PASS,
+        );
+    }
+    for n in [9, 12, 30] {
+        expect(
+            &guard,
+            &format!("{n} extension headers (over the bound)"),
+            &ipv6_chain(B6, n, 6, &syn),
+            verdict::DROP_UNCLASSIFIED,
+        );
+        expect(
+            &guard,
+            &format!("{n} extension headers, denied source"),
+            &ipv6_chain(A6, n, 6, &syn),
+            verdict::DROP_DENY,
+        );
+    }
+    // The authentication header counts in 4-octet units (RFC 4302).
+    let mut ah = vec![6, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1];
+    ah.extend_from_slice(&syn);
+    expect(
+        &guard,
+        "AH then a denied SYN",
+        &ipv6(A6, 51, &ah),
+        verdict::DROP_DENY,
+    );
+    // Fragments: the first must carry the whole TCP header; a non-first one that
+    // overlaps it is dropped, one past it passes; deny applies to all.
+    let frag = |next: u8, units: u16, more: bool, rest: &[u8]| {
+        let mut payload = vec![next, 0];
+        payload.extend_from_slice(&((units << 3) | u16::from(more)).to_be_bytes());
+        payload.extend_from_slice(&[0, 0, 0, 7]);
+        payload.extend_from_slice(rest);
+        payload
+    };
+    let mut whole = syn.clone();
+    whole.extend_from_slice(&[0; 16]);
+    expect(
+        &guard,
+        "v6 first fragment, 8 bytes of TCP",
+        &ipv6(B6, 44, &frag(6, 0, true, &syn[..8])),
+        verdict::DROP_UNCLASSIFIED,
+    );
+    expect(
+        &guard,
+        "v6 first fragment, whole TCP header",
+        &ipv6(B6, 44, &frag(6, 0, true, &whole)),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "v6 non-first fragment at offset 8",
+        &ipv6(B6, 44, &frag(6, 1, false, &syn[8..])),
+        verdict::DROP_UNCLASSIFIED,
+    );
+    expect(
+        &guard,
+        "v6 non-first fragment at offset 1232",
+        &ipv6(B6, 44, &frag(6, 154, false, &[0; 64])),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "v6 non-first fragment, denied source",
+        &ipv6(A6, 44, &frag(6, 154, false, &[0; 64])),
+        verdict::DROP_DENY,
+    );
+}
+
+#[test]
+fn test_run_vlan_tags_are_parsed_and_non_ip_counted() {
+    if !privileged("test_run_vlan_tags_are_parsed_and_non_ip_counted") {
+        return;
+    }
+    pin_to_one_cpu();
+    let mut guard = XdpGuard::load(None).expect("load");
+    let limits = LimitsConfig {
+        conn_rate: rate(0.001),
+        conn_burst: Some(1),
+        deny: vec![net("203.0.113.0/24"), net("2001:db8:a::/48")],
+        ..LimitsConfig::default()
+    };
+    guard.apply(&limits, &[PORT]).expect("apply");
+    let q = [0x8100u16];
+    let qinq = [0x88a8u16, 0x8100];
+    expect(
+        &guard,
+        "802.1Q, denied v4",
+        &vlan(&q, &tcp4(A4, PORT, SYN)),
+        verdict::DROP_DENY,
+    );
+    expect(
+        &guard,
+        "QinQ, denied v6",
+        &vlan(&qinq, &tcp6(A6, PORT, SYN, false)),
+        verdict::DROP_DENY,
+    );
+    expect(
+        &guard,
+        "QinQ, denied v4 ACK",
+        &vlan(&qinq, &tcp4(A4, PORT, ACK)),
+        verdict::DROP_DENY,
+    );
+    // Tagged SYNs are charged to the same bucket as untagged ones.
+    expect(
+        &guard,
+        "802.1Q SYN",
+        &vlan(&q, &tcp4(B4, PORT, SYN)),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "untagged SYN, same source",
+        &tcp4(B4, PORT, SYN),
+        verdict::DROP_RATE,
+    );
+    expect(
+        &guard,
+        "QinQ v6 SYN",
+        &vlan(&qinq, &tcp6(B6, PORT, SYN, false)),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "QinQ v6 SYN again",
+        &vlan(&qinq, &tcp6(B6, PORT, SYN, false)),
+        verdict::DROP_RATE,
+    );
+    expect(
+        &guard,
+        "802.1Q ARP",
+        &vlan(&q, &arp()),
+        verdict::PASS_NOT_IP,
+    );
+    expect(
+        &guard,
+        "three tags",
+        &vlan(&[0x88a8, 0x8100, 0x8100], &tcp4(A4, PORT, SYN)),
+        verdict::PASS_NOT_IP,
+    );
+    expect(
+        &guard,
+        "tag cut short",
+        &ethernet(0x8100, &[0, 1]),
+        verdict::PASS_ERROR,
+    );
+}
+
+#[test]
+fn test_run_ipv6_sources_are_aggregated_by_prefix() {
+    if !privileged("test_run_ipv6_sources_are_aggregated_by_prefix") {
+        return;
+    }
+    pin_to_one_cpu();
+    let mut guard = XdpGuard::load(None).expect("load");
+    let mut limits = LimitsConfig {
+        conn_rate: rate(0.001),
+        conn_burst: Some(2),
+        max_conns_per_ip: Some(1),
+        ..LimitsConfig::default()
+    };
+    assert_eq!(limits.ipv6_prefix, 64, "the default");
+    guard.apply(&limits, &[PORT]).expect("apply");
+    let ip = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+    let syn = |s: &str| tcp6(ip(s), PORT, SYN, false);
+    expect(
+        &guard,
+        "first of the /64",
+        &syn("2001:db8:5:1::1"),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "second of the /64",
+        &syn("2001:db8:5:1:ffff::2"),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "third of the /64",
+        &syn("2001:db8:5:1::3"),
+        verdict::DROP_RATE,
+    );
+    expect(
+        &guard,
+        "another /64",
+        &syn("2001:db8:5:2::1"),
+        verdict::PASS,
+    );
+    let fill = guard.map_fill().unwrap();
+    assert_eq!(
+        fill.iter()
+            .find(|f| f.map == names::RATE_V6)
+            .unwrap()
+            .entries,
+        2
+    );
+    // The cap marks the /64 too: user space counts by the same key.
+    let marker: Arc<dyn CapSink> = Arc::new(guard.cap_marker().unwrap());
+    let limiter = ConnLimiter::new(&limits, Enforcement::default(), Some(marker));
+    let _held = limiter
+        .on_accept("2001:db8:5:3::1".parse().unwrap())
+        .unwrap();
+    expect(
+        &guard,
+        "capped /64",
+        &syn("2001:db8:5:3::abcd"),
+        verdict::DROP_CONN_CAP,
+    );
+    // /128 on reload: every address is its own client again.
+    limits.ipv6_prefix = 128;
+    guard.apply(&limits, &[PORT]).expect("apply");
+    assert_eq!(guard.current_config().unwrap().v6_prefix_len, 128);
+    expect(
+        &guard,
+        "/128: a new address",
+        &syn("2001:db8:5:1::3"),
+        verdict::PASS,
+    );
+    expect(
+        &guard,
+        "/128: not capped",
+        &syn("2001:db8:5:3::abcd"),
+        verdict::PASS,
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Over veth pairs
 
@@ -738,29 +1121,27 @@ struct Rig {
 
 impl Rig {
     fn new(tag: &str, limits: &LimitsConfig) -> Rig {
+        Rig::with(tag, limits, &GuardOptions::default(), true)
+    }
+
+    /// With `xdp_on_b` false the program is attached to pair A only: pair B stands for a
+    /// second NIC, a tunnel or `lo`, where connections arrive unseen by the program.
+    fn with(tag: &str, limits: &LimitsConfig, options: &GuardOptions, xdp_on_b: bool) -> Rig {
         let a = VethPair::create(&format!("{tag}a"));
         let b = VethPair::create(&format!("{tag}b"));
         // Both pairs get a listener on the same port: one per host address.
         let probe = TcpListener::bind((a.host4, 0)).unwrap();
         let port = probe.local_addr().unwrap().port();
         drop(probe);
-        let guard = XdpGuard::start(
-            &[a.host_if.clone(), b.host_if.clone()],
-            XdpMode::Auto,
-            None,
-            &GuardOptions::default(),
-            limits,
-            &[port],
-        )
-        .unwrap_or_else(|e| panic!("start the guard: {}", e.detail()));
+        let mut interfaces = vec![a.host_if.clone()];
+        if xdp_on_b {
+            interfaces.push(b.host_if.clone());
+        }
+        let guard = XdpGuard::start(&interfaces, XdpMode::Auto, None, options, limits, &[port])
+            .unwrap_or_else(|e| panic!("start the guard: {}", e.detail()));
         let marker: Arc<dyn CapSink> = Arc::new(guard.cap_marker().unwrap());
-        let limiter = ConnLimiter::new(
-            limits,
-            Enforcement {
-                xdp_conn_rate: true,
-            },
-            Some(marker),
-        );
+        let ledger: Arc<dyn XdpLedger> = Arc::new(guard.charge_ledger().unwrap());
+        let limiter = ConnLimiter::new(limits, Enforcement { xdp: Some(ledger) }, Some(marker));
         let server = Server::start(
             &[
                 a.host4.into(),
@@ -994,6 +1375,512 @@ fn veth_syn_flood_from_one_namespace_while_another_is_served() {
     assert!(started.elapsed() < Duration::from_secs(20));
 }
 
+#[test]
+fn veth_conn_rate_is_charged_for_connections_on_an_interface_without_the_program() {
+    if !privileged("veth_conn_rate_is_charged_for_connections_on_an_interface_without_the_program")
+    {
+        return;
+    }
+    let limits = LimitsConfig {
+        conn_rate: rate(0.05),
+        conn_burst: Some(3),
+        ..LimitsConfig::default()
+    };
+    let rig = Rig::with("u", &limits, &GuardOptions::default(), false);
+    assert!(
+        rig.b.attached_xdp().is_none(),
+        "pair B must have no program"
+    );
+    // Pair B (no program): user space charges at accept, so the fourth is refused.
+    let to_b = rig.addr(rig.b.host4);
+    for i in 0..3 {
+        try_connect(&rig.b.netns, to_b, LONG)
+            .unwrap_or_else(|e| panic!("connection {i} within the burst: {e}"));
+    }
+    let before = rig.guard.packet_counts().unwrap();
+    for _ in 0..2 {
+        assert!(
+            try_connect(&rig.b.netns, to_b, SHORT).is_err(),
+            "a connection over conn_rate on the interface without XDP was served"
+        );
+    }
+    assert_eq!(
+        rig.guard.packet_counts().unwrap().total_packets(),
+        before.total_packets(),
+        "pair B's traffic must not have met the program"
+    );
+    // IPv6 on the same link: its own key, the same rule.
+    let to_b6 = rig.addr(rig.b.host6);
+    for _ in 0..3 {
+        try_connect(&rig.b.netns, to_b6, LONG).expect("v6 within its burst");
+    }
+    assert!(try_connect(&rig.b.netns, to_b6, SHORT).is_err());
+    // Pair A (program attached): the kernel charges, user space credits the charge
+    // instead of charging again, and the kernel drops the excess SYNs.
+    let to_a = rig.addr(rig.a.host4);
+    for i in 0..3 {
+        try_connect(&rig.a.netns, to_a, LONG)
+            .unwrap_or_else(|e| panic!("XDP path, connection {i} within the burst: {e}"));
+    }
+    let before = rig.guard.packet_counts().unwrap();
+    assert!(try_connect(&rig.a.netns, to_a, SHORT).is_err());
+    let after = rig.guard.packet_counts().unwrap();
+    assert!(
+        after.packets(verdict::DROP_RATE) > before.packets(verdict::DROP_RATE),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn veth_random_source_flood_does_not_lock_out_new_clients() {
+    if !privileged("veth_random_source_flood_does_not_lock_out_new_clients") {
+        return;
+    }
+    // Each client address is its own key (/128), so every client below is a new source;
+    // a small backstop so that a short, modest flood exhausts it for certain.
+    let limits = LimitsConfig {
+        conn_rate: rate(5.0),
+        conn_burst: Some(10),
+        ipv6_prefix: 128,
+        ..LimitsConfig::default()
+    };
+    let options = GuardOptions {
+        tracked_sources: 4096,
+        new_sources_per_sec: 200.0,
+        new_sources_burst: 200,
+    };
+    let rig = Rig::with("s", &limits, &options, true);
+    // Spoofed sources: random /64s of a /48 that the host routes back into namespace A,
+    // where the SYN-ACKs (SYN cookies) die, as they would in a spoofer's victims' networks.
+    let subnet = rig.a.host6.segments()[3];
+    let spoof = Ipv6Addr::new(0x2001, 0xdb8, 0xf000 | subnet, 0, 0, 0, 0, 0);
+    ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{spoof}/48"),
+        "via",
+        &rig.a.peer6.to_string(),
+        "dev",
+        &rig.a.host_if,
+    ]);
+    // New legitimate clients: fresh addresses in namespace B's /64.
+    const CLIENTS: u16 = 20;
+    let peer = rig.b.peer6.segments();
+    let client = |i: u16| Ipv6Addr::new(peer[0], peer[1], peer[2], peer[3], 0, 0, 0xc1, 0x100 + i);
+    for i in 0..CLIENTS {
+        ip(&[
+            "-n",
+            &rig.b.netns,
+            "addr",
+            "add",
+            &format!("{}/64", client(i)),
+            "dev",
+            &rig.b.peer_if,
+            "nodad",
+        ]);
+    }
+    // The flood targets the very listener the clients use (pair B's host address),
+    // arriving through pair A: the host accepts any local address on any interface.
+    let target = rig.addr(rig.b.host6);
+    let flood = SpoofFlood::start(&rig.a, spoof, target, 5_000);
+    // Exhausted: SYNs of new sources over the backstop (passed untracked now; dropped
+    // by the design this replaced, which locked new clients out).
+    let over_backstop = |c: &gateway::xdp::VerdictCounts| {
+        c.packets(verdict::PASS_UNTRACKED) + c.packets(verdict::DROP_NEW_SOURCE)
+    };
+    assert!(
+        wait_until(LONG, || over_backstop(&rig.guard.packet_counts().unwrap())
+            > 1_000),
+        "the flood did not exhaust the backstop: {:?}",
+        rig.guard.packet_counts().unwrap()
+    );
+    let before = rig.guard.packet_counts().unwrap();
+    let mut served = 0;
+    let mut failures = Vec::new();
+    for i in 0..CLIENTS {
+        // Under one second: a client whose first SYN was dropped (the old backstop)
+        // would need the one-second retransmission and fail here.
+        match connect_from(
+            &rig.b.netns,
+            client(i).into(),
+            target,
+            Duration::from_millis(900),
+        ) {
+            Ok(_) => served += 1,
+            Err(e) => failures.push(e),
+        }
+    }
+    let during = rig.guard.packet_counts().unwrap();
+    let sent = flood.stop();
+    let untracked = over_backstop(&during) - over_backstop(&before);
+    eprintln!(
+        "random-source flood: {sent} SYNs sent; {served}/{CLIENTS} new clients served; \
+         {untracked} SYNs over the backstop while they connected; {during:?}; failures {failures:?}"
+    );
+    assert!(
+        untracked > 100,
+        "the backstop was not exhausted while the clients connected: {during:?}"
+    );
+    assert!(
+        served * 10 >= u32::from(CLIENTS) * 9,
+        "only {served} of {CLIENTS} new clients served during the flood: {failures:?}"
+    );
+    assert_eq!(during.packets(verdict::DROP_NEW_SOURCE), 0);
+}
+
+/// Connects from `source` inside `netns` within `timeout` and does one echo round trip.
+fn connect_from(
+    netns: &str,
+    source: IpAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Result<(), String> {
+    let netns = netns.to_owned();
+    std::thread::spawn(move || {
+        enter_netns(&netns);
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        socket
+            .bind(&SocketAddr::new(source, 0).into())
+            .map_err(|e| format!("bind {source}: {e}"))?;
+        socket
+            .connect_timeout(&to.into(), timeout)
+            .map_err(|e| format!("{source}: {e}"))?;
+        let mut stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(LONG)).unwrap();
+        stream.write_all(b"ping\n").map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 5];
+        stream
+            .read_exact(&mut buf)
+            .map_err(|e| format!("{source}: echo: {e}"))?;
+        Ok(())
+    })
+    .join()
+    .expect("connect thread")
+}
+
+/// A paced SYN flood from random sources in `prefix`/48, sent as raw Ethernet frames
+/// (AF_PACKET) from the namespace end of a veth pair, with correct TCP checksums so
+/// that the host stack answers them (with SYN cookies).
+struct SpoofFlood {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl SpoofFlood {
+    fn start(pair: &VethPair, prefix: Ipv6Addr, to: SocketAddr, per_second: u64) -> SpoofFlood {
+        let SocketAddr::V6(to) = to else {
+            panic!("an IPv6 target")
+        };
+        let dst_mac = mac_of(&pair.host_if);
+        let (netns, peer_if) = (pair.netns.clone(), pair.peer_if.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            enter_netns(&netns);
+            let port = PacketPort::open(&peer_if, &dst_mac, false);
+            let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+            let mut next = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while !stopping.load(Ordering::Relaxed) {
+                // Pace: never ahead of `per_second` since the start.
+                let due = started.elapsed().as_secs_f64() * per_second as f64;
+                if (sent as f64) >= due {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                let mut src = prefix.octets();
+                src[6..14].copy_from_slice(&next().to_be_bytes());
+                src[14..].copy_from_slice(&next().to_be_bytes()[..2]);
+                let frame = syn6_frame(&dst_mac, Ipv6Addr::from(src), &to, next() as u16);
+                if port.send(&frame) {
+                    sent += 1;
+                }
+            }
+            sent
+        });
+        SpoofFlood {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the flood; returns the SYNs sent.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map_or(0, |t| t.join().unwrap_or(0))
+    }
+}
+
+impl Drop for SpoofFlood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// An Ethernet + IPv6 + TCP SYN frame with a correct TCP checksum (RFC 8200 section 8.1).
+fn syn6_frame(dst_mac: &[u8], src: Ipv6Addr, to: &std::net::SocketAddrV6, sport: u16) -> Vec<u8> {
+    let mut tcp = tcp_header(to.port(), SYN);
+    tcp[0..2].copy_from_slice(&(sport | 1024).to_be_bytes());
+    let mut sum = 0u32;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&src.octets());
+    add(&to.ip().octets());
+    add(&(tcp.len() as u32).to_be_bytes());
+    add(&[0, 0, 0, 6]);
+    add(&tcp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let mut frame = dst_mac.to_vec();
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x66, 0x86, 0xdd, 0x60, 0, 0, 0]);
+    frame.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[6, 64]);
+    frame.extend_from_slice(&src.octets());
+    frame.extend_from_slice(&to.ip().octets());
+    frame.extend_from_slice(&tcp);
+    frame
+}
+
+/// The MAC address of `interface` (in this thread's namespace's sysfs: the host's).
+fn mac_of(interface: &str) -> Vec<u8> {
+    let mac = std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))
+        .unwrap_or_else(|e| panic!("MAC of {interface}: {e}"));
+    mac.trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect()
+}
+
+/// An AF_PACKET socket on `interface` (opened from inside its namespace): sends whole
+/// Ethernet frames to `dst_mac` and, when opened to receive, sees every frame the
+/// interface receives.
+struct PacketPort {
+    fd: std::os::fd::OwnedFd,
+    to: libc::sockaddr_ll,
+}
+
+impl PacketPort {
+    fn open(interface: &str, dst_mac: &[u8], receive: bool) -> PacketPort {
+        use std::os::fd::FromRawFd as _;
+        // ETH_P_ALL in network byte order to receive; 0 sends only.
+        let protocol: u16 = if receive {
+            (libc::ETH_P_ALL as u16).to_be()
+        } else {
+            0
+        };
+        // SAFETY: plain socket(2); the descriptor is owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
+        assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor, closed when the `OwnedFd` drops.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(interface).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(index > 0, "if_nametoindex {interface}");
+        // SAFETY: a zeroed sockaddr_ll is valid; the fields are set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = protocol;
+        to.sll_ifindex = index as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&dst_mac[..6]);
+        if receive {
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
+            // SAFETY: valid descriptor, address and option of the sizes given.
+            unsafe {
+                assert_eq!(
+                    libc::bind(
+                        fd.as_raw_fd(),
+                        std::ptr::addr_of!(to).cast(),
+                        size_of::<libc::sockaddr_ll>() as u32
+                    ),
+                    0,
+                    "bind AF_PACKET: {}",
+                    std::io::Error::last_os_error()
+                );
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    std::ptr::addr_of!(timeout).cast(),
+                    size_of::<libc::timeval>() as u32,
+                );
+            }
+        }
+        PacketPort { fd, to }
+    }
+
+    fn send(&self, frame: &[u8]) -> bool {
+        // SAFETY: `frame` and `to` are valid for the call.
+        let rc = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                std::ptr::addr_of!(self.to).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        rc == frame.len() as isize
+    }
+
+    /// Whether a SYN-ACK from `from:from_port` to local port `to_port` arrives within
+    /// `within`.
+    fn saw_syn_ack(&self, from: Ipv4Addr, from_port: u16, to_port: u16, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            // SAFETY: `buf` is writable for its length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 54 {
+                continue;
+            }
+            let f = &buf[..n as usize];
+            let ihl = usize::from(f[14] & 0x0f) * 4;
+            if f[12..14] != [0x08, 0x00] || f[23] != 6 || f.len() < 14 + ihl + 14 {
+                continue;
+            }
+            let tcp = &f[14 + ihl..];
+            if f[26..30] == from.octets()
+                && tcp[0..2] == from_port.to_be_bytes()
+                && tcp[2..4] == to_port.to_be_bytes()
+                && tcp[13] & (SYN | ACK) == SYN | ACK
+            {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+fn ip_checksum(bytes: &[u8], initial: u32) -> u16 {
+    let mut sum = initial;
+    for pair in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A SYN from `src:sport` to `dst:dport` with correct checksums, as Ethernet frames to
+/// `mac`: whole, or split after 8 bytes of TCP into two fragments (RFC 791), the first one
+/// optionally padded to Ethernet's 60-byte minimum with the SYN flag where the TCP flags
+/// would be.
+fn syn4_frames(
+    mac: &[u8],
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+    split: Option<bool>,
+) -> Vec<Vec<u8>> {
+    let mut tcp = tcp_header(dport, SYN);
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    let mut pseudo = 0u32;
+    for w in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
+        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    pseudo += 6 + 20;
+    let sum = ip_checksum(&tcp, pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let frame = |flags_offset: u16, payload: &[u8]| {
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&sport.to_be_bytes()); // identification
+        ip.extend_from_slice(&flags_offset.to_be_bytes());
+        ip.extend_from_slice(&[64, 6, 0, 0]);
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        let sum = ip_checksum(&ip, 0);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        ip.extend_from_slice(payload);
+        let mut f = mac[..6].to_vec();
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x42, 0x08, 0x00]);
+        f.extend_from_slice(&ip);
+        f
+    };
+    match split {
+        None => vec![frame(0, &tcp)],
+        Some(padded) => {
+            let mut first = frame(MF, &tcp[..8]);
+            if padded {
+                first.resize(60, 0);
+                first[14 + 20 + 13] = SYN;
+            }
+            vec![first, frame(1, &tcp[8..])]
+        }
+    }
+}
+
+#[test]
+fn veth_fragmented_syn_does_not_reach_the_listener() {
+    if !privileged("veth_fragmented_syn_does_not_reach_the_listener") {
+        return;
+    }
+    let limits = LimitsConfig {
+        conn_rate: rate(100.0),
+        conn_burst: Some(100),
+        ..LimitsConfig::default()
+    };
+    let rig = Rig::new("g", &limits);
+    let mac = mac_of(&rig.a.host_if);
+    let (src, dst, port) = (rig.a.peer4, rig.a.host4, rig.server.addrs[0].port());
+    let (netns, peer_if) = (rig.a.netns.clone(), rig.a.peer_if.clone());
+    let before = rig.guard.packet_counts().unwrap();
+    let answered = std::thread::spawn(move || {
+        enter_netns(&netns);
+        let wire = PacketPort::open(&peer_if, &mac, true);
+        // The whole SYN first: it is answered, so the observation works; then the two
+        // fragmented ones, which the stack would reassemble into the same SYN.
+        [(41001, None), (41002, Some(false)), (41003, Some(true))]
+            .into_iter()
+            .map(|(sport, split)| {
+                for frame in syn4_frames(&mac, (src, sport), (dst, port), split) {
+                    assert!(wire.send(&frame), "send");
+                }
+                wire.saw_syn_ack(dst, port, sport, Duration::from_secs(1))
+            })
+            .collect::<Vec<bool>>()
+    })
+    .join()
+    .expect("wire thread");
+    let after = rig.guard.packet_counts().unwrap();
+    assert_eq!(
+        answered,
+        vec![true, false, false],
+        "[whole SYN, 8-byte first fragment, padded 8-byte first fragment] answered; {after:?}"
+    );
+    assert!(
+        after.packets(verdict::DROP_UNCLASSIFIED) >= before.packets(verdict::DROP_UNCLASSIFIED) + 2,
+        "{after:?}"
+    );
+}
+
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
@@ -1009,6 +1896,7 @@ impl Drop for KillOnDrop {
 struct VethPair {
     netns: String,
     host_if: String,
+    peer_if: String,
     host4: Ipv4Addr,
     peer4: Ipv4Addr,
     host6: Ipv6Addr,
@@ -1027,6 +1915,7 @@ impl VethPair {
         let veth = VethPair {
             netns: format!("ggx{pid}{tag}"),
             host_if: format!("ggh{pid}{tag}"),
+            peer_if: peer_if.clone(),
             host4: Ipv4Addr::new(198, 51, 100, block + 1),
             peer4: Ipv4Addr::new(198, 51, 100, block + 2),
             host6: Ipv6Addr::new(0x2001, 0xdb8, 0x77, subnet, 0, 0, 0, 1),
@@ -1214,6 +2103,54 @@ fn tcp6(src: Ipv6Addr, dport: u16, flags: u8, hop_by_hop: bool) -> Vec<u8> {
     packet.extend_from_slice(&DST6.octets());
     packet.extend_from_slice(&payload);
     ethernet(0x86dd, &packet)
+}
+
+/// IPv4 "more fragments" flag in the flags/offset field.
+const MF: u16 = 0x2000;
+
+/// An IPv4 TCP fragment: `flags_offset` is the raw flags + offset field (offset in
+/// 8-octet units), `payload` this fragment's part of the TCP segment.
+fn ipv4_fragment(src: Ipv4Addr, flags_offset: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = tcp4(src, PORT, SYN);
+    frame.truncate(14 + 20);
+    frame[14 + 2..14 + 4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    frame[14 + 6..14 + 8].copy_from_slice(&flags_offset.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An IPv6 packet whose first next header is `next`.
+fn ipv6(src: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut packet = vec![0x60, 0, 0, 0];
+    packet.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    packet.extend_from_slice(&[next, 64]);
+    packet.extend_from_slice(&src.octets());
+    packet.extend_from_slice(&DST6.octets());
+    packet.extend_from_slice(payload);
+    ethernet(0x86dd, &packet)
+}
+
+/// IPv6 with `n` 8-octet destination-options headers, then `upper` (protocol `last`).
+fn ipv6_chain(src: Ipv6Addr, n: usize, last: u8, upper: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    for i in 0..n {
+        let next = if i + 1 == n { last } else { 60 };
+        // Length 0 (8 octets): a PadN option fills the 6 bytes after the two.
+        payload.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    payload.extend_from_slice(upper);
+    ipv6(src, if n == 0 { last } else { 60 }, &payload)
+}
+
+/// `frame` with VLAN tags of the given TPIDs (outermost first) inserted after the MACs.
+fn vlan(tpids: &[u16], frame: &[u8]) -> Vec<u8> {
+    let mut tagged = frame[..12].to_vec();
+    for (i, tpid) in tpids.iter().enumerate() {
+        tagged.extend_from_slice(&tpid.to_be_bytes());
+        tagged.extend_from_slice(&(100 + i as u16).to_be_bytes());
+    }
+    tagged.extend_from_slice(&frame[12..]);
+    tagged
 }
 
 fn arp() -> Vec<u8> {

@@ -14,11 +14,13 @@
 //!   rewritten in place by user space on reload; all zero (no `CFG_ENABLED`) = pass all;
 //! - `DENY_V4`/`DENY_V6`, `ALLOW_V4`/`ALLOW_V6`: LPM tries keyed by
 //!   `{prefix_len: u32, addr bytes in network order}`, value [`NetEntry`];
-//! - `RATE_V4`/`RATE_V6`: LRU hashes, source address → [`TokenBucket`] (`conn_rate`);
-//! - `CAPPED_V4`/`CAPPED_V6`: hashes of source addresses at `max_conns_per_ip`, written by
+//! - `RATE_V4`/`RATE_V6`: LRU hashes, source key → [`SourceRate`] (`conn_rate` bucket and
+//!   the record of the SYNs the program charged, which user space reads at accept); the
+//!   IPv6 key is the source masked to [`GuardConfig::v6_prefix_len`];
+//! - `CAPPED_V4`/`CAPPED_V6`: hashes of source keys at `max_conns_per_ip`, written by
 //!   user space only (value: the connection count when marked);
 //! - `NEW_SOURCE_BUCKET`: per-CPU [`TokenBucket`], the global backstop that limits how fast
-//!   new `RATE_*` entries are created.
+//!   new `RATE_*` entries are created (beyond it a new source passes untracked).
 #![no_std]
 
 /// Names the user-space loader uses to find the program and maps in the object.
@@ -40,9 +42,9 @@ pub mod names {
     pub const ALLOW_V4: &str = "ALLOW_V4";
     /// `LpmTrie<[u8; 16], NetEntry>`.
     pub const ALLOW_V6: &str = "ALLOW_V6";
-    /// `LruHashMap<[u8; 4], TokenBucket>`.
+    /// `LruHashMap<[u8; 4], SourceRate>`.
     pub const RATE_V4: &str = "RATE_V4";
-    /// `LruHashMap<[u8; 16], TokenBucket>`.
+    /// `LruHashMap<[u8; 16], SourceRate>` (keys masked to the IPv6 prefix).
     pub const RATE_V6: &str = "RATE_V6";
     /// `HashMap<[u8; 4], u32>`.
     pub const CAPPED_V4: &str = "CAPPED_V4";
@@ -84,11 +86,24 @@ pub mod verdict {
     /// visibly: a rising count here is a bug or an attack, never silent.
     pub const PASS_ERROR: u32 = 4;
     /// Dropped: a SYN from a source with no rate state while the global new-source
-    /// backstop is exhausted (a flood from many addresses; known sources keep working).
+    /// backstop is exhausted. No longer produced (such SYNs now pass untracked, see
+    /// [`PASS_UNTRACKED`]); the slot stays because the order is ABI.
     pub const DROP_NEW_SOURCE: u32 = 5;
+    /// Passed: not IPv4/IPv6 after at most two VLAN tags (ARP, LLDP, a third tag, ...).
+    pub const PASS_NOT_IP: u32 = 6;
+    /// Dropped: TCP (or possibly TCP) the program cannot classify while a SYN limit is
+    /// configured: an IPv4/IPv6 first fragment without a whole TCP header, a non-first
+    /// fragment overlapping the TCP header, an IPv6 extension chain longer than the bound.
+    /// Deny and allow are decided first (they need only the source address).
+    pub const DROP_UNCLASSIFIED: u32 = 7;
+    /// Passed without a rate bucket: a SYN from a source with no state while the global
+    /// new-source backstop is exhausted (a flood from many addresses). The kernel's SYN
+    /// cookies cost a spoofed source nothing; a real one completes the handshake and user
+    /// space charges `conn_rate` at accept, because no program charged it.
+    pub const PASS_UNTRACKED: u32 = 8;
 
     /// Number of verdict slots; the `max_entries` of `VERDICT_COUNTERS`.
-    pub const VERDICT_COUNT: u32 = 6;
+    pub const VERDICT_COUNT: u32 = 9;
 
     /// The `verdict` label of `gateway_xdp_packets_total`, indexed by verdict.
     pub const LABELS: [&str; VERDICT_COUNT as usize] = [
@@ -98,11 +113,14 @@ pub mod verdict {
         "drop_conn_cap",
         "pass_error",
         "drop_new_source",
+        "pass_not_ip",
+        "drop_unclassified",
+        "pass_untracked",
     ];
 
     /// Whether the verdict lets the packet through (`XDP_PASS`) rather than dropping it.
     pub const fn passes(verdict: u32) -> bool {
-        matches!(verdict, PASS | PASS_ERROR)
+        matches!(verdict, PASS | PASS_ERROR | PASS_NOT_IP | PASS_UNTRACKED)
     }
 }
 
@@ -158,9 +176,13 @@ pub struct GuardConfig {
     /// Global backstop bucket for creating new per-source entries, per CPU (user space
     /// divides the global rate by the number of CPUs).
     pub new_source: BucketParams,
+    /// IPv6 sources are keyed by this prefix (`[limits] ipv6_prefix`, 1..=128) in
+    /// `RATE_V6` and `CAPPED_V6`: one /64 holder is one client, not 2^64.
+    pub v6_prefix_len: u32,
+    pub _pad: u32,
 }
 
-/// Value of the LRU `RATE_*` maps and of `NEW_SOURCE_BUCKET`.
+/// Value of `NEW_SOURCE_BUCKET` (and the bucket inside [`SourceRate`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenBucket {
@@ -168,6 +190,19 @@ pub struct TokenBucket {
     pub tokens_mtok: u64,
     /// `bpf_ktime_get_ns` of the last refill that added at least one milli-token.
     pub last_ns: u64,
+}
+
+/// Value of the LRU `RATE_*` maps: one source's `conn_rate` bucket, and what user space
+/// needs to tell whether the program charged a connection it accepts (issue 17 item 3:
+/// a connection that arrived on an interface without the program was never charged).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceRate {
+    pub bucket: TokenBucket,
+    /// SYNs the program charged to this entry (passed with a token), since it was created.
+    pub syns: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last charged SYN.
+    pub charged_ns: u64,
 }
 
 /// Value of the deny/allow tries: the prefix length of the matched entry, so the program
@@ -182,8 +217,9 @@ const _: () = assert!(size_of::<VerdictCounter>() == 16);
 const _: () = assert!(align_of::<VerdictCounter>() == 8);
 const _: () = assert!(verdict::LABELS.len() == verdict::VERDICT_COUNT as usize);
 const _: () = assert!(size_of::<BucketParams>() == 24);
-const _: () = assert!(size_of::<GuardConfig>() == 8 + 2 * sizes::MAX_PORTS + 2 * 24);
+const _: () = assert!(size_of::<GuardConfig>() == 8 + 2 * sizes::MAX_PORTS + 2 * 24 + 8);
 const _: () = assert!(size_of::<TokenBucket>() == 16);
+const _: () = assert!(size_of::<SourceRate>() == 32);
 const _: () = assert!(size_of::<NetEntry>() == 4);
 
 // SAFETY (all impls below): `#[repr(C)]`, only integer fields and arrays of them, no
@@ -199,3 +235,5 @@ unsafe impl aya::Pod for GuardConfig {}
 unsafe impl aya::Pod for TokenBucket {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for NetEntry {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SourceRate {}

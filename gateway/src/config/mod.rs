@@ -392,7 +392,7 @@ pub struct RouteConfig {
     pub allow_trace: bool,
 }
 
-#[derive(Debug, Deserialize, Serialize, Clone, Default)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub conn_rate: Option<Rate>,
@@ -402,6 +402,23 @@ pub struct LimitsConfig {
     pub request_burst: Option<u32>,
     pub deny: Vec<IpNet>,
     pub allow: Vec<IpNet>,
+    /// IPv6 clients are limited per prefix of this length (1..=128; default 64).
+    pub ipv6_prefix: u8,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            conn_rate: None,
+            conn_burst: None,
+            max_conns_per_ip: None,
+            request_rate: None,
+            request_burst: None,
+            deny: Vec::new(),
+            allow: Vec::new(),
+            ipv6_prefix: crate::limits::DEFAULT_IPV6_PREFIX,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
@@ -869,6 +886,14 @@ impl Config {
         if l.conn_burst.is_some() && l.conn_rate.is_none() {
             err(None, "limits", "conn_burst", "needs conn_rate".into());
         }
+        if !(1..=128).contains(&l.ipv6_prefix) {
+            err(
+                None,
+                "limits",
+                "ipv6_prefix",
+                "must be between 1 and 128".into(),
+            );
+        }
         if l.max_conns_per_ip == Some(0) {
             err(
                 None,
@@ -1134,6 +1159,21 @@ respond = { status = 200, body = "ok\n" }
         // The same table's other problem is still found once the rest of it parses.
         assert!(keys.contains(&"route[0].upstream"), "{e}");
         assert_eq!(e.0.len(), 4, "{e}");
+    }
+
+    #[test]
+    fn ipv6_prefix_defaults_to_64_and_is_bounded() {
+        assert_eq!(parse(GOOD).unwrap().limits.ipv6_prefix, 64);
+        let with = |v: &str| format!("{GOOD}\n[limits]\nipv6_prefix = {v}\n");
+        assert_eq!(parse(&with("48")).unwrap().limits.ipv6_prefix, 48);
+        assert_eq!(parse(&with("128")).unwrap().limits.ipv6_prefix, 128);
+        for bad in ["0", "129", "300", "\"64\""] {
+            let e = parse(&with(bad)).unwrap_err();
+            assert!(
+                e.0.iter().any(|e| e.key.ends_with("ipv6_prefix")),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
