@@ -572,6 +572,7 @@ pub fn render(control: &Control) -> String {
         control.reloads_failed.load(Ordering::Relaxed)
     );
     control.render_xdp(&mut out);
+    control.render_ops(&mut out);
     render_process(&mut out);
     out
 }
