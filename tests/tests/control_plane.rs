@@ -1320,3 +1320,54 @@ fn idle_admin_connections_are_capped_timed_out_and_healthz_answers_afterwards() 
     let big = admin_request_with(admin, "GET", "/metrics", Some("x".repeat(9000)));
     assert_eq!(big.status, 431);
 }
+
+#[test]
+fn admin_accept_backs_off_when_out_of_descriptors_and_recovers() {
+    let origin = Origin::start(|_| Reply::ok("x"));
+    let gw = Gateway::with(&Config::proxy_all(&[origin.addr()]));
+    let pid = gw.pid();
+    let fds: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    // The lowest free descriptor number: accept(2) would take it.
+    let lowest_free = (0..).find(|n| !fds.contains(n)).unwrap();
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on our own child, with valid (or null) pointers.
+    let prlimit = |new: *const libc::rlimit, old: *mut libc::rlimit| unsafe {
+        libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, new, old)
+    };
+    assert_eq!(prlimit(std::ptr::null(), &mut old), 0, "prlimit: read");
+    // Every descriptor number below the soft limit is taken: the next accept fails.
+    let tight = libc::rlimit {
+        rlim_cur: lowest_free,
+        rlim_max: old.rlim_max,
+    };
+    assert_eq!(prlimit(&tight, std::ptr::null_mut()), 0, "prlimit: lower");
+    // Completed by the kernel, then stuck in the backlog: accept(2) says EMFILE.
+    let mut pending = TcpStream::connect(gw.admin_addr()).unwrap();
+    pending
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    // A fixed window of descriptor exhaustion (what is measured is how often the accept is
+    // retried in it, not a readiness).
+    thread::sleep(2 * SECOND);
+    assert_eq!(prlimit(&old, std::ptr::null_mut()), 0, "prlimit: restore");
+    // Descriptors back: the connection that waited in the backlog is answered.
+    pending.set_read_timeout(Some(5 * SECOND)).unwrap();
+    let mut answer = String::new();
+    pending.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let errors = scrape(gw.admin_addr())
+        .get("gateway_admin_accept_errors_total", &[])
+        .unwrap();
+    // Backing off from 10 ms, doubling up to 500 ms, retries about 9 times in 2 s; a loop
+    // that retried at once spins through tens of thousands (and a core).
+    assert!(
+        (1.0..=30.0).contains(&errors),
+        "gateway_admin_accept_errors_total {errors} after 2 s of EMFILE"
+    );
+}
