@@ -86,7 +86,13 @@ impl LogWriter {
     }
 
     fn start_with(target: Target, capacity: usize) -> std::io::Result<LogWriter> {
-        let mut sink = open(&target)?;
+        LogWriter::spawn(open(&target)?, capacity)
+    }
+
+    fn spawn(
+        mut sink: Option<Box<dyn Write + Send>>,
+        capacity: usize,
+    ) -> std::io::Result<LogWriter> {
         let queue = Arc::new(Queue {
             pending: Mutex::default(),
             wake: Condvar::new(),
@@ -139,16 +145,18 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Queues a buffer of whole lines, or drops it (counted) when the queue is full.
+    /// Queues a buffer of whole lines, or drops it (counted) when the queue is full. The
+    /// queue is charged the buffer's capacity, which is what it holds in memory.
     fn send(&self, lines: Vec<u8>) {
+        let cost = lines.capacity();
         let mut p = self.queue.lock();
-        if p.bytes + lines.len() > self.queue.capacity {
+        if p.bytes + cost > self.queue.capacity {
             drop(p);
             let n = lines.iter().filter(|&&b| b == b'\n').count() as u64;
             self.queue.dropped.fetch_add(n, Ordering::Relaxed);
             return;
         }
-        p.bytes += lines.len();
+        p.bytes += cost;
         p.lines.push_back(lines);
         drop(p);
         self.queue.wake.notify_one();
@@ -236,8 +244,17 @@ impl WorkerLog {
             return;
         }
         if let Some(w) = &self.writer {
-            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(FLUSH_AT + 1024));
-            w.send(full);
+            // The tick hands over a few lines in a 33 KiB buffer: a right-sized copy goes
+            // instead (and the buffer is kept), so a queue bounded in bytes is not filled
+            // by capacity that holds nothing.
+            let lines = if self.buf.len() < FLUSH_AT / 2 {
+                let copy = self.buf.to_vec();
+                self.buf.clear();
+                copy
+            } else {
+                std::mem::replace(&mut self.buf, Vec::with_capacity(FLUSH_AT + 1024))
+            };
+            w.send(lines);
         }
     }
 }
@@ -419,6 +436,42 @@ mod tests {
         w.send(b"ok\n".to_vec());
         w.flush();
         assert_eq!(w.dropped(), 3);
+    }
+
+    /// A sink whose writes block until the test ends: a dead disk.
+    struct Stalled(Mutex<mpsc::Receiver<()>>);
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.lock().unwrap().recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_writer_bounds_the_queue_by_memory_held_not_bytes_used() {
+        let (_hold, rx) = mpsc::channel();
+        let w = LogWriter::spawn(Some(Box::new(Stalled(Mutex::new(rx)))), 1 << 20).unwrap();
+        let mut log = WorkerLog::new(Some(w.clone()));
+        // Ticks that each hand over one short line: right-sized, so thousands fit.
+        for _ in 0..2000 {
+            write_combined(&mut log.buf, &entry());
+            log.flush();
+        }
+        let kept = 2000 - w.dropped();
+        assert!(kept > 1000, "only {kept} short lines queued in 1 MiB");
+        // Buffers holding far more than they use are charged what they hold.
+        for _ in 0..100 {
+            let mut big = Vec::with_capacity(64 * 1024);
+            big.extend_from_slice(b"x\n");
+            w.send(big);
+        }
+        // About 800 KiB was left: a dozen of them fit, the rest are dropped.
+        assert!(w.dropped() >= 2000 - kept + 80, "{}", w.dropped());
+        assert!(w.queue.lock().bytes <= 1 << 20);
     }
 
     #[test]
