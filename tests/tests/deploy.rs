@@ -1,8 +1,10 @@
 //! The deployment files under `docs/deploy/` against the real binary: every YAML document
 //! parses; the DaemonSet runs `gateway run --config PATH` with the ConfigMap mounted at
 //! that path, probes `/healthz` and `/ready` on the admin port 9901, mounts bpffs and
-//! outlasts the drain; the ConfigMap's `gateway.toml` passes `gateway check` and serves
-//! when started (on loopback); the ServiceMonitor, Service, DaemonSet and alert rules agree
+//! outlasts the drain; the admin token comes from a Secret mounted where `admin.token_file`
+//! points, and the binary refuses an admin listener on the network without one; the
+//! ConfigMap's `gateway.toml` passes `gateway check` and serves when started (on loopback),
+//! with `/reload` and `/config` behind the token and probes and `/metrics` open; the ServiceMonitor, Service, DaemonSet and alert rules agree
 //! on ports, labels and the `job`; the systemd unit reloads with SIGHUP and raises its
 //! limits; the Dockerfile follows the build recipe; and every metric the Grafana dashboard
 //! and the alert rules query is one a running gateway serves, with labels it has.
