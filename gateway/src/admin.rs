@@ -73,14 +73,21 @@ impl AdminConfig {
                 "listen",
                 format!("{:?} is not an address like 127.0.0.1:9901", self.listen),
             )),
-            Ok(addr) if !addr.ip().is_loopback() && self.token.is_none() => problems.push((
-                "listen",
-                format!(
-                    "{addr} is reachable from other hosts, so POST /reload and GET /config \
+            // With a token_file that could not be read, that error is the one to report.
+            Ok(addr)
+                if !addr.ip().is_loopback()
+                    && self.token.is_none()
+                    && self.token_file.is_none() =>
+            {
+                problems.push((
+                    "listen",
+                    format!(
+                        "{addr} is reachable from other hosts, so POST /reload and GET /config \
                      need a token: set admin.token_file (or admin.token), or listen on \
                      127.0.0.1"
-                ),
-            )),
+                    ),
+                ))
+            }
             Ok(_) => {}
         }
         if let Some(token) = &self.token {
