@@ -4,13 +4,33 @@
 //! Workers format lines into a buffer of their own and hand full buffers (or every
 //! 200 ms) to one writer thread, so a slow disk never stalls a request. The writer
 //! reopens its file on reload, for logrotate.
+//!
+//! Memory is bounded on both sides of that hand-off:
+//! - the queue to the writer holds at most [`QUEUE_BYTES`]; a buffer that does not fit is
+//!   dropped whole and its lines are counted (`gateway_access_log_dropped_total`), because a
+//!   worker must never wait for a disk, and an unbounded queue in front of a stalled disk
+//!   grows until the process is killed;
+//! - every variable field (method, target, referer, user agent) is cut at [`FIELD_CAP`]
+//!   bytes as written, escapes included, and marked with [`TRUNCATED`], so a line stays
+//!   below a few KiB whatever a client sends (escaping turns one byte into four).
 
 use crate::config::AccessFormat;
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+
+/// Bytes of formatted lines waiting for the writer, at most.
+pub const QUEUE_BYTES: usize = 8 << 20;
+
+/// Largest written length of one field (after escaping).
+pub const FIELD_CAP: usize = 2048;
+
+/// Appended to a field cut at [`FIELD_CAP`].
+pub const TRUNCATED: &[u8] = b"...[truncated]";
 
 /// Where access lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,66 +50,129 @@ impl Target {
     }
 }
 
-enum Message {
-    Lines(Vec<u8>),
-    Reopen(Target),
-    Flush(mpsc::Sender<()>),
+/// What the workers and the control plane left for the writer.
+#[derive(Default)]
+struct Pending {
+    lines: VecDeque<Vec<u8>>,
+    bytes: usize,
+    reopen: Option<Target>,
+    flushes: Vec<mpsc::Sender<()>>,
+}
+
+struct Queue {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    /// Lines dropped because the queue was full.
+    dropped: AtomicU64,
+    capacity: usize,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Handle on the writer thread; cheap to clone into every worker.
 #[derive(Clone)]
 pub struct LogWriter {
-    tx: mpsc::Sender<Message>,
+    queue: Arc<Queue>,
 }
 
 impl LogWriter {
     /// Starts the writer thread. Fails when the file cannot be opened.
     pub fn start(target: Target) -> std::io::Result<LogWriter> {
-        let mut sink = open(&target)?;
-        let (tx, rx) = mpsc::channel::<Message>();
+        LogWriter::start_with(target, QUEUE_BYTES)
+    }
+
+    fn start_with(target: Target, capacity: usize) -> std::io::Result<LogWriter> {
+        LogWriter::spawn(open(&target)?, capacity)
+    }
+
+    fn spawn(
+        mut sink: Option<Box<dyn Write + Send>>,
+        capacity: usize,
+    ) -> std::io::Result<LogWriter> {
+        let queue = Arc::new(Queue {
+            pending: Mutex::default(),
+            wake: Condvar::new(),
+            dropped: AtomicU64::new(0),
+            capacity,
+        });
+        let q = queue.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || {
-                for message in rx {
-                    match message {
-                        Message::Lines(lines) => {
-                            if let Some(out) = sink.as_mut() {
-                                if let Err(e) = out.write_all(&lines).and_then(|_| out.flush()) {
-                                    tracing::error!(error = %e, "cannot write the access log");
-                                }
-                            }
-                        }
-                        Message::Reopen(target) => match open(&target) {
-                            Ok(new) => sink = new,
-                            Err(e) => tracing::error!(error = %e, ?target, "cannot reopen the access log; keeping the old one"),
-                        },
-                        Message::Flush(done) => {
-                            let _ = done.send(());
-                        }
+            .spawn(move || loop {
+                let batch = {
+                    let mut p = q.lock();
+                    while p.lines.is_empty() && p.reopen.is_none() && p.flushes.is_empty() {
+                        p = q.wake.wait(p).unwrap_or_else(|e| e.into_inner());
+                    }
+                    p.bytes = 0;
+                    std::mem::take(&mut *p)
+                };
+                // Lines queued before a reopen belong to the old file (logrotate renamed
+                // it and then signalled), so they are written first.
+                if let Some(out) = sink.as_mut() {
+                    let written = batch
+                        .lines
+                        .iter()
+                        .try_for_each(|lines| out.write_all(lines))
+                        .and_then(|_| out.flush());
+                    if let Err(e) = written {
+                        tracing::error!(error = %e, "cannot write the access log");
                     }
                 }
+                if let Some(target) = batch.reopen {
+                    match open(&target) {
+                        Ok(new) => sink = new,
+                        Err(e) => tracing::error!(error = %e, ?target, "cannot reopen the access log; keeping the old one"),
+                    }
+                }
+                for done in batch.flushes {
+                    let _ = done.send(());
+                }
             })?;
-        Ok(LogWriter { tx })
+        Ok(LogWriter { queue })
     }
 
     /// Reopens (or switches) the target: the old file is closed once the new one opened.
     pub fn reopen(&self, target: Target) -> std::io::Result<()> {
         // Open once here to report errors to the caller (a reload) before switching.
         open(&target)?;
-        let _ = self.tx.send(Message::Reopen(target));
+        self.queue.lock().reopen = Some(target);
+        self.queue.wake.notify_one();
         Ok(())
     }
 
+    /// Queues a buffer of whole lines, or drops it (counted) when the queue is full. The
+    /// queue is charged the buffer's capacity, which is what it holds in memory.
     fn send(&self, lines: Vec<u8>) {
-        let _ = self.tx.send(Message::Lines(lines));
+        let cost = lines.capacity();
+        let mut p = self.queue.lock();
+        if p.bytes + cost > self.queue.capacity {
+            drop(p);
+            let n = lines.iter().filter(|&&b| b == b'\n').count() as u64;
+            self.queue.dropped.fetch_add(n, Ordering::Relaxed);
+            return;
+        }
+        p.bytes += cost;
+        p.lines.push_back(lines);
+        drop(p);
+        self.queue.wake.notify_one();
+    }
+
+    /// Lines dropped so far because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.queue.dropped.load(Ordering::Relaxed)
     }
 
     /// Waits until everything sent so far is written (shutdown).
     pub fn flush(&self) {
         let (done, wait) = mpsc::channel();
-        if self.tx.send(Message::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(std::time::Duration::from_secs(2));
-        }
+        self.queue.lock().flushes.push(done);
+        self.queue.wake.notify_one();
+        let _ = wait.recv_timeout(std::time::Duration::from_secs(2));
     }
 }
 
@@ -161,8 +244,17 @@ impl WorkerLog {
             return;
         }
         if let Some(w) = &self.writer {
-            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(FLUSH_AT + 1024));
-            w.send(full);
+            // The tick hands over a few lines in a 33 KiB buffer: a right-sized copy goes
+            // instead (and the buffer is kept), so a queue bounded in bytes is not filled
+            // by capacity that holds nothing.
+            let lines = if self.buf.len() < FLUSH_AT / 2 {
+                let copy = self.buf.to_vec();
+                self.buf.clear();
+                copy
+            } else {
+                std::mem::replace(&mut self.buf, Vec::with_capacity(FLUSH_AT + 1024))
+            };
+            w.send(lines);
         }
     }
 }
@@ -196,10 +288,21 @@ pub fn write_combined(out: &mut Vec<u8>, e: &Entry) {
     let _ = writeln!(out, "\" {} {}", e.duration_us, e.upstream.unwrap_or("-"));
 }
 
-/// nginx escapes `"`, `\` and bytes outside printable ASCII as `\xHH`.
+/// nginx escapes `"`, `\` and bytes outside printable ASCII as `\xHH`. At most
+/// [`FIELD_CAP`] bytes are written (an escape is never split), then [`TRUNCATED`].
 fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
-    for &b in bytes {
-        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+    let start = out.len();
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped = b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b);
+        let width = if escaped { 4 } else { 1 };
+        if out.len() - start + width > FIELD_CAP {
+            // The marker is only needed when something is actually left out.
+            if i < bytes.len() {
+                out.extend_from_slice(TRUNCATED);
+            }
+            return;
+        }
+        if escaped {
             let _ = write!(out, "\\x{b:02X}");
         } else {
             out.push(b);
@@ -207,20 +310,36 @@ fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
+/// A field for the JSON format: invalid UTF-8 replaced, cut at [`FIELD_CAP`] bytes on a
+/// character boundary and marked. JSON escaping can still widen control characters (up
+/// to six bytes each), which keeps the line bounded all the same.
+fn json_text(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    if text.len() <= FIELD_CAP {
+        return text.into_owned();
+    }
+    let mut cut = FIELD_CAP;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut s = text[..cut].to_string();
+    s.push_str(std::str::from_utf8(TRUNCATED).unwrap_or_default());
+    s
+}
+
 pub fn write_json(out: &mut Vec<u8>, e: &Entry) {
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let mut time = String::new();
     crate::clock::with_log_stamp(|s| time.push_str(std::str::from_utf8(s).unwrap_or("")));
     let line = serde_json::json!({
         "remote_addr": e.client_ip.to_string(),
         "time": time,
-        "method": text(e.method),
-        "uri": text(e.target),
+        "method": json_text(e.method),
+        "uri": json_text(e.target),
         "protocol": version_str(e.version),
         "status": e.status,
         "body_bytes_sent": e.body_bytes,
-        "referer": e.referer.map(text),
-        "user_agent": e.user_agent.map(text),
+        "referer": e.referer.map(json_text),
+        "user_agent": e.user_agent.map(json_text),
         "request_time_us": e.duration_us,
         "upstream": e.upstream,
     });
@@ -269,6 +388,90 @@ mod tests {
         e.user_agent = Some(b"a\"b\n");
         write_combined(&mut out, &e);
         assert!(String::from_utf8(out).unwrap().contains("\"a\\x22b\\x0A\""));
+    }
+
+    #[test]
+    fn fields_are_capped_after_escaping() {
+        let long_ua = vec![b'"'; 100_000];
+        let long_target = vec![b'a'; 100_000];
+        let mut e = entry();
+        e.user_agent = Some(&long_ua);
+        e.target = &long_target;
+        let mut out = Vec::new();
+        write_combined(&mut out, &e);
+        let line = String::from_utf8(out).unwrap();
+        assert!(line.len() < 3 * FIELD_CAP, "{} bytes", line.len());
+        let ua = line.split("\" \"").nth(1).unwrap();
+        assert!(ua.starts_with("\\x22\\x22"), "{ua}");
+        assert!(
+            ua.contains("\\x22...[truncated]\""),
+            "an escape is never split"
+        );
+        assert!(line.contains(&format!("{}...[truncated] HTTP/1.1", "a".repeat(FIELD_CAP))));
+
+        // Exactly at the cap: nothing left out, no marker.
+        let exact = vec![b'b'; FIELD_CAP];
+        e.target = &exact;
+        let mut out = Vec::new();
+        write_combined(&mut out, &e);
+        let line = String::from_utf8(out).unwrap();
+        assert!(line.contains(&format!(" {} HTTP/1.1", "b".repeat(FIELD_CAP))));
+
+        let mut out = Vec::new();
+        e.target = &long_target;
+        write_json(&mut out, &e);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let uri = v["uri"].as_str().unwrap();
+        assert_eq!(uri.len(), FIELD_CAP + TRUNCATED.len());
+        assert!(out.len() < 2 * FIELD_CAP + 6 * FIELD_CAP);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_lines_instead_of_growing() {
+        // A writer into a pipe nobody reads stalls like a dead disk; but the simplest
+        // stall is a queue smaller than one buffer: nothing fits, everything is counted.
+        let w = LogWriter::start_with(Target::Off, 10).unwrap();
+        w.send(b"one\ntwo\nthree\n".to_vec());
+        assert_eq!(w.dropped(), 3);
+        w.send(b"ok\n".to_vec());
+        w.flush();
+        assert_eq!(w.dropped(), 3);
+    }
+
+    /// A sink whose writes block until the test ends: a dead disk.
+    struct Stalled(Mutex<mpsc::Receiver<()>>);
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.lock().unwrap().recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_writer_bounds_the_queue_by_memory_held_not_bytes_used() {
+        let (_hold, rx) = mpsc::channel();
+        let w = LogWriter::spawn(Some(Box::new(Stalled(Mutex::new(rx)))), 1 << 20).unwrap();
+        let mut log = WorkerLog::new(Some(w.clone()));
+        // Ticks that each hand over one short line: right-sized, so thousands fit.
+        for _ in 0..2000 {
+            write_combined(&mut log.buf, &entry());
+            log.flush();
+        }
+        let kept = 2000 - w.dropped();
+        assert!(kept > 1000, "only {kept} short lines queued in 1 MiB");
+        // Buffers holding far more than they use are charged what they hold.
+        for _ in 0..100 {
+            let mut big = Vec::with_capacity(64 * 1024);
+            big.extend_from_slice(b"x\n");
+            w.send(big);
+        }
+        // About 800 KiB was left: a dozen of them fit, the rest are dropped.
+        assert!(w.dropped() >= 2000 - kept + 80, "{}", w.dropped());
+        assert!(w.queue.lock().bytes <= 1 << 20);
     }
 
     #[test]

@@ -3,23 +3,182 @@
 //! It runs on the control-plane thread, apart from the workers, so a saturated data plane
 //! still answers health checks and scrapes. Requests are tiny and few: one request per
 //! connection, answered and closed.
+//!
+//! The listener is reachable by whoever can reach its address, so it defends itself like a
+//! data-plane listener, on a smaller scale:
+//! - at most `admin.max_connections` connections at once; one accepted over the cap is
+//!   closed at once, unread, and counted (`gateway_admin_connections_rejected_total`);
+//! - each connection must deliver its request and take its answer within
+//!   `admin.request_timeout`, so idle connections cannot hold the slots;
+//! - a request head is at most [`MAX_HEAD`] bytes (431 beyond);
+//! - `POST /reload` and `GET /config` need the bearer token when one is set, and a
+//!   non-loopback `listen` without a token is a config error: the control endpoints are
+//!   never open to a network by default. `/metrics`, `/healthz` and `/ready` stay open for
+//!   Prometheus and the kubelet's probes.
 
+use crate::config::AdminConfig;
 use crate::control::Control;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Largest admin request head (request line and headers). Admin requests carry a few
+/// short headers; anything bigger is not a client of this API.
+pub const MAX_HEAD: usize = 8 * 1024;
+
+/// Largest token file read: a token is a short secret, not a document.
+const MAX_TOKEN_FILE: u64 = 4096;
+
+impl AdminConfig {
+    /// Reads `token_file` into `token` (at load and at every reload, so a rotated Secret
+    /// is picked up by SIGHUP or `POST /reload`). Surrounding whitespace is dropped: the
+    /// usual ways of writing a Secret leave a trailing newline.
+    pub fn load_token_file(&mut self, config_path: &Path) -> Result<(), String> {
+        let Some(file) = &self.token_file else {
+            return Ok(());
+        };
+        if self.token.is_some() {
+            return Err("set token or token_file, not both".into());
+        }
+        let path = match config_path.parent() {
+            Some(dir) if file.is_relative() => dir.join(file),
+            _ => file.clone(),
+        };
+        let too_big = std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_TOKEN_FILE);
+        if too_big {
+            return Err(format!(
+                "{}: larger than {MAX_TOKEN_FILE} bytes",
+                path.display()
+            ));
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(format!("{} is empty", path.display()));
+        }
+        self.token = Some(token.to_string());
+        Ok(())
+    }
+
+    /// What is wrong with this table, as (key, message) pairs.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        match self.listen.parse::<SocketAddr>() {
+            Err(_) => problems.push((
+                "listen",
+                format!("{:?} is not an address like 127.0.0.1:9901", self.listen),
+            )),
+            // With a token_file that could not be read, that error is the one to report.
+            Ok(addr)
+                if !addr.ip().is_loopback()
+                    && self.token.is_none()
+                    && self.token_file.is_none() =>
+            {
+                problems.push((
+                    "listen",
+                    format!(
+                        "{addr} is reachable from other hosts, so POST /reload and GET /config \
+                     need a token: set admin.token_file (or admin.token), or listen on \
+                     127.0.0.1"
+                    ),
+                ))
+            }
+            Ok(_) => {}
+        }
+        if let Some(token) = &self.token {
+            // The header value is trimmed before the comparison; a token that is empty or
+            // holds whitespace or control bytes could never match, or would match "".
+            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                problems.push((
+                    if self.token_file.is_some() {
+                        "token_file"
+                    } else {
+                        "token"
+                    },
+                    "the token must be non-empty visible ASCII (no spaces)".into(),
+                ));
+            }
+        }
+        if !(1..=4096).contains(&self.max_connections) {
+            problems.push(("max_connections", "must be between 1 and 4096".into()));
+        }
+        if self.request_timeout.0.is_zero() {
+            problems.push(("request_timeout", "must be greater than zero".into()));
+        }
+        problems
+    }
+}
+
+/// Accepts admin connections until the runtime stops.
 pub async fn serve(listener: TcpListener, control: Arc<Control>) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                stream
+            }
+            Err(e) => {
+                // Out of descriptors (EMFILE/ENFILE) or out of buffers: the pending
+                // connection stays in the backlog. Back off, doubling up to a bound, rather
+                // than spin on a listener that stays readable. This is the place for a
+                // descriptor reserve to free a spare fd and accept once more.
+                control.admin_accept_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "admin accept failed; backing off {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let (cap, timeout) = {
+            let snap = control.shared.snapshot();
+            (
+                snap.config.admin.max_connections,
+                snap.config.admin.request_timeout.0,
+            )
+        };
+        let Some(slot) = Slot::take(&open, cap) else {
+            // Dropping the stream closes it without reading: an idle flood costs a
+            // descriptor for an instant, not a task and a buffer each.
+            control
+                .admin_connections_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            drop(stream);
             continue;
         };
         let control = control.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, control)).await;
+            let _slot = slot;
+            let _ = tokio::time::timeout(timeout, handle(stream, control)).await;
         });
+    }
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// One of the `max_connections` slots, given back on drop (however the handler ends).
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>, cap: usize) -> Option<Slot> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < cap).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -38,7 +197,7 @@ fn text(status: u16, body: impl Into<String>) -> Response {
 }
 
 async fn handle(mut stream: TcpStream, control: Arc<Control>) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 8192];
+    let mut buf = vec![0u8; MAX_HEAD];
     let mut len = 0;
     let (method, path, authorization) = loop {
         let n = stream.read(&mut buf[len..]).await?;
@@ -67,7 +226,10 @@ async fn handle(mut stream: TcpStream, control: Arc<Control>) -> std::io::Result
                 );
             }
             Ok(httparse::Status::Partial) if len < buf.len() => continue,
-            _ => {
+            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+                return write(&mut stream, text(431, "request head too large\n")).await;
+            }
+            Err(_) => {
                 return write(&mut stream, text(400, "bad request\n")).await;
             }
         }
@@ -154,4 +316,61 @@ async fn write(stream: &mut TcpStream, r: Response) -> std::io::Result<()> {
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(r.body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admin(listen: &str, token: Option<&str>) -> AdminConfig {
+        AdminConfig {
+            listen: listen.into(),
+            token: token.map(String::from),
+            ..AdminConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_network_listener_needs_a_token() {
+        assert!(admin("127.0.0.1:9901", None).problems().is_empty());
+        assert!(admin("[::1]:9901", None).problems().is_empty());
+        for listen in ["0.0.0.0:9901", "[::]:9901", "192.0.2.1:9901"] {
+            let p = admin(listen, None).problems();
+            assert_eq!(p.len(), 1, "{listen}: {p:?}");
+            assert!(p[0].1.contains("token_file"), "{p:?}");
+            assert!(admin(listen, Some("t0ken")).problems().is_empty());
+        }
+    }
+
+    #[test]
+    fn tokens_that_could_never_match_or_match_empty_are_refused() {
+        for bad in ["", "two words", "tab\t"] {
+            assert_eq!(
+                admin("127.0.0.1:1", Some(bad)).problems().len(),
+                1,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_file_is_read_trimmed_relative_to_the_config() {
+        let dir = std::env::temp_dir().join(format!("gateway-admin-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("token"), "s3cret\n").unwrap();
+        let mut a = admin("0.0.0.0:9901", None);
+        a.token_file = Some("token".into());
+        a.load_token_file(&dir.join("gateway.toml")).unwrap();
+        assert_eq!(a.token.as_deref(), Some("s3cret"));
+        // Both at once is ambiguous.
+        assert!(a.load_token_file(&dir.join("gateway.toml")).is_err());
+        let mut empty = admin("0.0.0.0:9901", None);
+        std::fs::write(dir.join("empty"), "\n").unwrap();
+        empty.token_file = Some(dir.join("empty"));
+        assert!(empty.load_token_file(Path::new("/x.toml")).is_err());
+        let mut missing = admin("0.0.0.0:9901", None);
+        missing.token_file = Some("nope".into());
+        assert!(missing.load_token_file(Path::new("/x.toml")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

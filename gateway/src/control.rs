@@ -24,6 +24,10 @@ pub struct Control {
     pub reloads_failed: AtomicU64,
     /// The attached XDP program, when there is one.
     pub xdp: Mutex<Option<crate::xdp::XdpGuard>>,
+    /// Admin connections closed at accept because `admin.max_connections` were open.
+    pub admin_connections_rejected: AtomicU64,
+    /// Failed admin accepts (out of descriptors, mostly).
+    pub admin_accept_errors: AtomicU64,
 }
 
 impl Control {
@@ -37,6 +41,8 @@ impl Control {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             xdp: Mutex::new(None),
+            admin_connections_rejected: AtomicU64::new(0),
+            admin_accept_errors: AtomicU64::new(0),
         });
         control.sync_checkers();
         control
@@ -162,6 +168,34 @@ impl Control {
 }
 
 impl Control {
+    /// The admin listener's and the access log's own counters.
+    pub fn render_ops(&self, out: &mut String) {
+        use std::fmt::Write;
+        let counters = [
+            (
+                "gateway_admin_connections_rejected_total",
+                "Admin connections closed at accept because admin.max_connections were open.",
+                self.admin_connections_rejected.load(Ordering::Relaxed),
+            ),
+            (
+                "gateway_admin_accept_errors_total",
+                "Failed accepts on the admin listener (e.g. out of file descriptors).",
+                self.admin_accept_errors.load(Ordering::Relaxed),
+            ),
+            (
+                "gateway_access_log_dropped_total",
+                "Access-log lines dropped because the writer's queue was full.",
+                self.log.as_ref().map_or(0, |l| l.dropped()),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+    }
+
     /// Drops by the XDP guard per limit (deny, conn_rate, max_conns_per_ip,
     /// new_source_rate), for `gateway_limit_rejections_total{enforcer="xdp"}`.
     pub fn xdp_rejections(&self) -> Vec<(&'static str, u64)> {

@@ -573,6 +573,7 @@ pub fn render(control: &Control) -> String {
     );
     control.render_xdp(&mut out);
     crate::budget::render(&mut out);
+    control.render_ops(&mut out);
     render_process(&mut out);
     out
 }

@@ -74,6 +74,9 @@ pub const EXTRA_FAMILIES: &[(&str, &str, &[&str])] = &[
     ("gateway_tunnels_total", "counter", &["path"]),
     ("gateway_limit_enforcer", "gauge", &["enforcer"]),
     ("gateway_io_driver", "gauge", &["driver"]),
+    ("gateway_admin_connections_rejected_total", "counter", &[]),
+    ("gateway_admin_accept_errors_total", "counter", &[]),
+    ("gateway_access_log_dropped_total", "counter", &[]),
 ];
 
 /// A sample's labels as sorted (name, value) pairs.

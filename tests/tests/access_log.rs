@@ -158,3 +158,90 @@ fn json_format_writes_the_same_fields() {
     has(&|v| v == "itest/1.0", "user agent");
     has(&|v| v == origin.addr().to_string(), "upstream address");
 }
+
+#[test]
+fn long_fields_are_cut_with_a_marker_so_escaping_cannot_grow_a_line() {
+    let origin = Origin::start(|_| Reply::ok("x"));
+    let gw = logged(&origin, None);
+    // Every byte of these escapes to four (`\x22`): uncapped, this line would be 40 KiB
+    // (the head stays under the default 16 KiB max_header_bytes).
+    let quotes = "\"".repeat(4500);
+    let target = format!("/api/{}", "a".repeat(4500));
+    let r = send_from_client(
+        &gw,
+        &Req::get(&target)
+            .header("User-Agent", &quotes)
+            .header("Referer", &quotes),
+    );
+    assert_eq!(r.status, 200);
+    let line = gw.wait_access_line(Duration::from_secs(5), |l| l.contains("/api/aaa"));
+    assert!(line.len() < 3 * 2048 + 300, "{} bytes", line.len());
+    assert_eq!(line.matches("...[truncated]").count(), 3, "{line}");
+    assert!(line.contains(&format!("GET /api/{}", "a".repeat(2043))));
+    // An escape is never split.
+    assert!(line.contains("\\x22...[truncated]\" \"\\x22"), "{line}");
+}
+
+#[test]
+fn a_stalled_log_drops_lines_counts_them_and_keeps_serving() {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    // The access log is a FIFO that is opened for reading and never read: the writer thread
+    // blocks once the pipe's 64 KiB are full, as on a dead disk.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("access.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let origin = Origin::start(|_| Reply::ok("x"));
+    let cfg = Config::new()
+        .upstream(Upstream::new("api", &[origin.addr()]))
+        .route(Route::prefix("/api/", "api"))
+        .log("access", fifo.to_str().unwrap());
+    let gw = Gateway::with(&cfg);
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let before = rss(gw.pid());
+
+    // About 6 KiB per line: 3,000 lines are twice the 8 MiB queue.
+    let long = "b".repeat(2000);
+    let target = format!("/api/{long}");
+    let mut client = gw.client();
+    let req = Req::get(&target)
+        .header("User-Agent", &long)
+        .header("Referer", &long);
+    for _ in 0..3000 {
+        assert_eq!(client.must(&req).status, 200);
+    }
+    let m = gateway_tests::control::wait_metrics(
+        gw.admin_addr(),
+        Duration::from_secs(10),
+        "dropped access-log lines",
+        |m| {
+            m.get("gateway_access_log_dropped_total", &[])
+                .unwrap_or(0.0)
+                > 0.0
+        },
+    );
+    let dropped = m.get("gateway_access_log_dropped_total", &[]).unwrap();
+    assert!(dropped <= 3000.0, "{dropped}");
+    let grown = rss(gw.pid()).saturating_sub(before);
+    assert!(
+        grown < 32 * 1024,
+        "RSS grew {grown} KiB behind a stalled access log (queue is 8 MiB)"
+    );
+    // Still serving, and still answering the admin listener.
+    assert_eq!(gw.get("/api/still").status, 200);
+    assert_eq!(gw.admin_get("/healthz").status, 200);
+}

@@ -1,8 +1,10 @@
 //! The deployment files under `docs/deploy/` against the real binary: every YAML document
 //! parses; the DaemonSet runs `gateway run --config PATH` with the ConfigMap mounted at
 //! that path, probes `/healthz` and `/ready` on the admin port 9901, mounts bpffs and
-//! outlasts the drain; the ConfigMap's `gateway.toml` passes `gateway check` and serves
-//! when started (on loopback); the ServiceMonitor, Service, DaemonSet and alert rules agree
+//! outlasts the drain; the admin token comes from a Secret mounted where `admin.token_file`
+//! points, and the binary refuses an admin listener on the network without one; the
+//! ConfigMap's `gateway.toml` passes `gateway check` and serves when started (on loopback),
+//! with `/reload` and `/config` behind the token and probes and `/metrics` open; the ServiceMonitor, Service, DaemonSet and alert rules agree
 //! on ports, labels and the `job`; the systemd unit reloads with SIGHUP and raises its
 //! limits; the Dockerfile follows the build recipe; and every metric the Grafana dashboard
 //! and the alert rules query is one a running gateway serves, with labels it has.
@@ -15,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use gateway_tests::control::{scrape, CONTRACT_FAMILIES, EXTRA_FAMILIES};
+use gateway_tests::control::{admin_request, scrape, CONTRACT_FAMILIES, EXTRA_FAMILIES};
 use gateway_tests::{
     free_addr, gateway_bin, refused_addr, workspace_root, Config, Gateway, Origin, Route, Upstream,
 };
@@ -297,23 +299,46 @@ fn daemonset_runs_the_real_command_with_probes_bpffs_and_the_configmap() {
     }
 }
 
-#[test]
-fn configmap_config_passes_gateway_check_and_serves() {
-    let (_, text) = configmap_toml();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, &text).unwrap();
-    let out = Command::new(gateway_bin())
+fn gateway_check(path: &Path) -> std::process::Output {
+    Command::new(gateway_bin())
         .args(["check", "--config"])
-        .arg(&path)
+        .arg(path)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn check_passes(path: &Path, what: &str) {
+    let out = gateway_check(path);
     assert!(
         out.status.success(),
-        "gateway check rejects the ConfigMap's gateway.toml:\n{}",
+        "gateway check rejects {what}:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("syntax is ok"));
+}
+
+/// The ConfigMap's gateway.toml with `admin.token_file` pointing at a file in `dir` that
+/// holds `token` (the Secret's mount does not exist here).
+fn configmap_toml_with_token(dir: &Path, token: &str) -> String {
+    let (_, text) = configmap_toml();
+    let mut v: toml::Value = text.parse().unwrap();
+    let file = dir.join("admin-token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    assert!(
+        v["admin"].get("token_file").is_some(),
+        "the ConfigMap reads the admin token from a file"
+    );
+    v["admin"]["token_file"] = toml::Value::String(file.display().to_string());
+    toml::to_string(&v).unwrap()
+}
+
+#[test]
+fn configmap_config_passes_gateway_check_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = configmap_toml_with_token(dir.path(), "t0ken-from-the-secret");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, &text).unwrap();
+    check_passes(&path, "the ConfigMap's gateway.toml");
 
     // Run it, moved to loopback: free ports, upstreams that refuse, no health checks (they
     // would probe the documentation addresses), no XDP.
@@ -338,6 +363,144 @@ fn configmap_config_passes_gateway_check_and_serves() {
     let r = gw.get("/health");
     assert_eq!((r.status, r.body_str().as_str()), (200, "ok\n"));
     assert_eq!(gw.get("/api/x").status, 502, "the refusing upstream");
+
+    // The token from the file guards the control endpoints; probes and scrapes stay open.
+    let admin = gw.admin_addr();
+    for (method, path) in [("POST", "/reload"), ("GET", "/config")] {
+        assert_eq!(admin_request(admin, method, path, None).status, 401);
+        assert_eq!(
+            admin_request(admin, method, path, Some("wrong")).status,
+            401
+        );
+        let r = admin_request(admin, method, path, Some("t0ken-from-the-secret"));
+        assert_eq!(r.status, 200, "{method} {path}: {}", r.body_str());
+        assert!(!r.body_str().contains("t0ken-from-the-secret"), "redacted");
+    }
+    for path in ["/metrics", "/healthz", "/ready"] {
+        assert_eq!(
+            admin_request(admin, "GET", path, None).status,
+            200,
+            "{path}"
+        );
+    }
+}
+
+#[test]
+fn daemonset_admin_token_comes_from_a_secret_not_the_configmap() {
+    let (_, cm_toml) = configmap_toml();
+    let v: toml::Value = cm_toml.parse().unwrap();
+    let admin = &v["admin"];
+    assert!(admin.get("token").is_none(), "no token in the ConfigMap");
+    let token_file = admin["token_file"].as_str().expect("admin.token_file");
+    let listen: std::net::SocketAddr = admin["listen"].as_str().unwrap().parse().unwrap();
+    assert!(
+        !listen.ip().is_loopback(),
+        "the kubelet reaches admin from outside"
+    );
+
+    // The file is a key of a (non-optional) Secret volume mounted read-only at its dir.
+    let ds = doc_of_kind("DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = pod["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str() == Some("gateway"))
+        .unwrap();
+    let (dir, file) = token_file.rsplit_once('/').unwrap();
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some(dir))
+        .unwrap_or_else(|| panic!("a volume mounted at {dir} for {token_file}"));
+    assert_eq!(mount["readOnly"].as_bool(), Some(true));
+    assert!(
+        mount["subPath"].is_null(),
+        "subPath mounts never see a rotation"
+    );
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the token volume");
+    let secret = &volume["secret"];
+    let secret_name = secret["secretName"].as_str().expect("a Secret volume");
+    assert_ne!(
+        secret["optional"].as_bool(),
+        Some(true),
+        "the token is required"
+    );
+    if let Some(items) = secret["items"].as_sequence() {
+        assert!(
+            items.iter().any(|i| i["path"].as_str() == Some(file)),
+            "{file} among the Secret's items"
+        );
+    }
+    // The manifest says how to create that Secret.
+    assert!(
+        read("daemonset.yaml").contains(&format!("create secret generic {secret_name}")),
+        "daemonset.yaml explains how to create {secret_name}"
+    );
+    // Prometheus scrapes /metrics without a token.
+    let sm = doc_of_kind("ServiceMonitor");
+    for e in sm["spec"]["endpoints"].as_sequence().unwrap() {
+        assert!(e["bearerTokenSecret"].is_null() && e["authorization"].is_null());
+    }
+}
+
+#[test]
+fn a_network_admin_listener_without_a_token_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, text) = configmap_toml();
+    let mut v: toml::Value = text.parse().unwrap();
+    v["admin"].as_table_mut().unwrap().remove("token_file");
+    v["admin"]["listen"] = toml::Value::String(format!("0.0.0.0:{}", free_addr().port()));
+    for l in v["listener"].as_array_mut().unwrap() {
+        l["listen"] = toml::Value::String(free_addr().to_string());
+    }
+    v["xdp"]["mode"] = toml::Value::String("off".into());
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, toml::to_string(&v).unwrap()).unwrap();
+
+    let out = gateway_check(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check accepts an open admin");
+    assert!(
+        stderr.contains("admin.listen") && stderr.contains("token_file"),
+        "{stderr}"
+    );
+
+    let mut child = Command::new(gateway_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("gateway run serves an admin listener on 0.0.0.0 with no token");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("admin.listen"), "{stderr}");
+
+    // With the token file it is accepted on the same address.
+    let text = configmap_toml_with_token(dir.path(), "x");
+    let mut with: toml::Value = text.parse().unwrap();
+    with["admin"]["listen"] = v["admin"]["listen"].clone();
+    std::fs::write(&path, toml::to_string(&with).unwrap()).unwrap();
+    check_passes(&path, "0.0.0.0 admin with a token_file");
 }
 
 #[test]

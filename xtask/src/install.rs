@@ -7,6 +7,8 @@
 //! - `bpf-linker` built against the nightly's own libLLVM, as `shared/PLATFORM.md` verified:
 //!   a bpf-linker linked to any other LLVM cannot read the bitcode nightly rustc emits.
 //! - bpffs mounted at `/sys/fs/bpf` (root only), where the gateway pins its maps.
+//! - A Python virtualenv at `target/autobahn-venv` with the `kosoku` Autobahn runner and
+//!   `websockets` (the echo server), pinned, for `tests/tests/autobahn.rs`.
 //!
 //! Every action prints one line; when nothing was needed it prints only "tools present".
 
@@ -57,6 +59,7 @@ pub fn run(args: &Args) -> Result<()> {
     did |= rust_components()?;
     did |= bpf_linker(args)?;
     did |= bpffs()?;
+    did |= autobahn_venv()?;
     if !did {
         eprintln!("xtask: tools present");
     }
@@ -321,6 +324,47 @@ fn bpffs() -> Result<bool> {
     if let Err(e) = run_cmd(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS])) {
         eprintln!("xtask: warning: cannot mount bpffs at {BPFFS}: {e:#}");
     }
+    Ok(true)
+}
+
+/// PyPI packages of the Autobahn conformance test, pinned: the runner drives Autobahn's own
+/// case files, and the echo server the cases run against directly and through the gateway.
+const AUTOBAHN_PACKAGES: &[&str] = &["kosoku==0.1.0", "websockets==17.4"];
+
+/// The virtualenv the Autobahn test uses (`tests/tests/autobahn.rs` looks for it here).
+pub fn autobahn_venv_dir() -> Result<PathBuf> {
+    Ok(target_dir()?.join("autobahn-venv"))
+}
+
+fn autobahn_venv() -> Result<bool> {
+    let venv = autobahn_venv_dir()?;
+    let python = venv.join("bin/python");
+    let present = python.is_file()
+        && Command::new(&python)
+            .args(["-c", "import kosoku, websockets"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if present {
+        return Ok(false);
+    }
+    let Some(python3) = find_program("python3") else {
+        bail!("python3 is needed for the Autobahn test (tests/tests/autobahn.rs)");
+    };
+    eprintln!("xtask: creating {} for the Autobahn test", venv.display());
+    run_cmd(Command::new(python3).arg("-m").arg("venv").arg(&venv))?;
+    run_cmd(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(AUTOBAHN_PACKAGES),
+    )?;
     Ok(true)
 }
 

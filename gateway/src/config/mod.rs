@@ -178,6 +178,13 @@ pub struct AdminConfig {
     pub listen: String,
     #[serde(serialize_with = "redact")]
     pub token: Option<String>,
+    /// A file holding the token (a mounted Kubernetes Secret); read at load and on every
+    /// reload into `token`. Relative paths are relative to the config file.
+    pub token_file: Option<PathBuf>,
+    /// Admin connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Time for a whole admin request to arrive and be answered.
+    pub request_timeout: Dur,
 }
 
 fn redact<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -192,6 +199,9 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: "127.0.0.1:9901".into(),
             token: None,
+            token_file: None,
+            max_connections: 64,
+            request_timeout: secs(5),
         }
     }
 }
@@ -545,6 +555,16 @@ impl Config {
                 }
             }
         }
+        if let Some(config) = parsed.as_mut() {
+            if let Err(message) = config.admin.load_token_file(path) {
+                errors.push(ConfigError {
+                    file: path.to_path_buf(),
+                    line: locate_table_key(source, "admin", "token_file"),
+                    key: "admin.token_file".into(),
+                    message,
+                });
+            }
+        }
         if let Some(config) = &parsed {
             // A semantic error is an echo of a blanked line when it names that very key,
             // or when it is about a key missing from the same table (located at the
@@ -645,16 +665,8 @@ impl Config {
                 "must be greater than zero".into(),
             );
         }
-        if self.admin.listen.parse::<SocketAddr>().is_err() {
-            err(
-                None,
-                "admin",
-                "listen",
-                format!(
-                    "{:?} is not an address like 127.0.0.1:9901",
-                    self.admin.listen
-                ),
-            );
+        for (key, message) in self.admin.problems() {
+            err(None, "admin", key, message);
         }
         if self.log.access.is_empty() {
             err(
