@@ -135,4 +135,7 @@ const EPOLL_SUITES: &[&str] = &[
     "access_log",
     "io_driver",
     "control_plane",
+    "memory",
+    "adversarial",
+    "framing_fuzz",
 ];
