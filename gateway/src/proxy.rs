@@ -15,7 +15,7 @@ use crate::http::rewrite::{self, ClientFraming, Forwarding};
 use crate::http::{error_body, write_simple_response, HttpError, Side};
 use crate::io::Stream;
 use crate::route::{Action, Route};
-use crate::state::{ListenerSettings, ServerSettings, Snapshot};
+use crate::state::{ListenerSettings, Snapshot};
 use crate::upstream::Upstream;
 use crate::worker::{Worker, HEAD_BUF_SIZE};
 use bytes::{Buf, BytesMut};
@@ -535,18 +535,7 @@ async fn handle<'s, S: Stream>(
         }
         Action::Proxy(index) => {
             let upstream = &snap.upstreams[*index];
-            match proxy(
-                c,
-                w,
-                snap,
-                route,
-                upstream,
-                listener,
-                client_ip,
-                &snap.server,
-            )
-            .await
-            {
+            match proxy(c, w, snap, route, upstream, listener, client_ip).await {
                 Ok(outcome) => outcome,
                 Err(failure) => {
                     let status = failure.error.status();
@@ -654,8 +643,8 @@ async fn proxy<'s, S: Stream>(
     upstream: &'s Arc<Upstream>,
     listener: &ListenerCtx,
     client_ip: IpAddr,
-    server_settings: &ServerSettings,
 ) -> Result<Outcome<'s>, Failure> {
+    let server_settings = &snap.server;
     let Client {
         io: client,
         peer,
