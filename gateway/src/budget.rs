@@ -205,10 +205,36 @@ pub fn fd_in_reserve(fd: std::os::fd::RawFd) -> bool {
     (fd as u64).saturating_add(FD_RESERVE) >= nofile()
 }
 
+/// Descriptors no connection may count on: the reserve itself, and as many again for what
+/// the process holds anyway (listeners per worker, rings or epoll, eventfds, log files,
+/// admin connections).
+const FD_FIXED: u64 = FD_RESERVE * 2;
+
+/// The descriptors the pipes of spliced tunnels may hold, all workers together.
+///
+/// Pipes are a cache (a tunnel without them copies), so they get a budget of their own that
+/// the connection cap leaves free: a quarter of the descriptors past [`FD_FIXED`], or, when
+/// an explicit `max_connections` leaves less room (two descriptors per connection: client
+/// and upstream), what it leaves, possibly nothing. Without this each spliced tunnel held
+/// six descriptors against the two the cap counts, and tunnels from one client ran the
+/// process out of descriptors long before `max_connections`.
+pub fn pipe_fd_budget(nofile: u64, max_connections: usize) -> u64 {
+    let usable = nofile.saturating_sub(FD_FIXED);
+    (usable / 4).min(usable.saturating_sub(2 * max_connections as u64))
+}
+
+/// Pipes one worker may hold open, in use or idle: its share of [`pipe_fd_budget`] (two
+/// descriptors a pipe), rounded down to whole pairs since a tunnel takes two.
+pub fn pipes_per_worker(nofile: u64, max_connections: usize, workers: usize) -> usize {
+    let pairs = pipe_fd_budget(nofile, max_connections) / 4 / workers.max(1) as u64;
+    (pairs.saturating_mul(2)).min(crate::pipe::MAX_PIPES as u64) as usize
+}
+
 /// The `max_connections` default for a descriptor limit: each client connection may hold
-/// two descriptors (client and upstream), and the reserve stays free.
+/// two descriptors (client and upstream), after the fixed reserve and the pipe budget.
 pub fn default_max_connections(nofile: u64) -> usize {
-    (nofile.saturating_sub(FD_RESERVE * 2) / 2).clamp(1, 1 << 20) as usize
+    let usable = nofile.saturating_sub(FD_FIXED);
+    ((usable - usable / 4) / 2).clamp(1, 1 << 20) as usize
 }
 
 /// Whether an `io::Error` from `socket()`/`connect()` is the gateway's own shortage
@@ -225,9 +251,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_leave_the_reserve() {
-        assert_eq!(default_max_connections(1024), (1024 - 128) / 2);
+    fn defaults_leave_the_reserve_and_the_pipe_budget() {
+        // 1024: 896 past the fixed reserve, 224 for pipes, 672 for 336 connections.
+        assert_eq!(default_max_connections(1024), 336);
+        assert_eq!(pipe_fd_budget(1024, 336), 224);
         assert_eq!(default_max_connections(10), 1);
+        for nofile in [256, 512, 1000, 1024, 20_000, 65_535] {
+            let max = default_max_connections(nofile);
+            let pipes = pipe_fd_budget(nofile, max);
+            assert!(pipes > 0, "{nofile}");
+            assert!(2 * max as u64 + pipes + FD_FIXED <= nofile, "{nofile}");
+        }
+    }
+
+    #[test]
+    fn explicit_max_connections_shrinks_the_pipe_budget() {
+        // 1024 − 128 = 896; 400 connections leave 96 descriptors: 24 pipes in pairs.
+        assert_eq!(pipe_fd_budget(1024, 400), 96);
+        assert_eq!(pipes_per_worker(1024, 400, 2), 24);
+        assert_eq!(pipes_per_worker(1024, 400, 3), 16);
+        assert_eq!(pipe_fd_budget(1024, 448), 0);
+        assert_eq!(pipe_fd_budget(1024, 10_000), 0);
+        assert_eq!(pipes_per_worker(1024, 10_000, 1), 0);
+        assert_eq!(pipes_per_worker(u64::MAX, 1, 1), crate::pipe::MAX_PIPES);
     }
 
     #[test]

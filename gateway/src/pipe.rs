@@ -9,7 +9,10 @@
 //! of two pages and `F_SETPIPE_SZ` fails with `EPERM`. So the pool:
 //!
 //! - is per worker (a thread-local: workers are threads and never share a pipe), bounded by
-//!   [`MAX_PIPES`] open pipes, of which at most [`MAX_IDLE`] are kept idle for reuse;
+//!   the worker's share of the descriptor budget for pipes (`budget::pipes_per_worker`, at
+//!   most [`MAX_PIPES`]) counting idle pipes too, of which at most [`MAX_IDLE`] are kept
+//!   idle for reuse. Pipes are a cache: they never take descriptors the connection cap
+//!   counts on, and idle ones past a budget shrunk by a reload are closed;
 //! - sizes each new pipe to [`PIPE_SIZE`] and checks what it got: a pipe smaller than
 //!   [`MIN_PIPE_SIZE`] is closed at once, and the pool stops creating pipes for
 //!   [`SHRUNK_BACKOFF`] (it still hands out idle ones);
@@ -28,7 +31,8 @@ use std::time::{Duration, Instant};
 pub const PIPE_SIZE: usize = 64 * 1024;
 /// Below this a pipe is not worth splicing through (more syscalls per byte than the copy).
 pub const MIN_PIPE_SIZE: usize = 16 * 1024;
-/// Pipes open per worker, in use or idle: two per spliced tunnel.
+/// Pipes open per worker, in use or idle (two per spliced tunnel), whatever the descriptor
+/// budget allows.
 pub const MAX_PIPES: usize = 8192;
 /// Idle pipes kept per worker for the next tunnels; more are closed when returned.
 pub const MAX_IDLE: usize = 256;
@@ -143,17 +147,32 @@ pub struct PoolStats {
 
 struct Pool {
     idle: Vec<Pipe>,
+    /// Pipes open, in use or idle: never above `limit` but after the limit shrank.
     open: usize,
+    /// The budget last given to [`take_pair`].
+    limit: usize,
     shrunk: u64,
     no_create_until: Option<Instant>,
 }
 
 impl Pool {
+    /// Applies a (possibly new) budget: idle pipes past it are closed.
+    fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.min(MAX_PIPES);
+        while self.open > self.limit && self.idle.pop().is_some() {
+            self.open -= 1;
+        }
+    }
+
     fn take(&mut self) -> Option<Pipe> {
+        if self.open > self.limit {
+            // Pipes in use past a budget that shrank: no more until they are returned.
+            return None;
+        }
         if let Some(p) = self.idle.pop() {
             return Some(p);
         }
-        if self.open >= MAX_PIPES {
+        if self.open >= self.limit {
             return None;
         }
         if let Some(t) = self.no_create_until {
@@ -186,7 +205,7 @@ impl Pool {
     }
 
     fn give(&mut self, pipe: Pipe) {
-        if pipe.buffered == 0 && self.idle.len() < MAX_IDLE {
+        if pipe.buffered == 0 && self.idle.len() < MAX_IDLE && self.open <= self.limit {
             self.idle.push(pipe);
         } else {
             self.open -= 1;
@@ -199,6 +218,7 @@ thread_local! {
         RefCell::new(Pool {
             idle: Vec::new(),
             open: 0,
+            limit: 0,
             shrunk: 0,
             no_create_until: None,
         })
@@ -231,10 +251,12 @@ impl Drop for PooledPipe {
     }
 }
 
-/// Two pipes (one per tunnel direction), or `None` when the pool cannot give both.
-pub fn take_pair() -> Option<(PooledPipe, PooledPipe)> {
+/// Two pipes (one per tunnel direction), or `None` when the pool cannot give both within
+/// `limit` pipes open on this worker (in use or idle; see `budget::pipes_per_worker`).
+pub fn take_pair(limit: usize) -> Option<(PooledPipe, PooledPipe)> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
+        pool.set_limit(limit);
         let a = pool.take()?;
         match pool.take() {
             Some(b) => Some((PooledPipe(Some(a)), PooledPipe(Some(b)))),
@@ -273,7 +295,7 @@ mod tests {
     #[test]
     fn pool_reuses_empty_pipes_and_closes_full_ones() {
         // Each test runs on its own thread, so this pool is the test's own.
-        let (a, b) = take_pair().expect("a pair");
+        let (a, b) = take_pair(8).expect("a pair");
         assert_eq!(stats().open, 2);
         drop((a, b));
         assert_eq!(
@@ -284,7 +306,7 @@ mod tests {
                 shrunk: 0
             }
         );
-        let (mut a, b) = take_pair().unwrap();
+        let (mut a, b) = take_pair(8).unwrap();
         assert_eq!(stats().open, 2, "idle pipes reused, none created");
         a.buffered = 1; // as if a tunnel failed with bytes in flight
         drop(a);
@@ -300,6 +322,25 @@ mod tests {
     }
 
     #[test]
+    fn pool_stays_within_its_budget_idle_pipes_included() {
+        let first = take_pair(4).expect("a pair");
+        let second = take_pair(4).expect("a second pair");
+        assert!(take_pair(4).is_none(), "a third pair is over the budget");
+        assert_eq!(stats().open, 4);
+        drop((first, second));
+        assert_eq!(stats().idle, 4, "returned pipes idle within the budget");
+        // A budget shrunk (a reload) closes idle pipes past it at the next take.
+        let pair = take_pair(2).expect("an idle pair");
+        assert_eq!((stats().open, stats().idle), (2, 0));
+        drop(pair);
+        assert!(
+            take_pair(0).is_none(),
+            "no budget, no pipes: the tunnel copies"
+        );
+        assert_eq!(stats().open, 0, "idle pipes closed when the budget is gone");
+    }
+
+    #[test]
     fn splices_between_sockets() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
@@ -308,7 +349,7 @@ mod tests {
         let out = TcpStream::connect(l2.local_addr().unwrap()).unwrap();
         let (mut sink, _) = l2.accept().unwrap();
         rx.set_nonblocking(true).unwrap();
-        let (mut p, _) = take_pair().unwrap();
+        let (mut p, _) = take_pair(2).unwrap();
         assert_eq!(
             p.fill_from(rx.as_raw_fd()).unwrap_err().kind(),
             io::ErrorKind::WouldBlock

@@ -23,6 +23,8 @@ pub struct ServerSettings {
     pub max_header_bytes: usize,
     pub graceful_timeout: Duration,
     pub max_connections: usize,
+    /// Pipes each worker's pool may hold for spliced tunnels (`budget::pipes_per_worker`).
+    pub pipes_per_worker: usize,
     pub request_buffering: usize,
     pub client_body_timeout: Duration,
     pub client_min_rate: u64,
@@ -101,6 +103,10 @@ impl Snapshot {
             .collect();
         let router = Router::build(&config);
         let s = &config.server;
+        let nofile = crate::budget::nofile();
+        let max_connections = s
+            .max_connections
+            .unwrap_or_else(|| crate::budget::default_max_connections(nofile));
         Ok(Snapshot {
             generation,
             path: loaded.path,
@@ -111,9 +117,12 @@ impl Snapshot {
                 header_timeout: s.header_timeout.0,
                 max_header_bytes: s.max_header_bytes.0 as usize,
                 graceful_timeout: s.graceful_timeout.0,
-                max_connections: s.max_connections.unwrap_or_else(|| {
-                    crate::budget::default_max_connections(crate::budget::nofile())
-                }),
+                max_connections,
+                pipes_per_worker: crate::budget::pipes_per_worker(
+                    nofile,
+                    max_connections,
+                    config.effective_workers(),
+                ),
                 request_buffering: s.request_buffering.0 as usize,
                 client_body_timeout: s.client_body_timeout.0,
                 client_min_rate: s.client_min_rate.0,

@@ -143,7 +143,7 @@ pub async fn run<S: Stream>(
     let started = Instant::now();
     let progress = Progress::new();
     let pipes = if splice_enabled() && spliceable(client) && spliceable(upstream) {
-        pipe::take_pair()
+        pipe::take_pair(w.snapshot().server.pipes_per_worker)
     } else {
         None
     };

@@ -15,7 +15,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use gateway_tests::{wait_until, Config, Gateway, Origin, Reply, Route, Upstream};
+use gateway_tests::{wait_until, Config, Gateway, Origin, Reply, Req, Route, Upstream};
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::frame::{CloseFrame, Frame};
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -849,4 +849,150 @@ fn malformed_handshakes_are_refused_before_the_origin() {
         0,
         "nothing reached the origin"
     );
+}
+
+/// Descriptors the gateway process holds open.
+fn open_fds(gw: &Gateway) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+        .map(|d| d.count())
+        .unwrap_or(usize::MAX)
+}
+
+/// Client connections open on every listener (`gateway_connections_active`).
+fn connections_active(gw: &Gateway) -> f64 {
+    let body = gw.admin_get("/metrics").body_str();
+    body.lines()
+        .filter(|l| l.starts_with("gateway_connections_active{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Spliced tunnels hold six descriptors (client, upstream, two pipes) against the two the
+/// connection cap counts; pipes have a budget of their own that the default
+/// `max_connections` leaves free. One client opening tunnels up to `max_connections` must
+/// leave the gateway serving (or refusing at the cap, never for descriptors), and once the
+/// tunnels close the idle pipes left fit the budget, so plain connections up to the cap
+/// are all served again.
+#[test]
+fn tunnels_up_to_max_connections_leave_descriptors_for_everyone() {
+    const NOFILE: u64 = 512;
+    // (512 − 128 fixed − 96 for pipes) / 2; the pipe budget is 96 descriptors, 24 pipes a
+    // worker: 12 spliced tunnels per worker, the rest copy.
+    const MAX: usize = 144;
+    const PIPE_FDS: usize = 96;
+    let ws_origin = WsOrigin::start();
+    let plain = Origin::named("plain");
+    let gw = Gateway::with_nofile(
+        &Config::new()
+            .workers(2)
+            .log("level", "info,gateway::tunnel=debug")
+            .upstream(Upstream::new("ws", &[ws_origin.addr]))
+            .upstream(Upstream::new("plain", &[plain.addr()]))
+            .route(
+                Route::prefix("/ws", "ws")
+                    .websocket(true)
+                    .read_timeout("60s"),
+            )
+            .route(Route::prefix("/", "plain")),
+        NOFILE,
+    );
+    let refusals = |reason: &str| {
+        metric(
+            &gw,
+            &format!("gateway_local_refusals_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(gw.get("/").status, 200);
+    let baseline = open_fds(&gw);
+
+    let mut tunnels: Vec<Ws> = (0..MAX - 1)
+        .map(|i| {
+            let mut ws = connect(&gw);
+            round_trip(&mut ws, Message::Binary(pattern(100 + i, i as u8)));
+            ws
+        })
+        .collect();
+    // Another client takes the last slot and is served.
+    let mut other = gw.client();
+    other.set_read_timeout(Duration::from_secs(5));
+    other.send(&Req::get("/other").to_bytes()).unwrap();
+    assert_eq!(other.read_response().unwrap().status, 200);
+    // Past the cap: refused for the cap, not for descriptors.
+    for _ in 0..3 {
+        let mut c = gw.client();
+        c.set_read_timeout(Duration::from_secs(5));
+        let served = c
+            .send(&Req::get("/over").to_bytes())
+            .and_then(|()| c.read_response());
+        assert!(served.is_err(), "a connection past max_connections served");
+    }
+    assert_eq!(refusals("max_connections"), 3.0);
+    assert_eq!(
+        refusals("fd_reserve"),
+        0.0,
+        "connections refused for descriptors"
+    );
+    assert_eq!(
+        refusals("upstream_local"),
+        0.0,
+        "upstream connects without a descriptor"
+    );
+    assert_eq!(
+        gateway_tests::gateway::admin_status(gw.admin_addr(), "/healthz"),
+        Some(200)
+    );
+    // Every tunnel still moves bytes.
+    for (i, ws) in tunnels.iter_mut().enumerate() {
+        round_trip(ws, Message::Binary(pattern(50 + i, 7)));
+    }
+    assert!(
+        open_fds(&gw) + 64 <= NOFILE as usize,
+        "{} descriptors open at the cap: into the reserve",
+        open_fds(&gw)
+    );
+
+    drop(other);
+    for ws in &mut tunnels {
+        ws.close(None).unwrap();
+    }
+    for ws in &mut tunnels {
+        let _ = read_until_closed(ws);
+    }
+    drop(tunnels);
+    wait_until(Duration::from_secs(10), "every connection to close", || {
+        metric(&gw, "gateway_websocket_tunnels_active") == 0.0 && connections_active(&gw) == 0.0
+    });
+    // Idle pipes stay cached, within their budget; nothing else is left behind.
+    wait_until(
+        Duration::from_secs(5),
+        "descriptors back near the baseline",
+        || open_fds(&gw) <= baseline + PIPE_FDS + 8,
+    );
+    let (splice, copy) = logged_paths(&gw);
+    assert_eq!(splice + copy, MAX - 1, "tunnels logged closed");
+    if expected(1) == (1, 0) {
+        assert!(
+            (1..=PIPE_FDS / 4).contains(&splice),
+            "{splice} tunnels spliced: the pipe budget allows {}",
+            PIPE_FDS / 4
+        );
+    }
+
+    // Plain connections up to the cap are all served after the tunnels.
+    let held: Vec<_> = (0..MAX)
+        .map(|i| {
+            let mut c = gw.client();
+            c.set_read_timeout(Duration::from_secs(5));
+            c.send(&Req::get(&format!("/after/{i}")).to_bytes())
+                .unwrap();
+            let r = c
+                .read_response()
+                .unwrap_or_else(|e| panic!("plain connection {i} after the tunnels: {e}"));
+            assert_eq!(r.status, 200, "plain connection {i} after the tunnels");
+            c
+        })
+        .collect();
+    assert_eq!(held.len(), MAX);
+    assert_eq!(refusals("fd_reserve"), 0.0);
+    assert_eq!(refusals("upstream_local"), 0.0);
 }
