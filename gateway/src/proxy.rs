@@ -988,14 +988,17 @@ async fn proxy<'s, S: Stream>(
                 leftover,
             })
         }
-        Err(error) => {
+        Err(RelayFailed {
+            error,
+            response_started,
+        }) => {
             if error.side() == Side::Upstream {
                 book_failure(upstream, server, &error);
-                tracing::warn!(upstream = %upstream.name, server = %upstream.servers[server].label, error = %error, "response cut short");
+                tracing::warn!(upstream = %upstream.name, server = %upstream.servers[server].label, error = %error, response_started, "response cut short");
             }
             Err(Failure {
                 error,
-                response_started: true,
+                response_started,
                 server: Some(server),
             })
         }
@@ -1311,6 +1314,24 @@ impl ResponseBody {
     }
 }
 
+/// A response relay that failed, and whether any of the response reached the client.
+struct RelayFailed {
+    error: HttpError,
+    /// False only when the body bytes that came with the head were refused before the head
+    /// was written: the client can still be answered 502.
+    response_started: bool,
+}
+
+/// Every failure after the head went out: the client can only be told by closing.
+impl From<HttpError> for RelayFailed {
+    fn from(error: HttpError) -> RelayFailed {
+        RelayFailed {
+            error,
+            response_started: true,
+        }
+    }
+}
+
 struct Relayed {
     body_bytes: u64,
     /// The upstream ended the body exactly where its framing said: reusable.
@@ -1331,7 +1352,7 @@ async fn relay_response_body<S: Stream>(
     client_framing: ClientFraming,
     route: &Route,
     min_rate: u64,
-) -> Result<Relayed, HttpError> {
+) -> Result<Relayed, RelayFailed> {
     // A client that takes the response too slowly is cut off (and the upstream connection
     // with it, never pooled): a per-write timeout alone lets a reader of a large response
     // hold both connections for as long as it trickles.
@@ -1349,9 +1370,22 @@ async fn relay_response_body<S: Stream>(
     let mut body_bytes: u64 = 0;
     let mut upstream_clean = true;
 
-    // First write: head plus the body bytes that came with it, when they are few.
+    // First write: head plus the body bytes that came with it, when they are few. Those
+    // bytes are checked before the head goes out: a malformed first chunk (RFC 9112 §7.1)
+    // that came with the head is then a 502 rather than a close with nothing written. A
+    // bad chunk that arrives later, after the head was sent, can only end in a close.
     let mut decoded = Vec::new();
-    let n = body.take(&ub, &mut decoded)?;
+    let n = match body.take(&ub, &mut decoded) {
+        Ok(n) => n,
+        Err(error) => {
+            w.give_out(out);
+            w.give_buf(ub);
+            return Err(RelayFailed {
+                error,
+                response_started: false,
+            });
+        }
+    };
     if n < ub.len() {
         upstream_clean = false;
     }
@@ -1380,7 +1414,7 @@ async fn relay_response_body<S: Stream>(
         ub.clear();
         let read = match timeout(route.read_timeout, conn.read(ub)).await {
             Ok(r) => r,
-            Err(_) => return Err(HttpError::UpstreamTimeout("read body")),
+            Err(_) => return Err(HttpError::UpstreamTimeout("read body").into()),
         };
         let (res, b) = read;
         ub = b;
@@ -1391,11 +1425,11 @@ async fn relay_response_body<S: Stream>(
             }
             Ok(0) => {
                 w.give_buf(ub);
-                return Err(HttpError::UpstreamFailed("closed mid-body"));
+                return Err(HttpError::UpstreamFailed("closed mid-body").into());
             }
             Err(_) => {
                 w.give_buf(ub);
-                return Err(HttpError::UpstreamFailed("read body"));
+                return Err(HttpError::UpstreamFailed("read body").into());
             }
             Ok(_) => {}
         }

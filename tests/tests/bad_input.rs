@@ -720,3 +720,119 @@ fn a_refused_status_does_not_mark_the_server_down() {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Waits until the gateway's `/metrics` counts `n` upstream errors of `kind` for `app`
+/// (workers publish their counters periodically).
+fn wait_upstream_errors(gw: &Gateway, kind: &str, n: f64, case: &str) {
+    let series = format!("gateway_upstream_errors_total{{upstream=\"app\",kind=\"{kind}\"}} ");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = gw.admin_get("/metrics").body_str();
+        let got = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if got == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{case}: {got} upstream errors of kind {kind}, expected {n}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A malformed first chunk of an upstream response, arriving with the head, is found
+/// before anything went to the client: the client gets a 502 (HTTP/1.1, and HTTP/1.0 whose
+/// response is de-chunked), not a close with zero bytes, and the failure is booked to the
+/// upstream as a protocol error (RFC 9112 §7.1: a chunk-size is hex digits, then optional
+/// extensions, then CRLF).
+#[test]
+fn malformed_first_chunk_from_the_upstream_gets_502() {
+    let long_extension: &'static [u8] = format!(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;{}\r\nhello\r\n0\r\n\r\n",
+        "e".repeat(8192)
+    )
+    .into_bytes()
+    .leak();
+    let replies: &[&'static [u8]] = &[
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n",
+        long_extension,
+    ];
+    for reply in replies {
+        let case = String::from_utf8_lossy(&reply[..reply.len().min(80)]).into_owned();
+        let (_origin, gw) = raw_upstream(reply, false);
+        for (i, request) in [
+            &b"GET /c HTTP/1.1\r\nHost: t\r\n\r\n"[..],
+            &b"GET /c HTTP/1.0\r\nHost: t\r\n\r\n"[..],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (_c, r) = raw_request(gw.http_addr(), request);
+            let r = r.unwrap_or_else(|e| panic!("{case} (request {i}): no response: {e}"));
+            assert_eq!(r.status, 502, "{case} (request {i})");
+            assert!(r.says_close(), "{case} (request {i}): 502 without close");
+        }
+        wait_upstream_errors(&gw, "protocol", 2.0, &case);
+    }
+}
+
+/// Once the head went to the client, a malformed chunk can only end the response with a
+/// close: the client sees the 200 head and a body cut short, never a second status.
+#[test]
+fn malformed_chunk_after_the_head_was_sent_closes() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let origin = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+            assert!(n > 0, "request head cut short");
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap();
+        s.flush().unwrap();
+        // The head goes out to the client before the body arrives.
+        thread::sleep(Duration::from_millis(300));
+        s.write_all(b"0x5\r\nhello\r\n0\r\n\r\n").unwrap();
+        thread::sleep(Duration::from_millis(100));
+    });
+    let gw = Gateway::with(
+        &Config::new()
+            .upstream(Upstream::new("app", &[addr]))
+            .route(Route::prefix("/", "app")),
+    );
+    let mut c = std::net::TcpStream::connect(gw.http_addr()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match std::io::Read::read(&mut c, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+    origin.join().unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert!(
+        !text.contains("502"),
+        "a second status after the head: {text}"
+    );
+    assert!(
+        !text.contains("hello"),
+        "bytes of the bad chunk relayed: {text}"
+    );
+    wait_upstream_errors(&gw, "protocol", 1.0, "bad chunk after the head");
+}
