@@ -229,3 +229,28 @@ CONN = {
 }
 for name, data in CONN.items():
     put("connection", name, data)
+
+
+def op(o, b=b"", n=None):
+    """The tls_session format: [op][n] and, for ops 0 and 1, n bytes."""
+    return bytes([o, len(b) if n is None else n]) + b
+
+
+REQ = b"GET / HTTP/1.1\r\nHost: fuzz.example\r\n\r\n"
+SESSION = {
+    "request-response": op(0, REQ) + op(2, n=3),
+    "pipelined": op(0, REQ) + op(0, REQ) + op(2, n=200) + op(0, b"x" * 255),
+    "key-update": op(0, REQ) + op(3, n=0) + op(0, REQ) + op(2, n=10),
+    "close-notify": op(0, REQ) + op(3, n=1) + op(0, b"after close"),
+    "forged-record": op(0, REQ) + op(1, b"\x17\x03\x03\x00\x10" + b"A" * 16) + op(0, REQ),
+    "forged-alert": op(1, b"\x15\x03\x03\x00\x02\x02\x28"),
+    "truncated-record": op(1, b"\x17\x03\x03\x40\x00") + op(0, REQ),
+    "oversized-record": op(1, b"\x17\x03\x03\xff\xff" + b"\x00" * 250),
+    "handshake-after": op(1, b"\x16\x03\x03\x00\x04\x00\x00\x00\x00"),
+    "big-write": op(2, n=255) + op(2, n=255) + op(0, REQ),
+    "empty": b"",
+}
+for name, data in SESSION.items():
+    put("tls_session", name, data)
+    # The input's length parity picks the version: an odd-length twin runs over TLS 1.2.
+    put("tls_session", name + "-tls12", data + b"\x02" if len(data) % 2 == 0 else data)

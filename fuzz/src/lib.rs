@@ -22,6 +22,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("proxy_protocol", targets::proxy_protocol::run),
     ("rewrite", targets::rewrite::run),
     ("tls_stream", targets::tls_stream::run),
+    ("tls_session", targets::tls_session::run),
     ("connection", targets::connection::run),
 ];
 

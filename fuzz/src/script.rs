@@ -60,27 +60,9 @@ thread_local! {
 }
 
 impl Stream for Scripted {
-    async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
-        let held = buf.len();
+    async fn read(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
         let p = &self.peer;
-        p.max_buffered.set(p.max_buffered.get().max(held));
-        let (name, limit) = self.budget;
-        invariant(name, held <= limit, || {
-            format!("a read with {held} bytes already buffered (limit {limit})")
-        });
-        if buf.capacity() == buf.len() {
-            buf.reserve(4096);
-        }
-        let mut queue = p.to_read.borrow_mut();
-        let Some(mut chunk) = queue.pop_front() else {
-            return (Ok(0), buf);
-        };
-        let room = buf.capacity() - buf.len();
-        if chunk.len() > room {
-            queue.push_front(chunk.split_off(room));
-        }
-        buf.extend_from_slice(&chunk);
-        (Ok(chunk.len()), buf)
+        read_queued(&p.to_read, buf, self.budget, &p.max_buffered)
     }
 
     async fn write_all<B: BoundedBuf>(&self, buf: B) -> (io::Result<()>, B) {
@@ -131,6 +113,35 @@ impl Stream for Scripted {
     fn raw_fd(&self) -> RawFd {
         -1
     }
+}
+
+/// One read from a queue of scripted reads: the next chunk (split if larger than the
+/// buffer's spare capacity), or EOF when the queue is empty, so a read never waits. Checks
+/// the reader's memory budget `(invariant name, limit)` first and notes the largest buffer.
+pub fn read_queued(
+    queue: &RefCell<VecDeque<Vec<u8>>>,
+    mut buf: BytesMut,
+    (name, limit): (&'static str, usize),
+    max_buffered: &Cell<usize>,
+) -> (io::Result<usize>, BytesMut) {
+    let held = buf.len();
+    max_buffered.set(max_buffered.get().max(held));
+    invariant(name, held <= limit, || {
+        format!("a read with {held} bytes already buffered (limit {limit})")
+    });
+    if buf.capacity() == buf.len() {
+        buf.reserve(4096);
+    }
+    let mut queue = queue.borrow_mut();
+    let Some(mut chunk) = queue.pop_front() else {
+        return (Ok(0), buf);
+    };
+    let room = buf.capacity() - buf.len();
+    if chunk.len() > room {
+        queue.push_front(chunk.split_off(room));
+    }
+    buf.extend_from_slice(&chunk);
+    (Ok(chunk.len()), buf)
 }
 
 /// A current-thread runtime (no io_uring), for the async targets.

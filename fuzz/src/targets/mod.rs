@@ -7,6 +7,7 @@ pub mod connection;
 pub mod head;
 pub mod proxy_protocol;
 pub mod rewrite;
+pub mod tls_session;
 pub mod tls_stream;
 
 /// A small deterministic generator seeded from the input, for choices (read boundaries)

@@ -62,7 +62,7 @@ pub fn script(data: &[u8]) -> Vec<Vec<u8>> {
 
 /// The acceptor every input uses: one self-signed certificate for `fuzz.example`, written
 /// to a temporary directory once per process (the gateway loads certificates from files).
-fn acceptor() -> &'static TlsAcceptor {
+pub(crate) fn acceptor() -> &'static TlsAcceptor {
     static ACCEPTOR: OnceLock<TlsAcceptor> = OnceLock::new();
     ACCEPTOR.get_or_init(|| {
         let cert = rcgen::generate_simple_self_signed(vec!["fuzz.example".to_string()])
