@@ -8,7 +8,8 @@
 //!   every strict prefix of it is "need more bytes", never an error and never complete
 //!   (the proxy parses a growing buffer, so a head must not change meaning with the
 //!   segments it arrived in);
-//! - `head-crlf` (issue 10): a complete head ends its lines with CR LF only.
+//! - `head-crlf` (issue 10): a complete head ends its lines with CR LF only;
+//! - `response-status-valid`: a response status is from 100 to 599.
 
 use super::strict_line_ends;
 use crate::check::{invariant, show};
@@ -84,7 +85,22 @@ fn request(data: &[u8], max: usize) {
     });
 }
 
+/// `response-status-valid` (RFC 9110 §15): a status code is three digits from 100 to 599;
+/// anything else must not be relayed (it is answered 502), or the client gets a status line
+/// the gateway wrote from a number it never checked.
+pub(crate) fn status_valid(status: u16) -> bool {
+    let valid = (100..=599).contains(&status);
+    invariant("response-status-valid", valid, || {
+        format!("upstream status {status} accepted")
+    });
+    valid
+}
+
 fn response(data: &[u8], max: usize, request_was_head: bool) {
+    let mut head = ResponseHead::default();
+    if let Ok(true) = parse_response(data, &mut head, max, request_was_head) {
+        status_valid(head.status);
+    }
     check(data, max, "response", &|buf| {
         let mut head = ResponseHead::default();
         Ok(

@@ -9,6 +9,7 @@
 //!   framing needs, once (`Content-Length: N`, or `Transfer-Encoding: chunked`, or neither),
 //!   and a request carries exactly one `Host`; `Connection` can never remove them.
 
+use super::head::status_valid;
 use crate::check::{invariant, show};
 use gateway::http::head::{
     parse_request, parse_response, trim, BodyFraming, HeaderSpan, RequestHead, ResponseHead,
@@ -107,6 +108,10 @@ fn response(data: &[u8], client_version: u8, close: bool, upgrade: bool) {
     let Ok(true) = parse_response(data, &mut head, MAX_HEAD, false) else {
         return;
     };
+    // Found by this target: httparse takes any three digits, and `000` went out as `0`.
+    if !status_valid(head.status) {
+        return;
+    }
     let upgrade = upgrade && head.status == 101;
     let mut out = Vec::new();
     let how = write_client_response(&mut out, data, &head, client_version, close, upgrade);
