@@ -13,6 +13,7 @@ use super::head::status_valid;
 use crate::check::{invariant, show};
 use gateway::http::head::{
     parse_request, parse_response, trim, BodyFraming, HeaderSpan, RequestHead, ResponseHead,
+    MAX_HEADERS,
 };
 use gateway::http::rewrite::{
     write_client_response, write_upstream_request, ClientFraming, Forwarding,
@@ -83,6 +84,11 @@ fn request(data: &[u8], upgrade: bool) {
     let mut again = RequestHead::default();
     let parsed = parse_request(&out, &mut again, MAX_HEAD + GROWTH);
     // `Connection: host` removing the only Host is the same fault as removing framing.
+    // The proxy adds up to three fields; a head near `MAX_HEADERS` then exceeds what our
+    // own parser takes, though not what an upstream does (it limits bytes, not fields).
+    if parsed == Err(HttpError::HeadTooLarge) && head.headers.len() + 3 > MAX_HEADERS {
+        return;
+    }
     let missing_host = parsed == Err(HttpError::BadRequest("missing Host header"));
     if !missing_host {
         assert_eq!(
