@@ -1,6 +1,9 @@
 //! `cargo xtask test`: every check CI runs, in order, stopping at the first failure:
 //! install, `cargo fmt --check`, clippy (`-D warnings`), a debug build, then every test with
 //! `GATEWAY_BIN` pointing at the built binary for the integration tests in `tests/`.
+//! The workspace tests include the stable replay of the fuzz targets (`fuzz/tests/corpus.rs`:
+//! every target over its seed corpus in `fuzz/corpus/`), so a seed that crashes a harness or
+//! breaks an invariant fails this run; libFuzzer itself (`cargo +nightly fuzz run`) is not run.
 //!
 //! `gateway-ebpf` (the XDP program) is excluded from the host passes: it only builds for the
 //! bpfel target, which `gateway/build.rs` drives through aya-build, so building the gateway
