@@ -193,7 +193,9 @@ fn check_upstream_bytes(mut rest: &[u8]) {
         if parsed != Ok(true) {
             return;
         }
-        let path = normalise(head.path(rest));
+        // What the upstream reads: the raw target it was sent, normalised its own way.
+        let target = head.target(rest);
+        let path = normalise(target.split(|&b| b == b'?').next().unwrap_or(target));
         let host = head.host(rest).map(host_key);
         invariant(
             "upstream-only-routed-paths",

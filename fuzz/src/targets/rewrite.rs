@@ -78,6 +78,9 @@ fn request(data: &[u8], upgrade: bool) {
         proto: "https",
         upgrade: upgrade && head.asks_websocket(data),
         default_host: "fuzz.example",
+        trusted_peer: false,
+        keep_forwarding: &[],
+        underscores: false,
     };
     let mut out = Vec::new();
     write_upstream_request(&mut out, data, &head, &fwd);
