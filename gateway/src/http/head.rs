@@ -8,6 +8,13 @@ use std::ops::Range;
 /// Most header fields in one head. More is answered 431, as an oversized head is.
 pub const MAX_HEADERS: usize = 128;
 
+/// Most distinct `Connection` tokens in one head (all its `Connection` fields together).
+/// Every field forwarded is checked against them, so without a cap a head of `x,x,x,…` and
+/// many fields costs tokens × fields (8000 × 120 in 64 KiB). Real clients send one to three
+/// (`keep-alive`, `Upgrade`, `TE`); more is a 400 (502 from an upstream). Duplicates are
+/// folded, so the cost stays linear in the head size.
+pub const MAX_CONNECTION_TOKENS: usize = 32;
+
 /// How the body of a message is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BodyFraming {
@@ -57,8 +64,9 @@ pub struct Known {
     pub conn_keep_alive: bool,
     /// `Connection: upgrade` seen.
     pub conn_upgrade: bool,
-    /// Indexes of the `Connection` headers (their tokens name more hop-by-hop fields).
-    pub connection: Vec<usize>,
+    /// The distinct tokens of the `Connection` headers (they name more hop-by-hop fields)
+    /// as spans of the buffer, at most `MAX_CONNECTION_TOKENS`.
+    pub connection_tokens: Vec<(u32, u32)>,
     pub expect_continue: bool,
     /// The one `Content-Length` value (lists of equal values folded), even where the
     /// framing ignores it (a response to HEAD keeps the representation's length).
@@ -69,14 +77,41 @@ impl Known {
     /// Forgets the previous head's fields but keeps the vectors' memory for the next one.
     fn clear(&mut self) {
         let mut xff = std::mem::take(&mut self.x_forwarded_for);
-        let mut connection = std::mem::take(&mut self.connection);
+        let mut connection_tokens = std::mem::take(&mut self.connection_tokens);
         xff.clear();
-        connection.clear();
+        connection_tokens.clear();
         *self = Known {
             x_forwarded_for: xff,
-            connection,
+            connection_tokens,
             ..Known::default()
         };
+    }
+}
+
+impl Known {
+    /// Records a `Connection` token of `buf` unless an equal one (ignoring case) is
+    /// recorded. `false`: it would be one more than `MAX_CONNECTION_TOKENS`.
+    fn note_connection_token(&mut self, buf: &[u8], token: &[u8]) -> bool {
+        if self
+            .connection_names(buf)
+            .any(|t| t.eq_ignore_ascii_case(token))
+        {
+            return true;
+        }
+        if self.connection_tokens.len() == MAX_CONNECTION_TOKENS {
+            return false;
+        }
+        let start = token.as_ptr() as usize - buf.as_ptr() as usize;
+        self.connection_tokens
+            .push((start as u32, (start + token.len()) as u32));
+        true
+    }
+
+    /// The distinct field names the `Connection` headers list.
+    pub fn connection_names<'b>(&'b self, buf: &'b [u8]) -> impl Iterator<Item = &'b [u8]> + 'b {
+        self.connection_tokens
+            .iter()
+            .map(move |&(s, e)| &buf[s as usize..e as usize])
     }
 }
 
@@ -538,9 +573,20 @@ fn classify(
                 known.expect_continue = true;
             }
             10 if name.eq_ignore_ascii_case(b"connection") => {
-                known.connection.push(i);
                 for token in value.split(|&b| b == b',') {
                     let token = trim(token);
+                    if token.is_empty() {
+                        continue;
+                    }
+                    if !known.note_connection_token(buf, token) {
+                        return Err(match side {
+                            Side::Request => HttpError::BadRequest("too many Connection tokens"),
+                            // The gateway's own limit: never booked against the server.
+                            Side::Response => {
+                                HttpError::ResponseRefused("too many Connection tokens")
+                            }
+                        });
+                    }
                     if token.eq_ignore_ascii_case(b"close") {
                         known.conn_close = true;
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
@@ -746,6 +792,47 @@ mod tests {
         assert!(req("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").is_ok());
         let connect = req("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n");
         assert_eq!(connect.unwrap_err().status(), 405);
+    }
+
+    #[test]
+    fn connection_tokens_are_folded_and_capped() {
+        // The attack head: thousands of tokens and many fields in 1 MiB. Duplicates fold
+        // into one token, so forwarding checks each field against one name, not 100 000.
+        let mut text = String::from("GET /echo HTTP/1.1\r\nHost: a\r\nConnection: x-a");
+        text.push_str(&",X-A".repeat(100_000));
+        text.push_str("\r\n");
+        for i in 0..120 {
+            text.push_str(&format!("X-A{i}: 1\r\n"));
+        }
+        text.push_str("\r\n");
+        assert!(text.len() < 1 << 20);
+        let mut head = RequestHead::default();
+        assert!(parse_request(text.as_bytes(), &mut head, 1 << 20).unwrap());
+        assert_eq!(head.known.connection_tokens.len(), 1);
+        // Distinct tokens are capped, across all Connection fields.
+        let names = |n: usize| (0..n).map(|i| format!("x-{i}")).collect::<Vec<_>>();
+        let ok = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close, {}\r\nConnection: CLOSE, , x-0\r\n\r\n",
+            names(MAX_CONNECTION_TOKENS - 1).join(",")
+        );
+        let h = req(&ok).unwrap();
+        assert_eq!(h.known.connection_tokens.len(), MAX_CONNECTION_TOKENS);
+        assert!(h.known.conn_close);
+        let split = names(MAX_CONNECTION_TOKENS + 1);
+        let (one, two) = split.split_at(10);
+        let over = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: {}\r\nConnection: {}\r\n\r\n",
+            one.join(","),
+            two.join(",")
+        );
+        assert_eq!(req(&over).unwrap_err().status(), 400);
+        let mut r = ResponseHead::default();
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nConnection: {}\r\nContent-Length: 0\r\n\r\n",
+            split.join(",")
+        );
+        let err = parse_response(resp.as_bytes(), &mut r, 8192, false).unwrap_err();
+        assert!(matches!(err, HttpError::ResponseRefused(_)), "{err:?}");
     }
 
     #[test]
