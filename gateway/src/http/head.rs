@@ -364,7 +364,7 @@ pub fn parse_request(
     if head
         .known
         .host
-        .is_some_and(|i| !target::valid_host(head.headers[i].value(buf)))
+        .is_some_and(|i| !target::valid_authority(head.headers[i].value(buf)))
     {
         return Err(HttpError::BadRequest("invalid Host header"));
     }

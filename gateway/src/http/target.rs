@@ -129,27 +129,71 @@ pub fn split_absolute(target: &[u8]) -> Option<(std::ops::Range<usize>, usize)> 
         .position(|&b| b == b'/' || b == b'?')
         .unwrap_or(rest.len());
     let authority = &rest[..end];
-    if authority.is_empty() || !valid_host(authority) {
+    if authority.is_empty() || !valid_authority(authority) {
         return None;
     }
     Some((scheme_len..scheme_len + end, scheme_len + end))
 }
 
-/// Whether a `Host` value (or an authority) is a plain host with an optional port, as
-/// nginx's host validation accepts it: no userinfo, path, whitespace or control bytes,
-/// no empty label (`..`, a leading `.`).
-pub fn valid_host(host: &[u8]) -> bool {
-    let mut prev = b'.';
-    for &b in host {
-        let ok = b.is_ascii_alphanumeric()
-            || matches!(b, b'-' | b'_' | b'~' | b':' | b'[' | b']' | b'%')
-            || (b == b'.' && prev != b'.');
-        if !ok {
-            return false;
-        }
-        prev = b;
+/// Whether a `Host` value or an absolute-form authority is `host [":" port]` in the one
+/// narrow form every server reads alike (RFC 9110 §7.2, RFC 3986 §3.2.2):
+///
+/// - host: a reg-name of ASCII letters, digits, `-`, `_` (nginx accepts it) and `.`
+///   without an empty label (`..`, a leading `.`; one trailing `.` is the root), which also
+///   covers IPv4; or an IPv6 literal in brackets (no zone, no IPvFuture);
+/// - port: `:` then 1 to 5 digits, at most 65535; one `:` outside the brackets.
+///
+/// No `%` (a server that decodes `admin%2eexample.com` sees another host), userinfo,
+/// path, whitespace or control bytes. Empty is valid only as a whole (`Host:` for a
+/// target without authority, RFC 9112 §3.2).
+pub fn valid_authority(authority: &[u8]) -> bool {
+    if authority.is_empty() {
+        return true;
     }
-    true
+    let host_end = if authority[0] == b'[' {
+        match authority.iter().position(|&b| b == b']') {
+            Some(end) => end + 1,
+            None => return false,
+        }
+    } else {
+        authority
+            .iter()
+            .position(|&b| b == b':')
+            .unwrap_or(authority.len())
+    };
+    let (host, port) = authority.split_at(host_end);
+    let host_ok = match host {
+        [b'[', literal @ .., b']'] => {
+            std::str::from_utf8(literal).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        _ => reg_name(host),
+    };
+    host_ok && (port.is_empty() || valid_port(port))
+}
+
+/// Letters, digits, `-`, `_` and `.` with no empty label (a trailing `.` is allowed).
+fn reg_name(host: &[u8]) -> bool {
+    let mut prev = b'.';
+    !host.is_empty()
+        && host.iter().all(|&b| {
+            let ok = b.is_ascii_alphanumeric()
+                || matches!(b, b'-' | b'_')
+                || (b == b'.' && prev != b'.');
+            prev = b;
+            ok
+        })
+}
+
+/// `:` then 1 to 5 digits naming a port (0–65535).
+fn valid_port(port: &[u8]) -> bool {
+    match port {
+        [b':', digits @ ..] => {
+            (1..=5).contains(&digits.len())
+                && digits.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(digits).is_ok_and(|d| d.parse::<u16>().is_ok())
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -245,14 +289,70 @@ mod tests {
             "a.example.com",
             "a.example.com.",
             "h:8080",
+            "h:0",
+            "h:65535",
             "[::1]:80",
+            "[::1]",
+            "[2001:db8::1]",
+            "[::ffff:192.0.2.1]:443",
+            "192.0.2.1:80",
             "x_y",
+            "A-b.C",
             "",
         ] {
-            assert!(valid_host(good.as_bytes()), "{good}");
+            assert!(valid_authority(good.as_bytes()), "{good}");
         }
-        for bad in ["a..b", ".a", "a/b", "u@h", "a b", "a\\b", "h?x"] {
-            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        for bad in [
+            "a..b",
+            ".a",
+            "a/b",
+            "u@h",
+            "a b",
+            "a\\b",
+            "h?x",
+            "[admin.example.com]",
+            "[admin.example.com]:80",
+            "[v1.x]",
+            "[fe80::1%25eth0]",
+            "[::1",
+            "[::1/admin",
+            "[::1]x",
+            "[::1]:",
+            "::1",
+            "admin%2eexample.com",
+            "a%41",
+            "a~b",
+            "a:80:80",
+            "a:",
+            ":80",
+            "a:123456",
+            "a:65536",
+            "a:8a",
+            "a:+80",
+            "a\tb",
+            "é.example",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad}");
         }
+    }
+
+    #[test]
+    fn absolute_form_authority_is_validated_like_host() {
+        for bad in [
+            &b"http://a:80:80/pub/index.html"[..],
+            b"http://[::1/admin/secret.txt",
+            b"http://[admin.example.com]/",
+            b"http://admin%2eexample.com/",
+            b"http://a:/",
+        ] {
+            assert!(
+                split_absolute(bad).is_none(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let t = b"http://[::1]:8080/a";
+        let (auth, rest) = split_absolute(t).unwrap();
+        assert_eq!((&t[auth], &t[rest..]), (&b"[::1]:8080"[..], &b"/a"[..]));
     }
 }
