@@ -132,6 +132,9 @@ pub struct RequestHead {
     norm: Vec<u8>,
     /// Length of the path part of `norm`.
     norm_path: usize,
+    /// The normalised path without `;params`, routed on when `has_params`.
+    stripped: Vec<u8>,
+    has_params: bool,
     /// The authority of an absolute-form target, which replaces `Host` (RFC 9112 §3.2.2).
     authority: Option<Range<usize>>,
 }
@@ -143,9 +146,14 @@ impl RequestHead {
     pub fn target<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
         &buf[self.target.clone()]
     }
-    /// The normalised path the request is routed on (see `target`).
+    /// The path the request is routed on: the normalised path with each segment's
+    /// `;params` removed (`target::strip_parameters`).
     pub fn path(&self) -> &[u8] {
-        &self.norm[..self.norm_path]
+        if self.has_params {
+            &self.stripped
+        } else {
+            &self.norm[..self.norm_path]
+        }
     }
     /// The request target sent upstream: the normalised path in origin form, with the
     /// query as received.
@@ -388,6 +396,7 @@ fn route_target(buf: &[u8], head: &mut RequestHead) -> Result<(), HttpError> {
         head.norm.clear();
         head.norm.push(b'*');
         head.norm_path = 1;
+        head.has_params = false;
         return Ok(());
     } else if raw.first() == Some(&b'/') {
         raw
@@ -400,6 +409,7 @@ fn route_target(buf: &[u8], head: &mut RequestHead) -> Result<(), HttpError> {
     };
     head.norm_path =
         target::normalise(origin_form, &mut head.norm).map_err(HttpError::BadRequest)?;
+    head.has_params = target::strip_parameters(&head.norm[..head.norm_path], &mut head.stripped);
     Ok(())
 }
 
@@ -790,6 +800,12 @@ mod tests {
             assert_eq!(req(bad).unwrap_err().status(), 400, "{bad:?}");
         }
         assert!(req("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").is_ok());
+        // Routed without `;params`, forwarded as normalised.
+        let h = req("GET /;x/admin;y/secret.txt?a;b HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert_eq!(h.path(), b"/admin/secret.txt");
+        assert_eq!(h.forward_target(), b"/;x/admin;y/secret.txt?a;b");
+        let h = req("GET /admin/x?a;b HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert_eq!(h.path(), b"/admin/x");
         let connect = req("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n");
         assert_eq!(connect.unwrap_err().status(), 405);
     }

@@ -8,8 +8,11 @@
 //!   `%2e%2e` is `..`);
 //! - refused with 400: an encoded `/` or `\` (`%2F`, `%5C`), a raw `\` (IIS and others
 //!   read it as `/`), `%00`, a `%` not followed by two hex digits, a `..` above the root, a
-//!   fragment, a dot segment with `;` parameters (`..;`, which Tomcat and Jetty resolve as
-//!   `..`), and a path that does not start with `/`.
+//!   fragment, a dot segment with `;` parameters (`..;` or `..%3B`, which Tomcat and Jetty
+//!   resolve as `..`), and a path that does not start with `/`.
+//!
+//! Routing uses the normalised path with each segment's `;params` removed
+//! (`strip_parameters`), the reading of servers that drop them.
 //!
 //! The query (from the first `?`) is kept byte for byte. The normalised target is what is
 //! forwarded, so the upstream never sees a path other than the one that was routed.
@@ -57,7 +60,7 @@ pub fn normalise(target: &[u8], out: &mut Vec<u8>) -> Result<usize, Invalid> {
         }
         ended_in_dot = true;
         let segment = &out[segment_start + 1..];
-        if segment.starts_with(b".;") || segment.starts_with(b"..;") {
+        if dot_with_parameters(segment) {
             // Tomcat and Jetty drop `;params` before resolving dot segments, so `..;` is
             // `..` to them (`/public/..;/admin`), which nothing here would resolve.
             return Err("dot segment with parameters");
@@ -81,6 +84,44 @@ pub fn normalise(target: &[u8], out: &mut Vec<u8>) -> Result<usize, Invalid> {
     let path_len = out.len();
     out.extend_from_slice(query);
     Ok(path_len)
+}
+
+/// Whether a decoded segment is `.` or `..` followed by `;` or its escape `%3B` (kept
+/// encoded, upper-case, by `decode_one`): a server that drops `;params`, before or after
+/// decoding, reads it as a dot segment.
+fn dot_with_parameters(segment: &[u8]) -> bool {
+    let rest = segment
+        .strip_prefix(b"..")
+        .or_else(|| segment.strip_prefix(b"."));
+    rest.is_some_and(|r| r.starts_with(b";") || r.starts_with(b"%3B"))
+}
+
+/// Writes the normalised `path` with each segment's `;params` removed into `out` (reusing
+/// its memory): `/a;x/b;y` is `/a/b`, `/;/admin` is `/admin`, `/a/;x` is `/a/`.
+///
+/// Tomcat, Jetty and Spring drop path parameters per segment (RFC 3986 §3.3 leaves their
+/// meaning to the scheme) and then merge the empty segments this leaves, so they serve
+/// `/admin/secret.txt` for `/;/admin/secret.txt`. Routing on this reading makes every
+/// spelling with parameters meet the route of the path it names, while the target is
+/// forwarded as normalised. Returns `false` (and leaves `out` alone) when `path` has no `;`.
+pub fn strip_parameters(path: &[u8], out: &mut Vec<u8>) -> bool {
+    if !path.contains(&b';') {
+        return false;
+    }
+    out.clear();
+    let mut last_empty = false;
+    for segment in path[1..].split(|&b| b == b'/') {
+        let name = segment.split(|&b| b == b';').next().unwrap_or_default();
+        last_empty = name.is_empty();
+        if !last_empty {
+            out.push(b'/');
+            out.extend_from_slice(name);
+        }
+    }
+    if last_empty || out.is_empty() {
+        out.push(b'/');
+    }
+    true
 }
 
 /// Copies one character (or one escape) of a path segment; returns the bytes consumed.
@@ -230,6 +271,9 @@ mod tests {
             ("/.../x", "/.../x"),
             ("/a.b/..c", "/a.b/..c"),
             ("/a;p=1/b", "/a;p=1/b"),
+            ("/a/...;/b", "/a/...;/b"),
+            ("/a/.x;/b", "/a/.x;/b"),
+            ("/a/x%3B/b", "/a/x%3B/b"),
             ("/%7euser", "/~user"),
             ("", "/"),
             ("?q=1", "/?q=1"),
@@ -258,9 +302,36 @@ mod tests {
             "/public/..;x=1/admin",
             "/.;/admin",
             "/public/%2e%2e;/admin",
+            "/pub/%2e%2e%3b/secret.txt",
+            "/pub/..%3B/secret.txt",
+            "/pub/..%3bx/secret.txt",
+            "/pub/.%3B/secret.txt",
+            "/pub/%2E%3b/secret.txt",
+            "/pub/.;x",
             "a/b",
         ] {
             assert!(norm(raw).is_err(), "{raw:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn parameters_are_stripped_per_segment_for_routing() {
+        let mut out = Vec::new();
+        assert!(!strip_parameters(b"/admin/secret.txt", &mut out));
+        for (path, want) in [
+            ("/;/admin/secret.txt", "/admin/secret.txt"),
+            ("/;x/admin/secret.txt", "/admin/secret.txt"),
+            ("/admin;x", "/admin"),
+            ("/admin;x/secret.txt;jsessionid=1", "/admin/secret.txt"),
+            ("/a;p=1/b", "/a/b"),
+            ("/;/;x/admin", "/admin"),
+            ("/a/;x", "/a/"),
+            ("/a;x/", "/a/"),
+            ("/;", "/"),
+            ("/a;x;y/b", "/a/b"),
+        ] {
+            assert!(strip_parameters(path.as_bytes(), &mut out), "{path}");
+            assert_eq!(String::from_utf8_lossy(&out), want, "{path}");
         }
     }
 

@@ -1,7 +1,9 @@
 //! Issue 10 item 4: routing on the raw target. nginx normalises the path before it serves a
 //! file (percent-decoding, dot segments, merged slashes), so every spelling of
 //! `/admin/secret.txt` it would serve must meet the gateway's `/admin` respond route (403),
-//! or be refused as not safely normalisable (400: an encoded `/`, `..` above the root).
+//! or be refused as not safely normalisable (400: an encoded `/`, `..` above the root, a
+//! dot segment with `;` parameters). Spellings with `;params` (`/;/admin/secret.txt`) meet
+//! the route too, because a Tomcat or Spring upstream drops them per segment.
 //! `Host` is compared case-insensitively, without a trailing dot and without the port, so
 //! spellings of the guarded `admin.example.com` meet its host route (403).
 
@@ -29,6 +31,26 @@ pub(crate) const FORBIDDEN: &[&str] = &[
     "/admin/",
     "/admin",
     "/public/../admin/secret.txt?x=1",
+    // `;params` dropped per segment, as Tomcat/Spring upstreams read the path.
+    "/;/admin/secret.txt",
+    "/;x/admin/secret.txt",
+    "/;/;x//admin;y/secret.txt",
+    "/admin;x/secret.txt",
+    "/admin;x",
+    "/admin/secret.txt;jsessionid=1",
+    "/public/;x/../../admin;/secret.txt",
+];
+
+/// Dot segments with parameters, before or after decoding (`..;`, `%2e%2e%3b`, `.%3B`): a
+/// server that drops `;params` resolves them as `.`/`..`, so they are refused (400).
+pub(crate) const DOT_PARAMETERS: &[&str] = &[
+    "/pub/%2e%2e%3b/secret.txt",
+    "/public/%2e%2e%3b/admin/secret.txt",
+    "/public/..%3B/admin/secret.txt",
+    "/public/..%3bx=1/admin/secret.txt",
+    "/public/.%3B/../admin/secret.txt",
+    "/public/..;/admin/secret.txt",
+    "/public/%2e%2e;x/admin/secret.txt",
 ];
 
 /// Targets that cannot be normalised safely: an encoded `/`, `..` above the root.
@@ -67,6 +89,11 @@ fn path_spellings_of_the_secret_meet_the_admin_route() {
             &[403],
             &mut failures,
         );
+    }
+    for (i, target) in DOT_PARAMETERS.iter().enumerate() {
+        let raw = request("GET", target, &[], b"");
+        let case = format!("#{i} GET {target}");
+        expect_status(&rig, &case, &raw, &[400], &mut failures);
     }
     for (i, target) in UNSAFE.iter().enumerate() {
         let raw = request("GET", target, &[], b"");
