@@ -832,9 +832,9 @@ impl Config {
                             key,
                             format!("{p:?} must start with '/'"),
                         );
-                    } else if p.contains(';') {
-                        // Requests are routed with their `;params` removed, so this
-                        // route could never match.
+                    } else if p.contains(';') || p.to_ascii_lowercase().contains("%3b") {
+                        // Requests are routed with their `;params` (or `%3Bparams`)
+                        // removed, so this route could never match.
                         err(
                             span.clone(),
                             &table,
@@ -1217,6 +1217,7 @@ respond = { status = 200, body = "ok\n" }
         for (from, to, key) in [
             ("\"/api/\"", "\"/api;v=1/\"", "route[0].path_prefix"),
             ("\"/health\"", "\"/health;x\"", "route[1].path"),
+            ("\"/health\"", "\"/health%3bx\"", "route[1].path"),
         ] {
             let e = parse(&GOOD.replace(from, to)).unwrap_err();
             assert_eq!(e.0.len(), 1, "{e}");

@@ -11,8 +11,8 @@
 //!   fragment, a dot segment with `;` parameters (`..;` or `..%3B`, which Tomcat and Jetty
 //!   resolve as `..`), and a path that does not start with `/`.
 //!
-//! Routing uses the normalised path with each segment's `;params` removed
-//! (`strip_parameters`), the reading of servers that drop them.
+//! Routing uses the normalised path with each segment's `;params` (or `%3Bparams`)
+//! removed (`strip_parameters`), the reading of servers that drop them.
 //!
 //! The query (from the first `?`) is kept byte for byte. The normalised target is what is
 //! forwarded, so the upstream never sees a path other than the one that was routed.
@@ -101,17 +101,21 @@ fn dot_with_parameters(segment: &[u8]) -> bool {
 ///
 /// Tomcat, Jetty and Spring drop path parameters per segment (RFC 3986 §3.3 leaves their
 /// meaning to the scheme) and then merge the empty segments this leaves, so they serve
-/// `/admin/secret.txt` for `/;/admin/secret.txt`. Routing on this reading makes every
-/// spelling with parameters meet the route of the path it names, while the target is
-/// forwarded as normalised. Returns `false` (and leaves `out` alone) when `path` has no `;`.
+/// `/admin/secret.txt` for `/;/admin/secret.txt`. A server that decodes first reads `%3B`
+/// as `;` too, so parameters start at either. Routing on this reading makes every spelling
+/// with parameters meet the route of the path it names, while the target is forwarded as
+/// normalised. Returns `false` (and leaves `out` alone) when `path` has no parameters.
 pub fn strip_parameters(path: &[u8], out: &mut Vec<u8>) -> bool {
-    if !path.contains(&b';') {
+    if !path.iter().enumerate().any(|(i, _)| params_at(&path[i..])) {
         return false;
     }
     out.clear();
     let mut last_empty = false;
     for segment in path[1..].split(|&b| b == b'/') {
-        let name = segment.split(|&b| b == b';').next().unwrap_or_default();
+        let end = (0..segment.len())
+            .find(|&i| params_at(&segment[i..]))
+            .unwrap_or(segment.len());
+        let name = &segment[..end];
         last_empty = name.is_empty();
         if !last_empty {
             out.push(b'/');
@@ -122,6 +126,11 @@ pub fn strip_parameters(path: &[u8], out: &mut Vec<u8>) -> bool {
         out.push(b'/');
     }
     true
+}
+
+/// Whether path parameters start here: `;`, or `%3B` (upper-case in a normalised path).
+fn params_at(rest: &[u8]) -> bool {
+    rest.starts_with(b";") || rest.starts_with(b"%3B")
 }
 
 /// Copies one character (or one escape) of a path segment; returns the bytes consumed.
@@ -329,6 +338,8 @@ mod tests {
             ("/a;x/", "/a/"),
             ("/;", "/"),
             ("/a;x;y/b", "/a/b"),
+            ("/%3B/admin/secret.txt", "/admin/secret.txt"),
+            ("/admin%3Bx/secret.txt", "/admin/secret.txt"),
         ] {
             assert!(strip_parameters(path.as_bytes(), &mut out), "{path}");
             assert_eq!(String::from_utf8_lossy(&out), want, "{path}");

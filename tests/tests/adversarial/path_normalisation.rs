@@ -39,6 +39,9 @@ pub(crate) const FORBIDDEN: &[&str] = &[
     "/admin;x",
     "/admin/secret.txt;jsessionid=1",
     "/public/;x/../../admin;/secret.txt",
+    // The same with `;` encoded, for a server that decodes before dropping parameters.
+    "/%3b/admin/secret.txt",
+    "/%3Bx/admin/secret.txt",
 ];
 
 /// Dot segments with parameters, before or after decoding (`..;`, `%2e%2e%3b`, `.%3B`): a
