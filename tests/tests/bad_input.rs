@@ -769,6 +769,10 @@ fn a_bad_proxy_header_closes_without_a_response() {
             "v1 bad address",
             b"PROXY TCP4 203.0.113.x 127.0.0.1 1 80\r\n".to_vec(),
         ),
+        (
+            "v1 TCP4 to IPv6",
+            b"PROXY TCP4 203.0.113.7 ::1 1 80\r\n".to_vec(),
+        ),
         ("no header", Vec::new()),
     ] {
         let mut c = std::net::TcpStream::connect(gw.http_addr()).unwrap();

@@ -59,12 +59,12 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, Invalid> {
         return Ok(Parsed::Header { len, source: None });
     }
     let src: IpAddr = parts.next().ok_or(Invalid)?.parse().map_err(|_| Invalid)?;
-    let _dst: IpAddr = parts.next().ok_or(Invalid)?.parse().map_err(|_| Invalid)?;
+    let dst: IpAddr = parts.next().ok_or(Invalid)?.parse().map_err(|_| Invalid)?;
     let sport: u16 = parts.next().ok_or(Invalid)?.parse().map_err(|_| Invalid)?;
     let _dport: u16 = parts.next().ok_or(Invalid)?.parse().map_err(|_| Invalid)?;
     let family_ok = match proto {
-        "TCP4" => src.is_ipv4(),
-        "TCP6" => src.is_ipv6(),
+        "TCP4" => src.is_ipv4() && dst.is_ipv4(),
+        "TCP6" => src.is_ipv6() && dst.is_ipv6(),
         _ => false,
     };
     if !family_ok || parts.next().is_some() {
@@ -160,10 +160,18 @@ mod tests {
         assert_eq!(parse(b"PROXY TCP4 203.0"), Ok(Parsed::Incomplete));
         assert_eq!(parse(b"PRO"), Ok(Parsed::Incomplete));
         assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(Invalid));
-        assert_eq!(
-            parse(b"PROXY TCP4 2001:db8::1 1.2.3.4 1 2\r\n"),
-            Err(Invalid)
-        );
+        for bad in [
+            &b"PROXY TCP4 2001:db8::1 1.2.3.4 1 2\r\n"[..],
+            b"PROXY TCP4 1.2.3.4 2001:db8::1 1 2\r\n",
+            b"PROXY TCP6 2001:db8::1 1.2.3.4 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",
+            b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
+        ] {
+            assert_eq!(parse(bad), Err(Invalid), "{}", String::from_utf8_lossy(bad));
+        }
         assert_eq!(parse(&[b'P'; 200][..]), Err(Invalid));
     }
 
