@@ -836,3 +836,75 @@ fn malformed_chunk_after_the_head_was_sent_closes() {
     );
     wait_upstream_errors(&gw, "protocol", 1.0, "bad chunk after the head");
 }
+
+/// A v2 PROXY header (HAProxy spec §2.2) naming 203.0.113.7:51234 for IPv4, its address
+/// block cut or zero-padded to `len` bytes.
+fn proxy_v2(command_family: [u8; 2], len: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&command_family);
+    h.extend_from_slice(&len.to_be_bytes());
+    let mut block = vec![203, 0, 113, 7, 127, 0, 0, 1, 0xc8, 0x22, 0, 80];
+    block.resize(len as usize, 0);
+    h.extend_from_slice(&block);
+    h
+}
+
+/// A listener with `proxy_protocol = true`: a missing or malformed PROXY header closes the
+/// connection with no response at all (docs/configuration.md), including a v2 header whose
+/// length is shorter than its family's address block, whose bytes would otherwise be read
+/// as the start of the HTTP request (and answered 400).
+#[test]
+fn a_bad_proxy_header_closes_without_a_response() {
+    let origin = Origin::echo();
+    let config = Config::new()
+        .server("header_timeout", "2s")
+        .upstream(Upstream::new("app", &[origin.addr()]))
+        .route(Route::prefix("/", "app"));
+    let gw = Gateway::start(&config.to_toml().replacen(
+        "name = \"http\"\n",
+        "name = \"http\"\nproxy_protocol = true\n",
+        1,
+    ));
+    let get = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let with = |header: &[u8]| [header, &get[..]].concat();
+    // The listener works: a valid v2 header names the client.
+    let (_c, r) = raw_request(gw.http_addr(), &with(&proxy_v2([0x21, 0x11], 12)));
+    let r = r.expect("a response to a valid PROXY v2 header");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        origin.requests()[0].header("x-real-ip"),
+        Some("203.0.113.7")
+    );
+    for (case, header) in [
+        ("v2 TCP4, length 4", proxy_v2([0x21, 0x11], 4)),
+        ("v2 TCP4, length 11", proxy_v2([0x21, 0x11], 11)),
+        ("v2 TCP6, length 12", proxy_v2([0x21, 0x21], 12)),
+        ("v2 unknown family", proxy_v2([0x21, 0x41], 12)),
+        ("v2 unknown command", proxy_v2([0x22, 0x11], 12)),
+        (
+            "v1 bad address",
+            b"PROXY TCP4 203.0.113.x 127.0.0.1 1 80\r\n".to_vec(),
+        ),
+        (
+            "v1 TCP4 to IPv6",
+            b"PROXY TCP4 203.0.113.7 ::1 1 80\r\n".to_vec(),
+        ),
+        ("no header", Vec::new()),
+    ] {
+        let mut c = std::net::TcpStream::connect(gw.http_addr()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = c.write_all(&with(&header));
+        let mut got = Vec::new();
+        let read = std::io::Read::read_to_end(&mut c, &mut got);
+        assert!(
+            read.is_ok() && got.is_empty(),
+            "{case}: want the connection closed with nothing sent, got {read:?} and {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    assert_eq!(
+        origin.request_count(),
+        1,
+        "nothing after a bad header is forwarded"
+    );
+}

@@ -820,17 +820,26 @@ impl Config {
                     "set path or path_prefix".into(),
                 ),
                 (Some(p), None) | (None, Some(p)) => {
+                    let key = if route.path.is_some() {
+                        "path"
+                    } else {
+                        "path_prefix"
+                    };
                     if !p.starts_with('/') {
-                        let key = if route.path.is_some() {
-                            "path"
-                        } else {
-                            "path_prefix"
-                        };
                         err(
                             span.clone(),
                             &table,
                             key,
                             format!("{p:?} must start with '/'"),
+                        );
+                    } else if p.contains(';') || p.to_ascii_lowercase().contains("%3b") {
+                        // Requests are routed with their `;params` (or `%3Bparams`)
+                        // removed, so this route could never match.
+                        err(
+                            span.clone(),
+                            &table,
+                            key,
+                            format!("{p:?} contains ';': paths are matched without ;parameters"),
                         );
                     }
                 }
@@ -1200,5 +1209,19 @@ respond = { status = 200, body = "ok\n" }
         let up = e.0.iter().find(|e| e.key == "route[0].upstream").unwrap();
         assert_eq!(up.line, 15);
         assert!(up.message.contains("apii"));
+    }
+
+    #[test]
+    fn route_paths_with_parameters_are_refused() {
+        // Requests are routed without `;params`: such a route could never match.
+        for (from, to, key) in [
+            ("\"/api/\"", "\"/api;v=1/\"", "route[0].path_prefix"),
+            ("\"/health\"", "\"/health;x\"", "route[1].path"),
+            ("\"/health\"", "\"/health%3bx\"", "route[1].path"),
+        ] {
+            let e = parse(&GOOD.replace(from, to)).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{e}");
+            assert_eq!(e.0[0].key, key, "{e}");
+        }
     }
 }

@@ -8,6 +8,14 @@ use std::ops::Range;
 /// Most header fields in one head. More is answered 431, as an oversized head is.
 pub const MAX_HEADERS: usize = 128;
 
+/// Most `Connection` tokens in one head (all its `Connection` fields together, repeats
+/// included; empty list elements are not tokens). Every field forwarded is checked
+/// against them, and each token against the ones before, so without a cap a head of
+/// `x,x,x,…` and many fields costs tokens × fields (8000 × 120 in 64 KiB, seconds at
+/// 1 MiB). Real clients send one to three (`keep-alive`, `Upgrade`, `TE`); more is a 400
+/// (a 502 from an upstream), and the work per head stays linear in its size.
+pub const MAX_CONNECTION_TOKENS: usize = 32;
+
 /// How the body of a message is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BodyFraming {
@@ -57,8 +65,11 @@ pub struct Known {
     pub conn_keep_alive: bool,
     /// `Connection: upgrade` seen.
     pub conn_upgrade: bool,
-    /// Indexes of the `Connection` headers (their tokens name more hop-by-hop fields).
-    pub connection: Vec<usize>,
+    /// The distinct tokens of the `Connection` headers (they name more hop-by-hop fields)
+    /// as spans of the buffer: at most `MAX_CONNECTION_TOKENS`.
+    pub connection_tokens: Vec<(u32, u32)>,
+    /// How many `Connection` tokens were listed, repeats included.
+    connection_listed: usize,
     pub expect_continue: bool,
     /// The one `Content-Length` value (lists of equal values folded), even where the
     /// framing ignores it (a response to HEAD keeps the representation's length).
@@ -69,14 +80,41 @@ impl Known {
     /// Forgets the previous head's fields but keeps the vectors' memory for the next one.
     fn clear(&mut self) {
         let mut xff = std::mem::take(&mut self.x_forwarded_for);
-        let mut connection = std::mem::take(&mut self.connection);
+        let mut connection_tokens = std::mem::take(&mut self.connection_tokens);
         xff.clear();
-        connection.clear();
+        connection_tokens.clear();
         *self = Known {
             x_forwarded_for: xff,
-            connection,
+            connection_tokens,
             ..Known::default()
         };
+    }
+}
+
+impl Known {
+    /// Records a `Connection` token of `buf` unless an equal one (ignoring case) is
+    /// recorded. `false`: it is one more than `MAX_CONNECTION_TOKENS` listed.
+    fn note_connection_token(&mut self, buf: &[u8], token: &[u8]) -> bool {
+        self.connection_listed += 1;
+        if self.connection_listed > MAX_CONNECTION_TOKENS {
+            return false;
+        }
+        if !self
+            .connection_names(buf)
+            .any(|t| t.eq_ignore_ascii_case(token))
+        {
+            let start = token.as_ptr() as usize - buf.as_ptr() as usize;
+            self.connection_tokens
+                .push((start as u32, (start + token.len()) as u32));
+        }
+        true
+    }
+
+    /// The distinct field names the `Connection` headers list.
+    pub fn connection_names<'b>(&'b self, buf: &'b [u8]) -> impl Iterator<Item = &'b [u8]> + 'b {
+        self.connection_tokens
+            .iter()
+            .map(move |&(s, e)| &buf[s as usize..e as usize])
     }
 }
 
@@ -97,6 +135,9 @@ pub struct RequestHead {
     norm: Vec<u8>,
     /// Length of the path part of `norm`.
     norm_path: usize,
+    /// The normalised path without `;params`, routed on when `has_params`.
+    stripped: Vec<u8>,
+    has_params: bool,
     /// The authority of an absolute-form target, which replaces `Host` (RFC 9112 §3.2.2).
     authority: Option<Range<usize>>,
 }
@@ -108,9 +149,14 @@ impl RequestHead {
     pub fn target<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
         &buf[self.target.clone()]
     }
-    /// The normalised path the request is routed on (see `target`).
+    /// The path the request is routed on: the normalised path with each segment's
+    /// `;params` removed (`target::strip_parameters`).
     pub fn path(&self) -> &[u8] {
-        &self.norm[..self.norm_path]
+        if self.has_params {
+            &self.stripped
+        } else {
+            &self.norm[..self.norm_path]
+        }
     }
     /// The request target sent upstream: the normalised path in origin form, with the
     /// query as received.
@@ -329,7 +375,7 @@ pub fn parse_request(
     if head
         .known
         .host
-        .is_some_and(|i| !target::valid_host(head.headers[i].value(buf)))
+        .is_some_and(|i| !target::valid_authority(head.headers[i].value(buf)))
     {
         return Err(HttpError::BadRequest("invalid Host header"));
     }
@@ -353,6 +399,7 @@ fn route_target(buf: &[u8], head: &mut RequestHead) -> Result<(), HttpError> {
         head.norm.clear();
         head.norm.push(b'*');
         head.norm_path = 1;
+        head.has_params = false;
         return Ok(());
     } else if raw.first() == Some(&b'/') {
         raw
@@ -365,6 +412,7 @@ fn route_target(buf: &[u8], head: &mut RequestHead) -> Result<(), HttpError> {
     };
     head.norm_path =
         target::normalise(origin_form, &mut head.norm).map_err(HttpError::BadRequest)?;
+    head.has_params = target::strip_parameters(&head.norm[..head.norm_path], &mut head.stripped);
     Ok(())
 }
 
@@ -538,9 +586,20 @@ fn classify(
                 known.expect_continue = true;
             }
             10 if name.eq_ignore_ascii_case(b"connection") => {
-                known.connection.push(i);
                 for token in value.split(|&b| b == b',') {
                     let token = trim(token);
+                    if token.is_empty() {
+                        continue;
+                    }
+                    if !known.note_connection_token(buf, token) {
+                        return Err(match side {
+                            Side::Request => HttpError::BadRequest("too many Connection tokens"),
+                            // The gateway's own limit: never booked against the server.
+                            Side::Response => {
+                                HttpError::ResponseRefused("too many Connection tokens")
+                            }
+                        });
+                    }
                     if token.eq_ignore_ascii_case(b"close") {
                         known.conn_close = true;
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
@@ -744,8 +803,67 @@ mod tests {
             assert_eq!(req(bad).unwrap_err().status(), 400, "{bad:?}");
         }
         assert!(req("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").is_ok());
+        // Routed without `;params`, forwarded as normalised.
+        let h = req("GET /;x/admin;y/secret.txt?a;b HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert_eq!(h.path(), b"/admin/secret.txt");
+        assert_eq!(h.forward_target(), b"/;x/admin;y/secret.txt?a;b");
+        let h = req("GET /admin/x?a;b HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert_eq!(h.path(), b"/admin/x");
         let connect = req("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n");
         assert_eq!(connect.unwrap_err().status(), 405);
+    }
+
+    #[test]
+    fn connection_tokens_are_capped() {
+        // The attack head: thousands of tokens and many fields in 1 MiB. It is refused at
+        // the 33rd token, so no work grows with tokens × fields (or tokens × tokens).
+        let mut text = String::from("GET /echo HTTP/1.1\r\nHost: a\r\nConnection: x-a");
+        text.push_str(&",X-A".repeat(100_000));
+        text.push_str("\r\n");
+        for i in 0..120 {
+            text.push_str(&format!("X-A{i}: 1\r\n"));
+        }
+        text.push_str("\r\n");
+        assert!(text.len() < 1 << 20);
+        let mut head = RequestHead::default();
+        let err = parse_request(text.as_bytes(), &mut head, 1 << 20).unwrap_err();
+        assert_eq!(err.status(), 400);
+        // Up to the cap, across all Connection fields, repeats folded; empty elements
+        // are not tokens.
+        let names = |n: usize| (0..n).map(|i| format!("x-{i}")).collect::<Vec<_>>();
+        let ok = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close, {}\r\nConnection: CLOSE, ,,, x-0\r\n\r\n",
+            names(MAX_CONNECTION_TOKENS - 3).join(",")
+        );
+        let h = req(&ok).unwrap();
+        assert_eq!(h.known.connection_tokens.len(), MAX_CONNECTION_TOKENS - 2);
+        assert!(h.known.conn_close);
+        let over = |n: usize| {
+            let split = names(n);
+            let (one, two) = split.split_at(10);
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: {}\r\nConnection: {}\r\n\r\n",
+                one.join(","),
+                two.join(",")
+            )
+        };
+        assert!(req(&over(MAX_CONNECTION_TOKENS)).is_ok());
+        assert_eq!(
+            req(&over(MAX_CONNECTION_TOKENS + 1)).unwrap_err().status(),
+            400
+        );
+        let repeated = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: {}\r\n\r\n",
+            ["keep-alive"; MAX_CONNECTION_TOKENS + 1].join(",")
+        );
+        assert_eq!(req(&repeated).unwrap_err().status(), 400);
+        let mut r = ResponseHead::default();
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nConnection: {}\r\nContent-Length: 0\r\n\r\n",
+            names(MAX_CONNECTION_TOKENS + 1).join(",")
+        );
+        let err = parse_response(resp.as_bytes(), &mut r, 8192, false).unwrap_err();
+        assert!(matches!(err, HttpError::ResponseRefused(_)), "{err:?}");
     }
 
     #[test]

@@ -59,12 +59,12 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, Invalid> {
         return Ok(Parsed::Header { len, source: None });
     }
     let src: IpAddr = parts.next().ok_or(Invalid)?.parse().map_err(|_| Invalid)?;
-    let _dst: IpAddr = parts.next().ok_or(Invalid)?.parse().map_err(|_| Invalid)?;
+    let dst: IpAddr = parts.next().ok_or(Invalid)?.parse().map_err(|_| Invalid)?;
     let sport: u16 = parts.next().ok_or(Invalid)?.parse().map_err(|_| Invalid)?;
     let _dport: u16 = parts.next().ok_or(Invalid)?.parse().map_err(|_| Invalid)?;
     let family_ok = match proto {
-        "TCP4" => src.is_ipv4(),
-        "TCP6" => src.is_ipv6(),
+        "TCP4" => src.is_ipv4() && dst.is_ipv4(),
+        "TCP6" => src.is_ipv6() && dst.is_ipv6(),
         _ => false,
     };
     if !family_ok || parts.next().is_some() {
@@ -91,11 +91,24 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, Invalid> {
         return Ok(Parsed::Incomplete);
     }
     let body = &buf[16..len];
-    let source = match (version_command & 0x0f, family) {
-        // LOCAL: the balancer talking for itself.
-        (0, _) => None,
+    // Spec §2.2: the family byte is an address family (UNSPEC, INET, INET6, UNIX) and a
+    // transport (UNSPEC, STREAM, DGRAM); other values "must be rejected as invalid", and a
+    // length shorter than the family's address block is a malformed header, never a
+    // header without an address: the bytes left over would be read as HTTP.
+    let address_len = match (family >> 4, family & 0x0f) {
+        (_, 3..) => return Err(Invalid),
+        (0, _) => 0,
+        (1, _) => 12,
+        (2, _) => 36,
+        (3, _) => 216,
+        _ => return Err(Invalid),
+    };
+    let source = match version_command & 0x0f {
+        // LOCAL: the balancer talking for itself; the address block is ignored.
+        0 => None,
+        1 if body.len() < address_len => return Err(Invalid),
         // PROXY over TCP/IPv4.
-        (1, 0x11) if body.len() >= 12 => {
+        1 if family == 0x11 => {
             let ip = Ipv4Addr::new(body[0], body[1], body[2], body[3]);
             Some(SocketAddr::new(
                 IpAddr::V4(ip),
@@ -103,7 +116,7 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, Invalid> {
             ))
         }
         // PROXY over TCP/IPv6.
-        (1, 0x21) if body.len() >= 36 => {
+        1 if family == 0x21 => {
             let mut octets = [0u8; 16];
             octets.copy_from_slice(&body[..16]);
             let ip = Ipv6Addr::from(octets);
@@ -112,8 +125,8 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, Invalid> {
                 u16::from_be_bytes([body[32], body[33]]),
             ))
         }
-        // Other families (UDP, unix): nothing a TCP proxy can use.
-        (1, _) => None,
+        // Other families (UNSPEC, UDP, unix): nothing a TCP proxy can use.
+        1 => None,
         _ => return Err(Invalid),
     };
     Ok(Parsed::Header { len, source })
@@ -147,10 +160,18 @@ mod tests {
         assert_eq!(parse(b"PROXY TCP4 203.0"), Ok(Parsed::Incomplete));
         assert_eq!(parse(b"PRO"), Ok(Parsed::Incomplete));
         assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(Invalid));
-        assert_eq!(
-            parse(b"PROXY TCP4 2001:db8::1 1.2.3.4 1 2\r\n"),
-            Err(Invalid)
-        );
+        for bad in [
+            &b"PROXY TCP4 2001:db8::1 1.2.3.4 1 2\r\n"[..],
+            b"PROXY TCP4 1.2.3.4 2001:db8::1 1 2\r\n",
+            b"PROXY TCP6 2001:db8::1 1.2.3.4 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",
+            b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
+        ] {
+            assert_eq!(parse(bad), Err(Invalid), "{}", String::from_utf8_lossy(bad));
+        }
         assert_eq!(parse(&[b'P'; 200][..]), Err(Invalid));
     }
 
@@ -171,14 +192,52 @@ mod tests {
                 source: Some("203.0.113.7:51234".parse().unwrap())
             })
         );
-        let mut local = V2_SIGNATURE.to_vec();
-        local.extend_from_slice(&[0x20, 0x00, 0, 0]);
-        assert_eq!(
-            parse(&local),
+        // An address block shorter than the family's, an unknown family or transport, an
+        // unknown command: invalid, never a header without an address.
+        for (command_family, body_len) in [
+            ([0x21, 0x11], 4),
+            ([0x21, 0x11], 11),
+            ([0x21, 0x12], 0),
+            ([0x21, 0x21], 12),
+            ([0x21, 0x31], 108),
+            ([0x21, 0x41], 12),
+            ([0x21, 0x13], 12),
+            ([0x22, 0x11], 12),
+            ([0x11, 0x11], 12),
+        ] {
+            let mut bad = V2_SIGNATURE.to_vec();
+            bad.extend_from_slice(&command_family);
+            bad.extend_from_slice(&(body_len as u16).to_be_bytes());
+            bad.resize(16 + body_len, 1);
+            bad.extend_from_slice(b"GET / HTTP/1.1\r\n");
+            assert_eq!(
+                parse(&bad),
+                Err(Invalid),
+                "{command_family:x?} length {body_len}"
+            );
+        }
+        // A longer block (TLVs) is fine.
+        let mut tlv = h.clone();
+        tlv[15] = 15;
+        tlv.extend_from_slice(&[0x04, 0, 0]);
+        assert!(matches!(
+            parse(&tlv),
             Ok(Parsed::Header {
-                len: 16,
-                source: None
+                len: 31,
+                source: Some(_)
             })
-        );
+        ));
+        // LOCAL (the balancer's own check) and PROXY with UNSPEC carry no address.
+        for command in [0x20, 0x21] {
+            let mut none = V2_SIGNATURE.to_vec();
+            none.extend_from_slice(&[command, 0x00, 0, 0]);
+            assert_eq!(
+                parse(&none),
+                Ok(Parsed::Header {
+                    len: 16,
+                    source: None
+                })
+            );
+        }
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Both are written into one reused output buffer so a head leaves in a single write.
 
-use super::head::{BodyFraming, HeaderSpan, Known, RequestHead, ResponseHead};
+use super::head::{BodyFraming, Known, RequestHead, ResponseHead};
 use std::io::Write;
 use std::net::IpAddr;
 
@@ -98,14 +98,12 @@ pub fn is_managed(name: &[u8]) -> bool {
     class_of(name) != Class::Other || alias_class(name) != Class::Other
 }
 
-/// Whether a `Connection` header of the message names this field.
-fn named_by_connection(buf: &[u8], headers: &[HeaderSpan], known: &Known, name: &[u8]) -> bool {
-    known.connection.iter().any(|&i| {
-        headers[i]
-            .value(buf)
-            .split(|&b| b == b',')
-            .any(|token| super::head::trim(token).eq_ignore_ascii_case(name))
-    })
+/// Whether a `Connection` header of the message names this field: at most
+/// `MAX_CONNECTION_TOKENS` comparisons, whatever the size of the head.
+fn named_by_connection(buf: &[u8], known: &Known, name: &[u8]) -> bool {
+    known
+        .connection_names(buf)
+        .any(|token| token.eq_ignore_ascii_case(name))
 }
 
 /// What the proxy adds to a request it forwards.
@@ -181,7 +179,7 @@ pub fn write_upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead,
                 }
             }
             Class::Other => {
-                if named_by_connection(buf, &head.headers, &head.known, name) {
+                if named_by_connection(buf, &head.known, name) {
                     continue;
                 }
             }
@@ -253,7 +251,7 @@ pub fn write_client_response(
         let name = h.name(buf);
         match class_of(name) {
             Class::Framing | Class::HopByHop => continue,
-            _ if named_by_connection(buf, &head.headers, &head.known, name) => continue,
+            _ if named_by_connection(buf, &head.known, name) => continue,
             _ => {}
         }
         out.extend_from_slice(name);

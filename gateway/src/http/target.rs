@@ -8,8 +8,11 @@
 //!   `%2e%2e` is `..`);
 //! - refused with 400: an encoded `/` or `\` (`%2F`, `%5C`), a raw `\` (IIS and others
 //!   read it as `/`), `%00`, a `%` not followed by two hex digits, a `..` above the root, a
-//!   fragment, a dot segment with `;` parameters (`..;`, which Tomcat and Jetty resolve as
-//!   `..`), and a path that does not start with `/`.
+//!   fragment, a dot segment with `;` parameters (`..;` or `..%3B`, which Tomcat and Jetty
+//!   resolve as `..`), and a path that does not start with `/`.
+//!
+//! Routing uses the normalised path with each segment's `;params` (or `%3Bparams`)
+//! removed (`strip_parameters`), the reading of servers that drop them.
 //!
 //! The query (from the first `?`) is kept byte for byte. The normalised target is what is
 //! forwarded, so the upstream never sees a path other than the one that was routed.
@@ -57,7 +60,7 @@ pub fn normalise(target: &[u8], out: &mut Vec<u8>) -> Result<usize, Invalid> {
         }
         ended_in_dot = true;
         let segment = &out[segment_start + 1..];
-        if segment.starts_with(b".;") || segment.starts_with(b"..;") {
+        if dot_with_parameters(segment) {
             // Tomcat and Jetty drop `;params` before resolving dot segments, so `..;` is
             // `..` to them (`/public/..;/admin`), which nothing here would resolve.
             return Err("dot segment with parameters");
@@ -81,6 +84,53 @@ pub fn normalise(target: &[u8], out: &mut Vec<u8>) -> Result<usize, Invalid> {
     let path_len = out.len();
     out.extend_from_slice(query);
     Ok(path_len)
+}
+
+/// Whether a decoded segment is `.` or `..` followed by `;` or its escape `%3B` (kept
+/// encoded, upper-case, by `decode_one`): a server that drops `;params`, before or after
+/// decoding, reads it as a dot segment.
+fn dot_with_parameters(segment: &[u8]) -> bool {
+    let rest = segment
+        .strip_prefix(b"..")
+        .or_else(|| segment.strip_prefix(b"."));
+    rest.is_some_and(|r| r.starts_with(b";") || r.starts_with(b"%3B"))
+}
+
+/// Writes the normalised `path` with each segment's `;params` removed into `out` (reusing
+/// its memory): `/a;x/b;y` is `/a/b`, `/;/admin` is `/admin`, `/a/;x` is `/a/`.
+///
+/// Tomcat, Jetty and Spring drop path parameters per segment (RFC 3986 §3.3 leaves their
+/// meaning to the scheme) and then merge the empty segments this leaves, so they serve
+/// `/admin/secret.txt` for `/;/admin/secret.txt`. A server that decodes first reads `%3B`
+/// as `;` too, so parameters start at either. Routing on this reading makes every spelling
+/// with parameters meet the route of the path it names, while the target is forwarded as
+/// normalised. Returns `false` (and leaves `out` alone) when `path` has no parameters.
+pub fn strip_parameters(path: &[u8], out: &mut Vec<u8>) -> bool {
+    if !path.iter().enumerate().any(|(i, _)| params_at(&path[i..])) {
+        return false;
+    }
+    out.clear();
+    let mut last_empty = false;
+    for segment in path[1..].split(|&b| b == b'/') {
+        let end = (0..segment.len())
+            .find(|&i| params_at(&segment[i..]))
+            .unwrap_or(segment.len());
+        let name = &segment[..end];
+        last_empty = name.is_empty();
+        if !last_empty {
+            out.push(b'/');
+            out.extend_from_slice(name);
+        }
+    }
+    if last_empty || out.is_empty() {
+        out.push(b'/');
+    }
+    true
+}
+
+/// Whether path parameters start here: `;`, or `%3B` (upper-case in a normalised path).
+fn params_at(rest: &[u8]) -> bool {
+    rest.starts_with(b";") || rest.starts_with(b"%3B")
 }
 
 /// Copies one character (or one escape) of a path segment; returns the bytes consumed.
@@ -129,27 +179,71 @@ pub fn split_absolute(target: &[u8]) -> Option<(std::ops::Range<usize>, usize)> 
         .position(|&b| b == b'/' || b == b'?')
         .unwrap_or(rest.len());
     let authority = &rest[..end];
-    if authority.is_empty() || !valid_host(authority) {
+    if authority.is_empty() || !valid_authority(authority) {
         return None;
     }
     Some((scheme_len..scheme_len + end, scheme_len + end))
 }
 
-/// Whether a `Host` value (or an authority) is a plain host with an optional port, as
-/// nginx's host validation accepts it: no userinfo, path, whitespace or control bytes,
-/// no empty label (`..`, a leading `.`).
-pub fn valid_host(host: &[u8]) -> bool {
-    let mut prev = b'.';
-    for &b in host {
-        let ok = b.is_ascii_alphanumeric()
-            || matches!(b, b'-' | b'_' | b'~' | b':' | b'[' | b']' | b'%')
-            || (b == b'.' && prev != b'.');
-        if !ok {
-            return false;
-        }
-        prev = b;
+/// Whether a `Host` value or an absolute-form authority is `host [":" port]` in the one
+/// narrow form every server reads alike (RFC 9110 §7.2, RFC 3986 §3.2.2):
+///
+/// - host: a reg-name of ASCII letters, digits, `-`, `_` (nginx accepts it) and `.`
+///   without an empty label (`..`, a leading `.`; one trailing `.` is the root), which also
+///   covers IPv4; or an IPv6 literal in brackets (no zone, no IPvFuture);
+/// - port: `:` then 1 to 5 digits, at most 65535; one `:` outside the brackets.
+///
+/// No `%` (a server that decodes `admin%2eexample.com` sees another host), userinfo,
+/// path, whitespace or control bytes. Empty is valid only as a whole (`Host:` for a
+/// target without authority, RFC 9112 §3.2).
+pub fn valid_authority(authority: &[u8]) -> bool {
+    if authority.is_empty() {
+        return true;
     }
-    true
+    let host_end = if authority[0] == b'[' {
+        match authority.iter().position(|&b| b == b']') {
+            Some(end) => end + 1,
+            None => return false,
+        }
+    } else {
+        authority
+            .iter()
+            .position(|&b| b == b':')
+            .unwrap_or(authority.len())
+    };
+    let (host, port) = authority.split_at(host_end);
+    let host_ok = match host {
+        [b'[', literal @ .., b']'] => {
+            std::str::from_utf8(literal).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        _ => reg_name(host),
+    };
+    host_ok && (port.is_empty() || valid_port(port))
+}
+
+/// Letters, digits, `-`, `_` and `.` with no empty label (a trailing `.` is allowed).
+fn reg_name(host: &[u8]) -> bool {
+    let mut prev = b'.';
+    !host.is_empty()
+        && host.iter().all(|&b| {
+            let ok = b.is_ascii_alphanumeric()
+                || matches!(b, b'-' | b'_')
+                || (b == b'.' && prev != b'.');
+            prev = b;
+            ok
+        })
+}
+
+/// `:` then 1 to 5 digits naming a port (0–65535).
+fn valid_port(port: &[u8]) -> bool {
+    match port {
+        [b':', digits @ ..] => {
+            (1..=5).contains(&digits.len())
+                && digits.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(digits).is_ok_and(|d| d.parse::<u16>().is_ok())
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -186,6 +280,9 @@ mod tests {
             ("/.../x", "/.../x"),
             ("/a.b/..c", "/a.b/..c"),
             ("/a;p=1/b", "/a;p=1/b"),
+            ("/a/...;/b", "/a/...;/b"),
+            ("/a/.x;/b", "/a/.x;/b"),
+            ("/a/x%3B/b", "/a/x%3B/b"),
             ("/%7euser", "/~user"),
             ("", "/"),
             ("?q=1", "/?q=1"),
@@ -214,9 +311,38 @@ mod tests {
             "/public/..;x=1/admin",
             "/.;/admin",
             "/public/%2e%2e;/admin",
+            "/pub/%2e%2e%3b/secret.txt",
+            "/pub/..%3B/secret.txt",
+            "/pub/..%3bx/secret.txt",
+            "/pub/.%3B/secret.txt",
+            "/pub/%2E%3b/secret.txt",
+            "/pub/.;x",
             "a/b",
         ] {
             assert!(norm(raw).is_err(), "{raw:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn parameters_are_stripped_per_segment_for_routing() {
+        let mut out = Vec::new();
+        assert!(!strip_parameters(b"/admin/secret.txt", &mut out));
+        for (path, want) in [
+            ("/;/admin/secret.txt", "/admin/secret.txt"),
+            ("/;x/admin/secret.txt", "/admin/secret.txt"),
+            ("/admin;x", "/admin"),
+            ("/admin;x/secret.txt;jsessionid=1", "/admin/secret.txt"),
+            ("/a;p=1/b", "/a/b"),
+            ("/;/;x/admin", "/admin"),
+            ("/a/;x", "/a/"),
+            ("/a;x/", "/a/"),
+            ("/;", "/"),
+            ("/a;x;y/b", "/a/b"),
+            ("/%3B/admin/secret.txt", "/admin/secret.txt"),
+            ("/admin%3Bx/secret.txt", "/admin/secret.txt"),
+        ] {
+            assert!(strip_parameters(path.as_bytes(), &mut out), "{path}");
+            assert_eq!(String::from_utf8_lossy(&out), want, "{path}");
         }
     }
 
@@ -245,14 +371,70 @@ mod tests {
             "a.example.com",
             "a.example.com.",
             "h:8080",
+            "h:0",
+            "h:65535",
             "[::1]:80",
+            "[::1]",
+            "[2001:db8::1]",
+            "[::ffff:192.0.2.1]:443",
+            "192.0.2.1:80",
             "x_y",
+            "A-b.C",
             "",
         ] {
-            assert!(valid_host(good.as_bytes()), "{good}");
+            assert!(valid_authority(good.as_bytes()), "{good}");
         }
-        for bad in ["a..b", ".a", "a/b", "u@h", "a b", "a\\b", "h?x"] {
-            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        for bad in [
+            "a..b",
+            ".a",
+            "a/b",
+            "u@h",
+            "a b",
+            "a\\b",
+            "h?x",
+            "[admin.example.com]",
+            "[admin.example.com]:80",
+            "[v1.x]",
+            "[fe80::1%25eth0]",
+            "[::1",
+            "[::1/admin",
+            "[::1]x",
+            "[::1]:",
+            "::1",
+            "admin%2eexample.com",
+            "a%41",
+            "a~b",
+            "a:80:80",
+            "a:",
+            ":80",
+            "a:123456",
+            "a:65536",
+            "a:8a",
+            "a:+80",
+            "a\tb",
+            "é.example",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad}");
         }
+    }
+
+    #[test]
+    fn absolute_form_authority_is_validated_like_host() {
+        for bad in [
+            &b"http://a:80:80/pub/index.html"[..],
+            b"http://[::1/admin/secret.txt",
+            b"http://[admin.example.com]/",
+            b"http://admin%2eexample.com/",
+            b"http://a:/",
+        ] {
+            assert!(
+                split_absolute(bad).is_none(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let t = b"http://[::1]:8080/a";
+        let (auth, rest) = split_absolute(t).unwrap();
+        assert_eq!((&t[auth], &t[rest..]), (&b"[::1]:8080"[..], &b"/a"[..]));
     }
 }

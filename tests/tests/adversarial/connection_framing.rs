@@ -7,7 +7,7 @@
 
 use gateway_tests::adversary::{first_status, Rig};
 
-use super::{request, SMUGGLED};
+use super::{expect_status, request, SMUGGLED};
 
 /// `Connection` values (and extra lines) that name `Content-Length`, in many spellings.
 pub(crate) const NAMES_CONTENT_LENGTH: &[&[&str]] = &[
@@ -166,6 +166,62 @@ fn connection_cannot_remove_host_or_gateway_headers() {
                 ));
             }
         }
+    }
+    rig.finish(failures);
+}
+
+/// A `Connection` flood: every forwarded field is checked against the `Connection` tokens,
+/// so `x-a,x-a,…` (tens of thousands) with many fields once cost tokens × fields of worker
+/// CPU per head (seconds at 1 MiB). More than 32 tokens, repeats included, is a 400 with
+/// nothing forwarded; up to 32 still hide the fields they name.
+#[test]
+fn connection_token_floods_are_refused() {
+    let rig = Rig::start_with(|c| c.server("max_header_bytes", "1MiB"));
+    let mut failures = Vec::new();
+    let fields: Vec<String> = (0..120).map(|i| format!("X-A{i}: 1")).collect();
+    let names: Vec<String> = (0..33).map(|i| format!("x-{i}")).collect();
+    let cases = [
+        (
+            "duplicate flood",
+            format!("Connection: x-a{}", ",x-a".repeat(100_000)),
+        ),
+        ("33 distinct", format!("Connection: {}", names.join(","))),
+        (
+            "33 over two fields",
+            format!(
+                "Connection: {}\r\nConnection: {}",
+                names[..16].join(","),
+                names[16..].join(", ")
+            ),
+        ),
+    ];
+    for (i, (what, conn)) in cases.iter().enumerate() {
+        let target = format!("/echo/flood/{i}");
+        let mut headers: Vec<&str> = vec![conn, "X-A: hidden"];
+        headers.extend(fields.iter().map(String::as_str));
+        let raw = request("GET", &target, &headers, b"");
+        expect_status(&rig, what, &raw, &[400], &mut failures);
+        if !rig.echo_requests(&target).is_empty() {
+            failures.push(format!("[{what}] refused but forwarded"));
+        }
+    }
+    // At the cap the request passes and `Connection` still removes what it names.
+    let at_cap = format!("Connection: x-a,{}", names[..31].join(","));
+    let raw = request(
+        "GET",
+        "/echo/flood/cap",
+        &[&at_cap, "X-A: hidden", "X-B: 1"],
+        b"",
+    );
+    let status = first_status(&rig.exchange("32 tokens", &raw));
+    let got = rig.echo_requests("/echo/flood/cap");
+    match (status, got.as_slice()) {
+        (Some(200), [r]) if r.header("x-a").is_none() && r.header("x-b") == Some("1") => {}
+        (s, got) => failures.push(format!(
+            "[32 tokens] status {s:?}, upstream got {} request(s); want 200 with X-A removed \
+             and X-B forwarded",
+            got.len()
+        )),
     }
     rig.finish(failures);
 }

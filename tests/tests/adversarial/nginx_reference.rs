@@ -54,7 +54,10 @@ fn cases() -> Vec<(&'static str, String, Vec<u8>)> {
             request("GET", target, &[], b""),
         ));
     }
-    for target in path_normalisation::UNSAFE {
+    for target in path_normalisation::UNSAFE
+        .iter()
+        .chain(path_normalisation::DOT_PARAMETERS)
+    {
         out.push((
             "unsafe path",
             target.to_string(),
