@@ -48,15 +48,25 @@ impl AdminConfig {
             Some(dir) if file.is_relative() => dir.join(file),
             _ => file.clone(),
         };
-        let too_big = std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_TOKEN_FILE);
-        if too_big {
+        // Read at most one byte past the cap: a device or FIFO (`/dev/zero`) reports no size,
+        // so the cap must hold on the read itself, not on metadata.
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| {
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(f, MAX_TOKEN_FILE + 1),
+                    &mut bytes,
+                )
+            })
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if bytes.len() as u64 > MAX_TOKEN_FILE {
             return Err(format!(
                 "{}: larger than {MAX_TOKEN_FILE} bytes",
                 path.display()
             ));
         }
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| format!("cannot read {}: not UTF-8", path.display()))?;
         let token = text.trim();
         if token.is_empty() {
             return Err(format!("{} is empty", path.display()));
@@ -371,6 +381,11 @@ mod tests {
         let mut missing = admin("0.0.0.0:9901", None);
         missing.token_file = Some("nope".into());
         assert!(missing.load_token_file(Path::new("/x.toml")).is_err());
+        // A device with no size must not be read whole (it would never end).
+        let mut endless = admin("0.0.0.0:9901", None);
+        endless.token_file = Some("/dev/zero".into());
+        let err = endless.load_token_file(Path::new("/x.toml")).unwrap_err();
+        assert!(err.contains("larger than"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
