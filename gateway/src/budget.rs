@@ -64,14 +64,18 @@ pub enum Refusal {
     UpstreamLocal,
     /// A client was too slow: request body past its deadline, or response not taken.
     SlowClient,
+    /// A peer outside the listener's `proxy_protocol_from` connected to a PROXY listener:
+    /// its header would name any address it liked, past every per-IP limit.
+    ProxyUntrusted,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 4] = [
+    const ALL: [Refusal; 5] = [
         Refusal::MaxConnections,
         Refusal::FdReserve,
         Refusal::UpstreamLocal,
         Refusal::SlowClient,
+        Refusal::ProxyUntrusted,
     ];
 
     pub fn label(self) -> &'static str {
@@ -80,6 +84,7 @@ impl Refusal {
             Refusal::FdReserve => "fd_reserve",
             Refusal::UpstreamLocal => "upstream_local",
             Refusal::SlowClient => "slow_client",
+            Refusal::ProxyUntrusted => "proxy_untrusted",
         }
     }
 }
@@ -125,7 +130,7 @@ impl Counted {
 }
 
 static OVER_BUDGET: [Counted; Buffer::ALL.len()] = [const { Counted::new() }; 4];
-static REFUSED: [Counted; Refusal::ALL.len()] = [const { Counted::new() }; 4];
+static REFUSED: [Counted; Refusal::ALL.len()] = [const { Counted::new() }; Refusal::ALL.len()];
 
 /// A connection went over its budget for `buffer`: count it, log at a bounded rate. The
 /// caller closes the connection.

@@ -36,6 +36,8 @@ pub struct ListenerSettings {
     pub name: String,
     pub trusted_proxies: Vec<IpNet>,
     pub proxy_protocol: bool,
+    /// Peers whose PROXY header is believed; empty: every peer.
+    pub proxy_protocol_from: Vec<IpNet>,
     /// The TLS acceptor (certificates, session cache, ticket keys) of a TLS listener.
     pub tls: Option<TlsAcceptor>,
 }
@@ -92,6 +94,7 @@ impl Snapshot {
                 name: l.name.clone(),
                 trusted_proxies: l.trusted_proxies.clone(),
                 proxy_protocol: l.proxy_protocol,
+                proxy_protocol_from: l.proxy_protocol_from.clone(),
                 tls,
             });
         }

@@ -513,6 +513,17 @@ async fn preamble<S: Stream>(
     let snap = w.snapshot();
     let settings = snap.listener(&ctx.name);
     let proxy_protocol = settings.is_some_and(|s| s.proxy_protocol);
+    // Only a listed balancer may name the client: anyone else could name any address and
+    // walk past `deny`, the per-IP caps and rates, or spend someone else's allowance.
+    let untrusted = settings.is_some_and(|s| {
+        s.proxy_protocol
+            && !s.proxy_protocol_from.is_empty()
+            && !s.proxy_protocol_from.iter().any(|n| n.contains(&peer.ip()))
+    });
+    if untrusted {
+        crate::budget::refused(crate::budget::Refusal::ProxyUntrusted, &peer);
+        return None;
+    }
     let acceptor = settings.and_then(|s| s.tls.clone());
     let deadline = accepted + snap.server.header_timeout;
     drop(snap);

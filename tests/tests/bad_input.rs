@@ -908,3 +908,66 @@ fn a_bad_proxy_header_closes_without_a_response() {
         "nothing after a bad header is forwarded"
     );
 }
+
+/// `proxy_protocol_from`: only a listed balancer may name the client. Any other peer could
+/// name an address of its choice and walk past `deny`, the per-IP caps and rates, or spend
+/// another client's allowance, so its connection is closed before a byte is read.
+#[test]
+fn a_proxy_header_from_an_unlisted_peer_is_not_believed() {
+    let origin = Origin::echo();
+    let config = Config::new()
+        .upstream(Upstream::new("app", &[origin.addr()]))
+        .route(Route::prefix("/", "app"));
+    let gw = Gateway::start(&config.to_toml().replacen(
+        "name = \"http\"\n",
+        "name = \"http\"\nproxy_protocol = true\nproxy_protocol_from = [\"127.0.0.2/32\"]\n",
+        1,
+    ));
+    let get = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let request = [&proxy_v2([0x21, 0x11], 12)[..], &get[..]].concat();
+    // The listed balancer names the client.
+    let mut balancer = Client::connect_from("127.0.0.2".parse().unwrap(), gw.http_addr());
+    balancer.send(&request).unwrap();
+    let r = balancer.read_response().expect("the balancer is answered");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        origin.requests()[0].header("x-real-ip"),
+        Some("203.0.113.7")
+    );
+    // Anyone else is closed unanswered, whatever it names.
+    for source in ["127.0.0.1", "127.0.0.3"] {
+        let mut c = gateway_tests::client::connect_from(source.parse().unwrap(), gw.http_addr());
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = c.write_all(&request);
+        let mut got = Vec::new();
+        let read = std::io::Read::read_to_end(&mut c, &mut got);
+        assert!(
+            got.is_empty(),
+            "{source}: want the connection closed with nothing sent, got {read:?} and {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    assert_eq!(
+        origin.request_count(),
+        1,
+        "only the balancer's request arrived"
+    );
+    let metrics = gw.admin_get("/metrics").body_str();
+    let refused = |m: &str| {
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix("gateway_local_refusals_total{reason=\"proxy_untrusted\"} ")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = refused(&metrics);
+    while seen < 2.0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        seen = refused(&gw.admin_get("/metrics").body_str());
+    }
+    assert_eq!(seen, 2.0, "both refusals are counted");
+}

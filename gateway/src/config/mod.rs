@@ -213,6 +213,10 @@ pub struct ListenerConfig {
     pub listen: String,
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Peers allowed to send a PROXY header (nginx `set_real_ip_from` for the PROXY
+    /// protocol); empty: any peer that can reach the port.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<IpNet>,
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
     #[serde(default)]
@@ -717,6 +721,14 @@ impl Config {
                         l.get_ref().listen
                     ),
                 ),
+            }
+            if !l.get_ref().proxy_protocol && !l.get_ref().proxy_protocol_from.is_empty() {
+                err(
+                    span.clone(),
+                    &table,
+                    "proxy_protocol_from",
+                    "only means something with proxy_protocol = true".into(),
+                );
             }
             if let Some(tls) = &l.get_ref().tls {
                 if tls.certificates.is_empty() {
