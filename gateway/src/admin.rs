@@ -6,10 +6,15 @@
 //!
 //! The listener is reachable by whoever can reach its address, so it defends itself like a
 //! data-plane listener, on a smaller scale:
-//! - at most `admin.max_connections` connections at once; one accepted over the cap is
-//!   closed at once, unread, and counted (`gateway_admin_connections_rejected_total`);
-//! - each connection must deliver its request and take its answer within
-//!   `admin.request_timeout`, so idle connections cannot hold the slots;
+//! - at most `admin.max_connections` connections at once. One accepted at the cap evicts
+//!   (closes) the OLDEST held connection that has not yet delivered a whole request head,
+//!   and is served in its place: idle or slow peers cannot shut probes out, since a probe
+//!   sends its head at once and is then never the eviction target. Only when every held
+//!   connection is mid-answer is the new one closed at once, unread. Both evictions and
+//!   refusals count in `gateway_admin_connections_rejected_total`;
+//! - a connection must deliver its whole head within [`HEAD_TIMEOUT`] (or
+//!   `admin.request_timeout` when shorter), and its request and answer within
+//!   `admin.request_timeout`;
 //! - a request head is at most [`MAX_HEAD`] bytes (431 beyond);
 //! - `POST /reload` and `GET /config` need the bearer token when one is set, and a
 //!   non-loopback `listen` without a token is a config error: the control endpoints are
@@ -18,10 +23,11 @@
 
 use crate::config::AdminConfig;
 use crate::control::Control;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,6 +35,11 @@ use tokio::net::{TcpListener, TcpStream};
 /// Largest admin request head (request line and headers). Admin requests carry a few
 /// short headers; anything bigger is not a client of this API.
 pub const MAX_HEAD: usize = 8 * 1024;
+
+/// Time for a connection's whole request head to arrive. Probes, scrapers and `curl` send
+/// the head in one write, so a second is generous; a peer still silent after it holds a
+/// slot for nothing.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Largest token file read: a token is a short secret, not a document.
 const MAX_TOKEN_FILE: u64 = 4096;
@@ -126,7 +137,7 @@ impl AdminConfig {
 
 /// Accepts admin connections until the runtime stops.
 pub async fn serve(listener: TcpListener, control: Arc<Control>) {
-    let open = Arc::new(AtomicUsize::new(0));
+    let held = Held::default();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let stream = match listener.accept().await {
@@ -153,19 +164,26 @@ pub async fn serve(listener: TcpListener, control: Arc<Control>) {
                 snap.config.admin.request_timeout.0,
             )
         };
-        let Some(slot) = Slot::take(&open, cap) else {
-            // Dropping the stream closes it without reading: an idle flood costs a
-            // descriptor for an instant, not a task and a buffer each.
-            control
-                .admin_connections_rejected
-                .fetch_add(1, Ordering::Relaxed);
+        let (admitted, evicted) = held.admit(cap);
+        // Evictions and refusals both count: each is a connection the cap closed.
+        control.admin_connections_rejected.fetch_add(
+            evicted as u64 + u64::from(admitted.is_none()),
+            Ordering::Relaxed,
+        );
+        let Some((slot, evicted_rx)) = admitted else {
+            // Every held connection is mid-answer. Dropping the stream closes it without
+            // reading: a flood costs a descriptor for an instant, not a task and a buffer.
             drop(stream);
             continue;
         };
         let control = control.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            let _ = tokio::time::timeout(timeout, handle(stream, control)).await;
+            let head_timeout = timeout.min(HEAD_TIMEOUT);
+            tokio::select! {
+                // Evicted for a newer connection: dropping the stream closes it.
+                _ = evicted_rx => {}
+                _ = tokio::time::timeout(timeout, handle(stream, control, head_timeout, &slot)) => {}
+            }
         });
     }
 }
@@ -173,22 +191,95 @@ pub async fn serve(listener: TcpListener, control: Arc<Control>) {
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
-/// One of the `max_connections` slots, given back on drop (however the handler ends).
-struct Slot(Arc<AtomicUsize>);
+/// The admin connections held open, oldest first (ids rise with each accept). The count of
+/// entries is the count against `max_connections`.
+#[derive(Default, Clone)]
+struct Held(Arc<Mutex<HeldInner>>);
+
+#[derive(Default)]
+struct HeldInner {
+    next_id: u64,
+    conns: BTreeMap<u64, HeldConn>,
+}
+
+struct HeldConn {
+    /// A whole request head has arrived: the connection is being answered and is not
+    /// evicted (that would cut a probe's or a reload's answer).
+    head_done: bool,
+    /// Sending (or dropping) this makes the connection's task close it.
+    evict: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HeldInner> {
+        // The critical sections cannot panic midway; a poisoned lock holds consistent data.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes room for one more connection under `cap`, evicting the oldest ones still
+    /// waiting for their head. Returns the new connection's slot (`None` when every held
+    /// connection is mid-answer) and how many were evicted.
+    #[allow(clippy::type_complexity)]
+    fn admit(&self, cap: usize) -> (Option<(Slot, tokio::sync::oneshot::Receiver<()>)>, usize) {
+        let mut inner = self.lock();
+        let mut evicted = 0;
+        // A reload may have lowered the cap below what is held: evict down to it.
+        while inner.conns.len() >= cap {
+            let Some(oldest_idle) = inner
+                .conns
+                .iter()
+                .find(|(_, c)| !c.head_done)
+                .map(|(&id, _)| id)
+            else {
+                return (None, evicted);
+            };
+            if let Some(conn) = inner.conns.remove(&oldest_idle) {
+                // The task may have ended already; then there is nothing to close.
+                let _ = conn.evict.send(());
+                evicted += 1;
+            }
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let (evict, evicted_rx) = tokio::sync::oneshot::channel();
+        inner.conns.insert(
+            id,
+            HeldConn {
+                head_done: false,
+                evict,
+            },
+        );
+        (
+            Some((
+                Slot {
+                    held: self.clone(),
+                    id,
+                },
+                evicted_rx,
+            )),
+            evicted,
+        )
+    }
+}
+
+/// One held connection's place, given back on drop (however the handler ends).
+struct Slot {
+    held: Held,
+    id: u64,
+}
 
 impl Slot {
-    fn take(open: &Arc<AtomicUsize>, cap: usize) -> Option<Slot> {
-        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < cap).then_some(n + 1)
-        })
-        .ok()
-        .map(|_| Slot(open.clone()))
+    /// The request head has arrived: from now on this connection is not evicted.
+    fn head_done(&self) {
+        if let Some(conn) = self.held.lock().conns.get_mut(&self.id) {
+            conn.head_done = true;
+        }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.held.lock().conns.remove(&self.id);
     }
 }
 
@@ -206,13 +297,36 @@ fn text(status: u16, body: impl Into<String>) -> Response {
     }
 }
 
-async fn handle(mut stream: TcpStream, control: Arc<Control>) -> std::io::Result<()> {
+async fn handle(
+    mut stream: TcpStream,
+    control: Arc<Control>,
+    head_timeout: Duration,
+    slot: &Slot,
+) -> std::io::Result<()> {
+    let Ok(head) = tokio::time::timeout(head_timeout, read_head(&mut stream)).await else {
+        // No whole head in time: close, unanswered, and free the slot.
+        return Ok(());
+    };
+    let Some((method, path, authorization)) = head? else {
+        return Ok(());
+    };
+    slot.head_done();
+    let response = route(&control, &method, &path, authorization.as_deref());
+    write(&mut stream, response).await
+}
+
+/// A parsed request head: method, path without query, `Authorization` value.
+type Head = (String, String, Option<String>);
+
+/// Reads one request head. `None` when the peer closed first or was answered with an error
+/// (400, 431) already.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Head>> {
     let mut buf = vec![0u8; MAX_HEAD];
     let mut len = 0;
-    let (method, path, authorization) = loop {
+    loop {
         let n = stream.read(&mut buf[len..]).await?;
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         len += n;
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -224,7 +338,7 @@ async fn handle(mut stream: TcpStream, control: Arc<Control>) -> std::io::Result
                     .iter()
                     .find(|h| h.name.eq_ignore_ascii_case("authorization"))
                     .map(|h| String::from_utf8_lossy(h.value).into_owned());
-                break (
+                return Ok(Some((
                     req.method.unwrap_or("").to_string(),
                     req.path
                         .unwrap_or("")
@@ -233,19 +347,19 @@ async fn handle(mut stream: TcpStream, control: Arc<Control>) -> std::io::Result
                         .unwrap_or("")
                         .to_string(),
                     auth,
-                );
+                )));
             }
             Ok(httparse::Status::Partial) if len < buf.len() => continue,
             Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-                return write(&mut stream, text(431, "request head too large\n")).await;
+                write(stream, text(431, "request head too large\n")).await?;
+                return Ok(None);
             }
             Err(_) => {
-                return write(&mut stream, text(400, "bad request\n")).await;
+                write(stream, text(400, "bad request\n")).await?;
+                return Ok(None);
             }
         }
-    };
-    let response = route(&control, &method, &path, authorization.as_deref());
-    write(&mut stream, response).await
+    }
 }
 
 fn route(control: &Control, method: &str, path: &str, authorization: Option<&str>) -> Response {
