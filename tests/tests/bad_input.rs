@@ -855,18 +855,9 @@ fn proxy_v2(command_family: [u8; 2], len: u16) -> Vec<u8> {
 /// as the start of the HTTP request (and answered 400).
 #[test]
 fn a_bad_proxy_header_closes_without_a_response() {
-    let origin = Origin::echo();
-    let config = Config::new()
-        .server("header_timeout", "2s")
-        .upstream(Upstream::new("app", &[origin.addr()]))
-        .route(Route::prefix("/", "app"));
-    let gw = Gateway::start(&config.to_toml().replacen(
-        "name = \"http\"\n",
-        "name = \"http\"\nproxy_protocol = true\n",
-        1,
-    ));
-    let get = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
-    let with = |header: &[u8]| [header, &get[..]].concat();
+    let (origin, gw) = proxy_listener("proxy_protocol = true\n");
+    let get = PROXIED_GET;
+    let with = |header: &[u8]| [header, get].concat();
     // The listener works: a valid v2 header names the client.
     let (_c, r) = raw_request(gw.http_addr(), &with(&proxy_v2([0x21, 0x11], 12)));
     let r = r.expect("a response to a valid PROXY v2 header");
@@ -914,17 +905,10 @@ fn a_bad_proxy_header_closes_without_a_response() {
 /// another client's allowance, so its connection is closed before a byte is read.
 #[test]
 fn a_proxy_header_from_an_unlisted_peer_is_not_believed() {
-    let origin = Origin::echo();
-    let config = Config::new()
-        .upstream(Upstream::new("app", &[origin.addr()]))
-        .route(Route::prefix("/", "app"));
-    let gw = Gateway::start(&config.to_toml().replacen(
-        "name = \"http\"\n",
-        "name = \"http\"\nproxy_protocol = true\nproxy_protocol_from = [\"127.0.0.2/32\"]\n",
-        1,
-    ));
-    let get = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
-    let request = [&proxy_v2([0x21, 0x11], 12)[..], &get[..]].concat();
+    let (origin, gw) =
+        proxy_listener("proxy_protocol = true\nproxy_protocol_from = [\"127.0.0.2/32\"]\n");
+    let get = PROXIED_GET;
+    let request = [&proxy_v2([0x21, 0x11], 12)[..], get].concat();
     // The listed balancer names the client.
     let mut balancer = Client::connect_from("127.0.0.2".parse().unwrap(), gw.http_addr());
     balancer.send(&request).unwrap();
@@ -970,4 +954,21 @@ fn a_proxy_header_from_an_unlisted_peer_is_not_believed() {
         seen = refused(&gw.admin_get("/metrics").body_str());
     }
     assert_eq!(seen, 2.0, "both refusals are counted");
+}
+
+const PROXIED_GET: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+
+/// An echo origin behind a gateway whose listener has these extra keys (PROXY settings).
+fn proxy_listener(listener_keys: &str) -> (Origin, Gateway) {
+    let origin = Origin::echo();
+    let config = Config::new()
+        .server("header_timeout", "2s")
+        .upstream(Upstream::new("app", &[origin.addr()]))
+        .route(Route::prefix("/", "app"));
+    let gw = Gateway::start(&config.to_toml().replacen(
+        "name = \"http\"\n",
+        &format!("name = \"http\"\n{listener_keys}"),
+        1,
+    ));
+    (origin, gw)
 }
