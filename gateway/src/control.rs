@@ -146,6 +146,9 @@ impl Control {
                 return Err(ConfigErrors(vec![error]));
             }
         }
+        // The limits first: a worker that sees the new snapshot re-checks its open
+        // connections against them (`proxy::serve`), so they must already be in force.
+        self.shared.conn_limiter.apply(&snapshot.config.limits);
         self.shared.install(snapshot);
         if let Some(log) = &self.log {
             if let Err(e) = log.reopen(access) {
@@ -153,7 +156,6 @@ impl Control {
             }
         }
         let snap = self.shared.snapshot();
-        self.shared.conn_limiter.apply(&snap.config.limits);
         if let Some(guard) = self.xdp.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             // Same program, maps rewritten in place: counters and buckets are kept.
             if let Err(e) = guard.apply_config(&snap.config) {

@@ -454,6 +454,12 @@ impl Drop for ConnTicket {
 }
 
 impl ConnLimiter {
+    /// Whether the current `deny` list (and no more specific `allow`) covers `ip`: for
+    /// connections accepted before a reload added it.
+    pub fn denies(&self, ip: IpAddr) -> bool {
+        self.inner.policy().lists.classify(ip.to_canonical()) == Listed::Denied
+    }
+
     /// A limiter for `limits`. `sink` receives the cap marks (pass
     /// `XdpGuard::cap_marker()` when the program is attached, else `None`).
     pub fn new(

@@ -141,6 +141,7 @@ pub async fn serve<S: Stream>(
         resp: ResponseHead::default(),
     };
     let mut first = true;
+    let mut limits_seen = w.snapshot().generation;
     loop {
         let snap = w.snapshot();
         let started = match read_head(&mut c, &w, &snap, first, accepted).await {
@@ -179,6 +180,16 @@ pub async fn serve<S: Stream>(
         // The snapshot current when the head arrived, not when the connection started
         // waiting: a keep-alive connection idle across a reload serves the new config.
         let snap = w.snapshot();
+        if snap.generation != limits_seen {
+            limits_seen = snap.generation;
+            // A `deny` added by a reload reaches connections accepted before it, as nginx
+            // checks `deny` per request: an address blocked in an incident loses its busy
+            // keep-alive connections too. Checked once per reload, not per request.
+            if w.shared.conn_limiter.denies(peer.ip()) {
+                tracing::info!(client = %peer.ip(), "connection closed: its address is now denied");
+                break;
+            }
+        }
         let client_ip = match snap.listener(&listener.name) {
             Some(settings) => client_ip(&c.buf, &c.head, peer.ip(), settings),
             None => peer.ip(),

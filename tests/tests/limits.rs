@@ -118,3 +118,32 @@ fn connection_cap_holds_until_a_connection_closes() {
     let (outcome, _) = second.wait_closed(Duration::from_millis(50));
     assert!(matches!(outcome, CloseOutcome::StillOpen));
 }
+
+/// A `deny` added by a reload also closes busy keep-alive connections from that address
+/// (nginx checks `deny` per request), while other clients' connections carry on.
+#[test]
+fn deny_added_by_reload_reaches_open_keepalive_connections() {
+    let (gw, _origin) = gateway_with_limits("");
+    let mut blocked = Client::connect_from(ip("127.0.0.5"), gw.http_addr());
+    let mut other = Client::connect_from(ip("127.0.0.6"), gw.http_addr());
+    assert_eq!(blocked.get("/x").status, 200);
+    assert_eq!(other.get("/x").status, 200);
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        config.replacen("[limits]\n", "[limits]\ndeny = [\"127.0.0.5/32\"]\n", 1),
+    )
+    .unwrap();
+    gw.signal(libc::SIGHUP);
+    wait_until(Duration::from_secs(5), "the reload", || {
+        scrape(gw.admin_addr()).get("gateway_config_reloads_total", &[("result", "success")])
+            == Some(1.0)
+    });
+    let _ = blocked.send(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n");
+    assert!(
+        blocked.read_response().is_err(),
+        "the denied address's open connection is closed, not served"
+    );
+    assert_eq!(other.get("/x").status, 200, "other clients carry on");
+    assert!(refused(&gw, "127.0.0.5"), "and it cannot connect again");
+}
