@@ -168,12 +168,17 @@ impl Gateway {
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
-    /// Polls the access log until a line satisfies `pred`; panics after `timeout`.
+    /// Polls the access log until a complete line satisfies `pred`; panics after `timeout`.
+    /// A line still being written (no newline yet) is not looked at: a long line can reach
+    /// the file in more than one write.
     pub fn wait_access_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let log = self.access_log();
-            if let Some(l) = log.lines().find(|l| pred(l)) {
+            let complete = log
+                .split_inclusive('\n')
+                .filter_map(|l| l.strip_suffix('\n'));
+            if let Some(l) = complete.into_iter().find(|l| pred(l)) {
                 return l.to_string();
             }
             assert!(
