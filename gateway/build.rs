@@ -1,5 +1,5 @@
 //! Builds the XDP program (package `gateway-ebpf`) for the BPF target and leaves the object
-//! at `$OUT_DIR/gateway-ebpf`, where `src/xdp.rs` embeds it.
+//! at `$OUT_DIR/gateway-ebpf`, where `src/xdp/mod.rs` embeds it.
 //!
 //! aya-build runs `rustup run nightly cargo build --package gateway-ebpf --bins --release
 //! --target bpfel-unknown-none -Z build-std=core` with its own target dir under `OUT_DIR`
@@ -7,7 +7,7 @@
 //! `rust-src` and `bpf-linker` on PATH (`cargo xtask` installs both).
 //!
 //! `AYA_BUILD_SKIP=1` (or `true`) skips the kernel build, so `cargo check`/`clippy` work
-//! without the BPF toolchain. The `gateway_xdp_embedded` cfg tells `src/xdp.rs` whether an
+//! without the BPF toolchain. The `gateway_xdp_embedded` cfg tells `src/xdp/mod.rs` whether an
 //! object exists; without it the loader compiles to a clear "built without the XDP
 //! program" error instead of embedding nothing.
 //!

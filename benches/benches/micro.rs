@@ -4,9 +4,11 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use gateway::config::Config;
-use gateway::http::head::{parse_request, parse_response, RequestHead, ResponseHead};
-use gateway::http::rewrite::{write_client_response, write_upstream_request, Forwarding};
-use gateway::route::Router;
+use gateway::policy::route::Router;
+use gateway::protocol::http1::head::{parse_request, parse_response, RequestHead, ResponseHead};
+use gateway::protocol::http1::rewrite::{
+    write_client_response, write_upstream_request, Forwarding,
+};
 use std::path::Path;
 
 /// A browser-like request head (~500 bytes, 12 fields).

@@ -1,27 +1,28 @@
-//! The gateway library: everything the binary runs, split by what each module owns.
+//! The gateway library, laid out in layers; imports point down only (`cargo xtask test`
+//! fails on a module import cycle):
 //!
-//! Request path, in order: [`worker`] (threads, listeners, accept) → [`proxy`] (one client
-//! connection) → [`http`] (codec) → [`route`] → [`upstream`] (choice, pools, health) →
-//! [`tunnel`] (after an upgrade) → [`access_log`]. Control plane: [`config`], [`state`]
-//! (the snapshot), [`control`] (reload), [`admin`], [`metrics`], [`xdp`] (kernel guard).
+//! ```text
+//! control   reload orchestration, admin endpoints, Prometheus exposition
+//! xdp       the kernel guard: program, pinned maps, policy sync
+//! dataplane worker threads, listeners, connections (preamble, HTTP/1 session, tunnel)
+//! snapshot  the compiled config: the only config the data plane reads
+//! policy    routes and per-IP limits        upstream   servers, health, balance, pools
+//! protocol  HTTP/1 codec, PROXY header, TLS telemetry  counters, access log
+//! config    TOML types and validation       io         streams, drivers, sockets, pipes
+//! util      clock, hash map, resource budget
+//! ```
+//!
+//! A request flows: [`dataplane::listener`] (accept) → [`dataplane::conn::preamble`] →
+//! [`dataplane::conn::h1`] (head, route, upstream, response) → [`telemetry::access_log`].
 
-pub mod access_log;
-pub mod admin;
-pub mod budget;
-pub mod clock;
 pub mod config;
 pub mod control;
-pub mod fasthash;
-pub mod http;
+pub mod dataplane;
 pub mod io;
-pub mod limits;
-pub mod metrics;
-pub mod pipe;
-pub mod proxy;
-pub mod route;
-pub mod state;
-pub mod tls;
-pub mod tunnel;
+pub mod policy;
+pub mod protocol;
+pub mod snapshot;
+pub mod telemetry;
 pub mod upstream;
-pub mod worker;
+pub mod util;
 pub mod xdp;

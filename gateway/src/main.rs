@@ -2,11 +2,11 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use gateway::access_log::{LogWriter, Target};
 use gateway::config::{Config, IoDriver, LoadedConfig, StderrFormat, XdpMode};
 use gateway::control::Control;
-use gateway::state::{Shared, Snapshot};
-use gateway::worker::DriverKind;
+use gateway::io::driver::DriverKind;
+use gateway::telemetry::access_log::{LogWriter, Target};
+use gateway::{dataplane::shared::Shared, snapshot::Snapshot};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc};
@@ -127,8 +127,8 @@ fn raise_nofile(want: u64) {
             }
         }
         // The data plane keeps descriptors in reserve below this limit, and an unset
-        // `max_connections` is derived from it (crate::budget).
-        gateway::budget::set_nofile(limit.rlim_cur);
+        // `max_connections` is derived from it (crate::util::budget).
+        gateway::util::budget::set_nofile(limit.rlim_cur);
     }
 }
 
@@ -136,7 +136,7 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let config = loaded.config.clone();
     let config_path = loaded.path.clone();
     raise_nofile(config.server.nofile);
-    let driver = match (config.server.io, gateway::worker::uring_available()) {
+    let driver = match (config.server.io, gateway::io::driver::uring_available()) {
         (IoDriver::Epoll, _) => DriverKind::Epoll,
         (IoDriver::Uring, Ok(())) | (IoDriver::Auto, Ok(())) => DriverKind::Uring,
         (IoDriver::Uring, Err(e)) => {
@@ -187,19 +187,19 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    let cap_sink: Option<Arc<dyn gateway::limits::CapSink>> = xdp.as_ref().and_then(|g| match g.cap_marker() {
-        Ok(marker) => Some(Arc::new(marker) as Arc<dyn gateway::limits::CapSink>),
+    let cap_sink: Option<Arc<dyn gateway::policy::limits::CapSink>> = xdp.as_ref().and_then(|g| match g.cap_marker() {
+        Ok(marker) => Some(Arc::new(marker) as Arc<dyn gateway::policy::limits::CapSink>),
         Err(e) => {
             tracing::warn!(error = %e.detail(), "XDP connection-cap marks unavailable: the cap is enforced at accept only");
             None
         }
     });
-    let conn_limiter = gateway::limits::ConnLimiter::new(
+    let conn_limiter = gateway::policy::limits::ConnLimiter::new(
         &config.limits,
-        gateway::limits::Enforcement {
+        gateway::policy::limits::Enforcement {
             // Without the ledger user space charges every connection (never too few).
             xdp: xdp.as_ref().and_then(|g| match g.charge_ledger() {
-                Ok(ledger) => Some(Arc::new(ledger) as Arc<dyn gateway::limits::XdpLedger>),
+                Ok(ledger) => Some(Arc::new(ledger) as Arc<dyn gateway::policy::limits::XdpLedger>),
                 Err(e) => {
                     tracing::warn!(error = %e.detail(), "XDP charge ledger unavailable: conn_rate is also charged at accept");
                     None
@@ -230,7 +230,7 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     {
         let _entered = runtime.enter();
         let admin = tokio::net::TcpListener::from_std(admin)?;
-        runtime.spawn(gateway::admin::serve(admin, control.clone()));
+        runtime.spawn(gateway::control::admin::serve(admin, control.clone()));
     }
 
     // Signal handlers before the workers start: a SIGTERM during start-up then drains
@@ -247,8 +247,8 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
 
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let (done_tx, done_rx) = mpsc::channel();
-    let _ = gateway::metrics::IO_DRIVER.set(driver.as_str());
-    let handles = gateway::worker::start(
+    let _ = gateway::telemetry::metrics::IO_DRIVER.set(driver.as_str());
+    let handles = gateway::dataplane::worker::start(
         driver,
         workers,
         shared.clone(),
@@ -258,7 +258,7 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     )?;
 
     let code = runtime.block_on(async {
-        tracing::info!(workers, driver = driver.as_str(), listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, max_connections = shared.snapshot().server.max_connections, nofile = gateway::budget::nofile(), "gateway started");
+        tracing::info!(workers, driver = driver.as_str(), listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, max_connections = shared.snapshot().server.max_connections, nofile = gateway::util::budget::nofile(), "gateway started");
 
         loop {
             tokio::select! {

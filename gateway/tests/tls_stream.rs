@@ -5,7 +5,7 @@
 use bytes::BytesMut;
 use gateway::config::{CertificateConfig, TlsConfig};
 use gateway::io::{EpollStream, Stream, UringStream};
-use gateway::tls::{self, HandshakeInfo, TlsAcceptor, TlsError, TlsStream};
+use gateway::protocol::tls::{self, HandshakeInfo, TlsAcceptor, TlsError, TlsStream};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Tls12Resumption;
 use rustls::crypto::CryptoProvider;

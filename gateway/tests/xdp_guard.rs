@@ -1,4 +1,4 @@
-//! Privileged tests of the XDP guard's policy (`gateway::xdp` + `gateway::limits`).
+//! Privileged tests of the XDP guard's policy (`gateway::xdp` + `gateway::policy::limits`).
 //!
 //! - `test_run_*`: the kernel program alone, through `BPF_PROG_TEST_RUN` on crafted
 //!   IPv4/IPv6 frames: every rule, SYN and non-SYN, other ports and protocols, no config,
@@ -28,7 +28,7 @@ use std::{
 };
 
 use gateway::config::{LimitsConfig, Rate};
-use gateway::limits::{
+use gateway::policy::limits::{
     source_key, CapSink, ConnLimiter, ConnTicket, Enforcement, XdpLedger, LIMIT_CONN_RATE,
 };
 use gateway::xdp::{names, verdict, GuardOptions, XdpError, XdpGuard, XdpMode};
@@ -2245,7 +2245,7 @@ fn measure_costs() {
         "ConnLimiter on_accept + close (1000 deny nets, rate and cap on): {:?} each",
         t.elapsed() / n
     );
-    let mut requests = gateway::limits::RequestLimiter::new(
+    let mut requests = gateway::policy::limits::RequestLimiter::new(
         &LimitsConfig {
             request_rate: rate(1e9),
             ..LimitsConfig::default()

@@ -151,7 +151,7 @@ fn echo_loop(ws: &mut Ws) {
 fn gateway(origin: SocketAddr, read_timeout: &str) -> Gateway {
     Gateway::with(
         &Config::new()
-            .log("level", "info,gateway::tunnel=debug")
+            .log("level", "info,gateway::dataplane::conn::tunnel=debug")
             .upstream(Upstream::new("ws", &[origin]))
             .route(
                 Route::prefix("/ws", "ws")
@@ -900,7 +900,7 @@ fn tunnels_fill_the_cap(explicit: Option<usize>, max: usize, pipe_fds: usize) {
     let gw = Gateway::with_nofile(
         &config
             .workers(2)
-            .log("level", "info,gateway::tunnel=debug")
+            .log("level", "info,gateway::dataplane::conn::tunnel=debug")
             .upstream(Upstream::new("ws", &[ws_origin.addr]))
             .upstream(Upstream::new("plain", &[plain.addr()]))
             .route(

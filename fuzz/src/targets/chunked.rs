@@ -11,7 +11,7 @@
 
 use super::{strict_line_ends, Splits};
 use crate::check::{invariant, show};
-use gateway::http::chunked::{ChunkedDecoder, ChunkedError};
+use gateway::protocol::http1::chunked::{ChunkedDecoder, ChunkedError};
 
 #[derive(Debug, PartialEq, Eq)]
 struct Outcome {

@@ -1,4 +1,4 @@
-//! `connection`: a whole client connection through [`gateway::proxy::serve`] over in-memory
+//! `connection`: a whole client connection through [`gateway::dataplane::conn::h1::serve`] over in-memory
 //! streams: the client is scripted by the input, the upstream answers every request with
 //! the same scripted bytes. The real worker, snapshot, router and upstream pool run on a
 //! tokio current-thread runtime; [`Stream::connect`](gateway::io::Stream::connect) hands
@@ -24,12 +24,12 @@ use crate::check::{invariant, show};
 use crate::script::{runtime, Peer, Scripted, CONNECT};
 use bytes::BytesMut;
 use gateway::config::{Config, LoadedConfig};
-use gateway::http::chunked::ChunkedDecoder;
-use gateway::http::head::{parse_request, trim, BodyFraming, RequestHead};
-use gateway::limits::{ConnLimiter, Enforcement};
-use gateway::proxy::{serve, ListenerCtx};
-use gateway::state::{Shared, Snapshot};
-use gateway::worker::Worker;
+use gateway::dataplane::ctx::Worker;
+use gateway::dataplane::{conn::h1::serve, listener::ListenerCtx};
+use gateway::policy::limits::{ConnLimiter, Enforcement};
+use gateway::protocol::http1::chunked::ChunkedDecoder;
+use gateway::protocol::http1::head::{parse_request, trim, BodyFraming, RequestHead};
+use gateway::{dataplane::shared::Shared, snapshot::Snapshot};
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -7,7 +7,7 @@
 //! growing buffer); a v1 header is at most 107 bytes (spec §2.1).
 
 use crate::check::show;
-use gateway::http::proxy_protocol::{parse, Parsed};
+use gateway::protocol::proxy_protocol::{parse, Parsed};
 
 pub fn run(data: &[u8]) {
     let Ok(Parsed::Header { len, source }) = parse(data) else {

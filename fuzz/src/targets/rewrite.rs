@@ -11,14 +11,14 @@
 
 use super::head::status_valid;
 use crate::check::{invariant, show};
-use gateway::http::head::{
+use gateway::protocol::http1::head::{
     parse_request, parse_response, trim, BodyFraming, HeaderSpan, RequestHead, ResponseHead,
     MAX_HEADERS,
 };
-use gateway::http::rewrite::{
+use gateway::protocol::http1::rewrite::{
     write_client_response, write_upstream_request, ClientFraming, Forwarding,
 };
-use gateway::http::HttpError;
+use gateway::protocol::http1::HttpError;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 const MAX_HEAD: usize = 16 * 1024;

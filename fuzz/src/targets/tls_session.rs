@@ -19,7 +19,7 @@ use super::Splits;
 use crate::script::{read_queued, runtime};
 use bytes::BytesMut;
 use gateway::io::Stream;
-use gateway::tls::accept;
+use gateway::protocol::tls::accept;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};

@@ -1,4 +1,4 @@
-//! `tls_stream`: the server side of a TLS connection ([`gateway::tls::accept`] and then
+//! `tls_stream`: the server side of a TLS connection ([`gateway::protocol::tls::accept`] and then
 //! [`TlsStream`] reads) over a scripted in-memory socket. The input is a script of what the
 //! client sends, read by read:
 //!
@@ -18,7 +18,7 @@ use crate::script::{runtime, Scripted};
 use bytes::BytesMut;
 use gateway::config::{CertificateConfig, TlsConfig};
 use gateway::io::Stream;
-use gateway::tls::{accept, TlsAcceptor};
+use gateway::protocol::tls::{accept, TlsAcceptor};
 use std::sync::OnceLock;
 use std::time::Duration;
 

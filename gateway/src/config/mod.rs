@@ -430,7 +430,7 @@ impl Default for LimitsConfig {
             request_burst: None,
             deny: Vec::new(),
             allow: Vec::new(),
-            ipv6_prefix: crate::limits::DEFAULT_IPV6_PREFIX,
+            ipv6_prefix: crate::policy::limits::DEFAULT_IPV6_PREFIX,
         }
     }
 }
@@ -642,7 +642,7 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
-        if s.request_buffering.0 > crate::budget::REQUEST_BUFFERING_MAX {
+        if s.request_buffering.0 > crate::util::budget::REQUEST_BUFFERING_MAX {
             err(
                 None,
                 "server",
@@ -740,7 +740,7 @@ impl Config {
                     );
                 }
                 let base = file.parent().unwrap_or(Path::new("."));
-                if let Err(e) = crate::tls::TlsAcceptor::from_config(tls, base) {
+                if let Err(e) = crate::protocol::tls::TlsAcceptor::from_config(tls, base) {
                     err(span.clone(), &table, "tls", e.to_string());
                 }
             }

@@ -9,8 +9,8 @@ pub mod balance;
 pub mod health;
 pub mod pool;
 
-use crate::clock;
 use crate::config::{Balance, HealthCheckConfig, UpstreamConfig};
+use crate::util::clock;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;

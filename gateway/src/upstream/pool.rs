@@ -3,8 +3,8 @@
 
 use super::balance::Picker;
 use super::Upstream;
-use crate::clock;
 use crate::io::{idle_connection_alive, Stream};
+use crate::util::clock;
 use std::sync::Arc;
 
 struct Idle<S> {

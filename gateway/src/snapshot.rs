@@ -1,17 +1,15 @@
-//! The running configuration as one immutable snapshot, and the little state all threads
-//! share. A reload builds a new snapshot and swaps it in; each request takes the snapshot
-//! current when its head arrived and keeps it to the end, so in-flight work never sees a
-//! half-applied config.
+//! The running configuration compiled into one immutable snapshot: the only form of the
+//! config the data plane reads. A reload builds a new snapshot and swaps it in; each
+//! request takes the snapshot current when its head arrived and keeps it to the end, so
+//! in-flight work never sees a half-applied config.
 
 use crate::config::{AccessFormat, Config, ConfigError, ConfigErrors, LoadedConfig};
-use crate::route::Router;
-use crate::tls::TlsAcceptor;
+use crate::policy::route::Router;
+use crate::protocol::tls::TlsAcceptor;
 use crate::upstream::Upstream;
-use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,10 +104,10 @@ impl Snapshot {
             .collect();
         let router = Router::build(&config);
         let s = &config.server;
-        let nofile = crate::budget::nofile();
+        let nofile = crate::util::budget::nofile();
         let max_connections = s
             .max_connections
-            .unwrap_or_else(|| crate::budget::default_max_connections(nofile));
+            .unwrap_or_else(|| crate::util::budget::default_max_connections(nofile));
         Ok(Snapshot {
             generation,
             path: loaded.path,
@@ -121,7 +119,7 @@ impl Snapshot {
                 max_header_bytes: s.max_header_bytes.0 as usize,
                 graceful_timeout: s.graceful_timeout.0,
                 max_connections,
-                pipes_per_worker: crate::budget::pipes_per_worker(
+                pipes_per_worker: crate::util::budget::pipes_per_worker(
                     nofile,
                     max_connections,
                     config.effective_workers(),
@@ -145,56 +143,5 @@ impl Snapshot {
 impl ListenerSettings {
     pub fn trusts(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
-    }
-}
-
-/// State shared by every thread.
-pub struct Shared {
-    snapshot: ArcSwap<Snapshot>,
-    generation: AtomicU64,
-    /// Set once a drain starts: listeners close, keep-alive ends, `/ready` says 503.
-    pub draining: AtomicBool,
-    /// Client connections open across all workers, for `max_connections`.
-    pub connections: AtomicUsize,
-    /// Whether every listener of every worker is bound (readiness).
-    pub listening: AtomicBool,
-    /// Every worker's published counters.
-    pub metrics: crate::metrics::Registry,
-    /// Per-IP connection limits (deny, rate when XDP is not enforcing it, concurrent cap),
-    /// checked once per accepted connection; it also marks capped IPs for XDP.
-    pub conn_limiter: crate::limits::ConnLimiter,
-}
-
-impl Shared {
-    pub fn new(snapshot: Snapshot, conn_limiter: crate::limits::ConnLimiter) -> Arc<Shared> {
-        Arc::new(Shared {
-            generation: AtomicU64::new(snapshot.generation),
-            snapshot: ArcSwap::from_pointee(snapshot),
-            draining: AtomicBool::new(false),
-            connections: AtomicUsize::new(0),
-            listening: AtomicBool::new(false),
-            metrics: crate::metrics::Registry::default(),
-            conn_limiter,
-        })
-    }
-
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.load_full()
-    }
-
-    /// The generation of the current snapshot: workers compare it with the one they cache,
-    /// a plain load instead of touching the snapshot's reference count per request.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    pub fn install(&self, snapshot: Snapshot) {
-        let generation = snapshot.generation;
-        self.snapshot.store(Arc::new(snapshot));
-        self.generation.store(generation, Ordering::Release);
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
     }
 }

@@ -1,225 +1,11 @@
-//! Metrics: counted per worker without locks, merged when `/metrics` is scraped.
-//!
-//! Each worker counts into a [`Stats`] of its own (a `RefCell`, touched only by its thread)
-//! and every tick (200 ms) publishes a copy behind a mutex that only the scraper and that
-//! worker's tick ever take. The request path therefore pays a hash lookup and an add, never
-//! a lock or a contended cache line. Label values are bounded: listener and route names
-//! from the config, upstream names and server addresses, status codes, fixed kinds.
-//! Process metrics (`process_*`) come from the prometheus crate's process collector.
+//! The Prometheus text exposition of `/metrics`: every worker's published counters merged,
+//! with the control plane's own gauges and the process collector's.
 
 use crate::control::Control;
-use crate::fasthash::FastMap;
+use crate::telemetry::metrics::{Histogram, DURATION_BUCKETS, IO_DRIVER};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-
-/// The I/O driver the workers run, set once at start.
-pub static IO_DRIVER: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
-
-/// Histogram bounds in seconds: sub-millisecond proxying up to multi-minute uploads.
-pub const DURATION_BUCKETS: [f64; 18] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0, 300.0,
-];
-
-#[derive(Debug, Clone, Default)]
-pub struct Histogram {
-    /// Observations per bucket (not cumulative); the last slot is above every bound.
-    counts: [u64; DURATION_BUCKETS.len() + 1],
-    sum: f64,
-}
-
-impl Histogram {
-    pub fn observe(&mut self, seconds: f64) {
-        let slot = DURATION_BUCKETS.partition_point(|&b| b < seconds);
-        self.counts[slot] += 1;
-        self.sum += seconds;
-    }
-
-    fn merge(&mut self, other: &Histogram) {
-        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
-            *a += b;
-        }
-        self.sum += other.sum;
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct RouteStats {
-    /// (listener, status) → requests.
-    pub requests: Vec<(Arc<str>, u16, u64)>,
-    pub duration: Histogram,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct UpstreamStats {
-    pub duration: Histogram,
-    pub errors: Vec<(&'static str, u64)>,
-    /// Connections to this upstream carrying a request now.
-    pub active: i64,
-    /// Idle keep-alive connections held.
-    pub idle: i64,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct ListenerStats {
-    pub total: u64,
-    pub active: i64,
-}
-
-/// One worker's counters.
-#[derive(Debug, Clone, Default)]
-pub struct Stats {
-    pub routes: FastMap<Arc<str>, RouteStats>,
-    pub upstreams: FastMap<Arc<str>, UpstreamStats>,
-    pub listeners: FastMap<Arc<str>, ListenerStats>,
-    pub tunnels_active: i64,
-    /// Bytes relayed by tunnels: [to upstream, to client].
-    pub tunnel_bytes: [u64; 2],
-    /// Tunnels by copy path (`splice`, `copy`).
-    pub tunnel_paths: Vec<(&'static str, u64)>,
-    /// (limit, enforcer) → rejections.
-    pub limit_rejections: Vec<(&'static str, &'static str, u64)>,
-    pub busy_ratio: f64,
-    /// When the worker last published (process clock, ms): its liveness for `/healthz`.
-    pub heartbeat_ms: u64,
-    /// The worker finished its drain and stopped: silent, but not stuck.
-    pub finished: bool,
-    /// (listener, result) → TLS handshakes.
-    pub tls_handshakes: Vec<(Arc<str>, &'static str, u64)>,
-    /// Duration of successful TLS handshakes, by listener.
-    pub tls_handshake_duration: FastMap<Arc<str>, Histogram>,
-}
-
-fn bump<K: PartialEq + Copy>(list: &mut Vec<(K, u64)>, key: K, by: u64) {
-    match list.iter_mut().find(|(k, _)| *k == key) {
-        Some((_, n)) => *n += by,
-        None => list.push((key, by)),
-    }
-}
-
-impl Stats {
-    pub fn request(&mut self, listener: &Arc<str>, route: &Arc<str>, status: u16, seconds: f64) {
-        let r = match self.routes.get_mut(&**route) {
-            Some(r) => r,
-            None => self.routes.entry(route.clone()).or_default(),
-        };
-        match r
-            .requests
-            .iter_mut()
-            .find(|(l, s, _)| *s == status && **l == **listener)
-        {
-            Some((_, _, n)) => *n += 1,
-            None => r.requests.push((listener.clone(), status, 1)),
-        }
-        r.duration.observe(seconds);
-    }
-
-    pub fn upstream(&mut self, name: &Arc<str>) -> &mut UpstreamStats {
-        if !self.upstreams.contains_key(&**name) {
-            self.upstreams
-                .insert(name.clone(), UpstreamStats::default());
-        }
-        self.upstreams.get_mut(&**name).expect("inserted above")
-    }
-
-    pub fn upstream_error(&mut self, name: &Arc<str>, kind: &'static str) {
-        bump(&mut self.upstream(name).errors, kind, 1);
-    }
-
-    pub fn listener(&mut self, name: &Arc<str>) -> &mut ListenerStats {
-        if !self.listeners.contains_key(&**name) {
-            self.listeners
-                .insert(name.clone(), ListenerStats::default());
-        }
-        self.listeners.get_mut(&**name).expect("inserted above")
-    }
-
-    pub fn tls_handshake(
-        &mut self,
-        listener: &Arc<str>,
-        result: &'static str,
-        seconds: Option<f64>,
-    ) {
-        match self
-            .tls_handshakes
-            .iter_mut()
-            .find(|(l, r, _)| *r == result && **l == **listener)
-        {
-            Some((_, _, n)) => *n += 1,
-            None => self.tls_handshakes.push((listener.clone(), result, 1)),
-        }
-        if let Some(seconds) = seconds {
-            if !self.tls_handshake_duration.contains_key(&**listener) {
-                self.tls_handshake_duration
-                    .insert(listener.clone(), Histogram::default());
-            }
-            if let Some(h) = self.tls_handshake_duration.get_mut(&**listener) {
-                h.observe(seconds);
-            }
-        }
-    }
-
-    pub fn tunnel_path(&mut self, path: &'static str) {
-        bump(&mut self.tunnel_paths, path, 1);
-    }
-
-    pub fn limit_rejection(&mut self, limit: &'static str, enforcer: &'static str) {
-        match self
-            .limit_rejections
-            .iter_mut()
-            .find(|(l, e, _)| *l == limit && *e == enforcer)
-        {
-            Some((_, _, n)) => *n += 1,
-            None => self.limit_rejections.push((limit, enforcer, 1)),
-        }
-    }
-}
-
-/// Where a worker publishes its counters for the scraper.
-pub type Published = Arc<Mutex<Stats>>;
-
-/// Registry of every worker's published counters.
-#[derive(Default)]
-pub struct Registry {
-    workers: Mutex<Vec<(usize, Published)>>,
-}
-
-impl Registry {
-    pub fn register(&self, worker: usize) -> Published {
-        let published = Published::default();
-        self.workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((worker, published.clone()));
-        published
-    }
-
-    /// Workers that have not published within `max_age_ms`: stuck or gone.
-    pub fn silent_workers(&self, max_age_ms: u64) -> Vec<usize> {
-        let now = crate::clock::now_ms();
-        self.workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(_, p)| {
-                let stats = p.lock().unwrap_or_else(|e| e.into_inner());
-                !stats.finished && now.saturating_sub(stats.heartbeat_ms) > max_age_ms
-            })
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
-    fn collect(&self) -> Vec<(usize, Stats)> {
-        self.workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(id, p)| (*id, p.lock().unwrap_or_else(|e| e.into_inner()).clone()))
-            .collect()
-    }
-}
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -330,7 +116,7 @@ pub fn render(control: &Control) -> String {
     }
     for (limit, n) in control.xdp_rejections() {
         *limits
-            .entry((limit, crate::limits::ENFORCER_XDP))
+            .entry((limit, crate::policy::limits::ENFORCER_XDP))
             .or_default() += n;
     }
 
@@ -436,7 +222,7 @@ pub fn render(control: &Control) -> String {
         "gauge",
         "1 when an upstream server takes requests (passive and active health).",
     );
-    let now = crate::clock::now_ms();
+    let now = crate::util::clock::now_ms();
     for u in &snap.upstreams {
         for s in &u.servers {
             let _ = writeln!(
@@ -572,7 +358,7 @@ pub fn render(control: &Control) -> String {
         control.reloads_failed.load(Ordering::Relaxed)
     );
     control.render_xdp(&mut out);
-    crate::budget::render(&mut out);
+    crate::util::budget::render(&mut out);
     control.render_ops(&mut out);
     render_process(&mut out);
     out
@@ -594,16 +380,6 @@ fn render_process(out: &mut String) {
 }
 
 /// CPU time of the calling thread, for the busy ratio.
-pub fn thread_cpu_time() -> std::time::Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime with a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,18 +409,5 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("x_count{route=\"/a\"} 3\n"), "{out}");
-    }
-
-    #[test]
-    fn request_counting() {
-        let mut s = Stats::default();
-        let l: Arc<str> = "http".into();
-        let r: Arc<str> = "/api/".into();
-        s.request(&l, &r, 200, 0.001);
-        s.request(&l, &r, 200, 0.001);
-        s.request(&l, &r, 502, 0.001);
-        let rs = &s.routes["/api/"];
-        assert_eq!(rs.requests.len(), 2);
-        assert_eq!(rs.requests[0].2, 2);
     }
 }

@@ -21,6 +21,10 @@ pub const TLS_INPUT_MAX: usize = 2 * (16 * 1024 + 256) + 1024;
 /// chosen is `[server] request_buffering`, bounded by this (a sanity cap on the config).
 pub const REQUEST_BUFFERING_MAX: u64 = 1 << 20;
 
+/// Pipes open per worker, in use or idle (two per spliced tunnel), whatever the descriptor
+/// budget allows.
+pub const MAX_PIPES: usize = 8192;
+
 /// The buffers that have a cap, as the `buffer` label of the over-budget counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Buffer {
@@ -232,7 +236,7 @@ pub fn pipe_fd_budget(nofile: u64, max_connections: usize) -> u64 {
 /// descriptors a pipe), rounded down to whole pairs since a tunnel takes two.
 pub fn pipes_per_worker(nofile: u64, max_connections: usize, workers: usize) -> usize {
     let pairs = pipe_fd_budget(nofile, max_connections) / 4 / workers.max(1) as u64;
-    (pairs.saturating_mul(2)).min(crate::pipe::MAX_PIPES as u64) as usize
+    (pairs.saturating_mul(2)).min(MAX_PIPES as u64) as usize
 }
 
 /// The `max_connections` default for a descriptor limit: each client connection may hold
@@ -278,7 +282,7 @@ mod tests {
         assert_eq!(pipe_fd_budget(1024, 448), 0);
         assert_eq!(pipe_fd_budget(1024, 10_000), 0);
         assert_eq!(pipes_per_worker(1024, 10_000, 1), 0);
-        assert_eq!(pipes_per_worker(u64::MAX, 1, 1), crate::pipe::MAX_PIPES);
+        assert_eq!(pipes_per_worker(u64::MAX, 1, 1), MAX_PIPES);
     }
 
     #[test]

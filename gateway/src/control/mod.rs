@@ -5,10 +5,13 @@
 //! not change are carried over with their idle pools and health), swap it in. An invalid
 //! file changes nothing. Requests in flight finish on the snapshot they started with.
 
-use crate::access_log::{LogWriter, Target};
+pub mod admin;
+pub mod exposition;
+
 use crate::config::{Config, ConfigErrors};
-use crate::state::{Shared, Snapshot};
+use crate::telemetry::access_log::{LogWriter, Target};
 use crate::upstream::health::{self, Checker};
+use crate::{dataplane::shared::Shared, snapshot::Snapshot};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -89,7 +92,7 @@ impl Control {
         // known to succeed (a rejected reload keeps logging where it did).
         let access = Target::from_config(&loaded.config.log.access);
         if self.log.is_some() {
-            if let Err(e) = crate::access_log::check_target(&access) {
+            if let Err(e) = crate::telemetry::access_log::check_target(&access) {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 return Err(ConfigErrors(vec![crate::config::ConfigError {
                     file: self.config_path.clone(),
@@ -128,7 +131,7 @@ impl Control {
             let probe = addr
                 .parse()
                 .map_err(|e| format!("{e}"))
-                .and_then(|a| crate::worker::bind_reuseport(a).map_err(|e| e.to_string()));
+                .and_then(|a| crate::io::bind_reuseport(a).map_err(|e| e.to_string()));
             if let Err(e) = probe {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 let line = std::fs::read_to_string(&self.config_path)

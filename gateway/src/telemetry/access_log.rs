@@ -270,7 +270,7 @@ fn version_str(v: u8) -> &'static str {
 /// `203.0.113.7 - - [26/Nov/2026:20:03:09 +0000] "GET /api/x HTTP/1.1" 200 512 "-" "curl/8.0" 1534 127.0.0.1:8081`
 pub fn write_combined(out: &mut Vec<u8>, e: &Entry) {
     let _ = write!(out, "{} - - [", e.client_ip);
-    crate::clock::with_log_stamp(|stamp| out.extend_from_slice(stamp));
+    crate::util::clock::with_log_stamp(|stamp| out.extend_from_slice(stamp));
     out.extend_from_slice(b"] \"");
     escape_into(out, e.method);
     out.push(b' ');
@@ -329,7 +329,7 @@ fn json_text(bytes: &[u8]) -> String {
 
 pub fn write_json(out: &mut Vec<u8>, e: &Entry) {
     let mut time = String::new();
-    crate::clock::with_log_stamp(|s| time.push_str(std::str::from_utf8(s).unwrap_or("")));
+    crate::util::clock::with_log_stamp(|s| time.push_str(std::str::from_utf8(s).unwrap_or("")));
     let line = serde_json::json!({
         "remote_addr": e.client_ip.to_string(),
         "time": time,

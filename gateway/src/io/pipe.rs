@@ -31,9 +31,7 @@ use std::time::{Duration, Instant};
 pub const PIPE_SIZE: usize = 64 * 1024;
 /// Below this a pipe is not worth splicing through (more syscalls per byte than the copy).
 pub const MIN_PIPE_SIZE: usize = 16 * 1024;
-/// Pipes open per worker, in use or idle (two per spliced tunnel), whatever the descriptor
-/// budget allows.
-pub const MAX_PIPES: usize = 8192;
+pub use crate::util::budget::MAX_PIPES;
 /// Idle pipes kept per worker for the next tunnels; more are closed when returned.
 pub const MAX_IDLE: usize = 256;
 /// After the kernel handed out a shrunken pipe, how long the pool only reuses idle pipes.

@@ -22,7 +22,7 @@
 //! [`XdpGuard::start`] loads, applies, then attaches, so no packet meets an unconfigured
 //! guard once it is attached.
 //!
-//! The per-IP connection cap is counted in user space (`crate::limits::ConnLimiter`,
+//! The per-IP connection cap is counted in user space (`crate::policy::limits::ConnLimiter`,
 //! completed handshakes only, so spoofed SYNs never count); [`XdpGuard::cap_marker`] hands
 //! it a [`CapMarker`] that marks addresses at their cap in the `CAPPED_*` maps.
 //!
@@ -265,17 +265,20 @@ impl VerdictCounts {
     /// `new_source_rate` is the global backstop (see [`GuardOptions`]).
     pub fn limit_rejections(&self) -> [(&'static str, u64); 4] {
         [
-            (crate::limits::LIMIT_DENY, self.packets(verdict::DROP_DENY)),
             (
-                crate::limits::LIMIT_CONN_RATE,
+                crate::policy::limits::LIMIT_DENY,
+                self.packets(verdict::DROP_DENY),
+            ),
+            (
+                crate::policy::limits::LIMIT_CONN_RATE,
                 self.packets(verdict::DROP_RATE),
             ),
             (
-                crate::limits::LIMIT_MAX_CONNS,
+                crate::policy::limits::LIMIT_MAX_CONNS,
                 self.packets(verdict::DROP_CONN_CAP),
             ),
             (
-                crate::limits::LIMIT_NEW_SOURCE_RATE,
+                crate::policy::limits::LIMIT_NEW_SOURCE_RATE,
                 self.packets(verdict::DROP_NEW_SOURCE),
             ),
         ]
@@ -672,7 +675,7 @@ impl XdpGuard {
         Ok(fill)
     }
 
-    /// A handle on the `CAPPED_*` maps for `crate::limits::ConnLimiter`, which marks the
+    /// A handle on the `CAPPED_*` maps for `crate::policy::limits::ConnLimiter`, which marks the
     /// addresses at `max_conns_per_ip` there. It holds its own map descriptors, so it can
     /// outlive the guard (marks then no longer matter) and be shared between threads.
     pub fn cap_marker(&self) -> Result<CapMarker, XdpError> {
@@ -682,7 +685,7 @@ impl XdpGuard {
         })
     }
 
-    /// A read handle on the `RATE_*` maps for `crate::limits::ConnLimiter`: at accept it
+    /// A read handle on the `RATE_*` maps for `crate::policy::limits::ConnLimiter`: at accept it
     /// tells whether the program charged the connection's SYN (issue 17 item 3). Holds
     /// its own map descriptors, like [`cap_marker`](Self::cap_marker).
     pub fn charge_ledger(&self) -> Result<ChargeLedger, XdpError> {
@@ -1011,7 +1014,7 @@ where
 
 /// Writes "this address is at its connection cap" into the `CAPPED_*` maps, which the
 /// program checks on every SYN. Made by [`XdpGuard::cap_marker`]; used through
-/// [`crate::limits::CapSink`]. Marks change only when an address crosses its cap, so the
+/// [`crate::policy::limits::CapSink`]. Marks change only when an address crosses its cap, so the
 /// mutexes are cold.
 pub struct CapMarker {
     v4: Mutex<BpfHashMap<MapData, [u8; 4], u32>>,
@@ -1070,7 +1073,7 @@ impl CapMarker {
     }
 }
 
-impl crate::limits::CapSink for CapMarker {
+impl crate::policy::limits::CapSink for CapMarker {
     fn set_capped(&self, ip: IpAddr, count: Option<u32>) {
         if let Err(err) = self.set(ip, count) {
             // The user-space count still refuses the connection at accept; only the
@@ -1083,7 +1086,7 @@ impl crate::limits::CapSink for CapMarker {
 // ---- Charges the program recorded ----
 
 /// Reads the program's per-source charges (`RATE_*`: SYN count and time of the last
-/// charged SYN) for [`crate::limits::XdpLedger`]. One map lookup per accepted connection
+/// charged SYN) for [`crate::policy::limits::XdpLedger`]. One map lookup per accepted connection
 /// while `conn_rate` is set; lookups need no lock.
 pub struct ChargeLedger {
     v4: BpfHashMap<MapData, [u8; 4], SourceRate>,
@@ -1096,14 +1099,14 @@ impl fmt::Debug for ChargeLedger {
     }
 }
 
-impl crate::limits::XdpLedger for ChargeLedger {
-    fn charged(&self, key: IpAddr) -> Option<crate::limits::XdpCharge> {
+impl crate::policy::limits::XdpLedger for ChargeLedger {
+    fn charged(&self, key: IpAddr) -> Option<crate::policy::limits::XdpCharge> {
         let state = match key.to_canonical() {
             IpAddr::V4(ip) => self.v4.get(&ip.octets(), 0),
             IpAddr::V6(ip) => self.v6.get(&ip.octets(), 0),
         }
         .ok()?;
-        Some(crate::limits::XdpCharge {
+        Some(crate::policy::limits::XdpCharge {
             syns: state.syns,
             charged_ns: state.charged_ns,
         })

@@ -21,6 +21,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 use tokio_uring::buf::BoundedBuf;
 
+pub mod driver;
+pub mod pipe;
+
 /// A connected byte stream: a client or an upstream connection.
 #[allow(async_fn_in_trait)] // Workers are single-threaded by design: futures are never Send.
 pub trait Stream: 'static {
@@ -83,7 +86,7 @@ pub async fn connect_nonblocking(
 ) -> io::Result<std::net::TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if crate::budget::fd_in_reserve(socket.as_raw_fd()) {
+    if crate::util::budget::fd_in_reserve(socket.as_raw_fd()) {
         // The last descriptors are the admin listener's reserve: answer as the kernel
         // would have, so the caller books it as a local shortage, not a server failure.
         return Err(io::Error::from_raw_os_error(libc::EMFILE));
@@ -328,4 +331,21 @@ pub async fn peer_closed<S: Stream>(stream: &S) {
         Ok(0) | Err(_) => {}
         Ok(_) => std::future::pending().await,
     }
+}
+
+/// Binds one listener socket for this worker: `SO_REUSEPORT` so every worker has its own
+/// accept queue and the kernel spreads connections among them.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }

@@ -396,7 +396,7 @@ fn route(control: &Control, method: &str, path: &str, authorization: Option<&str
         ("GET", "/metrics") => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: crate::metrics::render(control),
+            body: crate::control::exposition::render(control),
         },
         ("POST", "/reload") => {
             if !authorized() {
@@ -433,7 +433,7 @@ async fn write(stream: &mut TcpStream, r: Response) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         r.status,
-        crate::http::reason(r.status),
+        crate::protocol::http1::reason(r.status),
         r.content_type,
         r.body.len()
     );

@@ -23,9 +23,9 @@
 //! not a timeout around their reads: on the copy path a read abandoned by a timeout would
 //! still complete later and its bytes would be lost.
 
+use crate::dataplane::ctx::Worker;
+use crate::io::pipe::{self, PooledPipe};
 use crate::io::Stream;
-use crate::pipe::{self, PooledPipe};
-use crate::worker::Worker;
 use bytes::BytesMut;
 use std::cell::Cell;
 use std::io;

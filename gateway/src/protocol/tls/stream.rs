@@ -230,7 +230,7 @@ impl<S: Stream> TlsStream<S> {
                 // message declaring more than it accepts). That input will never be taken,
                 // so the connection is over: reading on would only pile ciphertext up.
                 Err(e) => {
-                    crate::budget::over_budget(crate::budget::Buffer::TlsInput, None);
+                    crate::util::budget::over_budget(crate::util::budget::Buffer::TlsInput, None);
                     break Err(rustls::Error::General(format!("TLS input refused: {e}")));
                 }
             }
@@ -246,11 +246,11 @@ impl<S: Stream> TlsStream<S> {
         if incoming.is_empty() {
             incoming.clear();
         }
-        if incoming.len() >= crate::budget::TLS_INPUT_MAX {
+        if incoming.len() >= crate::util::budget::TLS_INPUT_MAX {
             // rustls takes whole records as they come; this much untaken ciphertext means
             // it stopped taking any. Close rather than grow (the memory budget).
             self.incoming.set(incoming);
-            crate::budget::over_budget(crate::budget::Buffer::TlsInput, None);
+            crate::util::budget::over_budget(crate::util::budget::Buffer::TlsInput, None);
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "TLS input over its budget",

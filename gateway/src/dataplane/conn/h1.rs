@@ -7,17 +7,20 @@
 //! one read then one write at a time, so memory per connection is bounded whatever the
 //! body size. Timeouts cover whole phases (head, each upstream read and write).
 
-use crate::access_log::Entry;
-use crate::clock;
-use crate::http::chunked::{ChunkedDecoder, ChunkedError};
-use crate::http::head::{parse_request, parse_response, BodyFraming, RequestHead, ResponseHead};
-use crate::http::rewrite::{self, ClientFraming, Forwarding};
-use crate::http::{error_body, write_simple_response, HttpError, Side};
+use crate::dataplane::ctx::{Worker, HEAD_BUF_SIZE};
+use crate::dataplane::listener::ListenerCtx;
 use crate::io::Stream;
-use crate::route::{Action, Route};
-use crate::state::{ListenerSettings, Snapshot};
+use crate::policy::route::{Action, Route};
+use crate::protocol::http1::chunked::{ChunkedDecoder, ChunkedError};
+use crate::protocol::http1::head::{
+    parse_request, parse_response, BodyFraming, RequestHead, ResponseHead,
+};
+use crate::protocol::http1::rewrite::{self, ClientFraming, Forwarding};
+use crate::protocol::http1::{error_body, write_simple_response, HttpError, Side};
+use crate::snapshot::{ListenerSettings, Snapshot};
+use crate::telemetry::access_log::Entry;
 use crate::upstream::Upstream;
-use crate::worker::{Worker, HEAD_BUF_SIZE};
+use crate::util::clock;
 use bytes::{Buf, BytesMut};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
@@ -25,14 +28,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::time::timeout;
 use tokio_uring::buf::BoundedBuf;
-
-/// What a worker knows about the listener a connection came in on.
-pub struct ListenerCtx {
-    pub name: Arc<str>,
-    pub proto: &'static str,
-    /// Whether connections start with a PROXY protocol header.
-    pub proxy_protocol: bool,
-}
 
 /// The `route` label of requests that matched no route (or never got that far).
 static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "none".into());
@@ -151,7 +146,10 @@ pub async fn serve<S: Stream>(
             Err(e) => {
                 let status = e.status();
                 if matches!(e, HttpError::HeadTooLarge | HttpError::UriTooLong) {
-                    crate::budget::over_budget(crate::budget::Buffer::RequestHead, Some(peer));
+                    crate::util::budget::over_budget(
+                        crate::util::budget::Buffer::RequestHead,
+                        Some(peer),
+                    );
                 }
                 send_error(&c.io, &w, status, true, None).await;
                 linger(&c.io, &w).await;
@@ -249,39 +247,6 @@ pub async fn serve<S: Stream>(
     }
 }
 
-/// Reads the PROXY protocol header a listener behind an L4 balancer expects, on the raw
-/// socket (before any TLS handshake), and returns the client address it names (the peer
-/// itself for LOCAL/UNKNOWN headers). Bytes read past the header stay in `buf`. `None`: no
-/// valid header by `deadline`; the connection is closed without an answer, as HAProxy does.
-pub async fn read_proxy_header<S: Stream>(
-    io: &S,
-    buf: &mut BytesMut,
-    peer: SocketAddr,
-    deadline: Instant,
-) -> Option<SocketAddr> {
-    use crate::http::proxy_protocol::{parse, Parsed};
-    loop {
-        match parse(buf) {
-            Ok(Parsed::Header { len, source }) => {
-                buf.advance(len);
-                return Some(source.unwrap_or(peer));
-            }
-            Ok(Parsed::Incomplete) => {}
-            Err(_) => {
-                tracing::debug!(%peer, "invalid PROXY protocol header");
-                return None;
-            }
-        }
-        if buf.capacity() - buf.len() < 256 {
-            buf.reserve(HEAD_BUF_SIZE);
-        }
-        match timeout_at(deadline, io.read(std::mem::take(buf))).await {
-            Ok((Ok(n), b)) if n > 0 => *buf = b,
-            _ => return None,
-        }
-    }
-}
-
 /// The client address: the peer, unless the peer is a trusted proxy, in which case the
 /// right-most untrusted address of `X-Forwarded-For` (nginx `real_ip_recursive on`).
 fn client_ip(buf: &[u8], head: &RequestHead, peer: IpAddr, listener: &ListenerSettings) -> IpAddr {
@@ -292,7 +257,7 @@ fn client_ip(buf: &[u8], head: &RequestHead, peer: IpAddr, listener: &ListenerSe
     for &i in head.known.x_forwarded_for.iter().rev() {
         let value = head.headers[i].value(buf);
         for part in value.rsplit(|&b| b == b',') {
-            let Some(ip) = std::str::from_utf8(crate::http::head::trim(part))
+            let Some(ip) = std::str::from_utf8(crate::protocol::http1::head::trim(part))
                 .ok()
                 .and_then(|s| s.parse::<IpAddr>().ok())
             else {
@@ -412,7 +377,7 @@ async fn linger<S: Stream>(io: &S, w: &Worker<S>) {
     w.give_buf(b);
 }
 
-async fn timeout_at<F: std::future::Future>(
+pub(crate) async fn timeout_at<F: std::future::Future>(
     deadline: Instant,
     f: F,
 ) -> Result<F::Output, tokio::time::error::Elapsed> {
@@ -463,8 +428,8 @@ async fn handle<'s, S: Stream>(
     );
     if let Err(retry_after) = verdict {
         w.stats.borrow_mut().limit_rejection(
-            crate::limits::LIMIT_REQUEST_RATE,
-            crate::limits::ENFORCER_USERSPACE,
+            crate::policy::limits::LIMIT_REQUEST_RATE,
+            crate::policy::limits::ENFORCER_USERSPACE,
         );
         let retry_after = retry_after.to_string();
         send_error(&c.io, w, 429, has_body, Some(("Retry-After", &retry_after))).await;
@@ -498,7 +463,7 @@ async fn handle<'s, S: Stream>(
         };
     }
     if route.websocket {
-        use crate::http::head::WebSocketHandshake;
+        use crate::protocol::http1::head::WebSocketHandshake;
         let (status, extra) = match head.websocket_handshake(buf) {
             WebSocketHandshake::NotAsked | WebSocketHandshake::Valid => (0, None),
             WebSocketHandshake::Invalid => (400, None),
@@ -629,7 +594,10 @@ impl RequestBody {
                     ChunkedError::BadSize => HttpError::BadRequest("bad chunk size"),
                     ChunkedError::TooLong => {
                         // An endless chunk extension or trailer section.
-                        crate::budget::over_budget(crate::budget::Buffer::RequestBody, None);
+                        crate::util::budget::over_budget(
+                            crate::util::budget::Buffer::RequestBody,
+                            None,
+                        );
                         HttpError::BadRequest("chunk line or trailers too long")
                     }
                     _ => HttpError::BadRequest("bad chunked framing"),
@@ -665,7 +633,7 @@ async fn proxy<'s, S: Stream>(
     } = c;
     let buf = &buf[..];
     let upgrade = route.websocket
-        && head.websocket_handshake(buf) == crate::http::head::WebSocketHandshake::Valid;
+        && head.websocket_handshake(buf) == crate::protocol::http1::head::WebSocketHandshake::Valid;
 
     // The request head, rewritten, followed by the body bytes that arrived with it.
     let mut body = RequestBody::new(head.framing);
@@ -687,7 +655,7 @@ async fn proxy<'s, S: Stream>(
         underscores: snap.config.server.underscores_in_headers,
     };
     let consumed = head.len + prefix;
-    let ws_accept = upgrade.then(|| crate::http::head::websocket_accept(buf, head));
+    let ws_accept = upgrade.then(|| crate::protocol::http1::head::websocket_accept(buf, head));
     let is_head = head.is_head(buf);
     let mut sent_continue = false;
     let mut leftover: Option<BytesMut> = None;
@@ -766,11 +734,11 @@ async fn proxy<'s, S: Stream>(
             Some(conn) => conn,
             None => match S::connect(addr, route.connect_timeout).await {
                 Ok(conn) => conn,
-                Err(e) if crate::budget::is_local_resource_error(&e) => {
+                Err(e) if crate::util::budget::is_local_resource_error(&e) => {
                     // Our shortage, not the server's: this request fails (500, as nginx
                     // when its socket() fails), no server is marked down, and the next
                     // request is served normally as soon as resources free up.
-                    crate::budget::refused(crate::budget::Refusal::UpstreamLocal, &e);
+                    crate::util::budget::refused(crate::util::budget::Refusal::UpstreamLocal, &e);
                     w.give_out(out);
                     w.give_buf(ub);
                     return Err(Failure::before_response(
@@ -940,7 +908,7 @@ async fn proxy<'s, S: Stream>(
             let mut stats = w.stats.borrow_mut();
             stats.tunnels_active += 1;
         }
-        let bytes = crate::tunnel::run(
+        let bytes = crate::dataplane::conn::tunnel::run(
             client,
             &conn,
             &after_head[prefix..],
@@ -1142,8 +1110,8 @@ async fn read_body_part<S: Stream>(
     let (res, b) = match timeout_at(clock.deadline(), client.read(b)).await {
         Ok(r) => r,
         Err(_) => {
-            crate::budget::refused(
-                crate::budget::Refusal::SlowClient,
+            crate::util::budget::refused(
+                crate::util::budget::Refusal::SlowClient,
                 &"request body too slow: 408",
             );
             // The abandoned read owns the buffer; the connection closes after the 408.
@@ -1259,7 +1227,10 @@ async fn read_response_head<S: Stream>(
                 Ok(false) => {}
                 Err(e) => {
                     if matches!(e, HttpError::ResponseRefused(_)) {
-                        crate::budget::over_budget(crate::budget::Buffer::ResponseHead, None);
+                        crate::util::budget::over_budget(
+                            crate::util::budget::Buffer::ResponseHead,
+                            None,
+                        );
                     }
                     return Err((e, ub, true));
                 }
@@ -1478,8 +1449,8 @@ async fn write_client<S: Stream, B: BoundedBuf>(
     let len = buf.bytes_init();
     match timeout_at(clock.deadline(), client.write_all(buf)).await {
         Err(_) => {
-            crate::budget::refused(
-                crate::budget::Refusal::SlowClient,
+            crate::util::budget::refused(
+                crate::util::budget::Refusal::SlowClient,
                 &"response taken too slowly: connection closed",
             );
             Err(HttpError::ClientGone("write timeout"))

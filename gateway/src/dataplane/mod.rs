@@ -1,0 +1,8 @@
+//! The data plane: worker threads, their listeners, and each client connection from its
+//! preamble (PROXY header, TLS) through HTTP/1 to the upstream and back.
+
+pub mod conn;
+pub mod ctx;
+pub mod listener;
+pub mod shared;
+pub mod worker;

@@ -1,0 +1,62 @@
+//! The little state every thread shares: the current snapshot (swapped whole by a reload),
+//! the drain flag, the connection count, the workers' published counters and the per-IP
+//! connection limiter.
+
+use crate::snapshot::Snapshot;
+use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// State shared by every thread.
+pub struct Shared {
+    snapshot: ArcSwap<Snapshot>,
+    generation: AtomicU64,
+    /// Set once a drain starts: listeners close, keep-alive ends, `/ready` says 503.
+    pub draining: AtomicBool,
+    /// Client connections open across all workers, for `max_connections`.
+    pub connections: AtomicUsize,
+    /// Whether every listener of every worker is bound (readiness).
+    pub listening: AtomicBool,
+    /// Every worker's published counters.
+    pub metrics: crate::telemetry::metrics::Registry,
+    /// Per-IP connection limits (deny, rate when XDP is not enforcing it, concurrent cap),
+    /// checked once per accepted connection; it also marks capped IPs for XDP.
+    pub conn_limiter: crate::policy::limits::ConnLimiter,
+}
+
+impl Shared {
+    pub fn new(
+        snapshot: Snapshot,
+        conn_limiter: crate::policy::limits::ConnLimiter,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            generation: AtomicU64::new(snapshot.generation),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            draining: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            listening: AtomicBool::new(false),
+            metrics: crate::telemetry::metrics::Registry::default(),
+            conn_limiter,
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The generation of the current snapshot: workers compare it with the one they cache,
+    /// a plain load instead of touching the snapshot's reference count per request.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn install(&self, snapshot: Snapshot) {
+        let generation = snapshot.generation;
+        self.snapshot.store(Arc::new(snapshot));
+        self.generation.store(generation, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}

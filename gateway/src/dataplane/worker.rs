@@ -1,0 +1,162 @@
+//! Worker threads: each runs its own runtime (io_uring, or epoll where io_uring is not
+//! allowed) with its own `SO_REUSEPORT` listener sockets, idle upstream pools, buffer pools
+//! and access-log buffer. Nothing on the request path is shared with another worker except
+//! the config snapshot (read-only) and a few atomics (connection count, server health).
+
+use crate::dataplane::ctx::Worker;
+use crate::dataplane::listener::BoundListeners;
+use crate::dataplane::shared::Shared;
+use crate::io::driver::{Driver, DriverKind, Epoll, Uring};
+use crate::protocol::tls::stream::MaybeTls;
+use crate::telemetry::access_log::LogWriter;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// What the main thread holds for each worker.
+pub struct WorkerHandle {
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts `count` workers, each binding every listener of the current snapshot. Returns once
+/// all are bound, or the first bind error.
+pub fn start(
+    driver: DriverKind,
+    count: usize,
+    shared: Arc<Shared>,
+    log: Option<LogWriter>,
+    drain: watch::Receiver<bool>,
+    done: mpsc::Sender<usize>,
+) -> anyhow::Result<Vec<WorkerHandle>> {
+    let (bound_tx, bound_rx) = mpsc::channel::<Result<(), String>>();
+    let mut handles = Vec::new();
+    for id in 0..count {
+        let shared = shared.clone();
+        let log = log.clone();
+        let drain = drain.clone();
+        let done = done.clone();
+        let bound = bound_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("worker-{id}"))
+            .spawn(move || {
+                match driver {
+                    DriverKind::Uring => {
+                        tokio_uring::builder()
+                            .entries(4096)
+                            .start(run_worker::<Uring>(id, shared, log, drain, bound));
+                    }
+                    DriverKind::Epoll => {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build();
+                        match runtime {
+                            Ok(rt) => {
+                                let local = tokio::task::LocalSet::new();
+                                local.block_on(
+                                    &rt,
+                                    run_worker::<Epoll>(id, shared, log, drain, bound),
+                                );
+                            }
+                            Err(e) => {
+                                let _ = bound
+                                    .send(Err(format!("worker {id}: cannot start a runtime: {e}")));
+                            }
+                        }
+                    }
+                }
+                let _ = done.send(id);
+            })?;
+        handles.push(WorkerHandle { thread });
+    }
+    drop(bound_tx);
+    for _ in 0..count {
+        match bound_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => anyhow::bail!(e),
+            Err(_) => anyhow::bail!("a worker exited before binding its listeners"),
+        }
+    }
+    shared.listening.store(true, Ordering::Release);
+    Ok(handles)
+}
+
+async fn run_worker<D: Driver>(
+    id: usize,
+    shared: Arc<Shared>,
+    log: Option<LogWriter>,
+    mut drain: watch::Receiver<bool>,
+    bound: mpsc::Sender<Result<(), String>>,
+) {
+    let worker: Rc<Worker<MaybeTls<D::Stream>>> = Rc::new(Worker::new(id, shared.clone(), log));
+    let mut listeners = BoundListeners::default();
+    if let Err(e) = listeners.reconcile::<D>(&worker) {
+        let _ = bound.send(Err(e));
+        return;
+    }
+    worker.publish();
+    let _ = bound.send(Ok(()));
+
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut ticks: u64 = 0;
+    let mut busy_mark = (Instant::now(), crate::telemetry::metrics::thread_cpu_time());
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                ticks += 1;
+                worker.log.borrow_mut().flush();
+                if worker.snapshot().generation != listeners.generation {
+                    // A reload: bind listeners it added, close those it removed. Their
+                    // connections carry on; the reload already checked the binds.
+                    if let Err(e) = listeners.reconcile::<D>(&worker) {
+                        tracing::error!(worker = id, error = %e, "applying listener changes");
+                    }
+                }
+                if ticks.is_multiple_of(5) {
+                    worker.sweep_upstreams();
+                    // Busy ratio: this thread's CPU time over wall time. A worker waiting
+                    // on its ring sleeps in io_uring_enter and accrues none.
+                    let now = (Instant::now(), crate::telemetry::metrics::thread_cpu_time());
+                    let wall = now.0.duration_since(busy_mark.0).as_secs_f64();
+                    let cpu = now.1.saturating_sub(busy_mark.1).as_secs_f64();
+                    worker.stats.borrow_mut().busy_ratio = if wall > 0.0 { (cpu / wall).min(1.0) } else { 0.0 };
+                    busy_mark = now;
+                }
+                worker.publish();
+            }
+            changed = drain.changed() => {
+                if changed.is_err() || *drain.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+
+    // Drain: stop accepting (shutting a listening socket down fails its pending accept),
+    // wake idle keep-alive connections so they close, let in-flight requests finish.
+    worker.draining.set(true);
+    worker.drain_notify.notify_waiters();
+    listeners.close_all();
+    let deadline = Instant::now() + worker.snapshot().server.graceful_timeout;
+    let mut last_publish = Instant::now();
+    while worker.active.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        worker.log.borrow_mut().flush();
+        // Keep the heartbeat (and the metrics) going: a drain is not a hang.
+        if last_publish.elapsed() >= Duration::from_millis(200) {
+            worker.publish();
+            last_publish = Instant::now();
+        }
+    }
+    if worker.active.get() > 0 {
+        tracing::warn!(
+            worker = id,
+            connections = worker.active.get(),
+            "graceful timeout: closing connections still open"
+        );
+    }
+    worker.log.borrow_mut().flush();
+    worker.stats.borrow_mut().finished = true;
+    worker.publish();
+}

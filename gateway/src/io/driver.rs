@@ -1,0 +1,73 @@
+//! The two I/O drivers a worker can run on, and what a worker needs of either: how to
+//! accept and how to spawn a task.
+
+use crate::io::{EpollStream, Stream, UringStream};
+use std::net::SocketAddr;
+
+/// Which I/O driver the workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverKind {
+    Uring,
+    Epoll,
+}
+
+impl DriverKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::Uring => "io_uring",
+            DriverKind::Epoll => "epoll",
+        }
+    }
+}
+
+/// What a worker needs from its runtime: how to accept and how to spawn a task.
+#[allow(async_fn_in_trait)] // Single-threaded runtimes: nothing here is Send.
+pub trait Driver: 'static {
+    type Stream: Stream;
+    type Listener: 'static;
+    fn listener(std: std::net::TcpListener) -> std::io::Result<Self::Listener>;
+    async fn accept(listener: &Self::Listener) -> std::io::Result<(Self::Stream, SocketAddr)>;
+    fn spawn(task: impl std::future::Future<Output = ()> + 'static);
+}
+
+/// io_uring through tokio-uring.
+pub struct Uring;
+
+impl Driver for Uring {
+    type Stream = UringStream;
+    type Listener = tokio_uring::net::TcpListener;
+    fn listener(std: std::net::TcpListener) -> std::io::Result<Self::Listener> {
+        Ok(tokio_uring::net::TcpListener::from_std(std))
+    }
+    async fn accept(listener: &Self::Listener) -> std::io::Result<(UringStream, SocketAddr)> {
+        let (stream, peer) = listener.accept().await?;
+        Ok((UringStream::new(stream), peer))
+    }
+    fn spawn(task: impl std::future::Future<Output = ()> + 'static) {
+        tokio_uring::spawn(task);
+    }
+}
+
+/// Readiness through tokio's epoll reactor, for hosts without io_uring.
+pub struct Epoll;
+
+impl Driver for Epoll {
+    type Stream = EpollStream;
+    type Listener = tokio::net::TcpListener;
+    fn listener(std: std::net::TcpListener) -> std::io::Result<Self::Listener> {
+        tokio::net::TcpListener::from_std(std)
+    }
+    async fn accept(listener: &Self::Listener) -> std::io::Result<(Self::Stream, SocketAddr)> {
+        let (stream, peer) = listener.accept().await?;
+        Ok((EpollStream::new(stream), peer))
+    }
+    fn spawn(task: impl std::future::Future<Output = ()> + 'static) {
+        tokio::task::spawn_local(task);
+    }
+}
+
+/// Whether io_uring can be used here (a seccomp profile may forbid `io_uring_setup`,
+/// or `kernel.io_uring_disabled` may be set).
+pub fn uring_available() -> Result<(), std::io::Error> {
+    tokio_uring::uring_builder().build(8).map(|_| ())
+}

@@ -1,0 +1,5 @@
+//! Decisions over a request, free of I/O: which route it takes, whether a failed try may be
+//! retried, and the per-IP limits.
+
+pub mod limits;
+pub mod route;

@@ -1,0 +1,7 @@
+//! Wire protocols, free of sockets and policy: the HTTP/1 codec, the PROXY protocol header,
+//! TLS termination, and the error type every exchange reports with.
+
+pub mod error;
+pub mod http1;
+pub mod proxy_protocol;
+pub mod tls;
