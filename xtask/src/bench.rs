@@ -47,6 +47,10 @@ pub struct Args {
     /// Use this gateway binary instead of building a release one.
     #[arg(long, value_name = "PATH")]
     pub gateway_bin: Option<PathBuf>,
+    /// Also measure this gateway binary (a previous build, named "baseline" in the tables)
+    /// in the same interleaved rounds: before/after ratios of a change from one run.
+    #[arg(long, value_name = "PATH")]
+    pub baseline_bin: Option<PathBuf>,
     /// Where results go (default target/bench).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -223,20 +227,34 @@ pub fn run(args: &Args) -> Result<()> {
         pin.as_deref(),
     )?;
     let gw = start_gateway(
+        "gateway",
         &gateway_bin,
         &scratch,
         upstream_addr,
         args.workers,
         pin.as_deref(),
     )?;
-    let contenders = [&ng, &gw];
-    // Memory per idle connection first, while both processes are fresh: later scenarios
+    let baseline = match &args.baseline_bin {
+        Some(bin) => Some(start_gateway(
+            "baseline",
+            bin,
+            &scratch,
+            upstream_addr,
+            args.workers,
+            pin.as_deref(),
+        )?),
+        None => None,
+    };
+    let mut contenders = vec![&ng, &gw];
+    contenders.extend(baseline.as_ref());
+    // Memory per idle connection first, while every process is fresh: later scenarios
     // leave freed memory in the allocators that new connections would reuse unseen.
     let idle_n = if args.quick { 500 } else { 2000 };
-    let idle = [
-        ("nginx", idle_memory_per_connection(&ng, idle_n)?),
-        ("gateway", idle_memory_per_connection(&gw, idle_n)?),
-    ];
+    let mut idle = Vec::new();
+    for c in &contenders {
+        idle.push((c.name, idle_memory_per_connection(c, idle_n)?));
+    }
+    let names: Vec<&'static str> = contenders.iter().map(|c| c.name).collect();
 
     let mut results: BTreeMap<&str, BTreeMap<&str, Vec<Sample>>> = BTreeMap::new();
     let mut direct: BTreeMap<&str, Sample> = BTreeMap::new();
@@ -257,7 +275,7 @@ pub fn run(args: &Args) -> Result<()> {
             direct.insert(scenario.name, d);
         }
         for _ in 0..rounds {
-            for c in contenders {
+            for c in &contenders {
                 let base = if scenario.tls {
                     c.tls_url.clone().context("no TLS listener")?
                 } else {
@@ -289,11 +307,11 @@ pub fn run(args: &Args) -> Result<()> {
     // Full TLS handshakes (no resumption: `openssl s_time -new`), one request each.
     let mut handshakes: Vec<HandshakeSeries> = Vec::new();
     for (kind, use_rsa) in [("ECDSA P-256", false), ("RSA 2048", true)] {
-        for c in contenders {
+        for c in &contenders {
             handshakes.push((kind, c.name, Vec::new()));
         }
         for _ in 0..rounds {
-            for c in contenders {
+            for c in &contenders {
                 let addr: SocketAddr = if use_rsa {
                     c.rsa_addr.context("no RSA listener")?
                 } else {
@@ -317,6 +335,8 @@ pub fn run(args: &Args) -> Result<()> {
             }
         }
     }
+    drop(contenders);
+    drop(baseline);
     drop(gw);
     drop(ng);
     drop(up);
@@ -328,6 +348,7 @@ pub fn run(args: &Args) -> Result<()> {
         results,
         direct,
         idle,
+        names,
     };
     let mut table = report.table();
     if !args.quick {
@@ -555,6 +576,7 @@ fn start_reference_nginx(
 }
 
 fn start_gateway(
+    name: &'static str,
     bin: &Path,
     dir: &Path,
     upstream: SocketAddr,
@@ -576,7 +598,7 @@ fn start_gateway(
          [[upstream]]\nname = \"api\"\nservers = [\"{upstream}\"]\nkeepalive = 32\n\n\
          [[route]]\npath_prefix = \"/api/\"\nupstream = \"api\"\nconnect_timeout = \"60s\"\nsend_timeout = \"300s\"\nread_timeout = \"300s\"\nmax_body_size = \"50MiB\"\n"
     );
-    let path = dir.join("gateway.toml");
+    let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, conf)?;
     let child = pinned(bin, cpus)
         .arg("run")
@@ -587,7 +609,7 @@ fn start_gateway(
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let proc = Proc {
-        name: "gateway",
+        name,
         child,
         url: format!("http://{addr}"),
         tls_url: Some(format!("https://{tls_addr}")),
@@ -809,7 +831,9 @@ struct Report<'a> {
     rounds: usize,
     results: BTreeMap<&'static str, BTreeMap<&'static str, Vec<Sample>>>,
     direct: BTreeMap<&'static str, Sample>,
-    idle: [(&'static str, f64); 2],
+    idle: Vec<(&'static str, f64)>,
+    /// The contenders in the order they ran, nginx first.
+    names: Vec<&'static str>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -846,7 +870,7 @@ impl Report<'_> {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "{} workers each, {} connections, {} s x {} interleaved rounds, proxies pinned to CPU {} (medians; ratio = gateway / nginx)\n",
+            "{} workers each, {} connections, {} s x {} interleaved rounds, proxies pinned to CPU {} (medians; ratio = proxy / nginx)\n",
             self.args.workers, self.args.connections, self.duration, self.rounds, self.args.proxy_cpus
         );
         let _ = writeln!(t, "| scenario | proxy | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req (min–max) | peak RSS MiB |");
@@ -859,7 +883,7 @@ impl Report<'_> {
                     scenario.name, d.rps, d.p50_ms, d.p99_ms, d.p999_ms
                 );
             }
-            for who in ["nginx", "gateway"] {
+            for &who in &self.names {
                 let (Some(m), Some(all)) = (
                     self.medians(scenario.name, who),
                     self.results.get(scenario.name).and_then(|r| r.get(who)),
@@ -881,13 +905,21 @@ impl Report<'_> {
                     m.peak_rss_kib as f64 / 1024.0
                 );
             }
-            if let (Some(n), Some(g)) = (
-                self.medians(scenario.name, "nginx"),
-                self.medians(scenario.name, "gateway"),
-            ) {
+            for &who in self.names.iter().filter(|w| **w != "nginx") {
+                let (Some(n), Some(g)) = (
+                    self.medians(scenario.name, "nginx"),
+                    self.medians(scenario.name, who),
+                ) else {
+                    continue;
+                };
+                let label = if self.names.len() > 2 {
+                    format!("**{who} / nginx**")
+                } else {
+                    "**ratio**".to_string()
+                };
                 let _ = writeln!(
                     t,
-                    "| {} | **ratio** | **{:.2}** | {:.2} | **{:.2}** | {:.2} | **{:.2}** | {:.2} |",
+                    "| {} | {label} | **{:.2}** | {:.2} | **{:.2}** | {:.2} | **{:.2}** | {:.2} |",
                     scenario.name,
                     g.rps / n.rps.max(1e-9),
                     g.p50_ms / n.p50_ms.max(1e-9),
@@ -898,7 +930,16 @@ impl Report<'_> {
                 );
             }
         }
-        let _ = writeln!(t, "\nIdle keep-alive connections, resident memory per connection: nginx {:.1} KiB, gateway {:.1} KiB.", self.idle[0].1, self.idle[1].1);
+        let idle: Vec<String> = self
+            .idle
+            .iter()
+            .map(|(who, kib)| format!("{who} {kib:.1} KiB"))
+            .collect();
+        let _ = writeln!(
+            t,
+            "\nIdle keep-alive connections, resident memory per connection: {}.",
+            idle.join(", ")
+        );
         t
     }
 
@@ -933,7 +974,7 @@ impl Report<'_> {
             "rounds": self.rounds,
             "proxy_cpus": self.args.proxy_cpus,
             "scenarios": scenarios,
-            "idle_kib_per_connection": { "nginx": self.idle[0].1, "gateway": self.idle[1].1 },
+            "idle_kib_per_connection": self.idle.iter().map(|(who, kib)| (who.to_string(), serde_json::json!(kib))).collect::<serde_json::Map<_, _>>(),
         })
     }
 

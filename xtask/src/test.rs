@@ -121,6 +121,8 @@ pub fn run(args: &Args) -> Result<()> {
             proxy_cpus: "0".into(),
             quick: true,
             gateway_bin: Some(gateway_bin.clone()),
+            // The same binary as its own baseline: exercises the before/after path.
+            baseline_bin: Some(gateway_bin.clone()),
             out: Some(target_dir()?.join("bench-quick")),
         })?;
     }
