@@ -28,7 +28,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 
 pub use bpffs::{bpffs_mounted_at, PinDir, PrivateBpffs};
 pub use netns::{enter_netns, in_netns, VethPair};
-pub use process::{stop_child, KillOnDrop};
+pub use process::{stop_child, stop_child_and_pid_file, KillOnDrop};
 
 /// A TCP port on `ip` that was free a moment ago: bound to port 0, read, released.
 ///

@@ -66,6 +66,7 @@ impl VethPair {
         let (host4, peer4) = (format!("{}/30", veth.host4), format!("{}/30", veth.peer4));
         let (host6, peer6) = (format!("{}/64", veth.host6), format!("{}/64", veth.peer6));
         ip(&["netns", "add", ns]);
+        quiet_ipv6(ns);
         ip(&[
             "link", "add", host, "type", "veth", "peer", "name", peer, "netns", ns,
         ]);
@@ -149,6 +150,21 @@ impl Drop for VethPair {
             .args(["netns", "del", &self.netns])
             .output();
     }
+}
+
+/// Makes links created later in namespace `ns` send no IPv6 traffic of their own accord:
+/// no router solicitations (RFC 4861 section 6.3.7, repeated every few seconds) and no
+/// duplicate address detection (RFC 4862 section 5.4). A test that counts the frames an XDP
+/// program saw on the host end must see only its own traffic (the MLD reports of address
+/// joins, RFC 3810 section 6.1, remain: no sysctl turns those off).
+fn quiet_ipv6(ns: &str) {
+    in_netns(ns, || {
+        for (key, value) in [("router_solicitations", "0"), ("dad_transmits", "0")] {
+            // /proc/sys/net shows the namespace of the thread that opens it.
+            let path = format!("/proc/sys/net/ipv6/conf/default/{key}");
+            std::fs::write(&path, value).unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
+    });
 }
 
 /// Moves the calling thread (only) into network namespace `name` (`/run/netns/NAME`).

@@ -1,6 +1,7 @@
 //! Stopping children that tests and benches start (the gateway, nginx, hping3): always our
 //! own child, by its pid, never by name.
 
+use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,23 @@ pub fn stop_child(child: &mut Child, grace: Duration) -> bool {
     let _ = child.kill();
     let _ = child.wait();
     false
+}
+
+/// [`stop_child`], then SIGKILL to the process `pid_file` names if that is not the child:
+/// a daemon whose master is not our direct child (an nginx that daemonised or re-executed)
+/// must not outlive the run. Normally the pid file names the child itself, already gone.
+pub fn stop_child_and_pid_file(child: &mut Child, pid_file: &Path, grace: Duration) {
+    stop_child(child, grace);
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return;
+    };
+    if let Ok(pid) = text.trim().parse::<libc::pid_t>() {
+        if pid > 0 && pid as u32 != child.id() {
+            // SAFETY: kill(2) on the master our child started (its pid file in our
+            // scratch directory).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
 }
 
 /// A child killed (SIGKILL) and reaped on drop, also on panic: for helpers like hping3 that
