@@ -19,6 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd as _;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 /// A namespace and a veth pair with addresses on both ends; see the module docs.
 #[derive(Debug)]
@@ -34,6 +35,9 @@ pub struct VethPair {
     pub host6: Ipv6Addr,
     pub peer6: Ipv6Addr,
 }
+
+/// How long no frame may arrive from a new namespace end before it counts as quiet.
+const QUIET: Duration = Duration::from_millis(100);
 
 /// Longest interface name the kernel takes (IFNAMSIZ minus the NUL).
 const IFNAME_MAX: usize = 15;
@@ -78,7 +82,54 @@ impl VethPair {
         ip(&["-n", ns, "addr", "add", &peer6, "dev", peer, "nodad"]);
         ip(&["-n", ns, "link", "set", peer, "up"]);
         ip(&["-n", ns, "link", "set", "lo", "up"]);
+        veth.wait_quiet();
         veth
+    }
+
+    /// Waits until the new link has said what a new link says of its own accord, so that a
+    /// test counting the frames on the host end (an XDP program's counters) counts only its
+    /// own. With router solicitations and DAD off (`quiet_ipv6`) that is the MLD reports of
+    /// the groups the namespace end joins (RFC 3810 section 6.1), sent when the carrier
+    /// comes up: after linkwatch, up to a second after `ip link set up`. So: wait for the
+    /// peer's carrier (operstate UP), then until no frame arrived for a while longer than
+    /// the reports' spacing (a few milliseconds, `quiet_ipv6`).
+    fn wait_quiet(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let state = || {
+            ip_output(&[
+                "-n",
+                &self.netns,
+                "-o",
+                "link",
+                "show",
+                "dev",
+                &self.peer_if,
+            ])
+        };
+        while !state().contains("state UP") {
+            assert!(
+                Instant::now() < deadline,
+                "{} never came up: {}",
+                self.peer_if,
+                state()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let path = format!("/sys/class/net/{}/statistics/rx_packets", self.host_if);
+        let rx = || std::fs::read_to_string(&path).unwrap_or_default();
+        let mut last = (rx(), Instant::now());
+        while last.1.elapsed() < QUIET {
+            assert!(
+                Instant::now() < deadline,
+                "{} never went quiet",
+                self.host_if
+            );
+            std::thread::sleep(Duration::from_millis(10));
+            let now = rx();
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+        }
     }
 
     /// Runs `f` on a new thread inside the namespace and returns its result; a panic in
@@ -152,14 +203,24 @@ impl Drop for VethPair {
     }
 }
 
-/// Makes links created later in namespace `ns` send no IPv6 traffic of their own accord:
-/// no router solicitations (RFC 4861 section 6.3.7, repeated every few seconds) and no
-/// duplicate address detection (RFC 4862 section 5.4). A test that counts the frames an XDP
-/// program saw on the host end must see only its own traffic (the MLD reports of address
-/// joins, RFC 3810 section 6.1, remain: no sysctl turns those off).
+/// Makes links created later in namespace `ns` send as little IPv6 traffic of their own
+/// accord as possible, and all of it at once: no router solicitations (RFC 4861 section
+/// 6.3.7, repeated every few seconds), no duplicate address detection (RFC 4862 section
+/// 5.4), and the MLD reports of the groups it joins (RFC 3810 section 6.1; no sysctl turns
+/// them off) without their random delays, so [`VethPair::wait_quiet`] sees them all. A test
+/// that counts the frames an XDP program saw on the host end must count only its own.
 fn quiet_ipv6(ns: &str) {
     in_netns(ns, || {
-        for (key, value) in [("router_solicitations", "0"), ("dad_transmits", "0")] {
+        for (key, value) in [
+            ("router_solicitations", "0"),
+            ("dad_transmits", "0"),
+            // DAD (even of zero probes) starts after a random delay below this (ms), and
+            // the link-local address's MLD reports wait for it.
+            ("router_solicitation_delay", "0"),
+            // Milliseconds: every retransmission of the reports goes out at once.
+            ("mldv1_unsolicited_report_interval", "1"),
+            ("mldv2_unsolicited_report_interval", "1"),
+        ] {
             // /proc/sys/net shows the namespace of the thread that opens it.
             let path = format!("/proc/sys/net/ipv6/conf/default/{key}");
             std::fs::write(&path, value).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -297,6 +358,31 @@ mod tests {
         drop(veth);
         assert!(!netns_exists(&netns), "namespace {netns} left behind");
         assert!(!link_exists(&host_if), "link {host_if} left behind");
+    }
+
+    #[test]
+    fn the_namespace_end_is_quiet_once_created() {
+        if !crate::privileged(
+            "the_namespace_end_is_quiet_once_created",
+            "CAP_NET_ADMIN, CAP_SYS_ADMIN",
+        ) {
+            return;
+        }
+        let veth = VethPair::create();
+        let path = format!("/sys/class/net/{}/statistics/rx_packets", veth.host_if);
+        let rx = || -> u64 {
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let at_create = rx();
+        // Longer than every interval of spontaneous IPv6 traffic a new link sends: MLD's
+        // Unsolicited Report Interval (1 s by default), the first router solicitation delay
+        // (1 s), duplicate address detection (1 s).
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        assert_eq!(rx(), at_create, "frames from the namespace end nobody sent");
     }
 
     #[test]
