@@ -73,6 +73,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway_benches::{pin_to_cpu, proc_cpu_seconds, workspace_root};
+use gateway_test_support::netns::{enter_netns, in_netns, ip, VethPair};
+use gateway_test_support::{free_addr, free_port_on, stop_child_and_pid_file, PinDir};
 
 const GENERATOR_CPU: usize = 0;
 const PROXY_CPU: usize = 1;
@@ -503,7 +505,7 @@ fn run(
             Instant::now(),
             proc_cpu_seconds(proxy.child.id()),
             softirq_seconds(),
-            rig.attacker.syns_sent(),
+            syns_sent(&rig.attacker),
             proxy.xdp_drops(),
             proxy.xdp_packets("pass_untracked"),
         )
@@ -699,30 +701,6 @@ fn one_request(to: SocketAddr, source: Option<Ipv6Addr>) -> Result<(), String> {
     }
 }
 
-/// Runs `f` on a thread that entered network namespace `netns`.
-fn in_netns<T: Send + 'static>(
-    netns: &str,
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    let netns = netns.to_owned();
-    std::thread::spawn(move || {
-        enter_netns(&netns).map_err(|e| format!("setns {netns}: {e}"))?;
-        f()
-    })
-    .join()
-    .map_err(|_| "thread panicked".to_string())?
-}
-
-/// Moves the calling thread (only) into network namespace `name`.
-fn enter_netns(name: &str) -> io::Result<()> {
-    let file = File::open(format!("/run/netns/{name}"))?;
-    // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's namespace.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------
 // The origin: answers every request `200 ok`, keep-alive, one thread per connection (the
 // proxies pool a few connections).
@@ -791,27 +769,12 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        // SIGTERM first (an nginx master killed outright leaves its workers running), then
-        // SIGKILL; then nginx's master by its pid file (normally the same process).
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("nginx.pid")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                if pid as u32 != self.child.id() {
-                    // SAFETY: kill(2) on the nginx master this run started.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
+        // SIGTERM first: an nginx master killed outright leaves its workers running.
+        stop_child_and_pid_file(
+            &mut self.child,
+            &self.dir.join("nginx.pid"),
+            Duration::from_secs(3),
+        );
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -828,10 +791,6 @@ fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
     Ok(body)
 }
 
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("0.0.0.0:0")?.local_addr()?.port())
-}
-
 fn start_proxy(
     rig: &Rig,
     target: &Target,
@@ -839,7 +798,8 @@ fn start_proxy(
     ipv6: bool,
 ) -> Result<Proxy, String> {
     let e = |e: io::Error| e.to_string();
-    let port = free_port().map_err(e)?;
+    // Free on every address: the proxy listens on the unspecified address.
+    let port = free_port_on(Ipv4Addr::UNSPECIFIED.into());
     let dir = std::env::temp_dir().join(format!(
         "flood-bench-{}-{}",
         std::process::id(),
@@ -858,14 +818,14 @@ fn start_proxy(
     let mut cmd;
     match target {
         Target::Gateway { bin, xdp } => {
-            let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port().map_err(e)?));
+            let admin_addr = free_addr();
             let xdp_table = if *xdp {
                 admin = Some(admin_addr);
                 format!(
                     "[xdp]\nmode = \"native\"\ninterface = [\"{}\", \"{}\"]\npin_path = \"{}\"\n",
                     rig.attacker.host_if,
                     rig.client.host_if,
-                    rig.pin_path.display()
+                    rig.pins.path().display()
                 )
             } else {
                 "[xdp]\nmode = \"off\"\n".to_string()
@@ -987,9 +947,10 @@ impl Flooder {
             vec!["-i".to_string(), format!("u{interval_us}")]
         };
         // `ip netns exec` execs hping3 in place: the child's pid is hping3's own.
-        let child = Command::new("ip")
-            .args(["netns", "exec", &rig.attacker.netns])
-            .args(["hping3", "-q", "-S"])
+        let child = rig
+            .attacker
+            .command("hping3")
+            .args(["-q", "-S"])
             .args(&pace)
             .arg("-p")
             .arg(port.to_string())
@@ -1030,14 +991,7 @@ impl Flooder {
         let SocketAddr::V6(to) = to else {
             return Err("spoof6 needs --new-clients (an IPv6 target)".into());
         };
-        let mac =
-            std::fs::read_to_string(format!("/sys/class/net/{}/address", rig.attacker.host_if))
-                .map_err(|e| format!("host MAC: {e}"))?;
-        let mac: Vec<u8> = mac
-            .trim()
-            .split(':')
-            .filter_map(|b| u8::from_str_radix(b, 16).ok())
-            .collect();
+        let mac = rig.attacker.host_mac();
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let (netns, peer_if) = (rig.attacker.netns.clone(), rig.attacker.peer_if.clone());
@@ -1284,37 +1238,25 @@ fn checksum(bytes: &[u8], initial: u32) -> u16 {
 // Namespaces and links
 
 /// The two namespaces, a route for the spoofed network into the attacker's, and the pin
-/// directory of the XDP maps; all removed on drop.
+/// directory of the XDP maps; all removed on drop (the routes go with the links).
 struct Rig {
     attacker: VethPair,
     client: VethPair,
-    pin_path: PathBuf,
+    pins: PinDir,
 }
 
 impl Rig {
     fn new() -> Rig {
-        let attacker = VethPair::create("a");
-        let client = VethPair::create("c");
+        let attacker = VethPair::create();
+        let client = VethPair::create();
         // SYN-ACKs to the spoofed sources go back into the attacker namespace (which drops
         // them), never out of the host's default route.
-        route_via(
-            &format!("{SPOOF_NET}/24"),
-            attacker.peer4.into(),
-            &attacker.host_if,
-        );
+        attacker.route_into(&format!("{SPOOF_NET}/24"));
         // The same for the random IPv6 sources; and the new clients' /48 is routed to the
         // client namespace, which takes all of it as local (AnyIP) so a client can bind any
         // address of it.
-        route_via(
-            &format!("{SPOOF6_NET}/{SPOOF6_LEN}"),
-            attacker.peer6.into(),
-            &attacker.host_if,
-        );
-        route_via(
-            &format!("{CLIENTS6_NET}/48"),
-            client.peer6.into(),
-            &client.host_if,
-        );
+        attacker.route_into(&format!("{SPOOF6_NET}/{SPOOF6_LEN}"));
+        client.route_into(&format!("{CLIENTS6_NET}/48"));
         ip(&[
             "-n",
             &client.netns,
@@ -1329,122 +1271,43 @@ impl Rig {
         Rig {
             attacker,
             client,
-            pin_path: PathBuf::from(format!("/sys/fs/bpf/flood-bench-{}", std::process::id())),
+            pins: PinDir::new("flood-bench"),
         }
     }
 }
 
-impl Drop for Rig {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["route", "del", &format!("{SPOOF_NET}/24")])
-            .args(["dev", &self.attacker.host_if])
-            .output();
-        if let Ok(dir) = std::fs::read_dir(&self.pin_path) {
-            for entry in dir.flatten() {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.pin_path);
-    }
+/// SYNs the attacker sent: frames its veth end transmitted (XDP drops on the host side
+/// included) minus the RSTs its own kernel sent for SYN-ACKs it did not expect (`Tcp:
+/// OutRsts` of the namespace; hping3's raw SYNs are not in the TCP counters). What is
+/// left beside SYNs is a few ARP frames.
+fn syns_sent(veth: &VethPair) -> u64 {
+    let rsts = veth
+        .command("cat")
+        .arg("/proc/net/snmp")
+        .output()
+        .ok()
+        .and_then(|o| parse_out_rsts(&String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or(0);
+    tx_packets(veth).saturating_sub(rsts)
 }
 
-/// A namespace and a veth pair `host_if` (here) <-> `peer_if` (in `netns`), with a /30 of
-/// 198.51.100.0/24.
-struct VethPair {
-    netns: String,
-    host_if: String,
-    peer_if: String,
-    host4: Ipv4Addr,
-    peer4: Ipv4Addr,
-    host6: Ipv6Addr,
-    peer6: Ipv6Addr,
-}
-
-impl VethPair {
-    fn create(tag: &str) -> VethPair {
-        let pid = std::process::id();
-        let block = free_block(pid, tag);
-        let veth = VethPair {
-            netns: format!("gfb{pid}{tag}"),
-            host_if: format!("gfh{pid}{tag}"),
-            peer_if: format!("gfp{pid}{tag}"),
-            host4: Ipv4Addr::new(198, 51, 100, block + 1),
-            peer4: Ipv4Addr::new(198, 51, 100, block + 2),
-            host6: Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0x200 + u16::from(block), 0, 0, 0, 1),
-            peer6: Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0x200 + u16::from(block), 0, 0, 0, 2),
-        };
-        let (ns, host, peer) = (&veth.netns, &veth.host_if, &veth.peer_if);
-        ip(&["netns", "add", ns]);
-        ip(&[
-            "link", "add", host, "type", "veth", "peer", "name", peer, "netns", ns,
-        ]);
-        ip(&["addr", "add", &format!("{}/30", veth.host4), "dev", host]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/64", veth.host6),
-            "dev",
-            host,
-            "nodad",
-        ]);
-        ip(&["link", "set", host, "up"]);
-        ip(&[
+/// Frames the peer (in the namespace) transmitted.
+fn tx_packets(veth: &VethPair) -> u64 {
+    Command::new("ip")
+        .args([
             "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/30", veth.peer4),
+            &veth.netns,
+            "-s",
+            "-o",
+            "link",
+            "show",
             "dev",
-            peer,
-        ]);
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/64", veth.peer6),
-            "dev",
-            peer,
-            "nodad",
-        ]);
-        ip(&["-n", ns, "link", "set", peer, "up"]);
-        ip(&["-n", ns, "link", "set", "lo", "up"]);
-        veth
-    }
-
-    /// SYNs the attacker sent: frames its veth end transmitted (XDP drops on the host side
-    /// included) minus the RSTs its own kernel sent for SYN-ACKs it did not expect (`Tcp:
-    /// OutRsts` of the namespace; hping3's raw SYNs are not in the TCP counters). What is
-    /// left beside SYNs is a few ARP frames.
-    fn syns_sent(&self) -> u64 {
-        let rsts = Command::new("ip")
-            .args(["netns", "exec", &self.netns, "cat", "/proc/net/snmp"])
-            .output()
-            .ok()
-            .and_then(|o| parse_out_rsts(&String::from_utf8_lossy(&o.stdout)))
-            .unwrap_or(0);
-        self.tx_packets().saturating_sub(rsts)
-    }
-
-    /// Frames the peer (in the namespace) transmitted.
-    fn tx_packets(&self) -> u64 {
-        Command::new("ip")
-            .args([
-                "-n",
-                &self.netns,
-                "-s",
-                "-o",
-                "link",
-                "show",
-                "dev",
-                &self.peer_if,
-            ])
-            .output()
-            .ok()
-            .and_then(|o| parse_tx_packets(&String::from_utf8_lossy(&o.stdout)))
-            .unwrap_or(0)
-    }
+            &veth.peer_if,
+        ])
+        .output()
+        .ok()
+        .and_then(|o| parse_tx_packets(&String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or(0)
 }
 
 /// `OutRsts` from the `Tcp:` header and value lines of `/proc/net/snmp`.
@@ -1461,50 +1324,6 @@ fn parse_tx_packets(out: &str) -> Option<u64> {
     let rest = &out[tx..];
     let values = rest.split('\\').nth(1)?;
     values.split_whitespace().nth(1)?.parse().ok()
-}
-
-impl Drop for VethPair {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .output();
-    }
-}
-
-/// A /30 in 198.51.100.0/24 with no address in use on this host.
-fn free_block(pid: u32, tag: &str) -> u8 {
-    let out = Command::new("ip")
-        .args(["-o", "-4", "addr", "show"])
-        .output()
-        .expect("run ip");
-    let used = String::from_utf8_lossy(&out.stdout);
-    let salt: usize = tag.bytes().map(usize::from).sum();
-    let start = (pid as usize * 7 + salt) % 64;
-    (0..64)
-        .map(|i| ((start + i) % 64) as u8 * 4)
-        .find(|&base| {
-            (0..4).all(|offset| !used.contains(&format!("198.51.100.{}/", base + offset)))
-        })
-        .expect("a free /30 in 198.51.100.0/24")
-}
-
-/// `ip route add NET via GATEWAY dev DEV` in the host namespace.
-fn route_via(net: &str, gateway: IpAddr, dev: &str) {
-    let gateway = gateway.to_string();
-    ip(&["route", "add", net, "via", &gateway, "dev", dev]);
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use gateway_benches::{pin_to_cpu, proc_cpu_seconds, proc_threads, workspace_root};
+use gateway_test_support::{free_addr, stop_child_and_pid_file};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -187,24 +188,8 @@ struct Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         // SIGTERM first: an nginx master killed outright leaves its workers running.
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // SAFETY: as above.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        let _ = self.child.wait();
-        if let Ok(pid) = std::fs::read_to_string(self._dir.0.join("nginx.pid")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                // SAFETY: as above (nginx master we started; it is gone already normally).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
+        let pid_file = self._dir.0.join("nginx.pid");
+        stop_child_and_pid_file(&mut self.child, &pid_file, Duration::from_secs(3));
     }
 }
 
@@ -223,13 +208,6 @@ impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn free_addr() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 fn pinned(cmd: &mut Command) -> &mut Command {

@@ -6,11 +6,10 @@ use bytes::BytesMut;
 use gateway::config::{CertificateConfig, TlsConfig};
 use gateway::io::{EpollStream, Stream, UringStream};
 use gateway::protocol::tls::{self, HandshakeInfo, TlsAcceptor, TlsError, TlsStream};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use gateway_test_support::tls::{provider, AcceptAnyCertificate};
 use rustls::client::Tls12Resumption;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, HandshakeKind, RootCertStore};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -386,10 +385,6 @@ fn pattern(n: usize) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------
 // Clients.
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 fn client_config(
     certs: &Certs,
     versions: &[&'static rustls::SupportedProtocolVersion],
@@ -407,52 +402,6 @@ fn client_config(
 
 fn tls13_client(certs: &Certs) -> Arc<ClientConfig> {
     Arc::new(client_config(certs, &[&rustls::version::TLS13]))
-}
-
-/// Accepts any certificate: for looking at what the server picked for a name it has none for.
-#[derive(Debug)]
-struct AcceptAny(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 type Client = rustls::StreamOwned<ClientConnection, TcpStream>;
@@ -588,7 +537,7 @@ fn sni_picks_the_certificate_and_unknown_or_missing_names_get_the_first() {
     // A name no certificate covers, nor a wildcard one label too deep: the first too.
     let mut any = client_config(&certs, &[&rustls::version::TLS13]);
     any.dangerous()
-        .set_certificate_verifier(Arc::new(AcceptAny(provider())));
+        .set_certificate_verifier(AcceptAnyCertificate::new());
     let any = Arc::new(any);
     for name in ["unknown.test", "deep.x.b.test"] {
         let mut c = connect(server.addr, &any, name);

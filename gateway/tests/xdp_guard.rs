@@ -15,7 +15,6 @@
 //! deleted in `Drop`, also on panic.
 
 use std::{
-    fs::File,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
@@ -32,31 +31,16 @@ use gateway::policy::limits::{
     source_key, CapSink, ConnLimiter, ConnTicket, Enforcement, XdpLedger, LIMIT_CONN_RATE,
 };
 use gateway::xdp::{names, verdict, GuardOptions, XdpError, XdpGuard, XdpMode};
+use gateway_test_support::netns::{enter_netns, in_netns, ip, VethPair};
+use gateway_test_support::{free_port_on, KillOnDrop, PrivateBpffs};
 use ipnet::IpNet;
+
+mod common;
+use common::privileged;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const PORT: u16 = 8080;
-
-/// True when the test may touch the kernel. Panics in CI without root.
-fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        assert!(
-            gateway::xdp::program_embedded(),
-            "{test}: built with AYA_BUILD_SKIP, so there is no XDP program; rebuild without it"
-        );
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: CI=true but not running as root; the XDP tests need root and must not be skipped in CI");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: needs root (CAP_BPF, CAP_NET_ADMIN); run as root, and CI=true makes this a failure"
-    );
-    false
-}
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()
@@ -538,7 +522,7 @@ fn test_run_pinned_state_survives_a_restart_and_stale_pins_are_replaced() {
     }
     pin_to_one_cpu();
     let bpffs = PrivateBpffs::mount();
-    let pin_path = bpffs.dir.join("gateway");
+    let pin_path = bpffs.dir().join("gateway");
     let limits = LimitsConfig {
         conn_rate: rate(0.001),
         conn_burst: Some(2),
@@ -589,47 +573,6 @@ fn test_run_pinned_state_survives_a_restart_and_stale_pins_are_replaced() {
     let fill = guard.map_fill().unwrap();
     let rate_v4 = fill.iter().find(|f| f.map == names::RATE_V4).unwrap();
     assert_eq!((rate_v4.entries, rate_v4.capacity), (0, 2048));
-}
-
-/// A bpffs instance of our own on a temporary directory; unmounted (freeing its pins)
-/// and removed on drop.
-struct PrivateBpffs {
-    dir: std::path::PathBuf,
-}
-
-impl PrivateBpffs {
-    fn mount() -> PrivateBpffs {
-        let dir = std::env::temp_dir().join(format!("gateway-guard-bpffs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create mount point");
-        let fs = PrivateBpffs { dir };
-        let target = c_path(&fs.dir);
-        // SAFETY: NUL-terminated strings that outlive the call; no mount data.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "mount bpffs: {}", std::io::Error::last_os_error());
-        fs
-    }
-}
-
-impl Drop for PrivateBpffs {
-    fn drop(&mut self) {
-        let target = c_path(&self.dir);
-        // SAFETY: NUL-terminated path; MNT_DETACH so a lingering fd cannot block it.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-fn c_path(path: &std::path::Path) -> std::ffi::CString {
-    use std::os::unix::ffi::OsStrExt as _;
-    std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path without NUL")
 }
 
 fn possible_cpus() -> usize {
@@ -1081,9 +1024,7 @@ fn echo_lines(mut stream: TcpStream) {
 /// Tries to connect from inside `netns` within `timeout`; `Ok` when the handshake
 /// completed and one echo round trip worked.
 fn try_connect(netns: &str, to: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
-    let netns = netns.to_owned();
-    std::thread::spawn(move || {
-        enter_netns(&netns);
+    in_netns(netns, move || {
         let mut stream = TcpStream::connect_timeout(&to, timeout).map_err(|e| e.to_string())?;
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -1094,8 +1035,6 @@ fn try_connect(netns: &str, to: SocketAddr, timeout: Duration) -> Result<TcpStre
         assert_eq!(&buf, b"ping\n");
         Ok(stream)
     })
-    .join()
-    .expect("connect thread")
 }
 
 /// Polls `cond` until it holds or `within` passes.
@@ -1120,19 +1059,16 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(tag: &str, limits: &LimitsConfig) -> Rig {
-        Rig::with(tag, limits, &GuardOptions::default(), true)
+    fn new(limits: &LimitsConfig) -> Rig {
+        Rig::with(limits, &GuardOptions::default(), true)
     }
 
     /// With `xdp_on_b` false the program is attached to pair A only: pair B stands for a
     /// second NIC, a tunnel or `lo`, where connections arrive unseen by the program.
-    fn with(tag: &str, limits: &LimitsConfig, options: &GuardOptions, xdp_on_b: bool) -> Rig {
-        let a = VethPair::create(&format!("{tag}a"));
-        let b = VethPair::create(&format!("{tag}b"));
+    fn with(limits: &LimitsConfig, options: &GuardOptions, xdp_on_b: bool) -> Rig {
+        let (a, b) = (VethPair::create(), VethPair::create());
         // Both pairs get a listener on the same port: one per host address.
-        let probe = TcpListener::bind((a.host4, 0)).unwrap();
-        let port = probe.local_addr().unwrap().port();
-        drop(probe);
+        let port = free_port_on(a.host4.into());
         let mut interfaces = vec![a.host_if.clone()];
         if xdp_on_b {
             interfaces.push(b.host_if.clone());
@@ -1179,7 +1115,7 @@ fn veth_conn_rate_drops_excess_syns_of_one_client_only() {
         conn_burst: Some(3),
         ..LimitsConfig::default()
     };
-    let rig = Rig::new("r", &limits);
+    let rig = Rig::new(&limits);
     let to_a = rig.addr(rig.a.host4);
     let mut open = Vec::new();
     for i in 0..3 {
@@ -1224,7 +1160,7 @@ fn veth_max_conns_per_ip_blocks_until_a_close() {
         max_conns_per_ip: Some(2),
         ..LimitsConfig::default()
     };
-    let rig = Rig::new("c", &limits);
+    let rig = Rig::new(&limits);
     let to_a = rig.addr(rig.a.host4);
     let a_ip = IpAddr::V4(rig.a.peer4);
     let _c1 = try_connect(&rig.a.netns, to_a, LONG).expect("first connection");
@@ -1262,7 +1198,7 @@ fn veth_deny_allow_and_reload_in_place() {
         conn_burst: Some(1),
         ..LimitsConfig::default()
     };
-    let mut rig = Rig::new("d", &limits);
+    let mut rig = Rig::new(&limits);
     // Allow client A exactly (v4 and v6): exempt from the deny and from the rate.
     limits.allow = vec![
         IpNet::from(IpAddr::V4(rig.a.peer4)),
@@ -1316,14 +1252,15 @@ fn veth_syn_flood_from_one_namespace_while_another_is_served() {
         conn_burst: Some(40),
         ..LimitsConfig::default()
     };
-    let rig = Rig::new("f", &limits);
+    let rig = Rig::new(&limits);
     let to_a = rig.addr(rig.a.host4);
     let started = Instant::now();
     // `ip netns exec` execs hping3 in place, so the child's pid is hping3's own and
     // `KillOnDrop` stops it (after the loop below, or on a panic).
-    let flood = Command::new("ip")
-        .args(["netns", "exec", &rig.a.netns])
-        .args(["hping3", "-q", "-S", "--flood", "-p"])
+    let flood = rig
+        .a
+        .command("hping3")
+        .args(["-q", "-S", "--flood", "-p"])
         .arg(to_a.port().to_string())
         .arg(rig.a.host4.to_string())
         .stdout(Stdio::null())
@@ -1386,7 +1323,7 @@ fn veth_conn_rate_is_charged_for_connections_on_an_interface_without_the_program
         conn_burst: Some(3),
         ..LimitsConfig::default()
     };
-    let rig = Rig::with("u", &limits, &GuardOptions::default(), false);
+    let rig = Rig::with(&limits, &GuardOptions::default(), false);
     assert!(
         rig.b.attached_xdp().is_none(),
         "pair B must have no program"
@@ -1449,21 +1386,12 @@ fn veth_random_source_flood_does_not_lock_out_new_clients() {
         new_sources_per_sec: 200.0,
         new_sources_burst: 200,
     };
-    let rig = Rig::with("s", &limits, &options, true);
+    let rig = Rig::with(&limits, &options, true);
     // Spoofed sources: random /64s of a /48 that the host routes back into namespace A,
     // where the SYN-ACKs (SYN cookies) die, as they would in a spoofer's victims' networks.
     let subnet = rig.a.host6.segments()[3];
     let spoof = Ipv6Addr::new(0x2001, 0xdb8, 0xf000 | subnet, 0, 0, 0, 0, 0);
-    ip(&[
-        "-6",
-        "route",
-        "add",
-        &format!("{spoof}/48"),
-        "via",
-        &rig.a.peer6.to_string(),
-        "dev",
-        &rig.a.host_if,
-    ]);
+    rig.a.route_into(&format!("{spoof}/48"));
     // New legitimate clients: fresh addresses in namespace B's /64.
     const CLIENTS: u16 = 20;
     let peer = rig.b.peer6.segments();
@@ -1536,9 +1464,7 @@ fn connect_from(
     to: SocketAddr,
     timeout: Duration,
 ) -> Result<(), String> {
-    let netns = netns.to_owned();
-    std::thread::spawn(move || {
-        enter_netns(&netns);
+    in_netns(netns, move || {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(to),
             socket2::Type::STREAM,
@@ -1560,8 +1486,6 @@ fn connect_from(
             .map_err(|e| format!("{source}: echo: {e}"))?;
         Ok(())
     })
-    .join()
-    .expect("connect thread")
 }
 
 /// A paced SYN flood from random sources in `prefix`/48, sent as raw Ethernet frames
@@ -1577,12 +1501,12 @@ impl SpoofFlood {
         let SocketAddr::V6(to) = to else {
             panic!("an IPv6 target")
         };
-        let dst_mac = mac_of(&pair.host_if);
+        let dst_mac = pair.host_mac();
         let (netns, peer_if) = (pair.netns.clone(), pair.peer_if.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
-            enter_netns(&netns);
+            enter_netns(&netns).expect("enter the attacker namespace");
             let port = PacketPort::open(&peer_if, &dst_mac, false);
             let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
             let mut next = move || {
@@ -1659,16 +1583,6 @@ fn syn6_frame(dst_mac: &[u8], src: Ipv6Addr, to: &std::net::SocketAddrV6, sport:
     frame.extend_from_slice(&to.ip().octets());
     frame.extend_from_slice(&tcp);
     frame
-}
-
-/// The MAC address of `interface` (in this thread's namespace's sysfs: the host's).
-fn mac_of(interface: &str) -> Vec<u8> {
-    let mac = std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))
-        .unwrap_or_else(|e| panic!("MAC of {interface}: {e}"));
-    mac.trim()
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).unwrap())
-        .collect()
 }
 
 /// An AF_PACKET socket on `interface` (opened from inside its namespace): sends whole
@@ -1847,13 +1761,12 @@ fn veth_fragmented_syn_does_not_reach_the_listener() {
         conn_burst: Some(100),
         ..LimitsConfig::default()
     };
-    let rig = Rig::new("g", &limits);
-    let mac = mac_of(&rig.a.host_if);
+    let rig = Rig::new(&limits);
+    let mac = rig.a.host_mac();
     let (src, dst, port) = (rig.a.peer4, rig.a.host4, rig.server.addrs[0].port());
     let (netns, peer_if) = (rig.a.netns.clone(), rig.a.peer_if.clone());
     let before = rig.guard.packet_counts().unwrap();
-    let answered = std::thread::spawn(move || {
-        enter_netns(&netns);
+    let answered = in_netns(&netns, move || {
         let wire = PacketPort::open(&peer_if, &mac, true);
         // The whole SYN first: it is answered, so the observation works; then the two
         // fragmented ones, which the stack would reassemble into the same SYN.
@@ -1866,9 +1779,7 @@ fn veth_fragmented_syn_does_not_reach_the_listener() {
                 wire.saw_syn_ack(dst, port, sport, Duration::from_secs(1))
             })
             .collect::<Vec<bool>>()
-    })
-    .join()
-    .expect("wire thread");
+    });
     let after = rig.guard.packet_counts().unwrap();
     assert_eq!(
         answered,
@@ -1879,147 +1790,6 @@ fn veth_fragmented_syn_does_not_reach_the_listener() {
         after.packets(verdict::DROP_UNCLASSIFIED) >= before.packets(verdict::DROP_UNCLASSIFIED) + 2,
         "{after:?}"
     );
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // Our own child, by its pid.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A namespace and a veth pair `host_if` (here) <-> peer (in `netns`), each end with an
-/// IPv4 /30 from 198.51.100.0/24 and an IPv6 /64 from 2001:db8::/32.
-struct VethPair {
-    netns: String,
-    host_if: String,
-    peer_if: String,
-    host4: Ipv4Addr,
-    peer4: Ipv4Addr,
-    host6: Ipv6Addr,
-    peer6: Ipv6Addr,
-}
-
-static ADDRESSES: Mutex<()> = Mutex::new(());
-
-impl VethPair {
-    fn create(tag: &str) -> VethPair {
-        let pid = std::process::id();
-        let peer_if = format!("ggp{pid}{tag}");
-        let _lock = ADDRESSES.lock().unwrap_or_else(|p| p.into_inner());
-        let block = free_block(pid, tag);
-        let subnet = 0x100 + u16::from(block);
-        let veth = VethPair {
-            netns: format!("ggx{pid}{tag}"),
-            host_if: format!("ggh{pid}{tag}"),
-            peer_if: peer_if.clone(),
-            host4: Ipv4Addr::new(198, 51, 100, block + 1),
-            peer4: Ipv4Addr::new(198, 51, 100, block + 2),
-            host6: Ipv6Addr::new(0x2001, 0xdb8, 0x77, subnet, 0, 0, 0, 1),
-            peer6: Ipv6Addr::new(0x2001, 0xdb8, 0x77, subnet, 0, 0, 0, 2),
-        };
-        let (ns, host, peer) = (&veth.netns, &veth.host_if, &peer_if);
-        ip(&["netns", "add", ns]);
-        ip(&[
-            "link", "add", host, "type", "veth", "peer", "name", peer, "netns", ns,
-        ]);
-        ip(&["addr", "add", &format!("{}/30", veth.host4), "dev", host]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/64", veth.host6),
-            "dev",
-            host,
-            "nodad",
-        ]);
-        ip(&["link", "set", host, "up"]);
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/30", veth.peer4),
-            "dev",
-            peer,
-        ]);
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/64", veth.peer6),
-            "dev",
-            peer,
-            "nodad",
-        ]);
-        ip(&["-n", ns, "link", "set", peer, "up"]);
-        ip(&["-n", ns, "link", "set", "lo", "up"]);
-        veth
-    }
-
-    /// `(mode, program id)` of the XDP program on `host_if`, if any.
-    fn attached_xdp(&self) -> Option<(u64, u32)> {
-        let out = Command::new("ip")
-            .args(["-j", "-d", "link", "show", "dev", &self.host_if])
-            .output()
-            .ok()?;
-        let links: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let xdp = links.get(0)?.get("xdp")?;
-        let mode = xdp.get("mode")?.as_u64()?;
-        let id = xdp.get("prog")?.get("id")?.as_u64()?;
-        Some((mode, u32::try_from(id).ok()?))
-    }
-}
-
-impl Drop for VethPair {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .output();
-    }
-}
-
-/// Moves the calling thread (only) into network namespace `name`.
-fn enter_netns(name: &str) {
-    let file = File::open(format!("/run/netns/{name}")).expect("open netns");
-    // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's namespace.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-}
-
-/// A /30 in 198.51.100.0/24 with no address in use on this host.
-fn free_block(pid: u32, tag: &str) -> u8 {
-    let used = ip_output(&["-o", "-4", "addr", "show"]);
-    let salt: usize = tag.bytes().map(usize::from).sum();
-    let start = (pid as usize * 13 + salt) % 64;
-    (0..64)
-        .map(|i| ((start + i) % 64) as u8 * 4)
-        .find(|&base| {
-            (0..4).all(|offset| !used.contains(&format!("198.51.100.{}/", base + offset)))
-        })
-        .expect("a free /30 in 198.51.100.0/24")
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn ip_output(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {}", args.join(" "));
-    String::from_utf8(out.stdout).expect("utf-8")
 }
 
 // ---------------------------------------------------------------------------------------

@@ -23,13 +23,14 @@ pub mod origin;
 pub mod recording;
 pub mod wire;
 
-use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use client::{Client, Req, Response};
 pub use config::{Config, Route, Upstream};
+// The port pickers live in the workspace's test kit; re-exported so tests keep their paths.
 pub use gateway::Gateway;
+pub use gateway_test_support::{free_addr, free_port};
 pub use origin::{refused_addr, Action, Framing, Origin, RecordedRequest, Reply};
 pub use wire::{pattern_bytes, BodyFraming, CloseOutcome};
 
@@ -55,19 +56,6 @@ pub fn gateway_bin() -> PathBuf {
         path.display()
     );
     path
-}
-
-/// A free TCP port on 127.0.0.1 (bound to port 0, read, released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-/// `127.0.0.1:<free port>`.
-pub fn free_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// Polls `cond` every 20 ms until it holds; panics with `what` after `timeout`.

@@ -6,55 +6,15 @@
 //! `gateway/tests/xdp_guard.rs::veth_conn_rate_is_charged_for_connections_on_an_interface_without_the_program`.
 //!
 //! Needs root (attaching XDP): not root, it is skipped with a SKIPPED line on stderr,
-//! unless `CI=true`, where that is a failure. The veth pair it attaches to is created and
-//! deleted by the test (no addresses, no traffic: it only hosts the program).
+//! unless `CI=true`, where that is a failure. The veth pair it attaches to (the test kit's
+//! rig) is created and deleted by the test; no traffic crosses it: it only hosts the program.
 
+use gateway_test_support::{privileged, PinDir, VethPair};
 use gateway_tests::client::Client;
 use gateway_tests::control::scrape;
 use gateway_tests::{wait_until, Config, Gateway, Origin};
 use std::net::IpAddr;
-use std::process::Command;
 use std::time::Duration;
-
-fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert_ne!(
-        std::env::var("CI").as_deref(),
-        Ok("true"),
-        "{test}: CI=true but not root; the XDP tests must not be skipped in CI"
-    );
-    eprintln!("SKIPPED {test}: needs root (CAP_BPF, CAP_NET_ADMIN)");
-    false
-}
-
-/// A veth pair in the host namespace, deleted on drop (also on panic).
-struct Veth(String);
-
-impl Veth {
-    fn create() -> Veth {
-        let name = format!("gxu{}", std::process::id());
-        let out = Command::new("ip")
-            .args(["link", "add", &name, "type", "veth", "peer", "name"])
-            .arg(format!("{name}p"))
-            .output()
-            .expect("run ip");
-        assert!(
-            out.status.success(),
-            "ip link add: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Veth(name)
-    }
-}
-
-impl Drop for Veth {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
-    }
-}
 
 /// One request on a new connection from `source`; `None` when the gateway closed it at
 /// accept (refused) instead of answering.
@@ -68,24 +28,24 @@ fn status_from(gw: &Gateway, source: &str) -> Option<u16> {
 
 #[test]
 fn conn_rate_is_charged_on_lo_while_xdp_guards_another_interface() {
-    if !privileged("conn_rate_is_charged_on_lo_while_xdp_guards_another_interface") {
+    if !privileged(
+        "conn_rate_is_charged_on_lo_while_xdp_guards_another_interface",
+        "CAP_BPF, CAP_NET_ADMIN",
+    ) {
         return;
     }
-    let veth = Veth::create();
-    let pin = format!(
-        "/sys/fs/bpf/gateway-test-xdp-unguarded-{}",
-        std::process::id()
-    );
+    let veth = VethPair::create();
+    // Declared before the gateway, so it is dropped (the pins removed) after it stops.
+    let pin = PinDir::new("gateway-test-xdp-unguarded");
     let origin = Origin::named("api");
     let config = Config::proxy_all(&[origin.addr()])
         .workers(1)
         .extra(&format!(
             "[limits]\nconn_rate = \"0.05/s\"\nconn_burst = 3\n\n\
-         [xdp]\nmode = \"generic\"\ninterface = \"{}\"\npin_path = \"{pin}\"\n",
-            veth.0
+         [xdp]\nmode = \"generic\"\ninterface = \"{}\"\npin_path = \"{}\"\n",
+            veth.host_if,
+            pin.path().display()
         ));
-    // Declared before the gateway, so it is dropped (the pins removed) after it stops.
-    let _cleanup = PinDir(pin);
     let gw = Gateway::with(&config);
     // The program is attached (the gateway would not start otherwise in generic mode).
     assert!(
@@ -115,18 +75,4 @@ fn conn_rate_is_charged_on_lo_while_xdp_guards_another_interface() {
             )
             .is_some_and(|n| n >= 1.0)
     });
-}
-
-/// Removes the test's own pin directory (maps pinned by the gateway) on drop.
-struct PinDir(String);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Ok(dir) = std::fs::read_dir(&self.0) {
-            for entry in dir.flatten() {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.0);
-    }
 }

@@ -14,10 +14,11 @@
 
 use crate::{find_program, install, run_cmd, target_dir, workspace_root};
 use anyhow::{bail, Context, Result};
+use gateway_test_support::{free_addr, stop_child};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -158,17 +159,7 @@ struct Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        // SAFETY: signalling a child we started.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child, Duration::from_secs(5));
     }
 }
 
@@ -217,7 +208,7 @@ pub fn run(args: &Args) -> Result<()> {
 
     let pin = (args.proxy_cpus != "none").then(|| args.proxy_cpus.clone());
     let others = pin.as_ref().map(|p| other_cpus(p));
-    let upstream_addr = free_addr()?;
+    let upstream_addr = free_addr();
     let up = start_upstream(&nginx, &scratch, upstream_addr, others.as_deref())?;
     let ng = start_reference_nginx(
         &nginx,
@@ -434,10 +425,6 @@ fn other_cpus(pinned: &str) -> String {
     }
 }
 
-fn free_addr() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 fn pinned(cmd: &Path, cpus: Option<&str>) -> Command {
     match cpus {
         Some(cpus) => {
@@ -527,8 +514,8 @@ fn start_reference_nginx(
 ) -> Result<Proc> {
     let template =
         std::fs::read_to_string(workspace_root().join("tests/fixtures/nginx-reference.conf"))?;
-    let addr = free_addr()?;
-    let tls_addr = free_addr()?;
+    let addr = free_addr();
+    let tls_addr = free_addr();
     // The reference front with TLS added as the contract says the TLS benchmarks do.
     let template = template.replace(
         "listen @LISTEN@ reuseport;",
@@ -541,7 +528,7 @@ fn start_reference_nginx(
     );
     // A second server with the RSA certificate on its own port (nginx binds certificates to
     // servers, not to listen sockets), proxying /api/ the same way.
-    let rsa_addr = free_addr()?;
+    let rsa_addr = free_addr();
     let last = template
         .rfind('}')
         .context("reference config has no closing brace")?;
@@ -583,10 +570,10 @@ fn start_gateway(
     workers: usize,
     cpus: Option<&str>,
 ) -> Result<Proc> {
-    let addr = free_addr()?;
-    let tls_addr = free_addr()?;
-    let rsa_addr = free_addr()?;
-    let admin = free_addr()?;
+    let addr = free_addr();
+    let tls_addr = free_addr();
+    let rsa_addr = free_addr();
+    let admin = free_addr();
     let d = dir.display();
     let conf = format!(
         "[server]\nworkers = {workers}\n\n[log]\naccess = \"off\"\nlevel = \"warn\"\n\n[admin]\nlisten = \"{admin}\"\n\n\

@@ -307,13 +307,8 @@ fn libllvm_major(file_name: &str) -> Option<u32> {
 }
 
 fn bpffs() -> Result<bool> {
-    const BPFFS: &str = "/sys/fs/bpf";
-    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let mounted = mounts.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        let (_, dir, fstype) = (f.next(), f.next(), f.next());
-        dir == Some(BPFFS) && fstype == Some("bpf")
-    });
+    const BPFFS: &str = gateway_test_support::bpffs::SYS_FS_BPF;
+    let mounted = gateway_test_support::bpffs_mounted_at(Path::new(BPFFS));
     if mounted || !is_root() || !Path::new(BPFFS).is_dir() {
         // Non-root processes cannot pin maps anyway; the privileged tests need root.
         return Ok(false);
