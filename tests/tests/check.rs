@@ -303,3 +303,29 @@ fn check_refuses_huge_numbers_without_panicking() {
         assert_refused(&text, "conn_rate", line);
     }
 }
+
+#[test]
+fn check_refuses_zero_timeouts_that_would_flap_or_fail_everything() {
+    let good = bad_config(false, false, false);
+    let servers = "servers = [\"127.0.0.1:9\"]";
+    for (extra, key) in [
+        // A server marked down for 0 s is back before the next request: it only flaps.
+        ("fail_timeout = \"0s\"", "fail_timeout"),
+        ("fail_timeout = \"500ms\"", "fail_timeout"),
+        ("keepalive_timeout = \"0s\"", "keepalive_timeout"),
+    ] {
+        let text = good.replace(servers, &format!("{servers}\n{extra}"));
+        assert_refused(&text, key, line_of(&text, extra));
+    }
+    for extra in ["connect_timeout = \"0s\"", "read_timeout = \"0ms\""] {
+        let text = good.replace(
+            "path_prefix = \"/\"",
+            &format!("path_prefix = \"/\"\n{extra}"),
+        );
+        let key = extra.split(' ').next().unwrap();
+        assert_refused(&text, key, line_of(&text, extra));
+    }
+    let text = good.replace(servers, &format!("{servers}\nfail_timeout = \"1s\""));
+    let (out, stderr) = check("good.toml", &text);
+    assert_eq!(out.status.code(), Some(0), "1s refused:\n{stderr}");
+}
