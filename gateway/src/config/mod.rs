@@ -409,6 +409,9 @@ pub struct RouteConfig {
     pub allow_trace: bool,
 }
 
+/// Default of `[limits] ipv6_prefix`: a /64 is what one subscriber usually gets.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
 #[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -433,7 +436,7 @@ impl Default for LimitsConfig {
             request_burst: None,
             deny: Vec::new(),
             allow: Vec::new(),
-            ipv6_prefix: crate::policy::limits::DEFAULT_IPV6_PREFIX,
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
         }
     }
 }
