@@ -347,6 +347,12 @@ pub struct UpstreamConfig {
     pub health_check: Option<HealthCheckConfig>,
 }
 
+/// Upper bound of the number of servers in one upstream.
+pub const MAX_UPSTREAM_SERVERS: usize = 1024;
+
+/// Upper bound of the sum of one upstream's server weights.
+pub const MAX_UPSTREAM_TOTAL_WEIGHT: u64 = 10_000;
+
 /// Upper bound of `upstream.keepalive`, idle connections per worker.
 pub const MAX_UPSTREAM_KEEPALIVE: usize = 65536;
 
@@ -790,6 +796,26 @@ impl Config {
                         "weight must be between 1 and 1000".into(),
                     );
                 }
+            }
+            // Every upstream builds a consistent-hash ring of 160 points per unit of
+            // weight at each load and reload: unbounded, a list of heavy servers is
+            // gigabytes and seconds of work before the gateway serves anything.
+            if up.servers.len() > MAX_UPSTREAM_SERVERS {
+                err(
+                    span.clone(),
+                    &table,
+                    "servers",
+                    format!("at most {MAX_UPSTREAM_SERVERS} servers per upstream"),
+                );
+            }
+            let total: u64 = up.servers.iter().map(|s| u64::from(s.weight())).sum();
+            if total > MAX_UPSTREAM_TOTAL_WEIGHT {
+                err(
+                    span.clone(),
+                    &table,
+                    "servers",
+                    format!("the weights add up to {total}, more than {MAX_UPSTREAM_TOTAL_WEIGHT}"),
+                );
             }
             if up.max_fails == 0 {
                 err(
@@ -1353,6 +1379,25 @@ respond = { status = 200, body = "ok\n" }
             ),
             (upstream("keepalive = 65537"), "upstream[0].keepalive", 11),
             (
+                GOOD.replace("weight = 2", "weight = 1000").replace(
+                    "servers = [",
+                    &format!(
+                        "servers = [{}",
+                        "{ addr = \"127.0.0.1:1\", weight = 1000 },".repeat(9)
+                    ),
+                ),
+                "upstream[0].servers",
+                11,
+            ),
+            (
+                GOOD.replace(
+                    "servers = [",
+                    &format!("servers = [{}", "\"127.0.0.1:1\",".repeat(1023)),
+                ),
+                "upstream[0].servers",
+                11,
+            ),
+            (
                 route("connect_timeout = \"0s\""),
                 "route[0].connect_timeout",
                 16,
@@ -1383,6 +1428,17 @@ respond = { status = 200, body = "ok\n" }
             upstream("fail_timeout = \"1s\""),
             upstream("keepalive = 0\nkeepalive_timeout = \"0s\""),
             upstream("keepalive = 65536"),
+            GOOD.replace("weight = 2", "weight = 1000").replace(
+                "servers = [",
+                &format!(
+                    "servers = [{}",
+                    "{ addr = \"127.0.0.1:1\", weight = 1000 },".repeat(8)
+                ),
+            ),
+            GOOD.replace(
+                "servers = [",
+                &format!("servers = [{}", "\"127.0.0.1:1\",".repeat(1022)),
+            ),
             route("read_timeout = \"1ms\""),
             limits("request_rate = \"1/s\"\nrequest_burst = 1"),
         ] {
