@@ -127,12 +127,33 @@ fn module_of(file: &str) -> Vec<String> {
 /// text).
 pub fn find_cycles(files: &[(String, String)]) -> Vec<Cycle> {
     let modules: BTreeSet<Vec<String>> = files.iter().map(|(f, _)| module_of(f)).collect();
+    let scanned: Vec<(&String, Vec<String>, Vec<PathUse>)> = files
+        .iter()
+        .map(|(file, text)| {
+            let (uses, tests) = paths_in(text, file == "main.rs");
+            (file, tests, uses)
+        })
+        .collect();
+    // `#[cfg(test)] mod x;`: x's file (and anything under it) is test code.
+    let test_only: Vec<Vec<String>> = scanned
+        .iter()
+        .flat_map(|(file, tests, _)| {
+            let here = module_of(file);
+            tests.iter().map(move |t| {
+                let mut m = here.clone();
+                m.push(t.clone());
+                m
+            })
+        })
+        .collect();
     // parent -> (from, to) -> first witness
     let mut graphs: BTreeMap<Vec<String>, BTreeMap<(String, String), Witness>> = BTreeMap::new();
-    for (file, text) in files {
+    for (file, _, uses) in &scanned {
         let here = module_of(file);
-        let is_main = file == "main.rs";
-        for use_ in paths_in(text, is_main) {
+        if test_only.iter().any(|t| here.starts_with(t)) {
+            continue;
+        }
+        for use_ in uses {
             let full = match use_.root {
                 Root::Crate => use_.segments.clone(),
                 Root::Super(n) => {
@@ -155,7 +176,7 @@ pub fn find_cycles(files: &[(String, String)]) -> Vec<Cycle> {
                 continue;
             }
             let witness = Witness {
-                file: file.clone(),
+                file: (*file).clone(),
                 line: use_.line,
                 path: use_.text.clone(),
             };
@@ -266,9 +287,10 @@ struct Token {
 
 /// The paths a file's code uses, rooted at `crate::` or `super::` (or `gateway::` for the
 /// binary, which sees the library as an external crate; its own `crate::` is not the
-/// library).
-fn paths_in(text: &str, is_main: bool) -> Vec<PathUse> {
-    let tokens = tokens(&strip_test_modules(&code_only(text)));
+/// library), and the names of the test-only modules it declares in files of their own.
+fn paths_in(text: &str, is_main: bool) -> (Vec<PathUse>, Vec<String>) {
+    let (code, test_modules) = strip_test_modules(&code_only(text));
+    let tokens = tokens(&code);
     let is = |i: usize, s: &str| tokens.get(i).is_some_and(|t| t.text == s);
     let mut out = Vec::new();
     let mut i = 0;
@@ -323,7 +345,7 @@ fn paths_in(text: &str, is_main: bool) -> Vec<PathUse> {
         }
         i = end.max(i + 1);
     }
-    out
+    (out, test_modules)
 }
 
 fn is_ident(s: &str) -> bool {
@@ -512,44 +534,58 @@ fn code_only(src: &str) -> String {
 }
 
 /// Blanks `#[cfg(test)]` modules with a body (`mod tests { ... }`): tests may reach
-/// anywhere, and are not part of the layering. Expects comments and strings gone.
-fn strip_test_modules(code: &str) -> String {
+/// anywhere, and are not part of the layering. Returns the text and the names of
+/// `#[cfg(test)] mod name;` declarations, whose files are test-only. Expects comments and
+/// strings gone.
+fn strip_test_modules(code: &str) -> (String, Vec<String>) {
     let mut chars: Vec<char> = code.chars().collect();
-    let text: String = chars.iter().collect();
-    let mut from = 0;
-    while let Some(pos) = text[from..].find("#[cfg(test)]") {
-        let start = from + pos;
-        from = start + 1;
-        // Char indices equal byte indices here only for ASCII; map through char_indices.
-        let Some(cstart) = text.char_indices().position(|(b, _)| b == start) else {
+    let mut test_files = Vec::new();
+    let attr: Vec<char> = "#[cfg(test)]".chars().collect();
+    let skip_ws = |k: &mut usize, chars: &[char]| {
+        while *k < chars.len() && chars[*k].is_whitespace() {
+            *k += 1;
+        }
+    };
+    let word = |k: usize, chars: &[char], w: &str| {
+        let w: Vec<char> = w.chars().collect();
+        chars[k.min(chars.len())..].starts_with(&w)
+            && chars.get(k + w.len()).is_some_and(|c| c.is_whitespace())
+    };
+    let mut start = 0;
+    while start < chars.len() {
+        if !chars[start..].starts_with(&attr) {
+            start += 1;
             continue;
-        };
-        let mut k = cstart + "#[cfg(test)]".len();
-        let skip_ws = |k: &mut usize, chars: &[char]| {
-            while *k < chars.len() && chars[*k].is_whitespace() {
-                *k += 1;
-            }
-        };
+        }
+        let mut k = start + attr.len();
         skip_ws(&mut k, &chars);
-        let word = |k: usize, chars: &[char], w: &str| {
-            let w: Vec<char> = w.chars().collect();
-            chars[k..].starts_with(&w) && chars.get(k + w.len()).is_some_and(|c| c.is_whitespace())
-        };
+        // Further attributes (`#[allow(...)]`) between the cfg and the item.
+        while chars.get(k) == Some(&'#') && chars.get(k + 1) == Some(&'[') {
+            match (k..chars.len()).find(|&m| chars[m] == ']') {
+                Some(close) => k = close + 1,
+                None => break,
+            }
+            skip_ws(&mut k, &chars);
+        }
         if word(k, &chars, "pub") {
             k += 3;
             skip_ws(&mut k, &chars);
         }
         if !word(k, &chars, "mod") {
+            start += 1;
             continue;
         }
         let Some(open) = (k..chars.len()).find(|&m| chars[m] == '{' || chars[m] == ';') else {
-            continue;
+            break;
         };
         if chars[open] == ';' {
+            let name: String = chars[k + 3..open].iter().collect();
+            test_files.push(name.trim().to_string());
+            start = open;
             continue;
         }
         let mut depth = 0;
-        let mut end = open;
+        let mut end = chars.len();
         for (m, &c) in chars.iter().enumerate().skip(open) {
             if c == '{' {
                 depth += 1;
@@ -561,13 +597,14 @@ fn strip_test_modules(code: &str) -> String {
                 }
             }
         }
-        for c in &mut chars[cstart..end.max(open)] {
+        for c in &mut chars[start..end] {
             if *c != '\n' {
                 *c = ' ';
             }
         }
+        start = end;
     }
-    chars.into_iter().collect()
+    (chars.into_iter().collect(), test_files)
 }
 
 #[cfg(test)]
@@ -660,6 +697,32 @@ mod tests {
     }
 
     #[test]
+    fn test_only_module_files_do_not_count() {
+        let cycles = tree(&[
+            ("lib.rs", "pub mod a;\npub mod b;\n"),
+            (
+                "a/mod.rs",
+                "#[cfg(test)]\n#[allow(dead_code)]\npub mod kit;\nuse crate::b::B;\n",
+            ),
+            ("a/kit/mod.rs", "use crate::b::B;\n"),
+            ("a/kit/deep.rs", "use crate::b::B;\n"),
+            (
+                "b.rs",
+                "#[cfg(test)]\n#[allow(unused)]\nmod tests {\n    use crate::a::kit;\n}\n",
+            ),
+        ]);
+        assert_eq!(cycles, []);
+        // The same use outside the test module is an edge, and closes the cycle.
+        let cycles = tree(&[
+            ("lib.rs", "pub mod a;\npub mod b;\n"),
+            ("a/mod.rs", "use crate::b::B;\n"),
+            ("b.rs", "#[cfg(test)]\nmod tests {}\nuse crate::a::A;\n"),
+        ]);
+        assert_eq!(cycles.len(), 1, "{cycles:?}");
+        assert_eq!(cycles[0].edges[1].2.line, 3);
+    }
+
+    #[test]
     fn nested_siblings_and_super_paths_form_cycles_too() {
         let cycles = tree(&[
             ("lib.rs", "pub mod io;\n"),
@@ -689,7 +752,7 @@ mod tests {
             ("main.rs", "use gateway::a;\nuse crate::cli;\n"),
         ];
         assert_eq!(tree(&files), []);
-        let uses = paths_in("use gateway::a::{b, c as d};\nuse crate::cli;\n", true);
+        let (uses, _) = paths_in("use gateway::a::{b, c as d};\nuse crate::cli;\n", true);
         let texts: Vec<&str> = uses.iter().map(|u| u.text.as_str()).collect();
         assert_eq!(texts, ["gateway::a::b", "gateway::a::c"]);
     }
