@@ -53,8 +53,8 @@ fn decimal(number: &str) -> Option<(u128, u128, u32)> {
     } else {
         significant.parse().unwrap_or(u128::MAX)
     };
-    // Nanoseconds are the finest unit: digits past the ninth place cannot change a
-    // duration, so they are dropped rather than parsed (and cannot overflow).
+    // The longest unit, a day, is under 10^14 ns: fraction digits past the 18th place
+    // cannot change a nanosecond, so they are dropped rather than parsed (no overflow).
     let frac = frac.trim_end_matches('0');
     let kept = &frac[..frac.len().min(18)];
     let value: u128 = if kept.is_empty() {
