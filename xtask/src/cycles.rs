@@ -78,12 +78,14 @@ fn read_tree(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> Result
     Ok(())
 }
 
-/// Where an edge is made: the first use found.
+/// Where an edge is made: the first use found, and the number of uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Witness {
     pub file: String,
     pub line: usize,
     pub path: String,
+    /// How many places make this edge: the fewest is usually the one to cut.
+    pub uses: usize,
 }
 
 /// Siblings under `parent` that import each other, with one witness per edge among them.
@@ -102,11 +104,15 @@ impl fmt::Display for Cycle {
             format!("`{}`", self.parent)
         };
         write!(f, "  cycle under {under}: {}", self.members.join(" <-> "))?;
+        write!(
+            f,
+            "\n    edges, fewest uses first (an edge pointing up is usually rare):"
+        )?;
         for (from, to, w) in &self.edges {
             write!(
                 f,
-                "\n    {from} -> {to}: gateway/src/{}:{} ({})",
-                w.file, w.line, w.path
+                "\n    {from} -> {to}: gateway/src/{}:{} ({}), {} use(s)",
+                w.file, w.line, w.path, w.uses
             )?;
         }
         Ok(())
@@ -179,22 +185,28 @@ pub fn find_cycles(files: &[(String, String)]) -> Vec<Cycle> {
                 file: (*file).clone(),
                 line: use_.line,
                 path: use_.text.clone(),
+                uses: 0,
             };
+            let (from, to) = (here[common].clone(), target[common].clone());
+            let edge = if use_.reverse { (to, from) } else { (from, to) };
             graphs
                 .entry(here[..common].to_vec())
                 .or_default()
-                .entry((here[common].clone(), target[common].clone()))
-                .or_insert(witness);
+                .entry(edge)
+                .or_insert(witness)
+                .uses += 1;
         }
     }
     let mut cycles = Vec::new();
     for (parent, edges) in graphs {
         for members in strongly_connected(&edges) {
-            let edges = edges
+            // Fewest uses first: in a layered tree, the edge that points up is the rare one.
+            let mut edges: Vec<(String, String, Witness)> = edges
                 .iter()
                 .filter(|((a, b), _)| members.contains(a) && members.contains(b))
                 .map(|((a, b), w)| (a.clone(), b.clone(), w.clone()))
                 .collect();
+            edges.sort_by_key(|(_, _, w)| w.uses);
             cycles.push(Cycle {
                 parent: parent.join("::"),
                 members: members.into_iter().collect(),
@@ -277,6 +289,11 @@ struct PathUse {
     segments: Vec<String>,
     line: usize,
     text: String,
+    /// An inherent `impl` of the path's type: the type's own module then depends on this
+    /// one (its methods live here), so the edge points the other way.
+    reverse: bool,
+    /// Written in a `use` item, so its last segment is a name in scope in the file.
+    imported: bool,
 }
 
 #[derive(Debug, PartialEq)]
@@ -308,6 +325,7 @@ fn paths_in(text: &str, is_main: bool) -> (Vec<PathUse>, Vec<String>) {
             continue;
         }
         let line = tokens[i].line;
+        let imported = is(i.wrapping_sub(1), "use");
         let mut root = if library_root {
             Root::Crate
         } else {
@@ -341,11 +359,91 @@ fn paths_in(text: &str, is_main: bool) -> (Vec<PathUse>, Vec<String>) {
                 segments,
                 line,
                 text,
+                reverse: false,
+                imported,
             });
         }
         i = end.max(i + 1);
     }
+    let impls = foreign_impls(&tokens, &out);
+    out.extend(impls);
     (out, test_modules)
+}
+
+/// Inherent `impl`s (`impl T {`, not `impl Trait for T`) of types named by a crate path
+/// or imported by one of `uses`: methods of a type written in another module are a
+/// dependency of the type's module on this one, invisible in its own imports.
+fn foreign_impls(tokens: &[Token], uses: &[PathUse]) -> Vec<PathUse> {
+    let text = |i: usize| tokens.get(i).map(|t| t.text.as_str()).unwrap_or("");
+    let skip_generics = |mut i: usize| {
+        if text(i) != "<" {
+            return i;
+        }
+        let mut depth = 0;
+        while i < tokens.len() {
+            match text(i) {
+                "<" => depth += 1,
+                ">" => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return i + 1;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        i
+    };
+    // A type defined in this file shadows nothing imported: its impls are local.
+    let local: BTreeSet<&str> = tokens
+        .windows(2)
+        .filter(|w| matches!(w[0].text.as_str(), "struct" | "enum" | "union" | "type"))
+        .map(|w| w[1].text.as_str())
+        .collect();
+    let mut out = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        if token.text != "impl" || text(i.wrapping_sub(1)) == "::" {
+            continue;
+        }
+        let mut j = skip_generics(i + 1);
+        let mut path = Vec::new();
+        while is_ident(text(j)) || text(j) == "$crate" {
+            path.push(text(j).to_string());
+            j += 1;
+            if text(j) != "::" {
+                break;
+            }
+            j += 1;
+        }
+        j = skip_generics(j);
+        if path.is_empty() || !matches!(text(j), "{" | "where") {
+            continue;
+        }
+        let found = match path[0].as_str() {
+            "crate" | "$crate" => Some((Root::Crate, path[1..].to_vec())),
+            "super" => {
+                let n = path.iter().take_while(|p| *p == "super").count();
+                Some((Root::Super(n), path[n..].to_vec()))
+            }
+            name if path.len() == 1 && !local.contains(name) => uses
+                .iter()
+                .find(|u| u.imported && u.segments.last().map(String::as_str) == Some(name))
+                .map(|u| (u.root, u.segments.clone())),
+            _ => None,
+        };
+        if let Some((root, segments)) = found {
+            out.push(PathUse {
+                root,
+                segments,
+                line: token.line,
+                text: format!("impl {}", path.join("::")),
+                reverse: true,
+                imported: false,
+            });
+        }
+    }
+    out
 }
 
 fn is_ident(s: &str) -> bool {
@@ -639,7 +737,7 @@ mod tests {
         assert_eq!(edges, [("a", "b", "a/x.rs", 3), ("b", "a", "b.rs", 2)]);
         let text = report(&cycles);
         assert!(
-            text.contains("gateway/src/a/x.rs:3 (crate::b::Thing)"),
+            text.contains("a -> b: gateway/src/a/x.rs:3 (crate::b::Thing), 1 use(s)"),
             "{text}"
         );
     }
@@ -692,6 +790,46 @@ mod tests {
 }
 "####,
             ),
+        ]);
+        assert_eq!(cycles, []);
+    }
+
+    #[test]
+    fn methods_written_in_another_module_are_its_dependency() {
+        // `b` never names `a`, but calls methods of its own type that live in `a`.
+        let files = [
+            ("lib.rs", "pub mod a;\npub mod b;\n"),
+            (
+                "a.rs",
+                "use crate::b::Settings;\n\nimpl Settings {\n    fn check(&self) {}\n}\n",
+            ),
+            (
+                "b.rs",
+                "pub struct Settings;\nfn f(s: &Settings) { s.check() }\n",
+            ),
+        ];
+        let cycles = tree(&files);
+        assert_eq!(cycles.len(), 1, "{cycles:?}");
+        let (from, to, w) = &cycles[0].edges[1];
+        assert_eq!(
+            (from.as_str(), to.as_str(), w.line),
+            ("b", "a", 3),
+            "{cycles:?}"
+        );
+        assert_eq!(w.path, "impl Settings");
+        // Trait impls, impls of local types and `impl Trait` in signatures are not.
+        let cycles = tree(&[
+            ("lib.rs", "pub mod a;\npub mod b;\n"),
+            (
+                "a.rs",
+                "use crate::b::Settings;\nstruct Local;\nimpl Local {}\n\
+                 struct Kind;\nfn g() { let _ = crate::b::Enum::Kind; }\nimpl Kind {}\n\
+                 fn h() { let _ = crate::b::Enum::Other; }\nimpl Other {}\n\
+                 impl<T> std::fmt::Debug for Settings {}\n\
+                 impl Clone for crate::b::Settings {}\n\
+                 fn f() -> impl Iterator<Item = u8> { todo!() }\n",
+            ),
+            ("b.rs", "pub struct Settings;\n"),
         ]);
         assert_eq!(cycles, []);
     }
