@@ -259,3 +259,73 @@ fn version_and_help_exit_zero() {
         );
     }
 }
+
+/// `check` on `text` exits 1 (not a panic's 101) and names file, `key` and line `line`.
+fn assert_refused(text: &str, key: &str, line: usize) {
+    let (out, stderr) = check("bad.toml", text);
+    assert!(!stderr.contains("panicked"), "check panicked:\n{stderr}");
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{stderr}\n{text}");
+    assert!(stderr.contains("bad.toml"), "file not named:\n{stderr}");
+    assert!(stderr.contains(key), "key {key} not named:\n{stderr}");
+    assert!(
+        mentions_line(&stderr, line),
+        "line {line} not named:\n{stderr}"
+    );
+}
+
+#[test]
+fn check_refuses_huge_numbers_without_panicking() {
+    // Each once overflowed a float or an integer in unit parsing and panicked the parser.
+    let good = bad_config(false, false, false);
+    for value in [
+        "\"99999999999999999999h\"",
+        "\"18446744073709551615s\"",
+        "\"213503982334601d\"",
+        "\"1e400s\"",
+        "\"366d\"",
+    ] {
+        let text = good.replace(
+            "keepalive_timeout = \"5s\"",
+            &format!("keepalive_timeout = {value}"),
+        );
+        assert_refused(&text, "keepalive_timeout", 3);
+    }
+    for (key, value) in [
+        ("max_header_bytes", "\"99999999999999999999999G\""),
+        ("client_min_rate", "\"18446744073709551615K\""),
+    ] {
+        let text = good.replace("keepalive_timeout = \"5s\"", &format!("{key} = {value}"));
+        assert_refused(&text, key, 3);
+    }
+    for value in ["\"NaN/s\"", "\"inf/s\"", "\"1e999/s\"", "\"99999999999/s\""] {
+        let text = format!("{good}\n[limits]\nconn_rate = {value}\n");
+        let line = line_of(&text, "conn_rate");
+        assert_refused(&text, "conn_rate", line);
+    }
+}
+
+#[test]
+fn check_refuses_zero_timeouts_that_would_flap_or_fail_everything() {
+    let good = bad_config(false, false, false);
+    let servers = "servers = [\"127.0.0.1:9\"]";
+    for (extra, key) in [
+        // A server marked down for 0 s is back before the next request: it only flaps.
+        ("fail_timeout = \"0s\"", "fail_timeout"),
+        ("fail_timeout = \"500ms\"", "fail_timeout"),
+        ("keepalive_timeout = \"0s\"", "keepalive_timeout"),
+    ] {
+        let text = good.replace(servers, &format!("{servers}\n{extra}"));
+        assert_refused(&text, key, line_of(&text, extra));
+    }
+    for extra in ["connect_timeout = \"0s\"", "read_timeout = \"0ms\""] {
+        let text = good.replace(
+            "path_prefix = \"/\"",
+            &format!("path_prefix = \"/\"\n{extra}"),
+        );
+        let key = extra.split(' ').next().unwrap();
+        assert_refused(&text, key, line_of(&text, extra));
+    }
+    let text = good.replace(servers, &format!("{servers}\nfail_timeout = \"1s\""));
+    let (out, stderr) = check("good.toml", &text);
+    assert_eq!(out.status.code(), Some(0), "1s refused:\n{stderr}");
+}

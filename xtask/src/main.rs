@@ -1,11 +1,13 @@
 //! `cargo xtask`: the project's automation, so that a fresh Debian machine needs nothing done
 //! by hand. `install` puts the toolchain pieces and Debian packages in place (and is run first
 //! by `run`, `test` and `bench`), `run` starts the gateway with the example config and a demo
-//! upstream, `test` runs every check CI runs, `demo-upstream` runs only the demo upstream.
+//! upstream, `test` runs every check CI runs, `cycles` checks
+//! `gateway/src` for module import cycles, `demo-upstream` runs only the demo upstream.
 //!
 //! The alias lives in `.cargo/config.toml`: `xtask = "run --quiet --package xtask --"`.
 
 mod bench;
+mod cycles;
 mod demo_upstream;
 mod install;
 mod run;
@@ -41,6 +43,8 @@ enum Cmd {
     Test(test::Args),
     /// Benchmarks against nginx with the reference config, interleaved, same machine.
     Bench(bench::Args),
+    /// Fail if gateway/src has a module import cycle, listing each with file and line.
+    Cycles(cycles::Args),
     /// Run only the demo upstream: answers every request with 200 and a short JSON body.
     DemoUpstream(demo_upstream::Args),
 }
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run::run(&args),
         Cmd::Test(args) => test::run(&args).map(|()| ExitCode::SUCCESS),
         Cmd::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        Cmd::Cycles(args) => cycles::run(&args).map(|()| ExitCode::SUCCESS),
         Cmd::DemoUpstream(args) => demo_upstream::run(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: every check CI runs, in order, stopping at the first failure:
-//! install, `cargo fmt --check`, clippy (`-D warnings`), a debug build, then every test with
+//! install, `cargo fmt --check`, clippy (`-D warnings`), the module-cycle check
+//! ([`crate::cycles`]), a debug build, then every test with
 //! `GATEWAY_BIN` pointing at the built binary for the integration tests in `tests/`.
 //! The workspace tests include the stable replay of the fuzz targets (`fuzz/tests/corpus.rs`:
 //! every target over its seed corpus in `fuzz/corpus/`), so a seed that crashes a harness or
@@ -20,6 +21,11 @@ use std::{env, process::Command};
 use anyhow::{bail, Result};
 
 use crate::{cargo, install, is_root, run_cmd, target_dir, workspace_root};
+
+/// Whether a module import cycle in `gateway/src` fails the run (`cargo xtask cycles`
+/// always fails on one). Off while the cycles the layout change left are being removed;
+/// turn on once `cargo xtask cycles` passes on main.
+const ENFORCE_CYCLES: bool = false;
 
 /// The crate that only builds for the BPF target.
 const EBPF_CRATE: &str = "gateway-ebpf";
@@ -73,6 +79,16 @@ pub fn run(args: &Args) -> Result<()> {
             cmd.args(features).args(["--", "-D", "warnings"]);
             run_cmd(&mut cmd)?;
         }
+    }
+
+    // Before anything is built: a cycle is a layering mistake, found in a second.
+    let cycles = crate::cycles::check_dir(&root.join("gateway/src"))?;
+    if !cycles.is_empty() {
+        let report = crate::cycles::report(&cycles);
+        if ENFORCE_CYCLES {
+            bail!("{report}");
+        }
+        eprintln!("xtask: warning (not yet enforced): {report}");
     }
 
     run_cmd(&mut cargo_cmd(&[

@@ -347,6 +347,15 @@ pub struct UpstreamConfig {
     pub health_check: Option<HealthCheckConfig>,
 }
 
+/// Upper bound of the number of servers in one upstream.
+pub const MAX_UPSTREAM_SERVERS: usize = 1024;
+
+/// Upper bound of the sum of one upstream's server weights.
+pub const MAX_UPSTREAM_TOTAL_WEIGHT: u64 = 10_000;
+
+/// Upper bound of `upstream.keepalive`, idle connections per worker.
+pub const MAX_UPSTREAM_KEEPALIVE: usize = 65536;
+
 fn default_balance() -> Balance {
     Balance::RoundRobin
 }
@@ -406,6 +415,9 @@ pub struct RouteConfig {
     pub allow_trace: bool,
 }
 
+/// Default of `[limits] ipv6_prefix`: a /64 is what one subscriber usually gets.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
 #[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -430,7 +442,7 @@ impl Default for LimitsConfig {
             request_burst: None,
             deny: Vec::new(),
             allow: Vec::new(),
-            ipv6_prefix: crate::policy::limits::DEFAULT_IPV6_PREFIX,
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
         }
     }
 }
@@ -785,12 +797,63 @@ impl Config {
                     );
                 }
             }
+            // Every upstream builds a consistent-hash ring of 160 points per unit of
+            // weight at each load and reload: unbounded, a list of heavy servers is
+            // gigabytes and seconds of work before the gateway serves anything.
+            if up.servers.len() > MAX_UPSTREAM_SERVERS {
+                err(
+                    span.clone(),
+                    &table,
+                    "servers",
+                    format!("at most {MAX_UPSTREAM_SERVERS} servers per upstream"),
+                );
+            }
+            let total: u64 = up.servers.iter().map(|s| u64::from(s.weight())).sum();
+            if total > MAX_UPSTREAM_TOTAL_WEIGHT {
+                err(
+                    span.clone(),
+                    &table,
+                    "servers",
+                    format!("the weights add up to {total}, more than {MAX_UPSTREAM_TOTAL_WEIGHT}"),
+                );
+            }
             if up.max_fails == 0 {
                 err(
                     span.clone(),
                     &table,
                     "max_fails",
                     "must be at least 1".into(),
+                );
+            }
+            // nginx uses fail_timeout twice: the window failures are counted in, and how
+            // long the server then stays down. Under a second the window hardly holds two
+            // failures and the server is back before the next request: it only flaps.
+            // nginx's `0` (folklore: "never mark down") has no equivalent here.
+            if up.fail_timeout.0 < std::time::Duration::from_secs(1) {
+                err(
+                    span.clone(),
+                    &table,
+                    "fail_timeout",
+                    "must be at least 1s (it is also how long a failed server stays down)".into(),
+                );
+            }
+            if up.keepalive > 0 && up.keepalive_timeout.0.is_zero() {
+                err(
+                    span.clone(),
+                    &table,
+                    "keepalive_timeout",
+                    "must be greater than zero; set keepalive = 0 to keep no idle connections"
+                        .into(),
+                );
+            }
+            if up.keepalive > MAX_UPSTREAM_KEEPALIVE {
+                err(
+                    span.clone(),
+                    &table,
+                    "keepalive",
+                    format!(
+                        "at most {MAX_UPSTREAM_KEEPALIVE} (each idle connection holds a descriptor)"
+                    ),
                 );
             }
             if let Some(h) = &up.health_check {
@@ -869,6 +932,20 @@ impl Config {
                     "another route has the same host and path".into(),
                 );
             }
+            for (key, timeout) in [
+                ("connect_timeout", route.connect_timeout),
+                ("send_timeout", route.send_timeout),
+                ("read_timeout", route.read_timeout),
+            ] {
+                if timeout.is_some_and(|t| t.0.is_zero()) {
+                    err(
+                        span.clone(),
+                        &table,
+                        key,
+                        "must be greater than zero (every request would time out)".into(),
+                    );
+                }
+            }
             match (&route.upstream, &route.respond) {
                 (Some(_), Some(_)) => err(
                     span.clone(),
@@ -916,8 +993,21 @@ impl Config {
         }
 
         let l = &self.limits;
-        if l.conn_burst.is_some() && l.conn_rate.is_none() {
-            err(None, "limits", "conn_burst", "needs conn_rate".into());
+        for (key, burst, rate, rate_key) in [
+            ("conn_burst", l.conn_burst, &l.conn_rate, "conn_rate"),
+            (
+                "request_burst",
+                l.request_burst,
+                &l.request_rate,
+                "request_rate",
+            ),
+        ] {
+            match burst {
+                Some(_) if rate.is_none() => err(None, "limits", key, format!("needs {rate_key}")),
+                // An empty bucket never refills past zero tokens: everything is refused.
+                Some(0) => err(None, "limits", key, "must be at least 1".into()),
+                _ => {}
+            }
         }
         if !(1..=128).contains(&l.ipv6_prefix) {
             err(
@@ -1234,6 +1324,125 @@ respond = { status = 200, body = "ok\n" }
             let e = parse(&GOOD.replace(from, to)).unwrap_err();
             assert_eq!(e.0.len(), 1, "{e}");
             assert_eq!(e.0[0].key, key, "{e}");
+        }
+    }
+
+    #[test]
+    fn huge_numbers_are_located_errors() {
+        for (line, key) in [
+            (
+                "keepalive_timeout = \"99999999999999999999h\"",
+                "server.keepalive_timeout",
+            ),
+            (
+                "graceful_timeout = \"18446744073709551615s\"",
+                "server.graceful_timeout",
+            ),
+            (
+                "max_header_bytes = \"99999999999999999999G\"",
+                "server.max_header_bytes",
+            ),
+        ] {
+            let e =
+                parse(&GOOD.replace("workers = 2", &format!("workers = 2\n{line}"))).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{e}");
+            assert_eq!((e.0[0].line, e.0[0].key.as_str()), (4, key), "{e}");
+            assert!(e.0[0].message.contains("too"), "{e}");
+        }
+    }
+
+    #[test]
+    fn absurd_upstream_route_and_limit_values_are_refused() {
+        let upstream = |extra: &str| GOOD.replace("servers = [", &format!("{extra}\nservers = ["));
+        let route = |extra: &str| {
+            GOOD.replace(
+                "upstream = \"api\"",
+                &format!("upstream = \"api\"\n{extra}"),
+            )
+        };
+        let limits = |extra: &str| format!("{GOOD}\n[limits]\n{extra}\n");
+        for (text, key, line) in [
+            (
+                upstream("fail_timeout = \"0s\""),
+                "upstream[0].fail_timeout",
+                11,
+            ),
+            (
+                upstream("fail_timeout = \"999ms\""),
+                "upstream[0].fail_timeout",
+                11,
+            ),
+            (
+                upstream("keepalive_timeout = \"0s\""),
+                "upstream[0].keepalive_timeout",
+                11,
+            ),
+            (upstream("keepalive = 65537"), "upstream[0].keepalive", 11),
+            (
+                GOOD.replace("weight = 2", "weight = 1000").replace(
+                    "servers = [",
+                    &format!(
+                        "servers = [{}",
+                        "{ addr = \"127.0.0.1:1\", weight = 1000 },".repeat(9)
+                    ),
+                ),
+                "upstream[0].servers",
+                11,
+            ),
+            (
+                GOOD.replace(
+                    "servers = [",
+                    &format!("servers = [{}", "\"127.0.0.1:1\",".repeat(1023)),
+                ),
+                "upstream[0].servers",
+                11,
+            ),
+            (
+                route("connect_timeout = \"0s\""),
+                "route[0].connect_timeout",
+                16,
+            ),
+            (route("send_timeout = \"0ms\""), "route[0].send_timeout", 16),
+            (route("read_timeout = \"0s\""), "route[0].read_timeout", 16),
+            (limits("request_burst = 5"), "limits.request_burst", 22),
+            (
+                limits("conn_rate = \"1/s\"\nconn_burst = 0"),
+                "limits.conn_burst",
+                23,
+            ),
+            (
+                limits("request_rate = \"1/s\"\nrequest_burst = 0"),
+                "limits.request_burst",
+                23,
+            ),
+        ] {
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{e}\n{text}");
+            assert_eq!(
+                (e.0[0].key.as_str(), e.0[0].line),
+                (key, line),
+                "{e}\n{text}"
+            );
+        }
+        for fine in [
+            upstream("fail_timeout = \"1s\""),
+            upstream("keepalive = 0\nkeepalive_timeout = \"0s\""),
+            upstream("keepalive = 65536"),
+            GOOD.replace("weight = 2", "weight = 1000").replace(
+                "servers = [",
+                &format!(
+                    "servers = [{}",
+                    "{ addr = \"127.0.0.1:1\", weight = 1000 },".repeat(8)
+                ),
+            ),
+            GOOD.replace(
+                "servers = [",
+                &format!("servers = [{}", "\"127.0.0.1:1\",".repeat(1022)),
+            ),
+            route("read_timeout = \"1ms\""),
+            limits("request_rate = \"1/s\"\nrequest_burst = 1"),
+        ] {
+            assert!(parse(&fine).is_ok(), "{fine}");
         }
     }
 }

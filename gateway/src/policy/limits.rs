@@ -139,8 +139,8 @@ impl std::fmt::Debug for Enforcement {
     }
 }
 
-/// Default of `[limits] ipv6_prefix`.
-pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// Default of `[limits] ipv6_prefix`; config owns it (config sits below policy).
+pub use crate::config::DEFAULT_IPV6_PREFIX;
 
 /// The per-IP key of `ip`: an IPv4 (or IPv4-mapped) address as is, an IPv6 address with
 /// all but its first `v6_prefix` bits cleared.

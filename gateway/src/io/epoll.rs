@@ -1,0 +1,89 @@
+//! [`EpollStream`]: the readiness-driven stream, for hosts without io_uring.
+
+use bytes::BytesMut;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+use tokio_uring::buf::BoundedBuf;
+
+use super::connect::connect_nonblocking;
+use super::Stream;
+
+/// A TCP stream driven by readiness (epoll through tokio's reactor): the driver for hosts
+/// where io_uring is unavailable, typically because a container runtime's seccomp
+/// profile forbids `io_uring_setup`. Same interface, same owned buffers.
+pub struct EpollStream {
+    inner: tokio::net::TcpStream,
+}
+
+impl EpollStream {
+    pub fn new(inner: tokio::net::TcpStream) -> Self {
+        let _ = inner.set_nodelay(true);
+        EpollStream { inner }
+    }
+}
+
+impl Stream for EpollStream {
+    async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        if buf.capacity() == buf.len() {
+            buf.reserve(4096);
+        }
+        loop {
+            if let Err(e) = self.inner.readable().await {
+                return (Err(e), buf);
+            }
+            match self.inner.try_read_buf(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return (other, buf),
+            }
+        }
+    }
+
+    async fn write_all<B: BoundedBuf>(&self, buf: B) -> (io::Result<()>, B) {
+        // SAFETY: BoundedBuf guarantees `stable_ptr()` is valid for `bytes_init()` bytes
+        // for as long as the buffer is not mutated, and we hold it until we return it.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.stable_ptr(), buf.bytes_init()) };
+        let mut written = 0;
+        while written < bytes.len() {
+            if let Err(e) = self.inner.writable().await {
+                return (Err(e), buf);
+            }
+            match self.inner.try_write(&bytes[written..]) {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Self> {
+        let std = connect_nonblocking(addr, timeout).await?;
+        Ok(Self::new(tokio::net::TcpStream::from_std(std)?))
+    }
+
+    async fn ready_io<R>(
+        &self,
+        interest: tokio::io::Interest,
+        mut f: impl FnMut(RawFd) -> io::Result<R>,
+    ) -> io::Result<R> {
+        let fd = self.inner.as_raw_fd();
+        self.inner.async_io(interest, || f(fd)).await
+    }
+
+    fn shutdown_write(&self) {
+        // SAFETY: shutdown on a descriptor this stream owns.
+        unsafe { libc::shutdown(self.inner.as_raw_fd(), libc::SHUT_WR) };
+    }
+
+    fn abort(&self) {
+        // SAFETY: shutdown on a descriptor this stream owns.
+        unsafe { libc::shutdown(self.inner.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}

@@ -1,0 +1,108 @@
+//! [`UringStream`]: a TCP stream whose reads and writes are io_uring operations on the
+//! worker's ring. It counts operations in flight so that dropping it mid-operation shuts
+//! the socket down (see the owned-buffer contract in [`crate::io`]).
+
+use bytes::BytesMut;
+use std::cell::Cell;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+use tokio_uring::buf::BoundedBuf;
+
+use super::connect::connect_nonblocking;
+use super::sockets::WatchedFd;
+use super::Stream;
+
+/// A TCP stream driven by the worker's io_uring.
+pub struct UringStream {
+    /// Registered with the reactor on first use of `ready_io`. Declared before `inner` so
+    /// it is deregistered before the descriptor closes.
+    reactor: std::cell::OnceCell<tokio::io::unix::AsyncFd<WatchedFd>>,
+    inner: tokio_uring::net::TcpStream,
+    /// Operations submitted and not yet completed; non-zero on drop means a future holding
+    /// an operation was dropped and the socket must be shut down to complete it.
+    in_flight: Cell<u32>,
+}
+
+impl UringStream {
+    pub fn new(inner: tokio_uring::net::TcpStream) -> Self {
+        let _ = inner.set_nodelay(true);
+        UringStream {
+            reactor: std::cell::OnceCell::new(),
+            inner,
+            in_flight: Cell::new(0),
+        }
+    }
+}
+
+impl Stream for UringStream {
+    async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        let len = buf.len();
+        if buf.capacity() == len {
+            buf.reserve(4096);
+        }
+        let cap = buf.capacity();
+        self.in_flight.set(self.in_flight.get() + 1);
+        let (res, slice) = self.inner.read(buf.slice(len..cap)).await;
+        self.in_flight.set(self.in_flight.get() - 1);
+        (res, slice.into_inner())
+    }
+
+    async fn write_all<B: BoundedBuf>(&self, buf: B) -> (io::Result<()>, B) {
+        self.in_flight.set(self.in_flight.get() + 1);
+        let out = self.inner.write_all(buf).await;
+        self.in_flight.set(self.in_flight.get() - 1);
+        out
+    }
+
+    /// The connect runs on a plain non-blocking socket under readiness so that a timeout
+    /// closes the socket at once; an io_uring connect that is abandoned would keep its
+    /// descriptor until the kernel gives up on the SYN.
+    async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Self> {
+        let std = connect_nonblocking(addr, timeout).await?;
+        Ok(Self::new(tokio_uring::net::TcpStream::from_std(std)))
+    }
+
+    async fn ready_io<R>(
+        &self,
+        interest: tokio::io::Interest,
+        mut f: impl FnMut(RawFd) -> io::Result<R>,
+    ) -> io::Result<R> {
+        if self.reactor.get().is_none() {
+            let fd = self.inner.as_raw_fd();
+            // SAFETY: the registration lives in this struct and is dropped before `inner`,
+            // so the descriptor stays open for as long as it is registered.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    WatchedFd(fd),
+                    tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+                )
+            }
+            .map_err(io::Error::from)?;
+            let _ = self.reactor.set(registered);
+        }
+        let reactor = self.reactor.get().expect("registered above");
+        reactor.async_io(interest, |w| f(w.0)).await
+    }
+
+    fn shutdown_write(&self) {
+        let _ = self.inner.shutdown(std::net::Shutdown::Write);
+    }
+
+    fn abort(&self) {
+        let _ = self.inner.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
+impl Drop for UringStream {
+    fn drop(&mut self) {
+        if self.in_flight.get() != 0 {
+            self.abort();
+        }
+    }
+}
