@@ -263,8 +263,10 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
         loop {
             tokio::select! {
                 _ = hup.recv() => {
+                    // Not awaited: this loop must keep listening for SIGTERM, which drains
+                    // even while a reload (stalled on a slow file, say) is still running.
                     let control = control.clone();
-                    let _ = tokio::task::spawn_blocking(move || control.reload()).await;
+                    tokio::task::spawn_blocking(move || control.reload());
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,

@@ -1452,3 +1452,125 @@ fn admin_accept_backs_off_when_out_of_descriptors_and_recovers() {
         "gateway_admin_accept_errors_total {errors} after 2 s of EMFILE"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// A slow reload: its config names a token file that is a FIFO, so reading it blocks until
+// the test writes to it (a config file on a stalled network file system does the same).
+
+/// A FIFO in `dir` that a reload of a config naming it (`admin.token_file`) will stall on.
+struct StalledFile {
+    path: std::path::PathBuf,
+    writer: Option<std::fs::File>,
+}
+
+impl StalledFile {
+    fn new(dir: &std::path::Path) -> StalledFile {
+        let path = dir.join("token.fifo");
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        StalledFile { path, writer: None }
+    }
+
+    /// Waits until a reader (the reload) has the FIFO open: opening the write end without
+    /// blocking fails with ENXIO until then. The write end is held, so the reload then
+    /// blocks in `read` until [`StalledFile::release`].
+    fn wait_reader(&mut self, timeout: Duration) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.path)
+            {
+                Ok(f) => {
+                    self.writer = Some(f);
+                    return;
+                }
+                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENXIO), "{e}"),
+            }
+            assert!(Instant::now() < deadline, "no reload opened the file");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Lets the reload finish: the token, then end of file.
+    fn release(&mut self, token: &str) {
+        let mut w = self.writer.take().expect("wait_reader first");
+        w.write_all(token.as_bytes()).unwrap();
+    }
+}
+
+#[test]
+fn healthz_and_ready_answer_while_a_post_reload_is_stalled() {
+    let api = Origin::named("api");
+    let config = Config::proxy_all(&[api.addr()]);
+    let gw = Gateway::with(&config);
+    let admin = gw.admin_addr();
+    let mut fifo = StalledFile::new(gw.dir());
+    write_atomically(
+        gw.config_path(),
+        &with_admin_keys(&config.to_toml(), "token_file = \"token.fifo\""),
+    );
+    let reload = thread::spawn(move || admin_request(admin, "POST", "/reload", None));
+    fifo.wait_reader(5 * SECOND);
+
+    // The reload is stuck reading the file: the probes and the scrape still answer at once.
+    for _ in 0..5 {
+        for (path, body) in [("/healthz", "ok\n"), ("/ready", "ready\n")] {
+            let t = Instant::now();
+            assert_eq!(admin_probe(admin, path), Some((200, body.into())), "{path}");
+            assert!(t.elapsed() < SECOND, "{path} took {:?}", t.elapsed());
+        }
+        scrape(admin);
+        assert_eq!(gw.get("/x").body_str(), "api");
+    }
+    assert!(
+        !reload.is_finished(),
+        "the reload has not read its file yet"
+    );
+
+    fifo.release("s3cret\n");
+    let r = reload.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    // The reload did apply: the token it read now guards POST /reload.
+    assert_eq!(admin_request(admin, "POST", "/reload", None).status, 401);
+    assert_eq!(gw.get("/y").body_str(), "api");
+}
+
+#[test]
+fn sigterm_during_a_stalled_reload_still_drains_and_exits_zero() {
+    let api = slow_origin();
+    let config = Config::proxy_all(&[api.addr()]).server("graceful_timeout", "3s");
+    let mut gw = Gateway::with(&config);
+    let (http, admin) = (gw.http_addr(), gw.admin_addr());
+    let mut fifo = StalledFile::new(gw.dir());
+    write_atomically(
+        gw.config_path(),
+        &with_admin_keys(&config.to_toml(), "token_file = \"token.fifo\""),
+    );
+    gw.signal(libc::SIGHUP);
+    fifo.wait_reader(5 * SECOND);
+    // A request in flight when the drain starts: it must finish, then the process exits.
+    let slow = thread::spawn(move || Client::connect(http).request(&Req::get("/api/slow")));
+    wait_until(5 * SECOND, "the slow request at the origin", || {
+        api.heads_seen() == 1
+    });
+
+    let t0 = Instant::now();
+    gw.signal(libc::SIGTERM);
+    wait_draining(admin, t0, SECOND);
+    let r = slow
+        .join()
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!((r.status, r.body_str().as_str()), (200, "slow"));
+    // The reload never finishes (the file is never written): the drain does not wait on it.
+    let status = gw
+        .wait_exit(5 * SECOND)
+        .expect("exit within graceful_timeout while the reload is stalled");
+    assert_eq!(exit_code(status), Some(0), "{status}");
+    assert!(t0.elapsed() < 4 * SECOND, "exit took {:?}", t0.elapsed());
+    drop(fifo);
+}

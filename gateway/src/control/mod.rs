@@ -66,7 +66,9 @@ impl Control {
     }
 
     /// Re-reads the config file. On success returns a one-line summary; on failure every
-    /// error, and the running config is untouched.
+    /// error, and the running config is untouched. Blocking (it reads files): callers run it
+    /// on a thread of its own. Reloads run one at a time; a second caller waits for the
+    /// running one, then reloads (re-reading the file, so it sees edits made meanwhile).
     pub fn reload(&self) -> Result<String, ConfigErrors> {
         let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let loaded = match Config::load(&self.config_path) {
