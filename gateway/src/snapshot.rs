@@ -8,7 +8,7 @@ use crate::policy::route::Router;
 use crate::protocol::tls::TlsAcceptor;
 use crate::upstream::Upstream;
 use ipnet::IpNet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,10 +28,14 @@ pub struct ServerSettings {
     pub client_min_rate: u64,
 }
 
-/// Per-listener settings, by listener name.
+/// One listener's settings, compiled: the data plane never reads `[[listener]]` itself. A
+/// bound listener holds the `ListenerSettings` of the snapshot that bound it (refreshed by
+/// a reload that changes none of [`ListenerSettings::identity`]), and every connection it
+/// accepts reads its settings from there, never by name from a later snapshot.
 #[derive(Debug, Clone)]
 pub struct ListenerSettings {
     pub name: String,
+    pub listen: SocketAddr,
     pub trusted_proxies: Vec<IpNet>,
     pub proxy_protocol: bool,
     /// Peers whose PROXY header is believed; empty: every peer.
@@ -48,7 +52,7 @@ pub struct Snapshot {
     pub router: Router,
     pub upstreams: Vec<Arc<Upstream>>,
     pub server: ServerSettings,
-    pub listeners: Vec<ListenerSettings>,
+    pub listeners: Vec<Arc<ListenerSettings>>,
     pub access_format: AccessFormat,
     pub access_enabled: bool,
 }
@@ -88,13 +92,21 @@ impl Snapshot {
                     })?)
                 }
             };
-            listeners.push(ListenerSettings {
+            listeners.push(Arc::new(ListenerSettings {
                 name: l.name.clone(),
+                listen: l.listen.parse().map_err(|e| {
+                    ConfigErrors(vec![ConfigError {
+                        file: loaded.path.clone(),
+                        line: 0,
+                        key: format!("listener[{i}].listen"),
+                        message: format!("{e}"),
+                    }])
+                })?,
                 trusted_proxies: l.trusted_proxies.clone(),
                 proxy_protocol: l.proxy_protocol,
                 proxy_protocol_from: l.proxy_protocol_from.clone(),
                 tls,
-            });
+            }));
         }
         let old: &[Arc<Upstream>] = previous.map(|p| p.upstreams.as_slice()).unwrap_or(&[]);
         let upstreams = config
@@ -135,12 +147,44 @@ impl Snapshot {
         })
     }
 
+    /// The listener named `name`: for the control plane (a reload carrying a listener's
+    /// TLS state over). The data plane reads a connection's listener from its `ListenerCtx`.
     pub fn listener(&self, name: &str) -> Option<&ListenerSettings> {
-        self.listeners.iter().find(|l| l.name == name)
+        self.listeners.iter().find(|l| l.name == name).map(|l| &**l)
     }
 }
 
+/// What identifies a bound listener: address, name, whether it terminates TLS, whether it
+/// expects a PROXY header. A reload that changes any of these binds a new socket (the old
+/// one's connections carry on with their settings); any other change is applied in place.
+pub type ListenerIdentity = (SocketAddr, String, bool, bool);
+
 impl ListenerSettings {
+    pub fn identity(&self) -> ListenerIdentity {
+        (
+            self.listen,
+            self.name.clone(),
+            self.tls.is_some(),
+            self.proxy_protocol,
+        )
+    }
+
+    /// `"https"` on a TLS listener, else `"http"` (`X-Forwarded-Proto`, the access log).
+    pub fn proto(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// Whether a PROXY header from `peer` is believed: only a listed balancer may name
+    /// the client (an empty list believes every peer).
+    pub fn proxy_trusted(&self, peer: IpAddr) -> bool {
+        self.proxy_protocol_from.is_empty()
+            || self.proxy_protocol_from.iter().any(|n| n.contains(&peer))
+    }
+
     pub fn trusts(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
     }

@@ -1574,3 +1574,62 @@ fn sigterm_during_a_stalled_reload_still_drains_and_exits_zero() {
     assert!(t0.elapsed() < 4 * SECOND, "exit took {:?}", t0.elapsed());
     drop(fifo);
 }
+
+// ---------------------------------------------------------------------------------------
+// Listener settings across a reload: one source of truth per connection.
+
+/// The client address the origin was told (`X-Real-IP`) for a request that claims to come
+/// from 192.0.2.66 (`X-Forwarded-For`), on the keep-alive connection `c`.
+fn real_ip_told(c: &mut Client) -> String {
+    c.must(&Req::get("/who").header("X-Forwarded-For", "192.0.2.66"))
+        .body_str()
+}
+
+#[test]
+fn a_connection_keeps_its_listeners_settings_when_a_reload_gives_its_name_away() {
+    let api = Origin::start(|req| Reply::ok(req.header("x-real-ip").unwrap_or("-")));
+    let config = Config::proxy_all(&[api.addr()]);
+    let gw = Gateway::with(&config);
+    let (public, admin) = (gw.http_addr(), gw.admin_addr());
+    // Accepted on the listener "http", which trusts no proxy: the claim is ignored.
+    let mut kept = Client::connect(public);
+    assert_eq!(real_ip_told(&mut kept), "127.0.0.1");
+
+    // The reload renames that listener and gives its old name to a new listener that
+    // trusts loopback proxies: name lookups per request would hand `kept` that trust.
+    let inner = gateway_tests::free_addr();
+    let renamed = config.to_toml().replacen("name = \"http\"", "name = \"public\"", 1)
+        + &format!(
+            "\n[[listener]]\nname = \"http\"\nlisten = \"{inner}\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n"
+        );
+    write_atomically(gw.config_path(), &renamed);
+    let r = admin_request(admin, "POST", "/reload", None);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    wait_until(5 * SECOND, "the new listener serves", || {
+        TcpStream::connect_timeout(&inner, Duration::from_millis(200)).is_ok()
+    });
+    for _ in 0..3 {
+        assert_eq!(
+            real_ip_told(&mut kept),
+            "127.0.0.1",
+            "a connection accepted on an untrusting listener gained another listener's trust"
+        );
+    }
+    assert_eq!(real_ip_told(&mut Client::connect(inner)), "192.0.2.66");
+    assert_eq!(real_ip_told(&mut Client::connect(public)), "127.0.0.1");
+
+    // A change that keeps the listener's identity (only `trusted_proxies`) applies in place
+    // to the connections accepted after it.
+    let trusting = renamed.replacen(
+        "name = \"public\"",
+        "name = \"public\"\ntrusted_proxies = [\"127.0.0.1/32\"]",
+        1,
+    );
+    write_atomically(gw.config_path(), &trusting);
+    let r = admin_request(admin, "POST", "/reload", None);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    wait_until(5 * SECOND, "new connections get the new trust", || {
+        real_ip_told(&mut Client::connect(public)) == "192.0.2.66"
+    });
+    assert!(api.errors().is_empty(), "{:?}", api.errors());
+}
