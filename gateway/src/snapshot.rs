@@ -3,7 +3,7 @@
 //! request takes the snapshot current when its head arrived and keeps it to the end, so
 //! in-flight work never sees a half-applied config.
 
-use crate::config::{AccessFormat, Config, ConfigError, ConfigErrors, LoadedConfig};
+use crate::config::{AccessFormat, Config, ConfigErrors, LoadedConfig};
 use crate::policy::route::Router;
 use crate::protocol::tls::TlsAcceptor;
 use crate::upstream::Upstream;
@@ -65,13 +65,15 @@ impl Snapshot {
         generation: u64,
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, ConfigErrors> {
-        let config = loaded.config;
-        // TLS acceptors: a listener that had one keeps its ticket keys and session cache
-        // (clients resume across a reload); new certificates apply to new handshakes.
+        // Certificates and keys are read here, once per load (config validation does not
+        // touch them). A listener that had an acceptor keeps its ticket keys and session
+        // cache (clients resume across a reload); new certificates apply to new handshakes.
+        // Every listener's failure is reported, each at its `tls` key's line.
         let base = loaded.path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let mut listeners = Vec::with_capacity(config.listeners.len());
-        for (i, l) in config.listeners.iter().enumerate() {
-            let l = l.get_ref();
+        let mut listeners = Vec::with_capacity(loaded.config.listeners.len());
+        let mut errors = Vec::new();
+        for (i, spanned) in loaded.config.listeners.iter().enumerate() {
+            let l = spanned.get_ref();
             let tls = match &l.tls {
                 None => None,
                 Some(tls) => {
@@ -82,32 +84,42 @@ impl Snapshot {
                         Some(old) => old.rebuild(tls, &base),
                         None => TlsAcceptor::from_config(tls, &base),
                     };
-                    Some(built.map_err(|e| {
-                        ConfigErrors(vec![ConfigError {
-                            file: loaded.path.clone(),
-                            line: 0,
-                            key: format!("listener[{i}].tls"),
-                            message: e.to_string(),
-                        }])
-                    })?)
+                    match built {
+                        Ok(acceptor) => Some(acceptor),
+                        Err(e) => {
+                            let table = format!("listener[{i}]");
+                            errors.push(loaded.error_at(
+                                spanned.span(),
+                                &table,
+                                "tls",
+                                e.to_string(),
+                            ));
+                            continue;
+                        }
+                    }
+                }
+            };
+            let listen = match l.listen.parse() {
+                Ok(addr) => addr,
+                Err(e) => {
+                    let table = format!("listener[{i}]");
+                    errors.push(loaded.error_at(spanned.span(), &table, "listen", format!("{e}")));
+                    continue;
                 }
             };
             listeners.push(Arc::new(ListenerSettings {
                 name: l.name.clone(),
-                listen: l.listen.parse().map_err(|e| {
-                    ConfigErrors(vec![ConfigError {
-                        file: loaded.path.clone(),
-                        line: 0,
-                        key: format!("listener[{i}].listen"),
-                        message: format!("{e}"),
-                    }])
-                })?,
+                listen,
                 trusted_proxies: l.trusted_proxies.clone(),
                 proxy_protocol: l.proxy_protocol,
                 proxy_protocol_from: l.proxy_protocol_from.clone(),
                 tls,
             }));
         }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let config = loaded.config;
         let old: &[Arc<Upstream>] = previous.map(|p| p.upstreams.as_slice()).unwrap_or(&[]);
         let upstreams = config
             .upstreams

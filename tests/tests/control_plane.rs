@@ -1633,3 +1633,133 @@ fn a_connection_keeps_its_listeners_settings_when_a_reload_gives_its_name_away()
     });
     assert!(api.errors().is_empty(), "{:?}", api.errors());
 }
+
+// ---------------------------------------------------------------------------------------
+// Certificates are read once per load: a certificate file that can be read only once (a
+// FIFO written once) must do for `gateway check`, a start and a reload alike.
+
+/// A self-signed certificate and key for `localhost` in `dir`, from the openssl CLI.
+fn self_signed(dir: &std::path::Path) -> (Vec<u8>, std::path::PathBuf) {
+    let (cert, key) = (dir.join("made-cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .arg("ec_paramgen_curve:prime256v1")
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(status.success(), "openssl req failed");
+    (std::fs::read(&cert).unwrap(), key)
+}
+
+/// Makes `path` a FIFO that hands out `pem` to exactly one reader; a second read of it
+/// would wait forever for a writer. Returns the writer thread (ends after the one read).
+fn read_once(path: &std::path::Path, pem: Vec<u8>) -> thread::JoinHandle<()> {
+    let _ = std::fs::remove_file(path);
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let path = path.to_path_buf();
+    thread::spawn(move || {
+        // Blocks until the one reader opens it.
+        let mut w = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        w.write_all(&pem).unwrap();
+    })
+}
+
+/// Waits up to `timeout` for `child` to exit; kills it and fails otherwise.
+fn exits_within(child: &mut Child, timeout: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still running after {timeout:?}: it read a certificate twice");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn certificates_are_read_once_per_check_start_and_reload() {
+    let api = Origin::named("api");
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, key) = self_signed(dir.path());
+    let cert = dir.path().join("cert.pem");
+    let tls_addr = gateway_tests::free_addr();
+    let text = Config::proxy_all(&[api.addr()]).to_toml()
+        + &format!(
+            "\n[[listener]]\nname = \"https\"\nlisten = \"{tls_addr}\"\ntls = {{ certificates = [{{ cert = {:?}, key = {:?} }}] }}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        );
+    let config_path = dir.path().join("gateway.toml");
+    std::fs::write(&config_path, &text).unwrap();
+
+    // `gateway check`.
+    let writer = read_once(&cert, pem.clone());
+    let mut check = Command::new(gateway_bin())
+        .args(["check", "--config"])
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = exits_within(&mut check, 10 * SECOND, "gateway check");
+    assert!(status.success(), "gateway check: {status}");
+    writer.join().unwrap();
+
+    // A start, then a reload.
+    let writer = read_once(&cert, pem.clone());
+    let gw = Gateway::start(&text);
+    writer.join().unwrap();
+    assert_eq!(gw.get("/x").body_str(), "api");
+    let writer = read_once(&cert, pem);
+    let reload = thread::spawn({
+        let admin = gw.admin_addr();
+        move || admin_request(admin, "POST", "/reload", None)
+    });
+    let deadline = Instant::now() + 10 * SECOND;
+    while !reload.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "POST /reload still waiting: it read a certificate twice"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let r = reload.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    writer.join().unwrap();
+
+    // A certificate that does not load is still named with its file, line and key.
+    std::fs::remove_file(&cert).unwrap();
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    let out = Command::new(gateway_bin())
+        .args(["check", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = text.lines().position(|l| l.starts_with("tls = ")).unwrap() + 1;
+    assert!(
+        stderr.contains(&format!("gateway.toml:{line}: listener[1].tls: "))
+            && stderr.contains("cert.pem"),
+        "{stderr}"
+    );
+    let r = admin_request(gw.admin_addr(), "POST", "/reload", None);
+    assert_eq!(r.status, 400);
+    assert!(
+        r.body_str()
+            .contains(&format!(":{line}: listener[1].tls: ")),
+        "{}",
+        r.body_str()
+    );
+}

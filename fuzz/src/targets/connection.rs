@@ -92,6 +92,7 @@ fn shared() -> Arc<Shared> {
     let loaded = LoadedConfig {
         path: path.to_path_buf(),
         config,
+        source: CONFIG.to_string(),
     };
     Shared::new(Snapshot::build(loaded, 1, None).expect("snapshot"), limiter)
 }
