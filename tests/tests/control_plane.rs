@@ -1530,11 +1530,25 @@ fn healthz_and_ready_answer_while_a_post_reload_is_stalled() {
         !reload.is_finished(),
         "the reload has not read its file yet"
     );
+    // A second POST /reload meanwhile waits for the first, then runs (and reads the file
+    // again: the FIFO has to be fed twice). It carries the token the first one installs,
+    // in case its head is read only after that.
+    let second = thread::spawn(move || admin_request(admin, "POST", "/reload", Some("s3cret")));
+    assert_eq!(admin_probe(admin, "/healthz"), Some((200, "ok\n".into())));
 
     fifo.release("s3cret\n");
     let r = reload.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.body_str());
-    // The reload did apply: the token it read now guards POST /reload.
+    assert!(
+        !second.is_finished(),
+        "the second reload waits for its own read"
+    );
+    fifo.wait_reader(5 * SECOND);
+    fifo.release("s3cret\n");
+    let r = second.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert!(r.body_str().contains("generation 3"), "{}", r.body_str());
+    // The reloads did apply: the token they read now guards POST /reload.
     assert_eq!(admin_request(admin, "POST", "/reload", None).status, 401);
     assert_eq!(gw.get("/y").body_str(), "api");
 }
