@@ -237,3 +237,98 @@ async fn accept_loop<D: Driver>(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, LoadedConfig};
+    use crate::dataplane::shared::Shared;
+    use crate::io::driver::Epoll;
+    use crate::snapshot::Snapshot;
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    fn snapshot(generation: u64, listeners: &str) -> Snapshot {
+        let source = format!(
+            "{listeners}\n[[route]]\npath_prefix = \"/\"\nrespond = {{ status = 200, body = \"ok\" }}\n"
+        );
+        let path = Path::new("/test/gateway.toml");
+        let config = Config::parse(path, &source).expect("test config");
+        let loaded = LoadedConfig {
+            path: path.to_path_buf(),
+            config,
+            source,
+        };
+        Snapshot::build(loaded, generation, None).expect("snapshot")
+    }
+
+    fn listener(name: &str, addr: SocketAddr, extra: &str) -> String {
+        format!("[[listener]]\nname = \"{name}\"\nlisten = \"{addr}\"\n{extra}\n")
+    }
+
+    fn free_addr() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    }
+
+    /// The settings the bound listener on `addr` hands to the next connection it accepts.
+    fn current(bound: &BoundListeners, addr: SocketAddr) -> Vec<Arc<ListenerSettings>> {
+        bound
+            .bound
+            .iter()
+            .filter(|b| b.identity.0 == addr)
+            .map(|b| b.current.borrow().settings.clone())
+            .collect()
+    }
+
+    #[test]
+    fn reconcile_refreshes_in_place_rebinds_on_identity_change_and_closes_the_rest() {
+        let (a, b) = (free_addr(), free_addr());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let shared = Shared::new(
+                snapshot(1, &listener("web", a, "")),
+                crate::policy::limits::ConnLimiter::new(
+                    &Default::default(),
+                    Default::default(),
+                    None,
+                ),
+            );
+            let worker = Rc::new(Worker::new(0, shared.clone(), None));
+            let mut bound = BoundListeners::default();
+            bound.reconcile::<Epoll>(&worker).unwrap();
+            let first_fd = bound.bound[0].fd;
+            assert!(current(&bound, a)[0].trusted_proxies.is_empty());
+
+            // Only trusted_proxies: the same socket, the new settings for new connections.
+            let trusting = listener("web", a, "trusted_proxies = [\"10.0.0.0/8\"]");
+            shared.install(snapshot(2, &trusting));
+            bound.reconcile::<Epoll>(&worker).unwrap();
+            assert_eq!(bound.bound.len(), 1);
+            assert_eq!(bound.bound[0].fd, first_fd);
+            let now = current(&bound, a);
+            assert_eq!(now[0].trusted_proxies.len(), 1);
+            assert!(Arc::ptr_eq(&now[0], &worker.shared.snapshot().listeners[0]));
+
+            // A rename is an identity change: a new socket, the old one closed; a listener
+            // added on another address is bound.
+            let closed = bound.bound[0].closed.clone();
+            shared.install(snapshot(
+                3,
+                &(listener("edge", a, "") + &listener("inner", b, "")),
+            ));
+            bound.reconcile::<Epoll>(&worker).unwrap();
+            assert!(closed.get(), "the old socket's accept loop is stopped");
+            let names: Vec<_> = bound.bound.iter().map(|b| b.identity.1.clone()).collect();
+            assert_eq!(names, ["edge", "inner"]);
+            assert_ne!(bound.bound[0].fd, first_fd);
+            assert_eq!(current(&bound, b)[0].name, "inner");
+            assert_eq!(bound.generation, 3);
+            bound.close_all();
+        });
+    }
+}
