@@ -41,26 +41,30 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => match Config::load(&config_path) {
-            Ok(_) => {
-                println!(
-                    "gateway: the configuration file {} syntax is ok",
-                    config_path.display()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                for e in &errors.0 {
-                    eprintln!("gateway: {e}");
+        // The certificates are read by the snapshot build, as a start or a reload reads
+        // them: `check` builds it too (generation 0, never served).
+        Command::Check => {
+            match Config::load(&config_path).and_then(|loaded| Snapshot::build(loaded, 0, None)) {
+                Ok(_) => {
+                    println!(
+                        "gateway: the configuration file {} syntax is ok",
+                        config_path.display()
+                    );
+                    ExitCode::SUCCESS
                 }
-                eprintln!(
-                    "gateway: configuration file {} test failed ({} error(s))",
-                    config_path.display(),
-                    errors.0.len()
-                );
-                ExitCode::from(1)
+                Err(errors) => {
+                    for e in &errors.0 {
+                        eprintln!("gateway: {e}");
+                    }
+                    eprintln!(
+                        "gateway: configuration file {} test failed ({} error(s))",
+                        config_path.display(),
+                        errors.0.len()
+                    );
+                    ExitCode::from(1)
+                }
             }
-        },
+        }
         Command::Run => {
             let loaded = match Config::load(&config_path) {
                 Ok(l) => l,
@@ -136,6 +140,9 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let config = loaded.config.clone();
     let config_path = loaded.path.clone();
     raise_nofile(config.server.nofile);
+    // Before anything is started: it reads the certificates, and a bad one stops here.
+    // After `raise_nofile`: an unset max_connections derives from the limit.
+    let snapshot = Snapshot::build(loaded, 1, None).map_err(|e| anyhow::anyhow!("{e}"))?;
     let driver = match (config.server.io, gateway::io::driver::uring_available()) {
         (IoDriver::Epoll, _) => DriverKind::Epoll,
         (IoDriver::Uring, Ok(())) | (IoDriver::Auto, Ok(())) => DriverKind::Uring,
@@ -209,7 +216,6 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
         cap_sink,
     );
 
-    let snapshot = Snapshot::build(loaded, 1, None).map_err(|e| anyhow::anyhow!("{e}"))?;
     let shared = Shared::new(snapshot, conn_limiter);
 
     let workers = config.effective_workers();
@@ -263,8 +269,10 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
         loop {
             tokio::select! {
                 _ = hup.recv() => {
+                    // Not awaited: this loop must keep listening for SIGTERM, which drains
+                    // even while a reload (stalled on a slow file, say) is still running.
                     let control = control.clone();
-                    let _ = tokio::task::spawn_blocking(move || control.reload()).await;
+                    tokio::task::spawn_blocking(move || control.reload());
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,

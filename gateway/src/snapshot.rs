@@ -3,12 +3,12 @@
 //! request takes the snapshot current when its head arrived and keeps it to the end, so
 //! in-flight work never sees a half-applied config.
 
-use crate::config::{AccessFormat, Config, ConfigError, ConfigErrors, LoadedConfig};
+use crate::config::{AccessFormat, Config, ConfigErrors, LoadedConfig};
 use crate::policy::route::Router;
 use crate::protocol::tls::TlsAcceptor;
 use crate::upstream::Upstream;
 use ipnet::IpNet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,10 +28,14 @@ pub struct ServerSettings {
     pub client_min_rate: u64,
 }
 
-/// Per-listener settings, by listener name.
+/// One listener's settings, compiled: the data plane never reads `[[listener]]` itself. A
+/// bound listener holds the `ListenerSettings` of the snapshot that bound it (refreshed by
+/// a reload that changes none of [`ListenerSettings::identity`]), and every connection it
+/// accepts reads its settings from there, never by name from a later snapshot.
 #[derive(Debug, Clone)]
 pub struct ListenerSettings {
     pub name: String,
+    pub listen: SocketAddr,
     pub trusted_proxies: Vec<IpNet>,
     pub proxy_protocol: bool,
     /// Peers whose PROXY header is believed; empty: every peer.
@@ -48,7 +52,7 @@ pub struct Snapshot {
     pub router: Router,
     pub upstreams: Vec<Arc<Upstream>>,
     pub server: ServerSettings,
-    pub listeners: Vec<ListenerSettings>,
+    pub listeners: Vec<Arc<ListenerSettings>>,
     pub access_format: AccessFormat,
     pub access_enabled: bool,
 }
@@ -61,13 +65,15 @@ impl Snapshot {
         generation: u64,
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, ConfigErrors> {
-        let config = loaded.config;
-        // TLS acceptors: a listener that had one keeps its ticket keys and session cache
-        // (clients resume across a reload); new certificates apply to new handshakes.
+        // Certificates and keys are read here, once per load (config validation does not
+        // touch them). A listener that had an acceptor keeps its ticket keys and session
+        // cache (clients resume across a reload); new certificates apply to new handshakes.
+        // Every listener's failure is reported, each at its `tls` key's line.
         let base = loaded.path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let mut listeners = Vec::with_capacity(config.listeners.len());
-        for (i, l) in config.listeners.iter().enumerate() {
-            let l = l.get_ref();
+        let mut listeners = Vec::with_capacity(loaded.config.listeners.len());
+        let mut errors = Vec::new();
+        for (i, spanned) in loaded.config.listeners.iter().enumerate() {
+            let l = spanned.get_ref();
             let tls = match &l.tls {
                 None => None,
                 Some(tls) => {
@@ -78,24 +84,42 @@ impl Snapshot {
                         Some(old) => old.rebuild(tls, &base),
                         None => TlsAcceptor::from_config(tls, &base),
                     };
-                    Some(built.map_err(|e| {
-                        ConfigErrors(vec![ConfigError {
-                            file: loaded.path.clone(),
-                            line: 0,
-                            key: format!("listener[{i}].tls"),
-                            message: e.to_string(),
-                        }])
-                    })?)
+                    match built {
+                        Ok(acceptor) => Some(acceptor),
+                        Err(e) => {
+                            let table = format!("listener[{i}]");
+                            errors.push(loaded.error_at(
+                                spanned.span(),
+                                &table,
+                                "tls",
+                                e.to_string(),
+                            ));
+                            continue;
+                        }
+                    }
                 }
             };
-            listeners.push(ListenerSettings {
+            let listen = match l.listen.parse() {
+                Ok(addr) => addr,
+                Err(e) => {
+                    let table = format!("listener[{i}]");
+                    errors.push(loaded.error_at(spanned.span(), &table, "listen", format!("{e}")));
+                    continue;
+                }
+            };
+            listeners.push(Arc::new(ListenerSettings {
                 name: l.name.clone(),
+                listen,
                 trusted_proxies: l.trusted_proxies.clone(),
                 proxy_protocol: l.proxy_protocol,
                 proxy_protocol_from: l.proxy_protocol_from.clone(),
                 tls,
-            });
+            }));
         }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let config = loaded.config;
         let old: &[Arc<Upstream>] = previous.map(|p| p.upstreams.as_slice()).unwrap_or(&[]);
         let upstreams = config
             .upstreams
@@ -135,12 +159,44 @@ impl Snapshot {
         })
     }
 
+    /// The listener named `name`: for the control plane (a reload carrying a listener's
+    /// TLS state over). The data plane reads a connection's listener from its `ListenerCtx`.
     pub fn listener(&self, name: &str) -> Option<&ListenerSettings> {
-        self.listeners.iter().find(|l| l.name == name)
+        self.listeners.iter().find(|l| l.name == name).map(|l| &**l)
     }
 }
 
+/// What identifies a bound listener: address, name, whether it terminates TLS, whether it
+/// expects a PROXY header. A reload that changes any of these binds a new socket (the old
+/// one's connections carry on with their settings); any other change is applied in place.
+pub type ListenerIdentity = (SocketAddr, String, bool, bool);
+
 impl ListenerSettings {
+    pub fn identity(&self) -> ListenerIdentity {
+        (
+            self.listen,
+            self.name.clone(),
+            self.tls.is_some(),
+            self.proxy_protocol,
+        )
+    }
+
+    /// `"https"` on a TLS listener, else `"http"` (`X-Forwarded-Proto`, the access log).
+    pub fn proto(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// Whether a PROXY header from `peer` is believed: only a listed balancer may name
+    /// the client (an empty list believes every peer).
+    pub fn proxy_trusted(&self, peer: IpAddr) -> bool {
+        self.proxy_protocol_from.is_empty()
+            || self.proxy_protocol_from.iter().any(|n| n.contains(&peer))
+    }
+
     pub fn trusts(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
     }

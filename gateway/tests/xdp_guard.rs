@@ -2029,3 +2029,125 @@ fn measure_costs() {
     }
     eprintln!("RequestLimiter check: {:?} each", t.elapsed() / n);
 }
+
+/// A config with one respond-only route and `deny` as the deny list.
+fn config_with_deny(deny: &[&str]) -> String {
+    let deny: Vec<String> = deny.iter().map(|n| format!("{n:?}")).collect();
+    format!(
+        "[server]\nworkers = 1\n\n[[listener]]\nname = \"http\"\nlisten = \"127.0.0.1:{PORT}\"\n\n\
+         [[route]]\npath_prefix = \"/\"\nrespond = {{ status = 200, body = \"ok\" }}\n\n\
+         [limits]\ndeny = [{}]\n",
+        deny.join(", ")
+    )
+}
+
+#[test]
+fn reload_whose_xdp_map_update_fails_is_rejected_and_the_old_config_keeps_serving() {
+    use gateway::config::Config;
+    use gateway::control::Control;
+    use gateway::{dataplane::shared::Shared, snapshot::Snapshot};
+    if !privileged("reload_whose_xdp_map_update_fails_is_rejected_and_the_old_config_keeps_serving")
+    {
+        return;
+    }
+    pin_to_one_cpu();
+    let bpffs = PrivateBpffs::mount();
+    let pin_path = bpffs.dir().join("gateway");
+    let dir = bpffs.dir().with_extension("config");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, config_with_deny(&["203.0.113.0/24"])).unwrap();
+
+    // The gateway's start-up, minus the workers and the attach (test runs need neither).
+    let loaded = Config::load(&path).expect("valid config");
+    let mut guard = XdpGuard::load_with(Some(&pin_path), &GuardOptions::for_tracked_sources(1024))
+        .expect("load");
+    guard.apply_config(&loaded.config).unwrap();
+    let limiter = ConnLimiter::new(&loaded.config.limits, Enforcement { xdp: None }, None);
+    let shared = Shared::new(Snapshot::build(loaded, 1, None).unwrap(), limiter);
+    let control = Control::new(shared.clone(), path.clone(), None);
+    *control.xdp.lock().unwrap() = Some(guard);
+
+    // Someone else (another process sharing the pin, a list grown by hand) fills the pinned
+    // IPv4 deny trie to capacity: the reload's next insert is refused by the kernel.
+    let data = aya::maps::MapData::from_pin(pin_path.join(names::DENY_V4)).expect("open pin");
+    let mut trie: aya::maps::LpmTrie<_, [u8; 4], gateway_common::NetEntry> =
+        aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).unwrap();
+    let mut filled = 1; // 203.0.113.0/24
+    'fill: for b in 0..=255u8 {
+        for c in 0..=255u8 {
+            let key = aya::maps::lpm_trie::Key::new(32, [10, 0, b, c]);
+            if trie
+                .insert(&key, gateway_common::NetEntry { prefix_len: 32 }, 0)
+                .is_err()
+            {
+                break 'fill;
+            }
+            filled += 1;
+        }
+    }
+    assert_eq!(
+        filled,
+        gateway_common::sizes::NET_ENTRIES,
+        "the trie is full"
+    );
+
+    std::fs::write(
+        &path,
+        config_with_deny(&["203.0.113.0/24", "198.51.100.0/24"]),
+    )
+    .unwrap();
+    let errors = control
+        .reload()
+        .expect_err("a reload whose XDP update fails");
+    let message = errors.to_string();
+    assert!(
+        message.contains("XDP") && message.contains(names::DENY_V4),
+        "the reason names the map: {message}"
+    );
+    assert!(
+        !message.contains("restoring"),
+        "the old policy was restored: {message}"
+    );
+    // Nothing of the new config is in force: not the snapshot, not the user-space lists,
+    // not the kernel's (the junk and any half-applied entry were rolled back).
+    assert_eq!(shared.snapshot().generation, 1);
+    assert!(!shared.conn_limiter.denies(IpAddr::V4(B4)));
+    assert!(shared.conn_limiter.denies(IpAddr::V4(A4)));
+    {
+        let xdp = control.xdp.lock().unwrap();
+        let guard = xdp.as_ref().unwrap();
+        expect(
+            guard,
+            "still denied",
+            &tcp4(A4, PORT, SYN),
+            verdict::DROP_DENY,
+        );
+        expect(guard, "not yet denied", &tcp4(B4, PORT, SYN), verdict::PASS);
+        let fill = guard.map_fill().unwrap();
+        let deny_v4 = fill.iter().find(|f| f.map == names::DENY_V4).unwrap();
+        assert_eq!(deny_v4.entries, 1, "only the running deny list is left");
+    }
+    assert_eq!(
+        control
+            .reloads_failed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    // With room in the trie again, the same file reloads and applies everywhere.
+    control
+        .reload()
+        .expect("the reload succeeds once the map has room");
+    assert_eq!(shared.snapshot().generation, 2);
+    assert!(shared.conn_limiter.denies(IpAddr::V4(B4)));
+    let xdp = control.xdp.lock().unwrap();
+    expect(
+        xdp.as_ref().unwrap(),
+        "denied after the reload",
+        &tcp4(B4, PORT, SYN),
+        verdict::DROP_DENY,
+    );
+    drop(xdp);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1452,3 +1452,328 @@ fn admin_accept_backs_off_when_out_of_descriptors_and_recovers() {
         "gateway_admin_accept_errors_total {errors} after 2 s of EMFILE"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// A slow reload: its config names a token file that is a FIFO, so reading it blocks until
+// the test writes to it (a config file on a stalled network file system does the same).
+
+/// A FIFO in `dir` that a reload of a config naming it (`admin.token_file`) will stall on.
+struct StalledFile {
+    path: std::path::PathBuf,
+    writer: Option<std::fs::File>,
+}
+
+impl StalledFile {
+    fn new(dir: &std::path::Path) -> StalledFile {
+        let path = dir.join("token.fifo");
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        StalledFile { path, writer: None }
+    }
+
+    /// Waits until a reader (the reload) has the FIFO open: opening the write end without
+    /// blocking fails with ENXIO until then. The write end is held, so the reload then
+    /// blocks in `read` until [`StalledFile::release`].
+    fn wait_reader(&mut self, timeout: Duration) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.path)
+            {
+                Ok(f) => {
+                    self.writer = Some(f);
+                    return;
+                }
+                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENXIO), "{e}"),
+            }
+            assert!(Instant::now() < deadline, "no reload opened the file");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Lets the reload finish: the token, then end of file.
+    fn release(&mut self, token: &str) {
+        let mut w = self.writer.take().expect("wait_reader first");
+        w.write_all(token.as_bytes()).unwrap();
+    }
+}
+
+#[test]
+fn healthz_and_ready_answer_while_a_post_reload_is_stalled() {
+    let api = Origin::named("api");
+    let config = Config::proxy_all(&[api.addr()]);
+    let gw = Gateway::with(&config);
+    let admin = gw.admin_addr();
+    let mut fifo = StalledFile::new(gw.dir());
+    write_atomically(
+        gw.config_path(),
+        &with_admin_keys(&config.to_toml(), "token_file = \"token.fifo\""),
+    );
+    let reload = thread::spawn(move || admin_request(admin, "POST", "/reload", None));
+    fifo.wait_reader(5 * SECOND);
+
+    // The reload is stuck reading the file: the probes and the scrape still answer at once.
+    for _ in 0..5 {
+        for (path, body) in [("/healthz", "ok\n"), ("/ready", "ready\n")] {
+            let t = Instant::now();
+            assert_eq!(admin_probe(admin, path), Some((200, body.into())), "{path}");
+            assert!(t.elapsed() < SECOND, "{path} took {:?}", t.elapsed());
+        }
+        scrape(admin);
+        assert_eq!(gw.get("/x").body_str(), "api");
+    }
+    assert!(
+        !reload.is_finished(),
+        "the reload has not read its file yet"
+    );
+    // A second POST /reload meanwhile waits for the first, then runs (and reads the file
+    // again: the FIFO has to be fed twice). It carries the token the first one installs,
+    // in case its head is read only after that.
+    let second = thread::spawn(move || admin_request(admin, "POST", "/reload", Some("s3cret")));
+    assert_eq!(admin_probe(admin, "/healthz"), Some((200, "ok\n".into())));
+
+    fifo.release("s3cret\n");
+    let r = reload.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert!(
+        !second.is_finished(),
+        "the second reload waits for its own read"
+    );
+    fifo.wait_reader(5 * SECOND);
+    fifo.release("s3cret\n");
+    let r = second.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert!(r.body_str().contains("generation 3"), "{}", r.body_str());
+    // The reloads did apply: the token they read now guards POST /reload.
+    assert_eq!(admin_request(admin, "POST", "/reload", None).status, 401);
+    assert_eq!(gw.get("/y").body_str(), "api");
+}
+
+#[test]
+fn sigterm_during_a_stalled_reload_still_drains_and_exits_zero() {
+    let api = slow_origin();
+    let config = Config::proxy_all(&[api.addr()]).server("graceful_timeout", "3s");
+    let mut gw = Gateway::with(&config);
+    let (http, admin) = (gw.http_addr(), gw.admin_addr());
+    let mut fifo = StalledFile::new(gw.dir());
+    write_atomically(
+        gw.config_path(),
+        &with_admin_keys(&config.to_toml(), "token_file = \"token.fifo\""),
+    );
+    gw.signal(libc::SIGHUP);
+    fifo.wait_reader(5 * SECOND);
+    // A request in flight when the drain starts: it must finish, then the process exits.
+    let slow = thread::spawn(move || Client::connect(http).request(&Req::get("/api/slow")));
+    wait_until(5 * SECOND, "the slow request at the origin", || {
+        api.heads_seen() == 1
+    });
+
+    let t0 = Instant::now();
+    gw.signal(libc::SIGTERM);
+    wait_draining(admin, t0, SECOND);
+    let r = slow
+        .join()
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!((r.status, r.body_str().as_str()), (200, "slow"));
+    // The reload never finishes (the file is never written): the drain does not wait on it.
+    let status = gw
+        .wait_exit(5 * SECOND)
+        .expect("exit within graceful_timeout while the reload is stalled");
+    assert_eq!(exit_code(status), Some(0), "{status}");
+    assert!(t0.elapsed() < 4 * SECOND, "exit took {:?}", t0.elapsed());
+    drop(fifo);
+}
+
+// ---------------------------------------------------------------------------------------
+// Listener settings across a reload: one source of truth per connection.
+
+/// The client address the origin was told (`X-Real-IP`) for a request that claims to come
+/// from 192.0.2.66 (`X-Forwarded-For`), on the keep-alive connection `c`.
+fn real_ip_told(c: &mut Client) -> String {
+    c.must(&Req::get("/who").header("X-Forwarded-For", "192.0.2.66"))
+        .body_str()
+}
+
+#[test]
+fn a_connection_keeps_its_listeners_settings_when_a_reload_gives_its_name_away() {
+    let api = Origin::start(|req| Reply::ok(req.header("x-real-ip").unwrap_or("-")));
+    let config = Config::proxy_all(&[api.addr()]);
+    let gw = Gateway::with(&config);
+    let (public, admin) = (gw.http_addr(), gw.admin_addr());
+    // Accepted on the listener "http", which trusts no proxy: the claim is ignored.
+    let mut kept = Client::connect(public);
+    assert_eq!(real_ip_told(&mut kept), "127.0.0.1");
+
+    // The reload renames that listener and gives its old name to a new listener that
+    // trusts loopback proxies: name lookups per request would hand `kept` that trust.
+    let inner = gateway_tests::free_addr();
+    let renamed = config.to_toml().replacen("name = \"http\"", "name = \"public\"", 1)
+        + &format!(
+            "\n[[listener]]\nname = \"http\"\nlisten = \"{inner}\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n"
+        );
+    write_atomically(gw.config_path(), &renamed);
+    let r = admin_request(admin, "POST", "/reload", None);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    wait_until(5 * SECOND, "the new listener serves", || {
+        TcpStream::connect_timeout(&inner, Duration::from_millis(200)).is_ok()
+    });
+    for _ in 0..3 {
+        assert_eq!(
+            real_ip_told(&mut kept),
+            "127.0.0.1",
+            "a connection accepted on an untrusting listener gained another listener's trust"
+        );
+    }
+    assert_eq!(real_ip_told(&mut Client::connect(inner)), "192.0.2.66");
+    assert_eq!(real_ip_told(&mut Client::connect(public)), "127.0.0.1");
+
+    // A change that keeps the listener's identity (only `trusted_proxies`) applies in place
+    // to the connections accepted after it.
+    let trusting = renamed.replacen(
+        "name = \"public\"",
+        "name = \"public\"\ntrusted_proxies = [\"127.0.0.1/32\"]",
+        1,
+    );
+    write_atomically(gw.config_path(), &trusting);
+    let r = admin_request(admin, "POST", "/reload", None);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    wait_until(5 * SECOND, "new connections get the new trust", || {
+        real_ip_told(&mut Client::connect(public)) == "192.0.2.66"
+    });
+    assert!(api.errors().is_empty(), "{:?}", api.errors());
+}
+
+// ---------------------------------------------------------------------------------------
+// Certificates are read once per load: a certificate file that can be read only once (a
+// FIFO written once) must do for `gateway check`, a start and a reload alike.
+
+/// A self-signed certificate and key for `localhost` in `dir`, from the openssl CLI.
+fn self_signed(dir: &std::path::Path) -> (Vec<u8>, std::path::PathBuf) {
+    let (cert, key) = (dir.join("made-cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .arg("ec_paramgen_curve:prime256v1")
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(status.success(), "openssl req failed");
+    (std::fs::read(&cert).unwrap(), key)
+}
+
+/// Makes `path` a FIFO that hands out `pem` to exactly one reader; a second read of it
+/// would wait forever for a writer. Returns the writer thread (ends after the one read).
+fn read_once(path: &std::path::Path, pem: Vec<u8>) -> thread::JoinHandle<()> {
+    let _ = std::fs::remove_file(path);
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let path = path.to_path_buf();
+    thread::spawn(move || {
+        // Blocks until the one reader opens it.
+        let mut w = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        w.write_all(&pem).unwrap();
+    })
+}
+
+/// Waits up to `timeout` for `child` to exit; kills it and fails otherwise.
+fn exits_within(child: &mut Child, timeout: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still running after {timeout:?}: it read a certificate twice");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn certificates_are_read_once_per_check_start_and_reload() {
+    let api = Origin::named("api");
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, key) = self_signed(dir.path());
+    let cert = dir.path().join("cert.pem");
+    let tls_addr = gateway_tests::free_addr();
+    let text = Config::proxy_all(&[api.addr()]).to_toml()
+        + &format!(
+            "\n[[listener]]\nname = \"https\"\nlisten = \"{tls_addr}\"\ntls = {{ certificates = [{{ cert = {:?}, key = {:?} }}] }}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        );
+    let config_path = dir.path().join("gateway.toml");
+    std::fs::write(&config_path, &text).unwrap();
+
+    // `gateway check`.
+    let writer = read_once(&cert, pem.clone());
+    let mut check = Command::new(gateway_bin())
+        .args(["check", "--config"])
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = exits_within(&mut check, 10 * SECOND, "gateway check");
+    assert!(status.success(), "gateway check: {status}");
+    writer.join().unwrap();
+
+    // A start, then a reload.
+    let writer = read_once(&cert, pem.clone());
+    let gw = Gateway::start(&text);
+    writer.join().unwrap();
+    assert_eq!(gw.get("/x").body_str(), "api");
+    let writer = read_once(&cert, pem);
+    let reload = thread::spawn({
+        let admin = gw.admin_addr();
+        move || admin_request(admin, "POST", "/reload", None)
+    });
+    let deadline = Instant::now() + 10 * SECOND;
+    while !reload.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "POST /reload still waiting: it read a certificate twice"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let r = reload.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    writer.join().unwrap();
+
+    // A certificate that does not load is still named with its file, line and key.
+    std::fs::remove_file(&cert).unwrap();
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    let out = Command::new(gateway_bin())
+        .args(["check", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = text.lines().position(|l| l.starts_with("tls = ")).unwrap() + 1;
+    assert!(
+        stderr.contains(&format!("gateway.toml:{line}: listener[1].tls: "))
+            && stderr.contains("cert.pem"),
+        "{stderr}"
+    );
+    let r = admin_request(gw.admin_addr(), "POST", "/reload", None);
+    assert_eq!(r.status, 400);
+    assert!(
+        r.body_str()
+            .contains(&format!(":{line}: listener[1].tls: ")),
+        "{}",
+        r.body_str()
+    );
+}

@@ -92,6 +92,7 @@ fn shared() -> Arc<Shared> {
     let loaded = LoadedConfig {
         path: path.to_path_buf(),
         config,
+        source: CONFIG.to_string(),
     };
     Shared::new(Snapshot::build(loaded, 1, None).expect("snapshot"), limiter)
 }
@@ -141,11 +142,7 @@ pub fn exchange(data: &[u8]) -> Exchange {
     let rt = runtime();
     rt.block_on(async {
         let worker = Rc::new(Worker::new(0, shared(), None));
-        let listener = Rc::new(ListenerCtx {
-            name: "http".into(),
-            proto: "http",
-            proxy_protocol: false,
-        });
+        let listener = ListenerCtx::new(worker.shared.snapshot().listeners[0].clone());
         let peer: SocketAddr = "198.51.100.7:40000".parse().expect("address");
         let conn = serve(
             worker,

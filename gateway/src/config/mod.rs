@@ -503,6 +503,28 @@ fn secs(s: u64) -> Dur {
 pub struct LoadedConfig {
     pub path: PathBuf,
     pub config: Config,
+    /// The file's text, to name the line of an error found after parsing (a certificate
+    /// that does not load, found when `snapshot::Snapshot::build` reads it).
+    pub source: String,
+}
+
+impl LoadedConfig {
+    /// The error at `key` inside the table spanning `span` (e.g. `listener[0]`, `tls`):
+    /// its line is where the key is written, or the table's first line.
+    pub fn error_at(
+        &self,
+        span: Range<usize>,
+        table: &str,
+        key: &str,
+        message: String,
+    ) -> ConfigError {
+        ConfigError {
+            file: self.path.clone(),
+            line: locate_key(&self.source, span, key),
+            key: format!("{table}.{key}"),
+            message,
+        }
+    }
 }
 
 impl Config {
@@ -519,6 +541,7 @@ impl Config {
         Self::parse(path, &source).map(|config| LoadedConfig {
             path: path.to_path_buf(),
             config,
+            source,
         })
     }
 
@@ -751,10 +774,8 @@ impl Config {
                         "needs at least one certificate".into(),
                     );
                 }
-                let base = file.parent().unwrap_or(Path::new("."));
-                if let Err(e) = crate::protocol::tls::TlsAcceptor::from_config(tls, base) {
-                    err(span.clone(), &table, "tls", e.to_string());
-                }
+                // The files themselves are read once, by `Snapshot::build` (also in
+                // `gateway check`): config stays pure validation, below protocol/.
             }
         }
 

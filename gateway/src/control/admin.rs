@@ -2,7 +2,9 @@
 //!
 //! It runs on the control-plane thread, apart from the workers, so a saturated data plane
 //! still answers health checks and scrapes. Requests are tiny and few: one request per
-//! connection, answered and closed.
+//! connection, answered and closed. `POST /reload` runs the reload on a blocking thread of
+//! its own, so a slow reload (many certificates, a stalled file) never holds up `/healthz`,
+//! `/ready` or `/metrics`; a second `POST /reload` during one waits for it and then runs.
 //!
 //! The listener is reachable by whoever can reach its address, so it defends itself like a
 //! data-plane listener, on a smaller scale:
@@ -311,7 +313,7 @@ async fn handle(
         return Ok(());
     };
     slot.head_done();
-    let response = route(&control, &method, &path, authorization.as_deref());
+    let response = route(&control, &method, &path, authorization.as_deref()).await;
     write(&mut stream, response).await
 }
 
@@ -362,7 +364,12 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Head>> {
     }
 }
 
-fn route(control: &Control, method: &str, path: &str, authorization: Option<&str>) -> Response {
+async fn route(
+    control: &Arc<Control>,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+) -> Response {
     let shared = &control.shared;
     let authorized = || {
         let snap = shared.snapshot();
@@ -402,9 +409,14 @@ fn route(control: &Control, method: &str, path: &str, authorization: Option<&str
             if !authorized() {
                 return text(401, "unauthorized\n");
             }
-            match control.reload() {
-                Ok(summary) => text(200, format!("{summary}\n")),
-                Err(errors) => text(400, format!("{errors}\n")),
+            // Off the admin thread: a reload reads files (certificates, a token file) that
+            // may be slow or stalled, and `/healthz` and `/ready` must keep answering
+            // meanwhile. A second reload waits for the running one (`Control::reload`).
+            let control = control.clone();
+            match tokio::task::spawn_blocking(move || control.reload()).await {
+                Ok(Ok(summary)) => text(200, format!("{summary}\n")),
+                Ok(Err(errors)) => text(400, format!("{errors}\n")),
+                Err(e) => text(500, format!("the reload failed: {e}\n")),
             }
         }
         ("GET", "/config") => {

@@ -66,7 +66,9 @@ impl Control {
     }
 
     /// Re-reads the config file. On success returns a one-line summary; on failure every
-    /// error, and the running config is untouched.
+    /// error, and the running config is untouched. Blocking (it reads files): callers run it
+    /// on a thread of its own. Reloads run one at a time; a second caller waits for the
+    /// running one, then reloads (re-reading the file, so it sees edits made meanwhile).
     pub fn reload(&self) -> Result<String, ConfigErrors> {
         let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let loaded = match Config::load(&self.config_path) {
@@ -149,20 +151,22 @@ impl Control {
                 return Err(ConfigErrors(vec![error]));
             }
         }
-        // The limits first: a worker that sees the new snapshot re-checks its open
-        // connections against them (`proxy::serve`), so they must already be in force.
+        // A reload applies fully or not at all (as nginx's): the XDP guard's maps are the
+        // last thing that can fail, so they go first, and a failure leaves the running
+        // config (and its policy, restored in the maps) in force.
+        if let Err(error) = self.apply_xdp(&old.config, &snapshot.config) {
+            self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, "reload rejected; the running config keeps serving");
+            return Err(ConfigErrors(vec![error]));
+        }
+        // The limits before the snapshot: a worker that sees the new snapshot re-checks its
+        // open connections against them (`dataplane::conn::h1`), so they must already be
+        // in force.
         self.shared.conn_limiter.apply(&snapshot.config.limits);
         self.shared.install(snapshot);
         if let Some(log) = &self.log {
             if let Err(e) = log.reopen(access) {
                 tracing::error!(error = %e, "cannot reopen the access log");
-            }
-        }
-        let snap = self.shared.snapshot();
-        if let Some(guard) = self.xdp.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            // Same program, maps rewritten in place: counters and buckets are kept.
-            if let Err(e) = guard.apply_config(&snap.config) {
-                tracing::error!(error = %e.detail(), "applying the new limits to the XDP guard");
             }
         }
         self.sync_checkers();
@@ -173,6 +177,35 @@ impl Control {
 }
 
 impl Control {
+    /// Writes the limits and listener ports of `new` into the XDP guard's maps (same
+    /// program, maps rewritten in place: counters and buckets are kept). On failure (a map
+    /// update refused: a full trie, a map gone) the policy of `old` is written back, so the
+    /// maps match the config that keeps serving, and the error names the failed update.
+    fn apply_xdp(&self, old: &Config, new: &Config) -> Result<(), crate::config::ConfigError> {
+        let mut xdp = self.xdp.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(guard) = xdp.as_mut() else {
+            return Ok(());
+        };
+        let Err(e) = guard.apply_config(new) else {
+            return Ok(());
+        };
+        let mut message = format!("the XDP guard cannot apply the new limits: {}", e.detail());
+        if let Err(e) = guard.apply_config(old) {
+            // Both failed: the maps may hold a mix. Say so; the next reload rewrites them.
+            message.push_str(&format!(
+                "; restoring the running limits in the XDP maps failed too ({}): the guard \
+                 may enforce a mix of both until a reload succeeds",
+                e.detail()
+            ));
+        }
+        Err(crate::config::ConfigError {
+            file: self.config_path.clone(),
+            line: 0,
+            key: "limits".into(),
+            message,
+        })
+    }
+
     /// The admin listener's and the access log's own counters.
     pub fn render_ops(&self, out: &mut String) {
         use std::fmt::Write;

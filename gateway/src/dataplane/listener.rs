@@ -7,92 +7,104 @@ use crate::dataplane::ctx::Worker;
 use crate::io::driver::Driver;
 use crate::io::{bind_reuseport, Stream};
 use crate::protocol::tls::stream::MaybeTls;
-use std::cell::Cell;
-use std::net::SocketAddr;
+use crate::snapshot::{ListenerIdentity, ListenerSettings};
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What a worker knows about the listener a connection came in on.
+/// The listener a connection came in on, as the connection sees it for its whole life: the
+/// compiled settings of the bound listener at the moment of the accept. Everything per
+/// connection (PROXY trust, the TLS acceptor, trusted proxies, proto, name) reads from here,
+/// so a reload can never hand one connection a mix of an old and a new listener's settings.
 pub struct ListenerCtx {
     pub name: Arc<str>,
     pub proto: &'static str,
-    /// Whether connections start with a PROXY protocol header.
-    pub proxy_protocol: bool,
+    pub settings: Arc<ListenerSettings>,
+}
+
+impl ListenerCtx {
+    pub fn new(settings: Arc<ListenerSettings>) -> Rc<ListenerCtx> {
+        Rc::new(ListenerCtx {
+            name: settings.name.as_str().into(),
+            proto: settings.proto(),
+            settings,
+        })
+    }
+}
+
+/// The settings a bound listener hands each connection it accepts; reconcile swaps them
+/// when a reload changes a setting that does not change the listener's identity.
+type Current = Rc<RefCell<Rc<ListenerCtx>>>;
+
+/// One listening socket of this worker.
+struct Bound {
+    identity: ListenerIdentity,
+    fd: RawFd,
+    current: Current,
+    /// Set to stop the accept loop.
+    closed: Rc<Cell<bool>>,
 }
 
 /// The listening sockets a worker has bound, reconciled with the snapshot on reload.
 #[derive(Default)]
 pub(crate) struct BoundListeners {
     pub(crate) generation: u64,
-    /// Descriptor and the flag that stops its accept loop, per listener.
-    bound: Vec<(ListenerKey, RawFd, Rc<Cell<bool>>)>,
+    bound: Vec<Bound>,
 }
 
-/// What identifies a bound listener: address, name, whether it terminates TLS, whether it
-/// expects a PROXY header (a change of any rebinds it).
-type ListenerKey = (SocketAddr, String, bool, bool);
-
 impl BoundListeners {
+    /// Makes the bound sockets match the snapshot's listeners: binds the new ones, gives
+    /// those whose identity did not change the new settings (for connections accepted from
+    /// now on), then closes the ones gone.
     pub(crate) fn reconcile<D: Driver>(
         &mut self,
         worker: &Rc<Worker<MaybeTls<D::Stream>>>,
     ) -> Result<(), String> {
         let snap = worker.snapshot();
-        let wanted: Vec<ListenerKey> = snap
-            .config
-            .listeners
-            .iter()
-            .map(|l| {
-                let l = l.get_ref();
-                (
-                    l.listen.parse().expect("validated listen address"),
-                    l.name.clone(),
-                    l.tls.is_some(),
-                    l.proxy_protocol,
-                )
-            })
-            .collect();
-        for key in &wanted {
-            if self.bound.iter().any(|(k, _, _)| k == key) {
+        for settings in &snap.listeners {
+            let identity = settings.identity();
+            if let Some(b) = self.bound.iter().find(|b| b.identity == identity) {
+                *b.current.borrow_mut() = ListenerCtx::new(settings.clone());
                 continue;
             }
-            let (addr, name, tls, proxy_protocol) = key.clone();
+            let (addr, name) = (settings.listen, &settings.name);
             let std_listener = bind_reuseport(addr)
                 .map_err(|e| format!("listener {name:?}: cannot bind {addr}: {e}"))?;
             let fd = std_listener.as_raw_fd();
             let listener =
                 D::listener(std_listener).map_err(|e| format!("listener {name:?}: {e}"))?;
-            let ctx = Rc::new(ListenerCtx {
-                name: name.as_str().into(),
-                proto: if tls { "https" } else { "http" },
-                proxy_protocol,
-            });
+            let current = Rc::new(RefCell::new(ListenerCtx::new(settings.clone())));
             let closed = Rc::new(Cell::new(false));
             D::spawn(accept_loop::<D>(
                 worker.clone(),
                 listener,
-                ctx,
+                current.clone(),
                 closed.clone(),
             ));
             if self.generation != 0 {
                 tracing::info!(worker = worker.id, listener = %name, %addr, "listener bound");
             }
-            self.bound.push((key.clone(), fd, closed));
+            self.bound.push(Bound {
+                identity,
+                fd,
+                current,
+                closed,
+            });
         }
         // Close removed listeners only after the new ones are bound, so a listener that
         // changed in place (name, TLS, PROXY) never leaves its address unserved.
-        self.bound.retain(|(key, fd, closed)| {
-            if wanted.contains(key) {
+        self.bound.retain(|b| {
+            if snap.listeners.iter().any(|l| l.identity() == b.identity) {
                 return true;
             }
-            closed.set(true);
+            b.closed.set(true);
             // SAFETY: shutdown on a listening descriptor this worker owns; it makes the
             // pending accept fail so the accept loop sees `closed` and ends.
-            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
-            tracing::info!(worker = worker.id, listener = %key.1, addr = %key.0, "listener closed");
+            unsafe { libc::shutdown(b.fd, libc::SHUT_RDWR) };
+            tracing::info!(worker = worker.id, listener = %b.identity.1, addr = %b.identity.0, "listener closed");
             false
         });
         self.generation = snap.generation;
@@ -100,10 +112,10 @@ impl BoundListeners {
     }
 
     pub(crate) fn close_all(&mut self) {
-        for (_, fd, closed) in self.bound.drain(..) {
-            closed.set(true);
+        for b in self.bound.drain(..) {
+            b.closed.set(true);
             // SAFETY: as in `reconcile`.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            unsafe { libc::shutdown(b.fd, libc::SHUT_RDWR) };
         }
     }
 }
@@ -132,7 +144,7 @@ impl<S: Stream> Drop for ConnectionGuard<S> {
 async fn accept_loop<D: Driver>(
     worker: Rc<Worker<MaybeTls<D::Stream>>>,
     listener: D::Listener,
-    ctx: Rc<ListenerCtx>,
+    current: Current,
     closed: Rc<Cell<bool>>,
 ) {
     loop {
@@ -140,6 +152,8 @@ async fn accept_loop<D: Driver>(
         if worker.draining.get() || closed.get() {
             break;
         }
+        // Taken once: this connection keeps these settings whatever a reload does later.
+        let ctx = current.borrow().clone();
         let (stream, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
@@ -162,7 +176,7 @@ async fn accept_loop<D: Driver>(
         }
         // Per-IP limits at accept. Behind a PROXY-protocol balancer the peer is the
         // balancer, so those listeners check the client address after the header instead.
-        let ticket = if ctx.proxy_protocol {
+        let ticket = if ctx.settings.proxy_protocol {
             None
         } else {
             match worker.shared.conn_limiter.on_accept(peer.ip()) {
@@ -201,7 +215,6 @@ async fn accept_loop<D: Driver>(
             worker: worker.clone(),
             listener: ctx.name.clone(),
         };
-        let ctx = ctx.clone();
         let w = worker.clone();
         D::spawn(async move {
             let _guard = guard;
@@ -210,7 +223,7 @@ async fn accept_loop<D: Driver>(
             if let Some((io, peer, initial)) =
                 conn::preamble::preamble(&w, &ctx, stream, peer, accepted).await
             {
-                if ctx.proxy_protocol {
+                if ctx.settings.proxy_protocol {
                     match w.shared.conn_limiter.on_accept(peer.ip()) {
                         Ok(t) => _ticket = Some(t),
                         Err(r) => {
@@ -221,6 +234,101 @@ async fn accept_loop<D: Driver>(
                 }
                 conn::h1::serve(w, ctx, io, peer, accepted, initial).await;
             }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, LoadedConfig};
+    use crate::dataplane::shared::Shared;
+    use crate::io::driver::Epoll;
+    use crate::snapshot::Snapshot;
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    fn snapshot(generation: u64, listeners: &str) -> Snapshot {
+        let source = format!(
+            "{listeners}\n[[route]]\npath_prefix = \"/\"\nrespond = {{ status = 200, body = \"ok\" }}\n"
+        );
+        let path = Path::new("/test/gateway.toml");
+        let config = Config::parse(path, &source).expect("test config");
+        let loaded = LoadedConfig {
+            path: path.to_path_buf(),
+            config,
+            source,
+        };
+        Snapshot::build(loaded, generation, None).expect("snapshot")
+    }
+
+    fn listener(name: &str, addr: SocketAddr, extra: &str) -> String {
+        format!("[[listener]]\nname = \"{name}\"\nlisten = \"{addr}\"\n{extra}\n")
+    }
+
+    fn free_addr() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    }
+
+    /// The settings the bound listener on `addr` hands to the next connection it accepts.
+    fn current(bound: &BoundListeners, addr: SocketAddr) -> Vec<Arc<ListenerSettings>> {
+        bound
+            .bound
+            .iter()
+            .filter(|b| b.identity.0 == addr)
+            .map(|b| b.current.borrow().settings.clone())
+            .collect()
+    }
+
+    #[test]
+    fn reconcile_refreshes_in_place_rebinds_on_identity_change_and_closes_the_rest() {
+        let (a, b) = (free_addr(), free_addr());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let shared = Shared::new(
+                snapshot(1, &listener("web", a, "")),
+                crate::policy::limits::ConnLimiter::new(
+                    &Default::default(),
+                    Default::default(),
+                    None,
+                ),
+            );
+            let worker = Rc::new(Worker::new(0, shared.clone(), None));
+            let mut bound = BoundListeners::default();
+            bound.reconcile::<Epoll>(&worker).unwrap();
+            let first_fd = bound.bound[0].fd;
+            assert!(current(&bound, a)[0].trusted_proxies.is_empty());
+
+            // Only trusted_proxies: the same socket, the new settings for new connections.
+            let trusting = listener("web", a, "trusted_proxies = [\"10.0.0.0/8\"]");
+            shared.install(snapshot(2, &trusting));
+            bound.reconcile::<Epoll>(&worker).unwrap();
+            assert_eq!(bound.bound.len(), 1);
+            assert_eq!(bound.bound[0].fd, first_fd);
+            let now = current(&bound, a);
+            assert_eq!(now[0].trusted_proxies.len(), 1);
+            assert!(Arc::ptr_eq(&now[0], &worker.shared.snapshot().listeners[0]));
+
+            // A rename is an identity change: a new socket, the old one closed; a listener
+            // added on another address is bound.
+            let closed = bound.bound[0].closed.clone();
+            shared.install(snapshot(
+                3,
+                &(listener("edge", a, "") + &listener("inner", b, "")),
+            ));
+            bound.reconcile::<Epoll>(&worker).unwrap();
+            assert!(closed.get(), "the old socket's accept loop is stopped");
+            let names: Vec<_> = bound.bound.iter().map(|b| b.identity.1.clone()).collect();
+            assert_eq!(names, ["edge", "inner"]);
+            assert_ne!(bound.bound[0].fd, first_fd);
+            assert_eq!(current(&bound, b)[0].name, "inner");
+            assert_eq!(bound.generation, 3);
+            bound.close_all();
         });
     }
 }

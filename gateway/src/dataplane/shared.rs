@@ -11,6 +11,9 @@ use std::sync::Arc;
 pub struct Shared {
     snapshot: ArcSwap<Snapshot>,
     generation: AtomicU64,
+    /// The generation just installed, for workers to apply listener changes at once
+    /// rather than at their next tick.
+    installed: tokio::sync::watch::Sender<u64>,
     /// Set once a drain starts: listeners close, keep-alive ends, `/ready` says 503.
     pub draining: AtomicBool,
     /// Client connections open across all workers, for `max_connections`.
@@ -31,6 +34,7 @@ impl Shared {
     ) -> Arc<Shared> {
         Arc::new(Shared {
             generation: AtomicU64::new(snapshot.generation),
+            installed: tokio::sync::watch::Sender::new(snapshot.generation),
             snapshot: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
@@ -54,6 +58,12 @@ impl Shared {
         let generation = snapshot.generation;
         self.snapshot.store(Arc::new(snapshot));
         self.generation.store(generation, Ordering::Release);
+        self.installed.send_replace(generation);
+    }
+
+    /// Changes whenever a reload installs a snapshot.
+    pub fn installed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.installed.subscribe()
     }
 
     pub fn is_draining(&self) -> bool {

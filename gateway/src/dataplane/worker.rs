@@ -98,6 +98,7 @@ async fn run_worker<D: Driver>(
     worker.publish();
     let _ = bound.send(Ok(()));
 
+    let mut installed = shared.installed();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut ticks: u64 = 0;
     let mut busy_mark = (Instant::now(), crate::telemetry::metrics::thread_cpu_time());
@@ -106,13 +107,8 @@ async fn run_worker<D: Driver>(
             _ = tick.tick() => {
                 ticks += 1;
                 worker.log.borrow_mut().flush();
-                if worker.snapshot().generation != listeners.generation {
-                    // A reload: bind listeners it added, close those it removed. Their
-                    // connections carry on; the reload already checked the binds.
-                    if let Err(e) = listeners.reconcile::<D>(&worker) {
-                        tracing::error!(worker = id, error = %e, "applying listener changes");
-                    }
-                }
+                // Also here, should a notification ever be missed.
+                reconcile_if_reloaded::<D>(&worker, &mut listeners);
                 if ticks.is_multiple_of(5) {
                     worker.sweep_upstreams();
                     // Busy ratio: this thread's CPU time over wall time. A worker waiting
@@ -124,6 +120,11 @@ async fn run_worker<D: Driver>(
                     busy_mark = now;
                 }
                 worker.publish();
+            }
+            Ok(()) = installed.changed() => {
+                // A reload installed its snapshot: apply its listener changes now, so a
+                // connection accepted after the reload gets the new listener settings.
+                reconcile_if_reloaded::<D>(&worker, &mut listeners);
             }
             changed = drain.changed() => {
                 if changed.is_err() || *drain.borrow() {
@@ -159,4 +160,17 @@ async fn run_worker<D: Driver>(
     worker.log.borrow_mut().flush();
     worker.stats.borrow_mut().finished = true;
     worker.publish();
+}
+
+/// After a reload: binds the listeners it added, refreshes the settings of those it kept,
+/// closes those it removed. Their connections carry on; the reload already checked binds.
+fn reconcile_if_reloaded<D: Driver>(
+    worker: &Rc<Worker<MaybeTls<D::Stream>>>,
+    listeners: &mut BoundListeners,
+) {
+    if worker.snapshot().generation != listeners.generation {
+        if let Err(e) = listeners.reconcile::<D>(worker) {
+            tracing::error!(worker = worker.id, error = %e, "applying listener changes");
+        }
+    }
 }

@@ -188,10 +188,7 @@ pub async fn serve<S: Stream>(
                 break;
             }
         }
-        let client_ip = match snap.listener(&listener.name) {
-            Some(settings) => client_ip(&c.buf, &c.head, peer.ip(), settings),
-            None => peer.ip(),
-        };
+        let client_ip = client_ip(&c.buf, &c.head, peer.ip(), &listener.settings);
         let outcome = handle(&mut c, &w, &snap, &listener, client_ip).await;
         let elapsed = started.elapsed();
         w.stats.borrow_mut().request(
@@ -648,9 +645,7 @@ async fn proxy<'s, S: Stream>(
         proto: listener.proto,
         upgrade,
         default_host: &listener.name,
-        trusted_peer: snap
-            .listener(&listener.name)
-            .is_some_and(|l| l.trusts(peer.ip())),
+        trusted_peer: listener.settings.trusts(peer.ip()),
         keep_forwarding: &snap.config.server.forward_client_headers,
         underscores: snap.config.server.underscores_in_headers,
     };

@@ -20,23 +20,18 @@ pub async fn preamble<S: Stream>(
     peer: SocketAddr,
     accepted: Instant,
 ) -> Option<(MaybeTls<S>, SocketAddr, BytesMut)> {
-    let snap = w.snapshot();
-    let settings = snap.listener(&ctx.name);
-    let proxy_protocol = settings.is_some_and(|s| s.proxy_protocol);
+    // The listener's settings as of the accept (`ListenerCtx`): never looked up again by
+    // name, so a reload cannot mix another listener's PROXY or TLS settings into this one.
+    let settings = &ctx.settings;
+    let proxy_protocol = settings.proxy_protocol;
     // Only a listed balancer may name the client: anyone else could name any address and
     // walk past `deny`, the per-IP caps and rates, or spend someone else's allowance.
-    let untrusted = settings.is_some_and(|s| {
-        s.proxy_protocol
-            && !s.proxy_protocol_from.is_empty()
-            && !s.proxy_protocol_from.iter().any(|n| n.contains(&peer.ip()))
-    });
-    if untrusted {
+    if proxy_protocol && !settings.proxy_trusted(peer.ip()) {
         crate::util::budget::refused(crate::util::budget::Refusal::ProxyUntrusted, &peer);
         return None;
     }
-    let acceptor = settings.and_then(|s| s.tls.clone());
-    let deadline = accepted + snap.server.header_timeout;
-    drop(snap);
+    let acceptor = settings.tls.clone();
+    let deadline = accepted + w.snapshot().server.header_timeout;
     let mut initial = BytesMut::new();
     let mut peer = peer;
     if proxy_protocol {
