@@ -10,8 +10,9 @@
 use crate::dataplane::ctx::{Worker, HEAD_BUF_SIZE};
 use crate::dataplane::listener::ListenerCtx;
 use crate::io::Stream;
+use crate::policy::retry::{Attempt, Decision, RetryPolicy};
 use crate::policy::route::{Action, Route};
-use crate::protocol::http1::chunked::{ChunkedDecoder, ChunkedError};
+use crate::protocol::http1::body::Body;
 use crate::protocol::http1::head::{
     parse_request, parse_response, BodyFraming, RequestHead, ResponseHead,
 };
@@ -520,7 +521,7 @@ async fn handle<'s, S: Stream>(
                             .borrow_mut()
                             .upstream_error(&upstream.metric_name, failure.error.kind());
                     }
-                    if failure.error.kind() != "client" && failure.error.kind() != "bad_request" {
+                    if !failure.error.is_refused_request() {
                         tracing::debug!(upstream = %upstream.name, error = %failure.error, "request failed");
                     }
                     if !failure.response_started
@@ -556,63 +557,6 @@ impl Failure {
     }
 }
 
-/// Progress through a request body.
-struct RequestBody {
-    framing: BodyFraming,
-    /// Bytes left (Content-Length framing).
-    remaining: u64,
-    decoder: ChunkedDecoder,
-    done: bool,
-}
-
-impl RequestBody {
-    fn new(framing: BodyFraming) -> RequestBody {
-        let (remaining, done) = match framing {
-            BodyFraming::Length(n) => (n, n == 0),
-            BodyFraming::Chunked => (0, false),
-            _ => (0, true),
-        };
-        RequestBody {
-            framing,
-            remaining,
-            decoder: ChunkedDecoder::new(),
-            done,
-        }
-    }
-
-    /// How many of `input`'s bytes belong to the body; marks `done` at its end.
-    fn take(&mut self, input: &[u8], max_body: u64) -> Result<usize, HttpError> {
-        match self.framing {
-            BodyFraming::Length(_) => {
-                let n = (input.len() as u64).min(self.remaining) as usize;
-                self.remaining -= n as u64;
-                self.done = self.remaining == 0;
-                Ok(n)
-            }
-            BodyFraming::Chunked => {
-                let n = self.decoder.decode(input, |_| {}).map_err(|e| match e {
-                    ChunkedError::BadSize => HttpError::BadRequest("bad chunk size"),
-                    ChunkedError::TooLong => {
-                        // An endless chunk extension or trailer section.
-                        crate::util::budget::over_budget(
-                            crate::util::budget::Buffer::RequestBody,
-                            None,
-                        );
-                        HttpError::BadRequest("chunk line or trailers too long")
-                    }
-                    _ => HttpError::BadRequest("bad chunked framing"),
-                })?;
-                if self.decoder.payload > max_body {
-                    return Err(HttpError::BodyTooLarge);
-                }
-                self.done = self.decoder.is_done();
-                Ok(n)
-            }
-            _ => Ok(0),
-        }
-    }
-}
-
 /// Forwards one request to the upstream and relays its response.
 async fn proxy<'s, S: Stream>(
     c: &mut Client<S>,
@@ -636,10 +580,10 @@ async fn proxy<'s, S: Stream>(
         && head.websocket_handshake(buf) == crate::protocol::http1::head::WebSocketHandshake::Valid;
 
     // The request head, rewritten, followed by the body bytes that arrived with it.
-    let mut body = RequestBody::new(head.framing);
+    let mut body = Body::request(head.framing, route.max_body_size);
     let after_head = &buf[head.len..];
     let prefix = body
-        .take(after_head, route.max_body_size)
+        .take(after_head, |_| {})
         .map_err(|e| Failure::before_response(e, None))?;
     let mut out = w.take_out();
     let fwd = Forwarding {
@@ -669,7 +613,7 @@ async fn proxy<'s, S: Stream>(
     // Read the body, or its first `request_buffering` bytes, before any upstream is chosen
     // (as nginx does): a client that trickles a small body then holds nothing upstream.
     let mut buffered = Vec::new();
-    if !body.done && server_settings.request_buffering > prefix {
+    if !body.is_done() && server_settings.request_buffering > prefix {
         if head.known.expect_continue {
             sent_continue = true;
             if let Err(e) = send_continue(client).await {
@@ -678,16 +622,7 @@ async fn proxy<'s, S: Stream>(
             }
         }
         let limit = server_settings.request_buffering - prefix;
-        match buffer_request_body(
-            client,
-            w,
-            &mut body,
-            &mut body_clock,
-            route,
-            &mut buffered,
-            limit,
-        )
-        .await
+        match buffer_request_body(client, w, &mut body, &mut body_clock, &mut buffered, limit).await
         {
             Ok(extra) => leftover = extra,
             Err(e) => {
@@ -702,21 +637,19 @@ async fn proxy<'s, S: Stream>(
         out.extend_from_slice(&buffered);
     };
     write_request(&mut out);
-    let replayable = head.is_idempotent(buf) && body.done;
+    let replayable = head.is_idempotent(buf) && body.is_done();
 
-    // Connect (trying other servers when a connect fails), send the head, and read the
-    // response head. A reused connection that fails before any response byte is retried
-    // once on a fresh connection when the request can be replayed.
+    // Connect, send the head, and read the response head, retrying as
+    // `policy::retry` says.
     let upstream_started = Instant::now();
-    let mut tried: u64 = 0;
+    let mut retry = RetryPolicy::new(upstream.servers.len(), replayable);
     let mut last_error = HttpError::NoHealthyUpstream;
-    let mut fresh_only = false;
     let mut ub = w.take_buf();
     let (conn, server, ub_after_head) = loop {
         let now = clock::now_ms();
         let picked = w.with_upstream(upstream, |p| {
-            let server = p.picker.pick(upstream, client_ip, now, tried)?;
-            let idle = if fresh_only {
+            let server = p.picker.pick(upstream, client_ip, now, retry.tried())?;
+            let idle = if retry.fresh_only() {
                 None
             } else {
                 p.take_idle(server)
@@ -750,12 +683,17 @@ async fn proxy<'s, S: Stream>(
                     let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
                     tracing::warn!(upstream = %upstream.name, server = %addr, error = %e, "connect failed");
                     mark_failure(upstream, server);
-                    tried |= bit(server);
-                    last_error = if timed_out {
+                    let error = if timed_out {
                         HttpError::UpstreamTimeout("connect")
                     } else {
                         HttpError::UpstreamFailed("connect")
                     };
+                    if retry.connect_failed(server, &error) == Decision::GiveUp {
+                        w.give_out(out);
+                        w.give_buf(ub);
+                        return Err(Failure::before_response(error, None));
+                    }
+                    last_error = error;
                     continue;
                 }
             },
@@ -780,8 +718,11 @@ async fn proxy<'s, S: Stream>(
         };
         if let Some(error) = write_failed {
             drop(active);
-            if reused && replayable && !fresh_only {
-                fresh_only = true;
+            let attempt = Attempt {
+                reused,
+                response_started: false,
+            };
+            if retry.attempt_failed(attempt, &error) == Decision::Replay {
                 if out.is_empty() {
                     // The timed-out write took the buffer with it; rebuild the request.
                     write_request(&mut out);
@@ -795,7 +736,7 @@ async fn proxy<'s, S: Stream>(
         }
 
         // The rest of the request body, streamed.
-        if !body.done {
+        if !body.is_done() {
             if head.known.expect_continue && !sent_continue {
                 sent_continue = true;
                 if let Err(e) = send_continue(client).await {
@@ -846,13 +787,11 @@ async fn proxy<'s, S: Stream>(
             Err((error, b, got_bytes)) => {
                 ub = b;
                 drop(active);
-                if reused
-                    && replayable
-                    && !got_bytes
-                    && !fresh_only
-                    && !matches!(error, HttpError::UpstreamTimeout(_))
-                {
-                    fresh_only = true;
+                let attempt = Attempt {
+                    reused,
+                    response_started: got_bytes,
+                };
+                if retry.attempt_failed(attempt, &error) == Decision::Replay {
                     out.clear();
                     write_request(&mut out);
                     continue;
@@ -952,7 +891,7 @@ async fn proxy<'s, S: Stream>(
         Ok(sent) => {
             if resp_keep_alive
                 && sent.upstream_clean
-                && body.done
+                && body.is_done()
                 && resp_framing != BodyFraming::UntilClose
             {
                 w.with_upstream(upstream, |p| p.put_idle(server, conn));
@@ -991,14 +930,6 @@ const CLIENT_WATCH_AFTER: Duration = Duration::from_millis(500);
 async fn client_hang_up<S: Stream>(client: &S) {
     tokio::time::sleep(CLIENT_WATCH_AFTER).await;
     crate::io::peer_closed(client).await;
-}
-
-fn bit(server: usize) -> u64 {
-    if server < 64 {
-        1 << server
-    } else {
-        0
-    }
 }
 
 /// Counts `error` against `server` only when it is the server's fault
@@ -1066,12 +997,12 @@ async fn stream_request_body<S: Stream>(
     client: &S,
     upstream: &S,
     w: &Worker<S>,
-    body: &mut RequestBody,
+    body: &mut Body,
     clock: &mut RateClock,
     route: &Route,
 ) -> Result<Option<BytesMut>, HttpError> {
-    while !body.done {
-        let (mut b, n) = read_body_part(client, w, body, clock, route).await?;
+    while !body.is_done() {
+        let (mut b, n) = read_body_part(client, w, body, clock).await?;
         let extra = if n < b.len() {
             Some(b.split_off(n))
         } else {
@@ -1102,9 +1033,8 @@ async fn stream_request_body<S: Stream>(
 async fn read_body_part<S: Stream>(
     client: &S,
     w: &Worker<S>,
-    body: &mut RequestBody,
+    body: &mut Body,
     clock: &mut RateClock,
-    route: &Route,
 ) -> Result<(BytesMut, usize), HttpError> {
     let b = w.take_buf();
     let (res, b) = match timeout_at(clock.deadline(), client.read(b)).await {
@@ -1125,7 +1055,7 @@ async fn read_body_part<S: Stream>(
         }
         Ok(n) => clock.moved(n),
     }
-    match body.take(&b, route.max_body_size) {
+    match body.take(&b, |_| {}) {
         Ok(n) => Ok((b, n)),
         Err(e) => {
             w.give_buf(b);
@@ -1139,14 +1069,13 @@ async fn read_body_part<S: Stream>(
 async fn buffer_request_body<S: Stream>(
     client: &S,
     w: &Worker<S>,
-    body: &mut RequestBody,
+    body: &mut Body,
     clock: &mut RateClock,
-    route: &Route,
     into: &mut Vec<u8>,
     limit: usize,
 ) -> Result<Option<BytesMut>, HttpError> {
-    while !body.done && into.len() < limit {
-        let (mut b, n) = read_body_part(client, w, body, clock, route).await?;
+    while !body.is_done() && into.len() < limit {
+        let (mut b, n) = read_body_part(client, w, body, clock).await?;
         into.extend_from_slice(&b[..n]);
         if n < b.len() {
             let extra = b.split_off(n);
@@ -1257,45 +1186,6 @@ async fn read_response_head<S: Stream>(
     }
 }
 
-/// Progress through a response body.
-struct ResponseBody {
-    framing: BodyFraming,
-    remaining: u64,
-    decoder: ChunkedDecoder,
-    /// Decode chunked framing into `decoded` (for an HTTP/1.0 client).
-    dechunk: bool,
-    done: bool,
-}
-
-impl ResponseBody {
-    /// How many bytes of `input` are this response's body; sets `done` at its end.
-    fn take(&mut self, input: &[u8], decoded: &mut Vec<u8>) -> Result<usize, HttpError> {
-        match self.framing {
-            BodyFraming::Length(_) => {
-                let n = (input.len() as u64).min(self.remaining) as usize;
-                self.remaining -= n as u64;
-                self.done = self.remaining == 0;
-                Ok(n)
-            }
-            BodyFraming::Chunked => {
-                let dechunk = self.dechunk;
-                let n = self
-                    .decoder
-                    .decode(input, |data| {
-                        if dechunk {
-                            decoded.extend_from_slice(data)
-                        }
-                    })
-                    .map_err(|_| HttpError::BadUpstream("bad chunked framing"))?;
-                self.done = self.decoder.is_done();
-                Ok(n)
-            }
-            BodyFraming::UntilClose => Ok(input.len()),
-            BodyFraming::None => Ok(0),
-        }
-    }
-}
-
 /// A response relay that failed, and whether any of the response reached the client.
 struct RelayFailed {
     error: HttpError,
@@ -1339,16 +1229,8 @@ async fn relay_response_body<S: Stream>(
     // with it, never pooled): a per-write timeout alone lets a reader of a large response
     // hold both connections for as long as it trickles.
     let clock = &mut RateClock::new(route.send_timeout, route.send_timeout, min_rate);
-    let mut body = ResponseBody {
-        framing,
-        remaining: match framing {
-            BodyFraming::Length(n) => n,
-            _ => 0,
-        },
-        decoder: ChunkedDecoder::new(),
-        dechunk: client_framing == ClientFraming::Dechunk,
-        done: matches!(framing, BodyFraming::None | BodyFraming::Length(0)),
-    };
+    let mut body = Body::response(framing);
+    let dechunk = client_framing == ClientFraming::Dechunk;
     let mut body_bytes: u64 = 0;
     let mut upstream_clean = true;
 
@@ -1357,7 +1239,11 @@ async fn relay_response_body<S: Stream>(
     // that came with the head is then a 502 rather than a close with nothing written. A
     // bad chunk that arrives later, after the head was sent, can only end in a close.
     let mut decoded = Vec::new();
-    let n = match body.take(&ub, &mut decoded) {
+    let n = match body.take(&ub, |d| {
+        if dechunk {
+            decoded.extend_from_slice(d)
+        }
+    }) {
         Ok(n) => n,
         Err(error) => {
             w.give_out(out);
@@ -1392,7 +1278,7 @@ async fn relay_response_body<S: Stream>(
         }
     }
 
-    while !body.done {
+    while !body.is_done() {
         ub.clear();
         let read = match timeout(route.read_timeout, conn.read(ub)).await {
             Ok(r) => r,
@@ -1416,7 +1302,11 @@ async fn relay_response_body<S: Stream>(
             Ok(_) => {}
         }
         decoded.clear();
-        let n = body.take(&ub, &mut decoded)?;
+        let n = body.take(&ub, |d| {
+            if dechunk {
+                decoded.extend_from_slice(d)
+            }
+        })?;
         if n < ub.len() {
             upstream_clean = false;
         }
