@@ -61,10 +61,8 @@ impl<S: Stream> Worker<S> {
     pub fn new(id: usize, shared: Arc<Shared>, log: Option<LogWriter>) -> Worker<S> {
         let snap = shared.snapshot();
         let published = shared.metrics.register(id);
-        let request_limiter = crate::policy::limits::RequestLimiter::new(
-            &snap.config.limits,
-            snap.config.effective_workers(),
-        );
+        let request_limiter =
+            crate::policy::limits::RequestLimiter::new(&snap.server.limits, snap.server.workers);
         Worker {
             id,
             snapshot: RefCell::new((snap.generation, Rc::new(SnapshotRef(snap)))),

@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio_uring::buf::BoundedBuf;
 
 pub mod driver;
+pub mod memory;
 pub mod pipe;
 
 /// A connected byte stream: a client or an upstream connection.

@@ -423,7 +423,7 @@ async fn handle<'s, S: Stream>(
     // taken before awaiting so the limiter's borrow ends here.
     let verdict = w.request_limiter.borrow_mut().check_with(
         snap.generation,
-        &snap.config.limits,
+        &snap.server.limits,
         client_ip,
         Instant::now(),
     );
@@ -595,8 +595,8 @@ async fn proxy<'s, S: Stream>(
         trusted_peer: snap
             .listener(&listener.name)
             .is_some_and(|l| l.trusts(peer.ip())),
-        keep_forwarding: &snap.config.server.forward_client_headers,
-        underscores: snap.config.server.underscores_in_headers,
+        keep_forwarding: &snap.server.forward_client_headers,
+        underscores: snap.server.underscores_in_headers,
     };
     let consumed = head.len + prefix;
     let ws_accept = upgrade.then(|| crate::protocol::http1::head::websocket_accept(buf, head));
@@ -616,7 +616,7 @@ async fn proxy<'s, S: Stream>(
     if !body.is_done() && server_settings.request_buffering > prefix {
         if head.known.expect_continue {
             sent_continue = true;
-            if let Err(e) = send_continue(client).await {
+            if let Err(e) = send_continue(client, route.send_timeout).await {
                 w.give_out(out);
                 return Err(Failure::before_response(e, None));
             }
@@ -739,7 +739,7 @@ async fn proxy<'s, S: Stream>(
         if !body.is_done() {
             if head.known.expect_continue && !sent_continue {
                 sent_continue = true;
-                if let Err(e) = send_continue(client).await {
+                if let Err(e) = send_continue(client, route.send_timeout).await {
                     w.give_out(out);
                     w.give_buf(ub);
                     return Err(Failure::before_response(e, Some(server)));
@@ -1087,12 +1087,24 @@ async fn buffer_request_body<S: Stream>(
     Ok(None)
 }
 
-/// Tells a client that sent `Expect: 100-continue` to go ahead with its body.
-async fn send_continue<S: Stream>(client: &S) -> Result<(), HttpError> {
-    let (r, _) = client
-        .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
-        .await;
-    r.map_err(|_| HttpError::ClientGone("write"))
+/// Tells a client that sent `Expect: 100-continue` to go ahead with its body, within
+/// `send_timeout` like every other write to it: a client that does not read must not hold
+/// the request (and, once connected, an upstream connection) forever.
+async fn send_continue<S: Stream>(client: &S, send_timeout: Duration) -> Result<(), HttpError> {
+    let write = client.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
+    match timeout(send_timeout, write).await {
+        Ok((Ok(()), _)) => Ok(()),
+        Ok((Err(_), _)) => Err(HttpError::ClientGone("write")),
+        Err(_) => {
+            crate::util::budget::refused(
+                crate::util::budget::Refusal::SlowClient,
+                &"100 Continue not taken: connection closed",
+            );
+            // The abandoned write is completed by shutting the socket down.
+            client.abort();
+            Err(HttpError::ClientGone("write timeout"))
+        }
+    }
 }
 
 /// Reads the upstream's response head into `ub`, relaying informational responses.
