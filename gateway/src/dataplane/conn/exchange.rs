@@ -536,3 +536,408 @@ impl<S: Stream> Drop for ActiveGuard<'_, S> {
             .active -= 1;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The exchange over in-memory streams: the real worker, snapshot, pool, balancer and
+    //! retry policy; the client is a minimal source and sink over a [`MemoryStream`], the
+    //! upstreams are scripted [`MemoryStream`]s handed out by address.
+
+    use super::*;
+    use crate::config::{Config, LoadedConfig};
+    use crate::dataplane::shared::Shared;
+    use crate::io::memory::{set_connector, MemoryPeer, MemoryStream, Step};
+    use crate::policy::limits::{ConnLimiter, Enforcement};
+    use crate::protocol::http1::body::Body;
+    use crate::snapshot::Snapshot;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::rc::Rc;
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+
+    fn config(servers: usize) -> String {
+        let servers: Vec<String> = (0..servers)
+            .map(|i| format!("\"192.0.2.{}:{}\"", i / 200 + 1, 1000 + i))
+            .collect();
+        format!(
+            r#"
+[server]
+workers = 1
+request_buffering = "0"
+
+[log]
+access = "off"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "http"
+listen = "127.0.0.1:0"
+
+[[upstream]]
+name = "app"
+servers = [{}]
+max_fails = 1
+
+[[route]]
+path_prefix = "/"
+upstream = "app"
+"#,
+            servers.join(", ")
+        )
+    }
+
+    fn worker(servers: usize) -> Worker<MemoryStream> {
+        let path = Path::new("/test/gateway.toml");
+        let config = Config::parse(path, &config(servers)).expect("config parses");
+        let limiter = ConnLimiter::new(&config.limits, Enforcement::default(), None);
+        let loaded = LoadedConfig {
+            path: path.to_path_buf(),
+            config,
+        };
+        let snap = Snapshot::build(loaded, 1, None).expect("snapshot");
+        Worker::new(0, Shared::new(snap, limiter), None)
+    }
+
+    /// Upstream connections by address: each connect takes the next script queued for its
+    /// address (refused when none is); every stream handed out is recorded.
+    #[derive(Default)]
+    struct Upstreams {
+        scripts: HashMap<SocketAddr, Vec<Vec<Step>>>,
+        opened: Vec<(SocketAddr, Rc<MemoryPeer>)>,
+    }
+
+    fn upstreams() -> Rc<RefCell<Upstreams>> {
+        let ups = Rc::new(RefCell::new(Upstreams::default()));
+        let handle = ups.clone();
+        set_connector(Box::new(move |addr| {
+            let mut u = handle.borrow_mut();
+            let script = u.scripts.get_mut(&addr).filter(|q| !q.is_empty());
+            let Some(script) = script.map(|q| q.remove(0)) else {
+                return Err(std::io::ErrorKind::ConnectionRefused.into());
+            };
+            let (s, peer) = MemoryStream::scripted(script);
+            u.opened.push((addr, peer));
+            Ok(s)
+        }));
+        ups
+    }
+
+    fn script(ups: &Rc<RefCell<Upstreams>>, addr: SocketAddr, steps: Vec<Step>) {
+        ups.borrow_mut()
+            .scripts
+            .entry(addr)
+            .or_default()
+            .push(steps);
+    }
+
+    /// A minimal client: a fixed request head, its body read from `io`, the response
+    /// written back to `io` as the upstream framed it.
+    struct TestClient {
+        io: MemoryStream,
+        peer: Rc<MemoryPeer>,
+        head: Vec<u8>,
+        idempotent: bool,
+        body: Body,
+    }
+
+    impl TestClient {
+        fn get() -> TestClient {
+            TestClient::new(
+                b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+                true,
+                BodyFraming::None,
+                [],
+            )
+        }
+
+        fn new(
+            head: &[u8],
+            idempotent: bool,
+            framing: BodyFraming,
+            body: impl IntoIterator<Item = Step>,
+        ) -> TestClient {
+            let (io, peer) = MemoryStream::scripted(body);
+            TestClient {
+                io,
+                peer,
+                head: head.to_vec(),
+                idempotent,
+                body: Body::request(framing, u64::MAX),
+            }
+        }
+    }
+
+    impl RequestSource<MemoryStream> for TestClient {
+        fn write_request_start(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(&self.head);
+        }
+        fn held(&self) -> usize {
+            0
+        }
+        fn idempotent(&self) -> bool {
+            self.idempotent
+        }
+        fn is_head(&self) -> bool {
+            false
+        }
+        fn body_done(&self) -> bool {
+            self.body.is_done()
+        }
+        async fn go_ahead(&mut self) -> Result<(), HttpError> {
+            Ok(())
+        }
+        async fn read_body(
+            &mut self,
+            b: &mut Lent<'_, BytesMut, MemoryStream>,
+        ) -> Result<usize, HttpError> {
+            b.ensure();
+            b.clear();
+            let (res, got) = self.io.read(b.take()).await;
+            b.put(got);
+            match res {
+                Ok(0) | Err(_) => Err(HttpError::ClientGone("closed mid-body")),
+                Ok(_) => self.body.take(b, |_| {}),
+            }
+        }
+    }
+
+    impl ResponseSink for TestClient {
+        async fn interim(&mut self, raw: &[u8], resp: &ResponseHead) -> Result<(), HttpError> {
+            self.io.write_all(raw[..resp.len].to_vec()).await.0.unwrap();
+            Ok(())
+        }
+        fn prepare_head(&mut self, raw: &[u8], resp: &ResponseHead, _upgrade: bool) -> BodyForm {
+            self.head = raw[..resp.len].to_vec();
+            BodyForm::Framed
+        }
+        async fn send_head(&mut self, first: &[u8]) -> Result<(), HttpError> {
+            let mut out = std::mem::take(&mut self.head);
+            out.extend_from_slice(first);
+            let (r, _) = self.io.write_all(out).await;
+            r.map_err(|_| HttpError::ClientGone("write"))
+        }
+        async fn send_body<B: BoundedBuf>(&mut self, b: B) -> (Result<(), HttpError>, Option<B>) {
+            let (r, b) = self.io.write_all(b).await;
+            (r.map_err(|_| HttpError::ClientGone("write")), Some(b))
+        }
+        async fn gone(&self) {
+            std::future::pending().await
+        }
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    /// Runs one exchange on `w` for `client`.
+    async fn exchange(
+        w: &Worker<MemoryStream>,
+        client: &mut TestClient,
+    ) -> Result<Exchanged<MemoryStream>, Failure> {
+        let snap = w.snapshot();
+        let route = snap.router.find(Some(b"t"), b"/").expect("route");
+        let upstream = &snap.upstreams[0];
+        let x = Exchange {
+            w,
+            route,
+            upstream,
+            client_ip: "198.51.100.7".parse().unwrap(),
+            request_buffering: snap.server.request_buffering,
+            ws_accept: None,
+        };
+        let mut resp = ResponseHead::default();
+        run(&x, client, &mut resp).await
+    }
+
+    fn addr(i: usize) -> SocketAddr {
+        format!("192.0.2.{}:{}", i / 200 + 1, 1000 + i)
+            .parse()
+            .unwrap()
+    }
+
+    fn is_up(w: &Worker<MemoryStream>, server: usize) -> bool {
+        w.snapshot().upstreams[0].servers[server]
+            .state
+            .is_up(clock::now_ms())
+    }
+
+    #[test]
+    fn success_relays_the_response_and_pools_the_connection() {
+        let w = worker(1);
+        let ups = upstreams();
+        script(&ups, addr(0), vec![Step::Data(OK.to_vec())]);
+        block_on(async {
+            let mut client = TestClient::get();
+            let done = exchange(&w, &mut client).await.expect("exchanged");
+            assert_eq!((done.status, done.body_bytes, done.server), (200, 5, 0));
+            assert_eq!(client.peer.written(), OK);
+            let sent = ups.borrow().opened[0].1.written();
+            assert!(sent.starts_with(b"GET / HTTP/1.1\r\n"));
+            let idle = w.with_upstream(&w.snapshot().upstreams[0], |p| p.idle_count());
+            assert_eq!(
+                idle, 1,
+                "a clean keep-alive response leaves the connection pooled"
+            );
+        });
+        assert_eq!(w.bufs_lent(), 0, "every buffer back in its pool");
+    }
+
+    #[test]
+    fn connect_failure_moves_to_the_next_server() {
+        let w = worker(2);
+        let ups = upstreams();
+        // Server 0 refuses (no script); server 1 answers.
+        script(&ups, addr(1), vec![Step::Data(OK.to_vec())]);
+        block_on(async {
+            let done = exchange(&w, &mut TestClient::get())
+                .await
+                .expect("exchanged");
+            assert_eq!((done.status, done.server), (200, 1));
+        });
+        assert!(!is_up(&w, 0), "the refusing server is marked down");
+        assert!(is_up(&w, 1));
+        assert_eq!(w.bufs_lent(), 0);
+    }
+
+    #[test]
+    fn retries_are_bounded_past_64_servers() {
+        let w = worker(100);
+        let ups = upstreams();
+        block_on(async {
+            let failed = match exchange(&w, &mut TestClient::get()).await {
+                Err(f) => f,
+                Ok(_) => panic!("every server refuses"),
+            };
+            assert_eq!(failed.error, HttpError::UpstreamFailed("connect"));
+        });
+        // No server was connected (all refused); each was marked down at most once and
+        // only MAX_SERVERS were tried.
+        let down = (0..100).filter(|&i| !is_up(&w, i)).count();
+        assert_eq!(down, crate::policy::retry::MAX_SERVERS);
+        assert!(ups.borrow().opened.is_empty());
+        assert_eq!(w.bufs_lent(), 0);
+    }
+
+    /// Pools one connection to server 0 whose next read shows `after` (the upstream closed
+    /// it just as it is reused).
+    async fn pool_one(w: &Worker<MemoryStream>, ups: &Rc<RefCell<Upstreams>>, after: Step) {
+        script(ups, addr(0), vec![Step::Data(OK.to_vec()), after]);
+        let done = exchange(w, &mut TestClient::get()).await.expect("first");
+        assert_eq!(done.server, 0);
+    }
+
+    #[test]
+    fn reused_connection_dying_before_the_response_is_replayed_on_a_fresh_one() {
+        let w = worker(1);
+        let ups = upstreams();
+        block_on(async {
+            pool_one(&w, &ups, Step::Eof).await;
+            script(&ups, addr(0), vec![Step::Data(OK.to_vec())]);
+            let mut client = TestClient::get();
+            let done = exchange(&w, &mut client).await.expect("replayed");
+            assert_eq!(done.status, 200);
+            assert_eq!(client.peer.written(), OK);
+            let opened = &ups.borrow().opened;
+            assert_eq!(opened.len(), 2, "one fresh connection for the replay");
+            // The reused connection got the request once, the fresh one got it again.
+            let first = opened[0].1.written();
+            assert_eq!(first.matches_count(b"GET / HTTP/1.1"), 2);
+            assert_eq!(opened[1].1.written().matches_count(b"GET / HTTP/1.1"), 1);
+        });
+        assert!(is_up(&w, 0));
+        assert_eq!(w.bufs_lent(), 0);
+    }
+
+    #[test]
+    fn post_with_a_streamed_body_is_not_replayed() {
+        let w = worker(1);
+        let ups = upstreams();
+        block_on(async {
+            pool_one(&w, &ups, Step::Reset).await;
+            // A fresh connection would answer: it must not be asked.
+            script(&ups, addr(0), vec![Step::Data(OK.to_vec())]);
+            let mut client = TestClient::new(
+                b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\n",
+                false,
+                BodyFraming::Length(4),
+                [Step::Data(b"data".to_vec())],
+            );
+            let failed = match exchange(&w, &mut client).await {
+                Err(f) => f,
+                Ok(_) => panic!("a POST must not be replayed"),
+            };
+            assert_eq!(failed.error, HttpError::UpstreamFailed("read"));
+            assert_eq!(failed.error.side(), Side::Upstream);
+            assert!(!failed.response_started);
+            assert_eq!(failed.server, Some(0));
+            assert_eq!(ups.borrow().opened.len(), 1, "no fresh connection");
+            let sent = ups.borrow().opened[0].1.written();
+            assert!(sent.ends_with(b"\r\n\r\ndata"), "the body was streamed");
+        });
+        assert_eq!(w.bufs_lent(), 0);
+    }
+
+    #[test]
+    fn upstream_closing_mid_body_is_the_upstreams_fault() {
+        let w = worker(2);
+        let ups = upstreams();
+        let short = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc".to_vec();
+        script(&ups, addr(0), vec![Step::Data(short), Step::Eof]);
+        block_on(async {
+            let failed = match exchange(&w, &mut TestClient::get()).await {
+                Err(f) => f,
+                Ok(_) => panic!("truncated"),
+            };
+            assert_eq!(failed.error, HttpError::UpstreamFailed("closed mid-body"));
+            assert_eq!(failed.error.side(), Side::Upstream);
+            assert!(failed.response_started, "the head went out: close, no 502");
+        });
+        assert!(!is_up(&w, 0), "counted against the server");
+        let idle = w.with_upstream(&w.snapshot().upstreams[0], |p| p.idle_count());
+        assert_eq!(idle, 0, "a cut-short connection is never pooled");
+        assert_eq!(w.bufs_lent(), 0);
+    }
+
+    #[test]
+    fn client_gone_is_the_clients_fault_and_marks_no_server_down() {
+        let w = worker(2);
+        let ups = upstreams();
+        script(&ups, addr(0), vec![Step::Never]);
+        script(&ups, addr(1), vec![Step::Never]);
+        block_on(async {
+            let mut client = TestClient::new(
+                b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n",
+                false,
+                BodyFraming::Length(100),
+                [Step::Data(b"only ten b".to_vec()), Step::Eof],
+            );
+            let failed = match exchange(&w, &mut client).await {
+                Err(f) => f,
+                Ok(_) => panic!("the client left"),
+            };
+            assert_eq!(failed.error, HttpError::ClientGone("closed mid-body"));
+            assert_eq!(failed.error.side(), Side::Client);
+        });
+        assert!(is_up(&w, 0) && is_up(&w, 1), "no server marked down");
+        assert_eq!(w.bufs_lent(), 0);
+    }
+
+    trait Count {
+        fn matches_count(&self, needle: &[u8]) -> usize;
+    }
+
+    impl Count for Vec<u8> {
+        fn matches_count(&self, needle: &[u8]) -> usize {
+            self.windows(needle.len()).filter(|w| *w == needle).count()
+        }
+    }
+}

@@ -793,3 +793,34 @@ async fn send_continue<S: Stream>(client: &S, send_timeout: Duration) -> Result<
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::memory::MemoryStream;
+
+    #[test]
+    fn continue_write_is_bounded_by_send_timeout() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (io, peer) = MemoryStream::pair();
+            send_continue(&io, Duration::from_millis(50))
+                .await
+                .expect("a reading client is told to go ahead");
+            assert_eq!(peer.written(), b"HTTP/1.1 100 Continue\r\n\r\n");
+            // A client that does not read: the write is abandoned at send_timeout.
+            peer.stall_writes.set(true);
+            let started = Instant::now();
+            let r = send_continue(&io, Duration::from_millis(50)).await;
+            assert_eq!(r, Err(HttpError::ClientGone("write timeout")));
+            assert!(started.elapsed() < Duration::from_secs(5));
+            assert!(
+                peer.aborted.get(),
+                "the socket is shut so the write completes"
+            );
+        });
+    }
+}
