@@ -196,17 +196,19 @@ impl Stream for MemoryStream {
     }
 }
 
+/// Runs `f` to completion on a current-thread runtime with timers (no io_uring), as tests
+/// over memory streams need.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("current-thread runtime")
+        .block_on(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime")
-            .block_on(f)
-    }
 
     #[test]
     fn reads_follow_the_script_and_writes_are_kept() {

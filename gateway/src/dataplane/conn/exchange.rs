@@ -546,7 +546,7 @@ mod tests {
     use super::*;
     use crate::config::{Config, LoadedConfig};
     use crate::dataplane::shared::Shared;
-    use crate::io::memory::{set_connector, MemoryPeer, MemoryStream, Step};
+    use crate::io::memory::{block_on, set_connector, MemoryPeer, MemoryStream, Step};
     use crate::policy::limits::{ConnLimiter, Enforcement};
     use crate::protocol::http1::body::Body;
     use crate::snapshot::Snapshot;
@@ -730,14 +730,6 @@ upstream = "app"
         }
     }
 
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime")
-            .block_on(f)
-    }
-
     /// Runs one exchange on `w` for `client`.
     async fn exchange(
         w: &Worker<MemoryStream>,
@@ -756,6 +748,14 @@ upstream = "app"
         };
         let mut resp = ResponseHead::default();
         run(&x, client, &mut resp).await
+    }
+
+    /// Runs one exchange that must fail (`why` it must).
+    async fn failure(w: &Worker<MemoryStream>, client: &mut TestClient, why: &str) -> Failure {
+        match exchange(w, client).await {
+            Err(f) => f,
+            Ok(done) => panic!("{why}: got {}", done.status),
+        }
     }
 
     fn addr(i: usize) -> SocketAddr {
@@ -813,10 +813,7 @@ upstream = "app"
         let w = worker(100);
         let ups = upstreams();
         block_on(async {
-            let failed = match exchange(&w, &mut TestClient::get()).await {
-                Err(f) => f,
-                Ok(_) => panic!("every server refuses"),
-            };
+            let failed = failure(&w, &mut TestClient::get(), "every server refuses").await;
             assert_eq!(failed.error, HttpError::UpstreamFailed("connect"));
         });
         // No server was connected (all refused); each was marked down at most once and
@@ -871,10 +868,7 @@ upstream = "app"
                 BodyFraming::Length(4),
                 [Step::Data(b"data".to_vec())],
             );
-            let failed = match exchange(&w, &mut client).await {
-                Err(f) => f,
-                Ok(_) => panic!("a POST must not be replayed"),
-            };
+            let failed = failure(&w, &mut client, "a POST must not be replayed").await;
             assert_eq!(failed.error, HttpError::UpstreamFailed("read"));
             assert_eq!(failed.error.side(), Side::Upstream);
             assert!(!failed.response_started);
@@ -893,10 +887,7 @@ upstream = "app"
         let short = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc".to_vec();
         script(&ups, addr(0), vec![Step::Data(short), Step::Eof]);
         block_on(async {
-            let failed = match exchange(&w, &mut TestClient::get()).await {
-                Err(f) => f,
-                Ok(_) => panic!("truncated"),
-            };
+            let failed = failure(&w, &mut TestClient::get(), "truncated").await;
             assert_eq!(failed.error, HttpError::UpstreamFailed("closed mid-body"));
             assert_eq!(failed.error.side(), Side::Upstream);
             assert!(failed.response_started, "the head went out: close, no 502");
@@ -920,10 +911,7 @@ upstream = "app"
                 BodyFraming::Length(100),
                 [Step::Data(b"only ten b".to_vec()), Step::Eof],
             );
-            let failed = match exchange(&w, &mut client).await {
-                Err(f) => f,
-                Ok(_) => panic!("the client left"),
-            };
+            let failed = failure(&w, &mut client, "the client left").await;
             assert_eq!(failed.error, HttpError::ClientGone("closed mid-body"));
             assert_eq!(failed.error.side(), Side::Client);
         });

@@ -303,12 +303,12 @@ async fn linger<S: Stream>(io: &S, w: &Worker<S>) {
     io.shutdown_write();
     let until = Instant::now() + LINGERING_TIME;
     let mut discarded = 0;
-    let mut b = w.take_buf();
+    let mut b = w.lend_buf();
     while discarded < LINGERING_BYTES {
         b.clear();
         let deadline = until.min(Instant::now() + LINGERING_TIMEOUT);
         let read = tokio::select! {
-            r = timeout_at(deadline, io.read(b)) => r,
+            r = timeout_at(deadline, io.read(b.take())) => r,
             // A drain does not wait for lingering connections.
             _ = w.drained() => {
                 io.abort();
@@ -318,10 +318,10 @@ async fn linger<S: Stream>(io: &S, w: &Worker<S>) {
         match read {
             Ok((Ok(n), back)) if n > 0 => {
                 discarded += n;
-                b = back;
+                b.put(back);
             }
             Ok((_, back)) => {
-                b = back;
+                b.put(back);
                 break;
             }
             Err(_) => {
@@ -331,7 +331,6 @@ async fn linger<S: Stream>(io: &S, w: &Worker<S>) {
             }
         }
     }
-    w.give_buf(b);
 }
 
 pub(crate) async fn timeout_at<F: std::future::Future>(
@@ -349,7 +348,7 @@ async fn send_error<S: Stream>(
     close: bool,
     extra: Option<(&str, &str)>,
 ) {
-    let mut out = w.take_out();
+    let mut out = w.lend_out();
     let extra_headers: Vec<(&str, &str)> = extra.into_iter().collect();
     write_simple_response(
         &mut out,
@@ -359,10 +358,9 @@ async fn send_error<S: Stream>(
         close,
         &extra_headers,
     );
-    let (_, out) = timeout(Duration::from_secs(5), io.write_all(out))
-        .await
-        .unwrap_or((Ok(()), Vec::new()));
-    w.give_out(out);
+    if let Ok((_, back)) = timeout(Duration::from_secs(5), io.write_all(out.take())).await {
+        out.put(back);
+    }
 }
 
 async fn handle<'s, S: Stream>(
@@ -436,7 +434,7 @@ async fn handle<'s, S: Stream>(
     }
     match &route.action {
         Action::Respond(respond) => {
-            let mut out = w.take_out();
+            let mut out = w.lend_out();
             let close = has_body || !head.wants_keep_alive() || w.draining.get();
             let body = if head.is_head(buf) {
                 &b""[..]
@@ -452,16 +450,26 @@ async fn handle<'s, S: Stream>(
                 &[],
             );
             if head.is_head(buf) {
-                out.truncate(out.len() - respond.body.len());
+                let head_len = out.len() - respond.body.len();
+                out.truncate(head_len);
             }
-            let (res, out) = c.io.write_all(out).await;
-            w.give_out(out);
+            // Bounded like every write to a client: one that does not read is dropped.
+            let res = match timeout(route.send_timeout, c.io.write_all(out.take())).await {
+                Ok((res, back)) => {
+                    out.put(back);
+                    res.is_ok()
+                }
+                Err(_) => {
+                    c.io.abort();
+                    false
+                }
+            };
             Outcome {
                 status: respond.status,
                 body_bytes: body.len() as u64,
                 route: Some(&route.label),
                 upstream: None,
-                keep_alive: res.is_ok() && !close,
+                keep_alive: res && !close,
                 consumed: head.len,
                 leftover: None,
             }
@@ -801,11 +809,7 @@ mod tests {
 
     #[test]
     fn continue_write_is_bounded_by_send_timeout() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
+        crate::io::memory::block_on(async {
             let (io, peer) = MemoryStream::pair();
             send_continue(&io, Duration::from_millis(50))
                 .await
