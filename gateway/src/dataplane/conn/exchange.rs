@@ -538,7 +538,7 @@ impl<S: Stream> Drop for ActiveGuard<'_, S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The exchange over in-memory streams: the real worker, snapshot, pool, balancer and
     //! retry policy; the client is a minimal source and sink over a [`MemoryStream`], the
     //! upstreams are scripted [`MemoryStream`]s handed out by address.
@@ -556,7 +556,7 @@ mod tests {
     use std::path::Path;
     use std::rc::Rc;
 
-    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+    pub(crate) const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
 
     fn config(servers: usize) -> String {
         let servers: Vec<String> = (0..servers)
@@ -591,7 +591,7 @@ upstream = "app"
         )
     }
 
-    fn worker(servers: usize) -> Worker<MemoryStream> {
+    pub(crate) fn worker(servers: usize) -> Worker<MemoryStream> {
         let path = Path::new("/test/gateway.toml");
         let config = Config::parse(path, &config(servers)).expect("config parses");
         let limiter = ConnLimiter::new(&config.limits, Enforcement::default(), None);
@@ -606,12 +606,12 @@ upstream = "app"
     /// Upstream connections by address: each connect takes the next script queued for its
     /// address (refused when none is); every stream handed out is recorded.
     #[derive(Default)]
-    struct Upstreams {
+    pub(crate) struct Upstreams {
         scripts: HashMap<SocketAddr, Vec<Vec<Step>>>,
-        opened: Vec<(SocketAddr, Rc<MemoryPeer>)>,
+        pub(crate) opened: Vec<(SocketAddr, Rc<MemoryPeer>)>,
     }
 
-    fn upstreams() -> Rc<RefCell<Upstreams>> {
+    pub(crate) fn upstreams() -> Rc<RefCell<Upstreams>> {
         let ups = Rc::new(RefCell::new(Upstreams::default()));
         let handle = ups.clone();
         set_connector(Box::new(move |addr| {
@@ -627,7 +627,7 @@ upstream = "app"
         ups
     }
 
-    fn script(ups: &Rc<RefCell<Upstreams>>, addr: SocketAddr, steps: Vec<Step>) {
+    pub(crate) fn script(ups: &Rc<RefCell<Upstreams>>, addr: SocketAddr, steps: Vec<Step>) {
         ups.borrow_mut()
             .scripts
             .entry(addr)
@@ -758,7 +758,7 @@ upstream = "app"
         }
     }
 
-    fn addr(i: usize) -> SocketAddr {
+    pub(crate) fn addr(i: usize) -> SocketAddr {
         format!("192.0.2.{}:{}", i / 200 + 1, 1000 + i)
             .parse()
             .unwrap()

@@ -805,7 +805,60 @@ async fn send_continue<S: Stream>(client: &S, send_timeout: Duration) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::memory::MemoryStream;
+    use crate::dataplane::conn::exchange::tests::{addr, script, upstreams, worker, OK};
+    use crate::io::memory::{MemoryStream, Step};
+
+    #[test]
+    fn keep_alive_session_reuses_the_upstream_and_gives_every_buffer_back() {
+        let w = Rc::new(worker(1));
+        let ups = upstreams();
+        script(
+            &ups,
+            addr(0),
+            vec![Step::Data(OK.to_vec()), Step::Data(OK.to_vec())],
+        );
+        let listener = Rc::new(ListenerCtx {
+            name: "http".into(),
+            proto: "http",
+            proxy_protocol: false,
+        });
+        // Two pipelined requests (the second with a body), then the client closes.
+        let requests = b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n\
+            POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc";
+        let (client, peer) = MemoryStream::scripted([Step::Data(requests.to_vec()), Step::Eof]);
+        let session = serve(
+            w.clone(),
+            listener,
+            client,
+            "198.51.100.7:40000".parse().unwrap(),
+            Instant::now(),
+            BytesMut::new(),
+        );
+        crate::io::memory::block_on(async {
+            timeout(Duration::from_secs(10), session)
+                .await
+                .expect("the session ends when the client closes");
+        });
+        let answered = peer.written();
+        let oks = answered
+            .windows(15)
+            .filter(|w| w == b"HTTP/1.1 200 OK")
+            .count();
+        assert_eq!(oks, 2, "{}", String::from_utf8_lossy(&answered));
+        let opened = &ups.borrow().opened;
+        assert_eq!(
+            opened.len(),
+            1,
+            "the second request reused the pooled connection"
+        );
+        let sent = opened[0].1.written();
+        assert!(
+            sent.ends_with(b"\r\n\r\nabc"),
+            "{}",
+            String::from_utf8_lossy(&sent)
+        );
+        assert_eq!(w.bufs_lent(), 0, "every buffer back in its pool");
+    }
 
     #[test]
     fn continue_write_is_bounded_by_send_timeout() {
