@@ -89,8 +89,10 @@ pub trait ResponseSink {
     /// Sends body bytes; the buffer comes back unless the write was abandoned (a timeout).
     async fn send_body<B: BoundedBuf>(&mut self, b: B) -> (Result<(), HttpError>, Option<B>);
     /// Resolves when the client has gone away (pending forever if that cannot be seen):
-    /// the exchange then stops waiting for the upstream.
-    async fn gone(&self);
+    /// the exchange then stops waiting for the upstream. Polled only while the response
+    /// head is awaited, never together with another method (an HTTP/2 stream may watch
+    /// for `RST_STREAM` through `&mut self`).
+    async fn gone(&mut self);
 }
 
 /// One exchange's fixed inputs.
@@ -725,7 +727,7 @@ upstream = "app"
             let (r, b) = self.io.write_all(b).await;
             (r.map_err(|_| HttpError::ClientGone("write")), Some(b))
         }
-        async fn gone(&self) {
+        async fn gone(&mut self) {
             std::future::pending().await
         }
     }

@@ -776,7 +776,7 @@ impl<S: Stream> ResponseSink for H1Client<'_, S> {
         write_client(self.io, b, clock).await
     }
 
-    async fn gone(&self) {
+    async fn gone(&mut self) {
         tokio::time::sleep(CLIENT_WATCH_AFTER).await;
         crate::io::peer_closed(self.io).await;
     }
