@@ -1,5 +1,12 @@
 //! The one error type of the data plane: what went wrong with a request, whose fault it
 //! is, and so which status the client gets and which counter moves.
+//!
+//! Everything derives from the variant (the kind): [`HttpError::status`], the
+//! [`Side`] (whether a server is booked a failure), the [`RetryClass`] (which
+//! `policy::retry` reads), the metric label ([`HttpError::kind`], the contract's
+//! `gateway_upstream_errors_total{kind}` values) and the log reason (`Display`: the status
+//! reason and the [`HttpError::cause`], the context where it happened). Code matches on the
+//! variant or asks these methods; it never compares the label or the text.
 
 use crate::protocol::http1::reason;
 use std::fmt;
