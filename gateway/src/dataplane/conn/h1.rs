@@ -1,6 +1,13 @@
-//! One client connection, request after request: read a head, choose the route, forward
-//! to an upstream (or answer directly), relay the response, log, and loop while the
-//! connection stays keep-alive. Data flows one way: client → upstream → client.
+//! One HTTP/1 client connection, request after request: read a head, choose the route,
+//! answer directly or hand the request to the exchange ([`super::exchange`], which picks
+//! the upstream, forwards, relays and retries), log, and loop while the connection stays
+//! keep-alive. Data flows one way: client → upstream → client.
+//!
+//! What stays here is what is HTTP/1 about the client side: heads and pipelining,
+//! `100 Continue`, informational responses to 1.1 clients only, de-chunking for 1.0
+//! clients, keep-alive, lingering close, the access log, and the WebSocket tunnel a `101`
+//! turns the connection into. `H1Client` is the client connection as the exchange's
+//! request source and response sink.
 //!
 //! Buffers: the connection's head buffer holds the head and whatever body bytes came with
 //! it (and any pipelined request behind it); bodies stream through pooled 64 KiB buffers,
@@ -11,8 +18,7 @@ use crate::dataplane::conn::exchange::{
     self, BodyForm, Exchange, Failure, RequestSource, ResponseSink,
 };
 use crate::dataplane::conn::relay::{write_client, RateClock};
-use crate::dataplane::ctx::Lent;
-use crate::dataplane::ctx::{Worker, HEAD_BUF_SIZE};
+use crate::dataplane::ctx::{Lent, Worker, HEAD_BUF_SIZE};
 use crate::dataplane::listener::ListenerCtx;
 use crate::io::Stream;
 use crate::policy::route::{Action, Route};
