@@ -26,6 +26,14 @@ pub struct ServerSettings {
     pub request_buffering: usize,
     pub client_body_timeout: Duration,
     pub client_min_rate: u64,
+    /// Worker threads (`server.workers`, resolved): the request limiter's share of the rate.
+    pub workers: usize,
+    /// `server.forward_client_headers`: client-supplied forwarding headers kept.
+    pub forward_client_headers: Vec<String>,
+    /// `server.underscores_in_headers`.
+    pub underscores_in_headers: bool,
+    /// The `[limits]` table, for the per-worker request limiter.
+    pub limits: crate::config::LimitsConfig,
 }
 
 /// One listener's settings, compiled: the data plane never reads `[[listener]]` itself. A
@@ -151,6 +159,10 @@ impl Snapshot {
                 request_buffering: s.request_buffering.0 as usize,
                 client_body_timeout: s.client_body_timeout.0,
                 client_min_rate: s.client_min_rate.0,
+                workers: config.effective_workers(),
+                forward_client_headers: s.forward_client_headers.clone(),
+                underscores_in_headers: s.underscores_in_headers,
+                limits: config.limits.clone(),
             },
             listeners,
             access_format: config.log.format,

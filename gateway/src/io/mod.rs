@@ -34,6 +34,7 @@ use tokio_uring::buf::BoundedBuf;
 pub mod connect;
 pub mod driver;
 pub mod epoll;
+pub mod memory;
 pub mod pipe;
 pub mod sockets;
 pub mod uring;

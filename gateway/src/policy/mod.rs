@@ -2,4 +2,5 @@
 //! retried, and the per-IP limits.
 
 pub mod limits;
+pub mod retry;
 pub mod route;

@@ -1,5 +1,12 @@
 //! The one error type of the data plane: what went wrong with a request, whose fault it
 //! is, and so which status the client gets and which counter moves.
+//!
+//! Everything derives from the variant (the kind): [`HttpError::status`], the
+//! [`Side`] (whether a server is booked a failure), the [`RetryClass`] (which
+//! `policy::retry` reads), the metric label ([`HttpError::kind`], the contract's
+//! `gateway_upstream_errors_total{kind}` values) and the log reason (`Display`: the status
+//! reason and the [`HttpError::cause`], the context where it happened). Code matches on the
+//! variant or asks these methods; it never compares the label or the text.
 
 use crate::protocol::http1::reason;
 use std::fmt;
@@ -62,6 +69,20 @@ pub enum Side {
     Internal,
 }
 
+/// Whether an upstream attempt that failed with this error may be tried again
+/// ([`crate::policy::retry`] decides, from this and from how far the attempt got).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryClass {
+    /// Never: the request itself is at fault, the gateway ran short, the upstream may still
+    /// be working on it (a timeout), or it answered something unusable.
+    Never,
+    /// The connection failed (refused, reset, closed): another server, or a fresh
+    /// connection when the request is replayable, may succeed.
+    Replayable,
+    /// A timeout: another server may be tried only when nothing was sent (a connect).
+    Timeout,
+}
+
 impl HttpError {
     pub fn status(&self) -> u16 {
         match self {
@@ -97,6 +118,35 @@ impl HttpError {
         }
     }
 
+    /// How a failed attempt with this error may be retried.
+    pub fn retry_class(&self) -> RetryClass {
+        match self {
+            HttpError::UpstreamFailed(_) => RetryClass::Replayable,
+            HttpError::UpstreamTimeout(_) => RetryClass::Timeout,
+            _ => RetryClass::Never,
+        }
+    }
+
+    /// The request itself was refused (a 4xx or 501 of the client's making, not a client
+    /// that went away): nothing about the upstream worth logging.
+    pub fn is_refused_request(&self) -> bool {
+        self.side() == Side::Client && !matches!(self, HttpError::ClientGone(_))
+    }
+
+    /// The cause, for logs: what failed, where (`"connect"`, `"read body"`...).
+    pub fn cause(&self) -> Option<&'static str> {
+        match self {
+            HttpError::BadRequest(why)
+            | HttpError::UpstreamFailed(why)
+            | HttpError::BadUpstream(why)
+            | HttpError::UpstreamTimeout(why)
+            | HttpError::ClientGone(why)
+            | HttpError::LocalResource(why)
+            | HttpError::ResponseRefused(why) => Some(why),
+            _ => None,
+        }
+    }
+
     /// Label for `gateway_upstream_errors_total{kind}` and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -115,15 +165,9 @@ impl HttpError {
 
 impl fmt::Display for HttpError {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        match self {
-            HttpError::BadRequest(why)
-            | HttpError::UpstreamFailed(why)
-            | HttpError::BadUpstream(why)
-            | HttpError::UpstreamTimeout(why)
-            | HttpError::ClientGone(why)
-            | HttpError::LocalResource(why)
-            | HttpError::ResponseRefused(why) => write!(f, "{} ({why})", reason(self.status())),
-            _ => f.write_str(reason(self.status())),
+        match self.cause() {
+            Some(why) => write!(f, "{} ({why})", reason(self.status())),
+            None => f.write_str(reason(self.status())),
         }
     }
 }

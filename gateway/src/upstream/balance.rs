@@ -5,6 +5,7 @@
 //! Every algorithm skips servers that are down and servers already tried for this request.
 
 use super::{Server, Upstream};
+use crate::policy::retry::Tried;
 use std::net::IpAddr;
 
 /// Points on the ring per unit of weight (nginx `hash ... consistent` uses 160).
@@ -79,17 +80,15 @@ impl Picker {
         }
     }
 
-    /// Picks a server that is up and not in `tried` (a bit per server index; servers past
-    /// 64 are never excluded). `None` when no such server exists.
+    /// Picks a server that is up and not in `tried`. `None` when no such server exists.
     pub fn pick(
         &mut self,
         up: &Upstream,
         client_ip: IpAddr,
         now_ms: u64,
-        tried: u64,
+        tried: &Tried,
     ) -> Option<usize> {
-        let usable =
-            |i: usize| (i >= 64 || tried & (1 << i) == 0) && up.servers[i].state.is_up(now_ms);
+        let usable = |i: usize| !tried.contains(i) && up.servers[i].state.is_up(now_ms);
         match up.balance {
             crate::config::Balance::RoundRobin => self.smooth_weighted(up, usable),
             crate::config::Balance::LeastConn => {
@@ -179,7 +178,9 @@ mod tests {
         let up = upstream(Balance::RoundRobin, &[1, 2, 1]);
         let mut p = Picker::new(3);
         let ip = "127.0.0.1".parse().unwrap();
-        let picks: Vec<usize> = (0..8).map(|_| p.pick(&up, ip, 0, 0).unwrap()).collect();
+        let picks: Vec<usize> = (0..8)
+            .map(|_| p.pick(&up, ip, 0, &Tried::default()).unwrap())
+            .collect();
         assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 4);
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 2);
         // Smooth: nginx's sequence for weights 1, 2, 1 interleaves the heavy server.
@@ -191,10 +192,13 @@ mod tests {
         let up = upstream(Balance::RoundRobin, &[1, 1]);
         let mut p = Picker::new(2);
         let ip = "127.0.0.1".parse().unwrap();
+        let mut tried = Tried::default();
+        tried.insert(0);
         for _ in 0..4 {
-            assert_eq!(p.pick(&up, ip, 0, 0b01), Some(1));
+            assert_eq!(p.pick(&up, ip, 0, &tried), Some(1));
         }
-        assert_eq!(p.pick(&up, ip, 0, 0b11), None);
+        tried.insert(1);
+        assert_eq!(p.pick(&up, ip, 0, &tried), None);
     }
 
     #[test]
@@ -204,9 +208,9 @@ mod tests {
         let mut seen = [0usize; 3];
         for last in 0..=255u8 {
             let ip = IpAddr::from([10, 0, 0, last]);
-            let first = p.pick(&up, ip, 0, 0).unwrap();
+            let first = p.pick(&up, ip, 0, &Tried::default()).unwrap();
             for _ in 0..3 {
-                assert_eq!(p.pick(&up, ip, 0, 0), Some(first));
+                assert_eq!(p.pick(&up, ip, 0, &Tried::default()), Some(first));
             }
             seen[first] += 1;
         }
@@ -218,12 +222,15 @@ mod tests {
         let up = upstream(Balance::ClientIpHash, &[1, 1, 1]);
         let mut p = Picker::new(3);
         let before: Vec<usize> = (0..=255u8)
-            .map(|l| p.pick(&up, IpAddr::from([10, 0, 1, l]), 0, 0).unwrap())
+            .map(|l| {
+                p.pick(&up, IpAddr::from([10, 0, 1, l]), 0, &Tried::default())
+                    .unwrap()
+            })
             .collect();
         up.servers[2].state.set_check_result(false);
         for (l, &b) in before.iter().enumerate() {
             let now = p
-                .pick(&up, IpAddr::from([10, 0, 1, l as u8]), 0, 0)
+                .pick(&up, IpAddr::from([10, 0, 1, l as u8]), 0, &Tried::default())
                 .unwrap();
             if b != 2 {
                 assert_eq!(now, b);
@@ -240,7 +247,7 @@ mod tests {
         p.active[0] = 3;
         let ip = "127.0.0.1".parse().unwrap();
         for _ in 0..4 {
-            assert_eq!(p.pick(&up, ip, 0, 0), Some(1));
+            assert_eq!(p.pick(&up, ip, 0, &Tried::default()), Some(1));
         }
     }
 }

@@ -85,3 +85,116 @@ impl<S: Stream> WorkerUpstream<S> {
         Arc::ptr_eq(&self.upstream, upstream)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Balance, ServerEntry, UpstreamConfig};
+    use crate::io::memory::{MemoryPeer, MemoryStream};
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    fn upstream(servers: usize, keepalive: usize, idle: Duration) -> Arc<Upstream> {
+        let config = UpstreamConfig {
+            name: "u".into(),
+            servers: (0..servers)
+                .map(|i| ServerEntry::Addr(format!("192.0.2.{}:80", i + 1)))
+                .collect(),
+            balance: Balance::RoundRobin,
+            keepalive,
+            keepalive_timeout: crate::config::Dur(idle),
+            max_fails: 1,
+            fail_timeout: crate::config::Dur(Duration::from_secs(10)),
+            health_check: None,
+        };
+        Upstream::build(&config, &[])
+    }
+
+    fn conn() -> (MemoryStream, Rc<MemoryPeer>) {
+        MemoryStream::pair()
+    }
+
+    #[test]
+    fn idle_connections_are_reused_most_recent_first_per_server() {
+        let mut pool = WorkerUpstream::new(upstream(2, 8, Duration::from_secs(60)));
+        assert!(pool.take_idle(0).is_none());
+        let (a, pa) = conn();
+        let (b, pb) = conn();
+        let (c, pc) = conn();
+        pool.put_idle(0, a);
+        pool.put_idle(0, b);
+        pool.put_idle(1, c);
+        assert_eq!(pool.idle_count(), 3);
+        let got = pool.take_idle(0).expect("idle");
+        assert!(Rc::ptr_eq(got.peer(), &pb), "the most recently used first");
+        let got = pool.take_idle(0).expect("idle");
+        assert!(Rc::ptr_eq(got.peer(), &pa));
+        assert!(pool.take_idle(0).is_none());
+        let got = pool.take_idle(1).expect("idle");
+        assert!(Rc::ptr_eq(got.peer(), &pc));
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[test]
+    fn keepalive_caps_idle_connections_per_worker_for_the_whole_upstream() {
+        let mut pool = WorkerUpstream::new(upstream(2, 2, Duration::from_secs(60)));
+        let peers: Vec<_> = (0..3)
+            .map(|i| {
+                let (s, p) = conn();
+                pool.put_idle(i % 2, s);
+                p
+            })
+            .collect();
+        assert_eq!(pool.idle_count(), 2);
+        // The third was closed, not kept: its liveness end sees the close.
+        let far_closed = Rc::strong_count(&peers[2]) == 1;
+        assert!(far_closed, "the connection over the cap was dropped");
+        // Out of range: dropped, not a panic.
+        let (s, _) = conn();
+        pool.take_idle(0);
+        pool.put_idle(7, s);
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[test]
+    fn closed_or_expired_idle_connections_are_never_handed_out() {
+        let mut pool = WorkerUpstream::new(upstream(1, 8, Duration::from_secs(60)));
+        let (a, pa) = conn();
+        let (b, _pb) = conn();
+        pool.put_idle(0, b);
+        pool.put_idle(0, a);
+        pa.hang_up();
+        // `a` (most recent) was closed by the upstream: skipped and dropped; `b` is fine.
+        assert!(pool.take_idle(0).is_some());
+        assert_eq!(pool.idle_count(), 0);
+
+        let mut pool = WorkerUpstream::new(upstream(1, 8, Duration::from_millis(20)));
+        let (a, _pa) = conn();
+        pool.put_idle(0, a);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(pool.take_idle(0).is_none(), "past keepalive_timeout");
+    }
+
+    #[test]
+    fn sweep_closes_dead_and_expired_connections() {
+        let mut pool = WorkerUpstream::new(upstream(2, 8, Duration::from_secs(60)));
+        let (a, pa) = conn();
+        let (b, _pb) = conn();
+        let (c, _pc) = conn();
+        pool.put_idle(0, a);
+        pool.put_idle(0, b);
+        pool.put_idle(1, c);
+        pa.hang_up();
+        pool.sweep();
+        assert_eq!(pool.idle_count(), 2);
+        assert_eq!(Rc::strong_count(&pa), 1, "the dead connection was closed");
+
+        let mut pool = WorkerUpstream::new(upstream(1, 8, Duration::from_millis(20)));
+        let (a, pa) = conn();
+        pool.put_idle(0, a);
+        std::thread::sleep(Duration::from_millis(40));
+        pool.sweep();
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(Rc::strong_count(&pa), 1);
+    }
+}

@@ -1,26 +1,34 @@
-//! One client connection, request after request: read a head, choose the route, forward
-//! to an upstream (or answer directly), relay the response, log, and loop while the
-//! connection stays keep-alive. Data flows one way: client → upstream → client.
+//! One HTTP/1 client connection, request after request: read a head, choose the route,
+//! answer directly or hand the request to the exchange ([`super::exchange`], which picks
+//! the upstream, forwards, relays and retries), log, and loop while the connection stays
+//! keep-alive. Data flows one way: client → upstream → client.
+//!
+//! What stays here is what is HTTP/1 about the client side: heads and pipelining,
+//! `100 Continue`, informational responses to 1.1 clients only, de-chunking for 1.0
+//! clients, keep-alive, lingering close, the access log, and the WebSocket tunnel a `101`
+//! turns the connection into. `H1Client` is the client connection as the exchange's
+//! request source and response sink.
 //!
 //! Buffers: the connection's head buffer holds the head and whatever body bytes came with
 //! it (and any pipelined request behind it); bodies stream through pooled 64 KiB buffers,
 //! one read then one write at a time, so memory per connection is bounded whatever the
 //! body size. Timeouts cover whole phases (head, each upstream read and write).
 
-use crate::dataplane::ctx::{Worker, HEAD_BUF_SIZE};
+use crate::dataplane::conn::exchange::{
+    self, BodyForm, Exchange, Failure, RequestSource, ResponseSink,
+};
+use crate::dataplane::conn::relay::{write_client, RateClock};
+use crate::dataplane::ctx::{Lent, Worker, HEAD_BUF_SIZE};
 use crate::dataplane::listener::ListenerCtx;
 use crate::io::Stream;
 use crate::policy::route::{Action, Route};
-use crate::protocol::http1::chunked::{ChunkedDecoder, ChunkedError};
-use crate::protocol::http1::head::{
-    parse_request, parse_response, BodyFraming, RequestHead, ResponseHead,
-};
+use crate::protocol::http1::body::Body;
+use crate::protocol::http1::head::{parse_request, BodyFraming, RequestHead, ResponseHead};
 use crate::protocol::http1::rewrite::{self, ClientFraming, Forwarding};
 use crate::protocol::http1::{error_body, write_simple_response, HttpError, Side};
 use crate::snapshot::{ListenerSettings, Snapshot};
 use crate::telemetry::access_log::Entry;
 use crate::upstream::Upstream;
-use crate::util::clock;
 use bytes::{Buf, BytesMut};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
@@ -31,51 +39,6 @@ use tokio_uring::buf::BoundedBuf;
 
 /// The `route` label of requests that matched no route (or never got that far).
 static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "none".into());
-
-/// Most informational responses before the final one; more is an upstream that never
-/// answers, not a slow one.
-const MAX_INTERIM: usize = 32;
-/// A transfer to or from a client that must keep moving: no pause longer than `pause`,
-/// and after `grace`, an average of at least `min_rate` bytes per second since it began.
-/// A per-read timeout alone lets a client trickle one byte per timeout and hold an upstream
-/// connection (and a thread of a thread-per-connection backend) for hours; this bounds the
-/// whole transfer by its size.
-struct RateClock {
-    started: Instant,
-    bytes: u64,
-    pause: Duration,
-    grace: Duration,
-    /// Bytes per second; 0: only `pause` applies.
-    min_rate: u64,
-}
-
-impl RateClock {
-    fn new(pause: Duration, grace: Duration, min_rate: u64) -> RateClock {
-        RateClock {
-            started: Instant::now(),
-            bytes: 0,
-            pause,
-            grace,
-            min_rate,
-        }
-    }
-
-    /// When the next read or write must have completed.
-    fn deadline(&self) -> Instant {
-        let pause = Instant::now() + self.pause;
-        if self.min_rate == 0 {
-            return pause;
-        }
-        let earned = Duration::from_secs_f64(self.bytes as f64 / self.min_rate as f64);
-        pause.min(self.started + self.grace + earned)
-    }
-
-    fn moved(&mut self, n: usize) {
-        self.bytes += n as u64;
-    }
-}
-/// Largest upstream response head accepted.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 struct Client<S> {
     io: S,
@@ -234,8 +197,8 @@ pub async fn serve<S: Stream>(
         }
         c.buf.advance(outcome.consumed);
         if let Some(extra) = outcome.leftover {
+            // A piece split off a pool buffer (whose rest went back): freed here.
             c.buf.extend_from_slice(&extra);
-            w.give_buf(extra);
         }
         if c.buf.is_empty() && c.buf.capacity() > HEAD_BUF_SIZE * 4 {
             // A large head grew the buffer; do not keep that memory on an idle connection.
@@ -343,12 +306,12 @@ async fn linger<S: Stream>(io: &S, w: &Worker<S>) {
     io.shutdown_write();
     let until = Instant::now() + LINGERING_TIME;
     let mut discarded = 0;
-    let mut b = w.take_buf();
+    let mut b = w.lend_buf();
     while discarded < LINGERING_BYTES {
         b.clear();
         let deadline = until.min(Instant::now() + LINGERING_TIMEOUT);
         let read = tokio::select! {
-            r = timeout_at(deadline, io.read(b)) => r,
+            r = timeout_at(deadline, io.read(b.take())) => r,
             // A drain does not wait for lingering connections.
             _ = w.drained() => {
                 io.abort();
@@ -358,10 +321,10 @@ async fn linger<S: Stream>(io: &S, w: &Worker<S>) {
         match read {
             Ok((Ok(n), back)) if n > 0 => {
                 discarded += n;
-                b = back;
+                b.put(back);
             }
             Ok((_, back)) => {
-                b = back;
+                b.put(back);
                 break;
             }
             Err(_) => {
@@ -371,7 +334,6 @@ async fn linger<S: Stream>(io: &S, w: &Worker<S>) {
             }
         }
     }
-    w.give_buf(b);
 }
 
 pub(crate) async fn timeout_at<F: std::future::Future>(
@@ -389,7 +351,7 @@ async fn send_error<S: Stream>(
     close: bool,
     extra: Option<(&str, &str)>,
 ) {
-    let mut out = w.take_out();
+    let mut out = w.lend_out();
     let extra_headers: Vec<(&str, &str)> = extra.into_iter().collect();
     write_simple_response(
         &mut out,
@@ -399,10 +361,9 @@ async fn send_error<S: Stream>(
         close,
         &extra_headers,
     );
-    let (_, out) = timeout(Duration::from_secs(5), io.write_all(out))
-        .await
-        .unwrap_or((Ok(()), Vec::new()));
-    w.give_out(out);
+    if let Ok((_, back)) = timeout(Duration::from_secs(5), io.write_all(out.take())).await {
+        out.put(back);
+    }
 }
 
 async fn handle<'s, S: Stream>(
@@ -419,7 +380,7 @@ async fn handle<'s, S: Stream>(
     // taken before awaiting so the limiter's borrow ends here.
     let verdict = w.request_limiter.borrow_mut().check_with(
         snap.generation,
-        &snap.config.limits,
+        &snap.server.limits,
         client_ip,
         Instant::now(),
     );
@@ -476,7 +437,7 @@ async fn handle<'s, S: Stream>(
     }
     match &route.action {
         Action::Respond(respond) => {
-            let mut out = w.take_out();
+            let mut out = w.lend_out();
             let close = has_body || !head.wants_keep_alive() || w.draining.get();
             let body = if head.is_head(buf) {
                 &b""[..]
@@ -492,16 +453,26 @@ async fn handle<'s, S: Stream>(
                 &[],
             );
             if head.is_head(buf) {
-                out.truncate(out.len() - respond.body.len());
+                let head_len = out.len() - respond.body.len();
+                out.truncate(head_len);
             }
-            let (res, out) = c.io.write_all(out).await;
-            w.give_out(out);
+            // Bounded like every write to a client: one that does not read is dropped.
+            let res = match timeout(route.send_timeout, c.io.write_all(out.take())).await {
+                Ok((res, back)) => {
+                    out.put(back);
+                    res.is_ok()
+                }
+                Err(_) => {
+                    c.io.abort();
+                    false
+                }
+            };
             Outcome {
                 status: respond.status,
                 body_bytes: body.len() as u64,
                 route: Some(&route.label),
                 upstream: None,
-                keep_alive: res.is_ok() && !close,
+                keep_alive: res && !close,
                 consumed: head.len,
                 leftover: None,
             }
@@ -517,7 +488,7 @@ async fn handle<'s, S: Stream>(
                             .borrow_mut()
                             .upstream_error(&upstream.metric_name, failure.error.kind());
                     }
-                    if failure.error.kind() != "client" && failure.error.kind() != "bad_request" {
+                    if !failure.error.is_refused_request() {
                         tracing::debug!(upstream = %upstream.name, error = %failure.error, "request failed");
                     }
                     if !failure.response_started
@@ -536,81 +507,8 @@ async fn handle<'s, S: Stream>(
     }
 }
 
-struct Failure {
-    error: HttpError,
-    /// Part of the response was sent: the client can only be told by closing.
-    response_started: bool,
-    server: Option<usize>,
-}
-
-impl Failure {
-    fn before_response(error: HttpError, server: Option<usize>) -> Failure {
-        Failure {
-            error,
-            response_started: false,
-            server,
-        }
-    }
-}
-
-/// Progress through a request body.
-struct RequestBody {
-    framing: BodyFraming,
-    /// Bytes left (Content-Length framing).
-    remaining: u64,
-    decoder: ChunkedDecoder,
-    done: bool,
-}
-
-impl RequestBody {
-    fn new(framing: BodyFraming) -> RequestBody {
-        let (remaining, done) = match framing {
-            BodyFraming::Length(n) => (n, n == 0),
-            BodyFraming::Chunked => (0, false),
-            _ => (0, true),
-        };
-        RequestBody {
-            framing,
-            remaining,
-            decoder: ChunkedDecoder::new(),
-            done,
-        }
-    }
-
-    /// How many of `input`'s bytes belong to the body; marks `done` at its end.
-    fn take(&mut self, input: &[u8], max_body: u64) -> Result<usize, HttpError> {
-        match self.framing {
-            BodyFraming::Length(_) => {
-                let n = (input.len() as u64).min(self.remaining) as usize;
-                self.remaining -= n as u64;
-                self.done = self.remaining == 0;
-                Ok(n)
-            }
-            BodyFraming::Chunked => {
-                let n = self.decoder.decode(input, |_| {}).map_err(|e| match e {
-                    ChunkedError::BadSize => HttpError::BadRequest("bad chunk size"),
-                    ChunkedError::TooLong => {
-                        // An endless chunk extension or trailer section.
-                        crate::util::budget::over_budget(
-                            crate::util::budget::Buffer::RequestBody,
-                            None,
-                        );
-                        HttpError::BadRequest("chunk line or trailers too long")
-                    }
-                    _ => HttpError::BadRequest("bad chunked framing"),
-                })?;
-                if self.decoder.payload > max_body {
-                    return Err(HttpError::BodyTooLarge);
-                }
-                self.done = self.decoder.is_done();
-                Ok(n)
-            }
-            _ => Ok(0),
-        }
-    }
-}
-
-/// Forwards one request to the upstream and relays its response.
+/// Forwards one request to the upstream through the exchange, and runs the WebSocket
+/// tunnel when the upstream accepted an upgrade.
 async fn proxy<'s, S: Stream>(
     c: &mut Client<S>,
     w: &Rc<Worker<S>>,
@@ -620,7 +518,7 @@ async fn proxy<'s, S: Stream>(
     listener: &ListenerCtx,
     client_ip: IpAddr,
 ) -> Result<Outcome<'s>, Failure> {
-    let server_settings = &snap.server;
+    let settings = &snap.server;
     let Client {
         io: client,
         peer,
@@ -632,13 +530,12 @@ async fn proxy<'s, S: Stream>(
     let upgrade = route.websocket
         && head.websocket_handshake(buf) == crate::protocol::http1::head::WebSocketHandshake::Valid;
 
-    // The request head, rewritten, followed by the body bytes that arrived with it.
-    let mut body = RequestBody::new(head.framing);
+    // The body bytes that arrived with the head go upstream with it.
+    let mut body = Body::request(head.framing, route.max_body_size);
     let after_head = &buf[head.len..];
     let prefix = body
-        .take(after_head, route.max_body_size)
+        .take(after_head, |_| {})
         .map_err(|e| Failure::before_response(e, None))?;
-    let mut out = w.take_out();
     let fwd = Forwarding {
         client_ip,
         peer_ip: peer.ip(),
@@ -646,847 +543,338 @@ async fn proxy<'s, S: Stream>(
         upgrade,
         default_host: &listener.name,
         trusted_peer: listener.settings.trusts(peer.ip()),
-        keep_forwarding: &snap.config.server.forward_client_headers,
-        underscores: snap.config.server.underscores_in_headers,
+        keep_forwarding: &settings.forward_client_headers,
+        underscores: settings.underscores_in_headers,
     };
-    let consumed = head.len + prefix;
-    let ws_accept = upgrade.then(|| crate::protocol::http1::head::websocket_accept(buf, head));
-    let is_head = head.is_head(buf);
-    let mut sent_continue = false;
-    let mut leftover: Option<BytesMut> = None;
     let mut body_clock = RateClock::new(
-        server_settings.client_body_timeout,
-        server_settings.client_body_timeout,
-        server_settings.client_min_rate,
+        settings.client_body_timeout,
+        settings.client_body_timeout,
+        settings.client_min_rate,
     );
     body_clock.moved(prefix);
-
-    // Read the body, or its first `request_buffering` bytes, before any upstream is chosen
-    // (as nginx does): a client that trickles a small body then holds nothing upstream.
-    let mut buffered = Vec::new();
-    if !body.done && server_settings.request_buffering > prefix {
-        if head.known.expect_continue {
-            sent_continue = true;
-            if let Err(e) = send_continue(client).await {
-                w.give_out(out);
-                return Err(Failure::before_response(e, None));
-            }
-        }
-        let limit = server_settings.request_buffering - prefix;
-        match buffer_request_body(
-            client,
-            w,
-            &mut body,
-            &mut body_clock,
-            route,
-            &mut buffered,
-            limit,
-        )
-        .await
-        {
-            Ok(extra) => leftover = extra,
-            Err(e) => {
-                w.give_out(out);
-                return Err(Failure::before_response(e, None));
-            }
-        }
-    }
-    let write_request = |out: &mut Vec<u8>| {
-        rewrite::write_upstream_request(out, buf, head, &fwd);
-        out.extend_from_slice(&after_head[..prefix]);
-        out.extend_from_slice(&buffered);
+    let mut downstream = H1Client {
+        io: &*client,
+        w,
+        buf,
+        head,
+        fwd,
+        prefix,
+        body,
+        body_clock,
+        send_timeout: route.send_timeout,
+        min_rate: settings.client_min_rate,
+        sent_continue: false,
+        leftover: None,
+        out: w.lend_out(),
+        write_clock: None,
+        close: false,
     };
-    write_request(&mut out);
-    let replayable = head.is_idempotent(buf) && body.done;
-
-    // Connect (trying other servers when a connect fails), send the head, and read the
-    // response head. A reused connection that fails before any response byte is retried
-    // once on a fresh connection when the request can be replayed.
-    let upstream_started = Instant::now();
-    let mut tried: u64 = 0;
-    let mut last_error = HttpError::NoHealthyUpstream;
-    let mut fresh_only = false;
-    let mut ub = w.take_buf();
-    let (conn, server, ub_after_head) = loop {
-        let now = clock::now_ms();
-        let picked = w.with_upstream(upstream, |p| {
-            let server = p.picker.pick(upstream, client_ip, now, tried)?;
-            let idle = if fresh_only {
-                None
-            } else {
-                p.take_idle(server)
-            };
-            Some((server, idle))
-        });
-        let Some((server, idle)) = picked else {
-            w.give_out(out);
-            w.give_buf(ub);
-            return Err(Failure::before_response(last_error, None));
-        };
-        let addr = upstream.servers[server].addr;
-        let reused = idle.is_some();
-        let conn = match idle {
-            Some(conn) => conn,
-            None => match S::connect(addr, route.connect_timeout).await {
-                Ok(conn) => conn,
-                Err(e) if crate::util::budget::is_local_resource_error(&e) => {
-                    // Our shortage, not the server's: this request fails (500, as nginx
-                    // when its socket() fails), no server is marked down, and the next
-                    // request is served normally as soon as resources free up.
-                    crate::util::budget::refused(crate::util::budget::Refusal::UpstreamLocal, &e);
-                    w.give_out(out);
-                    w.give_buf(ub);
-                    return Err(Failure::before_response(
-                        HttpError::LocalResource("connect"),
-                        None,
-                    ));
-                }
-                Err(e) => {
-                    let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
-                    tracing::warn!(upstream = %upstream.name, server = %addr, error = %e, "connect failed");
-                    mark_failure(upstream, server);
-                    tried |= bit(server);
-                    last_error = if timed_out {
-                        HttpError::UpstreamTimeout("connect")
-                    } else {
-                        HttpError::UpstreamFailed("connect")
-                    };
-                    continue;
-                }
-            },
-        };
-        let active = ActiveGuard::new(w, upstream, server);
-
-        // Send the head (and body prefix).
-        let sent = timeout(route.send_timeout, conn.write_all(out)).await;
-        let write_failed = match sent {
-            Ok((Ok(()), o)) => {
-                out = o;
-                None
-            }
-            Ok((Err(_), o)) => {
-                out = o;
-                Some(HttpError::UpstreamFailed("write"))
-            }
-            Err(_) => {
-                out = w.take_out();
-                Some(HttpError::UpstreamTimeout("send"))
-            }
-        };
-        if let Some(error) = write_failed {
-            drop(active);
-            if reused && replayable && !fresh_only {
-                fresh_only = true;
-                if out.is_empty() {
-                    // The timed-out write took the buffer with it; rebuild the request.
-                    write_request(&mut out);
-                }
-                continue;
-            }
-            mark_failure(upstream, server);
-            w.give_out(out);
-            w.give_buf(ub);
-            return Err(Failure::before_response(error, Some(server)));
-        }
-
-        // The rest of the request body, streamed.
-        if !body.done {
-            if head.known.expect_continue && !sent_continue {
-                sent_continue = true;
-                if let Err(e) = send_continue(client).await {
-                    w.give_out(out);
-                    w.give_buf(ub);
-                    return Err(Failure::before_response(e, Some(server)));
-                }
-            }
-            match stream_request_body(client, &conn, w, &mut body, &mut body_clock, route).await {
-                Ok(extra) => leftover = extra,
-                Err(error) => {
-                    book_failure(upstream, server, &error);
-                    w.give_out(out);
-                    w.give_buf(ub);
-                    return Err(Failure::before_response(error, Some(server)));
-                }
-            }
-        }
-
-        // The response head (informational responses are relayed as they come).
-        let head_read = read_response_head(
-            client,
-            &conn,
-            w,
-            resp,
-            ub,
-            route,
-            is_head,
-            sent_continue,
-            ws_accept.as_ref(),
-            head.version == 1,
-        );
-        // A client that hangs up while the upstream thinks frees the upstream connection
-        // at once (nginx: 499), instead of holding it for the whole read_timeout.
-        let head_result = tokio::select! {
-            r = head_read => r,
-            _ = client_hang_up(client) => Err((
-                HttpError::ClientGone("closed while waiting for the upstream"),
-                BytesMut::new(),
-                true,
-            )),
-        };
-        match head_result {
-            Ok(b) => {
-                drop(active);
-                break (conn, server, b);
-            }
-            Err((error, b, got_bytes)) => {
-                ub = b;
-                drop(active);
-                if reused
-                    && replayable
-                    && !got_bytes
-                    && !fresh_only
-                    && !matches!(error, HttpError::UpstreamTimeout(_))
-                {
-                    fresh_only = true;
-                    out.clear();
-                    write_request(&mut out);
-                    continue;
-                }
-                book_failure(upstream, server, &error);
-                w.give_out(out);
-                w.give_buf(ub);
-                return Err(Failure::before_response(error, Some(server)));
-            }
-        }
+    let x = Exchange {
+        w,
+        route,
+        upstream,
+        client_ip,
+        request_buffering: settings.request_buffering,
+        ws_accept: upgrade.then(|| crate::protocol::http1::head::websocket_accept(buf, head)),
     };
-    upstream.servers[server].state.record_success();
-    w.stats
-        .borrow_mut()
-        .upstream(&upstream.metric_name)
-        .duration
-        .observe(upstream_started.elapsed().as_secs_f64());
-    let mut ub = ub_after_head;
-    let active = ActiveGuard::new(w, upstream, server);
-
-    // The response head for the client, with the first body bytes behind it.
-    out.clear();
-    let close =
-        !head.wants_keep_alive() || w.draining.get() || resp.framing == BodyFraming::UntilClose;
-    let client_framing = rewrite::write_client_response(
-        &mut out,
-        &ub,
-        resp,
-        head.version,
-        close || head.version == 0 && resp.framing == BodyFraming::Chunked,
-        upgrade && resp.status == 101,
-    );
-    let close = close || client_framing == ClientFraming::Dechunk;
-    let status = resp.status;
-    let resp_framing = resp.framing;
-    let resp_keep_alive = resp.keep_alive();
-    ub.advance(resp.len);
-
-    if upgrade && status == 101 {
-        // WebSocket: from here the two connections are one tunnel.
-        let (r, o) = client.write_all(out).await;
-        w.give_out(o);
-        if r.is_err() {
-            w.give_buf(ub);
-            return Err(Failure {
-                error: HttpError::ClientGone("write"),
-                response_started: true,
-                server: Some(server),
-            });
-        }
-        drop(active);
-        {
-            let mut stats = w.stats.borrow_mut();
-            stats.tunnels_active += 1;
-        }
-        let bytes = crate::dataplane::conn::tunnel::run(
-            client,
-            &conn,
-            &after_head[prefix..],
-            ub,
-            w,
-            route.read_timeout,
-        )
-        .await;
-        {
-            let mut stats = w.stats.borrow_mut();
-            stats.tunnels_active -= 1;
-            stats.tunnel_path(bytes.path);
-            stats.tunnel_bytes[0] += bytes.to_upstream;
-            stats.tunnel_bytes[1] += bytes.to_client;
-        }
+    let done = exchange::run(&x, &mut downstream, resp).await?;
+    let consumed = head.len + prefix;
+    let close = downstream.close;
+    let leftover = downstream.leftover.take();
+    drop(downstream);
+    let Some(tunnel) = done.upgraded else {
         return Ok(Outcome {
-            status,
-            body_bytes: bytes.to_client,
+            status: done.status,
+            body_bytes: done.body_bytes,
             route: Some(&route.label),
-            upstream: Some((&**upstream, server)),
-            keep_alive: false,
+            upstream: Some((&**upstream, done.server)),
+            keep_alive: !close,
             consumed,
             leftover,
         });
-    }
-
-    let relay = relay_response_body(
-        client,
-        &conn,
+    };
+    // WebSocket: from here the two connections are one tunnel.
+    w.stats.borrow_mut().tunnels_active += 1;
+    let bytes = crate::dataplane::conn::tunnel::run(
+        &*client,
+        &tunnel.conn,
+        &after_head[prefix..],
+        tunnel.from_upstream,
         w,
-        out,
-        ub,
-        resp_framing,
-        client_framing,
-        route,
-        server_settings.client_min_rate,
+        route.read_timeout,
     )
     .await;
-    drop(active);
-    match relay {
-        Ok(sent) => {
-            if resp_keep_alive
-                && sent.upstream_clean
-                && body.done
-                && resp_framing != BodyFraming::UntilClose
-            {
-                w.with_upstream(upstream, |p| p.put_idle(server, conn));
-            }
-            Ok(Outcome {
-                status,
-                body_bytes: sent.body_bytes,
-                route: Some(&route.label),
-                upstream: Some((&**upstream, server)),
-                keep_alive: !close && sent.client_ok,
-                consumed,
-                leftover,
-            })
-        }
-        Err(RelayFailed {
-            error,
-            response_started,
-        }) => {
-            if error.side() == Side::Upstream {
-                book_failure(upstream, server, &error);
-                tracing::warn!(upstream = %upstream.name, server = %upstream.servers[server].label, error = %error, response_started, "response cut short");
-            }
-            Err(Failure {
-                error,
-                response_started,
-                server: Some(server),
-            })
-        }
+    {
+        let mut stats = w.stats.borrow_mut();
+        stats.tunnels_active -= 1;
+        stats.tunnel_path(bytes.path);
+        stats.tunnel_bytes[0] += bytes.to_upstream;
+        stats.tunnel_bytes[1] += bytes.to_client;
     }
+    Ok(Outcome {
+        status: done.status,
+        body_bytes: bytes.to_client,
+        route: Some(&route.label),
+        upstream: Some((&**upstream, done.server)),
+        keep_alive: false,
+        consumed,
+        leftover,
+    })
 }
 
 /// How long a response may be awaited before the client connection is watched for a
 /// hang-up: fast responses never pay for registering the socket with the reactor.
 const CLIENT_WATCH_AFTER: Duration = Duration::from_millis(500);
 
-async fn client_hang_up<S: Stream>(client: &S) {
-    tokio::time::sleep(CLIENT_WATCH_AFTER).await;
-    crate::io::peer_closed(client).await;
-}
-
-fn bit(server: usize) -> u64 {
-    if server < 64 {
-        1 << server
-    } else {
-        0
-    }
-}
-
-/// Counts `error` against `server` only when it is the server's fault
-/// ([`HttpError::side`]): a client that stalls, or a response the gateway refuses for its
-/// own limits, must never take servers down.
-fn book_failure(upstream: &Upstream, server: usize, error: &HttpError) {
-    if error.side() == Side::Upstream {
-        mark_failure(upstream, server);
-    }
-}
-
-fn mark_failure(upstream: &Upstream, server: usize) {
-    // nginx ignores max_fails for an upstream of one server: marking it down would only
-    // turn every request for fail_timeout into a 503 with nothing to fail over to.
-    if upstream.servers.len() == 1 {
-        return;
-    }
-    let s = &upstream.servers[server];
-    if s.state
-        .record_failure(upstream.max_fails, upstream.fail_timeout)
-    {
-        tracing::warn!(upstream = %upstream.name, server = %s.label, "server marked down for {:?} after {} failure(s)", upstream.fail_timeout, upstream.max_fails);
-    }
-}
-
-/// Counts a request in flight to a server (least_conn, and the upstream connections
-/// gauge) for as long as it lives.
-struct ActiveGuard<'a, S: Stream> {
-    w: &'a Worker<S>,
-    upstream: &'a Arc<Upstream>,
-    server: usize,
-}
-
-impl<'a, S: Stream> ActiveGuard<'a, S> {
-    fn new(w: &'a Worker<S>, upstream: &'a Arc<Upstream>, server: usize) -> Self {
-        w.with_upstream(upstream, |p| p.picker.active[server] += 1);
-        w.stats.borrow_mut().upstream(&upstream.metric_name).active += 1;
-        ActiveGuard {
-            w,
-            upstream,
-            server,
-        }
-    }
-}
-
-impl<S: Stream> Drop for ActiveGuard<'_, S> {
-    fn drop(&mut self) {
-        let server = self.server;
-        self.w.with_upstream(self.upstream, |p| {
-            if let Some(a) = p.picker.active.get_mut(server) {
-                *a = a.saturating_sub(1);
-            }
-        });
-        self.w
-            .stats
-            .borrow_mut()
-            .upstream(&self.upstream.metric_name)
-            .active -= 1;
-    }
-}
-
-/// Streams the rest of a request body from the client to the upstream. Returns bytes read
-/// past the body's end (a pipelined request), if any.
-async fn stream_request_body<S: Stream>(
-    client: &S,
-    upstream: &S,
-    w: &Worker<S>,
-    body: &mut RequestBody,
-    clock: &mut RateClock,
-    route: &Route,
-) -> Result<Option<BytesMut>, HttpError> {
-    while !body.done {
-        let (mut b, n) = read_body_part(client, w, body, clock, route).await?;
-        let extra = if n < b.len() {
-            Some(b.split_off(n))
-        } else {
-            None
-        };
-        if n > 0 {
-            let (res, slice) =
-                match timeout(route.send_timeout, upstream.write_all(b.slice(..n))).await {
-                    Ok(r) => r,
-                    Err(_) => return Err(HttpError::UpstreamTimeout("send body")),
-                };
-            b = slice.into_inner();
-            if res.is_err() {
-                return Err(HttpError::UpstreamFailed("write body"));
-            }
-        }
-        w.give_buf(b);
-        if let Some(extra) = extra {
-            return Ok(Some(extra));
-        }
-    }
-    Ok(None)
-}
-
-/// Reads the next piece of a request body from the client within `clock`'s deadline:
-/// the buffer and how many of its bytes belong to the body (the rest is a pipelined
-/// request). A missed deadline is a 408 (the caller closes the upstream connection).
-async fn read_body_part<S: Stream>(
-    client: &S,
-    w: &Worker<S>,
-    body: &mut RequestBody,
-    clock: &mut RateClock,
-    route: &Route,
-) -> Result<(BytesMut, usize), HttpError> {
-    let b = w.take_buf();
-    let (res, b) = match timeout_at(clock.deadline(), client.read(b)).await {
-        Ok(r) => r,
-        Err(_) => {
-            crate::util::budget::refused(
-                crate::util::budget::Refusal::SlowClient,
-                &"request body too slow: 408",
-            );
-            // The abandoned read owns the buffer; the connection closes after the 408.
-            return Err(HttpError::BodyTimeout);
-        }
-    };
-    match res {
-        Ok(0) | Err(_) => {
-            w.give_buf(b);
-            return Err(HttpError::ClientGone("closed mid-body"));
-        }
-        Ok(n) => clock.moved(n),
-    }
-    match body.take(&b, route.max_body_size) {
-        Ok(n) => Ok((b, n)),
-        Err(e) => {
-            w.give_buf(b);
-            Err(e)
-        }
-    }
-}
-
-/// Reads the request body into `into` until it is complete or `limit` bytes are held,
-/// before any upstream is involved. Returns bytes read past the body's end.
-async fn buffer_request_body<S: Stream>(
-    client: &S,
-    w: &Worker<S>,
-    body: &mut RequestBody,
-    clock: &mut RateClock,
-    route: &Route,
-    into: &mut Vec<u8>,
-    limit: usize,
-) -> Result<Option<BytesMut>, HttpError> {
-    while !body.done && into.len() < limit {
-        let (mut b, n) = read_body_part(client, w, body, clock, route).await?;
-        into.extend_from_slice(&b[..n]);
-        if n < b.len() {
-            let extra = b.split_off(n);
-            w.give_buf(b);
-            return Ok(Some(extra));
-        }
-        w.give_buf(b);
-    }
-    Ok(None)
-}
-
-/// Tells a client that sent `Expect: 100-continue` to go ahead with its body.
-async fn send_continue<S: Stream>(client: &S) -> Result<(), HttpError> {
-    let (r, _) = client
-        .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
-        .await;
-    r.map_err(|_| HttpError::ClientGone("write"))
-}
-
-/// Reads the upstream's response head into `ub`, relaying informational responses.
-/// On error also says whether any response byte had arrived (then no retry).
-#[allow(clippy::too_many_arguments)]
-async fn read_response_head<S: Stream>(
-    client: &S,
-    conn: &S,
-    w: &Worker<S>,
-    resp: &mut ResponseHead,
-    mut ub: BytesMut,
-    route: &Route,
-    is_head: bool,
-    sent_continue: bool,
-    ws_accept: Option<&[u8; 28]>,
-    relay_interim: bool,
-) -> Result<BytesMut, (HttpError, BytesMut, bool)> {
-    let mut got_bytes = false;
-    let mut interim = 0;
-    loop {
-        if !ub.is_empty() {
-            match parse_response(&ub, resp, MAX_RESPONSE_HEAD, is_head) {
-                Ok(true) => {
-                    if resp.status == 101 {
-                        // A tunnel only for the WebSocket handshake the proxy forwarded,
-                        // accepted with the right key (RFC 6455 §4.1): never a raw tunnel.
-                        let why = match ws_accept {
-                            None => "101 without an upgrade request",
-                            Some(a) if !resp.accepts_websocket(&ub, a) => {
-                                "101 without a valid WebSocket accept"
-                            }
-                            Some(_) => return Ok(ub),
-                        };
-                        return Err((HttpError::ResponseRefused(why), ub, true));
-                    }
-                    if (100..200).contains(&resp.status) {
-                        interim += 1;
-                        if interim > MAX_INTERIM {
-                            return Err((
-                                HttpError::ResponseRefused("endless informational responses"),
-                                ub,
-                                true,
-                            ));
-                        }
-                        // Relay informational responses, except a 100 the proxy already sent
-                        // and any to an HTTP/1.0 client (RFC 9110 §15.2).
-                        if relay_interim && !(resp.status == 100 && sent_continue) {
-                            let mut out = w.take_out();
-                            rewrite::write_informational(&mut out, &ub, resp);
-                            let (r, o) = client.write_all(out).await;
-                            w.give_out(o);
-                            if r.is_err() {
-                                return Err((HttpError::ClientGone("write"), ub, true));
-                            }
-                        }
-                        ub.advance(resp.len);
-                        continue;
-                    }
-                    return Ok(ub);
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    if matches!(e, HttpError::ResponseRefused(_)) {
-                        crate::util::budget::over_budget(
-                            crate::util::budget::Buffer::ResponseHead,
-                            None,
-                        );
-                    }
-                    return Err((e, ub, true));
-                }
-            }
-        }
-        if ub.capacity() - ub.len() < 1024 {
-            ub.reserve(16 * 1024);
-        }
-        match timeout(route.read_timeout, conn.read(ub)).await {
-            Err(_) => return Err((HttpError::UpstreamTimeout("read"), w.take_buf(), got_bytes)),
-            Ok((Ok(0), b)) => {
-                return Err((
-                    HttpError::UpstreamFailed("closed before responding"),
-                    b,
-                    got_bytes,
-                ))
-            }
-            Ok((Err(_), b)) => return Err((HttpError::UpstreamFailed("read"), b, got_bytes)),
-            Ok((Ok(_), b)) => {
-                got_bytes = true;
-                ub = b;
-            }
-        }
-    }
-}
-
-/// Progress through a response body.
-struct ResponseBody {
-    framing: BodyFraming,
-    remaining: u64,
-    decoder: ChunkedDecoder,
-    /// Decode chunked framing into `decoded` (for an HTTP/1.0 client).
-    dechunk: bool,
-    done: bool,
-}
-
-impl ResponseBody {
-    /// How many bytes of `input` are this response's body; sets `done` at its end.
-    fn take(&mut self, input: &[u8], decoded: &mut Vec<u8>) -> Result<usize, HttpError> {
-        match self.framing {
-            BodyFraming::Length(_) => {
-                let n = (input.len() as u64).min(self.remaining) as usize;
-                self.remaining -= n as u64;
-                self.done = self.remaining == 0;
-                Ok(n)
-            }
-            BodyFraming::Chunked => {
-                let dechunk = self.dechunk;
-                let n = self
-                    .decoder
-                    .decode(input, |data| {
-                        if dechunk {
-                            decoded.extend_from_slice(data)
-                        }
-                    })
-                    .map_err(|_| HttpError::BadUpstream("bad chunked framing"))?;
-                self.done = self.decoder.is_done();
-                Ok(n)
-            }
-            BodyFraming::UntilClose => Ok(input.len()),
-            BodyFraming::None => Ok(0),
-        }
-    }
-}
-
-/// A response relay that failed, and whether any of the response reached the client.
-struct RelayFailed {
-    error: HttpError,
-    /// False only when the body bytes that came with the head were refused before the head
-    /// was written: the client can still be answered 502.
-    response_started: bool,
-}
-
-/// Every failure after the head went out: the client can only be told by closing.
-impl From<HttpError> for RelayFailed {
-    fn from(error: HttpError) -> RelayFailed {
-        RelayFailed {
-            error,
-            response_started: true,
-        }
-    }
-}
-
-struct Relayed {
-    body_bytes: u64,
-    /// The upstream ended the body exactly where its framing said: reusable.
-    upstream_clean: bool,
-    client_ok: bool,
-}
-
-/// Sends the response head (in `out`) and streams the body from the upstream to the
-/// client. `ub` holds the bytes read after the head.
-#[allow(clippy::too_many_arguments)]
-async fn relay_response_body<S: Stream>(
-    client: &S,
-    conn: &S,
-    w: &Worker<S>,
-    mut out: Vec<u8>,
-    mut ub: BytesMut,
-    framing: BodyFraming,
-    client_framing: ClientFraming,
-    route: &Route,
+/// The HTTP/1 client connection as the exchange sees it: the source of the request body
+/// and the sink of the response.
+struct H1Client<'c, S: Stream> {
+    io: &'c S,
+    w: &'c Worker<S>,
+    buf: &'c [u8],
+    head: &'c RequestHead,
+    fwd: Forwarding<'c>,
+    /// Body bytes that came in the head buffer.
+    prefix: usize,
+    body: Body,
+    /// Bounds the whole request body by its size (`client_body_timeout`, `client_min_rate`).
+    body_clock: RateClock,
+    send_timeout: Duration,
     min_rate: u64,
-) -> Result<Relayed, RelayFailed> {
-    // A client that takes the response too slowly is cut off (and the upstream connection
-    // with it, never pooled): a per-write timeout alone lets a reader of a large response
-    // hold both connections for as long as it trickles.
-    let clock = &mut RateClock::new(route.send_timeout, route.send_timeout, min_rate);
-    let mut body = ResponseBody {
-        framing,
-        remaining: match framing {
-            BodyFraming::Length(n) => n,
-            _ => 0,
-        },
-        decoder: ChunkedDecoder::new(),
-        dechunk: client_framing == ClientFraming::Dechunk,
-        done: matches!(framing, BodyFraming::None | BodyFraming::Length(0)),
-    };
-    let mut body_bytes: u64 = 0;
-    let mut upstream_clean = true;
-
-    // First write: head plus the body bytes that came with it, when they are few. Those
-    // bytes are checked before the head goes out: a malformed first chunk (RFC 9112 §7.1)
-    // that came with the head is then a 502 rather than a close with nothing written. A
-    // bad chunk that arrives later, after the head was sent, can only end in a close.
-    let mut decoded = Vec::new();
-    let n = match body.take(&ub, &mut decoded) {
-        Ok(n) => n,
-        Err(error) => {
-            w.give_out(out);
-            w.give_buf(ub);
-            return Err(RelayFailed {
-                error,
-                response_started: false,
-            });
-        }
-    };
-    if n < ub.len() {
-        upstream_clean = false;
-    }
-    let first_body: &[u8] = if client_framing == ClientFraming::Dechunk {
-        &decoded
-    } else {
-        &ub[..n]
-    };
-    body_bytes += first_body.len() as u64;
-    let small = first_body.len() <= 16 * 1024;
-    if small {
-        out.extend_from_slice(first_body);
-    }
-    w.give_out(write_client(client, out, clock).await?);
-    if !small {
-        if client_framing == ClientFraming::Dechunk {
-            decoded = write_client(client, std::mem::take(&mut decoded), clock).await?;
-        } else {
-            ub = write_client(client, ub.slice(..n), clock)
-                .await?
-                .into_inner();
-        }
-    }
-
-    while !body.done {
-        ub.clear();
-        let read = match timeout(route.read_timeout, conn.read(ub)).await {
-            Ok(r) => r,
-            Err(_) => return Err(HttpError::UpstreamTimeout("read body").into()),
-        };
-        let (res, b) = read;
-        ub = b;
-        match res {
-            Ok(0) if framing == BodyFraming::UntilClose => {
-                upstream_clean = false;
-                break;
-            }
-            Ok(0) => {
-                w.give_buf(ub);
-                return Err(HttpError::UpstreamFailed("closed mid-body").into());
-            }
-            Err(_) => {
-                w.give_buf(ub);
-                return Err(HttpError::UpstreamFailed("read body").into());
-            }
-            Ok(_) => {}
-        }
-        decoded.clear();
-        let n = body.take(&ub, &mut decoded)?;
-        if n < ub.len() {
-            upstream_clean = false;
-        }
-        if client_framing == ClientFraming::Dechunk {
-            body_bytes += decoded.len() as u64;
-            if !decoded.is_empty() {
-                decoded = write_client(client, std::mem::take(&mut decoded), clock).await?;
-            }
-        } else if n > 0 {
-            body_bytes += n as u64;
-            ub = write_client(client, ub.slice(..n), clock)
-                .await?
-                .into_inner();
-        }
-    }
-    w.give_buf(ub);
-    Ok(Relayed {
-        body_bytes,
-        upstream_clean,
-        client_ok: true,
-    })
+    sent_continue: bool,
+    /// Bytes read past the end of the body: the next pipelined request.
+    leftover: Option<BytesMut>,
+    /// The response head being sent.
+    out: Lent<'c, Vec<u8>, S>,
+    /// Bounds the whole response by its size; starts with the response head, so the time
+    /// the upstream took is not charged to the client.
+    write_clock: Option<RateClock>,
+    /// The connection closes after this response.
+    close: bool,
 }
 
-/// Writes to the client within `clock`'s deadline; the buffer comes back on success.
-async fn write_client<S: Stream, B: BoundedBuf>(
-    client: &S,
-    buf: B,
-    clock: &mut RateClock,
-) -> Result<B, HttpError> {
-    let len = buf.bytes_init();
-    match timeout_at(clock.deadline(), client.write_all(buf)).await {
+impl<S: Stream> RequestSource<S> for H1Client<'_, S> {
+    fn write_request_start(&self, out: &mut Vec<u8>) {
+        rewrite::write_upstream_request(out, self.buf, self.head, &self.fwd);
+        out.extend_from_slice(&self.buf[self.head.len..][..self.prefix]);
+    }
+
+    fn held(&self) -> usize {
+        self.prefix
+    }
+
+    fn idempotent(&self) -> bool {
+        self.head.is_idempotent(self.buf)
+    }
+
+    fn is_head(&self) -> bool {
+        self.head.is_head(self.buf)
+    }
+
+    fn body_done(&self) -> bool {
+        self.body.is_done()
+    }
+
+    async fn go_ahead(&mut self) -> Result<(), HttpError> {
+        if !self.head.known.expect_continue || self.sent_continue {
+            return Ok(());
+        }
+        self.sent_continue = true;
+        send_continue(self.io, self.send_timeout).await
+    }
+
+    /// A missed deadline is a 408 (the exchange closes the upstream connection).
+    async fn read_body(&mut self, b: &mut Lent<'_, BytesMut, S>) -> Result<usize, HttpError> {
+        b.ensure();
+        b.clear();
+        let (res, got) = match timeout_at(self.body_clock.deadline(), self.io.read(b.take())).await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                crate::util::budget::refused(
+                    crate::util::budget::Refusal::SlowClient,
+                    &"request body too slow: 408",
+                );
+                // The abandoned read owns the buffer; the connection closes after the 408.
+                return Err(HttpError::BodyTimeout);
+            }
+        };
+        b.put(got);
+        match res {
+            Ok(0) | Err(_) => return Err(HttpError::ClientGone("closed mid-body")),
+            Ok(n) => self.body_clock.moved(n),
+        }
+        let n = self.body.take(b, |_| {})?;
+        if n < b.len() {
+            self.leftover = Some(b.split_off(n));
+        }
+        Ok(n)
+    }
+}
+
+impl<S: Stream> ResponseSink for H1Client<'_, S> {
+    /// Relayed, except a 100 the proxy already sent and any to an HTTP/1.0 client
+    /// (RFC 9110 §15.2).
+    async fn interim(&mut self, raw: &[u8], resp: &ResponseHead) -> Result<(), HttpError> {
+        if self.head.version != 1 || (resp.status == 100 && self.sent_continue) {
+            return Ok(());
+        }
+        let mut out = self.w.lend_out();
+        rewrite::write_informational(&mut out, raw, resp);
+        match timeout(self.send_timeout, self.io.write_all(out.take())).await {
+            Ok((r, o)) => {
+                out.put(o);
+                r.map_err(|_| HttpError::ClientGone("write"))
+            }
+            Err(_) => Err(HttpError::ClientGone("write timeout")),
+        }
+    }
+
+    fn prepare_head(&mut self, raw: &[u8], resp: &ResponseHead, upgrade: bool) -> BodyForm {
+        let version = self.head.version;
+        let close = !self.head.wants_keep_alive()
+            || self.w.draining.get()
+            || resp.framing == BodyFraming::UntilClose;
+        self.out.clear();
+        let framing = rewrite::write_client_response(
+            &mut self.out,
+            raw,
+            resp,
+            version,
+            close || version == 0 && resp.framing == BodyFraming::Chunked,
+            upgrade,
+        );
+        self.close = close || framing == ClientFraming::Dechunk;
+        // A client that takes the response too slowly is cut off (and the upstream
+        // connection with it, never pooled): a per-write timeout alone lets a reader of a
+        // large response hold both connections for as long as it trickles.
+        self.write_clock = Some(RateClock::new(
+            self.send_timeout,
+            self.send_timeout,
+            self.min_rate,
+        ));
+        match framing {
+            ClientFraming::Dechunk => BodyForm::Payload,
+            ClientFraming::Same => BodyForm::Framed,
+        }
+    }
+
+    async fn send_head(&mut self, first: &[u8]) -> Result<(), HttpError> {
+        self.out.extend_from_slice(first);
+        let out = self.out.take();
+        let (res, back) = self.send_body(out).await;
+        if let Some(back) = back {
+            self.out.put(back);
+        }
+        res
+    }
+
+    async fn send_body<B: BoundedBuf>(&mut self, b: B) -> (Result<(), HttpError>, Option<B>) {
+        let (send_timeout, min_rate) = (self.send_timeout, self.min_rate);
+        let clock = self
+            .write_clock
+            .get_or_insert_with(|| RateClock::new(send_timeout, send_timeout, min_rate));
+        write_client(self.io, b, clock).await
+    }
+
+    async fn gone(&mut self) {
+        tokio::time::sleep(CLIENT_WATCH_AFTER).await;
+        crate::io::peer_closed(self.io).await;
+    }
+}
+
+/// Tells a client that sent `Expect: 100-continue` to go ahead with its body, within
+/// `send_timeout` like every other write to it: a client that does not read must not hold
+/// the request (and, once connected, an upstream connection) forever.
+async fn send_continue<S: Stream>(client: &S, send_timeout: Duration) -> Result<(), HttpError> {
+    let write = client.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
+    match timeout(send_timeout, write).await {
+        Ok((Ok(()), _)) => Ok(()),
+        Ok((Err(_), _)) => Err(HttpError::ClientGone("write")),
         Err(_) => {
             crate::util::budget::refused(
                 crate::util::budget::Refusal::SlowClient,
-                &"response taken too slowly: connection closed",
+                &"100 Continue not taken: connection closed",
             );
+            // The abandoned write is completed by shutting the socket down.
+            client.abort();
             Err(HttpError::ClientGone("write timeout"))
-        }
-        Ok((Err(_), _)) => Err(HttpError::ClientGone("write")),
-        Ok((Ok(()), b)) => {
-            clock.moved(len);
-            Ok(b)
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::RateClock;
-    use std::time::Duration;
+    use super::*;
+    use crate::dataplane::conn::exchange::tests::{addr, script, upstreams, worker, OK};
+    use crate::io::memory::{MemoryStream, Step};
 
     #[test]
-    fn rate_clock_bounds_the_whole_transfer() {
-        let mut clock = RateClock::new(Duration::from_secs(60), Duration::from_secs(10), 1000);
-        // Nothing moved yet: the grace period is all there is.
-        let d = clock.deadline() - clock.started;
-        assert!(
-            d >= Duration::from_secs(10) && d < Duration::from_secs(11),
-            "{d:?}"
+    fn keep_alive_session_reuses_the_upstream_and_gives_every_buffer_back() {
+        let w = Rc::new(worker(1));
+        let ups = upstreams();
+        script(
+            &ups,
+            addr(0),
+            vec![Step::Data(OK.to_vec()), Step::Data(OK.to_vec())],
         );
-        // Each 1000 bytes earn one more second, never more than the pause from now.
-        clock.moved(5000);
-        let d = clock.deadline() - clock.started;
-        assert!(
-            d >= Duration::from_secs(15) && d < Duration::from_secs(16),
-            "{d:?}"
+        let listener = ListenerCtx::new(w.shared.snapshot().listeners[0].clone());
+        // Two pipelined requests (the second with a body), then the client closes.
+        let requests = b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n\
+            POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc";
+        let (client, peer) = MemoryStream::scripted([Step::Data(requests.to_vec()), Step::Eof]);
+        let session = serve(
+            w.clone(),
+            listener,
+            client,
+            "198.51.100.7:40000".parse().unwrap(),
+            Instant::now(),
+            BytesMut::new(),
         );
-        clock.moved(1_000_000);
-        let d = clock.deadline() - clock.started;
-        assert!(
-            d <= Duration::from_secs(61),
-            "the pause still applies: {d:?}"
+        crate::io::memory::block_on(async {
+            timeout(Duration::from_secs(10), session)
+                .await
+                .expect("the session ends when the client closes");
+        });
+        let answered = peer.written();
+        let oks = answered
+            .windows(15)
+            .filter(|w| w == b"HTTP/1.1 200 OK")
+            .count();
+        assert_eq!(oks, 2, "{}", String::from_utf8_lossy(&answered));
+        let opened = &ups.borrow().opened;
+        assert_eq!(
+            opened.len(),
+            1,
+            "the second request reused the pooled connection"
         );
-        // A rate of 0 leaves only the pause.
-        let clock = RateClock::new(Duration::from_secs(3), Duration::from_secs(10), 0);
-        assert!(clock.deadline() - clock.started <= Duration::from_secs(4));
+        let sent = opened[0].1.written();
+        assert!(
+            sent.ends_with(b"\r\n\r\nabc"),
+            "{}",
+            String::from_utf8_lossy(&sent)
+        );
+        assert_eq!(w.bufs_lent(), 0, "every buffer back in its pool");
+    }
+
+    #[test]
+    fn continue_write_is_bounded_by_send_timeout() {
+        crate::io::memory::block_on(async {
+            let (io, peer) = MemoryStream::pair();
+            send_continue(&io, Duration::from_millis(50))
+                .await
+                .expect("a reading client is told to go ahead");
+            assert_eq!(peer.written(), b"HTTP/1.1 100 Continue\r\n\r\n");
+            // A client that does not read: the write is abandoned at send_timeout.
+            peer.stall_writes.set(true);
+            let started = Instant::now();
+            let r = send_continue(&io, Duration::from_millis(50)).await;
+            assert_eq!(r, Err(HttpError::ClientGone("write timeout")));
+            assert!(started.elapsed() < Duration::from_secs(5));
+            assert!(
+                peer.aborted.get(),
+                "the socket is shut so the write completes"
+            );
+        });
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP/1 codec: heads parsed into offsets, chunked framing, the rewriting of heads on
 //! their way through the proxy, and the short responses the proxy writes itself.
 
+pub mod body;
 pub mod chunked;
 pub mod head;
 pub mod rewrite;

@@ -1,0 +1,239 @@
+//! Moving bodies: the upstream response body relayed to a [`ResponseSink`] (framing
+//! checked by the one body decoder, `protocol::http1::body`), and the [`RateClock`] that
+//! bounds transfers to and from a client by their size.
+
+use crate::dataplane::conn::exchange::{BodyForm, ResponseSink};
+use crate::dataplane::ctx::Lent;
+use crate::io::Stream;
+use crate::protocol::http1::body::Body;
+use crate::protocol::http1::head::BodyFraming;
+use crate::protocol::http1::HttpError;
+use bytes::BytesMut;
+use std::time::{Duration, Instant};
+use tokio::time::timeout;
+use tokio_uring::buf::BoundedBuf;
+
+/// First body bytes at most sent in the same write as the response head.
+const FIRST_WRITE_BODY: usize = 16 * 1024;
+
+/// A transfer to or from a client that must keep moving: no pause longer than `pause`,
+/// and after `grace`, an average of at least `min_rate` bytes per second since it began.
+/// A per-read timeout alone lets a client trickle one byte per timeout and hold an upstream
+/// connection (and a thread of a thread-per-connection backend) for hours; this bounds the
+/// whole transfer by its size.
+pub(crate) struct RateClock {
+    started: Instant,
+    bytes: u64,
+    pause: Duration,
+    grace: Duration,
+    /// Bytes per second; 0: only `pause` applies.
+    min_rate: u64,
+}
+
+impl RateClock {
+    pub(crate) fn new(pause: Duration, grace: Duration, min_rate: u64) -> RateClock {
+        RateClock {
+            started: Instant::now(),
+            bytes: 0,
+            pause,
+            grace,
+            min_rate,
+        }
+    }
+
+    /// When the next read or write must have completed.
+    pub(crate) fn deadline(&self) -> Instant {
+        let pause = Instant::now() + self.pause;
+        if self.min_rate == 0 {
+            return pause;
+        }
+        let earned = Duration::from_secs_f64(self.bytes as f64 / self.min_rate as f64);
+        pause.min(self.started + self.grace + earned)
+    }
+
+    pub(crate) fn moved(&mut self, n: usize) {
+        self.bytes += n as u64;
+    }
+}
+
+/// A response relay that failed, and whether any of the response reached the client.
+pub(crate) struct RelayFailed {
+    pub error: HttpError,
+    /// False only when the body bytes that came with the head were refused before the head
+    /// was written: the client can still be answered 502.
+    pub response_started: bool,
+}
+
+/// Every failure after the head went out: the client can only be told by closing.
+impl From<HttpError> for RelayFailed {
+    fn from(error: HttpError) -> RelayFailed {
+        RelayFailed {
+            error,
+            response_started: true,
+        }
+    }
+}
+
+pub(crate) struct Relayed {
+    pub body_bytes: u64,
+    /// The upstream ended the body exactly where its framing said: reusable.
+    pub upstream_clean: bool,
+}
+
+/// Sends the prepared response head and streams the body from the upstream to the sink.
+/// `ub` holds the bytes read after the head.
+pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
+    conn: &S,
+    sink: &mut D,
+    ub: &mut Lent<'_, BytesMut, S>,
+    framing: BodyFraming,
+    form: BodyForm,
+    read_timeout: Duration,
+) -> Result<Relayed, RelayFailed> {
+    let mut body = Body::response(framing);
+    let payload_only = form == BodyForm::Payload;
+    let mut decoded = Vec::new();
+    let mut body_bytes: u64 = 0;
+    let mut upstream_clean = true;
+
+    // First write: head plus the body bytes that came with it, when they are few. Those
+    // bytes are checked before the head goes out: a malformed first chunk (RFC 9112 §7.1)
+    // that came with the head is then a 502 rather than a close with nothing written. A
+    // bad chunk that arrives later, after the head was sent, can only end in a close.
+    let n = body
+        .take(ub, |d| {
+            if payload_only {
+                decoded.extend_from_slice(d)
+            }
+        })
+        .map_err(|error| RelayFailed {
+            error,
+            response_started: false,
+        })?;
+    if n < ub.len() {
+        upstream_clean = false;
+    }
+    let first: &[u8] = if payload_only { &decoded } else { &ub[..n] };
+    body_bytes += first.len() as u64;
+    if first.len() <= FIRST_WRITE_BODY {
+        sink.send_head(first).await?;
+    } else {
+        sink.send_head(&[]).await?;
+        send(sink, ub, &mut decoded, payload_only, n).await?;
+    }
+
+    while !body.is_done() {
+        ub.clear();
+        let (res, b) = timeout(read_timeout, conn.read(ub.take()))
+            .await
+            .map_err(|_| HttpError::UpstreamTimeout("read body"))?;
+        ub.put(b);
+        match res {
+            Ok(0) => {
+                // The end of an until-close body; a truncation otherwise.
+                body.finish()?;
+                upstream_clean = false;
+                break;
+            }
+            Err(_) => return Err(HttpError::UpstreamFailed("read body").into()),
+            Ok(_) => {}
+        }
+        decoded.clear();
+        let n = body.take(ub, |d| {
+            if payload_only {
+                decoded.extend_from_slice(d)
+            }
+        })?;
+        if n < ub.len() {
+            upstream_clean = false;
+        }
+        body_bytes += if payload_only { decoded.len() } else { n } as u64;
+        send(sink, ub, &mut decoded, payload_only, n).await?;
+    }
+    Ok(Relayed {
+        body_bytes,
+        upstream_clean,
+    })
+}
+
+/// Sends the body bytes of this read: `decoded` when the sink wants the payload only,
+/// else `ub[..n]` without a copy.
+async fn send<S: Stream, D: ResponseSink>(
+    sink: &mut D,
+    ub: &mut Lent<'_, BytesMut, S>,
+    decoded: &mut Vec<u8>,
+    payload_only: bool,
+    n: usize,
+) -> Result<(), HttpError> {
+    if payload_only {
+        if !decoded.is_empty() {
+            let (res, back) = sink.send_body(std::mem::take(decoded)).await;
+            *decoded = back.unwrap_or_default();
+            res?;
+        }
+    } else if n > 0 {
+        let (res, back) = sink.send_body(ub.take().slice(..n)).await;
+        if let Some(back) = back {
+            ub.put(back.into_inner());
+        }
+        res?;
+    }
+    Ok(())
+}
+
+/// Writes to a client within `clock`'s deadline; the buffer comes back unless the write
+/// was abandoned.
+pub(crate) async fn write_client<S: Stream, B: BoundedBuf>(
+    client: &S,
+    buf: B,
+    clock: &mut RateClock,
+) -> (Result<(), HttpError>, Option<B>) {
+    let len = buf.bytes_init();
+    match crate::dataplane::conn::h1::timeout_at(clock.deadline(), client.write_all(buf)).await {
+        Err(_) => {
+            crate::util::budget::refused(
+                crate::util::budget::Refusal::SlowClient,
+                &"response taken too slowly: connection closed",
+            );
+            (Err(HttpError::ClientGone("write timeout")), None)
+        }
+        Ok((Err(_), b)) => (Err(HttpError::ClientGone("write")), Some(b)),
+        Ok((Ok(()), b)) => {
+            clock.moved(len);
+            (Ok(()), Some(b))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateClock;
+    use std::time::Duration;
+
+    #[test]
+    fn rate_clock_bounds_the_whole_transfer() {
+        let mut clock = RateClock::new(Duration::from_secs(60), Duration::from_secs(10), 1000);
+        // Nothing moved yet: the grace period is all there is.
+        let d = clock.deadline() - clock.started;
+        assert!(
+            d >= Duration::from_secs(10) && d < Duration::from_secs(11),
+            "{d:?}"
+        );
+        // Each 1000 bytes earn one more second, never more than the pause from now.
+        clock.moved(5000);
+        let d = clock.deadline() - clock.started;
+        assert!(
+            d >= Duration::from_secs(15) && d < Duration::from_secs(16),
+            "{d:?}"
+        );
+        clock.moved(1_000_000);
+        let d = clock.deadline() - clock.started;
+        assert!(
+            d <= Duration::from_secs(61),
+            "the pause still applies: {d:?}"
+        );
+        // A rate of 0 leaves only the pause.
+        let clock = RateClock::new(Duration::from_secs(3), Duration::from_secs(10), 0);
+        assert!(clock.deadline() - clock.started <= Duration::from_secs(4));
+    }
+}
