@@ -22,11 +22,6 @@ use anyhow::{bail, Result};
 
 use crate::{cargo, install, is_root, run_cmd, target_dir, workspace_root};
 
-/// Whether a module import cycle in `gateway/src` fails the run (`cargo xtask cycles`
-/// always fails on one). Off while the cycles the layout change left are being removed;
-/// turn on once `cargo xtask cycles` passes on main.
-const ENFORCE_CYCLES: bool = false;
-
 /// The crate that only builds for the BPF target.
 const EBPF_CRATE: &str = "gateway-ebpf";
 
@@ -84,11 +79,7 @@ pub fn run(args: &Args) -> Result<()> {
     // Before anything is built: a cycle is a layering mistake, found in a second.
     let cycles = crate::cycles::check_dir(&root.join("gateway/src"))?;
     if !cycles.is_empty() {
-        let report = crate::cycles::report(&cycles);
-        if ENFORCE_CYCLES {
-            bail!("{report}");
-        }
-        eprintln!("xtask: warning (not yet enforced): {report}");
+        bail!("{}", crate::cycles::report(&cycles));
     }
 
     run_cmd(&mut cargo_cmd(&[

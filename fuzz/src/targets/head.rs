@@ -14,10 +14,10 @@
 
 use super::strict_line_ends;
 use crate::check::{invariant, show};
+use gateway::protocol::error::HttpError;
 use gateway::protocol::http1::head::{
     parse_request, parse_response, BodyFraming, HeaderSpan, RequestHead, ResponseHead,
 };
-use gateway::protocol::http1::HttpError;
 
 /// `max_header_bytes` for the parse: the default (16 KiB) is larger than most fuzz inputs,
 /// so the limit paths get their own smaller one too.

@@ -11,6 +11,7 @@
 
 use super::head::status_valid;
 use crate::check::{invariant, show};
+use gateway::protocol::error::HttpError;
 use gateway::protocol::http1::head::{
     parse_request, parse_response, trim, BodyFraming, HeaderSpan, RequestHead, ResponseHead,
     MAX_HEADERS,
@@ -18,7 +19,6 @@ use gateway::protocol::http1::head::{
 use gateway::protocol::http1::rewrite::{
     write_client_response, write_upstream_request, ClientFraming, Forwarding,
 };
-use gateway::protocol::http1::HttpError;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 const MAX_HEAD: usize = 16 * 1024;

@@ -6,6 +6,7 @@
 //! duplicates) and collects every problem, each located by file, line and key, so
 //! `gateway check` can print them all at once like `nginx -t`.
 
+pub mod admin;
 pub mod units;
 
 use ipnet::IpNet;

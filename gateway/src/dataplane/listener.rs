@@ -2,38 +2,18 @@
 //! snapshot on reload, and the accept loop of each (descriptor reserve, per-IP limits,
 //! `max_connections`), which hands every accepted connection to its task.
 
-use crate::dataplane::conn;
+use crate::dataplane::conn::{self, ListenerCtx};
 use crate::dataplane::ctx::Worker;
 use crate::io::driver::Driver;
 use crate::io::{bind_reuseport, Stream};
 use crate::protocol::tls::stream::MaybeTls;
-use crate::snapshot::{ListenerIdentity, ListenerSettings};
+use crate::snapshot::ListenerIdentity;
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The listener a connection came in on, as the connection sees it for its whole life: the
-/// compiled settings of the bound listener at the moment of the accept. Everything per
-/// connection (PROXY trust, the TLS acceptor, trusted proxies, proto, name) reads from here,
-/// so a reload can never hand one connection a mix of an old and a new listener's settings.
-pub struct ListenerCtx {
-    pub name: Arc<str>,
-    pub proto: &'static str,
-    pub settings: Arc<ListenerSettings>,
-}
-
-impl ListenerCtx {
-    pub fn new(settings: Arc<ListenerSettings>) -> Rc<ListenerCtx> {
-        Rc::new(ListenerCtx {
-            name: settings.name.as_str().into(),
-            proto: settings.proto(),
-            settings,
-        })
-    }
-}
 
 /// The settings a bound listener hands each connection it accepts; reconcile swaps them
 /// when a reload changes a setting that does not change the listener's identity.
@@ -273,7 +253,10 @@ mod tests {
     }
 
     /// The settings the bound listener on `addr` hands to the next connection it accepts.
-    fn current(bound: &BoundListeners, addr: SocketAddr) -> Vec<Arc<ListenerSettings>> {
+    fn current(
+        bound: &BoundListeners,
+        addr: SocketAddr,
+    ) -> Vec<Arc<crate::snapshot::ListenerSettings>> {
         bound
             .bound
             .iter()

@@ -8,7 +8,7 @@
 //! reason and the [`HttpError::cause`], the context where it happened). Code matches on the
 //! variant or asks these methods; it never compares the label or the text.
 
-use crate::protocol::http1::reason;
+use crate::protocol::status::reason;
 use std::fmt;
 
 /// What went wrong while handling one request, and so what the client is told.

@@ -4,4 +4,5 @@
 pub mod error;
 pub mod http1;
 pub mod proxy_protocol;
+pub mod status;
 pub mod tls;

@@ -79,6 +79,14 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// `tokio::time::timeout_at` with a std `Instant`, which is what every deadline here is.
+pub async fn timeout_at<F: std::future::Future>(
+    deadline: std::time::Instant,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    tokio::time::timeout_at(deadline.into(), f).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

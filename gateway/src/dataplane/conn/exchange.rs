@@ -23,12 +23,13 @@
 //! every exit by construction.
 
 use crate::dataplane::conn::relay::{relay_body, RelayFailed};
+pub use crate::dataplane::conn::relay::{BodyForm, ResponseSink};
 use crate::dataplane::ctx::{Lent, Worker};
 use crate::io::Stream;
 use crate::policy::retry::{Attempt, Decision, RetryPolicy};
 use crate::policy::route::Route;
+use crate::protocol::error::{HttpError, Side};
 use crate::protocol::http1::head::{parse_response, BodyFraming, ResponseHead};
-use crate::protocol::http1::{HttpError, Side};
 use crate::upstream::Upstream;
 use crate::util::clock;
 use bytes::{Buf, BytesMut};
@@ -65,34 +66,6 @@ pub trait RequestSource<S: Stream> {
     /// Reads the next piece of the body into `buf` (cleared first): returns how many of its
     /// first bytes are body. Errors are the client's ([`Side::Client`]).
     async fn read_body(&mut self, buf: &mut Lent<'_, BytesMut, S>) -> Result<usize, HttpError>;
-}
-
-/// How the sink wants the response body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyForm {
-    /// The bytes as the upstream framed them (HTTP/1 passes chunked framing through).
-    Framed,
-    /// The payload only (chunked framing decoded): HTTP/1.0 clients, HTTP/2 streams.
-    Payload,
-}
-
-/// Where the response goes.
-#[allow(async_fn_in_trait)]
-pub trait ResponseSink {
-    /// An informational (1xx, not 101) response, `raw[..resp.len]` as received.
-    async fn interim(&mut self, raw: &[u8], resp: &ResponseHead) -> Result<(), HttpError>;
-    /// Prepares the final head (`raw[..resp.len]` as received); `upgrade`: a validated 101.
-    /// Nothing is sent yet: the first body bytes are checked before the head goes out.
-    fn prepare_head(&mut self, raw: &[u8], resp: &ResponseHead, upgrade: bool) -> BodyForm;
-    /// Sends the prepared head followed by `first` body bytes.
-    async fn send_head(&mut self, first: &[u8]) -> Result<(), HttpError>;
-    /// Sends body bytes; the buffer comes back unless the write was abandoned (a timeout).
-    async fn send_body<B: BoundedBuf>(&mut self, b: B) -> (Result<(), HttpError>, Option<B>);
-    /// Resolves when the client has gone away (pending forever if that cannot be seen):
-    /// the exchange then stops waiting for the upstream. Polled only while the response
-    /// head is awaited, never together with another method (an HTTP/2 stream may watch
-    /// for `RST_STREAM` through `&mut self`).
-    async fn gone(&mut self);
 }
 
 /// One exchange's fixed inputs.

@@ -18,14 +18,15 @@ use crate::dataplane::conn::exchange::{
     self, BodyForm, Exchange, Failure, RequestSource, ResponseSink,
 };
 use crate::dataplane::conn::relay::{write_client, RateClock};
+use crate::dataplane::conn::ListenerCtx;
 use crate::dataplane::ctx::{Lent, Worker, HEAD_BUF_SIZE};
-use crate::dataplane::listener::ListenerCtx;
 use crate::io::Stream;
 use crate::policy::route::{Action, Route};
+use crate::protocol::error::{HttpError, Side};
 use crate::protocol::http1::body::Body;
 use crate::protocol::http1::head::{parse_request, BodyFraming, RequestHead, ResponseHead};
 use crate::protocol::http1::rewrite::{self, ClientFraming, Forwarding};
-use crate::protocol::http1::{error_body, write_simple_response, HttpError, Side};
+use crate::protocol::http1::{error_body, write_simple_response};
 use crate::snapshot::{ListenerSettings, Snapshot};
 use crate::telemetry::access_log::Entry;
 use crate::upstream::Upstream;
@@ -261,7 +262,7 @@ async fn read_head<S: Stream>(
                 .reserve(c.buf.len().max(HEAD_BUF_SIZE).min(max + 1024));
         }
         let buf = std::mem::take(&mut c.buf);
-        let read = timeout_at(deadline, c.io.read(buf));
+        let read = crate::util::clock::timeout_at(deadline, c.io.read(buf));
         let result = if started.is_none() {
             tokio::select! {
                 r = read => r,
@@ -311,7 +312,7 @@ async fn linger<S: Stream>(io: &S, w: &Worker<S>) {
         b.clear();
         let deadline = until.min(Instant::now() + LINGERING_TIMEOUT);
         let read = tokio::select! {
-            r = timeout_at(deadline, io.read(b.take())) => r,
+            r = crate::util::clock::timeout_at(deadline, io.read(b.take())) => r,
             // A drain does not wait for lingering connections.
             _ = w.drained() => {
                 io.abort();
@@ -334,13 +335,6 @@ async fn linger<S: Stream>(io: &S, w: &Worker<S>) {
             }
         }
     }
-}
-
-pub(crate) async fn timeout_at<F: std::future::Future>(
-    deadline: Instant,
-    f: F,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
-    tokio::time::timeout_at(deadline.into(), f).await
 }
 
 /// Sends a proxy-generated error response.
@@ -687,7 +681,11 @@ impl<S: Stream> RequestSource<S> for H1Client<'_, S> {
     async fn read_body(&mut self, b: &mut Lent<'_, BytesMut, S>) -> Result<usize, HttpError> {
         b.ensure();
         b.clear();
-        let (res, got) = match timeout_at(self.body_clock.deadline(), self.io.read(b.take())).await
+        let (res, got) = match crate::util::clock::timeout_at(
+            self.body_clock.deadline(),
+            self.io.read(b.take()),
+        )
+        .await
         {
             Ok(r) => r,
             Err(_) => {

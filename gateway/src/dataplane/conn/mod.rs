@@ -7,3 +7,27 @@ pub mod h1;
 pub mod preamble;
 pub(crate) mod relay;
 pub mod tunnel;
+
+use crate::snapshot::ListenerSettings;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// The listener a connection came in on, as the connection sees it for its whole life: the
+/// compiled settings of the bound listener at the moment of the accept. Everything per
+/// connection (PROXY trust, the TLS acceptor, trusted proxies, proto, name) reads from here,
+/// so a reload can never hand one connection a mix of an old and a new listener's settings.
+pub struct ListenerCtx {
+    pub name: Arc<str>,
+    pub proto: &'static str,
+    pub settings: Arc<ListenerSettings>,
+}
+
+impl ListenerCtx {
+    pub fn new(settings: Arc<ListenerSettings>) -> Rc<ListenerCtx> {
+        Rc::new(ListenerCtx {
+            name: settings.name.as_str().into(),
+            proto: settings.proto(),
+            settings,
+        })
+    }
+}

@@ -1,11 +1,11 @@
 //! What comes before HTTP on a connection: the PROXY protocol header, then the TLS
 //! handshake.
 
-use crate::dataplane::conn::h1::timeout_at;
+use crate::dataplane::conn::ListenerCtx;
 use crate::dataplane::ctx::{Worker, HEAD_BUF_SIZE};
-use crate::dataplane::listener::ListenerCtx;
 use crate::io::Stream;
 use crate::protocol::tls::stream::MaybeTls;
+use crate::util::clock::timeout_at;
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
 use std::time::Instant;

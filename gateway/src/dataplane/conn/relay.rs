@@ -2,16 +2,43 @@
 //! checked by the one body decoder, `protocol::http1::body`), and the [`RateClock`] that
 //! bounds transfers to and from a client by their size.
 
-use crate::dataplane::conn::exchange::{BodyForm, ResponseSink};
 use crate::dataplane::ctx::Lent;
 use crate::io::Stream;
+use crate::protocol::error::HttpError;
 use crate::protocol::http1::body::Body;
-use crate::protocol::http1::head::BodyFraming;
-use crate::protocol::http1::HttpError;
+use crate::protocol::http1::head::{BodyFraming, ResponseHead};
 use bytes::BytesMut;
 use std::time::{Duration, Instant};
 use tokio::time::timeout;
 use tokio_uring::buf::BoundedBuf;
+
+/// How the sink wants the response body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyForm {
+    /// The bytes as the upstream framed them (HTTP/1 passes chunked framing through).
+    Framed,
+    /// The payload only (chunked framing decoded): HTTP/1.0 clients, HTTP/2 streams.
+    Payload,
+}
+
+/// Where the response goes.
+#[allow(async_fn_in_trait)]
+pub trait ResponseSink {
+    /// An informational (1xx, not 101) response, `raw[..resp.len]` as received.
+    async fn interim(&mut self, raw: &[u8], resp: &ResponseHead) -> Result<(), HttpError>;
+    /// Prepares the final head (`raw[..resp.len]` as received); `upgrade`: a validated 101.
+    /// Nothing is sent yet: the first body bytes are checked before the head goes out.
+    fn prepare_head(&mut self, raw: &[u8], resp: &ResponseHead, upgrade: bool) -> BodyForm;
+    /// Sends the prepared head followed by `first` body bytes.
+    async fn send_head(&mut self, first: &[u8]) -> Result<(), HttpError>;
+    /// Sends body bytes; the buffer comes back unless the write was abandoned (a timeout).
+    async fn send_body<B: BoundedBuf>(&mut self, b: B) -> (Result<(), HttpError>, Option<B>);
+    /// Resolves when the client has gone away (pending forever if that cannot be seen):
+    /// the exchange then stops waiting for the upstream. Polled only while the response
+    /// head is awaited, never together with another method (an HTTP/2 stream may watch
+    /// for `RST_STREAM` through `&mut self`).
+    async fn gone(&mut self);
+}
 
 /// First body bytes at most sent in the same write as the response head.
 const FIRST_WRITE_BODY: usize = 16 * 1024;
@@ -189,7 +216,7 @@ pub(crate) async fn write_client<S: Stream, B: BoundedBuf>(
     clock: &mut RateClock,
 ) -> (Result<(), HttpError>, Option<B>) {
     let len = buf.bytes_init();
-    match crate::dataplane::conn::h1::timeout_at(clock.deadline(), client.write_all(buf)).await {
+    match crate::util::clock::timeout_at(clock.deadline(), client.write_all(buf)).await {
         Err(_) => {
             crate::util::budget::refused(
                 crate::util::budget::Refusal::SlowClient,

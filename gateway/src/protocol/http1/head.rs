@@ -2,7 +2,8 @@
 //! buffer (no allocation per header), and checked for the framing rules of RFC 9112 that
 //! request smuggling exploits.
 
-use super::{target, HttpError};
+use super::target;
+use crate::protocol::error::HttpError;
 use std::ops::Range;
 
 /// Most header fields in one head. More is answered 431, as an oversized head is.
