@@ -2,9 +2,10 @@
 //! h2 stream's request to the HTTP/1.1 head sent upstream (and of the upstream's response
 //! head back), with the validation RFC 9113 asks of an intermediary, and the `h2::server`
 //! settings the gateway runs with. The engine is the `h2` crate, driven over
-//! [`crate::protocol::tls::async_io`] (or the plain socket for h2c); see
+//! [`io::TlsIo`] (or the plain socket for h2c); see
 //! `docs/design/http2.md` for the runtime choice and what the exchange offers each stream.
 
+pub mod io;
 pub mod translate;
 
 pub use translate::{translate_request, translate_response, BodyLength, H2Request, TranslateError};
