@@ -14,6 +14,8 @@ use bytes::{Bytes, BytesMut};
 use gateway::config::{CertificateConfig, TlsConfig};
 use gateway::io::UringStream;
 use gateway::protocol::h2::io::{readiness_socket, TlsIo};
+use gateway::protocol::h2::{translate_request, H2Request};
+use gateway::protocol::http1::rewrite::Forwarding;
 use gateway::protocol::tls::{self, TlsAcceptor};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
@@ -511,6 +513,152 @@ fn spike_h2c_prior_knowledge_serves_100_concurrent_streams() {
         h2_requests(sock, 3).await;
     });
     assert_eq!(server.report(), format!(" {}", 3 * STREAMS));
+}
+
+/// Translates each stream's request as the exchange will (`translate_request`, the body
+/// held to its length by `BodyLength`) and answers with the HTTP/1.1 head it would send
+/// upstream, or with the status a refusal maps to.
+fn h2_translate(
+    io: Box<dyn Duplex>,
+    _: Option<Vec<u8>>,
+    tx: mpsc::Sender<String>,
+) -> Pin<Box<dyn Future<Output = ()>>> {
+    Box::pin(async move {
+        let mut conn = h2_builder().handshake::<_, Bytes>(io).await.unwrap();
+        while let Some(Ok((request, mut respond))) = conn.accept().await {
+            tokio_uring::spawn(async move {
+                let (parts, mut body) = request.into_parts();
+                let fwd = Forwarding {
+                    client_ip: "203.0.113.7".parse().unwrap(),
+                    peer_ip: "127.0.0.1".parse().unwrap(),
+                    proto: "https",
+                    upgrade: false,
+                    default_host: "gw",
+                    trusted_peer: false,
+                    keep_forwarding: &[],
+                    underscores: false,
+                };
+                let mut req = H2Request::default();
+                let mut head = Vec::new();
+                let translated = translate_request(
+                    &parts,
+                    body.is_end_stream(),
+                    &fwd,
+                    16 * 1024,
+                    &mut req,
+                    &mut head,
+                );
+                let mut result = translated.map(|()| req.body_length());
+                if let Ok(length) = &mut result {
+                    while let Some(chunk) = body.data().await {
+                        let chunk = chunk.unwrap();
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        if let Err(e) = length.on_data(chunk.len()) {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                let (status, text) = match result.and_then(|l| l.on_end().map(|()| l.seen())) {
+                    Ok(seen) => (
+                        200,
+                        format!("{}body {seen}", String::from_utf8(head).unwrap()),
+                    ),
+                    Err(e) => (e.status(), String::new()),
+                };
+                let response = http::Response::builder().status(status).body(()).unwrap();
+                let mut send = respond.send_response(response, false).unwrap();
+                let _ = send.send_data(Bytes::from(text), true);
+            });
+        }
+        tx.send("done".into()).unwrap();
+    })
+}
+
+/// Sends one request on an h2 client; returns the status and the body as text.
+async fn fetch(
+    client: &h2::client::SendRequest<Bytes>,
+    request: http::Request<()>,
+    body: &'static [u8],
+) -> (u16, String) {
+    let mut client = client.clone().ready().await.unwrap();
+    let (response, mut send) = client.send_request(request, body.is_empty()).unwrap();
+    if !body.is_empty() {
+        send.send_data(Bytes::from_static(body), true).unwrap();
+    }
+    let response = response.await.unwrap();
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    (status, String::from_utf8(got).unwrap())
+}
+
+#[test]
+fn spike_translates_real_h2_requests() {
+    let certs = certs();
+    let server = Server::start(Some(acceptor(&certs, &[b"h2"])), 1, h2_translate);
+    let config = client_config(&certs, b"h2");
+    let addr = server.addr;
+    client_runtime(async move {
+        let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let io = TlsIo::new(sock, client_conn(&config), BytesMut::new());
+        let (client, conn) = h2::client::handshake(io).await.unwrap();
+        let driver = tokio::task::spawn_local(async move {
+            let _ = conn.await;
+        });
+        let get = http::Request::get("https://a.test/p/../q;x?y")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .header("x-forwarded-for", "198.51.100.1")
+            .header("x-forwarded-proto", "http")
+            .body(())
+            .unwrap();
+        let (status, text) = fetch(&client, get, b"").await;
+        assert_eq!(status, 200);
+        assert!(
+            text.starts_with("GET /q;x?y HTTP/1.1\r\nHost: a.test\r\n"),
+            "{text}"
+        );
+        for line in [
+            "\r\ncookie: a=1; b=2\r\n",
+            "\r\nX-Forwarded-For: 198.51.100.1, 127.0.0.1\r\n",
+            "\r\nX-Forwarded-Proto: https\r\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in {text}");
+        }
+        assert!(text.ends_with("\r\n\r\nbody 0"), "{text}");
+        // A body without content-length goes upstream chunked; with one, as declared.
+        let post = http::Request::post("https://a.test/up").body(()).unwrap();
+        let (status, text) = fetch(&client, post, b"12345").await;
+        assert_eq!(status, 200);
+        assert!(
+            text.contains("\r\nTransfer-Encoding: chunked\r\n\r\nbody 5"),
+            "{text}"
+        );
+        let post = http::Request::post("https://a.test/up")
+            .header("content-length", "5")
+            .body(())
+            .unwrap();
+        let (status, text) = fetch(&client, post, b"12345").await;
+        assert_eq!(status, 200);
+        assert!(
+            text.contains("\r\nContent-Length: 5\r\n\r\nbody 5"),
+            "{text}"
+        );
+        // Refused as HTTP/1 refuses the same target.
+        let bad = http::Request::get("https://a.test/%2e%2e/admin")
+            .body(())
+            .unwrap();
+        assert_eq!(fetch(&client, bad, b"").await.0, 400);
+        let bad = http::Request::get("https://a.test/a%2fb").body(()).unwrap();
+        assert_eq!(fetch(&client, bad, b"").await.0, 400);
+        drop(client);
+        driver.await.unwrap();
+    });
+    assert_eq!(server.report(), "done");
 }
 
 // ---------------------------------------------------------------------------------------
