@@ -661,6 +661,88 @@ fn spike_translates_real_h2_requests() {
     assert_eq!(server.report(), "done");
 }
 
+/// A field as bytes on the wire.
+type Field<'a> = (&'a [u8], &'a [u8]);
+
+/// HPACK for one field, literal without indexing and without Huffman (RFC 7541 §6.2.2), so
+/// any bytes at all can be put on the wire: what a hostile client can send.
+fn literal(block: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    assert!(name.len() < 127 && value.len() < 127);
+    block.push(0x00);
+    block.push(name.len() as u8);
+    block.extend_from_slice(name);
+    block.push(value.len() as u8);
+    block.extend_from_slice(value);
+}
+
+fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Sends one GET on stream 1 of a fresh h2c connection with `fields` after the pseudo-headers
+/// (`:method GET`, `:scheme http`, `:path /`, `:authority a.test`), and says how the server
+/// ended it: `response`, `reset <code>` or `goaway <code>` (RFC 9113 §7 codes).
+fn raw_h2c_request(addr: SocketAddr, fields: &[Field]) -> String {
+    let mut block = vec![0x82, 0x86, 0x84]; // static table: GET, http, /
+    literal(&mut block, b":authority", b"a.test");
+    for (n, v) in fields {
+        literal(&mut block, n, v);
+    }
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut out, 0x4, 0, 0, &[]);
+    frame(&mut out, 0x1, 0x4 | 0x1, 1, &block); // END_HEADERS | END_STREAM
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    sock.write_all(&out).unwrap();
+    loop {
+        let mut head = [0u8; 9];
+        if sock.read_exact(&mut head).is_err() {
+            return "closed".into();
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        sock.read_exact(&mut payload).unwrap();
+        let code = |at: usize| u32::from_be_bytes(payload[at..at + 4].try_into().unwrap());
+        match (head[3], stream) {
+            (0x1, 1) => return "response".into(),
+            (0x3, 1) => return format!("reset {}", code(0)),
+            (0x7, _) => return format!("goaway {}", code(4)),
+            _ => {} // SETTINGS, its ACK, WINDOW_UPDATE
+        }
+    }
+}
+
+#[test]
+fn spike_smuggling_shaped_fields_never_reach_the_translation() {
+    // Each connection is one request; the control goes first.
+    let cases: [(&str, &[Field], &str); 8] = [
+        ("control", &[(b"x-a", b"1")], "response"),
+        ("uppercase name", &[(b"X-A", b"1")], "goaway 1"),
+        ("CR in a value", &[(b"x-a", b"1\r\nx-b: 2")], "goaway 1"),
+        ("NUL in a value", &[(b"x-a", b"1\x002")], "goaway 1"),
+        ("connection", &[(b"connection", b"close")], "reset 1"),
+        (
+            "transfer-encoding",
+            &[(b"transfer-encoding", b"chunked")],
+            "reset 1",
+        ),
+        ("te other than trailers", &[(b"te", b"gzip")], "reset 1"),
+        (
+            "content-length without DATA",
+            &[(b"content-length", b"5")],
+            "reset 1",
+        ),
+    ];
+    let server = Server::start(None, cases.len(), h2_translate);
+    for (name, fields, want) in cases {
+        assert_eq!(raw_h2c_request(server.addr, fields), want, "{name}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The measurement (docs/design/http2.md): h2load against the spike server, CPU time of the
 // server thread per request, next to HTTP/1 fixed responses on the same runtime.
