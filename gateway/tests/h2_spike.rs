@@ -253,6 +253,28 @@ fn tls_client(
 // ---------------------------------------------------------------------------------------
 // The adapter.
 
+/// Reads to EOF, checking the pattern; pauses before each read of the first `slow_for`
+/// bytes. Returns the count.
+fn read_pattern(client: &mut Client, slow_for: usize) -> usize {
+    let mut seen = 0;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if seen < slow_for {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let n = client.read(&mut buf).unwrap();
+        if n == 0 {
+            return seen;
+        }
+        let ok = buf[..n]
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern(seen + i));
+        assert!(ok, "corrupt at {seen}");
+        seen += n;
+    }
+}
+
 type Client = rustls::StreamOwned<ClientConnection, TcpStream>;
 
 /// A server of one TLS connection (ALPN h2) running `handler`, and a client connected to it.
@@ -329,30 +351,52 @@ fn adapter_starts_from_the_handshakes_read_ahead() {
 }
 
 #[test]
-fn adapter_sends_large_transfers_under_backpressure() {
+fn adapter_sends_large_transfers_to_a_slow_reader() {
     let (_certs, server, mut client) = tls_pair(send_big);
-    let mut seen = 0;
-    let mut buf = vec![0u8; 4096];
-    loop {
-        // A slow reader at first: the server's writes must wait, not buffer 8 MiB.
-        if seen < 1 << 20 {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        let n = client.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        assert!(
-            buf[..n]
-                .iter()
-                .enumerate()
-                .all(|(i, &b)| b == pattern(seen + i)),
-            "at {seen}"
-        );
-        seen += n;
-    }
-    assert_eq!(seen, BIG);
+    // A slow reader at first: the server's writes wait and resume many times.
+    assert_eq!(read_pattern(&mut client, 1 << 20), BIG);
     assert_eq!(server.report(), "Ok(())");
+}
+
+/// Writes until a write waits for the (not reading) client, reports how much the adapter
+/// and the kernel took by then, then writes the rest of `STALL_TOTAL` and closes.
+fn write_until_stalled(
+    mut io: Box<dyn Duplex>,
+    _: Option<Vec<u8>>,
+    tx: mpsc::Sender<String>,
+) -> Pin<Box<dyn Future<Output = ()>>> {
+    Box::pin(async move {
+        let data: Vec<u8> = (0..STALL_TOTAL).map(pattern).collect();
+        let mut taken = 0;
+        while taken < data.len() {
+            let end = (taken + 64 * 1024).min(data.len());
+            // The write future is polled before the timer: it times out only when Pending.
+            match tokio::time::timeout(Duration::from_millis(300), io.write(&data[taken..end]))
+                .await
+            {
+                Ok(n) => taken += n.unwrap(),
+                Err(_) => break,
+            }
+        }
+        tx.send(format!("{taken}")).unwrap();
+        io.write_all(&data[taken..]).await.unwrap();
+        io.shutdown().await.unwrap();
+    })
+}
+
+const STALL_TOTAL: usize = 32 << 20;
+
+#[test]
+fn adapter_write_waits_for_a_slow_reader() {
+    let (_certs, server, mut client) = tls_pair(write_until_stalled);
+    while client.conn.is_handshaking() {
+        client.conn.complete_io(&mut client.sock).unwrap();
+    }
+    // Nothing read yet: what the server could write is the kernel's buffers (a 4 MiB send
+    // buffer at most here, and the receive window) plus rustls' 64 KiB, not the 32 MiB.
+    let taken: usize = server.report().parse().unwrap();
+    assert!(taken < 8 << 20, "{taken} bytes taken before the first wait");
+    assert_eq!(read_pattern(&mut client, 0), STALL_TOTAL);
 }
 
 #[test]
