@@ -2,6 +2,7 @@
 //! TLS termination, and the error type every exchange reports with.
 
 pub mod error;
+pub mod h2;
 pub mod http1;
 pub mod proxy_protocol;
 pub mod status;

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 /// What a request field is to the proxy, which decides whether it is forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Class {
+pub(crate) enum Class {
     /// `Content-Length`, `Transfer-Encoding`: the proxy writes the framing it parsed.
     Framing,
     /// Written by the proxy from the request target or the `Host` it parsed.
@@ -59,7 +59,7 @@ const HOP_BY_HOP: [&[u8]; 9] = [
     b"expect",
 ];
 
-fn class_of(name: &[u8]) -> Class {
+pub(crate) fn class_of(name: &[u8]) -> Class {
     let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
     if is(b"content-length") || is(b"transfer-encoding") {
         Class::Framing
@@ -81,7 +81,7 @@ fn class_of(name: &[u8]) -> Class {
 /// The class of the name a CGI/WSGI/Rack server sees for `name`: those map `-` and `_` to
 /// the same variable, so `X_Real_IP` is `X-Real-IP` to the application (Puma
 /// CVE-2024-45614). No allocation: no name the proxy manages is longer than 32 bytes.
-fn alias_class(name: &[u8]) -> Class {
+pub(crate) fn alias_class(name: &[u8]) -> Class {
     let mut folded = [0u8; 32];
     if name.len() > folded.len() {
         return Class::Other;
@@ -206,7 +206,7 @@ pub fn write_upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead,
 
 /// The proxy's own framing field for a body framed as `framing`: one canonical
 /// `Content-Length` (never `0005` or `5, 5`) or one `Transfer-Encoding: chunked`.
-fn write_framing(out: &mut Vec<u8>, framing: BodyFraming) {
+pub(crate) fn write_framing(out: &mut Vec<u8>, framing: BodyFraming) {
     match framing {
         BodyFraming::Length(n) => {
             let _ = write!(out, "Content-Length: {n}\r\n");

@@ -122,6 +122,21 @@ impl TlsAcceptor {
     }
 }
 
+/// ALPN per listener (issue 12: TLS listeners offer `h2`, then `http/1.1`). Kept apart
+/// from the loading above; the HTTP/2 spike and, later, the listener use it.
+impl TlsAcceptor {
+    /// The same certificates and resumption state, offering `protocols` in ALPN (in order
+    /// of preference, e.g. `[b"h2", b"http/1.1"]`).
+    pub fn with_alpn(&self, protocols: &[&[u8]]) -> TlsAcceptor {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+        TlsAcceptor {
+            config: Arc::new(config),
+            names: self.names.clone(),
+        }
+    }
+}
+
 fn build(
     tls: &TlsConfig,
     base_dir: &Path,

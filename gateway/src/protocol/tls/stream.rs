@@ -461,6 +461,29 @@ impl<S: Stream> Drop for TlsStream<S> {
     }
 }
 
+/// The hand-over of a finished session to a readiness-driven adapter (HTTP/2 runs `h2`
+/// over `protocol::h2::io::TlsIo`). Kept apart: the rest of this type never gives its parts up.
+impl<S: Stream> TlsStream<S> {
+    /// The socket, the rustls session, and the ciphertext read from the socket and not yet
+    /// given to rustls (it must be, before anything read next). Nothing is sent: the
+    /// session goes on elsewhere, so no close_notify. Call with no operation in flight
+    /// (after [`accept`] returned, nothing is).
+    pub fn into_parts(self) -> (S, ServerConnection, BytesMut) {
+        let mut this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used or dropped again, so each field is moved out or
+        // dropped in place exactly once.
+        unsafe {
+            let inner = std::ptr::read(&this.inner);
+            let conn = std::ptr::read(&this.conn).into_inner();
+            let incoming = std::ptr::read(&this.incoming).into_inner();
+            std::ptr::drop_in_place(&mut this.outgoing);
+            std::ptr::drop_in_place(&mut this.write_lock);
+            std::ptr::drop_in_place(&mut this.info);
+            (inner, conn, incoming)
+        }
+    }
+}
+
 /// A client connection that is either plaintext or TLS: one stream type for listeners of
 /// both kinds, so code generic over one `S: Stream` serves both. Upstream connections made
 /// with [`Stream::connect`] are always `Plain`.
