@@ -22,7 +22,7 @@ pub struct ServerSettings {
     pub graceful_timeout: Duration,
     pub max_connections: usize,
     /// Pipes each worker's pool may hold for spliced tunnels (`budget::pipes_per_worker`).
-    pub pipes_per_worker: usize,
+    pub(crate) pipes_per_worker: usize,
     pub request_buffering: usize,
     pub client_body_timeout: Duration,
     pub client_min_rate: u64,
@@ -61,8 +61,8 @@ pub struct Snapshot {
     pub upstreams: Vec<Arc<Upstream>>,
     pub server: ServerSettings,
     pub listeners: Vec<Arc<ListenerSettings>>,
-    pub access_format: AccessFormat,
-    pub access_enabled: bool,
+    pub(crate) access_format: AccessFormat,
+    pub(crate) access_enabled: bool,
 }
 
 impl Snapshot {
@@ -181,7 +181,7 @@ impl Snapshot {
 /// What identifies a bound listener: address, name, whether it terminates TLS, whether it
 /// expects a PROXY header. A reload that changes any of these binds a new socket (the old
 /// one's connections carry on with their settings); any other change is applied in place.
-pub type ListenerIdentity = (SocketAddr, String, bool, bool);
+pub(crate) type ListenerIdentity = (SocketAddr, String, bool, bool);
 
 impl ListenerSettings {
     pub fn identity(&self) -> ListenerIdentity {
@@ -204,7 +204,7 @@ impl ListenerSettings {
 
     /// Whether a PROXY header from `peer` is believed: only a listed balancer may name
     /// the client (an empty list believes every peer).
-    pub fn proxy_trusted(&self, peer: IpAddr) -> bool {
+    pub(crate) fn proxy_trusted(&self, peer: IpAddr) -> bool {
         self.proxy_protocol_from.is_empty()
             || self.proxy_protocol_from.iter().any(|n| n.contains(&peer))
     }

@@ -12,7 +12,7 @@ impl AdminConfig {
     /// Reads `token_file` into `token` (at load and at every reload, so a rotated Secret
     /// is picked up by SIGHUP or `POST /reload`). Surrounding whitespace is dropped: the
     /// usual ways of writing a Secret leave a trailing newline.
-    pub fn load_token_file(&mut self, config_path: &Path) -> Result<(), String> {
+    pub(crate) fn load_token_file(&mut self, config_path: &Path) -> Result<(), String> {
         let Some(file) = &self.token_file else {
             return Ok(());
         };

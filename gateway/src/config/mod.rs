@@ -16,7 +16,8 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
-pub use units::{Dur, Rate, Size};
+pub use units::Rate;
+pub(crate) use units::{Dur, Size};
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,7 +186,7 @@ pub struct AdminConfig {
     /// Admin connections open at once; more are closed at accept.
     pub max_connections: usize,
     /// Time for a whole admin request to arrive and be answered.
-    pub request_timeout: Dur,
+    pub(crate) request_timeout: Dur,
 }
 
 fn redact<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -349,13 +350,13 @@ pub struct UpstreamConfig {
 }
 
 /// Upper bound of the number of servers in one upstream.
-pub const MAX_UPSTREAM_SERVERS: usize = 1024;
+pub(crate) const MAX_UPSTREAM_SERVERS: usize = 1024;
 
 /// Upper bound of the sum of one upstream's server weights.
-pub const MAX_UPSTREAM_TOTAL_WEIGHT: u64 = 10_000;
+pub(crate) const MAX_UPSTREAM_TOTAL_WEIGHT: u64 = 10_000;
 
 /// Upper bound of `upstream.keepalive`, idle connections per worker.
-pub const MAX_UPSTREAM_KEEPALIVE: usize = 65536;
+pub(crate) const MAX_UPSTREAM_KEEPALIVE: usize = 65536;
 
 fn default_balance() -> Balance {
     Balance::RoundRobin
@@ -378,7 +379,7 @@ pub struct RespondConfig {
     #[serde(default)]
     pub body: String,
     #[serde(default = "default_content_type")]
-    pub content_type: String,
+    pub(crate) content_type: String,
 }
 
 fn default_status() -> u16 {
@@ -417,7 +418,7 @@ pub struct RouteConfig {
 }
 
 /// Default of `[limits] ipv6_prefix`: a /64 is what one subscriber usually gets.
-pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+pub(crate) const DEFAULT_IPV6_PREFIX: u8 = 64;
 
 #[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
@@ -512,7 +513,7 @@ pub struct LoadedConfig {
 impl LoadedConfig {
     /// The error at `key` inside the table spanning `span` (e.g. `listener[0]`, `tls`):
     /// its line is where the key is written, or the table's first line.
-    pub fn error_at(
+    pub(crate) fn error_at(
         &self,
         span: Range<usize>,
         table: &str,

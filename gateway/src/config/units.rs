@@ -25,15 +25,15 @@ pub struct Rate {
 /// The longest duration the config accepts. Timers add durations to `Instant::now()`
 /// and to the millisecond clock, which panic or wrap on overflow; a year is far beyond any
 /// sensible timeout and far below either limit.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
 
 /// The largest size the config accepts (1 TiB): sizes are compared with and added to
 /// byte counters, and none of them means anything beyond this.
-pub const MAX_SIZE: u64 = 1 << 40;
+pub(crate) const MAX_SIZE: u64 = 1 << 40;
 
 /// The highest rate the config accepts, per second; token buckets derive bursts and
 /// per-worker shares from it, which must stay finite and fit their integer types.
-pub const MAX_RATE: f64 = 1e9;
+pub(crate) const MAX_RATE: f64 = 1e9;
 
 /// A non-negative decimal as written in the file: digits, optionally one `.` and more
 /// digits. Returns the integer part and the fraction as (digits, number of digits).
@@ -65,7 +65,7 @@ fn decimal(number: &str) -> Option<(u128, u128, u32)> {
     Some((int, value, kept.len() as u32))
 }
 
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -99,7 +99,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_nanos(nanos))
 }
 
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -133,7 +133,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(too_large)
 }
 
-pub fn parse_rate(text: &str) -> Result<f64, String> {
+pub(crate) fn parse_rate(text: &str) -> Result<f64, String> {
     let (count, per) = text
         .trim()
         .split_once('/')

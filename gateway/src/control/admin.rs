@@ -38,7 +38,7 @@ pub const MAX_HEAD: usize = 8 * 1024;
 /// Time for a connection's whole request head to arrive. Probes, scrapers and `curl` send
 /// the head in one write, so a second is generous; a peer still silent after it holds a
 /// slot for nothing.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Accepts admin connections until the runtime stops.
 pub async fn serve(listener: TcpListener, control: Arc<Control>) {

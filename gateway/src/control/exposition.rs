@@ -43,7 +43,7 @@ fn histogram(out: &mut String, name: &str, label: &str, value: &str, h: &Histogr
 }
 
 /// Renders every metric in the Prometheus text format.
-pub fn render(control: &Control) -> String {
+pub(crate) fn render(control: &Control) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let workers = control.shared.metrics.collect();
     let snap = control.shared.snapshot();

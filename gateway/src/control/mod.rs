@@ -23,14 +23,14 @@ pub struct Control {
     checkers: Mutex<Vec<Checker>>,
     /// Serialises reloads (SIGHUP and POST /reload may race).
     reload_lock: Mutex<()>,
-    pub reloads_ok: AtomicU64,
+    pub(crate) reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     /// The attached XDP program, when there is one.
     pub xdp: Mutex<Option<crate::xdp::XdpGuard>>,
     /// Admin connections closed at accept because `admin.max_connections` were open.
-    pub admin_connections_rejected: AtomicU64,
+    pub(crate) admin_connections_rejected: AtomicU64,
     /// Failed admin accepts (out of descriptors, mostly).
-    pub admin_accept_errors: AtomicU64,
+    pub(crate) admin_accept_errors: AtomicU64,
 }
 
 impl Control {
@@ -207,7 +207,7 @@ impl Control {
     }
 
     /// The admin listener's and the access log's own counters.
-    pub fn render_ops(&self, out: &mut String) {
+    pub(crate) fn render_ops(&self, out: &mut String) {
         use std::fmt::Write;
         let counters = [
             (
@@ -236,7 +236,7 @@ impl Control {
 
     /// Drops by the XDP guard per limit (deny, conn_rate, max_conns_per_ip,
     /// new_source_rate), for `gateway_limit_rejections_total{enforcer="xdp"}`.
-    pub fn xdp_rejections(&self) -> Vec<(&'static str, u64)> {
+    pub(crate) fn xdp_rejections(&self) -> Vec<(&'static str, u64)> {
         let xdp = self.xdp.lock().unwrap_or_else(|e| e.into_inner());
         match xdp.as_ref().map(|g| g.packet_counts()) {
             Some(Ok(counts)) => counts.limit_rejections().to_vec(),
@@ -245,7 +245,7 @@ impl Control {
     }
 
     /// XDP verdict counters (summed over CPUs) and which enforcer is active.
-    pub fn render_xdp(&self, out: &mut String) {
+    pub(crate) fn render_xdp(&self, out: &mut String) {
         use std::fmt::Write;
         let xdp = self.xdp.lock().unwrap_or_else(|e| e.into_inner());
         let _ = writeln!(

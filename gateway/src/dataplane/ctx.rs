@@ -18,13 +18,13 @@ use tokio::sync::Notify;
 
 /// Size of the buffers bodies stream through: large enough that a 1 GiB body costs few
 /// syscalls, small enough that thousands of streams fit in memory.
-pub const BODY_BUF_SIZE: usize = 64 * 1024;
+pub(crate) const BODY_BUF_SIZE: usize = 64 * 1024;
 /// Buffers kept for reuse per worker; more in flight are allocated and then freed.
 const POOLED_BUFS: usize = 256;
 /// Initial capacity of a connection's head buffer; grows up to `max_header_bytes`. An idle
 /// keep-alive connection holds it (an io_uring read needs its buffer while it waits), so it
 /// is sized for a typical head, like nginx's 1k `client_header_buffer_size`.
-pub const HEAD_BUF_SIZE: usize = 1024;
+pub(crate) const HEAD_BUF_SIZE: usize = 1024;
 
 /// A worker's handle on the current snapshot, shared by its tasks through an `Rc` so that
 /// taking it per request touches no reference count other workers also touch.
@@ -54,9 +54,9 @@ pub struct Worker<S: Stream> {
     /// a buffer lost on some exit shows here).
     lent: Cell<isize>,
     /// `limits.request_rate` for the clients of this worker (its share of the rate).
-    pub request_limiter: RefCell<crate::policy::limits::RequestLimiter>,
+    pub(crate) request_limiter: RefCell<crate::policy::limits::RequestLimiter>,
     /// This worker's counters, and the copy it publishes every tick for `/metrics`.
-    pub stats: RefCell<Stats>,
+    pub(crate) stats: RefCell<Stats>,
     published: Published,
 }
 
@@ -110,7 +110,7 @@ impl<S: Stream> Worker<S> {
 
     /// Runs `f` on this worker's state for `upstream` (created on first use). Never held
     /// across an await.
-    pub fn with_upstream<R>(
+    pub(crate) fn with_upstream<R>(
         &self,
         upstream: &Arc<Upstream>,
         f: impl FnOnce(&mut WorkerUpstream<S>) -> R,
@@ -133,21 +133,22 @@ impl<S: Stream> Worker<S> {
     }
 
     /// Buffers taken and not given back.
-    pub fn bufs_lent(&self) -> isize {
+    #[cfg(test)]
+    pub(crate) fn bufs_lent(&self) -> isize {
         self.lent.get()
     }
 
     /// A body buffer that goes back to the pool when the guard drops.
-    pub fn lend_buf(&self) -> Lent<'_, BytesMut, S> {
+    pub(crate) fn lend_buf(&self) -> Lent<'_, BytesMut, S> {
         Lent::new(self, self.take_buf())
     }
 
     /// An output buffer that goes back to the pool when the guard drops.
-    pub fn lend_out(&self) -> Lent<'_, Vec<u8>, S> {
+    pub(crate) fn lend_out(&self) -> Lent<'_, Vec<u8>, S> {
         Lent::new(self, self.take_out())
     }
 
-    pub fn take_buf(&self) -> BytesMut {
+    pub(crate) fn take_buf(&self) -> BytesMut {
         self.lent.set(self.lent.get() + 1);
         self.bufs
             .borrow_mut()
@@ -155,7 +156,7 @@ impl<S: Stream> Worker<S> {
             .unwrap_or_else(|| BytesMut::with_capacity(BODY_BUF_SIZE))
     }
 
-    pub fn give_buf(&self, mut buf: BytesMut) {
+    pub(crate) fn give_buf(&self, mut buf: BytesMut) {
         self.lent.set(self.lent.get() - 1);
         buf.clear();
         // After `advance` the front of the allocation is out of view; reserving on an empty,
@@ -170,7 +171,7 @@ impl<S: Stream> Worker<S> {
         }
     }
 
-    pub fn take_out(&self) -> Vec<u8> {
+    pub(crate) fn take_out(&self) -> Vec<u8> {
         self.lent.set(self.lent.get() + 1);
         self.outs
             .borrow_mut()
@@ -178,7 +179,7 @@ impl<S: Stream> Worker<S> {
             .unwrap_or_else(|| Vec::with_capacity(4096))
     }
 
-    pub fn give_out(&self, mut out: Vec<u8>) {
+    pub(crate) fn give_out(&self, mut out: Vec<u8>) {
         self.lent.set(self.lent.get() - 1);
         out.clear();
         if out.capacity() <= 4 * BODY_BUF_SIZE {
@@ -190,7 +191,7 @@ impl<S: Stream> Worker<S> {
     }
 
     /// Resolves when a drain starts (immediately if it already has).
-    pub async fn drained(&self) {
+    pub(crate) async fn drained(&self) {
         let notified = self.drain_notify.notified();
         if self.draining.get() {
             return;
@@ -261,15 +262,10 @@ impl<'w, T: Recycle, S: Stream> Lent<'w, T, S> {
 
     /// Holds a buffer again after an abandoned operation kept the last one (which stays
     /// counted as lent: it is the kernel's until the operation completes).
-    pub fn ensure(&mut self) {
+    pub(crate) fn ensure(&mut self) {
         if self.item.is_none() {
             self.item = Some(T::take_from(self.w));
         }
-    }
-
-    /// Whether the guard holds its buffer (false after an abandoned operation).
-    pub fn is_held(&self) -> bool {
-        self.item.is_some()
     }
 }
 

@@ -66,7 +66,7 @@ impl Shared {
         self.installed.subscribe()
     }
 
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 }

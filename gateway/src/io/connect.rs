@@ -8,7 +8,7 @@ use std::time::Duration;
 
 /// Non-blocking connect with a deadline, awaited through readiness (works under both the
 /// uring and the epoll driver, since tokio-uring runs a tokio reactor underneath).
-pub async fn connect_nonblocking(
+pub(crate) async fn connect_nonblocking(
     addr: SocketAddr,
     timeout: Duration,
 ) -> io::Result<std::net::TcpStream> {

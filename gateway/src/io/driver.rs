@@ -22,7 +22,7 @@ impl DriverKind {
 
 /// What a worker needs from its runtime: how to accept and how to spawn a task.
 #[allow(async_fn_in_trait)] // Single-threaded runtimes: nothing here is Send.
-pub trait Driver: 'static {
+pub(crate) trait Driver: 'static {
     type Stream: Stream;
     type Listener: 'static;
     fn listener(std: std::net::TcpListener) -> std::io::Result<Self::Listener>;

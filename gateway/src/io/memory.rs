@@ -43,27 +43,18 @@ pub struct MemoryPeer {
     steps: RefCell<VecDeque<Step>>,
     written: RefCell<Vec<u8>>,
     /// Writes fail with a reset from now on.
-    pub fail_writes: Cell<bool>,
+    pub(crate) fail_writes: Cell<bool>,
     /// Writes never complete from now on.
-    pub stall_writes: Cell<bool>,
+    pub(crate) stall_writes: Cell<bool>,
     /// `shutdown_write` was called.
-    pub shut_write: Cell<bool>,
+    pub(crate) shut_write: Cell<bool>,
     /// `abort` was called.
-    pub aborted: Cell<bool>,
+    pub(crate) aborted: Cell<bool>,
     /// The far end of the liveness pair; `None` once hung up.
     far: RefCell<Option<UnixStream>>,
 }
 
 impl MemoryPeer {
-    /// Queues what the stream's reads return, in order; after the last, reads see EOF.
-    pub fn push(&self, step: Step) {
-        self.steps.borrow_mut().push_back(step);
-    }
-
-    pub fn push_bytes(&self, bytes: &[u8]) {
-        self.push(Step::Data(bytes.to_vec()));
-    }
-
     /// Every byte written to the stream so far.
     pub fn written(&self) -> Vec<u8> {
         self.written.borrow().clone()
@@ -71,7 +62,7 @@ impl MemoryPeer {
 
     /// Closes the far end: the stream's descriptor reads EOF, so an idle-liveness check
     /// fails (the upstream closed an idle keep-alive connection).
-    pub fn hang_up(&self) {
+    pub(crate) fn hang_up(&self) {
         self.far.borrow_mut().take();
     }
 }
@@ -121,7 +112,7 @@ thread_local! {
 }
 
 /// Sets how [`MemoryStream::connect`] answers on this thread (refused when unset).
-pub fn set_connector(f: Connector) {
+pub(crate) fn set_connector(f: Connector) {
     CONNECT.with(|c| *c.borrow_mut() = Some(f));
 }
 

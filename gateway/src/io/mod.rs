@@ -34,14 +34,15 @@ use tokio_uring::buf::BoundedBuf;
 pub mod connect;
 pub mod driver;
 pub mod epoll;
-pub mod memory;
+#[cfg(test)]
+pub(crate) mod memory;
 pub mod pipe;
 pub mod sockets;
 pub mod uring;
 
-pub use connect::connect_nonblocking;
 pub use epoll::EpollStream;
-pub use sockets::{bind_reuseport, idle_connection_alive, peer_closed};
+pub use sockets::peer_closed;
+pub(crate) use sockets::{bind_reuseport, idle_connection_alive};
 pub use uring::UringStream;
 
 /// A connected byte stream: a client or an upstream connection.

@@ -30,16 +30,16 @@ use std::time::{Duration, Instant};
 /// busy TCP socket fills.
 pub const PIPE_SIZE: usize = 64 * 1024;
 /// Below this a pipe is not worth splicing through (more syscalls per byte than the copy).
-pub const MIN_PIPE_SIZE: usize = 16 * 1024;
-pub use crate::util::budget::MAX_PIPES;
+pub(crate) const MIN_PIPE_SIZE: usize = 16 * 1024;
+pub(crate) use crate::util::budget::MAX_PIPES;
 /// Idle pipes kept per worker for the next tunnels; more are closed when returned.
-pub const MAX_IDLE: usize = 256;
+pub(crate) const MAX_IDLE: usize = 256;
 /// After the kernel handed out a shrunken pipe, how long the pool only reuses idle pipes.
-pub const SHRUNK_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const SHRUNK_BACKOFF: Duration = Duration::from_secs(1);
 
 /// One pipe and how many bytes it holds.
 #[derive(Debug)]
-pub struct Pipe {
+pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     size: usize,
@@ -78,11 +78,6 @@ impl Pipe {
         })
     }
 
-    /// The pipe's capacity in bytes.
-    pub fn size(&self) -> usize {
-        self.size
-    }
-
     /// Bytes in the pipe, waiting to be spliced out.
     pub fn buffered(&self) -> usize {
         self.buffered
@@ -90,7 +85,7 @@ impl Pipe {
 
     /// Moves what `socket` has (up to the pipe's size) into the pipe. Call only when the pipe
     /// is empty, so that `WouldBlock` always means the socket has nothing. `Ok(0)` is EOF.
-    pub fn fill_from(&mut self, socket: RawFd) -> io::Result<usize> {
+    pub(crate) fn fill_from(&mut self, socket: RawFd) -> io::Result<usize> {
         debug_assert_eq!(
             self.buffered, 0,
             "fill_from on a pipe that still holds bytes"
@@ -102,7 +97,7 @@ impl Pipe {
 
     /// Moves bytes from the pipe into `socket`; `WouldBlock` means the socket's send buffer
     /// is full.
-    pub fn drain_to(&mut self, socket: RawFd) -> io::Result<usize> {
+    pub(crate) fn drain_to(&mut self, socket: RawFd) -> io::Result<usize> {
         let n = splice(self.read.as_raw_fd(), socket, self.buffered)?;
         self.buffered -= n;
         Ok(n)
@@ -132,15 +127,16 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// The pool's counters, for metrics and tests.
+/// The pool's counters, for tests.
+#[cfg(test)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct PoolStats {
+pub(crate) struct PoolStats {
     /// Pipes open (in use or idle).
     pub open: usize,
     /// Pipes idle in the pool.
     pub idle: usize,
     /// Pipes the kernel handed out shrunken (past `pipe-user-pages-soft`), closed at once.
-    pub shrunk: u64,
+    pub(crate) shrunk: u64,
 }
 
 struct Pool {
@@ -225,7 +221,7 @@ thread_local! {
 
 /// A pipe on loan from this thread's pool; goes back (or is closed) on drop.
 #[derive(Debug)]
-pub struct PooledPipe(Option<Pipe>);
+pub(crate) struct PooledPipe(Option<Pipe>);
 
 impl std::ops::Deref for PooledPipe {
     type Target = Pipe;
@@ -251,7 +247,7 @@ impl Drop for PooledPipe {
 
 /// Two pipes (one per tunnel direction), or `None` when the pool cannot give both within
 /// `limit` pipes open on this worker (in use or idle; see `budget::pipes_per_worker`).
-pub fn take_pair(limit: usize) -> Option<(PooledPipe, PooledPipe)> {
+pub(crate) fn take_pair(limit: usize) -> Option<(PooledPipe, PooledPipe)> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         pool.set_limit(limit);
@@ -267,7 +263,8 @@ pub fn take_pair(limit: usize) -> Option<(PooledPipe, PooledPipe)> {
 }
 
 /// This thread's pool counters.
-pub fn stats() -> PoolStats {
+#[cfg(test)]
+pub(crate) fn stats() -> PoolStats {
     POOL.with(|pool| {
         let pool = pool.borrow();
         PoolStats {
@@ -287,7 +284,7 @@ mod tests {
     #[test]
     fn pipes_get_the_asked_size() {
         let p = Pipe::create().unwrap();
-        assert!(p.size() >= MIN_PIPE_SIZE, "pipe size {}", p.size());
+        assert!(p.size >= MIN_PIPE_SIZE, "pipe size {}", p.size);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use super::Stream;
 /// Whether an idle connection is still usable: no EOF and no unexpected bytes waiting.
 /// One non-blocking `recv(MSG_PEEK)`; used before reusing a pooled upstream connection,
 /// because the upstream may have closed it while it sat idle.
-pub fn idle_connection_alive(fd: RawFd) -> bool {
+pub(crate) fn idle_connection_alive(fd: RawFd) -> bool {
     let mut byte = 0u8;
     // SAFETY: recv into a valid one-byte buffer on a descriptor we own.
     let n = unsafe {
@@ -71,7 +71,7 @@ pub async fn peer_closed<S: Stream>(stream: &S) {
 
 /// Binds one listener socket for this worker: `SO_REUSEPORT` so every worker has its own
 /// accept queue and the kernel spreads connections among them.
-pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+pub(crate) fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;

@@ -43,28 +43,28 @@ use ipnet::IpNet;
 use crate::config::LimitsConfig;
 
 /// `limit` label: the source is in a denied network.
-pub const LIMIT_DENY: &str = "deny";
+pub(crate) const LIMIT_DENY: &str = "deny";
 /// `limit` label: over `conn_rate`/`conn_burst`.
 pub const LIMIT_CONN_RATE: &str = "conn_rate";
 /// `limit` label: at `max_conns_per_ip`.
-pub const LIMIT_MAX_CONNS: &str = "max_conns_per_ip";
+pub(crate) const LIMIT_MAX_CONNS: &str = "max_conns_per_ip";
 /// `limit` label: over `request_rate`/`request_burst`.
-pub const LIMIT_REQUEST_RATE: &str = "request_rate";
+pub(crate) const LIMIT_REQUEST_RATE: &str = "request_rate";
 /// `limit` label: the XDP global backstop on new sources (no config key; see
 /// `crate::xdp::GuardOptions`). No longer produced: over the backstop a new source passes
 /// untracked and is charged at accept.
-pub const LIMIT_NEW_SOURCE_RATE: &str = "new_source_rate";
+pub(crate) const LIMIT_NEW_SOURCE_RATE: &str = "new_source_rate";
 /// `enforcer` label: dropped by the XDP program.
-pub const ENFORCER_XDP: &str = "xdp";
+pub(crate) const ENFORCER_XDP: &str = "xdp";
 /// `enforcer` label: refused in user space.
-pub const ENFORCER_USERSPACE: &str = "userspace";
+pub(crate) const ENFORCER_USERSPACE: &str = "userspace";
 
 /// Shards of the connection table: accepts from different workers rarely contend.
 const SHARDS: usize = 64;
 /// `conn_rate` buckets kept per shard before a sweep (65536 addresses in all).
 const RATE_ENTRIES_PER_SHARD: usize = 1024;
 /// Request-rate states one worker keeps before it stops tracking new addresses.
-pub const MAX_REQUEST_SOURCES: usize = 65_536;
+pub(crate) const MAX_REQUEST_SOURCES: usize = 65_536;
 
 /// Why a connection or request was refused: the two labels of
 /// `gateway_limit_rejections_total`.
@@ -88,7 +88,7 @@ pub struct XdpCharge {
     /// SYNs the program charged to the key's bucket since the entry was created.
     pub syns: u64,
     /// When it charged the last one, CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`).
-    pub charged_ns: u64,
+    pub(crate) charged_ns: u64,
 }
 
 /// Read access to the program's per-source charges (`crate::xdp::ChargeLedger`, or a
@@ -105,7 +105,7 @@ pub trait XdpLedger: Send + Sync {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -120,7 +120,7 @@ pub fn monotonic_ns() -> u64 {
 /// How long after the program charged a source's SYN a connection from that source may be
 /// credited with it. Covers SYN retransmissions and a busy accept queue; older charges
 /// are not credited, so a surplus of charged SYNs cannot be saved up.
-pub const XDP_CHARGE_WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const XDP_CHARGE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Which limits the XDP program enforces already, so user space does not charge them twice.
 #[derive(Clone, Default)]
@@ -140,7 +140,7 @@ impl std::fmt::Debug for Enforcement {
 }
 
 /// Default of `[limits] ipv6_prefix`; config owns it (config sits below policy).
-pub use crate::config::DEFAULT_IPV6_PREFIX;
+pub(crate) use crate::config::DEFAULT_IPV6_PREFIX;
 
 /// The per-IP key of `ip`: an IPv4 (or IPv4-mapped) address as is, an IPv6 address with
 /// all but its first `v6_prefix` bits cleared.
@@ -486,13 +486,6 @@ impl ConnLimiter {
         self.replace_policy(ConnPolicy::new(limits, enforcement));
     }
 
-    /// Changes which limits XDP enforces (e.g. the program failed to attach on reload).
-    pub fn set_enforcement(&self, enforcement: Enforcement) {
-        let mut policy = (*self.inner.policy()).clone();
-        policy.enforcement = enforcement;
-        self.replace_policy(policy);
-    }
-
     fn replace_policy(&self, policy: ConnPolicy) {
         let max = policy.max_conns;
         let drop_rate_state = policy.conn_rate.is_none();
@@ -520,7 +513,7 @@ impl ConnLimiter {
     }
 
     /// [`on_accept`](Self::on_accept) at a given time (tests).
-    pub fn on_accept_at(&self, ip: IpAddr, now: Instant) -> Result<ConnTicket, Rejection> {
+    pub(crate) fn on_accept_at(&self, ip: IpAddr, now: Instant) -> Result<ConnTicket, Rejection> {
         let ip = ip.to_canonical();
         // The prefix only changes on reload; a connection racing one is keyed either way.
         let early = self.inner.policy();
@@ -658,7 +651,7 @@ impl RequestLimiter {
     }
 
     /// New limits (reload). States are kept; they are timestamps, valid under any rate.
-    pub fn configure(&mut self, limits: &LimitsConfig) {
+    pub(crate) fn configure(&mut self, limits: &LimitsConfig) {
         self.lists = NetLists::new(limits);
         self.v6_prefix = limits.ipv6_prefix;
         self.gcra = limits.request_rate.as_ref().and_then(|rate| {
@@ -685,7 +678,7 @@ impl RequestLimiter {
 
     /// [`check`](Self::check) after re-reading `limits` if `generation` (the config
     /// snapshot's) changed since the last call: one integer compare per request otherwise.
-    pub fn check_with(
+    pub(crate) fn check_with(
         &mut self,
         generation: u64,
         limits: &LimitsConfig,

@@ -19,12 +19,12 @@
 use crate::protocol::error::{HttpError, RetryClass};
 
 /// Most distinct servers one request tries.
-pub const MAX_SERVERS: usize = 32;
+pub(crate) const MAX_SERVERS: usize = 32;
 
 /// The servers one request has tried: a bitset that needs no allocation for the first 64
 /// servers (the common case) and grows past them, so no server is ever silently left out.
 #[derive(Debug, Default, Clone)]
-pub struct Tried {
+pub(crate) struct Tried {
     low: u64,
     high: Vec<u64>,
     count: usize,
@@ -58,15 +58,11 @@ impl Tried {
     pub fn len(&self) -> usize {
         self.count
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
 }
 
 /// What to do after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Pick another server (this one is in the tried set).
     NextServer,
     /// Send the request again on a fresh connection (no idle connection is taken).
@@ -77,16 +73,16 @@ pub enum Decision {
 
 /// How far an attempt on an established connection got when it failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     /// The connection came from the idle pool.
     pub reused: bool,
     /// Some of the response had arrived.
-    pub response_started: bool,
+    pub(crate) response_started: bool,
 }
 
 /// One request's retry state.
 #[derive(Debug)]
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     replayable: bool,
     replayed: bool,
     max_servers: usize,
@@ -111,12 +107,12 @@ impl RetryPolicy {
     }
 
     /// Whether the next attempt must open a fresh connection (a replay).
-    pub fn fresh_only(&self) -> bool {
+    pub(crate) fn fresh_only(&self) -> bool {
         self.replayed
     }
 
     /// A connect to `server` failed with `error`.
-    pub fn connect_failed(&mut self, server: usize, error: &HttpError) -> Decision {
+    pub(crate) fn connect_failed(&mut self, server: usize, error: &HttpError) -> Decision {
         self.tried.insert(server);
         if error.retry_class() == RetryClass::Never || self.tried.len() >= self.max_servers {
             return Decision::GiveUp;
@@ -125,7 +121,7 @@ impl RetryPolicy {
     }
 
     /// An attempt on an open connection failed with `error`.
-    pub fn attempt_failed(&mut self, attempt: Attempt, error: &HttpError) -> Decision {
+    pub(crate) fn attempt_failed(&mut self, attempt: Attempt, error: &HttpError) -> Decision {
         if attempt.reused
             && self.replayable
             && !attempt.response_started

@@ -72,7 +72,7 @@ pub enum Side {
 /// Whether an upstream attempt that failed with this error may be tried again
 /// ([`crate::policy::retry`] decides, from this and from how far the attempt got).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetryClass {
+pub(crate) enum RetryClass {
     /// Never: the request itself is at fault, the gateway ran short, the upstream may still
     /// be working on it (a timeout), or it answered something unusable.
     Never,
@@ -119,7 +119,7 @@ impl HttpError {
     }
 
     /// How a failed attempt with this error may be retried.
-    pub fn retry_class(&self) -> RetryClass {
+    pub(crate) fn retry_class(&self) -> RetryClass {
         match self {
             HttpError::UpstreamFailed(_) => RetryClass::Replayable,
             HttpError::UpstreamTimeout(_) => RetryClass::Timeout,
@@ -129,12 +129,12 @@ impl HttpError {
 
     /// The request itself was refused (a 4xx or 501 of the client's making, not a client
     /// that went away): nothing about the upstream worth logging.
-    pub fn is_refused_request(&self) -> bool {
+    pub(crate) fn is_refused_request(&self) -> bool {
         self.side() == Side::Client && !matches!(self, HttpError::ClientGone(_))
     }
 
     /// The cause, for logs: what failed, where (`"connect"`, `"read body"`...).
-    pub fn cause(&self) -> Option<&'static str> {
+    pub(crate) fn cause(&self) -> Option<&'static str> {
         match self {
             HttpError::BadRequest(why)
             | HttpError::UpstreamFailed(why)

@@ -24,13 +24,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 /// Bytes of formatted lines waiting for the writer, at most.
-pub const QUEUE_BYTES: usize = 8 << 20;
+pub(crate) const QUEUE_BYTES: usize = 8 << 20;
 
 /// Largest written length of one field (after escaping).
-pub const FIELD_CAP: usize = 2048;
+pub(crate) const FIELD_CAP: usize = 2048;
 
 /// Appended to a field cut at [`FIELD_CAP`].
-pub const TRUNCATED: &[u8] = b"...[truncated]";
+pub(crate) const TRUNCATED: &[u8] = b"...[truncated]";
 
 /// Where access lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +137,7 @@ impl LogWriter {
     }
 
     /// Reopens (or switches) the target: the old file is closed once the new one opened.
-    pub fn reopen(&self, target: Target) -> std::io::Result<()> {
+    pub(crate) fn reopen(&self, target: Target) -> std::io::Result<()> {
         // Open once here to report errors to the caller (a reload) before switching.
         open(&target)?;
         self.queue.lock().reopen = Some(target);
@@ -177,7 +177,7 @@ impl LogWriter {
 }
 
 /// Whether `target` can be opened for appending (a reload checks before switching).
-pub fn check_target(target: &Target) -> std::io::Result<()> {
+pub(crate) fn check_target(target: &Target) -> std::io::Result<()> {
     open(target).map(|_| ())
 }
 
@@ -204,7 +204,7 @@ pub struct Entry<'a> {
     pub status: u16,
     pub body_bytes: u64,
     pub referer: Option<&'a [u8]>,
-    pub user_agent: Option<&'a [u8]>,
+    pub(crate) user_agent: Option<&'a [u8]>,
     pub duration_us: u64,
     pub upstream: Option<&'a str>,
 }
@@ -268,7 +268,7 @@ fn version_str(v: u8) -> &'static str {
 }
 
 /// `203.0.113.7 - - [26/Nov/2026:20:03:09 +0000] "GET /api/x HTTP/1.1" 200 512 "-" "curl/8.0" 1534 127.0.0.1:8081`
-pub fn write_combined(out: &mut Vec<u8>, e: &Entry) {
+pub(crate) fn write_combined(out: &mut Vec<u8>, e: &Entry) {
     let _ = write!(out, "{} - - [", e.client_ip);
     crate::util::clock::with_log_stamp(|stamp| out.extend_from_slice(stamp));
     out.extend_from_slice(b"] \"");
@@ -327,7 +327,7 @@ fn json_text(bytes: &[u8]) -> String {
     s
 }
 
-pub fn write_json(out: &mut Vec<u8>, e: &Entry) {
+pub(crate) fn write_json(out: &mut Vec<u8>, e: &Entry) {
     let mut time = String::new();
     crate::util::clock::with_log_stamp(|s| time.push_str(std::str::from_utf8(s).unwrap_or("")));
     let line = serde_json::json!({

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 pub static IO_DRIVER: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
 
 /// Histogram bounds in seconds: sub-millisecond proxying up to multi-minute uploads.
-pub const DURATION_BUCKETS: [f64; 18] = [
+pub(crate) const DURATION_BUCKETS: [f64; 18] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0, 300.0,
 ];
@@ -70,22 +70,22 @@ pub struct Stats {
     pub routes: FastMap<Arc<str>, RouteStats>,
     pub upstreams: FastMap<Arc<str>, UpstreamStats>,
     pub listeners: FastMap<Arc<str>, ListenerStats>,
-    pub tunnels_active: i64,
+    pub(crate) tunnels_active: i64,
     /// Bytes relayed by tunnels: [to upstream, to client].
-    pub tunnel_bytes: [u64; 2],
+    pub(crate) tunnel_bytes: [u64; 2],
     /// Tunnels by copy path (`splice`, `copy`).
-    pub tunnel_paths: Vec<(&'static str, u64)>,
+    pub(crate) tunnel_paths: Vec<(&'static str, u64)>,
     /// (limit, enforcer) → rejections.
     pub limit_rejections: Vec<(&'static str, &'static str, u64)>,
-    pub busy_ratio: f64,
+    pub(crate) busy_ratio: f64,
     /// When the worker last published (process clock, ms): its liveness for `/healthz`.
-    pub heartbeat_ms: u64,
+    pub(crate) heartbeat_ms: u64,
     /// The worker finished its drain and stopped: silent, but not stuck.
     pub finished: bool,
     /// (listener, result) → TLS handshakes.
-    pub tls_handshakes: Vec<(Arc<str>, &'static str, u64)>,
+    pub(crate) tls_handshakes: Vec<(Arc<str>, &'static str, u64)>,
     /// Duration of successful TLS handshakes, by listener.
-    pub tls_handshake_duration: FastMap<Arc<str>, Histogram>,
+    pub(crate) tls_handshake_duration: FastMap<Arc<str>, Histogram>,
 }
 
 fn bump<K: PartialEq + Copy>(list: &mut Vec<(K, u64)>, key: K, by: u64) {
@@ -120,7 +120,7 @@ impl Stats {
         self.upstreams.get_mut(&**name).expect("inserted above")
     }
 
-    pub fn upstream_error(&mut self, name: &Arc<str>, kind: &'static str) {
+    pub(crate) fn upstream_error(&mut self, name: &Arc<str>, kind: &'static str) {
         bump(&mut self.upstream(name).errors, kind, 1);
     }
 
@@ -157,11 +157,11 @@ impl Stats {
         }
     }
 
-    pub fn tunnel_path(&mut self, path: &'static str) {
+    pub(crate) fn tunnel_path(&mut self, path: &'static str) {
         bump(&mut self.tunnel_paths, path, 1);
     }
 
-    pub fn limit_rejection(&mut self, limit: &'static str, enforcer: &'static str) {
+    pub(crate) fn limit_rejection(&mut self, limit: &'static str, enforcer: &'static str) {
         match self
             .limit_rejections
             .iter_mut()
@@ -174,7 +174,7 @@ impl Stats {
 }
 
 /// Where a worker publishes its counters for the scraper.
-pub type Published = Arc<Mutex<Stats>>;
+pub(crate) type Published = Arc<Mutex<Stats>>;
 
 /// Registry of every worker's published counters.
 #[derive(Default)]
@@ -183,7 +183,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn register(&self, worker: usize) -> Published {
+    pub(crate) fn register(&self, worker: usize) -> Published {
         let published = Published::default();
         self.workers
             .lock()
@@ -193,7 +193,7 @@ impl Registry {
     }
 
     /// Workers that have not published within `max_age_ms`: stuck or gone.
-    pub fn silent_workers(&self, max_age_ms: u64) -> Vec<usize> {
+    pub(crate) fn silent_workers(&self, max_age_ms: u64) -> Vec<usize> {
         let now = crate::util::clock::now_ms();
         self.workers
             .lock()
@@ -217,7 +217,7 @@ impl Registry {
     }
 }
 
-pub fn thread_cpu_time() -> std::time::Duration {
+pub(crate) fn thread_cpu_time() -> std::time::Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

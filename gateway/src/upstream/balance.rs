@@ -12,7 +12,7 @@ use std::net::IpAddr;
 const POINTS_PER_WEIGHT: u32 = 160;
 
 #[derive(Debug, Default)]
-pub struct HashRing {
+pub(crate) struct HashRing {
     points: Vec<(u64, u32)>,
 }
 
@@ -39,7 +39,7 @@ impl HashRing {
 
 /// FNV-1a then a splitmix64 finaliser: stable across builds and platforms (the standard
 /// hasher promises neither), and well spread for short keys such as IP addresses.
-pub fn hash_bytes(bytes: &[u8]) -> u64 {
+pub(crate) fn hash_bytes(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     for &b in bytes {
         h ^= b as u64;
@@ -52,7 +52,7 @@ pub fn hash_bytes(bytes: &[u8]) -> u64 {
     h ^ (h >> 31)
 }
 
-pub fn hash_ip(ip: IpAddr) -> u64 {
+pub(crate) fn hash_ip(ip: IpAddr) -> u64 {
     match ip {
         IpAddr::V4(v4) => hash_bytes(&v4.octets()),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -64,7 +64,7 @@ pub fn hash_ip(ip: IpAddr) -> u64 {
 
 /// A worker's balancing state for one upstream.
 #[derive(Debug)]
-pub struct Picker {
+pub(crate) struct Picker {
     current_weight: Vec<i64>,
     /// Requests in flight per server from this worker (least_conn, and the metric).
     pub active: Vec<u32>,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// Stops its checker thread when dropped (on reload or shutdown).
 pub struct Checker {
     stop: Arc<AtomicBool>,
-    pub upstream_id: u64,
+    pub(crate) upstream_id: u64,
 }
 
 impl Drop for Checker {

@@ -30,14 +30,14 @@ pub struct ServerState {
 }
 
 impl ServerState {
-    pub fn is_up(&self, now_ms: u64) -> bool {
+    pub(crate) fn is_up(&self, now_ms: u64) -> bool {
         !self.check_failed.load(Ordering::Relaxed)
             && self.down_until_ms.load(Ordering::Relaxed) <= now_ms
     }
 
     /// Counts a failure; at `max_fails` within `fail_timeout` the server is down for
     /// `fail_timeout` (nginx semantics). Returns whether this failure marked it down.
-    pub fn record_failure(&self, max_fails: u32, fail_timeout: Duration) -> bool {
+    pub(crate) fn record_failure(&self, max_fails: u32, fail_timeout: Duration) -> bool {
         let now = clock::now_ms();
         let window = fail_timeout.as_millis() as u64;
         let start = self.fail_window_start_ms.load(Ordering::Relaxed);
@@ -54,13 +54,13 @@ impl ServerState {
         false
     }
 
-    pub fn record_success(&self) {
+    pub(crate) fn record_success(&self) {
         if self.fails.load(Ordering::Relaxed) != 0 {
             self.fails.store(0, Ordering::Relaxed);
         }
     }
 
-    pub fn set_check_result(&self, healthy: bool) {
+    pub(crate) fn set_check_result(&self, healthy: bool) {
         self.check_failed.store(!healthy, Ordering::Relaxed);
         if healthy {
             self.down_until_ms.store(0, Ordering::Relaxed);
@@ -85,15 +85,15 @@ pub struct Upstream {
     pub id: u64,
     pub name: String,
     /// `name` as the label value metrics are keyed by.
-    pub metric_name: Arc<str>,
+    pub(crate) metric_name: Arc<str>,
     pub servers: Vec<Server>,
     pub balance: Balance,
     pub keepalive: usize,
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     pub max_fails: u32,
     pub fail_timeout: Duration,
     pub health_check: Option<HealthCheckConfig>,
-    pub hash_ring: balance::HashRing,
+    pub(crate) hash_ring: balance::HashRing,
     pub config: UpstreamConfig,
 }
 

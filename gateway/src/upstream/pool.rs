@@ -13,9 +13,9 @@ struct Idle<S> {
 }
 
 /// One worker's view of one upstream.
-pub struct WorkerUpstream<S: Stream> {
+pub(crate) struct WorkerUpstream<S: Stream> {
     pub upstream: Arc<Upstream>,
-    pub picker: Picker,
+    pub(crate) picker: Picker,
     /// Idle connections per server, most recently used last (reused first: it is the one
     /// least likely to have been closed by the upstream's own idle timeout).
     idle: Vec<Vec<Idle<S>>>,
@@ -35,7 +35,7 @@ impl<S: Stream> WorkerUpstream<S> {
 
     /// An idle connection to `server` that is still open, if any. Connections the upstream
     /// closed while they sat idle (EOF or stray bytes waiting) are dropped here.
-    pub fn take_idle(&mut self, server: usize) -> Option<S> {
+    pub(crate) fn take_idle(&mut self, server: usize) -> Option<S> {
         let now = clock::now_ms();
         let max_idle = self.upstream.idle_timeout.as_millis() as u64;
         while let Some(idle) = self.idle[server].pop() {
@@ -50,7 +50,7 @@ impl<S: Stream> WorkerUpstream<S> {
     }
 
     /// Keeps a connection for reuse when there is room; otherwise it is closed.
-    pub fn put_idle(&mut self, server: usize, conn: S) {
+    pub(crate) fn put_idle(&mut self, server: usize, conn: S) {
         if self.idle_count >= self.upstream.keepalive || server >= self.idle.len() {
             return;
         }
@@ -63,7 +63,7 @@ impl<S: Stream> WorkerUpstream<S> {
 
     /// Closes idle connections that expired or that the upstream closed, so they do not
     /// linger in CLOSE_WAIT until the next request happens to look at them.
-    pub fn sweep(&mut self) {
+    pub(crate) fn sweep(&mut self) {
         let now = clock::now_ms();
         let max_idle = self.upstream.idle_timeout.as_millis() as u64;
         for list in &mut self.idle {
@@ -75,14 +75,8 @@ impl<S: Stream> WorkerUpstream<S> {
         }
     }
 
-    pub fn idle_count(&self) -> usize {
+    pub(crate) fn idle_count(&self) -> usize {
         self.idle_count
-    }
-
-    /// Hands idle connections over to the same upstream in a new snapshot (a reload that
-    /// left it unchanged keeps the very same `Upstream`, so this is only for that case).
-    pub fn is_for(&self, upstream: &Arc<Upstream>) -> bool {
-        Arc::ptr_eq(&self.upstream, upstream)
     }
 }
 

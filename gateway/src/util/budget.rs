@@ -16,18 +16,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Ciphertext waiting in a TLS stream's input buffer: two TLS records of the largest size
 /// (RFC 8446 §5.2: 2^14 + 256 bytes each) plus slack. rustls' own deframer refuses a
 /// message above its limit ("message buffer full"); what it refuses must not pile up here.
-pub const TLS_INPUT_MAX: usize = 2 * (16 * 1024 + 256) + 1024;
+pub(crate) const TLS_INPUT_MAX: usize = 2 * (16 * 1024 + 256) + 1024;
 /// Body bytes held in memory while a request body is buffered before the upstream is
 /// chosen is `[server] request_buffering`, bounded by this (a sanity cap on the config).
-pub const REQUEST_BUFFERING_MAX: u64 = 1 << 20;
+pub(crate) const REQUEST_BUFFERING_MAX: u64 = 1 << 20;
 
 /// Pipes open per worker, in use or idle (two per spliced tunnel), whatever the descriptor
 /// budget allows.
-pub const MAX_PIPES: usize = 8192;
+pub(crate) const MAX_PIPES: usize = 8192;
 
 /// The buffers that have a cap, as the `buffer` label of the over-budget counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Buffer {
+pub(crate) enum Buffer {
     /// Ciphertext in a TLS stream's input buffer, or a TLS message rustls refused.
     TlsInput,
     /// The request head (`max_header_bytes`).
@@ -138,7 +138,7 @@ static REFUSED: [Counted; Refusal::ALL.len()] = [const { Counted::new() }; Refus
 
 /// A connection went over its budget for `buffer`: count it, log at a bounded rate. The
 /// caller closes the connection.
-pub fn over_budget(buffer: Buffer, peer: Option<std::net::SocketAddr>) {
+pub(crate) fn over_budget(buffer: Buffer, peer: Option<std::net::SocketAddr>) {
     if let Some(n) = OVER_BUDGET[buffer as usize].hit() {
         tracing::warn!(buffer = buffer.label(), peer = ?peer, events = n, "connection over its memory budget: closed");
     }
@@ -157,7 +157,7 @@ pub fn refused(reason: Refusal, detail: &dyn std::fmt::Display) {
 }
 
 /// Appends the counters in Prometheus text format.
-pub fn render(out: &mut String) {
+pub(crate) fn render(out: &mut String) {
     family(
         out,
         "gateway_connections_over_budget_total",
@@ -191,7 +191,7 @@ fn family<const N: usize>(
 
 /// Descriptors kept free for the admin listener, logs and reloads: client accepts and
 /// upstream connects stop short of them (see [`fd_in_reserve`]).
-pub const FD_RESERVE: u64 = 64;
+pub(crate) const FD_RESERVE: u64 = 64;
 
 /// The effective RLIMIT_NOFILE soft limit, set once at startup by the binary.
 static NOFILE: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -210,7 +210,7 @@ pub fn nofile() -> u64 {
 /// the lowest free number, so descriptor `fd` at or above `nofile - FD_RESERVE` means
 /// fewer than `FD_RESERVE` are left: the data plane closes it, and the admin listener
 /// (which never checks) still finds descriptors to answer `/healthz` with.
-pub fn fd_in_reserve(fd: std::os::fd::RawFd) -> bool {
+pub(crate) fn fd_in_reserve(fd: std::os::fd::RawFd) -> bool {
     (fd as u64).saturating_add(FD_RESERVE) >= nofile()
 }
 
@@ -227,28 +227,28 @@ const FD_FIXED: u64 = FD_RESERVE * 2;
 /// and upstream), what it leaves, possibly nothing. Without this each spliced tunnel held
 /// six descriptors against the two the cap counts, and tunnels from one client ran the
 /// process out of descriptors long before `max_connections`.
-pub fn pipe_fd_budget(nofile: u64, max_connections: usize) -> u64 {
+pub(crate) fn pipe_fd_budget(nofile: u64, max_connections: usize) -> u64 {
     let usable = nofile.saturating_sub(FD_FIXED);
     (usable / 4).min(usable.saturating_sub(2 * max_connections as u64))
 }
 
 /// Pipes one worker may hold open, in use or idle: its share of [`pipe_fd_budget`] (two
 /// descriptors a pipe), rounded down to whole pairs since a tunnel takes two.
-pub fn pipes_per_worker(nofile: u64, max_connections: usize, workers: usize) -> usize {
+pub(crate) fn pipes_per_worker(nofile: u64, max_connections: usize, workers: usize) -> usize {
     let pairs = pipe_fd_budget(nofile, max_connections) / 4 / workers.max(1) as u64;
     (pairs.saturating_mul(2)).min(MAX_PIPES as u64) as usize
 }
 
 /// The `max_connections` default for a descriptor limit: each client connection may hold
 /// two descriptors (client and upstream), after the fixed reserve and the pipe budget.
-pub fn default_max_connections(nofile: u64) -> usize {
+pub(crate) fn default_max_connections(nofile: u64) -> usize {
     let usable = nofile.saturating_sub(FD_FIXED);
     ((usable - usable / 4) / 2).clamp(1, 1 << 20) as usize
 }
 
 /// Whether an `io::Error` from `socket()`/`connect()` is the gateway's own shortage
 /// (descriptors, buffers, memory), not the upstream's fault.
-pub fn is_local_resource_error(e: &std::io::Error) -> bool {
+pub(crate) fn is_local_resource_error(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)

@@ -11,7 +11,7 @@ fn start() -> Instant {
 }
 
 /// Milliseconds since the process started (monotonic). Never 0, so 0 can mean "unset".
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     start().elapsed().as_millis() as u64 + 1
 }
 
@@ -21,7 +21,7 @@ thread_local! {
 
 /// Calls `f` with the current time as `26/Nov/2026:20:03:09 +0000` (nginx `$time_local`
 /// in UTC), formatted at most once a second on this thread.
-pub fn with_log_stamp<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+pub(crate) fn with_log_stamp<R>(f: impl FnOnce(&[u8]) -> R) -> R {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -80,7 +80,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// `tokio::time::timeout_at` with a std `Instant`, which is what every deadline here is.
-pub async fn timeout_at<F: std::future::Future>(
+pub(crate) async fn timeout_at<F: std::future::Future>(
     deadline: std::time::Instant,
     f: F,
 ) -> Result<F::Output, tokio::time::error::Elapsed> {

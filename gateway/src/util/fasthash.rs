@@ -51,7 +51,7 @@ impl Hasher for FxHasher {
 }
 
 /// A `HashMap` for keys that come from the config, not from the network.
-pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 #[cfg(test)]
 mod tests {

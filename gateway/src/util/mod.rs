@@ -3,4 +3,4 @@
 
 pub mod budget;
 pub mod clock;
-pub mod fasthash;
+pub(crate) mod fasthash;

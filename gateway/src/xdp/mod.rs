@@ -59,9 +59,9 @@ pub use gateway_common::{
     GuardConfig, VerdictCounter,
 };
 
-pub use guard::{Attachment, XdpGuard};
-pub use maps::{ApplySummary, CapMarker, ChargeLedger, MapFill, VerdictCounts};
-pub use policy::{effective_conn_burst, guard_config, listener_ports, GuardOptions, MAX_BURST};
+pub use guard::XdpGuard;
+pub use maps::VerdictCounts;
+pub use policy::{listener_ports, GuardOptions};
 
 /// How to attach the program to an interface.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

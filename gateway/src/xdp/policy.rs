@@ -60,7 +60,7 @@ pub fn listener_ports(config: &Config) -> Vec<u16> {
 pub(super) const MTOK: u64 = 1000;
 /// Largest bucket, in tokens: keeps `burst_mtok * 1e9` (the kernel's largest product)
 /// below 2^64.
-pub const MAX_BURST: u64 = 10_000_000;
+pub(crate) const MAX_BURST: u64 = 10_000_000;
 
 /// Kernel bucket parameters for `rate` tokens per second with `burst` tokens.
 pub(super) fn bucket_params(rate: f64, burst: u64) -> BucketParams {
@@ -79,7 +79,7 @@ pub(super) fn bucket_params(rate: f64, burst: u64) -> BucketParams {
 }
 
 /// `conn_burst`, or one second's worth of `conn_rate` (at least 1) when unset.
-pub fn effective_conn_burst(limits: &LimitsConfig) -> Option<u64> {
+pub(crate) fn effective_conn_burst(limits: &LimitsConfig) -> Option<u64> {
     let rate = limits.conn_rate.as_ref()?.per_second;
     Some(
         limits
@@ -100,7 +100,7 @@ pub(super) fn new_source_params(options: &GuardOptions, cpus: usize) -> BucketPa
 }
 
 /// The `GUARD_CONFIG` entry for `limits` and `ports` (sorted, at most `MAX_PORTS`).
-pub fn guard_config(
+pub(crate) fn guard_config(
     limits: &LimitsConfig,
     ports: &[u16],
     options: &GuardOptions,

@@ -23,7 +23,7 @@
 //! every exit by construction.
 
 use crate::dataplane::conn::relay::{relay_body, RelayFailed};
-pub use crate::dataplane::conn::relay::{BodyForm, ResponseSink};
+pub(crate) use crate::dataplane::conn::relay::{BodyForm, ResponseSink};
 use crate::dataplane::ctx::{Lent, Worker};
 use crate::io::Stream;
 use crate::policy::retry::{Attempt, Decision, RetryPolicy};
@@ -40,7 +40,7 @@ use tokio::time::timeout;
 use tokio_uring::buf::BoundedBuf;
 
 /// Largest upstream response head accepted.
-pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Most informational responses before the final one; more is an upstream that never
 /// answers, not a slow one.
 const MAX_INTERIM: usize = 32;
@@ -78,7 +78,7 @@ pub struct Exchange<'a, S: Stream> {
     /// `server.request_buffering`: body bytes read before an upstream is chosen.
     pub request_buffering: usize,
     /// The `Sec-WebSocket-Accept` a 101 must carry; `None`: a 101 is refused.
-    pub ws_accept: Option<[u8; 28]>,
+    pub(crate) ws_accept: Option<[u8; 28]>,
 }
 
 /// A response relayed (or a tunnel to run).
@@ -104,13 +104,13 @@ pub struct Upgraded<S> {
 pub struct Failure {
     pub error: HttpError,
     /// Part of the response was sent: the client can only be told by closing.
-    pub response_started: bool,
+    pub(crate) response_started: bool,
     /// The server involved, if one was.
     pub server: Option<usize>,
 }
 
 impl Failure {
-    pub fn before_response(error: HttpError, server: Option<usize>) -> Failure {
+    pub(crate) fn before_response(error: HttpError, server: Option<usize>) -> Failure {
         Failure {
             error,
             response_started: false,

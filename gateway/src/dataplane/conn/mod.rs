@@ -4,7 +4,7 @@
 
 pub mod exchange;
 pub mod h1;
-pub mod preamble;
+pub(crate) mod preamble;
 pub(crate) mod relay;
 pub mod tunnel;
 

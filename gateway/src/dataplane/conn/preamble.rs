@@ -13,7 +13,7 @@ use std::time::Instant;
 /// What comes before HTTP on a connection: the PROXY header when the listener expects one
 /// (always in plaintext, ahead of any TLS), then the TLS handshake on TLS listeners, both
 /// within `header_timeout` of the accept. `None` closes the connection.
-pub async fn preamble<S: Stream>(
+pub(crate) async fn preamble<S: Stream>(
     w: &Worker<MaybeTls<S>>,
     ctx: &ListenerCtx,
     stream: S,
@@ -65,7 +65,7 @@ pub async fn preamble<S: Stream>(
 /// socket (before any TLS handshake), and returns the client address it names (the peer
 /// itself for LOCAL/UNKNOWN headers). Bytes read past the header stay in `buf`. `None`: no
 /// valid header by `deadline`; the connection is closed without an answer, as HAProxy does.
-pub async fn read_proxy_header<S: Stream>(
+pub(crate) async fn read_proxy_header<S: Stream>(
     io: &S,
     buf: &mut BytesMut,
     peer: SocketAddr,

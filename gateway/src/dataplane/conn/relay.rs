@@ -88,7 +88,7 @@ pub(crate) struct RelayFailed {
     pub error: HttpError,
     /// False only when the body bytes that came with the head were refused before the head
     /// was written: the client can still be answered 502.
-    pub response_started: bool,
+    pub(crate) response_started: bool,
 }
 
 /// Every failure after the head went out: the client can only be told by closing.
@@ -104,7 +104,7 @@ impl From<HttpError> for RelayFailed {
 pub(crate) struct Relayed {
     pub body_bytes: u64,
     /// The upstream ended the body exactly where its framing said: reusable.
-    pub upstream_clean: bool,
+    pub(crate) upstream_clean: bool,
 }
 
 /// Sends the prepared response head and streams the body from the upstream to the sink.

@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 use tokio::io::Interest;
 
 /// [`TunnelBytes::path`] of a spliced tunnel.
-pub const PATH_SPLICE: &str = "splice";
+pub(crate) const PATH_SPLICE: &str = "splice";
 /// [`TunnelBytes::path`] of a tunnel relayed through user-space buffers.
-pub const PATH_COPY: &str = "copy";
+pub(crate) const PATH_COPY: &str = "copy";
 
 /// Why a tunnel ended: the first thing that happened of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,9 +66,9 @@ impl CloseReason {
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelBytes {
     /// Bytes delivered to the client (including those that came with the 101).
-    pub to_client: u64,
+    pub(crate) to_client: u64,
     /// Bytes delivered to the upstream (including those that came behind the request head).
-    pub to_upstream: u64,
+    pub(crate) to_upstream: u64,
     /// [`PATH_SPLICE`] or [`PATH_COPY`].
     pub path: &'static str,
     pub reason: CloseReason,
@@ -206,7 +206,7 @@ pub async fn run<S: Stream>(
 /// Whether tunnels may splice: yes unless `GATEWAY_TUNNEL_SPLICE=off` (or `0`) was in the
 /// environment at start. An escape hatch (a kernel whose splice misbehaves) and the switch
 /// the tunnel benchmark uses to measure the copy path; read once.
-pub fn splice_enabled() -> bool {
+pub(crate) fn splice_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| {
         !matches!(

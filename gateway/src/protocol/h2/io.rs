@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 
 /// Encrypted bytes rustls may hold before `poll_write` waits for the socket: a few
 /// records, enough for one `h2` write of a full DATA frame (16 KiB) plus framing.
-pub const SEND_BUFFER_LIMIT: usize = 64 * 1024;
+pub(crate) const SEND_BUFFER_LIMIT: usize = 64 * 1024;
 
 /// A TLS session over a readiness socket, as tokio `AsyncRead + AsyncWrite`. `C` is the
 /// rustls connection: `ServerConnection` in the gateway, `ClientConnection` in tests.

@@ -59,7 +59,7 @@ impl TranslateError {
     }
 
     /// The RST_STREAM code to end the stream with after the status (if any) was sent.
-    pub fn reset_reason(&self) -> Option<h2::Reason> {
+    pub(crate) fn reset_reason(&self) -> Option<h2::Reason> {
         self.malformed.then_some(h2::Reason::PROTOCOL_ERROR)
     }
 }
@@ -104,7 +104,7 @@ impl H2Request {
         }
     }
     /// The target sent upstream: the normalised path with the query as received.
-    pub fn forward_target(&self) -> &[u8] {
+    pub(crate) fn forward_target(&self) -> &[u8] {
         &self.norm
     }
     /// How the request body is framed upstream.
@@ -119,7 +119,7 @@ impl H2Request {
             _ => None,
         })
     }
-    pub fn is_idempotent(&self) -> bool {
+    pub(crate) fn is_idempotent(&self) -> bool {
         self.method().is_idempotent()
     }
 }
@@ -415,7 +415,7 @@ impl BodyLength {
 /// framing are dropped (RFC 9113 §8.2.2); the canonical `content-length` is kept where
 /// HTTP/1 keeps it, since it lets the client size the body. A 101 cannot be relayed on
 /// HTTP/2 (RFC 9113 §8.6): refused with 502 for this request only.
-pub fn translate_response(
+pub(crate) fn translate_response(
     buf: &[u8],
     head: &ResponseHead,
 ) -> Result<http::Response<()>, TranslateError> {

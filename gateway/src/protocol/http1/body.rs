@@ -11,7 +11,7 @@ use crate::protocol::http1::head::BodyFraming;
 
 /// Which message the body belongs to: decides whose fault a framing error is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
+pub(crate) enum Direction {
     /// From the client: a bad body is a 400, an over-large one a 413.
     Request,
     /// From the upstream: a bad body is the upstream's protocol error (502).

@@ -322,7 +322,7 @@ pub fn is_tchar(b: u8) -> bool {
 
 /// RFC 9110 §5.5 field-vchar, SP or HTAB: what a field value (or extension) may hold.
 /// Excludes CR, LF, NUL and the other controls.
-pub fn is_field_char(b: u8) -> bool {
+pub(crate) fn is_field_char(b: u8) -> bool {
     b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80
 }
 

@@ -15,7 +15,7 @@ pub const MAX_HEADERS: usize = 128;
 /// `x,x,x,…` and many fields costs tokens × fields (8000 × 120 in 64 KiB, seconds at
 /// 1 MiB). Real clients send one to three (`keep-alive`, `Upgrade`, `TE`); more is a 400
 /// (a 502 from an upstream), and the work per head stays linear in its size.
-pub const MAX_CONNECTION_TOKENS: usize = 32;
+pub(crate) const MAX_CONNECTION_TOKENS: usize = 32;
 
 /// How the body of a message is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -59,16 +59,16 @@ impl HeaderSpan {
 pub struct Known {
     pub host: Option<usize>,
     pub upgrade: Option<usize>,
-    pub x_forwarded_for: Vec<usize>,
+    pub(crate) x_forwarded_for: Vec<usize>,
     /// `Connection: close` seen.
-    pub conn_close: bool,
+    pub(crate) conn_close: bool,
     /// `Connection: keep-alive` seen.
-    pub conn_keep_alive: bool,
+    pub(crate) conn_keep_alive: bool,
     /// `Connection: upgrade` seen.
-    pub conn_upgrade: bool,
+    pub(crate) conn_upgrade: bool,
     /// The distinct tokens of the `Connection` headers (they name more hop-by-hop fields)
     /// as spans of the buffer: at most `MAX_CONNECTION_TOKENS`.
-    pub connection_tokens: Vec<(u32, u32)>,
+    pub(crate) connection_tokens: Vec<(u32, u32)>,
     /// How many `Connection` tokens were listed, repeats included.
     connection_listed: usize,
     pub expect_continue: bool,
@@ -112,7 +112,10 @@ impl Known {
     }
 
     /// The distinct field names the `Connection` headers list.
-    pub fn connection_names<'b>(&'b self, buf: &'b [u8]) -> impl Iterator<Item = &'b [u8]> + 'b {
+    pub(crate) fn connection_names<'b>(
+        &'b self,
+        buf: &'b [u8],
+    ) -> impl Iterator<Item = &'b [u8]> + 'b {
         self.connection_tokens
             .iter()
             .map(move |&(s, e)| &buf[s as usize..e as usize])
@@ -161,7 +164,7 @@ impl RequestHead {
     }
     /// The request target sent upstream: the normalised path in origin form, with the
     /// query as received.
-    pub fn forward_target(&self) -> &[u8] {
+    pub(crate) fn forward_target(&self) -> &[u8] {
         &self.norm
     }
     /// The host the request is for: an absolute-form target's authority, or `Host`.
@@ -175,13 +178,13 @@ impl RequestHead {
         self.method(buf) == b"HEAD"
     }
     /// Requests that can be replayed safely on a fresh upstream connection (RFC 9110 §9.2.2).
-    pub fn is_idempotent(&self, buf: &[u8]) -> bool {
+    pub(crate) fn is_idempotent(&self, buf: &[u8]) -> bool {
         matches!(
             self.method(buf),
             b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE"
         )
     }
-    pub fn wants_keep_alive(&self) -> bool {
+    pub(crate) fn wants_keep_alive(&self) -> bool {
         if self.version == 0 {
             self.known.conn_keep_alive && !self.known.conn_close
         } else {
@@ -202,7 +205,7 @@ impl RequestHead {
 
     /// Checks a WebSocket opening handshake (RFC 6455 §4.1): HTTP/1.1 GET, no body, one
     /// `Sec-WebSocket-Key` of 16 bytes in base64, `Sec-WebSocket-Version: 13`.
-    pub fn websocket_handshake(&self, buf: &[u8]) -> WebSocketHandshake {
+    pub(crate) fn websocket_handshake(&self, buf: &[u8]) -> WebSocketHandshake {
         if !self.asks_websocket(buf) {
             return WebSocketHandshake::NotAsked;
         }
@@ -241,7 +244,7 @@ impl RequestHead {
 
 /// The `Sec-WebSocket-Accept` value that proves an upstream read this handshake's key
 /// (RFC 6455 §4.2.2): base64(SHA-1(key + GUID)). Only for a `Valid` handshake.
-pub fn websocket_accept(buf: &[u8], head: &RequestHead) -> [u8; 28] {
+pub(crate) fn websocket_accept(buf: &[u8], head: &RequestHead) -> [u8; 28] {
     const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
     let key = head
         .headers
@@ -274,7 +277,7 @@ impl ResponseHead {
     /// Whether a 101 accepts exactly the WebSocket handshake whose accept value is `accept`:
     /// `Upgrade: websocket`, `Connection: upgrade` and the right `Sec-WebSocket-Accept`.
     /// Anything else must not become a raw tunnel.
-    pub fn accepts_websocket(&self, buf: &[u8], accept: &[u8; 28]) -> bool {
+    pub(crate) fn accepts_websocket(&self, buf: &[u8], accept: &[u8; 28]) -> bool {
         let upgrade_ok = self
             .known
             .upgrade
@@ -293,7 +296,7 @@ impl ResponseHead {
 
 /// What a request on a WebSocket route asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WebSocketHandshake {
+pub(crate) enum WebSocketHandshake {
     /// No upgrade asked: an ordinary request.
     NotAsked,
     Valid,

@@ -40,7 +40,7 @@ pub fn write_simple_response(
 }
 
 /// The plain-text body for an error status: short, and never anything internal.
-pub fn error_body(status: u16) -> &'static [u8] {
+pub(crate) fn error_body(status: u16) -> &'static [u8] {
     match status {
         400 => b"400 Bad Request\n",
         404 => b"404 Not Found\n",

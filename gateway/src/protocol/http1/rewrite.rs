@@ -94,7 +94,7 @@ pub(crate) fn alias_class(name: &[u8]) -> Class {
 
 /// Whether the proxy writes, strips or vouches for this field (or an underscore alias of
 /// one): such a name must never come from anywhere the proxy does not control.
-pub fn is_managed(name: &[u8]) -> bool {
+pub(crate) fn is_managed(name: &[u8]) -> bool {
     class_of(name) != Class::Other || alias_class(name) != Class::Other
 }
 
@@ -283,7 +283,7 @@ pub fn write_client_response(
 }
 
 /// Writes an informational (1xx) response head as received, minus hop-by-hop fields.
-pub fn write_informational(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
+pub(crate) fn write_informational(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
     let _ = write_client_response(out, buf, head, 1, false, false);
 }
 

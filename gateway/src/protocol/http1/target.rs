@@ -105,7 +105,7 @@ fn dot_with_parameters(segment: &[u8]) -> bool {
 /// as `;` too, so parameters start at either. Routing on this reading makes every spelling
 /// with parameters meet the route of the path it names, while the target is forwarded as
 /// normalised. Returns `false` (and leaves `out` alone) when `path` has no parameters.
-pub fn strip_parameters(path: &[u8], out: &mut Vec<u8>) -> bool {
+pub(crate) fn strip_parameters(path: &[u8], out: &mut Vec<u8>) -> bool {
     if !path.iter().enumerate().any(|(i, _)| params_at(&path[i..])) {
         return false;
     }
@@ -165,7 +165,7 @@ fn hex(b: u8) -> Option<u8> {
 /// Splits an absolute-form target (`http://authority/path?q`, RFC 9112 §3.2.2) into the
 /// authority and the origin-form rest (`/` when the path is empty). `None`: not a valid
 /// `http`/`https` URI, or one with userinfo, which no client should send (RFC 9110 §4.2.4).
-pub fn split_absolute(target: &[u8]) -> Option<(std::ops::Range<usize>, usize)> {
+pub(crate) fn split_absolute(target: &[u8]) -> Option<(std::ops::Range<usize>, usize)> {
     let scheme_len = if target.len() >= 7 && target[..7].eq_ignore_ascii_case(b"http://") {
         7
     } else if target.len() >= 8 && target[..8].eq_ignore_ascii_case(b"https://") {
@@ -196,7 +196,7 @@ pub fn split_absolute(target: &[u8]) -> Option<(std::ops::Range<usize>, usize)> 
 /// No `%` (a server that decodes `admin%2eexample.com` sees another host), userinfo,
 /// path, whitespace or control bytes. Empty is valid only as a whole (`Host:` for a
 /// target without authority, RFC 9112 §3.2).
-pub fn valid_authority(authority: &[u8]) -> bool {
+pub(crate) fn valid_authority(authority: &[u8]) -> bool {
     if authority.is_empty() {
         return true;
     }

@@ -16,7 +16,7 @@
 
 pub mod stream;
 
-pub use stream::{accept, accept_with_prefix, HandshakeInfo, MaybeTls, TlsStream};
+pub use stream::{accept, accept_with_prefix, HandshakeInfo, TlsStream};
 
 use crate::config::TlsConfig;
 use rustls::crypto::CryptoProvider;
@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 /// Sessions kept for resumption by session ID (TLS 1.2 clients that do not take tickets) and
 /// by stateful TLS 1.3 tickets; about 200 bytes each, shared by all workers.
-pub const SESSION_CACHE_SIZE: usize = 64 * 1024;
+pub(crate) const SESSION_CACHE_SIZE: usize = 64 * 1024;
 
 /// The only application protocol offered: the proxy speaks HTTP/1.1 to clients.
 const ALPN_HTTP_1_1: &[u8] = b"http/1.1";

@@ -487,7 +487,7 @@ impl<S: Stream> TlsStream<S> {
 /// A client connection that is either plaintext or TLS: one stream type for listeners of
 /// both kinds, so code generic over one `S: Stream` serves both. Upstream connections made
 /// with [`Stream::connect`] are always `Plain`.
-pub enum MaybeTls<S: Stream> {
+pub(crate) enum MaybeTls<S: Stream> {
     Plain(S),
     /// Boxed: rustls' connection state is over a kilobyte, and plaintext connections (all
     /// upstream ones among them) should not pay for it.
@@ -497,7 +497,7 @@ pub enum MaybeTls<S: Stream> {
 impl<S: Stream> MaybeTls<S> {
     /// Whether bytes on [`Stream::raw_fd`] are the payload itself, so the socket can be
     /// spliced. False for TLS, where they are ciphertext.
-    pub fn is_plain(&self) -> bool {
+    pub(crate) fn is_plain(&self) -> bool {
         matches!(self, MaybeTls::Plain(_))
     }
 }
