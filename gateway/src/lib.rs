@@ -4,16 +4,21 @@
 //! ```text
 //! control   reload orchestration, admin endpoints, Prometheus exposition
 //! xdp       the kernel guard: program, pinned maps, policy sync
-//! dataplane worker threads, listeners, connections (preamble, HTTP/1 session, tunnel)
+//! dataplane worker threads, listeners, connections (preamble, HTTP/1 session, the
+//!           exchange with the upstream, body relay, tunnel)
 //! snapshot  the compiled config: the only config the data plane reads
-//! policy    routes and per-IP limits        upstream   servers, health, balance, pools
-//! protocol  HTTP/1 codec, PROXY header, TLS telemetry  counters, access log
-//! config    TOML types and validation       io         streams, drivers, sockets, pipes
+//! upstream  servers, health, balance, pools
+//! policy    routes, the retry policy, per-IP limits
+//! protocol  the error type, status words, HTTP/1 codec, HTTP/2 translation, PROXY header, TLS
+//! telemetry counters, access log
+//! config    TOML types and validation       io   streams, drivers, sockets, pipes
 //! util      clock, hash map, resource budget
 //! ```
 //!
 //! A request flows: [`dataplane::listener`] (accept) → [`dataplane::conn::preamble`] →
-//! [`dataplane::conn::h1`] (head, route, upstream, response) → [`telemetry::access_log`].
+//! [`dataplane::conn::h1`] (head, keep-alive) → [`dataplane::conn::exchange`] (route's
+//! upstream: pick, pool or connect, forward, retry) → [`dataplane::conn::relay`] (response
+//! body) → [`telemetry::access_log`]. `docs/architecture.md` draws it whole.
 
 pub mod config;
 pub mod control;

@@ -9,8 +9,8 @@
 //!   ([`Stream::ready_io`]: tokio's reactor, which the io_uring runtime serves; the stream
 //!   owns the registration and drops it before its socket closes). The payload never enters
 //!   user space. No io_uring operation touches the sockets while they are spliced: they
-//!   arrive from the handshake with nothing in flight (every read in `proxy` has completed
-//!   before the 101 is relayed; the hang-up watch is readiness too), and from here on only
+//!   arrive from the handshake with nothing in flight (every read in the HTTP/1 session
+//!   and the exchange has completed before the 101 is relayed; the hang-up watch is readiness too), and from here on only
 //!   readiness and plain syscalls are used, so a dropped tunnel future loses no bytes and
 //!   leaves nothing in the ring. `docs/design/tunnels.md` has the measurements behind the
 //!   choice of readiness over io_uring's own splice opcode.
@@ -239,8 +239,8 @@ fn spliceable<S: Stream>(s: &S) -> bool {
 
 /// Puts a socket in non-blocking mode: splice(2) reading or writing a TCP socket blocks
 /// unless the socket itself is non-blocking (`SPLICE_F_NONBLOCK` only covers the pipe).
-/// Nothing uses the sockets through io_uring after the tunnel: `proxy` closes both when
-/// [`run`] returns.
+/// Nothing uses the sockets through io_uring after the tunnel: the HTTP/1 session closes
+/// both when [`run`] returns.
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl flag calls on a descriptor the caller keeps open.
     unsafe {
