@@ -11,8 +11,8 @@
 //!   user space. No io_uring operation touches the sockets while they are spliced: they
 //!   arrive from the handshake with nothing in flight (every read in the HTTP/1 session
 //!   and the exchange has completed before the 101 is relayed; the hang-up watch is
-//!   readiness too), and from here on only readiness and plain syscalls are used, so a dropped tunnel future loses no bytes and
-//!   leaves nothing in the ring. `docs/design/tunnels.md` has the measurements behind the
+//!   readiness too), and from here on only readiness and plain syscalls are used, so a
+//!   dropped tunnel future loses no bytes and leaves nothing in the ring. `docs/design/tunnels.md` has the measurements behind the
 //!   choice of readiness over io_uring's own splice opcode.
 //! - **copy** (a TLS side, whose socket carries ciphertext; no pipes to be had; or
 //!   `GATEWAY_TUNNEL_SPLICE=off`): two buffered copy loops on the stream's own driver.
