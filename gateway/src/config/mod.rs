@@ -78,6 +78,38 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub xdp: XdpConfig,
+    #[serde(default)]
+    pub http2: Http2Config,
+}
+
+/// The `[http2]` table: limits of HTTP/2 client connections (issue 12).
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Config {
+    /// Streams a client may have open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Streams accepted on one connection before it is closed with GOAWAY.
+    pub max_requests_per_connection: u64,
+    /// A connection with no open stream for this long is closed with GOAWAY; unset:
+    /// `server.keepalive_timeout`.
+    pub idle_timeout: Option<Dur>,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE; unset: `server.max_header_bytes`.
+    pub max_header_list_size: Option<Size>,
+    /// SETTINGS and PING frames (not ACKs) a client may send per second before the
+    /// connection is closed: h2 answers each, so a flood costs CPU without bound.
+    pub max_control_frames_per_second: u32,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Http2Config {
+            max_concurrent_streams: 100,
+            max_requests_per_connection: 1000,
+            idle_timeout: None,
+            max_header_list_size: None,
+            max_control_frames_per_second: 100,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +255,14 @@ pub struct ListenerConfig {
     pub trusted_proxies: Vec<IpNet>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// ALPN protocols a TLS listener offers, in order of preference (`h2`, `http/1.1`);
+    /// unset: both, `h2` first. Only on TLS listeners.
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+    /// HTTP/2 with prior knowledge on a plaintext listener (RFC 9113 §3.3). Only on
+    /// plaintext listeners.
+    #[serde(default)]
+    pub h2c: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
@@ -640,6 +680,13 @@ impl Config {
         }
     }
 
+    /// The ALPN protocols a listener offers (`alpn`, or its default), for TLS listeners.
+    pub fn listener_alpn(l: &ListenerConfig) -> Vec<String> {
+        l.alpn
+            .clone()
+            .unwrap_or_else(|| vec!["h2".into(), "http/1.1".into()])
+    }
+
     fn validate(&self, file: &Path, source: &str) -> Vec<ConfigError> {
         let mut errors = Vec::new();
         let mut err = |span: Option<Range<usize>>, table: &str, key: &str, message: String| {
@@ -779,6 +826,53 @@ impl Config {
                 // The files themselves are read once, by `Snapshot::build` (also in
                 // `gateway check`): config stays pure validation, below protocol/.
             }
+            validate_listener_http2(l.get_ref(), |key, message| {
+                err(span.clone(), &table, key, message)
+            });
+        }
+
+        let h2 = &self.http2;
+        if h2.max_concurrent_streams == 0 {
+            err(
+                None,
+                "http2",
+                "max_concurrent_streams",
+                "must be at least 1".into(),
+            );
+        }
+        if h2.max_requests_per_connection == 0 {
+            err(
+                None,
+                "http2",
+                "max_requests_per_connection",
+                "must be at least 1".into(),
+            );
+        }
+        if h2.idle_timeout.as_ref().is_some_and(|d| d.0.is_zero()) {
+            err(
+                None,
+                "http2",
+                "idle_timeout",
+                "must be greater than zero".into(),
+            );
+        }
+        if let Some(n) = &h2.max_header_list_size {
+            if n.0 < 1024 || n.0 > 1 << 20 {
+                err(
+                    None,
+                    "http2",
+                    "max_header_list_size",
+                    "must be between 1KiB and 1MiB".into(),
+                );
+            }
+        }
+        if h2.max_control_frames_per_second == 0 {
+            err(
+                None,
+                "http2",
+                "max_control_frames_per_second",
+                "must be at least 1".into(),
+            );
         }
 
         let mut upstream_names = std::collections::HashSet::new();
@@ -1217,6 +1311,38 @@ fn key_at(source: &str, offset: usize) -> String {
         (true, false) => key,
         (false, true) => table,
         (false, false) => format!("{table}.{key}"),
+    }
+}
+
+/// `alpn` and `h2c` of one listener: each only where it means something.
+fn validate_listener_http2(l: &ListenerConfig, mut err: impl FnMut(&str, String)) {
+    if let Some(alpn) = &l.alpn {
+        if l.tls.is_none() {
+            err(
+                "alpn",
+                "only on a TLS listener (plaintext has no ALPN; see h2c)".into(),
+            );
+        }
+        if alpn.is_empty() {
+            err("alpn", "offer at least one of \"h2\", \"http/1.1\"".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in alpn {
+            if p != "h2" && p != "http/1.1" {
+                err(
+                    "alpn",
+                    format!("{p:?}: allowed values are \"h2\" and \"http/1.1\""),
+                );
+            } else if !seen.insert(p) {
+                err("alpn", format!("{p:?} is listed twice"));
+            }
+        }
+    }
+    if l.h2c && l.tls.is_some() {
+        err(
+            "h2c",
+            "only on a plaintext listener (TLS listeners negotiate h2 by alpn)".into(),
+        );
     }
 }
 
