@@ -7,7 +7,7 @@
 //! `max_requests_per_connection` and on a PING/SETTINGS flood. Runs on both I/O drivers
 //! (`GATEWAY_TEST_IO=epoll`).
 
-use gateway_tests::control::scrape;
+use gateway_tests::control::{admin_request, scrape, write_atomically};
 use gateway_tests::h2::{
     exchange, frame_bytes, get_fields, H2Client, H2Req, RawH2, StreamFate, GOAWAY, PING,
     RST_STREAM, SETTINGS,
@@ -444,6 +444,103 @@ fn drain_goaway_is_a_frame_on_the_wire() {
     assert!(gw.wait_exit(Duration::from_secs(10)).is_some());
 }
 
+/// Reads frames (acking PINGs) until the connection ends; returns the GOAWAY codes seen.
+fn goaways_until_close(raw: &mut RawH2) -> Vec<u32> {
+    let mut codes = Vec::new();
+    while let Some(f) = raw.read_frame(Duration::from_secs(5)) {
+        match f.kind {
+            GOAWAY => codes.push(u32::from_be_bytes(f.payload[4..8].try_into().unwrap())),
+            PING if f.flags & 0x1 == 0 => raw.frame(PING, 0x1, 0, &f.payload),
+            _ => {}
+        }
+    }
+    codes
+}
+
+#[test]
+fn a_reload_that_changes_the_listener_sends_goaway() {
+    let origin = Origin::echo();
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[http2]\nidle_timeout = \"60s\"\n");
+    let gw = Gateway::with(&config);
+    let mut unchanged = RawH2::connect(gw.http_addr());
+    unchanged.headers(1, &get_fields(b"/a"), true);
+    assert_eq!(unchanged.fate(1), StreamFate::Answered);
+    // A reload that leaves the listener as it is keeps the connection.
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    write_atomically(gw.config_path(), &format!("{text}\n# touched\n"));
+    assert_eq!(
+        admin_request(gw.admin_addr(), "POST", "/reload", None).status,
+        200
+    );
+    let quiet_until = Instant::now() + Duration::from_millis(2500);
+    while let Some(left) = quiet_until.checked_duration_since(Instant::now()) {
+        match unchanged.read_frame(left) {
+            Some(f) => assert_ne!(
+                f.kind, GOAWAY,
+                "an unchanged listener keeps its connections"
+            ),
+            None => break,
+        }
+    }
+    unchanged.headers(3, &get_fields(b"/b"), true);
+    assert_eq!(unchanged.fate(3), StreamFate::Answered, "still serving");
+    // One that changes it (trusted_proxies) ends them with GOAWAY, open streams finishing.
+    let changed = text.replacen(
+        "h2c = true",
+        "h2c = true\ntrusted_proxies = [\"192.0.2.0/24\"]",
+        1,
+    );
+    assert_ne!(changed, text);
+    write_atomically(gw.config_path(), &changed);
+    assert_eq!(
+        admin_request(gw.admin_addr(), "POST", "/reload", None).status,
+        200
+    );
+    let codes = goaways_until_close(&mut unchanged);
+    assert_eq!(codes.first(), Some(&0), "GOAWAY NO_ERROR: {codes:?}");
+    wait_until(Duration::from_secs(5), "the reload GOAWAY counted", || {
+        scrape(gw.admin_addr()).sum("gateway_http2_goaways_total", &[("reason", "reload")]) >= 1.0
+    });
+}
+
+#[test]
+fn an_idle_connection_is_closed_with_goaway() {
+    let origin = Origin::echo();
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[http2]\nidle_timeout = \"1s\"\n");
+    let gw = Gateway::with(&config);
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(1, &get_fields(b"/a"), true);
+    assert_eq!(raw.fate(1), StreamFate::Answered);
+    let started = Instant::now();
+    let codes = goaways_until_close(&mut raw);
+    assert_eq!(codes.first(), Some(&0), "{codes:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+}
+
+#[test]
+fn a_header_list_over_the_limit_never_reaches_the_upstream() {
+    let origin = Origin::echo();
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[http2]\nmax_header_list_size = \"2KiB\"\n");
+    let gw = Gateway::with(&config);
+    let big = vec![b'v'; 4096];
+    let mut raw = RawH2::connect(gw.http_addr());
+    let mut fields = get_fields(b"/big-head");
+    fields.push((b"x-big", &big));
+    raw.headers(1, &fields, true);
+    let fate = raw.fate(1);
+    assert_ne!(fate, StreamFate::Closed);
+    // h2 answers 431 itself or resets; either way nothing went upstream.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(origin.request_count(), 0, "{fate:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 // TLS: ALPN per listener, with curl.
 
@@ -505,6 +602,8 @@ fn alpn_and_h2c_are_checked_per_listener_kind() {
     let origin = Origin::echo();
     for (key, value, complaint) in [
         ("alpn", "[\"h2\"]", "only on a TLS listener"),
+        ("alpn", "[]", "at least one"),
+        ("alpn", "[\"h3\"]", "allowed values"),
         ("h2c", "\"yes\"", "invalid type"),
     ] {
         let config = Config::proxy_all(&[origin.addr()]).listener_raw(key, value);
