@@ -233,26 +233,44 @@ fn a_hundred_concurrent_streams_on_one_connection() {
 
 #[test]
 fn a_client_reset_closes_the_upstream_connection() {
-    let origin = Origin::start(|_| Reply::stall());
+    // Waiting for the head, and waiting for the rest of a body already begun.
+    let origin = Origin::start(|r| {
+        if r.path() == "/partial" {
+            Reply::ok(vec![b'p'; 100_000]).partial_then_stall(1000)
+        } else {
+            Reply::stall()
+        }
+    });
     let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
     let mut raw = RawH2::connect(gw.http_addr());
-    raw.headers(1, &get_fields(b"/slow"), true);
-    wait_until(Duration::from_secs(5), "the request at the origin", || {
-        origin.active() == 1
-    });
-    raw.frame(RST_STREAM, 0, 1, &0x8u32.to_be_bytes()); // CANCEL
-    wait_until(
-        Duration::from_secs(3),
-        "the upstream connection closed",
-        || origin.active() == 0,
-    );
-    wait_until(Duration::from_secs(5), "the reset counted", || {
+    for (stream, path) in [(1, &b"/slow"[..]), (3, b"/partial")] {
+        let mut fields = get_fields(b"/");
+        fields[3].1 = path;
+        raw.headers(stream, &fields, true);
+        wait_until(Duration::from_secs(5), "the request at the origin", || {
+            origin.active() == 1
+        });
+        if stream == 3 {
+            assert_eq!(
+                raw.fate(3),
+                StreamFate::Answered,
+                "the head came before the stall"
+            );
+        }
+        raw.frame(RST_STREAM, 0, stream, &0x8u32.to_be_bytes()); // CANCEL
+        wait_until(
+            Duration::from_secs(3),
+            "the upstream connection closed",
+            || origin.active() == 0,
+        );
+    }
+    wait_until(Duration::from_secs(5), "the resets counted", || {
         scrape(gw.admin_addr())
             .get(
                 "gateway_http2_resets_total",
                 &[("listener", "http"), ("direction", "received")],
             )
-            .is_some_and(|n| n >= 1.0)
+            .is_some_and(|n| n >= 2.0)
     });
 }
 

@@ -45,6 +45,7 @@ use crate::util::clock::timeout_at;
 use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -322,15 +323,18 @@ async fn stream<S: Stream>(
     );
     let outcome = match translated {
         Err(e) => refuse(&w, &ctx, &mut respond, &e),
-        Ok(()) => {
-            let asked = Asked {
-                req: &req,
-                head: &head[..],
-                body,
-                client_ip,
-            };
-            route(&w, &ctx, &snap, &mut respond, asked).await
-        }
+        Ok(()) => match route(&w, &snap, &mut respond, &req, client_ip) {
+            Routed::Answered(outcome) => outcome,
+            Routed::Proxy(route, upstream) => {
+                let asked = Asked {
+                    req: &req,
+                    head: &head[..],
+                    body,
+                    client_ip,
+                };
+                proxy(&w, &ctx.name, &snap, route, upstream, respond, asked).await
+            }
+        },
     };
     let elapsed = started.elapsed();
     w.stats.borrow_mut().request(
@@ -436,35 +440,46 @@ struct Asked<'a> {
     client_ip: IpAddr,
 }
 
-/// Everything after the translation: `request_rate`, the route, the answer or the exchange.
-async fn route<'s, S: Stream>(
-    w: &Rc<Worker<MaybeTls<S>>>,
-    ctx: &ListenerCtx,
+/// Where routing sent a stream.
+enum Routed<'s> {
+    /// Answered here (a refusal, a `respond` route).
+    Answered(Outcome<'s>),
+    /// To the exchange.
+    Proxy(&'s Route, &'s Arc<crate::upstream::Upstream>),
+}
+
+/// Everything after the translation: `request_rate`, the route, the answers given here.
+fn route<'s, S: Stream>(
+    w: &Worker<MaybeTls<S>>,
     snap: &'s crate::snapshot::Snapshot,
     respond: &mut SendResponse<Bytes>,
-    asked: Asked<'_>,
-) -> Outcome<'s> {
-    let (req, client_ip) = (asked.req, asked.client_ip);
+    req: &H2Request,
+    client_ip: IpAddr,
+) -> Routed<'s> {
     let is_head = req.method() == http::Method::HEAD;
     // limits.request_rate, per stream as per HTTP/1 request.
     if let Err(retry_after) = w.request_rate(snap, client_ip) {
         let extra = Some(("retry-after", retry_after.to_string()));
-        return simple(respond, 429, extra, "text/plain", error_body(429), is_head);
+        let o = simple(respond, 429, extra, "text/plain", error_body(429), is_head);
+        return Routed::Answered(o);
     }
     let host = (!req.host().is_empty()).then(|| req.host());
     let Some(route) = snap.router.find(host, req.path()) else {
-        return simple(respond, 404, None, "text/plain", error_body(404), is_head);
+        let o = simple(respond, 404, None, "text/plain", error_body(404), is_head);
+        return Routed::Answered(o);
     };
-    let answer = |respond: &mut SendResponse<Bytes>, status: u16| Outcome {
-        route: Some(&route.label),
-        ..simple(
-            respond,
-            status,
-            None,
-            "text/plain",
-            error_body(status),
-            is_head,
-        )
+    let answer = |respond: &mut SendResponse<Bytes>, status: u16| {
+        Routed::Answered(Outcome {
+            route: Some(&route.label),
+            ..simple(
+                respond,
+                status,
+                None,
+                "text/plain",
+                error_body(status),
+                is_head,
+            )
+        })
     };
     if let BodyFraming::Length(n) = req.framing() {
         if n > route.max_body_size {
@@ -475,7 +490,7 @@ async fn route<'s, S: Stream>(
         return answer(respond, 405);
     }
     match &route.action {
-        Action::Respond(r) => Outcome {
+        Action::Respond(r) => Routed::Answered(Outcome {
             route: Some(&route.label),
             ..simple(
                 respond,
@@ -485,11 +500,8 @@ async fn route<'s, S: Stream>(
                 r.body.as_bytes(),
                 is_head,
             )
-        },
-        Action::Proxy(index) => {
-            let upstream = &snap.upstreams[*index];
-            proxy(w, &ctx.name, snap, route, upstream, respond, asked).await
-        }
+        }),
+        Action::Proxy(index) => Routed::Proxy(route, &snap.upstreams[*index]),
     }
 }
 
@@ -500,7 +512,7 @@ async fn proxy<'s, S: Stream>(
     snap: &'s crate::snapshot::Snapshot,
     route: &'s Route,
     upstream: &'s Arc<crate::upstream::Upstream>,
-    respond: &mut SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
     asked: Asked<'_>,
 ) -> Outcome<'s> {
     let Asked {
@@ -527,8 +539,7 @@ async fn proxy<'s, S: Stream>(
             settings.client_min_rate,
         ),
         malformed: false,
-        respond: Some(respond),
-        send: None,
+        reply: Rc::new(RefCell::new(Reply::Head(respond))),
         response: None,
         ends_at_head: false,
         write_clock: RateClock::new(
@@ -547,11 +558,21 @@ async fn proxy<'s, S: Stream>(
         ws_accept: None,
     };
     let mut resp = ResponseHead::default();
-    let result = exchange::run(&x, &mut s, &mut resp).await;
+    // A client's RST_STREAM drops the exchange wherever it waits (connecting, on the
+    // upstream's head or body, on the client's window): its guards give the buffers back
+    // and the upstream connection, with a request in flight, is closed, never pooled.
+    let watch = s.reply.clone();
+    let result = tokio::select! {
+        r = exchange::run(&x, &mut s, &mut resp) => r,
+        reset = poll_fn(|cx| watch.borrow_mut().poll_reset(cx)) => {
+            s.reset_by_client = reset.is_ok();
+            Err(Failure::before_response(HttpError::ClientGone("stream reset"), None))
+        }
+    };
     let label = |server: Option<usize>| server.map(|i| upstream.servers[i].label.as_str());
     let (outcome, sent_reset) = match result {
         Ok(done) => {
-            if let Some(send) = s.send.as_mut() {
+            if let Reply::Body(send) = &mut *s.reply.borrow_mut() {
                 if !s.ends_at_head {
                     // The end of the body: an empty DATA frame with END_STREAM.
                     let _ = send.send_data(Bytes::new(), true);
@@ -575,25 +596,22 @@ async fn proxy<'s, S: Stream>(
             if !error.is_refused_request() {
                 tracing::debug!(upstream = %upstream.name, %error, "h2 request failed");
             }
+            let head_sent = matches!(*s.reply.borrow(), Reply::Body(_));
             let sent_reset = if s.malformed {
                 // RFC 9113 §8.1.1: a content-length the DATA frames do not match.
                 s.reset(Reason::PROTOCOL_ERROR)
             } else if matches!(error, HttpError::ClientGone(_)) {
                 s.reset(Reason::CANCEL)
-            } else if let Some(respond) = s.respond.take() {
-                // No head went out: the client gets the status HTTP/1 would send.
-                simple(
-                    respond,
-                    status,
-                    None,
-                    "text/plain",
-                    error_body(status),
-                    s.is_head,
-                );
-                false
-            } else {
+            } else if head_sent {
                 // Part of the response went out: only a reset can tell the client.
                 s.reset(Reason::INTERNAL_ERROR)
+            } else {
+                // No head went out: the client gets the status HTTP/1 would send.
+                if let Reply::Head(respond) = &mut *s.reply.borrow_mut() {
+                    let body = error_body(status);
+                    simple(respond, status, None, "text/plain", body, s.is_head);
+                }
+                false
             };
             let outcome = Outcome {
                 status,
@@ -613,9 +631,25 @@ async fn proxy<'s, S: Stream>(
     outcome
 }
 
+/// A stream's sending half: before the response head, then after it.
+enum Reply {
+    Head(SendResponse<Bytes>),
+    Body(SendStream<Bytes>),
+}
+
+impl Reply {
+    /// Ready when the client reset the stream (`Ok`) or the connection failed (`Err`).
+    fn poll_reset(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<Reason, h2::Error>> {
+        match self {
+            Reply::Head(r) => r.poll_reset(cx),
+            Reply::Body(s) => s.poll_reset(cx),
+        }
+    }
+}
+
 /// An h2 stream as the exchange sees it: the source of the request body (its DATA frames)
 /// and the sink of the response.
-struct H2Stream<'a, 'r> {
+struct H2Stream<'a> {
     /// The request head for the upstream (`translate_request`).
     head: &'a [u8],
     idempotent: bool,
@@ -634,10 +668,9 @@ struct H2Stream<'a, 'r> {
     body_clock: RateClock,
     /// The DATA frames did not match `content-length`: reset with PROTOCOL_ERROR.
     malformed: bool,
-    /// Until the response head is sent.
-    respond: Option<&'r mut SendResponse<Bytes>>,
-    /// After it.
-    send: Option<SendStream<Bytes>>,
+    /// Where the response goes: shared with the reset watcher, borrowed only inside a
+    /// poll or a synchronous call, so the two never hold it at once.
+    reply: Rc<RefCell<Reply>>,
     response: Option<Result<http::Response<()>, TranslateError>>,
     /// The head carried END_STREAM (no body).
     ends_at_head: bool,
@@ -646,19 +679,16 @@ struct H2Stream<'a, 'r> {
     reset_by_client: bool,
 }
 
-impl H2Stream<'_, '_> {
+impl H2Stream<'_> {
     /// Ends the stream with RST_STREAM `reason`, unless the client already reset it.
     /// Returns whether one was sent.
     fn reset(&mut self, reason: Reason) -> bool {
         if self.reset_by_client {
             return false;
         }
-        if let Some(send) = self.send.as_mut() {
-            send.send_reset(reason);
-        } else if let Some(respond) = self.respond.as_mut() {
-            respond.send_reset(reason);
-        } else {
-            return false;
+        match &mut *self.reply.borrow_mut() {
+            Reply::Head(r) => r.send_reset(reason),
+            Reply::Body(s) => s.send_reset(reason),
         }
         true
     }
@@ -698,16 +728,16 @@ impl H2Stream<'_, '_> {
     /// window (within the write clock), never buffering more than `SEND_BUFFER`.
     async fn send_payload(&mut self, data: &[u8]) -> Result<(), HttpError> {
         let mut data = Bytes::copy_from_slice(data);
-        let Some(send) = self.send.as_mut() else {
-            return Err(HttpError::ClientGone("stream closed"));
-        };
+        let reply = self.reply.clone();
         while !data.is_empty() {
-            send.reserve_capacity(data.len());
-            let capacity = timeout_at(
-                self.write_clock.deadline(),
-                poll_fn(|cx| send.poll_capacity(cx)),
-            )
-            .await;
+            let capacity = poll_fn(|cx| match &mut *reply.borrow_mut() {
+                Reply::Body(send) => {
+                    send.reserve_capacity(data.len());
+                    send.poll_capacity(cx)
+                }
+                Reply::Head(_) => Poll::Ready(None),
+            });
+            let capacity = timeout_at(self.write_clock.deadline(), capacity).await;
             let n = match capacity {
                 Err(_) => {
                     crate::util::budget::refused(
@@ -721,7 +751,11 @@ impl H2Stream<'_, '_> {
                 Ok(Some(Ok(0))) => continue,
                 Ok(Some(Ok(n))) => n.min(data.len()),
             };
-            if let Err(e) = send.send_data(data.split_to(n), false) {
+            let sent = match &mut *reply.borrow_mut() {
+                Reply::Body(send) => send.send_data(data.split_to(n), false),
+                Reply::Head(_) => return Err(HttpError::ClientGone("stream closed")),
+            };
+            if let Err(e) = sent {
                 return Err(self.stream_error(&e));
             }
             self.write_clock.moved(n);
@@ -730,7 +764,7 @@ impl H2Stream<'_, '_> {
     }
 }
 
-impl<S: Stream> RequestSource<S> for H2Stream<'_, '_> {
+impl<S: Stream> RequestSource<S> for H2Stream<'_> {
     fn write_request_start(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(self.head);
     }
@@ -806,7 +840,7 @@ impl<S: Stream> RequestSource<S> for H2Stream<'_, '_> {
     }
 }
 
-impl ResponseSink for H2Stream<'_, '_> {
+impl ResponseSink for H2Stream<'_> {
     /// Informational responses are not relayed on HTTP/2 (the final one follows).
     async fn interim(&mut self, _raw: &[u8], _resp: &ResponseHead) -> Result<(), HttpError> {
         Ok(())
@@ -824,13 +858,14 @@ impl ResponseSink for H2Stream<'_, '_> {
             Some(Err(e)) => return Err(e.error),
             None => return Err(HttpError::BadUpstream("no response head")),
         };
-        let Some(respond) = self.respond.take() else {
-            return Err(HttpError::ClientGone("stream closed"));
-        };
         let end = self.ends_at_head && first.is_empty();
         self.ends_at_head = end;
-        match respond.send_response(response, end) {
-            Ok(send) => self.send = Some(send),
+        let sent = match &mut *self.reply.borrow_mut() {
+            Reply::Head(respond) => respond.send_response(response, end),
+            Reply::Body(_) => return Err(HttpError::BadUpstream("second response head")),
+        };
+        match sent {
+            Ok(send) => *self.reply.borrow_mut() = Reply::Body(send),
             Err(e) => return Err(self.stream_error(&e)),
         }
         if !first.is_empty() {
@@ -847,14 +882,8 @@ impl ResponseSink for H2Stream<'_, '_> {
         (res, Some(b))
     }
 
-    /// A RST_STREAM from the client, or the connection going away.
+    /// Never: the session watches for RST_STREAM around the whole exchange.
     async fn gone(&mut self) {
-        let reset = poll_fn(|cx| match (self.respond.as_mut(), self.send.as_mut()) {
-            (Some(r), _) => r.poll_reset(cx),
-            (None, Some(s)) => s.poll_reset(cx),
-            (None, None) => Poll::Pending,
-        });
-        // Ok: the client's RST_STREAM; Err: the connection itself went away.
-        self.reset_by_client = reset.await.is_ok();
+        std::future::pending().await
     }
 }
