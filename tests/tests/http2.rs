@@ -154,6 +154,69 @@ fn request_bodies_with_and_without_content_length() {
 }
 
 #[test]
+fn body_limits_and_connect_are_answered_as_for_http1() {
+    let origin = Origin::echo();
+    let config = h2c(Config::new()
+        .workers(1)
+        .upstream(Upstream::new("app", &[origin.addr()]))
+        .route(Route::prefix("/", "app").max_body_size("1KiB")));
+    let gw = Gateway::with(&config);
+    let mut c = H2Client::connect(gw.http_addr());
+    let declared = H2Req::get("/big")
+        .method("POST")
+        .header("content-length", "5000")
+        .body(vec![b'a'; 5000]);
+    assert_eq!(c.request(&declared).map(|r| r.status).ok(), Some(413));
+    // Without a declared length the limit holds on the DATA frames as they come.
+    let streamed = H2Req::get("/big").method("POST").body(vec![b'a'; 5000]);
+    let mut c = H2Client::connect(gw.http_addr());
+    let r = c.request(&streamed);
+    assert!(
+        r.as_ref().map_or(true, |r| r.status == 413),
+        "{:?}",
+        r.map(|r| r.status)
+    );
+    // CONNECT (and so WebSocket over HTTP/2, RFC 8441, which is not offered) is 405.
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(
+        1,
+        &[
+            (b":method", b"CONNECT"),
+            (b":authority", b"example.test:443"),
+        ],
+        false,
+    );
+    assert_eq!(raw.fate(1), StreamFate::Answered);
+    assert_eq!(origin.request_count(), 0, "nothing reached the upstream");
+}
+
+#[test]
+fn h2load_many_streams_on_few_connections_and_one_per_connection() {
+    let (gw, origin) = echo_gateway();
+    let url = format!("http://{}/load", gw.http_addr());
+    for args in [
+        ["-n", "2000", "-c", "4", "-m", "50"],
+        ["-n", "200", "-c", "20", "-m", "1"],
+    ] {
+        let out = Command::new("h2load")
+            .args(args)
+            .arg(&url)
+            .output()
+            .expect("run h2load (Debian nghttp2-client, cargo xtask install)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let n = args[1];
+        assert!(
+            text.contains(&format!(
+                "{n} total, {n} started, {n} done, {n} succeeded, 0 failed"
+            )),
+            "h2load {args:?}:\n{text}"
+        );
+        assert!(text.contains(&format!("status codes: {n} 2xx")), "{text}");
+    }
+    assert_eq!(origin.request_count(), 2200);
+}
+
+#[test]
 fn a_slow_reader_does_not_hold_up_another_stream() {
     let big = vec![b'b'; 4 << 20];
     let big2 = big.clone();
