@@ -9,8 +9,8 @@
 
 use gateway_tests::control::{admin_request, scrape, write_atomically};
 use gateway_tests::h2::{
-    exchange, frame_bytes, get_fields, H2Client, H2Req, RawH2, StreamFate, GOAWAY, PING,
-    RST_STREAM, SETTINGS,
+    exchange, frame_bytes, get_fields, H2Client, H2Req, RawH2, StreamFate, CONTINUATION,
+    END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
 };
 use gateway_tests::{wait_until, Config, Gateway, Origin, Reply, Route, Upstream};
 use std::process::Command;
@@ -474,6 +474,44 @@ fn ping_and_settings_floods_close_the_connection() {
     // A client within the budget is served.
     let mut c = H2Client::connect(gw.http_addr());
     assert_eq!(c.get("/after").status, 200);
+}
+
+#[test]
+fn rapid_reset_and_continuation_floods_end_the_connection() {
+    let (gw, origin) = echo_gateway();
+    // Rapid reset (CVE-2023-44487): streams opened and reset at once, in one write.
+    let mut raw = RawH2::connect(gw.http_addr());
+    let block = gateway_tests::h2::hpack_literals(&get_fields(b"/reset"));
+    let mut burst = Vec::new();
+    for i in 0..2000u32 {
+        let id = 1 + 2 * i;
+        burst.extend(frame_bytes(HEADERS, END_HEADERS | END_STREAM, id, &block));
+        burst.extend(frame_bytes(RST_STREAM, 0, id, &0x8u32.to_be_bytes()));
+    }
+    raw.send_bytes(&burst);
+    let codes = goaways_until_close(&mut raw);
+    assert_eq!(
+        codes.last(),
+        Some(&ENHANCE_YOUR_CALM),
+        "rapid reset: {codes:?}"
+    );
+    // A CONTINUATION flood: a header block that never ends.
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.frame(HEADERS, END_STREAM, 1, &block);
+    let filler = gateway_tests::h2::hpack_literals(&[(b"x-a", b"b")]);
+    let flood: Vec<u8> = (0..20_000)
+        .flat_map(|_| frame_bytes(CONTINUATION, 0, 1, &filler))
+        .collect();
+    raw.send_bytes(&flood);
+    let codes = goaways_until_close(&mut raw);
+    assert!(
+        !codes.is_empty() && codes.iter().all(|&c| c != 0),
+        "CONTINUATION: {codes:?}"
+    );
+    // Neither held the gateway up.
+    let mut c = H2Client::connect(gw.http_addr());
+    assert_eq!(c.get("/after").status, 200);
+    assert!(origin.request_count() < 2000, "{}", origin.request_count());
 }
 
 #[test]
