@@ -1434,6 +1434,58 @@ respond = { status = 200, body = "ok\n" }
     }
 
     #[test]
+    fn http2_keys_default_and_are_checked() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.http2.max_concurrent_streams, 100);
+        assert_eq!(c.http2.max_requests_per_connection, 1000);
+        assert!(c.http2.idle_timeout.is_none() && c.http2.max_header_list_size.is_none());
+        let l = c.listeners[0].get_ref();
+        assert!(!l.h2c);
+        assert_eq!(Config::listener_alpn(l), ["h2", "http/1.1"]);
+        let keys = |text: &str| -> Vec<String> {
+            parse(text)
+                .err()
+                .map(|e| e.0.into_iter().map(|e| e.key).collect())
+                .unwrap_or_default()
+        };
+        let listener = |extra: &str| {
+            GOOD.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\n{extra}"),
+            )
+        };
+        assert_eq!(keys(&listener("h2c = true")), Vec::<String>::new());
+        assert_eq!(keys(&listener("alpn = [\"h2\"]")), ["listener[0].alpn"]);
+        let tls = "tls = { certificates = [{ cert = \"c.pem\", key = \"k.pem\" }] }";
+        assert_eq!(
+            keys(&listener(&format!("{tls}\nalpn = [\"http/1.1\"]"))),
+            Vec::<String>::new()
+        );
+        for bad in ["[]", "[\"h3\"]", "[\"h2\", \"h2\"]"] {
+            let text = listener(&format!("{tls}\nalpn = {bad}"));
+            assert_eq!(keys(&text), ["listener[0].alpn"], "{bad}");
+        }
+        assert_eq!(
+            keys(&listener(&format!("{tls}\nh2c = true"))),
+            ["listener[0].h2c"]
+        );
+        let http2 = |body: &str| format!("{GOOD}\n[http2]\n{body}\n");
+        assert_eq!(
+            keys(&http2("max_concurrent_streams = 0")),
+            ["http2.max_concurrent_streams"]
+        );
+        assert_eq!(
+            keys(&http2("max_header_list_size = \"2MiB\"")),
+            ["http2.max_header_list_size"]
+        );
+        assert_eq!(
+            keys(&http2("max_streams = 5")),
+            ["http2.max_streams"],
+            "strict keys"
+        );
+    }
+
+    #[test]
     fn ipv6_prefix_defaults_to_64_and_is_bounded() {
         assert_eq!(parse(GOOD).unwrap().limits.ipv6_prefix, 64);
         let with = |v: &str| format!("{GOOD}\n[limits]\nipv6_prefix = {v}\n");
