@@ -259,6 +259,28 @@ fn a_slow_reader_does_not_hold_up_another_stream() {
 }
 
 #[test]
+fn upstream_think_time_is_not_charged_to_the_client_write() {
+    // The response's write clock (send_timeout, client_min_rate) starts with its head, as
+    // for HTTP/1: an upstream slower than send_timeout does not cut a reading client, even
+    // one whose small window makes the gateway wait for WINDOW_UPDATEs.
+    let origin = Origin::start(|_| Reply::ok(vec![b's'; 1000]).delay(Duration::from_millis(1500)));
+    let config = h2c(Config::new()
+        .workers(1)
+        .upstream(Upstream::new("app", &[origin.addr()]))
+        .route(
+            Route::prefix("/", "app")
+                .send_timeout("1s")
+                .read_timeout("5s"),
+        ));
+    let gw = Gateway::with(&config);
+    let mut builder = h2::client::Builder::new();
+    builder.initial_window_size(100);
+    let mut c = H2Client::connect_with(gw.http_addr(), builder);
+    let r = c.get("/think");
+    assert_eq!((r.status, r.body.len()), (200, 1000));
+}
+
+#[test]
 fn a_hundred_concurrent_streams_on_one_connection() {
     let origin = Origin::start(|r| Reply::ok(r.target.clone()).delay(Duration::from_millis(50)));
     let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));

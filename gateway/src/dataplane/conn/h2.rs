@@ -542,11 +542,9 @@ async fn proxy<'s, S: Stream>(
         reply: Rc::new(RefCell::new(Reply::Head(respond))),
         response: None,
         ends_at_head: false,
-        write_clock: RateClock::new(
-            route.send_timeout,
-            route.send_timeout,
-            settings.client_min_rate,
-        ),
+        write_clock: None,
+        send_timeout: route.send_timeout,
+        min_rate: settings.client_min_rate,
         reset_by_client: false,
     };
     let x = Exchange {
@@ -674,8 +672,11 @@ struct H2Stream<'a> {
     response: Option<Result<http::Response<()>, TranslateError>>,
     /// The head carried END_STREAM (no body).
     ends_at_head: bool,
-    /// Bounds the whole response by its size, as for HTTP/1 clients.
-    write_clock: RateClock,
+    /// Bounds the whole response by its size, as for HTTP/1 clients; starts with the
+    /// response head, so the time the upstream took is not charged to the client.
+    write_clock: Option<RateClock>,
+    send_timeout: Duration,
+    min_rate: u64,
     reset_by_client: bool,
 }
 
@@ -737,7 +738,11 @@ impl H2Stream<'_> {
                 }
                 Reply::Head(_) => Poll::Ready(None),
             });
-            let capacity = timeout_at(self.write_clock.deadline(), capacity).await;
+            let (pause, min_rate) = (self.send_timeout, self.min_rate);
+            let clock = self
+                .write_clock
+                .get_or_insert_with(|| RateClock::new(pause, pause, min_rate));
+            let capacity = timeout_at(clock.deadline(), capacity).await;
             let n = match capacity {
                 Err(_) => {
                     crate::util::budget::refused(
@@ -758,7 +763,9 @@ impl H2Stream<'_> {
             if let Err(e) = sent {
                 return Err(self.stream_error(&e));
             }
-            self.write_clock.moved(n);
+            if let Some(clock) = self.write_clock.as_mut() {
+                clock.moved(n);
+            }
         }
         Ok(())
     }
@@ -848,6 +855,11 @@ impl ResponseSink for H2Stream<'_> {
 
     fn prepare_head(&mut self, raw: &[u8], resp: &ResponseHead, _upgrade: bool) -> BodyForm {
         self.response = Some(translate_response(raw, resp));
+        self.write_clock = Some(RateClock::new(
+            self.send_timeout,
+            self.send_timeout,
+            self.min_rate,
+        ));
         self.ends_at_head = resp.framing == BodyFraming::None;
         BodyForm::Payload
     }
