@@ -281,6 +281,42 @@ fn upstream_think_time_is_not_charged_to_the_client_write() {
 }
 
 #[test]
+fn a_zero_window_reader_is_reset_at_send_timeout() {
+    let origin = Origin::start(|r| match r.path() {
+        "/empty" => Reply::new(204),
+        _ => Reply::ok(vec![b'z'; 10_000]),
+    });
+    let config = h2c(Config::new()
+        .workers(1)
+        .upstream(Upstream::new("app", &[origin.addr()]).keepalive(4))
+        .route(Route::prefix("/", "app").send_timeout("1s")));
+    let gw = Gateway::with(&config);
+    let mut raw = RawH2::connect(gw.http_addr());
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0: no DATA may be sent on any stream.
+    raw.frame(SETTINGS, 0, 0, &[0x00, 0x04, 0, 0, 0, 0]);
+    raw.headers(1, &get_fields(b"/zero"), true);
+    assert_eq!(
+        raw.fate(1),
+        StreamFate::Answered,
+        "the head is not flow-controlled"
+    );
+    let started = Instant::now();
+    assert_eq!(
+        raw.fate(1),
+        StreamFate::Reset(0x8),
+        "CANCEL at send_timeout"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // HEAD and 204 need no window: answered without a body.
+    let mut c = H2Client::connect(gw.http_addr());
+    let head = c.request(&H2Req::get("/h").method("HEAD")).unwrap();
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    assert_eq!(head.header("content-length"), Some("10000"));
+    let empty = c.get("/empty");
+    assert_eq!((empty.status, empty.body.len()), (204, 0));
+}
+
+#[test]
 fn a_hundred_concurrent_streams_on_one_connection() {
     let origin = Origin::start(|r| Reply::ok(r.target.clone()).delay(Duration::from_millis(50)));
     let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
