@@ -682,6 +682,33 @@ fn a_reload_that_changes_the_listener_sends_goaway() {
 }
 
 #[test]
+fn a_reload_that_denies_the_client_closes_its_connection() {
+    let origin = Origin::echo();
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[http2]\nidle_timeout = \"60s\"\n");
+    let gw = Gateway::with(&config);
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(1, &get_fields(b"/a"), true);
+    assert_eq!(raw.fate(1), StreamFate::Answered);
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    write_atomically(
+        gw.config_path(),
+        &format!("{text}\n[limits]\ndeny = [\"127.0.0.1/32\"]\n"),
+    );
+    assert_eq!(
+        admin_request(gw.admin_addr(), "POST", "/reload", None).status,
+        200
+    );
+    let started = Instant::now();
+    let codes = goaways_until_close(&mut raw);
+    assert!(!codes.is_empty(), "GOAWAY, then the close");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    wait_until(Duration::from_secs(5), "the denied GOAWAY counted", || {
+        scrape(gw.admin_addr()).sum("gateway_http2_goaways_total", &[("reason", "denied")]) >= 1.0
+    });
+}
+
+#[test]
 fn an_idle_connection_is_closed_with_goaway() {
     let origin = Origin::echo();
     let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))

@@ -69,7 +69,8 @@ const PENDING_ACCEPT_RESETS: usize = 20;
 /// Streams the server had to reset because of the client's frames (MadeYouReset,
 /// CVE-2025-8671); more is GOAWAY. h2's default.
 const LOCAL_ERROR_RESETS: usize = 1024;
-/// How often the connection looks for a reload that changed its listener.
+/// How often the connection looks for a reload that changed its listener or denied its
+/// client.
 const LISTENER_CHECK: Duration = Duration::from_secs(1);
 
 /// The byte stream `h2` runs on: TLS ([`TlsIo`]) or the plain socket (h2c).
@@ -188,6 +189,7 @@ pub(crate) async fn serve<S: Stream>(
     let mut idle_since = Instant::now();
     // Set once a GOAWAY went out: open streams finish until then.
     let mut closing: Option<Instant> = None;
+    let mut generation_seen = w.snapshot().generation;
     let mut tick = tokio::time::interval(LISTENER_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let goaway = |conn: &mut h2::server::Connection<H2Io, Bytes>,
@@ -229,10 +231,7 @@ pub(crate) async fn serve<S: Stream>(
                 }
             }
             () = flood.raised() => {
-                crate::util::budget::refused(
-                    crate::util::budget::Refusal::SlowClient,
-                    &format_args!("{peer}: SETTINGS/PING flood, HTTP/2 connection closed"),
-                );
+                tracing::debug!(%peer, "SETTINGS/PING flood: HTTP/2 connection closed");
                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 w.stats.borrow_mut().h2_goaway(&ctx.name, "flood");
                 // Reads have stopped; h2 sends the GOAWAY and ends. Bounded anyway.
@@ -242,8 +241,21 @@ pub(crate) async fn serve<S: Stream>(
             () = w.drained(), if closing.is_none() => goaway(&mut conn, &mut closing, "drain"),
             () = sleep_until(idle_at), if idle_at.is_some() => goaway(&mut conn, &mut closing, "idle"),
             _ = tick.tick() => {
-                if closing.is_none() && listener_changed(&w, &ctx) {
-                    goaway(&mut conn, &mut closing, "reload");
+                let generation = w.snapshot().generation;
+                if generation != generation_seen {
+                    generation_seen = generation;
+                    // A `deny` added by a reload ends this client's connections at once,
+                    // open streams with them, as HTTP/1 keep-alive connections are closed.
+                    if w.shared.conn_limiter.denies(peer.ip()) {
+                        tracing::info!(client = %peer.ip(), "HTTP/2 connection closed: its address is now denied");
+                        conn.abrupt_shutdown(Reason::NO_ERROR);
+                        w.stats.borrow_mut().h2_goaway(&ctx.name, "denied");
+                        let _ = tokio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
+                        break;
+                    }
+                    if closing.is_none() && listener_changed(&w, &ctx) {
+                        goaway(&mut conn, &mut closing, "reload");
+                    }
                 }
                 if closing.is_some_and(|at| Instant::now() >= at) {
                     // graceful_timeout spent: the streams still open are cut.
