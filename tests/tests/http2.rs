@@ -634,22 +634,33 @@ fn goaways_until_close(raw: &mut RawH2) -> Vec<u32> {
     codes
 }
 
-#[test]
-fn a_reload_that_changes_the_listener_sends_goaway() {
+/// A gateway (h2c, no idle timeout in the way) and one raw connection that got an answer.
+fn answered_connection() -> (Gateway, Origin, RawH2) {
     let origin = Origin::echo();
     let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
         .extra("[http2]\nidle_timeout = \"60s\"\n");
     let gw = Gateway::with(&config);
-    let mut unchanged = RawH2::connect(gw.http_addr());
-    unchanged.headers(1, &get_fields(b"/a"), true);
-    assert_eq!(unchanged.fate(1), StreamFate::Answered);
-    // A reload that leaves the listener as it is keeps the connection.
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(1, &get_fields(b"/a"), true);
+    assert_eq!(raw.fate(1), StreamFate::Answered);
+    (gw, origin, raw)
+}
+
+/// Rewrites the config file with `edit` and reloads it.
+fn reload_with(gw: &Gateway, edit: impl FnOnce(&str) -> String) {
     let text = std::fs::read_to_string(gw.config_path()).unwrap();
-    write_atomically(gw.config_path(), &format!("{text}\n# touched\n"));
-    assert_eq!(
-        admin_request(gw.admin_addr(), "POST", "/reload", None).status,
-        200
-    );
+    let new = edit(&text);
+    assert_ne!(new, text);
+    write_atomically(gw.config_path(), &new);
+    let status = admin_request(gw.admin_addr(), "POST", "/reload", None).status;
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_reload_that_changes_the_listener_sends_goaway() {
+    let (gw, _origin, mut unchanged) = answered_connection();
+    // A reload that leaves the listener as it is keeps the connection.
+    reload_with(&gw, |text| format!("{text}\n# touched\n"));
     let quiet_until = Instant::now() + Duration::from_millis(2500);
     while let Some(left) = quiet_until.checked_duration_since(Instant::now()) {
         match unchanged.read_frame(left) {
@@ -663,17 +674,13 @@ fn a_reload_that_changes_the_listener_sends_goaway() {
     unchanged.headers(3, &get_fields(b"/b"), true);
     assert_eq!(unchanged.fate(3), StreamFate::Answered, "still serving");
     // One that changes it (trusted_proxies) ends them with GOAWAY, open streams finishing.
-    let changed = text.replacen(
-        "h2c = true",
-        "h2c = true\ntrusted_proxies = [\"192.0.2.0/24\"]",
-        1,
-    );
-    assert_ne!(changed, text);
-    write_atomically(gw.config_path(), &changed);
-    assert_eq!(
-        admin_request(gw.admin_addr(), "POST", "/reload", None).status,
-        200
-    );
+    reload_with(&gw, |text| {
+        text.replacen(
+            "h2c = true",
+            "h2c = true\ntrusted_proxies = [\"192.0.2.0/24\"]",
+            1,
+        )
+    });
     let codes = goaways_until_close(&mut unchanged);
     assert_eq!(codes.first(), Some(&0), "GOAWAY NO_ERROR: {codes:?}");
     wait_until(Duration::from_secs(5), "the reload GOAWAY counted", || {
@@ -683,22 +690,10 @@ fn a_reload_that_changes_the_listener_sends_goaway() {
 
 #[test]
 fn a_reload_that_denies_the_client_closes_its_connection() {
-    let origin = Origin::echo();
-    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
-        .extra("[http2]\nidle_timeout = \"60s\"\n");
-    let gw = Gateway::with(&config);
-    let mut raw = RawH2::connect(gw.http_addr());
-    raw.headers(1, &get_fields(b"/a"), true);
-    assert_eq!(raw.fate(1), StreamFate::Answered);
-    let text = std::fs::read_to_string(gw.config_path()).unwrap();
-    write_atomically(
-        gw.config_path(),
-        &format!("{text}\n[limits]\ndeny = [\"127.0.0.1/32\"]\n"),
-    );
-    assert_eq!(
-        admin_request(gw.admin_addr(), "POST", "/reload", None).status,
-        200
-    );
+    let (gw, _origin, mut raw) = answered_connection();
+    reload_with(&gw, |text| {
+        format!("{text}\n[limits]\ndeny = [\"127.0.0.1/32\"]\n")
+    });
     let started = Instant::now();
     let codes = goaways_until_close(&mut raw);
     assert!(!codes.is_empty(), "GOAWAY, then the close");
