@@ -154,6 +154,32 @@ fn request_bodies_with_and_without_content_length() {
 }
 
 #[test]
+fn upstream_framings_become_data_frames_and_failures_the_http1_status() {
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let b = body.clone();
+    let origin = Origin::start(move |r| match r.path() {
+        "/chunked" => Reply::ok(b.clone()).chunked(&[1, 7000, 3]),
+        "/close" => Reply::ok(b.clone()).close_delimited(),
+        _ => Reply::ok(b.clone()).interim(103, &[("link", "</a.css>")]),
+    });
+    let config = h2c(Config::new()
+        .workers(1)
+        .upstream(Upstream::new("app", &[origin.addr()]))
+        .upstream(Upstream::new("gone", &[gateway_tests::refused_addr()]))
+        .route(Route::prefix("/gone", "gone"))
+        .route(Route::prefix("/", "app")));
+    let gw = Gateway::with(&config);
+    let mut c = H2Client::connect(gw.http_addr());
+    for path in ["/chunked", "/close", "/interim"] {
+        let r = c.get(path);
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.body == body, "{path}: the payload, framing removed");
+        assert!(r.header("transfer-encoding").is_none() && r.header("connection").is_none());
+    }
+    assert_eq!(c.get("/gone").status, 502);
+}
+
+#[test]
 fn body_limits_and_connect_are_answered_as_for_http1() {
     let origin = Origin::echo();
     let config = h2c(Config::new()
