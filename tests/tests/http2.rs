@@ -820,6 +820,15 @@ fn tls_listeners_offer_h2_then_http1_as_configured() {
     gw.wait_access_line(Duration::from_secs(5), |l| {
         l.contains("\"GET /tls HTTP/2.0\" 200")
     });
+    // h2load over TLS (ALPN h2): many streams on a few connections through TlsIo.
+    let out = Command::new("h2load")
+        .args(["-n", "1000", "-c", "4", "-m", "25"])
+        .arg(format!("https://127.0.0.1:{}/tls-load", both.port()))
+        .output()
+        .expect("run h2load");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("Application protocol: h2"), "{text}");
+    assert!(text.contains("1000 succeeded, 0 failed"), "{text}");
 }
 
 #[test]
