@@ -48,8 +48,23 @@ pub struct ListenerSettings {
     pub proxy_protocol: bool,
     /// Peers whose PROXY header is believed; empty: every peer.
     pub proxy_protocol_from: Vec<IpNet>,
-    /// The TLS acceptor (certificates, session cache, ticket keys) of a TLS listener.
+    /// The TLS acceptor (certificates, session cache, ticket keys) of a TLS listener,
+    /// offering the listener's ALPN protocols.
     pub tls: Option<TlsAcceptor>,
+    /// ALPN as offered (TLS listeners; empty on plaintext ones).
+    pub alpn: Vec<String>,
+    /// h2c with prior knowledge (plaintext listeners).
+    pub h2c: bool,
+}
+
+/// The `[http2]` table, compiled (defaults resolved against `[server]`).
+#[derive(Debug, Clone)]
+pub struct Http2Settings {
+    pub max_concurrent_streams: u32,
+    pub max_requests_per_connection: u64,
+    pub idle_timeout: Duration,
+    pub max_header_list_size: u32,
+    pub max_control_frames_per_second: u32,
 }
 
 #[derive(Debug)]
@@ -60,6 +75,7 @@ pub struct Snapshot {
     pub router: Router,
     pub upstreams: Vec<Arc<Upstream>>,
     pub server: ServerSettings,
+    pub http2: Http2Settings,
     pub listeners: Vec<Arc<ListenerSettings>>,
     pub(crate) access_format: AccessFormat,
     pub(crate) access_enabled: bool,
@@ -92,8 +108,10 @@ impl Snapshot {
                         Some(old) => old.rebuild(tls, &base),
                         None => TlsAcceptor::from_config(tls, &base),
                     };
+                    let alpn = Config::listener_alpn(l);
+                    let alpn: Vec<&[u8]> = alpn.iter().map(|p| p.as_bytes()).collect();
                     match built {
-                        Ok(acceptor) => Some(acceptor),
+                        Ok(acceptor) => Some(acceptor.with_alpn(&alpn)),
                         Err(e) => {
                             let table = format!("listener[{i}]");
                             errors.push(loaded.error_at(
@@ -121,7 +139,13 @@ impl Snapshot {
                 trusted_proxies: l.trusted_proxies.clone(),
                 proxy_protocol: l.proxy_protocol,
                 proxy_protocol_from: l.proxy_protocol_from.clone(),
+                alpn: if tls.is_some() {
+                    Config::listener_alpn(l)
+                } else {
+                    Vec::new()
+                },
                 tls,
+                h2c: l.h2c,
             }));
         }
         if !errors.is_empty() {
@@ -163,6 +187,22 @@ impl Snapshot {
                 forward_client_headers: s.forward_client_headers.clone(),
                 underscores_in_headers: s.underscores_in_headers,
                 limits: config.limits.clone(),
+            },
+            http2: Http2Settings {
+                max_concurrent_streams: config.http2.max_concurrent_streams,
+                max_requests_per_connection: config.http2.max_requests_per_connection,
+                idle_timeout: config
+                    .http2
+                    .idle_timeout
+                    .as_ref()
+                    .map_or(s.keepalive_timeout.0, |d| d.0),
+                max_header_list_size: config
+                    .http2
+                    .max_header_list_size
+                    .as_ref()
+                    .map_or(s.max_header_bytes.0, |n| n.0)
+                    as u32,
+                max_control_frames_per_second: config.http2.max_control_frames_per_second,
             },
             listeners,
             access_format: config.log.format,
@@ -207,6 +247,22 @@ impl ListenerSettings {
     pub(crate) fn proxy_trusted(&self, peer: IpAddr) -> bool {
         self.proxy_protocol_from.is_empty()
             || self.proxy_protocol_from.iter().any(|n| n.contains(&peer))
+    }
+
+    /// Whether a connection accepted with these settings may carry on serving under
+    /// `now` (the same listener in a later snapshot): an HTTP/2 connection is sent GOAWAY
+    /// when a reload changes or removes its listener.
+    pub(crate) fn same_as(&self, now: &ListenerSettings) -> bool {
+        self.identity() == now.identity()
+            && self.trusted_proxies == now.trusted_proxies
+            && self.proxy_protocol_from == now.proxy_protocol_from
+            && self.alpn == now.alpn
+            && self.h2c == now.h2c
+    }
+
+    /// The listener offers HTTP/2: ALPN `h2` on TLS, h2c on plaintext.
+    pub fn offers_h2(&self) -> bool {
+        self.h2c || self.alpn.iter().any(|p| p == "h2")
     }
 
     pub fn trusts(&self, ip: IpAddr) -> bool {

@@ -26,6 +26,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Raw TOML appended at the end (for keys this builder does not model).
     pub extra: String,
+    /// More keys of the `[[listener]]` "http", with their TOML values.
+    pub listener: Vec<(String, String)>,
 }
 
 impl Default for Config {
@@ -44,7 +46,14 @@ impl Config {
             upstreams: Vec::new(),
             routes: Vec::new(),
             extra: String::new(),
+            listener: Vec::new(),
         }
+    }
+    /// Sets a key of the `[[listener]]` "http" to a raw TOML value.
+    pub fn listener_raw(mut self, key: &str, value: &str) -> Config {
+        self.listener.retain(|(k, _)| k != key);
+        self.listener.push((key.to_string(), value.to_string()));
+        self
     }
     /// Sets a `[server]` key to a raw TOML value (replacing an earlier one).
     pub fn server_raw(mut self, key: &str, value: &str) -> Config {
@@ -112,6 +121,9 @@ impl Config {
             "\n[[listener]]\nname = \"http\"\nlisten = {}",
             toml_str(&self.http_addr.to_string())
         );
+        for (k, v) in &self.listener {
+            let _ = writeln!(t, "{k} = {v}");
+        }
         for u in &self.upstreams {
             t.push('\n');
             t.push_str(&u.to_toml());

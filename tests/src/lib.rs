@@ -8,6 +8,7 @@
 //! - [`client`]: the raw client (exact bytes out, parsed response in, keep-alive, pipelining).
 //! - [`wire`]: strict HTTP/1.1 reading shared by client and origins.
 //! - [`nginx`]: the nginx reference front, for differential tests.
+//! - [`h2`]: HTTP/2 clients: the `h2` crate behind a synchronous API, and hand-made frames.
 //!
 //! Everything is synchronous (std::net and threads): simple to reason about, and no async
 //! runtime shares a bug with the code under test. Ports always come from port 0; readiness
@@ -18,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod gateway;
+pub mod h2;
 pub mod nginx;
 pub mod origin;
 pub mod recording;
@@ -68,4 +70,24 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A self-signed certificate (ECDSA P-256) and key for `localhost` in `dir`, from the
+/// openssl CLI: for TLS listeners.
+pub fn self_signed_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .arg("ec_paramgen_curve:prime256v1")
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(status.success(), "openssl req failed");
+    (cert, key)
 }

@@ -39,25 +39,6 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc/PID/status")
 }
 
-/// A self-signed certificate for the TLS listener, from the openssl CLI.
-fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let status = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .arg("ec_paramgen_curve:prime256v1")
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("run openssl");
-    assert!(status.success(), "openssl req failed");
-    (cert, key)
-}
-
 /// One hostile kind: the bytes sent first, then what is sent again and again.
 struct Kind {
     name: &'static str,
@@ -156,7 +137,7 @@ fn hostile_connections_stay_within_the_memory_budget() {
         _ => Reply::ok("small"),
     });
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = certificate(dir.path());
+    let (cert, key) = gateway_tests::self_signed_certificate(dir.path());
     let tls_addr = gateway_tests::free_addr();
     let gw = Gateway::with(
         &Config::new()

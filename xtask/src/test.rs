@@ -150,4 +150,5 @@ const EPOLL_SUITES: &[&str] = &[
     "memory",
     "adversarial",
     "framing_fuzz",
+    "http2",
 ];

@@ -78,6 +78,38 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub xdp: XdpConfig,
+    #[serde(default)]
+    pub http2: Http2Config,
+}
+
+/// The `[http2]` table: limits of HTTP/2 client connections (issue 12).
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Config {
+    /// Streams a client may have open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Streams accepted on one connection before it is closed with GOAWAY.
+    pub max_requests_per_connection: u64,
+    /// A connection with no open stream for this long is closed with GOAWAY; unset:
+    /// `server.keepalive_timeout`.
+    pub idle_timeout: Option<Dur>,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE; unset: `server.max_header_bytes`.
+    pub max_header_list_size: Option<Size>,
+    /// SETTINGS and PING frames (not ACKs) a client may send per second before the
+    /// connection is closed: h2 answers each, so a flood costs CPU without bound.
+    pub max_control_frames_per_second: u32,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Http2Config {
+            max_concurrent_streams: 100,
+            max_requests_per_connection: 1000,
+            idle_timeout: None,
+            max_header_list_size: None,
+            max_control_frames_per_second: 100,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +255,14 @@ pub struct ListenerConfig {
     pub trusted_proxies: Vec<IpNet>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// ALPN protocols a TLS listener offers, in order of preference (`h2`, `http/1.1`);
+    /// unset: both, `h2` first. Only on TLS listeners.
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+    /// HTTP/2 with prior knowledge on a plaintext listener (RFC 9113 §3.3). Only on
+    /// plaintext listeners.
+    #[serde(default)]
+    pub h2c: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
@@ -640,6 +680,13 @@ impl Config {
         }
     }
 
+    /// The ALPN protocols a listener offers (`alpn`, or its default), for TLS listeners.
+    pub fn listener_alpn(l: &ListenerConfig) -> Vec<String> {
+        l.alpn
+            .clone()
+            .unwrap_or_else(|| vec!["h2".into(), "http/1.1".into()])
+    }
+
     fn validate(&self, file: &Path, source: &str) -> Vec<ConfigError> {
         let mut errors = Vec::new();
         let mut err = |span: Option<Range<usize>>, table: &str, key: &str, message: String| {
@@ -779,6 +826,53 @@ impl Config {
                 // The files themselves are read once, by `Snapshot::build` (also in
                 // `gateway check`): config stays pure validation, below protocol/.
             }
+            validate_listener_http2(l.get_ref(), |key, message| {
+                err(span.clone(), &table, key, message)
+            });
+        }
+
+        let h2 = &self.http2;
+        if h2.max_concurrent_streams == 0 {
+            err(
+                None,
+                "http2",
+                "max_concurrent_streams",
+                "must be at least 1".into(),
+            );
+        }
+        if h2.max_requests_per_connection == 0 {
+            err(
+                None,
+                "http2",
+                "max_requests_per_connection",
+                "must be at least 1".into(),
+            );
+        }
+        if h2.idle_timeout.as_ref().is_some_and(|d| d.0.is_zero()) {
+            err(
+                None,
+                "http2",
+                "idle_timeout",
+                "must be greater than zero".into(),
+            );
+        }
+        if let Some(n) = &h2.max_header_list_size {
+            if n.0 < 1024 || n.0 > 1 << 20 {
+                err(
+                    None,
+                    "http2",
+                    "max_header_list_size",
+                    "must be between 1KiB and 1MiB".into(),
+                );
+            }
+        }
+        if h2.max_control_frames_per_second == 0 {
+            err(
+                None,
+                "http2",
+                "max_control_frames_per_second",
+                "must be at least 1".into(),
+            );
         }
 
         let mut upstream_names = std::collections::HashSet::new();
@@ -1220,6 +1314,38 @@ fn key_at(source: &str, offset: usize) -> String {
     }
 }
 
+/// `alpn` and `h2c` of one listener: each only where it means something.
+fn validate_listener_http2(l: &ListenerConfig, mut err: impl FnMut(&str, String)) {
+    if let Some(alpn) = &l.alpn {
+        if l.tls.is_none() {
+            err(
+                "alpn",
+                "only on a TLS listener (plaintext has no ALPN; see h2c)".into(),
+            );
+        }
+        if alpn.is_empty() {
+            err("alpn", "offer at least one of \"h2\", \"http/1.1\"".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in alpn {
+            if p != "h2" && p != "http/1.1" {
+                err(
+                    "alpn",
+                    format!("{p:?}: allowed values are \"h2\" and \"http/1.1\""),
+                );
+            } else if !seen.insert(p) {
+                err("alpn", format!("{p:?} is listed twice"));
+            }
+        }
+    }
+    if l.h2c && l.tls.is_some() {
+        err(
+            "h2c",
+            "only on a plaintext listener (TLS listeners negotiate h2 by alpn)".into(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1305,6 +1431,58 @@ respond = { status = 200, body = "ok\n" }
         // The same table's other problem is still found once the rest of it parses.
         assert!(keys.contains(&"route[0].upstream"), "{e}");
         assert_eq!(e.0.len(), 4, "{e}");
+    }
+
+    #[test]
+    fn http2_keys_default_and_are_checked() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.http2.max_concurrent_streams, 100);
+        assert_eq!(c.http2.max_requests_per_connection, 1000);
+        assert!(c.http2.idle_timeout.is_none() && c.http2.max_header_list_size.is_none());
+        let l = c.listeners[0].get_ref();
+        assert!(!l.h2c);
+        assert_eq!(Config::listener_alpn(l), ["h2", "http/1.1"]);
+        let keys = |text: &str| -> Vec<String> {
+            parse(text)
+                .err()
+                .map(|e| e.0.into_iter().map(|e| e.key).collect())
+                .unwrap_or_default()
+        };
+        let listener = |extra: &str| {
+            GOOD.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\n{extra}"),
+            )
+        };
+        assert_eq!(keys(&listener("h2c = true")), Vec::<String>::new());
+        assert_eq!(keys(&listener("alpn = [\"h2\"]")), ["listener[0].alpn"]);
+        let tls = "tls = { certificates = [{ cert = \"c.pem\", key = \"k.pem\" }] }";
+        assert_eq!(
+            keys(&listener(&format!("{tls}\nalpn = [\"http/1.1\"]"))),
+            Vec::<String>::new()
+        );
+        for bad in ["[]", "[\"h3\"]", "[\"h2\", \"h2\"]"] {
+            let text = listener(&format!("{tls}\nalpn = {bad}"));
+            assert_eq!(keys(&text), ["listener[0].alpn"], "{bad}");
+        }
+        assert_eq!(
+            keys(&listener(&format!("{tls}\nh2c = true"))),
+            ["listener[0].h2c"]
+        );
+        let http2 = |body: &str| format!("{GOOD}\n[http2]\n{body}\n");
+        assert_eq!(
+            keys(&http2("max_concurrent_streams = 0")),
+            ["http2.max_concurrent_streams"]
+        );
+        assert_eq!(
+            keys(&http2("max_header_list_size = \"2MiB\"")),
+            ["http2.max_header_list_size"]
+        );
+        assert_eq!(
+            keys(&http2("max_streams = 5")),
+            ["http2.max_streams"],
+            "strict keys"
+        );
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub(crate) fn render(control: &Control) -> String {
     let mut tunnel_paths: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut limits: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
     let mut tls: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+    let mut h2: BTreeMap<String, (i64, u64, [u64; 2])> = BTreeMap::new();
+    let mut h2_goaways: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
     let mut tls_durations: BTreeMap<String, Histogram> = BTreeMap::new();
     for u in &snap.upstreams {
         upstream_active.entry(u.name.clone()).or_default();
@@ -94,6 +96,14 @@ pub(crate) fn render(control: &Control) -> String {
             let e = listeners.entry(name.to_string()).or_default();
             e.0 += l.total;
             e.1 += l.active;
+            let h = h2.entry(name.to_string()).or_default();
+            h.0 += l.h2_active;
+            h.1 += l.h2_streams;
+            h.2[0] += l.h2_resets[0];
+            h.2[1] += l.h2_resets[1];
+            for (reason, n) in &l.h2_goaways {
+                *h2_goaways.entry((name.to_string(), reason)).or_default() += n;
+            }
         }
         tunnels_active += s.tunnels_active;
         tunnel_bytes[0] += s.tunnel_bytes[0];
@@ -304,6 +314,7 @@ pub(crate) fn render(control: &Control) -> String {
             s.busy_ratio
         );
     }
+    render_http2(&mut out, &h2, &h2_goaways);
     header(&mut out, "gateway_tls_handshakes_total", "counter", "TLS handshakes by listener and result (full, resumed, timeout, protocol_error, client_gone).");
     for ((listener, result), n) in &tls {
         let _ = writeln!(
@@ -380,6 +391,59 @@ fn render_process(out: &mut String) {
 }
 
 /// CPU time of the calling thread, for the busy ratio.
+/// The `gateway_http2_*` family: what is HTTP/2-specific (requests themselves are counted
+/// in `gateway_http_requests_total` whatever the protocol).
+fn render_http2(
+    out: &mut String,
+    h2: &BTreeMap<String, (i64, u64, [u64; 2])>,
+    goaways: &BTreeMap<(String, &'static str), u64>,
+) {
+    header(
+        out,
+        "gateway_http2_connections_active",
+        "gauge",
+        "HTTP/2 client connections open, by listener.",
+    );
+    for (listener, (active, _, _)) in h2 {
+        let _ = writeln!(
+            out,
+            "gateway_http2_connections_active{{listener=\"{}\"}} {active}",
+            esc(listener)
+        );
+    }
+    header(
+        out,
+        "gateway_http2_streams_total",
+        "counter",
+        "HTTP/2 streams accepted, by listener.",
+    );
+    for (listener, (_, streams, _)) in h2 {
+        let _ = writeln!(
+            out,
+            "gateway_http2_streams_total{{listener=\"{}\"}} {streams}",
+            esc(listener)
+        );
+    }
+    header(out, "gateway_http2_resets_total", "counter", "RST_STREAM frames, by listener and direction (received: the client reset a stream; sent: the gateway did).");
+    for (listener, (_, _, resets)) in h2 {
+        for (direction, n) in [("received", resets[0]), ("sent", resets[1])] {
+            let _ = writeln!(
+                out,
+                "gateway_http2_resets_total{{listener=\"{}\",direction=\"{direction}\"}} {n}",
+                esc(listener)
+            );
+        }
+    }
+    header(out, "gateway_http2_goaways_total", "counter", "GOAWAY frames sent, by listener and reason (drain, reload, max_requests, idle, flood, error).");
+    for ((listener, reason), n) in goaways {
+        let _ = writeln!(
+            out,
+            "gateway_http2_goaways_total{{listener=\"{}\",reason=\"{reason}\"}} {n}",
+            esc(listener)
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -190,6 +190,29 @@ impl<S: Stream> Worker<S> {
         }
     }
 
+    /// `limits.request_rate` (nginx `limit_req`) for one request (an HTTP/2 stream counts
+    /// as one): `Err(retry_after)` seconds when over it, counted in the metrics. The
+    /// limiter's borrow ends before the caller awaits anything.
+    pub(crate) fn request_rate(
+        &self,
+        snap: &crate::snapshot::Snapshot,
+        client_ip: std::net::IpAddr,
+    ) -> Result<(), u64> {
+        let verdict = self.request_limiter.borrow_mut().check_with(
+            snap.generation,
+            &snap.server.limits,
+            client_ip,
+            std::time::Instant::now(),
+        );
+        if verdict.is_err() {
+            self.stats.borrow_mut().limit_rejection(
+                crate::policy::limits::LIMIT_REQUEST_RATE,
+                crate::policy::limits::ENFORCER_USERSPACE,
+            );
+        }
+        verdict
+    }
+
     /// Resolves when a drain starts (immediately if it already has).
     pub(crate) async fn drained(&self) {
         let notified = self.drain_notify.notified();

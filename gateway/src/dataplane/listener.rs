@@ -212,7 +212,16 @@ async fn accept_loop<D: Driver>(
                         }
                     }
                 }
-                conn::h1::serve(w, ctx, io, peer, accepted, initial).await;
+                use conn::h2::Protocol;
+                match conn::h2::choose(&w, &ctx, io, initial, accepted).await {
+                    Protocol::Http1(io, initial) => {
+                        conn::h1::serve(w, ctx, io, peer, accepted, initial).await
+                    }
+                    Protocol::Http2(io, read_ahead) => {
+                        conn::h2::serve(w, ctx, io, read_ahead, peer, accepted).await
+                    }
+                    Protocol::Closed => {}
+                }
             }
         });
     }

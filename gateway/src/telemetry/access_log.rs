@@ -259,11 +259,12 @@ impl WorkerLog {
     }
 }
 
+/// `version`: 0 and 1 are HTTP/1.x's minor version; 2 is HTTP/2.
 fn version_str(v: u8) -> &'static str {
-    if v == 0 {
-        "HTTP/1.0"
-    } else {
-        "HTTP/1.1"
+    match v {
+        0 => "HTTP/1.0",
+        2 => "HTTP/2.0",
+        _ => "HTTP/1.1",
     }
 }
 

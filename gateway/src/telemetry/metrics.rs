@@ -62,6 +62,14 @@ pub struct UpstreamStats {
 pub struct ListenerStats {
     pub total: u64,
     pub active: i64,
+    /// HTTP/2 connections open now.
+    pub(crate) h2_active: i64,
+    /// HTTP/2 streams accepted.
+    pub(crate) h2_streams: u64,
+    /// RST_STREAM frames: [received from clients, sent by the gateway].
+    pub(crate) h2_resets: [u64; 2],
+    /// GOAWAYs sent, by reason.
+    pub(crate) h2_goaways: Vec<(&'static str, u64)>,
 }
 
 /// One worker's counters.
@@ -155,6 +163,10 @@ impl Stats {
                 h.observe(seconds);
             }
         }
+    }
+
+    pub(crate) fn h2_goaway(&mut self, listener: &Arc<str>, reason: &'static str) {
+        bump(&mut self.listener(listener).h2_goaways, reason, 1);
     }
 
     pub(crate) fn tunnel_path(&mut self, path: &'static str) {

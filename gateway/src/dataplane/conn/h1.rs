@@ -39,7 +39,8 @@ use tokio::time::timeout;
 use tokio_uring::buf::BoundedBuf;
 
 /// The `route` label of requests that matched no route (or never got that far).
-static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "none".into());
+pub(crate) static NO_ROUTE: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| "none".into());
 
 struct Client<S> {
     io: S,
@@ -211,12 +212,26 @@ pub async fn serve<S: Stream>(
 /// The client address: the peer, unless the peer is a trusted proxy, in which case the
 /// right-most untrusted address of `X-Forwarded-For` (nginx `real_ip_recursive on`).
 fn client_ip(buf: &[u8], head: &RequestHead, peer: IpAddr, listener: &ListenerSettings) -> IpAddr {
-    if head.known.x_forwarded_for.is_empty() || !listener.trusts(peer) {
+    let values = head
+        .known
+        .x_forwarded_for
+        .iter()
+        .map(|&i| head.headers[i].value(buf));
+    client_ip_from(values, peer, listener)
+}
+
+/// [`client_ip`] over the `X-Forwarded-For` field values in order of arrival, whatever the
+/// protocol carried them (HTTP/2 streams too).
+pub(crate) fn client_ip_from<'b>(
+    values: impl DoubleEndedIterator<Item = &'b [u8]>,
+    peer: IpAddr,
+    listener: &ListenerSettings,
+) -> IpAddr {
+    if !listener.trusts(peer) {
         return peer;
     }
     let mut candidate = peer;
-    for &i in head.known.x_forwarded_for.iter().rev() {
-        let value = head.headers[i].value(buf);
+    for value in values.rev() {
         for part in value.rsplit(|&b| b == b',') {
             let Some(ip) = std::str::from_utf8(crate::protocol::http1::head::trim(part))
                 .ok()
@@ -372,17 +387,7 @@ async fn handle<'s, S: Stream>(
     let has_body = !matches!(head.framing, BodyFraming::None | BodyFraming::Length(0));
     // limits.request_rate (nginx limit_req): over it, 429 with Retry-After. The verdict is
     // taken before awaiting so the limiter's borrow ends here.
-    let verdict = w.request_limiter.borrow_mut().check_with(
-        snap.generation,
-        &snap.server.limits,
-        client_ip,
-        Instant::now(),
-    );
-    if let Err(retry_after) = verdict {
-        w.stats.borrow_mut().limit_rejection(
-            crate::policy::limits::LIMIT_REQUEST_RATE,
-            crate::policy::limits::ENFORCER_USERSPACE,
-        );
+    if let Err(retry_after) = w.request_rate(snap, client_ip) {
         let retry_after = retry_after.to_string();
         send_error(&c.io, w, 429, has_body, Some(("Retry-After", &retry_after))).await;
         return Outcome {

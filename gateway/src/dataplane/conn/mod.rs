@@ -1,9 +1,10 @@
-//! One client connection: its preamble, the HTTP/1 session, the exchange it hands each
-//! proxied request to (and the body relay under it), and the WebSocket tunnel an upgrade
-//! turns it into.
+//! One client connection: its preamble, the HTTP/1 or HTTP/2 session, the exchange they
+//! hand each proxied request (or stream) to (and the body relay under it), and the
+//! WebSocket tunnel an upgrade turns an HTTP/1 connection into.
 
 pub mod exchange;
 pub mod h1;
+pub(crate) mod h2;
 pub(crate) mod preamble;
 pub(crate) mod relay;
 pub mod tunnel;

@@ -104,6 +104,7 @@ impl H2Request {
         }
     }
     /// The target sent upstream: the normalised path with the query as received.
+    #[cfg(test)]
     pub(crate) fn forward_target(&self) -> &[u8] {
         &self.norm
     }

@@ -468,6 +468,11 @@ impl<S: Stream> TlsStream<S> {
     /// given to rustls (it must be, before anything read next). Nothing is sent: the
     /// session goes on elsewhere, so no close_notify. Call with no operation in flight
     /// (after [`accept`] returned, nothing is).
+    /// The handshake chose HTTP/2 (ALPN `h2`).
+    pub(crate) fn alpn_is_h2(&self) -> bool {
+        self.conn.borrow().alpn_protocol() == Some(b"h2")
+    }
+
     pub fn into_parts(self) -> (S, ServerConnection, BytesMut) {
         let mut this = std::mem::ManuallyDrop::new(self);
         // SAFETY: `this` is never used or dropped again, so each field is moved out or

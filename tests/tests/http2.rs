@@ -1,0 +1,850 @@
+//! HTTP/2 for clients (issue 12), through the real binary to real HTTP/1.1 origins:
+//! negotiation (ALPN per listener with curl, h2c with prior knowledge on and off), routes and
+//! forwarded fields as for HTTP/1, request bodies with and without `content-length`, flow
+//! control with a slow reader beside a fast stream, 100 concurrent streams, a client reset
+//! reaching the upstream, the RFC 9113 §8.2 refusals (never reaching the upstream),
+//! `request_rate` per stream, the access log and metrics, GOAWAY on drain, after
+//! `max_requests_per_connection` and on a PING/SETTINGS flood. Runs on both I/O drivers
+//! (`GATEWAY_TEST_IO=epoll`).
+
+use gateway_tests::control::{admin_request, scrape, write_atomically};
+use gateway_tests::h2::{
+    exchange, frame_bytes, get_fields, H2Client, H2Req, RawH2, StreamFate, CONTINUATION,
+    END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
+};
+use gateway_tests::{wait_until, Config, Gateway, Origin, Reply, Route, Upstream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// RST_STREAM / GOAWAY error codes (RFC 9113 §7).
+const PROTOCOL_ERROR: u32 = 0x1;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+fn h2c(config: Config) -> Config {
+    config.listener_raw("h2c", "true")
+}
+
+fn echo_gateway() -> (Gateway, Origin) {
+    let origin = Origin::echo();
+    let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
+    (gw, origin)
+}
+
+#[test]
+fn h2c_prior_knowledge_forwards_as_http1_would() {
+    let origin = Origin::start(|r| Reply::ok(r.body.clone()).header("x-origin", "yes"));
+    let config = h2c(Config::new()
+        .workers(1)
+        .upstream(Upstream::new("app", &[origin.addr()]))
+        .route(Route::prefix("/api/", "app"))
+        .extra(
+            "[[route]]\npath_prefix = \"/static\"\nrespond = { status = 203, body = \"fixed\" }\n",
+        ));
+    let gw = Gateway::with(&config);
+    let mut c = H2Client::connect(gw.http_addr());
+    let r = c
+        .request(
+            &H2Req::get("/api/a/../b?q=1")
+                .authority("app.test:8443")
+                .header("cookie", "a=1")
+                .header("cookie", "b=2")
+                .header("x-forwarded-for", "203.0.113.9")
+                .header("user-agent", "h2-test"),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-origin"), Some("yes"));
+    let seen = &origin.requests()[0];
+    assert_eq!(seen.version, "HTTP/1.1");
+    assert_eq!(
+        seen.target, "/api/b?q=1",
+        "the path normalised as for HTTP/1"
+    );
+    assert_eq!(
+        seen.header("host"),
+        Some("app.test:8443"),
+        ":authority -> Host"
+    );
+    assert_eq!(
+        seen.header("x-forwarded-proto"),
+        Some("http"),
+        "h2c is http"
+    );
+    assert_eq!(
+        seen.header_all("x-forwarded-for"),
+        vec!["203.0.113.9, 127.0.0.1"],
+        "appended to, as for HTTP/1"
+    );
+    assert_eq!(
+        seen.header("x-real-ip"),
+        Some("127.0.0.1"),
+        "an untrusted peer's claim"
+    );
+    assert_eq!(
+        seen.header_all("cookie"),
+        vec!["a=1; b=2"],
+        "RFC 9113 §8.2.3"
+    );
+    // Routes as for HTTP/1: a respond route, and no route at all.
+    let fixed = c.get("/static/x");
+    assert_eq!((fixed.status, &fixed.body[..]), (203, &b"fixed"[..]));
+    assert_eq!(c.get("/nowhere").status, 404);
+    assert_eq!(origin.request_count(), 1);
+    // One access-log line per stream, as HTTP/2.0.
+    gw.wait_access_line(Duration::from_secs(5), |l| {
+        l.contains("\"GET /api/a/../b?q=1 HTTP/2.0\" 200") && l.contains("h2-test")
+    });
+    gw.wait_access_line(Duration::from_secs(5), |l| l.contains("HTTP/2.0\" 404"));
+    // Requests counted with HTTP/1's; the h2 family beside them.
+    wait_until(Duration::from_secs(5), "h2 metrics", || {
+        let m = scrape(gw.admin_addr());
+        m.get("gateway_http2_streams_total", &[("listener", "http")])
+            .is_some_and(|n| n >= 3.0)
+            && m.get("gateway_http2_connections_active", &[("listener", "http")]) == Some(1.0)
+            && m.sum(
+                "gateway_http_requests_total",
+                &[("listener", "http"), ("status", "203")],
+            ) == 1.0
+    });
+}
+
+#[test]
+fn h2c_is_off_by_default_and_the_preface_is_then_http1() {
+    let origin = Origin::echo();
+    let gw = Gateway::with(&Config::proxy_all(&[origin.addr()]).workers(1));
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(1, &get_fields(b"/"), true);
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut raw.sock, &mut answer);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 4"),
+        "an HTTP/1 refusal: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(origin.request_count(), 0);
+    // And HTTP/1 still works on an h2c listener.
+    let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
+    assert_eq!(gw.get("/plain").status, 200);
+}
+
+#[test]
+fn request_bodies_with_and_without_content_length() {
+    let (gw, origin) = echo_gateway();
+    let mut c = H2Client::connect(gw.http_addr());
+    let body = vec![b'x'; 200_000];
+    let sized = H2Req::get("/up")
+        .method("POST")
+        .header("content-length", &body.len().to_string())
+        .body(body.clone());
+    let r = c.request(&sized).unwrap();
+    assert_eq!((r.status, r.body.len()), (200, body.len()));
+    let streamed = H2Req::get("/up").method("POST").body(body.clone());
+    let r = c.request(&streamed).unwrap();
+    assert_eq!((r.status, r.body.len()), (200, body.len()));
+    let seen = origin.requests();
+    assert_eq!(seen[0].header("content-length"), Some("200000"));
+    assert_eq!(seen[1].header("transfer-encoding"), Some("chunked"));
+    assert_eq!(seen[1].body, body, "the DATA frames re-framed as chunks");
+    // A content-length the DATA frames do not match is malformed (RFC 9113 §8.1.1).
+    let short = H2Req::get("/up")
+        .method("POST")
+        .header("content-length", "10")
+        .body(&b"12345"[..]);
+    assert!(c.request(&short).is_err(), "a mismatch resets the stream");
+}
+
+#[test]
+fn upstream_framings_become_data_frames_and_failures_the_http1_status() {
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let b = body.clone();
+    let origin = Origin::start(move |r| match r.path() {
+        "/chunked" => Reply::ok(b.clone()).chunked(&[1, 7000, 3]),
+        "/close" => Reply::ok(b.clone()).close_delimited(),
+        _ => Reply::ok(b.clone()).interim(103, &[("link", "</a.css>")]),
+    });
+    let config = h2c(Config::new()
+        .workers(1)
+        .upstream(Upstream::new("app", &[origin.addr()]))
+        .upstream(Upstream::new("gone", &[gateway_tests::refused_addr()]))
+        .route(Route::prefix("/gone", "gone"))
+        .route(Route::prefix("/", "app")));
+    let gw = Gateway::with(&config);
+    let mut c = H2Client::connect(gw.http_addr());
+    for path in ["/chunked", "/close", "/interim"] {
+        let r = c.get(path);
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.body == body, "{path}: the payload, framing removed");
+        assert!(r.header("transfer-encoding").is_none() && r.header("connection").is_none());
+    }
+    assert_eq!(c.get("/gone").status, 502);
+}
+
+#[test]
+fn body_limits_and_connect_are_answered_as_for_http1() {
+    let origin = Origin::echo();
+    let config = h2c(Config::new()
+        .workers(1)
+        .upstream(Upstream::new("app", &[origin.addr()]))
+        .route(Route::prefix("/", "app").max_body_size("1KiB")));
+    let gw = Gateway::with(&config);
+    let mut c = H2Client::connect(gw.http_addr());
+    let declared = H2Req::get("/big")
+        .method("POST")
+        .header("content-length", "5000")
+        .body(vec![b'a'; 5000]);
+    assert_eq!(c.request(&declared).map(|r| r.status).ok(), Some(413));
+    // Without a declared length the limit holds on the DATA frames as they come.
+    let streamed = H2Req::get("/big").method("POST").body(vec![b'a'; 5000]);
+    let mut c = H2Client::connect(gw.http_addr());
+    let r = c.request(&streamed);
+    assert!(
+        r.as_ref().map_or(true, |r| r.status == 413),
+        "{:?}",
+        r.map(|r| r.status)
+    );
+    // CONNECT (and so WebSocket over HTTP/2, RFC 8441, which is not offered) is 405.
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(
+        1,
+        &[
+            (b":method", b"CONNECT"),
+            (b":authority", b"example.test:443"),
+        ],
+        false,
+    );
+    assert_eq!(raw.fate(1), StreamFate::Answered);
+    assert_eq!(origin.request_count(), 0, "nothing reached the upstream");
+}
+
+#[test]
+fn h2load_many_streams_on_few_connections_and_one_per_connection() {
+    let (gw, origin) = echo_gateway();
+    let url = format!("http://{}/load", gw.http_addr());
+    for args in [
+        ["-n", "2000", "-c", "4", "-m", "50"],
+        ["-n", "200", "-c", "20", "-m", "1"],
+    ] {
+        let out = Command::new("h2load")
+            .args(args)
+            .arg(&url)
+            .output()
+            .expect("run h2load (Debian nghttp2-client, cargo xtask install)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let n = args[1];
+        assert!(
+            text.contains(&format!(
+                "{n} total, {n} started, {n} done, {n} succeeded, 0 failed"
+            )),
+            "h2load {args:?}:\n{text}"
+        );
+        assert!(text.contains(&format!("status codes: {n} 2xx")), "{text}");
+    }
+    assert_eq!(origin.request_count(), 2200);
+}
+
+#[test]
+fn a_slow_reader_does_not_hold_up_another_stream() {
+    let big = vec![b'b'; 4 << 20];
+    let big2 = big.clone();
+    let origin = Origin::start(move |r| {
+        if r.path() == "/big" {
+            Reply::ok(big2.clone())
+        } else {
+            Reply::ok("small")
+        }
+    });
+    let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
+    // Stream windows of 64 KiB, a connection window that never fills: /big stalls on its
+    // own stream window only.
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(65_535)
+        .initial_connection_window_size(64 << 20);
+    let c = H2Client::connect_with(gw.http_addr(), builder);
+    let mut send = c.send.clone();
+    c.rt.block_on(async move {
+        let mut s = send.clone().ready().await.unwrap();
+        let (resp, _) = s.send_request(H2Req::get("/big").build(), true).unwrap();
+        let resp = resp.await.unwrap();
+        let mut big_body = resp.into_body();
+        // Read nothing of /big for a while: its window closes, and the gateway must keep
+        // serving other streams on the connection.
+        let started = Instant::now();
+        let small = exchange(&mut send, &H2Req::get("/small")).await.unwrap();
+        assert_eq!(small.body, b"small");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let mut got = 0;
+        while let Some(chunk) = big_body.data().await {
+            let chunk = chunk.unwrap();
+            got += chunk.len();
+            let _ = big_body.flow_control().release_capacity(chunk.len());
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        assert_eq!(got, big.len());
+    });
+}
+
+#[test]
+fn upstream_think_time_is_not_charged_to_the_client_write() {
+    // The response's write clock (send_timeout, client_min_rate) starts with its head, as
+    // for HTTP/1: an upstream slower than send_timeout does not cut a reading client, even
+    // one whose small window makes the gateway wait for WINDOW_UPDATEs.
+    let origin = Origin::start(|_| Reply::ok(vec![b's'; 1000]).delay(Duration::from_millis(1500)));
+    let config = h2c(Config::new()
+        .workers(1)
+        .upstream(Upstream::new("app", &[origin.addr()]))
+        .route(
+            Route::prefix("/", "app")
+                .send_timeout("1s")
+                .read_timeout("5s"),
+        ));
+    let gw = Gateway::with(&config);
+    let mut builder = h2::client::Builder::new();
+    builder.initial_window_size(100);
+    let mut c = H2Client::connect_with(gw.http_addr(), builder);
+    let r = c.get("/think");
+    assert_eq!((r.status, r.body.len()), (200, 1000));
+}
+
+#[test]
+fn a_zero_window_reader_is_reset_at_send_timeout() {
+    let origin = Origin::start(|r| match r.path() {
+        "/empty" => Reply::new(204),
+        _ => Reply::ok(vec![b'z'; 10_000]),
+    });
+    let config = h2c(Config::new()
+        .workers(1)
+        .upstream(Upstream::new("app", &[origin.addr()]).keepalive(4))
+        .route(Route::prefix("/", "app").send_timeout("1s")));
+    let gw = Gateway::with(&config);
+    let mut raw = RawH2::connect(gw.http_addr());
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0: no DATA may be sent on any stream.
+    raw.frame(SETTINGS, 0, 0, &[0x00, 0x04, 0, 0, 0, 0]);
+    raw.headers(1, &get_fields(b"/zero"), true);
+    assert_eq!(
+        raw.fate(1),
+        StreamFate::Answered,
+        "the head is not flow-controlled"
+    );
+    let started = Instant::now();
+    assert_eq!(
+        raw.fate(1),
+        StreamFate::Reset(0x8),
+        "CANCEL at send_timeout"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // HEAD and 204 need no window: answered without a body.
+    let mut c = H2Client::connect(gw.http_addr());
+    let head = c.request(&H2Req::get("/h").method("HEAD")).unwrap();
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    assert_eq!(head.header("content-length"), Some("10000"));
+    let empty = c.get("/empty");
+    assert_eq!((empty.status, empty.body.len()), (204, 0));
+}
+
+#[test]
+fn a_hundred_concurrent_streams_on_one_connection() {
+    let origin = Origin::start(|r| Reply::ok(r.target.clone()).delay(Duration::from_millis(50)));
+    let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
+    let c = H2Client::connect(gw.http_addr());
+    let send = c.send.clone();
+    let started = Instant::now();
+    let bodies = c.rt.block_on(async move {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..100 {
+            let mut send = send.clone();
+            set.spawn(async move {
+                let r = exchange(&mut send, &H2Req::get(&format!("/s/{i}")))
+                    .await
+                    .unwrap();
+                (r.status, String::from_utf8(r.body).unwrap())
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            out.push(r.unwrap());
+        }
+        out
+    });
+    assert_eq!(bodies.len(), 100);
+    assert!(bodies
+        .iter()
+        .all(|(s, b)| *s == 200 && b.starts_with("/s/")));
+    // 100 × 50 ms one after another would take 5 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_client_reset_closes_the_upstream_connection() {
+    // Waiting for the head, and waiting for the rest of a body already begun.
+    let origin = Origin::start(|r| {
+        if r.path() == "/partial" {
+            Reply::ok(vec![b'p'; 100_000]).partial_then_stall(1000)
+        } else {
+            Reply::stall()
+        }
+    });
+    let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
+    let mut raw = RawH2::connect(gw.http_addr());
+    for (stream, path) in [(1, &b"/slow"[..]), (3, b"/partial")] {
+        let mut fields = get_fields(b"/");
+        fields[3].1 = path;
+        raw.headers(stream, &fields, true);
+        wait_until(Duration::from_secs(5), "the request at the origin", || {
+            origin.active() == 1
+        });
+        if stream == 3 {
+            assert_eq!(
+                raw.fate(3),
+                StreamFate::Answered,
+                "the head came before the stall"
+            );
+        }
+        raw.frame(RST_STREAM, 0, stream, &0x8u32.to_be_bytes()); // CANCEL
+        wait_until(
+            Duration::from_secs(3),
+            "the upstream connection closed",
+            || origin.active() == 0,
+        );
+    }
+    wait_until(Duration::from_secs(5), "the resets counted", || {
+        scrape(gw.admin_addr())
+            .get(
+                "gateway_http2_resets_total",
+                &[("listener", "http"), ("direction", "received")],
+            )
+            .is_some_and(|n| n >= 2.0)
+    });
+}
+
+#[test]
+fn smuggling_shaped_requests_never_reach_the_upstream() {
+    let (gw, origin) = echo_gateway();
+    type Fields = Vec<(&'static [u8], &'static [u8])>;
+    let with = |extra: Fields| {
+        let mut f = get_fields(b"/x");
+        f.extend(extra);
+        f
+    };
+    let cases: Vec<(&str, Fields)> = vec![
+        ("connection", with(vec![(b"connection", b"keep-alive")])),
+        (
+            "transfer-encoding",
+            with(vec![(b"transfer-encoding", b"chunked")]),
+        ),
+        ("upgrade", with(vec![(b"upgrade", b"websocket")])),
+        ("keep-alive", with(vec![(b"keep-alive", b"5")])),
+        ("te gzip", with(vec![(b"te", b"gzip")])),
+        ("uppercase", with(vec![(b"X-Upper", b"1")])),
+        ("CR", with(vec![(b"x-a", b"1\r\nx-b: 2")])),
+        ("LF", with(vec![(b"x-a", b"1\nx")])),
+        ("NUL", with(vec![(b"x-a", b"1\0")])),
+        (
+            "no :path",
+            vec![
+                (b":method", b"GET"),
+                (b":scheme", b"http"),
+                (b":authority", b"a"),
+            ],
+        ),
+        ("unknown pseudo", with(vec![(b":foo", b"bar")])),
+        ("pseudo after regular", {
+            let mut f = vec![(&b":method"[..], &b"GET"[..]), (b"x-a", b"1")];
+            f.extend([(&b":scheme"[..], &b"http"[..]), (b":path", b"/x")]);
+            f
+        }),
+        ("two :path", with(vec![(b":path", b"/y")])),
+        ("relative :path", {
+            let mut f = get_fields(b"x");
+            f.truncate(4);
+            f
+        }),
+    ];
+    for (what, fields) in cases {
+        let mut raw = RawH2::connect(gw.http_addr());
+        raw.headers(1, &fields, true);
+        let fate = raw.fate(1);
+        assert!(
+            matches!(
+                fate,
+                StreamFate::Reset(PROTOCOL_ERROR) | StreamFate::GoAway(PROTOCOL_ERROR)
+            ),
+            "{what}: {fate:?}"
+        );
+    }
+    // `te: trailers` is allowed (and not forwarded: the upstream leg has no trailers).
+    let mut raw = RawH2::connect(gw.http_addr());
+    let mut f = get_fields(b"/te");
+    f.push((b"te", b"trailers"));
+    raw.headers(1, &f, true);
+    assert_eq!(raw.fate(1), StreamFate::Answered);
+    wait_until(Duration::from_secs(5), "the te request", || {
+        origin.request_count() == 1
+    });
+    let seen = origin.requests();
+    assert_eq!(
+        seen[0].path(),
+        "/te",
+        "only the valid request went upstream"
+    );
+    assert!(!seen[0].has_header("te"));
+}
+
+#[test]
+fn request_rate_counts_each_stream() {
+    let origin = Origin::echo();
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[limits]\nrequest_rate = \"2/s\"\nrequest_burst = 2\n");
+    let gw = Gateway::with(&config);
+    let mut c = H2Client::connect(gw.http_addr());
+    let statuses: Vec<u16> = (0..8).map(|_| c.get("/r").status).collect();
+    assert_eq!(statuses[0], 200, "{statuses:?}");
+    let limited = (0..4).map(|_| c.get("/r")).find(|r| r.status == 429);
+    let limited = limited.expect("429 once over the rate");
+    assert!(limited.header("retry-after").is_some());
+}
+
+#[test]
+fn max_requests_per_connection_ends_with_goaway() {
+    let origin = Origin::echo();
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[http2]\nmax_requests_per_connection = 3\n");
+    let gw = Gateway::with(&config);
+    let mut c = H2Client::connect(gw.http_addr());
+    for _ in 0..3 {
+        assert_eq!(c.get("/m").status, 200);
+    }
+    assert!(
+        c.request(&H2Req::get("/m")).is_err(),
+        "a fourth stream after GOAWAY is refused"
+    );
+    assert!(c.closed_within(Duration::from_secs(5)));
+    wait_until(Duration::from_secs(5), "the GOAWAY counted", || {
+        scrape(gw.admin_addr())
+            .get(
+                "gateway_http2_goaways_total",
+                &[("listener", "http"), ("reason", "max_requests")],
+            )
+            .is_some_and(|n| n >= 1.0)
+    });
+}
+
+#[test]
+fn ping_and_settings_floods_close_the_connection() {
+    let (gw, _origin) = echo_gateway();
+    for kind in [PING, SETTINGS] {
+        let mut raw = RawH2::connect(gw.http_addr());
+        let payload: &[u8] = if kind == PING { &[0; 8] } else { &[] };
+        let flood: Vec<u8> = (0..1000)
+            .flat_map(|_| frame_bytes(kind, 0, 0, payload))
+            .collect();
+        raw.send_bytes(&flood);
+        let mut goaway = None;
+        while let Some(f) = raw.read_frame(Duration::from_secs(5)) {
+            if f.kind == GOAWAY {
+                goaway = Some(u32::from_be_bytes(f.payload[4..8].try_into().unwrap()));
+            }
+        }
+        assert_eq!(
+            goaway,
+            Some(ENHANCE_YOUR_CALM),
+            "kind {kind}: GOAWAY, then close"
+        );
+    }
+    // A client within the budget is served.
+    let mut c = H2Client::connect(gw.http_addr());
+    assert_eq!(c.get("/after").status, 200);
+}
+
+#[test]
+fn rapid_reset_and_continuation_floods_end_the_connection() {
+    let (gw, origin) = echo_gateway();
+    // Rapid reset (CVE-2023-44487): streams opened and reset at once, in one write.
+    let mut raw = RawH2::connect(gw.http_addr());
+    let block = gateway_tests::h2::hpack_literals(&get_fields(b"/reset"));
+    let mut burst = Vec::new();
+    for i in 0..2000u32 {
+        let id = 1 + 2 * i;
+        burst.extend(frame_bytes(HEADERS, END_HEADERS | END_STREAM, id, &block));
+        burst.extend(frame_bytes(RST_STREAM, 0, id, &0x8u32.to_be_bytes()));
+    }
+    raw.send_bytes(&burst);
+    let codes = goaways_until_close(&mut raw);
+    assert_eq!(
+        codes.last(),
+        Some(&ENHANCE_YOUR_CALM),
+        "rapid reset: {codes:?}"
+    );
+    // A CONTINUATION flood: a header block that never ends.
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.frame(HEADERS, END_STREAM, 1, &block);
+    let filler = gateway_tests::h2::hpack_literals(&[(b"x-a", b"b")]);
+    let flood: Vec<u8> = (0..20_000)
+        .flat_map(|_| frame_bytes(CONTINUATION, 0, 1, &filler))
+        .collect();
+    raw.send_bytes(&flood);
+    let codes = goaways_until_close(&mut raw);
+    assert!(
+        !codes.is_empty() && codes.iter().all(|&c| c != 0),
+        "CONTINUATION: {codes:?}"
+    );
+    // Neither held the gateway up.
+    let mut c = H2Client::connect(gw.http_addr());
+    assert_eq!(c.get("/after").status, 200);
+    assert!(origin.request_count() < 2000, "{}", origin.request_count());
+}
+
+#[test]
+fn drain_sends_goaway_and_finishes_open_streams() {
+    let origin = Origin::start(|_| Reply::ok("late").delay(Duration::from_millis(800)));
+    let mut gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
+    let c = H2Client::connect(gw.http_addr());
+    let mut send = c.send.clone();
+    let body = c.rt.block_on(async {
+        let pending = tokio::spawn(async move { exchange(&mut send, &H2Req::get("/late")).await });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while origin.active() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the request never reached the origin"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        gw.signal(libc::SIGTERM);
+        pending.await.unwrap()
+    });
+    let r = body.expect("the open stream finishes after GOAWAY");
+    assert_eq!((r.status, &r.body[..]), (200, &b"late"[..]));
+    assert!(gw.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+#[test]
+fn drain_goaway_is_a_frame_on_the_wire() {
+    let (mut gw, _origin) = echo_gateway();
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(1, &get_fields(b"/first"), true);
+    assert_eq!(raw.fate(1), StreamFate::Answered);
+    gw.signal(libc::SIGTERM);
+    // GOAWAY, a PING to learn what the client sent meanwhile (h2's graceful shutdown),
+    // then the final GOAWAY and the close.
+    let mut kinds = Vec::new();
+    let started = Instant::now();
+    while let Some(f) = raw.read_frame(Duration::from_secs(5)) {
+        kinds.push(f.kind);
+        if f.kind == PING && f.flags & 0x1 == 0 {
+            raw.frame(PING, 0x1, 0, &f.payload);
+        }
+    }
+    assert!(kinds.contains(&GOAWAY), "{kinds:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed at once: {kinds:?}"
+    );
+    assert!(gw.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+/// Reads frames (acking PINGs) until the connection ends; returns the GOAWAY codes seen.
+fn goaways_until_close(raw: &mut RawH2) -> Vec<u32> {
+    let mut codes = Vec::new();
+    while let Some(f) = raw.read_frame(Duration::from_secs(5)) {
+        match f.kind {
+            GOAWAY => codes.push(u32::from_be_bytes(f.payload[4..8].try_into().unwrap())),
+            PING if f.flags & 0x1 == 0 => raw.frame(PING, 0x1, 0, &f.payload),
+            _ => {}
+        }
+    }
+    codes
+}
+
+/// A gateway (h2c, no idle timeout in the way) and one raw connection that got an answer.
+fn answered_connection() -> (Gateway, Origin, RawH2) {
+    let origin = Origin::echo();
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[http2]\nidle_timeout = \"60s\"\n");
+    let gw = Gateway::with(&config);
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(1, &get_fields(b"/a"), true);
+    assert_eq!(raw.fate(1), StreamFate::Answered);
+    (gw, origin, raw)
+}
+
+/// Rewrites the config file with `edit` and reloads it.
+fn reload_with(gw: &Gateway, edit: impl FnOnce(&str) -> String) {
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    let new = edit(&text);
+    assert_ne!(new, text);
+    write_atomically(gw.config_path(), &new);
+    let status = admin_request(gw.admin_addr(), "POST", "/reload", None).status;
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_reload_that_changes_the_listener_sends_goaway() {
+    let (gw, _origin, mut unchanged) = answered_connection();
+    // A reload that leaves the listener as it is keeps the connection.
+    reload_with(&gw, |text| format!("{text}\n# touched\n"));
+    let quiet_until = Instant::now() + Duration::from_millis(2500);
+    while let Some(left) = quiet_until.checked_duration_since(Instant::now()) {
+        match unchanged.read_frame(left) {
+            Some(f) => assert_ne!(
+                f.kind, GOAWAY,
+                "an unchanged listener keeps its connections"
+            ),
+            None => break,
+        }
+    }
+    unchanged.headers(3, &get_fields(b"/b"), true);
+    assert_eq!(unchanged.fate(3), StreamFate::Answered, "still serving");
+    // One that changes it (trusted_proxies) ends them with GOAWAY, open streams finishing.
+    reload_with(&gw, |text| {
+        text.replacen(
+            "h2c = true",
+            "h2c = true\ntrusted_proxies = [\"192.0.2.0/24\"]",
+            1,
+        )
+    });
+    let codes = goaways_until_close(&mut unchanged);
+    assert_eq!(codes.first(), Some(&0), "GOAWAY NO_ERROR: {codes:?}");
+    wait_until(Duration::from_secs(5), "the reload GOAWAY counted", || {
+        scrape(gw.admin_addr()).sum("gateway_http2_goaways_total", &[("reason", "reload")]) >= 1.0
+    });
+}
+
+#[test]
+fn a_reload_that_denies_the_client_closes_its_connection() {
+    let (gw, _origin, mut raw) = answered_connection();
+    reload_with(&gw, |text| {
+        format!("{text}\n[limits]\ndeny = [\"127.0.0.1/32\"]\n")
+    });
+    let started = Instant::now();
+    let codes = goaways_until_close(&mut raw);
+    assert!(!codes.is_empty(), "GOAWAY, then the close");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    wait_until(Duration::from_secs(5), "the denied GOAWAY counted", || {
+        scrape(gw.admin_addr()).sum("gateway_http2_goaways_total", &[("reason", "denied")]) >= 1.0
+    });
+}
+
+#[test]
+fn an_idle_connection_is_closed_with_goaway() {
+    let origin = Origin::echo();
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[http2]\nidle_timeout = \"1s\"\n");
+    let gw = Gateway::with(&config);
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(1, &get_fields(b"/a"), true);
+    assert_eq!(raw.fate(1), StreamFate::Answered);
+    let started = Instant::now();
+    let codes = goaways_until_close(&mut raw);
+    assert_eq!(codes.first(), Some(&0), "{codes:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+}
+
+#[test]
+fn a_header_list_over_the_limit_never_reaches_the_upstream() {
+    let origin = Origin::echo();
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[http2]\nmax_header_list_size = \"2KiB\"\n");
+    let gw = Gateway::with(&config);
+    let big = vec![b'v'; 4096];
+    let mut raw = RawH2::connect(gw.http_addr());
+    let mut fields = get_fields(b"/big-head");
+    fields.push((b"x-big", &big));
+    raw.headers(1, &fields, true);
+    let fate = raw.fate(1);
+    assert_ne!(fate, StreamFate::Closed);
+    // h2 answers 431 itself or resets; either way nothing went upstream.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(origin.request_count(), 0, "{fate:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS: ALPN per listener, with curl.
+
+/// curl over TLS: the HTTP version it used and the status.
+fn curl(addr: std::net::SocketAddr, flag: &str) -> (String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            flag,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+        ])
+        .arg("--resolve")
+        .arg(format!("localhost:{}:{}", addr.port(), addr.ip()))
+        .arg(format!("https://localhost:{}/tls", addr.port()))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (v, s) = text.split_once(' ').unwrap_or(("", ""));
+    (v.to_string(), s.to_string())
+}
+
+#[test]
+fn tls_listeners_offer_h2_then_http1_as_configured() {
+    let origin = Origin::echo();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = gateway_tests::self_signed_certificate(dir.path());
+    let (both, h1_only) = (gateway_tests::free_addr(), gateway_tests::free_addr());
+    let tls = format!(
+        "tls = {{ certificates = [{{ cert = {:?}, key = {:?} }}] }}",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let config = Config::proxy_all(&[origin.addr()])
+        .workers(1)
+        .extra(&format!(
+            "[[listener]]\nname = \"https\"\nlisten = \"{both}\"\n{tls}\n\n\
+         [[listener]]\nname = \"legacy\"\nlisten = \"{h1_only}\"\nalpn = [\"http/1.1\"]\n{tls}\n"
+        ));
+    let gw = Gateway::with(&config);
+    assert_eq!(curl(both, "--http2"), ("2".into(), "200".into()));
+    assert_eq!(curl(both, "--http1.1"), ("1.1".into(), "200".into()));
+    assert_eq!(curl(h1_only, "--http2"), ("1.1".into(), "200".into()));
+    let seen = origin.requests();
+    assert_eq!(seen[0].header("x-forwarded-proto"), Some("https"));
+    assert_eq!(
+        seen[0].header("host").map(|h| h.starts_with("localhost:")),
+        Some(true)
+    );
+    gw.wait_access_line(Duration::from_secs(5), |l| {
+        l.contains("\"GET /tls HTTP/2.0\" 200")
+    });
+    // h2load over TLS (ALPN h2): many streams on a few connections through TlsIo.
+    let out = Command::new("h2load")
+        .args(["-n", "1000", "-c", "4", "-m", "25"])
+        .arg(format!("https://127.0.0.1:{}/tls-load", both.port()))
+        .output()
+        .expect("run h2load");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("Application protocol: h2"), "{text}");
+    assert!(text.contains("1000 succeeded, 0 failed"), "{text}");
+}
+
+#[test]
+fn alpn_and_h2c_are_checked_per_listener_kind() {
+    let origin = Origin::echo();
+    for (key, value, complaint) in [
+        ("alpn", "[\"h2\"]", "only on a TLS listener"),
+        ("alpn", "[]", "at least one"),
+        ("alpn", "[\"h3\"]", "allowed values"),
+        ("h2c", "\"yes\"", "invalid type"),
+    ] {
+        let config = Config::proxy_all(&[origin.addr()]).listener_raw(key, value);
+        let err = match Gateway::try_start(&config.to_toml()) {
+            Err(e) => e,
+            Ok(_) => panic!("{key} = {value} was accepted"),
+        };
+        assert!(err.contains(complaint), "{key}: {err}");
+    }
+}
