@@ -76,30 +76,56 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(&loaded.config);
-            match run(loaded) {
+            let code = match run(loaded) {
                 Ok(code) => code,
                 Err(e) => {
                     tracing::error!("{e:#}");
                     ExitCode::from(1)
                 }
-            }
+            };
+            flush_diagnostics();
+            code
         }
     }
 }
 
+/// Lines the diagnostic log holds for a slow stderr reader before it drops them.
+const LOG_QUEUE_LINES: usize = 4096;
+
+/// The writer thread's guard: dropping it flushes what is queued, for at most about a
+/// second (tracing-appender bounds the wait), so an exit never hangs on a stalled stderr.
+static LOG_GUARD: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// The diagnostic log goes through a lossy queue to a writer thread of its own: with stderr
+/// a pipe whose reader stalled (journald, a container log shipper), a worker or the signal
+/// and drain path that logs must not block in write(2). Lines that do not fit are dropped
+/// and counted (`gateway_log_lines_dropped_total`).
 fn init_tracing(config: &Config) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
     use std::io::IsTerminal;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("stderr-log")
+        .finish(std::io::stderr());
+    gateway::telemetry::register_log_drops(writer.error_counter());
+    *LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match config.log.stderr_format {
         StderrFormat::Json => builder.json().init(),
         StderrFormat::Text => builder.init(),
     }
+}
+
+/// Flushes the diagnostic log before exit, bounded (see [`LOG_GUARD`]).
+fn flush_diagnostics() {
+    drop(LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
 }
 
 /// Raises RLIMIT_NOFILE towards `want`, stopping at the hard limit with a warning (raising
@@ -312,5 +338,6 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     drop(handles);
     // Worker threads may still hold sockets with operations in flight; the process is
     // done with them.
+    flush_diagnostics();
     std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
 }

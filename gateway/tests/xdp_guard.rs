@@ -2105,6 +2105,17 @@ fn reload_whose_xdp_map_update_fails_is_rejected_and_the_old_config_keeps_servin
         message.contains("XDP") && message.contains(names::DENY_V4),
         "the reason names the map: {message}"
     );
+    // ... and the key and line whose list the map holds, as every config error does.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("deny = ["))
+        .unwrap()
+        + 1;
+    assert!(
+        message.contains(&format!("gateway.toml:{line}: limits.deny: ")),
+        "names file, line {line} and key limits.deny: {message}"
+    );
     assert!(
         !message.contains("restoring"),
         "the old policy was restored: {message}"

@@ -77,6 +77,7 @@ pub const EXTRA_FAMILIES: &[(&str, &str, &[&str])] = &[
     ("gateway_admin_connections_rejected_total", "counter", &[]),
     ("gateway_admin_accept_errors_total", "counter", &[]),
     ("gateway_access_log_dropped_total", "counter", &[]),
+    ("gateway_log_lines_dropped_total", "counter", &[]),
 ];
 
 /// A sample's labels as sorted (name, value) pairs.

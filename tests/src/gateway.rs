@@ -44,19 +44,26 @@ impl Gateway {
     /// so a concurrent test can take one before the gateway binds it: on "Address already
     /// in use" the start is retried with fresh listener and admin ports.
     pub fn with(config: &Config) -> Gateway {
-        Gateway::with_limit(config, None)
+        Gateway::with_limit(config, None, None)
     }
 
     /// [`Gateway::with`], with RLIMIT_NOFILE (soft and hard) set to `nofile` in the child
     /// before exec, so descriptor exhaustion is reached with a handful of connections.
     pub fn with_nofile(config: &Config, nofile: u64) -> Gateway {
-        Gateway::with_limit(config, Some(nofile))
+        Gateway::with_limit(config, Some(nofile), None)
     }
 
-    fn with_limit(config: &Config, nofile: Option<u64>) -> Gateway {
+    /// [`Gateway::with`], with the gateway's stderr opened from `path` (read and write, so
+    /// a FIFO opens without a reader and a write never fails with EPIPE: a FIFO nobody
+    /// reads stands for a log shipper that stalled). [`Gateway::stderr`] is then empty.
+    pub fn with_stderr(config: &Config, path: &Path) -> Gateway {
+        Gateway::with_limit(config, None, Some(path))
+    }
+
+    fn with_limit(config: &Config, nofile: Option<u64>, stderr: Option<&Path>) -> Gateway {
         let mut config = config.clone();
         for _ in 0..4 {
-            match Gateway::try_start_limited(&config.to_toml(), nofile) {
+            match Gateway::try_start_limited(&config.to_toml(), nofile, stderr) {
                 Ok(gw) => return gw,
                 Err(e) if e.contains("Address already in use") => {
                     config.http_addr = crate::free_addr();
@@ -65,15 +72,20 @@ impl Gateway {
                 Err(e) => panic!("{e}"),
             }
         }
-        Gateway::try_start_limited(&config.to_toml(), nofile).unwrap_or_else(|e| panic!("{e}"))
+        Gateway::try_start_limited(&config.to_toml(), nofile, stderr)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Like [`Gateway::start`] but returns the reason instead of panicking.
     pub fn try_start(config_toml: &str) -> Result<Gateway, String> {
-        Gateway::try_start_limited(config_toml, None)
+        Gateway::try_start_limited(config_toml, None, None)
     }
 
-    fn try_start_limited(config_toml: &str, nofile: Option<u64>) -> Result<Gateway, String> {
+    fn try_start_limited(
+        config_toml: &str,
+        nofile: Option<u64>,
+        stderr_path: Option<&Path>,
+    ) -> Result<Gateway, String> {
         let (http_addr, admin_addr) = addresses_of(config_toml)?;
         let dir = tempfile::Builder::new()
             .prefix("gateway-test-")
@@ -82,7 +94,14 @@ impl Gateway {
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, config_toml).map_err(|e| format!("write config: {e}"))?;
         let stdout = File::create(dir.path().join("stdout.log")).unwrap();
-        let stderr = File::create(dir.path().join("stderr.log")).unwrap();
+        let stderr = match stderr_path {
+            Some(p) => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(|e| format!("open {}: {e}", p.display()))?,
+            None => File::create(dir.path().join("stderr.log")).unwrap(),
+        };
         let mut command = Command::new(gateway_bin());
         command
             .arg("run")

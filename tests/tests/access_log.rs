@@ -245,3 +245,24 @@ fn a_stalled_log_drops_lines_counts_them_and_keeps_serving() {
     assert_eq!(gw.get("/api/still").status, 200);
     assert_eq!(gw.admin_get("/healthz").status, 200);
 }
+
+#[test]
+fn a_client_that_hangs_up_is_logged_499_with_zero_bytes_sent() {
+    // The gateway answers a client gone before the response with nothing (499, as nginx):
+    // the log says 0 body bytes, not the length of an error body that was never sent.
+    use std::io::Write as _;
+    let origin = Origin::start(|_| Reply::ok("late").delay(Duration::from_secs(2)));
+    let gw = logged(&origin, None);
+    let mut s = std::net::TcpStream::connect(gw.http_addr()).unwrap();
+    s.write_all(b"GET /api/gone HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    gateway_tests::wait_until(Duration::from_secs(5), "the request at the origin", || {
+        origin.heads_seen() == 1
+    });
+    drop(s);
+    let line = gw.wait_access_line(Duration::from_secs(5), |l| l.contains("/api/gone"));
+    assert!(
+        line.contains("\"GET /api/gone HTTP/1.1\" 499 0 "),
+        "a 499 sends no body:\n{line}"
+    );
+}

@@ -329,3 +329,37 @@ fn check_refuses_zero_timeouts_that_would_flap_or_fail_everything() {
     let (out, stderr) = check("good.toml", &text);
     assert_eq!(out.status.code(), Some(0), "1s refused:\n{stderr}");
 }
+
+#[test]
+fn check_refuses_a_deny_or_allow_list_longer_than_the_xdp_tries_when_xdp_is_on() {
+    // One IPv4 network more than the guard's trie holds (16384 per list and family): the
+    // kernel would refuse the insert at start or reload; `check` says so first, naming the
+    // file, the line and the key.
+    const CAP: usize = 16_384;
+    let good = bad_config(false, false, false);
+    let nets = |n: usize| {
+        (0..n)
+            .map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let with = |xdp: &str, key: &str, n: usize| {
+        format!(
+            "{good}\n[limits]\nipv6_prefix = 64\n{key} = [{}]\n\n[xdp]\n{xdp}\n",
+            nets(n)
+        )
+    };
+    let on = "mode = \"auto\"\ninterface = \"lo\"";
+    for key in ["deny", "allow"] {
+        let text = with(on, key, CAP + 1);
+        let line = line_of(&text, &format!("{key} = ["));
+        assert_refused(&text, &format!("limits.{key}"), line);
+        let (_, stderr) = check("bad.toml", &text);
+        assert!(stderr.contains("16384"), "the cap is named:\n{stderr}");
+        // At the cap it fits; with XDP off the list is enforced in user space, uncapped.
+        for ok in [with(on, key, CAP), with("mode = \"off\"", key, CAP + 1)] {
+            let (out, stderr) = check("ok.toml", &ok);
+            assert_eq!(out.status.code(), Some(0), "{stderr}");
+        }
+    }
+}

@@ -1554,6 +1554,36 @@ fn healthz_and_ready_answer_while_a_post_reload_is_stalled() {
 }
 
 #[test]
+fn a_post_reload_that_outlasts_the_admin_request_timeout_still_gets_its_answer() {
+    // `request_timeout` bounds reading the request; a reload asked for must be answered
+    // with its result (it takes effect either way), not closed unanswered.
+    let api = Origin::named("api");
+    let config = Config::proxy_all(&[api.addr()]);
+    let short = |extra: &str| {
+        with_admin_keys(
+            &config.to_toml(),
+            &format!("request_timeout = \"1s\"\n{extra}"),
+        )
+    };
+    let gw = Gateway::start(&short(""));
+    let admin = gw.admin_addr();
+    let mut fifo = StalledFile::new(gw.dir());
+    write_atomically(gw.config_path(), &short("token_file = \"token.fifo\""));
+    let t0 = Instant::now();
+    let reload = thread::spawn(move || admin_request(admin, "POST", "/reload", None));
+    fifo.wait_reader(5 * SECOND);
+    // Well past the admin request_timeout, then the reload can finish.
+    thread::sleep(2 * SECOND + SECOND / 2);
+    assert!(!reload.is_finished(), "the reload is still stalled");
+    fifo.release("s3cret\n");
+    let r = reload.join().unwrap();
+    assert!(t0.elapsed() > 2 * SECOND);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert!(r.body_str().contains("generation 2"), "{}", r.body_str());
+    assert_eq!(admin_request(admin, "POST", "/reload", None).status, 401);
+}
+
+#[test]
 fn sigterm_during_a_stalled_reload_still_drains_and_exits_zero() {
     let api = slow_origin();
     let config = Config::proxy_all(&[api.addr()]).server("graceful_timeout", "3s");

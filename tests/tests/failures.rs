@@ -664,3 +664,57 @@ fn slow_reader_is_cut_off_and_frees_the_upstream_connection() {
             >= 1.0
     );
 }
+
+/// Diagnostic lines the gateway dropped because its stderr reader did not keep up.
+fn log_lines_dropped(gw: &Gateway) -> f64 {
+    gateway_tests::control::scrape(gw.admin_addr())
+        .get("gateway_log_lines_dropped_total", &[])
+        .expect("gateway_log_lines_dropped_total")
+}
+
+#[test]
+fn a_stalled_stderr_reader_stops_neither_the_data_plane_nor_the_drain() {
+    // stderr is a FIFO nobody reads (a stuck journald or log shipper): once its 64 KiB are
+    // full, a write(2) to it blocks forever. Every failed request logs (at debug level, one
+    // line or more each; the connect-failed warning besides, rate-limited): the workers and
+    // the drain must go on, and the lines that do not fit are dropped and counted.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("stderr.fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let config = Config::new()
+        .upstream(Upstream::new("app", &[refused_addr()]).max_fails(1000))
+        .route(Route::prefix("/", "app"))
+        .log("level", "debug")
+        .server("graceful_timeout", "3s");
+    let mut gw = Gateway::with_stderr(&config, &fifo);
+    let mut answered = 0;
+    // 2000 requests at least, and on until the log has visibly overflowed (bounded).
+    while answered < 2000 || (log_lines_dropped(&gw) == 0.0 && answered < 20_000) {
+        let r = Client::connect(gw.http_addr())
+            .request(&Req::get("/x"))
+            .unwrap_or_else(|e| panic!("request #{answered} unanswered: {e}"));
+        assert!(
+            matches!(r.status, 502 | 503),
+            "request #{answered}: {}",
+            r.status
+        );
+        answered += 1;
+    }
+    assert!(
+        log_lines_dropped(&gw) > 0.0,
+        "{answered} failed requests never filled the stderr pipe: the test proves nothing"
+    );
+    assert_eq!(
+        gateway_tests::gateway::admin_status(gw.admin_addr(), "/healthz"),
+        Some(200)
+    );
+    let t0 = Instant::now();
+    gw.signal(libc::SIGTERM);
+    let status = gw
+        .wait_exit(Duration::from_secs(5))
+        .expect("SIGTERM ends the gateway within graceful_timeout");
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}

@@ -1165,6 +1165,29 @@ impl Config {
                     "the XDP guard covers at most 16 listener ports".into(),
                 );
             }
+            // Each list is one LPM trie per family in the kernel, of a fixed size: a longer
+            // list would only fail at start or at reload, when the kernel refuses an insert.
+            for (key, list) in [("deny", &l.deny), ("allow", &l.allow)] {
+                for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+                    let networks: std::collections::HashSet<IpNet> = list
+                        .iter()
+                        .filter(|n| matches!(n, IpNet::V4(_)) == v4)
+                        .map(IpNet::trunc)
+                        .collect();
+                    if networks.len() > XDP_NET_ENTRIES {
+                        err(
+                            None,
+                            "limits",
+                            key,
+                            format!(
+                                "{} {family} networks: the XDP guard holds at most {XDP_NET_ENTRIES} \
+                                 per family and list (xdp.mode is on)",
+                                networks.len()
+                            ),
+                        );
+                    }
+                }
+            }
         }
         if self.xdp.mode != XdpMode::Off && self.xdp.interfaces().is_empty() {
             err(
@@ -1177,6 +1200,10 @@ impl Config {
         errors
     }
 }
+
+/// Networks per `limits.deny`/`limits.allow` list and address family that the XDP guard's
+/// tries hold (the size the XDP object declares).
+pub const XDP_NET_ENTRIES: usize = gateway_common::sizes::NET_ENTRIES as usize;
 
 /// 1-based line number of a byte offset.
 pub fn line_of(source: &str, offset: usize) -> usize {
@@ -1219,7 +1246,7 @@ fn locate_key(source: &str, span: Range<usize>, key: &str) -> usize {
 }
 
 /// Locates `key` inside a top-level `[table]` (or the table header itself).
-fn locate_table_key(source: &str, table: &str, key: &str) -> usize {
+pub(crate) fn locate_table_key(source: &str, table: &str, key: &str) -> usize {
     let header = format!("[{table}]");
     let Some(start) = source
         .lines()

@@ -16,7 +16,10 @@
 //!   refusals count in `gateway_admin_connections_rejected_total`;
 //! - a connection must deliver its whole head within [`HEAD_TIMEOUT`] (or
 //!   `admin.request_timeout` when shorter), and its request and answer within
-//!   `admin.request_timeout`;
+//!   `admin.request_timeout`. A `POST /reload` is the exception: its answer is written
+//!   (within `admin.request_timeout` again) once the reload is done, or after
+//!   [`RELOAD_ANSWER_WAIT`] as a 503 saying the result will be logged. A client that asked
+//!   for a reload is never left without an answer while the reload takes effect;
 //! - a request head is at most [`MAX_HEAD`] bytes (431 beyond);
 //! - `POST /reload` and `GET /config` need the bearer token when one is set, and a
 //!   non-loopback `listen` without a token is a config error: the control endpoints are
@@ -30,6 +33,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// Longest a `POST /reload` waits for the reload's result before answering `503 reload
+/// still running`: the reload carries on, and its result is logged and counted in
+/// `gateway_config_reloads_total`. Explicit so a stalled reload (a certificate on a hung
+/// network file system) holds an admin slot for a bounded time.
+pub const RELOAD_ANSWER_WAIT: Duration = Duration::from_secs(60);
 
 /// Largest admin request head (request line and headers). Admin requests carry a few
 /// short headers; anything bigger is not a client of this API.
@@ -87,7 +96,7 @@ pub async fn serve(listener: TcpListener, control: Arc<Control>) {
             tokio::select! {
                 // Evicted for a newer connection: dropping the stream closes it.
                 _ = evicted_rx => {}
-                _ = tokio::time::timeout(timeout, handle(stream, control, head_timeout, &slot)) => {}
+                _ = handle(stream, control, head_timeout, timeout, &slot) => {}
             }
         });
     }
@@ -206,8 +215,13 @@ async fn handle(
     mut stream: TcpStream,
     control: Arc<Control>,
     head_timeout: Duration,
+    request_timeout: Duration,
     slot: &Slot,
 ) -> std::io::Result<()> {
+    // `request_timeout` bounds the request and its answer, measured from the accept; for a
+    // reload, from the moment its result is known (the reload's own wait is bounded by
+    // RELOAD_ANSWER_WAIT), so a reload that outlasts the timeout still gets its answer.
+    let mut deadline = tokio::time::Instant::now() + request_timeout;
     let Ok(head) = tokio::time::timeout(head_timeout, read_head(&mut stream)).await else {
         // No whole head in time: close, unanswered, and free the slot.
         return Ok(());
@@ -216,8 +230,15 @@ async fn handle(
         return Ok(());
     };
     slot.head_done();
+    // Every route answers at once but the reload, which waits at most RELOAD_ANSWER_WAIT.
     let response = route(&control, &method, &path, authorization.as_deref()).await;
-    write(&mut stream, response).await
+    if method == "POST" && path == "/reload" {
+        deadline = tokio::time::Instant::now() + request_timeout;
+    }
+    match tokio::time::timeout_at(deadline, write(&mut stream, response)).await {
+        Ok(res) => res,
+        Err(_) => Ok(()),
+    }
 }
 
 /// A parsed request head: method, path without query, `Authorization` value.
@@ -316,10 +337,18 @@ async fn route(
             // may be slow or stalled, and `/healthz` and `/ready` must keep answering
             // meanwhile. A second reload waits for the running one (`Control::reload`).
             let control = control.clone();
-            match tokio::task::spawn_blocking(move || control.reload()).await {
-                Ok(Ok(summary)) => text(200, format!("{summary}\n")),
-                Ok(Err(errors)) => text(400, format!("{errors}\n")),
-                Err(e) => text(500, format!("the reload failed: {e}\n")),
+            let reload = tokio::task::spawn_blocking(move || control.reload());
+            match tokio::time::timeout(RELOAD_ANSWER_WAIT, reload).await {
+                Ok(Ok(Ok(summary))) => text(200, format!("{summary}\n")),
+                Ok(Ok(Err(errors))) => text(400, format!("{errors}\n")),
+                Ok(Err(e)) => text(500, format!("the reload failed: {e}\n")),
+                Err(_) => text(
+                    503,
+                    format!(
+                        "reload still running after {}s, result will be logged\n",
+                        RELOAD_ANSWER_WAIT.as_secs()
+                    ),
+                ),
             }
         }
         ("GET", "/config") => {

@@ -370,6 +370,7 @@ pub(crate) fn render(control: &Control) -> String {
     );
     control.render_xdp(&mut out);
     crate::util::budget::render(&mut out);
+    crate::telemetry::render_log_drops(&mut out);
     control.render_ops(&mut out);
     render_process(&mut out);
     out

@@ -12,6 +12,7 @@ use crate::config::{Config, ConfigErrors};
 use crate::telemetry::access_log::{LogWriter, Target};
 use crate::upstream::health::{self, Checker};
 use crate::{dataplane::shared::Shared, snapshot::Snapshot};
+use gateway_common::names;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -104,6 +105,8 @@ impl Control {
                 }]));
             }
         }
+        // For the line of an error found after the build (the XDP maps).
+        let source = loaded.source.clone();
         let snapshot = match Snapshot::build(loaded, old.generation + 1, Some(&old)) {
             Ok(s) => s,
             Err(errors) => {
@@ -154,7 +157,7 @@ impl Control {
         // A reload applies fully or not at all (as nginx's): the XDP guard's maps are the
         // last thing that can fail, so they go first, and a failure leaves the running
         // config (and its policy, restored in the maps) in force.
-        if let Err(error) = self.apply_xdp(&old.config, &snapshot.config) {
+        if let Err(error) = self.apply_xdp(&old.config, &snapshot.config, &source) {
             self.reloads_failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(%error, "reload rejected; the running config keeps serving");
             return Err(ConfigErrors(vec![error]));
@@ -181,13 +184,28 @@ impl Control {
     /// program, maps rewritten in place: counters and buckets are kept). On failure (a map
     /// update refused: a full trie, a map gone) the policy of `old` is written back, so the
     /// maps match the config that keeps serving, and the error names the failed update.
-    fn apply_xdp(&self, old: &Config, new: &Config) -> Result<(), crate::config::ConfigError> {
+    fn apply_xdp(
+        &self,
+        old: &Config,
+        new: &Config,
+        source: &str,
+    ) -> Result<(), crate::config::ConfigError> {
         let mut xdp = self.xdp.lock().unwrap_or_else(|e| e.into_inner());
         let Some(guard) = xdp.as_mut() else {
             return Ok(());
         };
         let Err(e) = guard.apply_config(new) else {
             return Ok(());
+        };
+        // The key whose entries the refused map holds: the deny or allow list (a trie full),
+        // else the `[limits]` table as a whole.
+        let key = match &e {
+            crate::xdp::XdpError::Map { name, .. } => match *name {
+                names::DENY_V4 | names::DENY_V6 => "deny",
+                names::ALLOW_V4 | names::ALLOW_V6 => "allow",
+                _ => "",
+            },
+            _ => "",
         };
         let mut message = format!("the XDP guard cannot apply the new limits: {}", e.detail());
         if let Err(e) = guard.apply_config(old) {
@@ -200,8 +218,12 @@ impl Control {
         }
         Err(crate::config::ConfigError {
             file: self.config_path.clone(),
-            line: 0,
-            key: "limits".into(),
+            line: crate::config::locate_table_key(source, "limits", key),
+            key: if key.is_empty() {
+                "limits".into()
+            } else {
+                format!("limits.{key}")
+            },
             message,
         })
     }

@@ -156,6 +156,27 @@ pub fn refused(reason: Refusal, detail: &dyn std::fmt::Display) {
     }
 }
 
+/// Per-request warnings that an upstream outage multiplies (one per failed request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpstreamWarning {
+    /// A connect to an upstream server failed (refused, unreachable, timed out).
+    ConnectFailed,
+    /// An upstream response ended before its framing said it would.
+    ResponseCutShort,
+}
+
+static UPSTREAM_WARNINGS: [Counted; 2] = [const { Counted::new() }; 2];
+
+/// Rate limit for [`UpstreamWarning`]s: one line per second per kind, whatever the number of
+/// requests or servers failing. Returns how many events (over all servers) the caller's
+/// line stands for, or `None` when a line was already written this second. A dead upstream
+/// under load otherwise writes a line per request: a log flood that costs the workers their
+/// time and drowns every other line (the failures themselves are counted per server in
+/// `/metrics`).
+pub(crate) fn upstream_warning(kind: UpstreamWarning) -> Option<u64> {
+    UPSTREAM_WARNINGS[kind as usize].hit()
+}
+
 /// Appends the counters in Prometheus text format.
 pub(crate) fn render(out: &mut String) {
     family(

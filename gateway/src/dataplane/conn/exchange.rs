@@ -31,6 +31,7 @@ use crate::policy::route::Route;
 use crate::protocol::error::{HttpError, Side};
 use crate::protocol::http1::head::{parse_response, BodyFraming, ResponseHead};
 use crate::upstream::Upstream;
+use crate::util::budget::{upstream_warning, UpstreamWarning};
 use crate::util::clock;
 use bytes::{Buf, BytesMut};
 use std::net::IpAddr;
@@ -185,7 +186,9 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
                     ));
                 }
                 Err(e) => {
-                    tracing::warn!(upstream = %upstream.name, server = %addr, error = %e, "connect failed");
+                    if let Some(events) = upstream_warning(UpstreamWarning::ConnectFailed) {
+                        tracing::warn!(upstream = %upstream.name, server = %addr, error = %e, events, "connect failed");
+                    }
                     mark_failure(upstream, server);
                     let error = if e.kind() == std::io::ErrorKind::TimedOut {
                         HttpError::UpstreamTimeout("connect")
@@ -324,7 +327,9 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
         }) => {
             if error.side() == Side::Upstream {
                 book_failure(upstream, server, &error);
-                tracing::warn!(upstream = %upstream.name, server = %upstream.servers[server].label, error = %error, response_started, "response cut short");
+                if let Some(events) = upstream_warning(UpstreamWarning::ResponseCutShort) {
+                    tracing::warn!(upstream = %upstream.name, server = %upstream.servers[server].label, error = %error, response_started, events, "response cut short");
+                }
             }
             Err(Failure {
                 error,

@@ -65,10 +65,12 @@ struct Outcome<'s> {
 }
 
 impl Outcome<'_> {
-    fn error(status: u16, keep_alive: bool) -> Self {
+    /// An error answered by the gateway itself; `body_bytes` is what [`send_error`] wrote
+    /// (0 when nothing was sent: a 499, or a client that stopped reading), as nginx logs.
+    fn error(status: u16, keep_alive: bool, body_bytes: u64) -> Self {
         Outcome {
             status,
-            body_bytes: error_body(status).len() as u64,
+            body_bytes,
             route: None,
             upstream: None,
             keep_alive,
@@ -116,7 +118,7 @@ pub async fn serve<S: Stream>(
                         Some(peer),
                     );
                 }
-                send_error(&c.io, &w, status, true, None).await;
+                let body_bytes = send_error(&c.io, &w, status, true, None).await;
                 linger(&c.io, &w).await;
                 if snap.access_enabled {
                     let entry = Entry {
@@ -125,7 +127,7 @@ pub async fn serve<S: Stream>(
                         target: b"-",
                         version: 1,
                         status,
-                        body_bytes: error_body(status).len() as u64,
+                        body_bytes,
                         referer: None,
                         user_agent: None,
                         duration_us: 0,
@@ -359,19 +361,21 @@ async fn send_error<S: Stream>(
     status: u16,
     close: bool,
     extra: Option<(&str, &str)>,
-) {
+) -> u64 {
     let mut out = w.lend_out();
     let extra_headers: Vec<(&str, &str)> = extra.into_iter().collect();
-    write_simple_response(
-        &mut out,
-        status,
-        "text/plain",
-        error_body(status),
-        close,
-        &extra_headers,
-    );
-    if let Ok((_, back)) = timeout(Duration::from_secs(5), io.write_all(out.take())).await {
-        out.put(back);
+    let body = error_body(status);
+    write_simple_response(&mut out, status, "text/plain", body, close, &extra_headers);
+    match timeout(Duration::from_secs(5), io.write_all(out.take())).await {
+        Ok((res, back)) => {
+            out.put(back);
+            if res.is_ok() {
+                body.len() as u64
+            } else {
+                0
+            }
+        }
+        Err(_) => 0,
     }
 }
 
@@ -389,34 +393,34 @@ async fn handle<'s, S: Stream>(
     // taken before awaiting so the limiter's borrow ends here.
     if let Err(retry_after) = w.request_rate(snap, client_ip) {
         let retry_after = retry_after.to_string();
-        send_error(&c.io, w, 429, has_body, Some(("Retry-After", &retry_after))).await;
+        let sent = send_error(&c.io, w, 429, has_body, Some(("Retry-After", &retry_after))).await;
         return Outcome {
             consumed: head.len,
-            ..Outcome::error(429, !has_body)
+            ..Outcome::error(429, !has_body, sent)
         };
     }
     let Some(route) = snap.router.find(head.host(buf), head.path()) else {
-        send_error(&c.io, w, 404, has_body, None).await;
+        let sent = send_error(&c.io, w, 404, has_body, None).await;
         return Outcome {
             consumed: head.len,
-            ..Outcome::error(404, !has_body)
+            ..Outcome::error(404, !has_body, sent)
         };
     };
     if let BodyFraming::Length(n) = head.framing {
         if n > route.max_body_size {
-            send_error(&c.io, w, 413, true, None).await;
+            let sent = send_error(&c.io, w, 413, true, None).await;
             return Outcome {
                 route: Some(&route.label),
-                ..Outcome::error(413, false)
+                ..Outcome::error(413, false, sent)
             };
         }
     }
     if head.method(buf) == b"TRACE" && !route.allow_trace {
-        send_error(&c.io, w, 405, has_body, None).await;
+        let sent = send_error(&c.io, w, 405, has_body, None).await;
         return Outcome {
             route: Some(&route.label),
             consumed: head.len,
-            ..Outcome::error(405, !has_body)
+            ..Outcome::error(405, !has_body, sent)
         };
     }
     if route.websocket {
@@ -427,10 +431,10 @@ async fn handle<'s, S: Stream>(
             WebSocketHandshake::UnsupportedVersion => (426, Some(("Sec-WebSocket-Version", "13"))),
         };
         if status != 0 {
-            send_error(&c.io, w, status, true, extra).await;
+            let sent = send_error(&c.io, w, status, true, extra).await;
             return Outcome {
                 route: Some(&route.label),
-                ..Outcome::error(status, false)
+                ..Outcome::error(status, false, sent)
             };
         }
     }
@@ -490,15 +494,19 @@ async fn handle<'s, S: Stream>(
                     if !failure.error.is_refused_request() {
                         tracing::debug!(upstream = %upstream.name, error = %failure.error, "request failed");
                     }
-                    if !failure.response_started
+                    // A 499 (client gone) or a response already started sends no error
+                    // body: nothing of it is logged.
+                    let sent = if !failure.response_started
                         && !matches!(failure.error, HttpError::ClientGone(_))
                     {
-                        send_error(&c.io, w, status, true, None).await;
-                    }
+                        send_error(&c.io, w, status, true, None).await
+                    } else {
+                        0
+                    };
                     Outcome {
                         route: Some(&route.label),
                         upstream: failure.server.map(|s| (&**upstream, s)),
-                        ..Outcome::error(status, false)
+                        ..Outcome::error(status, false, sent)
                     }
                 }
             }
