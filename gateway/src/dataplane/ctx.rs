@@ -116,16 +116,17 @@ impl<S: Stream> Worker<S> {
         f: impl FnOnce(&mut WorkerUpstream<S>) -> R,
     ) -> R {
         let mut map = self.upstreams.borrow_mut();
-        let entry = map
-            .entry(upstream.id)
-            .or_insert_with(|| WorkerUpstream::new(upstream.clone()));
-        f(entry)
+        adopt(&mut map, upstream);
+        f(map.get_mut(&upstream.id).expect("adopted"))
     }
 
     /// Drops pools of upstreams no longer in the snapshot, and closes dead idle connections.
     pub(crate) fn sweep_upstreams(&self) {
         let snap = self.snapshot();
         let mut map = self.upstreams.borrow_mut();
+        for upstream in &snap.upstreams {
+            adopt(&mut map, upstream);
+        }
         map.retain(|id, _| snap.upstreams.iter().any(|u| u.id == *id));
         for pool in map.values_mut() {
             pool.sweep();
@@ -288,4 +289,25 @@ impl<T: Recycle, S: Stream> Drop for Lent<'_, T, S> {
             item.recycle(self.w);
         }
     }
+}
+
+/// Makes sure `map` has this worker's state for `upstream`. When the upstream was rebuilt
+/// (a reload, or its names resolved to new addresses), the state of the one it replaced
+/// (same name, older id) carries its idle connections over to the servers that stay. Only
+/// forward: a request still running on the older one gets a fresh entry, swept once the
+/// snapshot no longer has it.
+fn adopt<S: Stream>(map: &mut FastMap<u64, WorkerUpstream<S>>, upstream: &Arc<Upstream>) {
+    if map.contains_key(&upstream.id) {
+        return;
+    }
+    let older = map
+        .iter()
+        .filter(|(id, p)| **id < upstream.id && p.upstream.name == upstream.name)
+        .map(|(id, _)| *id)
+        .max();
+    let pool = match older.and_then(|id| map.remove(&id)) {
+        Some(old) => WorkerUpstream::replacing(upstream.clone(), old),
+        None => WorkerUpstream::new(upstream.clone()),
+    };
+    map.insert(upstream.id, pool);
 }

@@ -169,6 +169,10 @@ mod tests {
             max_fails: 1,
             fail_timeout: crate::config::Dur(std::time::Duration::from_secs(10)),
             health_check: None,
+            resolve_required: true,
+            resolve_min: crate::config::Dur(std::time::Duration::from_secs(5)),
+            resolve_max: crate::config::Dur(std::time::Duration::from_secs(300)),
+            nxdomain_grace: crate::config::Dur(std::time::Duration::from_secs(60)),
         };
         Upstream::build(&config, &[])
     }

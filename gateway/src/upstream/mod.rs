@@ -6,12 +6,14 @@
 //! idle connections are per worker, with no lock on the request path.
 
 pub mod balance;
+pub mod dns;
 pub mod health;
 pub mod pool;
 
-use crate::config::{Balance, HealthCheckConfig, UpstreamConfig};
+use crate::config::{Balance, HealthCheckConfig, ServerAddr, UpstreamConfig};
 use crate::util::clock;
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,18 +101,56 @@ pub struct Upstream {
 
 static NEXT_UPSTREAM_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The addresses each server name of one upstream resolved to (`upstream/dns.rs`); a
+/// name missing here, or with no addresses, contributes no server.
+pub type Resolved = HashMap<String, Vec<IpAddr>>;
+
 impl Upstream {
-    /// Builds an upstream from its config. `previous` are the upstreams of the config being
-    /// replaced: an identical one is reused as is, and servers that stay keep their health.
+    /// Builds an upstream from its config with its names unresolved (no servers from them).
     pub fn build(config: &UpstreamConfig, previous: &[Arc<Upstream>]) -> Arc<Upstream> {
-        if let Some(same) = previous.iter().find(|u| &u.config == config) {
+        Self::build_resolved(config, previous, &Resolved::new())
+    }
+
+    /// Builds an upstream from its config and the addresses its names resolved to: each
+    /// address is a server of its own (its own health and idle pool), with its entry's
+    /// weight. `previous` are the upstreams being replaced: an identical one (same config,
+    /// same addresses) is reused as is, and servers that stay keep their health.
+    pub fn build_resolved(
+        config: &UpstreamConfig,
+        previous: &[Arc<Upstream>],
+        resolved: &Resolved,
+    ) -> Arc<Upstream> {
+        let mut wanted: Vec<(SocketAddr, u32)> = Vec::new();
+        for s in &config.servers {
+            match ServerAddr::parse(s.addr()).expect("validated server address") {
+                ServerAddr::Ip(addr) => wanted.push((addr, s.weight())),
+                ServerAddr::Name(host, port) => {
+                    for ip in resolved.get(&host).into_iter().flatten() {
+                        let addr = SocketAddr::new(*ip, port);
+                        // Two names for one address: one server, not two pools to it.
+                        if !wanted.iter().any(|(a, _)| *a == addr) {
+                            wanted.push((addr, s.weight()));
+                        }
+                    }
+                }
+            }
+        }
+        let same_servers = |u: &Upstream| {
+            u.servers.len() == wanted.len()
+                && u.servers
+                    .iter()
+                    .zip(&wanted)
+                    .all(|(s, (a, w))| s.addr == *a && s.weight == *w)
+        };
+        if let Some(same) = previous
+            .iter()
+            .find(|u| &u.config == config && same_servers(u))
+        {
             return same.clone();
         }
-        let servers: Vec<Server> = config
-            .servers
-            .iter()
-            .map(|s| {
-                let addr: SocketAddr = s.addr().parse().expect("validated server address");
+        let servers: Vec<Server> = wanted
+            .into_iter()
+            .map(|(addr, weight)| {
                 let state = previous
                     .iter()
                     .filter(|u| u.name == config.name)
@@ -120,8 +160,9 @@ impl Upstream {
                     .unwrap_or_default();
                 Server {
                     addr,
+                    // The resolved address, so the access log and metrics name the pod.
                     label: addr.to_string(),
-                    weight: s.weight(),
+                    weight,
                     state,
                 }
             })
