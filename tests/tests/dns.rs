@@ -195,6 +195,16 @@ fn origin_at(ip: &str, port: u16) -> Origin {
         .start(move |_| Reply::ok(name.clone()).header("X-Origin", &name))
 }
 
+/// A DNS server (records of TTL `ttl`) and two origins on one port, at 127.0.0.2 and
+/// 127.0.0.3: two pods of one Service.
+fn two_pods(ttl: u32) -> (Dns, u16, Origin, Origin) {
+    let dns = Dns::start(ttl);
+    let port = free_port();
+    let a = origin_at("127.0.0.2", port);
+    let b = origin_at("127.0.0.3", port);
+    (dns, port, a, b)
+}
+
 /// A gateway whose upstream "app" is `servers` (raw TOML values), resolving through `dns`.
 fn gateway(dns: &Dns, servers: &str, upstream_keys: &str) -> Gateway {
     let config = Config::new()
@@ -416,10 +426,7 @@ fn the_ttl_is_respected_within_resolve_min_and_resolve_max() {
 
 #[test]
 fn a_dns_outage_changes_nothing() {
-    let dns = Dns::start(1);
-    let port = free_port();
-    let _a = origin_at("127.0.0.2", port);
-    let _b = origin_at("127.0.0.3", port);
+    let (dns, port, _a, _b) = two_pods(1);
     dns.set("svc.test", &[ip("127.0.0.2"), ip("127.0.0.3")]);
     let gw = gateway(
         &dns,
@@ -585,10 +592,7 @@ fn a_name_that_does_not_resolve_fails_check_and_start() {
 
 #[test]
 fn a_reload_keeps_an_unchanged_name_and_resolves_a_new_one() {
-    let dns = Dns::start(30);
-    let port = free_port();
-    let _a = origin_at("127.0.0.2", port);
-    let _b = origin_at("127.0.0.3", port);
+    let (dns, port, _a, _b) = two_pods(30);
     dns.set("one.test", &[ip("127.0.0.2")]);
     dns.set("two.test", &[ip("127.0.0.3")]);
     let gw = gateway(&dns, &format!("\"one.test:{port}\""), "");
@@ -612,4 +616,50 @@ fn a_reload_keeps_an_unchanged_name_and_resolves_a_new_one() {
     seen.sort();
     seen.dedup();
     assert_eq!(seen, vec![b"127.0.0.2".to_vec(), b"127.0.0.3".to_vec()]);
+}
+
+/// Requests one after the other, paced so each upstream connection is back in its
+/// worker's pool before the next request: the answering origins' bodies.
+fn sequential(gw: &Gateway, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let r = gw.get("/");
+            assert_eq!(r.status, 200);
+            thread::sleep(Duration::from_millis(10));
+            String::from_utf8(r.body).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn servers_that_stay_keep_their_idle_connections() {
+    let (dns, port, stays, _new) = two_pods(1);
+    dns.set("svc.test", &[ip("127.0.0.2")]);
+    let gw = gateway(
+        &dns,
+        &format!("\"svc.test:{port}\""),
+        "resolve_min = \"1s\"",
+    );
+    sequential(&gw, 20);
+    let warm = stays.accepts();
+    assert!(
+        warm <= 2,
+        "{warm} connections for sequential requests on 2 workers"
+    );
+
+    dns.set("svc.test", &[ip("127.0.0.2"), ip("127.0.0.3")]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sequential(&gw, 2).iter().any(|o| o == "127.0.0.3") {
+        assert!(
+            Instant::now() < deadline,
+            "the new address never got traffic"
+        );
+    }
+    let answered = sequential(&gw, 20);
+    assert!(answered.iter().any(|o| o == "127.0.0.2"));
+    assert_eq!(
+        stays.accepts(),
+        warm,
+        "the rebuilt upstream reused the pooled connections to the address that stayed"
+    );
 }

@@ -146,7 +146,12 @@ impl Dns {
         // system's search list and ndots apply, as they do for getaddrinfo.
         let outcome = match resolver.lookup_ip(host).await {
             Ok(lookup) => {
-                let mut addrs: Vec<IpAddr> = lookup.iter().collect();
+                // An unspecified or multicast address is no server (0.0.0.0 would reach
+                // this host): a record pointing there is ignored, not connected to.
+                let mut addrs: Vec<IpAddr> = lookup
+                    .iter()
+                    .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+                    .collect();
                 addrs.sort_unstable();
                 addrs.dedup();
                 let ttl = lookup
