@@ -606,16 +606,54 @@ fn a_reload_keeps_an_unchanged_name_and_resolves_a_new_one() {
         ),
     )
     .unwrap();
-    let r = client::Client::connect(gw.admin_addr()).must(
-        &client::Req::post("/reload", "")
-            .host(Some("admin"))
-            .header("Connection", "close"),
-    );
+    let r = reload(&gw);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let mut seen: Vec<Vec<u8>> = (0..6).map(|_| gw.get("/").body).collect();
     seen.sort();
     seen.dedup();
     assert_eq!(seen, vec![b"127.0.0.2".to_vec(), b"127.0.0.3".to_vec()]);
+}
+
+fn reload(gw: &Gateway) -> client::Response {
+    client::Client::connect(gw.admin_addr()).must(
+        &client::Req::post("/reload", "")
+            .host(Some("admin"))
+            .header("Connection", "close"),
+    )
+}
+
+/// A reload that resolves its names and then fails (a listen address taken) leaves the
+/// running config's names as they were: still refreshed, still followed.
+#[test]
+fn a_failed_reload_leaves_the_running_names_followed() {
+    let (dns, port, _a, _b) = two_pods(1);
+    dns.set("one.test", &[ip("127.0.0.2")]);
+    dns.set("two.test", &[ip("127.0.0.3")]);
+    let gw = gateway(
+        &dns,
+        &format!("\"one.test:{port}\""),
+        "resolve_min = \"1s\"",
+    );
+    assert_eq!(gw.get("/").body, b"127.0.0.2");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    let bad = text.replace("\"one.test:", "\"two.test:")
+        + &format!(
+            "\n[[listener]]\nname = \"taken\"\nlisten = \"{}\"\n",
+            taken.local_addr().unwrap()
+        );
+    std::fs::write(gw.config_path(), bad).unwrap();
+    assert_eq!(reload(&gw).status, 400);
+    // one.test moves: the running config follows it.
+    dns.set("one.test", &[ip("127.0.0.3")]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.get("/").body != b"127.0.0.3" {
+        assert!(
+            Instant::now() < deadline,
+            "the running name is no longer followed"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Requests one after the other, paced so each upstream connection is back in its

@@ -189,6 +189,8 @@ impl Control {
         // in force.
         self.shared.conn_limiter.apply(&snapshot.config.limits);
         self.shared.install(snapshot);
+        // Names only the replaced config had are no longer refreshed.
+        self.dns.retain(&self.shared.snapshot().config);
         if let Some(log) = &self.log {
             if let Err(e) = log.reopen(access) {
                 tracing::error!(error = %e, "cannot reopen the access log");

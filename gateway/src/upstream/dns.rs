@@ -119,6 +119,45 @@ fn names_of(config: &Config) -> impl Iterator<Item = (usize, &str, String)> + '_
     })
 }
 
+/// What a lookup's result means for the failure rules.
+fn classify(
+    result: Result<hickory_resolver::lookup_ip::LookupIp, hickory_resolver::ResolveError>,
+) -> Outcome {
+    match result {
+        Ok(lookup) => {
+            // An unspecified or multicast address is no server (0.0.0.0 would reach this
+            // host): a record pointing there is ignored, not connected to.
+            let mut addrs: Vec<IpAddr> = lookup
+                .iter()
+                .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+                .collect();
+            addrs.sort_unstable();
+            addrs.dedup();
+            let ttl = lookup
+                .valid_until()
+                .saturating_duration_since(Instant::now());
+            if addrs.is_empty() {
+                Outcome::Missing("nodata")
+            } else {
+                Outcome::Found(addrs, ttl)
+            }
+        }
+        Err(e) => match e.kind() {
+            ResolveErrorKind::Proto(p) => match p.kind() {
+                ProtoErrorKind::NoRecordsFound { response_code, .. } => match *response_code {
+                    ResponseCode::NXDomain => Outcome::Missing("nxdomain"),
+                    ResponseCode::NoError => Outcome::Missing("nodata"),
+                    ResponseCode::ServFail => Outcome::Failed("servfail", e.to_string()),
+                    _ => Outcome::Failed("error", e.to_string()),
+                },
+                ProtoErrorKind::Timeout => Outcome::Failed("timeout", e.to_string()),
+                _ => Outcome::Failed("error", e.to_string()),
+            },
+            _ => Outcome::Failed("error", e.to_string()),
+        },
+    }
+}
+
 impl Dns {
     pub fn new() -> Arc<Dns> {
         Arc::new(Dns {
@@ -141,49 +180,38 @@ impl Dns {
         }
     }
 
-    async fn lookup(&self, resolver: &TokioResolver, upstream: &str, host: &str) -> Outcome {
-        // A trailing dot makes the name absolute (no search domains); without one, the
-        // system's search list and ndots apply, as they do for getaddrinfo.
-        let outcome = match resolver.lookup_ip(host).await {
-            Ok(lookup) => {
-                // An unspecified or multicast address is no server (0.0.0.0 would reach
-                // this host): a record pointing there is ignored, not connected to.
-                let mut addrs: Vec<IpAddr> = lookup
-                    .iter()
-                    .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
-                    .collect();
-                addrs.sort_unstable();
-                addrs.dedup();
-                let ttl = lookup
-                    .valid_until()
-                    .saturating_duration_since(Instant::now());
-                if addrs.is_empty() {
-                    Outcome::Missing("nodata")
-                } else {
-                    Outcome::Found(addrs, ttl)
-                }
+    /// Looks up every (upstream, host) of `keys` at once (a slow or silent name server
+    /// costs one timeout per round, not one per name), counting each result.
+    async fn lookup_all(
+        &self,
+        resolver: &Arc<TokioResolver>,
+        keys: &[(String, String)],
+    ) -> Vec<Outcome> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, (_, host)) in keys.iter().enumerate() {
+            let (resolver, host) = (resolver.clone(), host.clone());
+            // A trailing dot makes the name absolute (no search domains); without one,
+            // the system's search list and ndots apply, as they do for getaddrinfo.
+            tasks.spawn(async move { (index, classify(resolver.lookup_ip(host).await)) });
+        }
+        let mut outcomes = vec![None; keys.len()];
+        while let Some(done) = tasks.join_next().await {
+            if let Ok((index, outcome)) = done {
+                outcomes[index] = Some(outcome);
             }
-            Err(e) => match e.kind() {
-                ResolveErrorKind::Proto(p) => match p.kind() {
-                    ProtoErrorKind::NoRecordsFound { response_code, .. } => match *response_code {
-                        ResponseCode::NXDomain => Outcome::Missing("nxdomain"),
-                        ResponseCode::NoError => Outcome::Missing("nodata"),
-                        ResponseCode::ServFail => Outcome::Failed("servfail", e.to_string()),
-                        _ => Outcome::Failed("error", e.to_string()),
-                    },
-                    ProtoErrorKind::Timeout => Outcome::Failed("timeout", e.to_string()),
-                    _ => Outcome::Failed("error", e.to_string()),
-                },
-                _ => Outcome::Failed("error", e.to_string()),
-            },
-        };
-        *self
-            .results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((upstream.to_string(), outcome.label()))
-            .or_default() += 1;
-        outcome
+        }
+        let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        keys.iter()
+            .zip(outcomes)
+            .map(|((upstream, _), outcome)| {
+                let outcome = outcome
+                    .unwrap_or_else(|| Outcome::Failed("error", "lookup task failed".into()));
+                *results
+                    .entry((upstream.clone(), outcome.label()))
+                    .or_default() += 1;
+                outcome
+            })
+            .collect()
     }
 
     /// Resolves every name of `loaded` (start, `gateway check`, reload). A name that does
@@ -192,9 +220,14 @@ impl Dns {
     /// (a DNS outage during a reload changes nothing) or starts empty.
     pub async fn resolve_config(&self, loaded: &LoadedConfig) -> Result<(), ConfigErrors> {
         let config = &loaded.config;
-        let lookups: Vec<_> = names_of(config).collect();
+        let mut lookups: Vec<(usize, (String, String))> = Vec::new();
+        for (i, upstream, host) in names_of(config) {
+            let key = (upstream.to_string(), host);
+            if !lookups.iter().any(|(_, k)| *k == key) {
+                lookups.push((i, key));
+            }
+        }
         if lookups.is_empty() {
-            self.names.lock().unwrap_or_else(|e| e.into_inner()).clear();
             return Ok(());
         }
         let resolver = self.resolver(&config.resolver).map_err(|message| {
@@ -205,16 +238,14 @@ impl Dns {
                 message,
             }])
         })?;
+        let keys: Vec<(String, String)> = lookups.iter().map(|(_, k)| k.clone()).collect();
+        let outcomes = self.lookup_all(&resolver, &keys).await;
         let mut errors = Vec::new();
         let mut fresh = HashMap::new();
-        for (i, upstream, host) in lookups {
-            let key = (upstream.to_string(), host.clone());
-            if fresh.contains_key(&key) {
-                continue;
-            }
+        for ((i, key), outcome) in lookups.into_iter().zip(outcomes) {
+            let (upstream, host) = (key.0.as_str(), key.1.clone());
             let up = config.upstreams[i].get_ref();
             let old = self.state(&key);
-            let outcome = self.lookup(&resolver, upstream, &host).await;
             let now = Instant::now();
             let state = match (outcome, old) {
                 (Outcome::Found(addrs, ttl), _) => NameState {
@@ -260,9 +291,25 @@ impl Dns {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        // Names no longer in the config are forgotten; the rest take their new state.
-        *self.names.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        // Merged, not replaced: until this config is installed (a reload can still fail
+        // after this), the running one's names must keep theirs. `retain` forgets the
+        // names of a config once it is replaced.
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(fresh);
         Ok(())
+    }
+
+    /// Forgets the names that `config` (the one just installed) no longer has.
+    pub fn retain(&self, config: &Config) {
+        let keep: Vec<(String, String)> = names_of(config)
+            .map(|(_, u, h)| (u.to_string(), h))
+            .collect();
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| keep.contains(key));
     }
 
     fn state(&self, key: &(String, String)) -> Option<NameState> {
@@ -299,11 +346,17 @@ impl Dns {
         let mut next = now + Duration::from_secs(1);
         let due: Vec<(usize, (String, String))> = {
             let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-            let mut due: Vec<_> = names_of(config)
-                .map(|(i, u, h)| (i, (u.to_string(), h)))
-                .filter(|(_, key)| names.get(key).is_some_and(|s| s.due <= now))
-                .collect();
-            due.dedup();
+            // A name the map does not have (forgotten while a reload raced this refresh)
+            // is due at once.
+            let mut due: Vec<(usize, (String, String))> = Vec::new();
+            for (i, u, h) in names_of(config) {
+                let key = (u.to_string(), h);
+                if names.get(&key).is_none_or(|s| s.due <= now)
+                    && !due.iter().any(|(_, k)| *k == key)
+                {
+                    due.push((i, key));
+                }
+            }
             if let Some(first) = names.values().map(|s| s.due).min() {
                 next = first.max(now + Duration::from_millis(100));
             }
@@ -319,14 +372,17 @@ impl Dns {
                 return (Vec::new(), now + Duration::from_secs(5));
             }
         };
+        let keys: Vec<(String, String)> = due.iter().map(|(_, k)| k.clone()).collect();
+        let outcomes = self.lookup_all(&resolver, &keys).await;
         let mut changed = Vec::new();
-        for (i, key) in due {
+        for ((i, key), outcome) in due.into_iter().zip(outcomes) {
             let up = config.upstreams[i].get_ref();
-            let outcome = self.lookup(&resolver, &key.0, &key.1).await;
-            let Some(mut state) = self.state(&key) else {
-                continue;
-            };
             let now = Instant::now();
+            let mut state = self.state(&key).unwrap_or(NameState {
+                addrs: Vec::new(),
+                due: now,
+                missing_since: None,
+            });
             let before = state.addrs.clone();
             match outcome {
                 Outcome::Found(addrs, ttl) => {
