@@ -1330,6 +1330,42 @@ mod tests {
         Config::parse(Path::new("test.toml"), text)
     }
 
+    #[test]
+    fn a_server_is_an_ip_literal_or_a_dns_name_with_a_port() {
+        let ip = |s: &str| Some(ServerAddr::Ip(s.parse().unwrap()));
+        let name = |h: &str, p| Some(ServerAddr::Name(h.into(), p));
+        assert_eq!(ServerAddr::parse("10.0.0.1:80"), ip("10.0.0.1:80"));
+        assert_eq!(
+            ServerAddr::parse("[2001:db8::1]:80"),
+            ip("[2001:db8::1]:80")
+        );
+        assert_eq!(ServerAddr::parse("aragora:8080"), name("aragora", 8080));
+        assert_eq!(
+            ServerAddr::parse("API.prod.svc.cluster.local.:443"),
+            name("api.prod.svc.cluster.local", 443)
+        );
+        assert_eq!(
+            ServerAddr::parse("_svc-1.example:81"),
+            name("_svc-1.example", 81)
+        );
+        for bad in [
+            "aragora",           // no port
+            "aragora:0",         // port 0
+            "aragora:70000",     // out of range
+            ":80",               // no host
+            "10.0.0.300:80",     // a mistyped IPv4 address, not a name
+            "-bad.example:80",   // label starts with '-'
+            "a..b:80",           // empty label
+            "a b:80",            // space
+            "2001:db8::1:80",    // IPv6 without brackets
+            "http://aragora:80", // a URL
+        ] {
+            assert_eq!(ServerAddr::parse(bad), None, "{bad}");
+        }
+        let long = format!("{}.example:80", "a".repeat(64));
+        assert_eq!(ServerAddr::parse(&long), None, "a label over 63 bytes");
+    }
+
     const GOOD: &str = r#"
 [server]
 workers = 2
