@@ -701,3 +701,34 @@ fn servers_that_stay_keep_their_idle_connections() {
         "the rebuilt upstream reused the pooled connections to the address that stayed"
     );
 }
+
+/// A name a reload adds is refreshed at its own TTL, even when every name before it was
+/// due only minutes later.
+#[test]
+fn a_name_added_by_a_reload_is_refreshed_at_its_own_ttl() {
+    let (dns, port, _a, _b) = two_pods(1);
+    dns.set("one.test", &[ip("127.0.0.2")]);
+    dns.set("two.test", &[ip("127.0.0.3")]);
+    let gw = gateway(
+        &dns,
+        &format!("\"one.test:{port}\""),
+        "resolve_min = \"300s\"\nresolve_max = \"300s\"",
+    );
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    let added = format!(
+        "{text}\n[[upstream]]\nname = \"b\"\nservers = [\"two.test:{port}\"]\nresolve_min = \"1s\"\n\n\
+         [[route]]\npath_prefix = \"/b\"\nupstream = \"b\"\n"
+    );
+    std::fs::write(gw.config_path(), added).unwrap();
+    assert_eq!(reload(&gw).status, 200);
+    assert_eq!(gw.get("/b").body, b"127.0.0.3");
+    dns.set("two.test", &[ip("127.0.0.2")]);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while gw.get("/b").body != b"127.0.0.2" {
+        assert!(
+            Instant::now() < deadline,
+            "the added name is not refreshed at its TTL"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}

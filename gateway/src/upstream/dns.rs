@@ -357,8 +357,9 @@ impl Dns {
                     due.push((i, key));
                 }
             }
+            // At least once a second: a reload may add names due sooner than any known.
             if let Some(first) = names.values().map(|s| s.due).min() {
-                next = first.max(now + Duration::from_millis(100));
+                next = first.clamp(now + Duration::from_millis(100), next);
             }
             due
         };
