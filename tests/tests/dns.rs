@@ -205,6 +205,25 @@ fn two_pods(ttl: u32) -> (Dns, u16, Origin, Origin) {
     (dns, port, a, b)
 }
 
+/// [`two_pods`], with `one.test` naming the first and `two.test` the second, and a
+/// gateway whose upstream is `one.test` (with `keys`).
+fn one_and_two(ttl: u32, keys: &str) -> (Dns, u16, Gateway, [Origin; 2]) {
+    let (dns, port, a, b) = two_pods(ttl);
+    dns.set("one.test", &[ip("127.0.0.2")]);
+    dns.set("two.test", &[ip("127.0.0.3")]);
+    let gw = gateway(&dns, &format!("\"one.test:{port}\""), keys);
+    (dns, port, gw, [a, b])
+}
+
+/// Waits until `GET path` answers `body` (the origin's address).
+fn wait_body(gw: &Gateway, path: &str, body: &str, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    while gw.get(path).body != body.as_bytes() {
+        assert!(Instant::now() < deadline, "{what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A gateway whose upstream "app" is `servers` (raw TOML values), resolving through `dns`.
 fn gateway(dns: &Dns, servers: &str, upstream_keys: &str) -> Gateway {
     let config = Config::new()
@@ -592,10 +611,7 @@ fn a_name_that_does_not_resolve_fails_check_and_start() {
 
 #[test]
 fn a_reload_keeps_an_unchanged_name_and_resolves_a_new_one() {
-    let (dns, port, _a, _b) = two_pods(30);
-    dns.set("one.test", &[ip("127.0.0.2")]);
-    dns.set("two.test", &[ip("127.0.0.3")]);
-    let gw = gateway(&dns, &format!("\"one.test:{port}\""), "");
+    let (_dns, port, gw, _pods) = one_and_two(30, "");
     assert_eq!(gw.get("/").body, b"127.0.0.2");
     let text = std::fs::read_to_string(gw.config_path()).unwrap();
     std::fs::write(
@@ -626,14 +642,7 @@ fn reload(gw: &Gateway) -> client::Response {
 /// running config's names as they were: still refreshed, still followed.
 #[test]
 fn a_failed_reload_leaves_the_running_names_followed() {
-    let (dns, port, _a, _b) = two_pods(1);
-    dns.set("one.test", &[ip("127.0.0.2")]);
-    dns.set("two.test", &[ip("127.0.0.3")]);
-    let gw = gateway(
-        &dns,
-        &format!("\"one.test:{port}\""),
-        "resolve_min = \"1s\"",
-    );
+    let (dns, _port, gw, _pods) = one_and_two(1, "resolve_min = \"1s\"");
     assert_eq!(gw.get("/").body, b"127.0.0.2");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let text = std::fs::read_to_string(gw.config_path()).unwrap();
@@ -646,14 +655,8 @@ fn a_failed_reload_leaves_the_running_names_followed() {
     assert_eq!(reload(&gw).status, 400);
     // one.test moves: the running config follows it.
     dns.set("one.test", &[ip("127.0.0.3")]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while gw.get("/").body != b"127.0.0.3" {
-        assert!(
-            Instant::now() < deadline,
-            "the running name is no longer followed"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    let why = "the running name is no longer followed";
+    wait_body(&gw, "/", "127.0.0.3", Duration::from_secs(5), why);
 }
 
 /// Requests one after the other, paced so each upstream connection is back in its
@@ -706,14 +709,8 @@ fn servers_that_stay_keep_their_idle_connections() {
 /// due only minutes later.
 #[test]
 fn a_name_added_by_a_reload_is_refreshed_at_its_own_ttl() {
-    let (dns, port, _a, _b) = two_pods(1);
-    dns.set("one.test", &[ip("127.0.0.2")]);
-    dns.set("two.test", &[ip("127.0.0.3")]);
-    let gw = gateway(
-        &dns,
-        &format!("\"one.test:{port}\""),
-        "resolve_min = \"300s\"\nresolve_max = \"300s\"",
-    );
+    let keys = "resolve_min = \"300s\"\nresolve_max = \"300s\"";
+    let (dns, port, gw, _pods) = one_and_two(1, keys);
     let text = std::fs::read_to_string(gw.config_path()).unwrap();
     let added = format!(
         "{text}\n[[upstream]]\nname = \"b\"\nservers = [\"two.test:{port}\"]\nresolve_min = \"1s\"\n\n\
@@ -723,12 +720,6 @@ fn a_name_added_by_a_reload_is_refreshed_at_its_own_ttl() {
     assert_eq!(reload(&gw).status, 200);
     assert_eq!(gw.get("/b").body, b"127.0.0.3");
     dns.set("two.test", &[ip("127.0.0.2")]);
-    let deadline = Instant::now() + Duration::from_secs(4);
-    while gw.get("/b").body != b"127.0.0.2" {
-        assert!(
-            Instant::now() < deadline,
-            "the added name is not refreshed at its TTL"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    let why = "the added name is not refreshed at its TTL";
+    wait_body(&gw, "/b", "127.0.0.2", Duration::from_secs(4), why);
 }
