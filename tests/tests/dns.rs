@@ -723,3 +723,27 @@ fn a_name_added_by_a_reload_is_refreshed_at_its_own_ttl() {
     let why = "the added name is not refreshed at its TTL";
     wait_body(&gw, "/b", "127.0.0.2", Duration::from_secs(4), why);
 }
+
+/// An active health check asks each address of a name with the server as written in
+/// `Host` (a name-based virtual host answers it as it answers proxied requests).
+#[test]
+fn active_health_checks_send_the_name_as_host() {
+    let dns = Dns::start(30);
+    let origin = Origin::named("o");
+    let port = origin.addr().port();
+    dns.set("svc.test", &[ip("127.0.0.1")]);
+    let _gw = gateway(
+        &dns,
+        &format!("\"svc.test:{port}\""),
+        "health_check = { path = \"/hc\", interval = \"1s\", timeout = \"1s\" }",
+    );
+    let checks = origin.wait_requests(1, Duration::from_secs(5));
+    let check = checks
+        .iter()
+        .find(|r| r.path() == "/hc")
+        .expect("a health check");
+    assert_eq!(
+        check.header("host"),
+        Some(format!("svc.test:{port}").as_str())
+    );
+}

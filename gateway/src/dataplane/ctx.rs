@@ -87,8 +87,13 @@ impl<S: Stream> Worker<S> {
     /// Copies the counters where the scraper reads them.
     pub(crate) fn publish(&self) {
         let mut stats = self.stats.borrow_mut();
+        // Summed per name: for up to a second after an upstream is rebuilt (a reload, new
+        // addresses) a request still running on the old one may hold an entry too.
         for pool in self.upstreams.borrow().values() {
-            stats.upstream(&pool.upstream.metric_name).idle = pool.idle_count() as i64;
+            stats.upstream(&pool.upstream.metric_name).idle = 0;
+        }
+        for pool in self.upstreams.borrow().values() {
+            stats.upstream(&pool.upstream.metric_name).idle += pool.idle_count() as i64;
         }
         stats.heartbeat_ms = crate::util::clock::now_ms();
         let copy = stats.clone();

@@ -75,6 +75,9 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The address as text, for logs and metric labels.
     pub label: String,
+    /// The server as its config entry wrote it (`IP:PORT` or `NAME:PORT`): the `Host` of
+    /// an active health check.
+    pub(crate) authority: Arc<str>,
     pub weight: u32,
     pub state: Arc<ServerState>,
 }
@@ -120,13 +123,14 @@ impl Upstream {
         previous: &[Arc<Upstream>],
         resolved: &Resolved,
     ) -> Arc<Upstream> {
-        let mut wanted: Vec<(SocketAddr, u32)> = Vec::new();
+        let mut wanted: Vec<(SocketAddr, u32, Arc<str>)> = Vec::new();
         // The config bounds its entries, but a name can stand for any number of records:
         // the same bounds apply to what the names resolved to (the hash ring is built from
         // them), so a huge or hostile answer costs at most what a long config would.
         let mut total_weight: u64 = 0;
         let mut left_out = 0usize;
         for s in &config.servers {
+            let authority: Arc<str> = s.addr().into();
             let addrs: Vec<SocketAddr> =
                 match ServerAddr::parse(s.addr()).expect("validated server address") {
                     ServerAddr::Ip(addr) => vec![addr],
@@ -139,7 +143,7 @@ impl Upstream {
                 };
             for addr in addrs {
                 // Two names for one address: one server, not two pools to it.
-                if wanted.iter().any(|(a, _)| *a == addr) {
+                if wanted.iter().any(|(a, ..)| *a == addr) {
                     continue;
                 }
                 if wanted.len() >= crate::config::MAX_UPSTREAM_SERVERS
@@ -150,7 +154,7 @@ impl Upstream {
                     continue;
                 }
                 total_weight += u64::from(s.weight());
-                wanted.push((addr, s.weight()));
+                wanted.push((addr, s.weight(), authority.clone()));
             }
         }
         if left_out > 0 {
@@ -161,7 +165,7 @@ impl Upstream {
                 && u.servers
                     .iter()
                     .zip(&wanted)
-                    .all(|(s, (a, w))| s.addr == *a && s.weight == *w)
+                    .all(|(s, (a, w, _))| s.addr == *a && s.weight == *w)
         };
         if let Some(same) = previous
             .iter()
@@ -171,7 +175,7 @@ impl Upstream {
         }
         let servers: Vec<Server> = wanted
             .into_iter()
-            .map(|(addr, weight)| {
+            .map(|(addr, weight, authority)| {
                 let state = previous
                     .iter()
                     .filter(|u| u.name == config.name)
@@ -183,6 +187,7 @@ impl Upstream {
                     addr,
                     // The resolved address, so the access log and metrics name the pod.
                     label: addr.to_string(),
+                    authority,
                     weight,
                     state,
                 }
