@@ -6,6 +6,7 @@ use gateway::config::{Config, IoDriver, LoadedConfig, StderrFormat, XdpMode};
 use gateway::control::Control;
 use gateway::io::driver::DriverKind;
 use gateway::telemetry::access_log::{LogWriter, Target};
+use gateway::upstream::dns::Dns;
 use gateway::{dataplane::shared::Shared, snapshot::Snapshot};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,28 +44,26 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         // The certificates are read by the snapshot build, as a start or a reload reads
         // them: `check` builds it too (generation 0, never served).
-        Command::Check => {
-            match Config::load(&config_path).and_then(|loaded| Snapshot::build(loaded, 0, None)) {
-                Ok(_) => {
-                    println!(
-                        "gateway: the configuration file {} syntax is ok",
-                        config_path.display()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(errors) => {
-                    for e in &errors.0 {
-                        eprintln!("gateway: {e}");
-                    }
-                    eprintln!(
-                        "gateway: configuration file {} test failed ({} error(s))",
-                        config_path.display(),
-                        errors.0.len()
-                    );
-                    ExitCode::from(1)
-                }
+        Command::Check => match Config::load(&config_path).and_then(check_snapshot) {
+            Ok(_) => {
+                println!(
+                    "gateway: the configuration file {} syntax is ok",
+                    config_path.display()
+                );
+                ExitCode::SUCCESS
             }
-        }
+            Err(errors) => {
+                for e in &errors.0 {
+                    eprintln!("gateway: {e}");
+                }
+                eprintln!(
+                    "gateway: configuration file {} test failed ({} error(s))",
+                    config_path.display(),
+                    errors.0.len()
+                );
+                ExitCode::from(1)
+            }
+        },
         Command::Run => {
             let loaded = match Config::load(&config_path) {
                 Ok(l) => l,
@@ -87,6 +86,26 @@ fn main() -> ExitCode {
             code
         }
     }
+}
+
+/// `gateway check`: resolves the upstream names (a required one that does not resolve is an
+/// error, as at start) and builds the snapshot, as a start does.
+fn check_snapshot(loaded: LoadedConfig) -> Result<Snapshot, gateway::config::ConfigErrors> {
+    let runtime_error = |message: String| {
+        gateway::config::ConfigErrors(vec![gateway::config::ConfigError {
+            file: loaded.path.clone(),
+            line: 0,
+            key: "resolver".into(),
+            message,
+        }])
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| runtime_error(e.to_string()))?;
+    let dns = Dns::new();
+    runtime.block_on(dns.resolve_config(&loaded))?;
+    Snapshot::build_resolved(loaded, 0, None, &|name| dns.resolved(name))
 }
 
 /// Lines the diagnostic log holds for a slow stderr reader before it drops them.
@@ -166,9 +185,21 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let config = loaded.config.clone();
     let config_path = loaded.path.clone();
     raise_nofile(config.server.nofile);
+    // The control plane's own runtime: admin server, signals, reloads, and the resolver
+    // of upstream names (first used right below, before any worker starts).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("control")
+        .build()?;
+    let dns = Dns::new();
+    runtime
+        .block_on(dns.resolve_config(&loaded))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     // Before anything is started: it reads the certificates, and a bad one stops here.
     // After `raise_nofile`: an unset max_connections derives from the limit.
-    let snapshot = Snapshot::build(loaded, 1, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let snapshot = Snapshot::build_resolved(loaded, 1, None, &|name| dns.resolved(name))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let driver = match (config.server.io, gateway::io::driver::uring_available()) {
         (IoDriver::Epoll, _) => DriverKind::Epoll,
         (IoDriver::Uring, Ok(())) | (IoDriver::Auto, Ok(())) => DriverKind::Uring,
@@ -245,16 +276,11 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let shared = Shared::new(snapshot, conn_limiter);
 
     let workers = config.effective_workers();
-    let control = Control::new(shared.clone(), config_path, Some(log.clone()));
+    let control = Control::new(shared.clone(), config_path, Some(log.clone()), dns);
     *control.xdp.lock().unwrap_or_else(|e| e.into_inner()) = xdp;
 
-    // The control plane's own thread: admin server, signals, reloads. Up before the
-    // workers so probes see "starting" (503 on /ready) rather than a refused connection.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .thread_name("control")
-        .build()?;
+    // The admin server is up before the workers so probes see "starting" (503 on
+    // /ready) rather than a refused connection.
     let admin_addr = config.admin.listen.clone();
     let admin = std::net::TcpListener::bind(&admin_addr)
         .with_context(|| format!("binding the admin listener {admin_addr}"))?;
@@ -263,6 +289,7 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
         let _entered = runtime.enter();
         let admin = tokio::net::TcpListener::from_std(admin)?;
         runtime.spawn(gateway::control::admin::serve(admin, control.clone()));
+        runtime.spawn(control.clone().refresh_names());
     }
 
     // Signal handlers before the workers start: a SIGTERM during start-up then drains

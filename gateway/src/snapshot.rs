@@ -6,7 +6,7 @@
 use crate::config::{AccessFormat, Config, ConfigErrors, LoadedConfig};
 use crate::policy::route::Router;
 use crate::protocol::tls::TlsAcceptor;
-use crate::upstream::Upstream;
+use crate::upstream::{Resolved, Upstream};
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -89,6 +89,17 @@ impl Snapshot {
         generation: u64,
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, ConfigErrors> {
+        Self::build_resolved(loaded, generation, previous, &|_| Resolved::new())
+    }
+
+    /// [`Snapshot::build`] with the addresses each upstream's names resolved to
+    /// (`upstream::dns::Dns::resolved`).
+    pub fn build_resolved(
+        loaded: LoadedConfig,
+        generation: u64,
+        previous: Option<&Snapshot>,
+        resolved: &dyn Fn(&str) -> Resolved,
+    ) -> Result<Snapshot, ConfigErrors> {
         // Certificates and keys are read here, once per load (config validation does not
         // touch them). A listener that had an acceptor keeps its ticket keys and session
         // cache (clients resume across a reload); new certificates apply to new handshakes.
@@ -156,7 +167,7 @@ impl Snapshot {
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| Upstream::build(u.get_ref(), old))
+            .map(|u| Upstream::build_resolved(u.get_ref(), old, &resolved(&u.get_ref().name)))
             .collect();
         let router = Router::build(&config);
         let s = &config.server;
@@ -209,6 +220,40 @@ impl Snapshot {
             access_enabled: config.log.access != "off",
             config,
         })
+    }
+
+    /// A copy of this snapshot at `generation` with the upstreams named in `names` rebuilt
+    /// from `resolved` (their names' new addresses): what the DNS refresh installs. Every
+    /// other upstream is the same `Arc` (its pools carry over); routes keep their indices.
+    pub fn with_resolved(
+        &self,
+        generation: u64,
+        names: &[String],
+        resolved: &dyn Fn(&str) -> Resolved,
+    ) -> Snapshot {
+        let upstreams = self
+            .upstreams
+            .iter()
+            .map(|u| {
+                if names.contains(&u.name) {
+                    Upstream::build_resolved(&u.config, &self.upstreams, &resolved(&u.name))
+                } else {
+                    u.clone()
+                }
+            })
+            .collect();
+        Snapshot {
+            generation,
+            path: self.path.clone(),
+            config: self.config.clone(),
+            router: Router::build(&self.config),
+            upstreams,
+            server: self.server.clone(),
+            http2: self.http2.clone(),
+            listeners: self.listeners.clone(),
+            access_format: self.access_format,
+            access_enabled: self.access_enabled,
+        }
     }
 
     /// The listener named `name`: for the control plane (a reload carrying a listener's

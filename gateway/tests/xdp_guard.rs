@@ -2065,7 +2065,12 @@ fn reload_whose_xdp_map_update_fails_is_rejected_and_the_old_config_keeps_servin
     guard.apply_config(&loaded.config).unwrap();
     let limiter = ConnLimiter::new(&loaded.config.limits, Enforcement { xdp: None }, None);
     let shared = Shared::new(Snapshot::build(loaded, 1, None).unwrap(), limiter);
-    let control = Control::new(shared.clone(), path.clone(), None);
+    let control = Control::new(
+        shared.clone(),
+        path.clone(),
+        None,
+        gateway::upstream::dns::Dns::new(),
+    );
     *control.xdp.lock().unwrap() = Some(guard);
 
     // Someone else (another process sharing the pin, a list grown by hand) fills the pinned

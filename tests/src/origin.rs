@@ -186,9 +186,17 @@ pub struct OriginBuilder {
     idle_close: Option<Duration>,
     black_hole: bool,
     no_auto_continue: bool,
+    /// Listen here instead of 127.0.0.1:0 (several origins on one port, different
+    /// loopback addresses: the addresses one DNS name resolves to).
+    bind: Option<SocketAddr>,
 }
 
 impl OriginBuilder {
+    /// Listen on `addr` (e.g. `127.0.0.3:PORT`) instead of 127.0.0.1 on a free port.
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = Some(addr);
+        self
+    }
     /// Close a keep-alive connection that stays idle (between requests) this long.
     pub fn idle_close(mut self, d: Duration) -> Self {
         self.idle_close = Some(d);
@@ -257,7 +265,11 @@ impl Origin {
     }
 
     fn spawn(opts: OriginBuilder, handler: Box<Handler>) -> Origin {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind origin");
+        let listener = match opts.bind {
+            Some(addr) => TcpListener::bind(addr),
+            None => TcpListener::bind("127.0.0.1:0"),
+        }
+        .expect("bind origin");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             opts,

@@ -6,8 +6,9 @@
 //! ConfigMap's `gateway.toml` passes `gateway check` and serves when started (on loopback),
 //! with `/reload` and `/config` behind the token and probes and `/metrics` open; the ServiceMonitor, Service, DaemonSet and alert rules agree
 //! on ports, labels and the `job`; the systemd unit reloads with SIGHUP and raises its
-//! limits; the Dockerfile follows the build recipe; and every metric the Grafana dashboard
-//! and the alert rules query is one a running gateway serves, with labels it has.
+//! limits; the Dockerfile follows the build recipe; every metric the Grafana dashboard
+//! and the alert rules query is one a running gateway serves, with labels it has; and the
+//! Compose example names its backend by service name.
 //!
 //! No Kubernetes, Docker engine or systemd here: these checks cover what can be checked
 //! from the files and the binary.
@@ -919,4 +920,49 @@ fn dashboard_and_alert_rules_query_metrics_the_gateway_serves() {
     assert!(alerts["GatewayHighErrorRate"].contains(r#"status=~"5..""#));
     assert!(alerts["GatewayHighLatencyP99"].contains("histogram_quantile(0.99"));
     assert!(alerts["GatewayConfigReloadFailed"].contains(r#"result="error""#));
+}
+
+/// The Compose example: its gateway runs the config it mounts, and that config names the
+/// backend by the Compose service name (as the deployments it replaces do); the config
+/// passes `gateway check` (with `resolve_required = false`, since no Compose DNS answers
+/// `aragora` here).
+#[test]
+fn compose_names_its_backend_by_service_name() {
+    let dir = deploy_dir().join("compose");
+    let compose: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("compose.yaml")).unwrap()).unwrap();
+    let services = compose["services"].as_mapping().expect("services");
+    let gateway = &compose["services"]["gateway"];
+    let command = strings(&gateway["command"]);
+    let config_path = command
+        .iter()
+        .skip_while(|a| *a != "--config")
+        .nth(1)
+        .expect("gateway run --config PATH")
+        .clone();
+    assert!(
+        strings(&gateway["volumes"])
+            .iter()
+            .any(|v| v.starts_with("./gateway.toml:") && v.contains(&config_path)),
+        "compose mounts gateway.toml at {config_path}"
+    );
+    let text = std::fs::read_to_string(dir.join("gateway.toml")).unwrap();
+    let mut config: toml::Value = text.parse().unwrap();
+    for u in config["upstream"].as_array_mut().unwrap() {
+        for server in u["servers"].as_array().unwrap() {
+            let host = server.as_str().unwrap().rsplit_once(':').unwrap().0;
+            assert!(host.parse::<std::net::IpAddr>().is_err(), "{host}: a name");
+            assert!(
+                services.contains_key(host),
+                "{host} is a service of compose.yaml"
+            );
+        }
+        u.as_table_mut()
+            .unwrap()
+            .insert("resolve_required".into(), toml::Value::Boolean(false));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("gateway.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    check_passes(&path, "the Compose example's gateway.toml");
 }

@@ -80,6 +80,17 @@ pub struct Config {
     pub xdp: XdpConfig,
     #[serde(default)]
     pub http2: Http2Config,
+    #[serde(default)]
+    pub resolver: ResolverConfig,
+}
+
+/// `[resolver]`: where upstream names are resolved (`upstream/dns.rs`).
+#[derive(Debug, Deserialize, Serialize, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResolverConfig {
+    /// `"IP:PORT"` of the name servers to ask; empty: those of `/etc/resolv.conf`, with
+    /// its search domains and `ndots` (so a bare `aragora` resolves inside a pod).
+    pub nameservers: Vec<String>,
 }
 
 /// The `[http2]` table: limits of HTTP/2 client connections (issue 12).
@@ -387,6 +398,76 @@ pub struct UpstreamConfig {
     pub fail_timeout: Dur,
     #[serde(default)]
     pub health_check: Option<HealthCheckConfig>,
+    /// A server named `"NAME:PORT"` that does not resolve at start fails the start (and
+    /// `gateway check`); `false`: the upstream starts empty (503) until it resolves.
+    #[serde(default = "yes")]
+    pub resolve_required: bool,
+    /// Names are re-resolved at their TTL, but never more often than this (a TTL of 0 or
+    /// 1 s would otherwise ask the name server on every tick).
+    #[serde(default = "default_resolve_min")]
+    pub resolve_min: Dur,
+    /// ... and at least this often, whatever a long TTL says (nginx `resolver valid=`).
+    #[serde(default = "default_resolve_max")]
+    pub resolve_max: Dur,
+    /// A name that resolved before and now answers NXDOMAIN keeps its addresses this long
+    /// (a Service deleted and re-created, a DNS server briefly serving a stale zone).
+    #[serde(default = "default_nxdomain_grace")]
+    pub nxdomain_grace: Dur,
+}
+
+fn yes() -> bool {
+    true
+}
+/// 5 s: a moved pod is followed within seconds, without a query per request.
+fn default_resolve_min() -> Dur {
+    secs(5)
+}
+/// 300 s: a long TTL still gets checked every five minutes.
+fn default_resolve_max() -> Dur {
+    secs(300)
+}
+/// 60 s: longer than a Deployment's usual rollout gap, short enough that a removed service
+/// stops getting traffic within a minute.
+fn default_nxdomain_grace() -> Dur {
+    secs(60)
+}
+
+/// A server address: an IP literal (`"10.0.0.1:80"`, `"[::1]:80"`) is used as it is; a
+/// `"NAME:PORT"` is resolved (`upstream/dns.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ServerAddr {
+    Ip(SocketAddr),
+    Name(String, u16),
+}
+
+impl ServerAddr {
+    /// Parses `"IP:PORT"` or `"NAME:PORT"`; a name is a DNS name of letters, digits, `-`,
+    /// `_` and dots (RFC 1123 labels of at most 63 bytes, 253 in all).
+    pub fn parse(text: &str) -> Option<ServerAddr> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Some(ServerAddr::Ip(addr));
+        }
+        let (host, port) = text.rsplit_once(':')?;
+        let port: u16 = port.parse().ok().filter(|&p| p != 0)?;
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        // An all-digit last label would be a mistyped IPv4 address, not a name.
+        let numeric_tld = host
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+        if host.is_empty() || host.len() > 253 || numeric_tld || !host.split('.').all(label_ok) {
+            return None;
+        }
+        Some(ServerAddr::Name(host.to_ascii_lowercase(), port))
+    }
 }
 
 /// Upper bound of the number of servers in one upstream.
@@ -897,12 +978,15 @@ impl Config {
                 );
             }
             for server in &up.servers {
-                if server.addr().parse::<SocketAddr>().is_err() {
+                if ServerAddr::parse(server.addr()).is_none() {
                     err(
                         span.clone(),
                         &table,
                         "servers",
-                        format!("{:?} is not an address like 127.0.0.1:8081", server.addr()),
+                        format!(
+                            "{:?} is not an address like 127.0.0.1:8081 or a name like backend:8081",
+                            server.addr()
+                        ),
                     );
                 }
                 if server.weight() == 0 || server.weight() > 1000 {
@@ -971,6 +1055,14 @@ impl Config {
                     format!(
                         "at most {MAX_UPSTREAM_KEEPALIVE} (each idle connection holds a descriptor)"
                     ),
+                );
+            }
+            if up.resolve_min.0.is_zero() || up.resolve_min.0 > up.resolve_max.0 {
+                err(
+                    span.clone(),
+                    &table,
+                    "resolve_min",
+                    "must be greater than zero and at most resolve_max".into(),
                 );
             }
             if let Some(h) = &up.health_check {
@@ -1189,6 +1281,16 @@ impl Config {
                 }
             }
         }
+        for ns in &self.resolver.nameservers {
+            if ns.parse::<SocketAddr>().is_err() {
+                err(
+                    None,
+                    "resolver",
+                    "nameservers",
+                    format!("{ns:?} is not an address like 10.0.0.10:53"),
+                );
+            }
+        }
         if self.xdp.mode != XdpMode::Off && self.xdp.interfaces().is_empty() {
             err(
                 None,
@@ -1379,6 +1481,42 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigErrors> {
         Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn a_server_is_an_ip_literal_or_a_dns_name_with_a_port() {
+        let ip = |s: &str| Some(ServerAddr::Ip(s.parse().unwrap()));
+        let name = |h: &str, p| Some(ServerAddr::Name(h.into(), p));
+        assert_eq!(ServerAddr::parse("10.0.0.1:80"), ip("10.0.0.1:80"));
+        assert_eq!(
+            ServerAddr::parse("[2001:db8::1]:80"),
+            ip("[2001:db8::1]:80")
+        );
+        assert_eq!(ServerAddr::parse("aragora:8080"), name("aragora", 8080));
+        assert_eq!(
+            ServerAddr::parse("API.prod.svc.cluster.local.:443"),
+            name("api.prod.svc.cluster.local", 443)
+        );
+        assert_eq!(
+            ServerAddr::parse("_svc-1.example:81"),
+            name("_svc-1.example", 81)
+        );
+        for bad in [
+            "aragora",           // no port
+            "aragora:0",         // port 0
+            "aragora:70000",     // out of range
+            ":80",               // no host
+            "10.0.0.300:80",     // a mistyped IPv4 address, not a name
+            "-bad.example:80",   // label starts with '-'
+            "a..b:80",           // empty label
+            "a b:80",            // space
+            "2001:db8::1:80",    // IPv6 without brackets
+            "http://aragora:80", // a URL
+        ] {
+            assert_eq!(ServerAddr::parse(bad), None, "{bad}");
+        }
+        let long = format!("{}.example:80", "a".repeat(64));
+        assert_eq!(ServerAddr::parse(&long), None, "a label over 63 bytes");
     }
 
     const GOOD: &str = r#"

@@ -356,10 +356,23 @@ async fn route(
                 return text(401, "unauthorized\n");
             }
             let snap = shared.snapshot();
+            // The config as loaded, plus what its upstream names resolved to now.
+            let mut body = serde_json::to_value(&snap.config).unwrap_or_default();
+            if let Some(obj) = body.as_object_mut() {
+                let resolved: serde_json::Map<String, serde_json::Value> = snap
+                    .upstreams
+                    .iter()
+                    .map(|u| {
+                        let servers = u.servers.iter().map(|s| s.label.clone().into()).collect();
+                        (u.name.clone(), serde_json::Value::Array(servers))
+                    })
+                    .collect();
+                obj.insert("resolved_servers".into(), resolved.into());
+            }
             Response {
                 status: 200,
                 content_type: "application/json",
-                body: serde_json::to_string_pretty(&snap.config).unwrap_or_default() + "\n",
+                body: serde_json::to_string_pretty(&body).unwrap_or_default() + "\n",
             }
         }
         (_, "/healthz" | "/ready" | "/metrics" | "/reload" | "/config") => {

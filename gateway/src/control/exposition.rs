@@ -246,6 +246,21 @@ pub(crate) fn render(control: &Control) -> String {
     }
     header(
         &mut out,
+        "gateway_upstream_dns_addresses",
+        "gauge",
+        "Servers an upstream has now: its IP literals plus the addresses its names resolved to.",
+    );
+    for u in &snap.upstreams {
+        let _ = writeln!(
+            out,
+            "gateway_upstream_dns_addresses{{upstream=\"{}\"}} {}",
+            esc(&u.name),
+            u.servers.len()
+        );
+    }
+    control.dns.render(&mut out);
+    header(
+        &mut out,
         "gateway_upstream_errors_total",
         "counter",
         "Upstream failures by upstream and kind (failed, timeout, protocol, unavailable).",

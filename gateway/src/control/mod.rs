@@ -10,6 +10,7 @@ pub mod exposition;
 
 use crate::config::{Config, ConfigErrors};
 use crate::telemetry::access_log::{LogWriter, Target};
+use crate::upstream::dns::Dns;
 use crate::upstream::health::{self, Checker};
 use crate::{dataplane::shared::Shared, snapshot::Snapshot};
 use gateway_common::names;
@@ -32,10 +33,17 @@ pub struct Control {
     pub(crate) admin_connections_rejected: AtomicU64,
     /// Failed admin accepts (out of descriptors, mostly).
     pub(crate) admin_accept_errors: AtomicU64,
+    /// Upstream names: the resolver and each name's addresses.
+    pub dns: Arc<Dns>,
 }
 
 impl Control {
-    pub fn new(shared: Arc<Shared>, config_path: PathBuf, log: Option<LogWriter>) -> Arc<Control> {
+    pub fn new(
+        shared: Arc<Shared>,
+        config_path: PathBuf,
+        log: Option<LogWriter>,
+        dns: Arc<Dns>,
+    ) -> Arc<Control> {
         let control = Arc::new(Control {
             shared,
             config_path,
@@ -47,6 +55,7 @@ impl Control {
             xdp: Mutex::new(None),
             admin_connections_rejected: AtomicU64::new(0),
             admin_accept_errors: AtomicU64::new(0),
+            dns,
         });
         control.sync_checkers();
         control
@@ -105,9 +114,25 @@ impl Control {
                 }]));
             }
         }
+        // Names are asked again; one that does not answer keeps its last good addresses.
+        // This runs on a blocking thread, never on the runtime's own worker.
+        let resolved = block_on(self.dns.resolve_config(&loaded));
+        if let Err(errors) = resolved {
+            self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            for e in &errors.0 {
+                tracing::error!(error = %e, "reload rejected; the running config keeps serving");
+            }
+            return Err(errors);
+        }
+        let dns = self.dns.clone();
         // For the line of an error found after the build (the XDP maps).
         let source = loaded.source.clone();
-        let snapshot = match Snapshot::build(loaded, old.generation + 1, Some(&old)) {
+        let snapshot = match Snapshot::build_resolved(
+            loaded,
+            old.generation + 1,
+            Some(&old),
+            &|name| dns.resolved(name),
+        ) {
             Ok(s) => s,
             Err(errors) => {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
@@ -167,6 +192,8 @@ impl Control {
         // in force.
         self.shared.conn_limiter.apply(&snapshot.config.limits);
         self.shared.install(snapshot);
+        // Names only the replaced config had are no longer refreshed.
+        self.dns.retain(&self.shared.snapshot().config);
         if let Some(log) = &self.log {
             if let Err(e) = log.reopen(access) {
                 tracing::error!(error = %e, "cannot reopen the access log");
@@ -180,6 +207,42 @@ impl Control {
 }
 
 impl Control {
+    /// The DNS refresh: re-resolves each upstream name when its TTL (clamped to the
+    /// upstream's bounds) runs out, and installs a snapshot with the upstreams whose
+    /// addresses changed rebuilt. Runs on the control runtime for the process's life.
+    pub async fn refresh_names(self: Arc<Self>) {
+        loop {
+            let config = self.shared.snapshot().config.clone();
+            let (changed, next) = self.dns.refresh(&config).await;
+            if !changed.is_empty() {
+                let control = self.clone();
+                let _ = tokio::task::spawn_blocking(move || control.apply_names(&changed)).await;
+            }
+            tokio::time::sleep_until(next.into()).await;
+        }
+    }
+
+    /// Installs generation + 1 from the current snapshot with only the upstreams named in
+    /// `changed` rebuilt from their names' new addresses: servers that stay keep their
+    /// health (and, in each worker, their idle connections); removed ones drain.
+    /// Serialised with reloads, so neither overwrites the other's snapshot.
+    fn apply_names(&self, changed: &[String]) {
+        let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.shared.snapshot();
+        let snapshot =
+            old.with_resolved(old.generation + 1, changed, &|name| self.dns.resolved(name));
+        for u in snapshot
+            .upstreams
+            .iter()
+            .filter(|u| changed.contains(&u.name))
+        {
+            let servers: Vec<&str> = u.servers.iter().map(|s| s.label.as_str()).collect();
+            tracing::info!(upstream = %u.name, ?servers, generation = snapshot.generation, "upstream addresses changed");
+        }
+        self.shared.install(snapshot);
+        self.sync_checkers();
+    }
+
     /// Writes the limits and listener ports of `new` into the XDP guard's maps (same
     /// program, maps rewritten in place: counters and buckets are kept). On failure (a map
     /// update refused: a full trie, a map gone) the policy of `old` is written back, so the
@@ -311,6 +374,20 @@ impl Control {
             u8::from(xdp.is_some()),
             u8::from(xdp.is_none())
         );
+    }
+}
+
+/// Runs `work` to completion from a blocking thread: on the control runtime when there is
+/// one (a reload from SIGHUP or `POST /reload`), else on a runtime of its own (an embedder
+/// calling `reload` from a plain thread).
+fn block_on<F: std::future::Future>(work: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.block_on(work),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime")
+            .block_on(work),
     }
 }
 

@@ -87,8 +87,13 @@ impl<S: Stream> Worker<S> {
     /// Copies the counters where the scraper reads them.
     pub(crate) fn publish(&self) {
         let mut stats = self.stats.borrow_mut();
+        // Summed per name: for up to a second after an upstream is rebuilt (a reload, new
+        // addresses) a request still running on the old one may hold an entry too.
         for pool in self.upstreams.borrow().values() {
-            stats.upstream(&pool.upstream.metric_name).idle = pool.idle_count() as i64;
+            stats.upstream(&pool.upstream.metric_name).idle = 0;
+        }
+        for pool in self.upstreams.borrow().values() {
+            stats.upstream(&pool.upstream.metric_name).idle += pool.idle_count() as i64;
         }
         stats.heartbeat_ms = crate::util::clock::now_ms();
         let copy = stats.clone();
@@ -116,16 +121,17 @@ impl<S: Stream> Worker<S> {
         f: impl FnOnce(&mut WorkerUpstream<S>) -> R,
     ) -> R {
         let mut map = self.upstreams.borrow_mut();
-        let entry = map
-            .entry(upstream.id)
-            .or_insert_with(|| WorkerUpstream::new(upstream.clone()));
-        f(entry)
+        adopt(&mut map, upstream);
+        f(map.get_mut(&upstream.id).expect("adopted"))
     }
 
     /// Drops pools of upstreams no longer in the snapshot, and closes dead idle connections.
     pub(crate) fn sweep_upstreams(&self) {
         let snap = self.snapshot();
         let mut map = self.upstreams.borrow_mut();
+        for upstream in &snap.upstreams {
+            adopt(&mut map, upstream);
+        }
         map.retain(|id, _| snap.upstreams.iter().any(|u| u.id == *id));
         for pool in map.values_mut() {
             pool.sweep();
@@ -311,4 +317,25 @@ impl<T: Recycle, S: Stream> Drop for Lent<'_, T, S> {
             item.recycle(self.w);
         }
     }
+}
+
+/// Makes sure `map` has this worker's state for `upstream`. When the upstream was rebuilt
+/// (a reload, or its names resolved to new addresses), the state of the one it replaced
+/// (same name, older id) carries its idle connections over to the servers that stay. Only
+/// forward: a request still running on the older one gets a fresh entry, swept once the
+/// snapshot no longer has it.
+fn adopt<S: Stream>(map: &mut FastMap<u64, WorkerUpstream<S>>, upstream: &Arc<Upstream>) {
+    if map.contains_key(&upstream.id) {
+        return;
+    }
+    let older = map
+        .iter()
+        .filter(|(id, p)| **id < upstream.id && p.upstream.name == upstream.name)
+        .map(|(id, _)| *id)
+        .max();
+    let pool = match older.and_then(|id| map.remove(&id)) {
+        Some(old) => WorkerUpstream::replacing(upstream.clone(), old),
+        None => WorkerUpstream::new(upstream.clone()),
+    };
+    map.insert(upstream.id, pool);
 }

@@ -169,6 +169,10 @@ mod tests {
             max_fails: 1,
             fail_timeout: crate::config::Dur(std::time::Duration::from_secs(10)),
             health_check: None,
+            resolve_required: true,
+            resolve_min: crate::config::Dur(std::time::Duration::from_secs(5)),
+            resolve_max: crate::config::Dur(std::time::Duration::from_secs(300)),
+            nxdomain_grace: crate::config::Dur(std::time::Duration::from_secs(60)),
         };
         Upstream::build(&config, &[])
     }
@@ -238,6 +242,43 @@ mod tests {
                 assert_ne!(now, 2);
             }
         }
+    }
+
+    /// A headless Service's pods come and go, in whatever order DNS lists them: the ring
+    /// is built from the addresses, so only the clients of pods that left or arrived move.
+    #[test]
+    fn client_ip_hash_moves_only_the_keys_of_addresses_that_moved() {
+        let build = |addrs: &[&str]| {
+            let mut config = upstream(Balance::ClientIpHash, &[1]).config.clone();
+            config.servers = addrs
+                .iter()
+                .map(|a| ServerEntry::Addr(a.to_string()))
+                .collect();
+            Upstream::build(&config, &[])
+        };
+        let before = build(&["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80"]);
+        // Reordered, .2 gone, .4 new.
+        let after = build(&["10.1.0.4:80", "10.1.0.3:80", "10.1.0.1:80"]);
+        let pick = |up: &Upstream, ip: IpAddr| {
+            let i = Picker::new(up.servers.len())
+                .pick(up, ip, 0, &Tried::default())
+                .unwrap();
+            up.servers[i].addr
+        };
+        let (mut kept, mut moved) = (0, 0);
+        for last in 0..=255u8 {
+            let ip = IpAddr::from([192, 0, 2, last]);
+            let (was, is) = (pick(&before, ip), pick(&after, ip));
+            let was_gone = was.to_string() == "10.1.0.2:80";
+            let is_new = is.to_string() == "10.1.0.4:80";
+            if was == is {
+                kept += 1;
+            } else {
+                assert!(was_gone || is_new, "{ip} moved from {was} to {is}");
+                moved += 1;
+            }
+        }
+        assert!(kept > 100 && moved > 20, "kept {kept}, moved {moved}");
     }
 
     #[test]

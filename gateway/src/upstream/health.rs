@@ -32,7 +32,7 @@ pub fn spawn(upstream: Arc<Upstream>) -> Option<Checker> {
             while !stop_thread.load(Ordering::Relaxed) {
                 let round = Instant::now();
                 for server in &upstream.servers {
-                    let healthy = probe(server.addr, &server.label, &check.path, check.timeout.0);
+                    let healthy = probe(server.addr, &server.authority, &check.path, check.timeout.0);
                     if !healthy && server.state.is_up(crate::util::clock::now_ms()) {
                         tracing::warn!(upstream = %upstream.name, server = %server.label, "health check failed: server marked down");
                     }

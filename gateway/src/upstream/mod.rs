@@ -6,12 +6,14 @@
 //! idle connections are per worker, with no lock on the request path.
 
 pub mod balance;
+pub mod dns;
 pub mod health;
 pub mod pool;
 
-use crate::config::{Balance, HealthCheckConfig, UpstreamConfig};
+use crate::config::{Balance, HealthCheckConfig, ServerAddr, UpstreamConfig};
 use crate::util::clock;
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +75,9 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The address as text, for logs and metric labels.
     pub label: String,
+    /// The server as its config entry wrote it (`IP:PORT` or `NAME:PORT`): the `Host` of
+    /// an active health check.
+    pub(crate) authority: Arc<str>,
     pub weight: u32,
     pub state: Arc<ServerState>,
 }
@@ -99,18 +104,78 @@ pub struct Upstream {
 
 static NEXT_UPSTREAM_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The addresses each server name of one upstream resolved to (`upstream/dns.rs`); a
+/// name missing here, or with no addresses, contributes no server.
+pub type Resolved = HashMap<String, Vec<IpAddr>>;
+
 impl Upstream {
-    /// Builds an upstream from its config. `previous` are the upstreams of the config being
-    /// replaced: an identical one is reused as is, and servers that stay keep their health.
+    /// Builds an upstream from its config with its names unresolved (no servers from them).
     pub fn build(config: &UpstreamConfig, previous: &[Arc<Upstream>]) -> Arc<Upstream> {
-        if let Some(same) = previous.iter().find(|u| &u.config == config) {
+        Self::build_resolved(config, previous, &Resolved::new())
+    }
+
+    /// Builds an upstream from its config and the addresses its names resolved to: each
+    /// address is a server of its own (its own health and idle pool), with its entry's
+    /// weight. `previous` are the upstreams being replaced: an identical one (same config,
+    /// same addresses) is reused as is, and servers that stay keep their health.
+    pub fn build_resolved(
+        config: &UpstreamConfig,
+        previous: &[Arc<Upstream>],
+        resolved: &Resolved,
+    ) -> Arc<Upstream> {
+        let mut wanted: Vec<(SocketAddr, u32, Arc<str>)> = Vec::new();
+        // The config bounds its entries, but a name can stand for any number of records:
+        // the same bounds apply to what the names resolved to (the hash ring is built from
+        // them), so a huge or hostile answer costs at most what a long config would.
+        let mut total_weight: u64 = 0;
+        let mut left_out = 0usize;
+        for s in &config.servers {
+            let authority: Arc<str> = s.addr().into();
+            let addrs: Vec<SocketAddr> =
+                match ServerAddr::parse(s.addr()).expect("validated server address") {
+                    ServerAddr::Ip(addr) => vec![addr],
+                    ServerAddr::Name(host, port) => resolved
+                        .get(&host)
+                        .into_iter()
+                        .flatten()
+                        .map(|ip| SocketAddr::new(*ip, port))
+                        .collect(),
+                };
+            for addr in addrs {
+                // Two names for one address: one server, not two pools to it.
+                if wanted.iter().any(|(a, ..)| *a == addr) {
+                    continue;
+                }
+                if wanted.len() >= crate::config::MAX_UPSTREAM_SERVERS
+                    || total_weight + u64::from(s.weight())
+                        > crate::config::MAX_UPSTREAM_TOTAL_WEIGHT
+                {
+                    left_out += 1;
+                    continue;
+                }
+                total_weight += u64::from(s.weight());
+                wanted.push((addr, s.weight(), authority.clone()));
+            }
+        }
+        if left_out > 0 {
+            tracing::warn!(upstream = %config.name, left_out, "the upstream's names resolved to more servers than it may have (1024, weights adding up to 10000): the rest are left out");
+        }
+        let same_servers = |u: &Upstream| {
+            u.servers.len() == wanted.len()
+                && u.servers
+                    .iter()
+                    .zip(&wanted)
+                    .all(|(s, (a, w, _))| s.addr == *a && s.weight == *w)
+        };
+        if let Some(same) = previous
+            .iter()
+            .find(|u| &u.config == config && same_servers(u))
+        {
             return same.clone();
         }
-        let servers: Vec<Server> = config
-            .servers
-            .iter()
-            .map(|s| {
-                let addr: SocketAddr = s.addr().parse().expect("validated server address");
+        let servers: Vec<Server> = wanted
+            .into_iter()
+            .map(|(addr, weight, authority)| {
                 let state = previous
                     .iter()
                     .filter(|u| u.name == config.name)
@@ -120,8 +185,10 @@ impl Upstream {
                     .unwrap_or_default();
                 Server {
                     addr,
+                    // The resolved address, so the access log and metrics name the pod.
                     label: addr.to_string(),
-                    weight: s.weight(),
+                    authority,
+                    weight,
                     state,
                 }
             })
@@ -141,5 +208,68 @@ impl Upstream {
             hash_ring,
             config: config.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Dur, ServerEntry};
+
+    fn named(servers: &[&str]) -> UpstreamConfig {
+        let text = format!(
+            "name = \"u\"\nservers = [{}]",
+            servers
+                .iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        toml::from_str(&text).expect("upstream config")
+    }
+
+    #[test]
+    fn each_resolved_address_is_a_server_and_those_that_stay_keep_their_health() {
+        let config = named(&["svc.test:8080", "10.9.0.1:80"]);
+        let mut resolved = Resolved::new();
+        resolved.insert("svc.test".into(), vec!["10.0.0.2".parse().unwrap()]);
+        let first = Upstream::build_resolved(&config, &[], &resolved);
+        let labels: Vec<&str> = first.servers.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(labels, ["10.0.0.2:8080", "10.9.0.1:80"]);
+        // Same config, same addresses: the very same upstream (pools carry over as is).
+        let again = Upstream::build_resolved(&config, std::slice::from_ref(&first), &resolved);
+        assert!(Arc::ptr_eq(&first, &again));
+        // One more address: a new upstream whose staying servers share their health.
+        first.servers[0].state.set_check_result(false);
+        resolved.insert(
+            "svc.test".into(),
+            vec!["10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap()],
+        );
+        let grown = Upstream::build_resolved(&config, std::slice::from_ref(&first), &resolved);
+        assert!(!Arc::ptr_eq(&first, &grown));
+        assert_eq!(grown.servers.len(), 3);
+        assert!(Arc::ptr_eq(
+            &grown.servers[0].state,
+            &first.servers[0].state
+        ));
+        assert!(!grown.servers[0].state.is_up(0));
+        assert!(grown.servers[1].state.is_up(0));
+    }
+
+    #[test]
+    fn a_huge_answer_is_bounded_like_a_long_config() {
+        let mut config = named(&["svc.test:80"]);
+        config.servers = vec![ServerEntry::Weighted(crate::config::WeightedServer {
+            addr: "svc.test:80".into(),
+            weight: 1,
+        })];
+        config.fail_timeout = Dur(std::time::Duration::from_secs(10));
+        let many: Vec<IpAddr> = (0..3000u32)
+            .map(|i| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+            .collect();
+        let mut resolved = Resolved::new();
+        resolved.insert("svc.test".into(), many);
+        let up = Upstream::build_resolved(&config, &[], &resolved);
+        assert_eq!(up.servers.len(), crate::config::MAX_UPSTREAM_SERVERS);
     }
 }

@@ -33,6 +33,29 @@ impl<S: Stream> WorkerUpstream<S> {
         }
     }
 
+    /// This worker's state for `upstream`, which replaces `old` (the same upstream before a
+    /// reload or its names' new addresses rebuilt it): the idle connections to servers
+    /// that stay (same address) carry over; those to servers gone close with `old`.
+    pub(crate) fn replacing(upstream: Arc<Upstream>, mut old: WorkerUpstream<S>) -> Self {
+        let mut new = Self::new(upstream);
+        for (i, server) in new.upstream.servers.iter().enumerate() {
+            if let Some(j) = old
+                .upstream
+                .servers
+                .iter()
+                .position(|s| s.addr == server.addr)
+            {
+                let idle = std::mem::take(&mut old.idle[j]);
+                old.idle_count -= idle.len();
+                new.idle_count += idle.len();
+                new.idle[i] = idle;
+            }
+        }
+        // In-flight counts stay with `old`'s entry: the requests that hold them finish
+        // on the upstream they started with.
+        new
+    }
+
     /// An idle connection to `server` that is still open, if any. Connections the upstream
     /// closed while they sat idle (EOF or stray bytes waiting) are dropped here.
     pub(crate) fn take_idle(&mut self, server: usize) -> Option<S> {
@@ -100,6 +123,10 @@ mod tests {
             max_fails: 1,
             fail_timeout: crate::config::Dur(Duration::from_secs(10)),
             health_check: None,
+            resolve_required: true,
+            resolve_min: crate::config::Dur(std::time::Duration::from_secs(5)),
+            resolve_max: crate::config::Dur(std::time::Duration::from_secs(300)),
+            nxdomain_grace: crate::config::Dur(std::time::Duration::from_secs(60)),
         };
         Upstream::build(&config, &[])
     }
@@ -167,6 +194,31 @@ mod tests {
         pool.put_idle(0, a);
         std::thread::sleep(Duration::from_millis(40));
         assert!(pool.take_idle(0).is_none(), "past keepalive_timeout");
+    }
+
+    #[test]
+    fn a_rebuilt_upstream_keeps_the_idle_connections_of_servers_that_stay() {
+        let old = upstream(3, 8, Duration::from_secs(60));
+        let mut pool = WorkerUpstream::new(old.clone());
+        let (a, pa) = conn();
+        let (b, pb) = conn();
+        pool.put_idle(0, a); // 192.0.2.1, stays
+        pool.put_idle(2, b); // 192.0.2.3, removed
+        let mut config = old.config.clone();
+        config.servers = ["192.0.2.9:80", "192.0.2.1:80"]
+            .iter()
+            .map(|a| ServerEntry::Addr(a.to_string()))
+            .collect();
+        let new = Upstream::build(&config, &[old]);
+        let mut pool = WorkerUpstream::replacing(new, pool);
+        assert_eq!(pool.idle_count(), 1);
+        assert_eq!(
+            Rc::strong_count(&pb),
+            1,
+            "the removed server's connection closed"
+        );
+        let got = pool.take_idle(1).expect("carried over to its new index");
+        assert!(Rc::ptr_eq(got.peer(), &pa));
     }
 
     #[test]
