@@ -319,8 +319,15 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let code = runtime.block_on(async {
         tracing::info!(workers, driver = driver.as_str(), listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, max_connections = shared.snapshot().server.max_connections, nofile = gateway::util::budget::nofile(), "gateway started");
 
+        // Freed heap memory goes back to the kernel after a burst (see util::memory: a
+        // flood of aborted requests otherwise left RSS at its peak for good).
+        let mut trimmer = gateway::util::memory::Trimmer::new();
+        let mut trim_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
+                _ = trim_tick.tick() => {
+                    trimmer.tick();
+                }
                 _ = hup.recv() => {
                     // Not awaited: this loop must keep listening for SIGTERM, which drains
                     // even while a reload (stalled on a slow file, say) is still running.

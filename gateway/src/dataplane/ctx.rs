@@ -149,6 +149,16 @@ impl<S: Stream> Worker<S> {
         Lent::new(self, self.take_buf())
     }
 
+    /// A guard with no buffer yet: [`Lent::ensure`] takes one from the pool when it is first
+    /// needed. For buffers most exchanges never use (a request body): an exchange left
+    /// waiting on its upstream then holds no 64 KiB it does not need.
+    pub(crate) fn lend_later<T: Recycle>(&self) -> Lent<'_, T, S> {
+        Lent {
+            w: self,
+            item: None,
+        }
+    }
+
     /// An output buffer that goes back to the pool when the guard drops.
     pub(crate) fn lend_out(&self) -> Lent<'_, Vec<u8>, S> {
         Lent::new(self, self.take_out())

@@ -64,8 +64,9 @@ pub trait RequestSource<S: Stream> {
     /// Asks the client for its body if it waits to be asked (`Expect: 100-continue`);
     /// nothing otherwise, or when already asked.
     async fn go_ahead(&mut self) -> Result<(), HttpError>;
-    /// Reads the next piece of the body into `buf` (cleared first): returns how many of its
-    /// first bytes are body. Errors are the client's ([`Side::Client`]).
+    /// Reads the next piece of the body into `buf` (cleared first; it may hold no buffer
+    /// yet, so [`Lent::ensure`] it first): returns how many of its first bytes are body.
+    /// Errors are the client's ([`Side::Client`]).
     async fn read_body(&mut self, buf: &mut Lent<'_, BytesMut, S>) -> Result<usize, HttpError>;
 }
 
@@ -128,7 +129,9 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
 ) -> Result<Exchanged<S>, Failure> {
     let (w, route, upstream) = (x.w, x.route, x.upstream);
     let mut out = w.lend_out();
-    let mut body_buf = w.lend_buf();
+    // Taken on the first body read only: a request without a body (most) holds no body
+    // buffer while its response is awaited, which is as long as the upstream takes.
+    let mut body_buf = w.lend_later();
 
     // Read the body, or its first `request_buffering` bytes, before any upstream is chosen
     // (as nginx does): a client that trickles a small body then holds nothing upstream.
