@@ -122,8 +122,18 @@ static LOG_GUARD: std::sync::Mutex<Option<tracing_appender::non_blocking::Worker
 /// and counted (`gateway_log_lines_dropped_total`).
 fn init_tracing(config: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    // The resolver library logs a line per malformed DNS datagram: a hostile or broken
+    // name server could fill the log. Its errors still show; `dns.rs` logs failures itself,
+    // rate-limited. A level string that names hickory explicitly wins.
+    let level = if config.log.level.contains("hickory") {
+        config.log.level.clone()
+    } else {
+        format!(
+            "{},hickory_proto=error,hickory_resolver=error",
+            config.log.level
+        )
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&level));
     use std::io::IsTerminal;
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)

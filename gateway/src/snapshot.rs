@@ -164,10 +164,11 @@ impl Snapshot {
         }
         let config = loaded.config;
         let old: &[Arc<Upstream>] = previous.map(|p| p.upstreams.as_slice()).unwrap_or(&[]);
+        let own = own_sockets(&listeners, &config);
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| Upstream::build_resolved(u.get_ref(), old, &resolved(&u.get_ref().name)))
+            .map(|u| Upstream::build_resolved(u.get_ref(), old, &resolved(&u.get_ref().name), &own))
             .collect();
         let router = Router::build(&config);
         let s = &config.server;
@@ -236,7 +237,12 @@ impl Snapshot {
             .iter()
             .map(|u| {
                 if names.contains(&u.name) {
-                    Upstream::build_resolved(&u.config, &self.upstreams, &resolved(&u.name))
+                    Upstream::build_resolved(
+                        &u.config,
+                        &self.upstreams,
+                        &resolved(&u.name),
+                        &own_sockets(&self.listeners, &self.config),
+                    )
                 } else {
                     u.clone()
                 }
@@ -313,4 +319,11 @@ impl ListenerSettings {
     pub fn trusts(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
     }
+}
+
+/// The gateway's own listening sockets (listeners and admin): a name must not resolve to one.
+fn own_sockets(listeners: &[Arc<ListenerSettings>], config: &Config) -> Vec<SocketAddr> {
+    let mut own: Vec<SocketAddr> = listeners.iter().map(|l| l.listen).collect();
+    own.extend(config.admin.listen.parse::<SocketAddr>().ok());
+    own
 }

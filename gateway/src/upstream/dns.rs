@@ -27,6 +27,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The IPv4-only and the IPv6-only resolver.
+type Resolvers = (Arc<TokioResolver>, Arc<TokioResolver>);
+
 /// What one lookup of one name gave.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
@@ -64,7 +67,7 @@ struct NameState {
 pub struct Dns {
     /// Built at the first lookup (a config without names never reads resolv.conf), and
     /// again when `[resolver]` changes.
-    resolver: Mutex<Option<(ResolverConfig, Arc<TokioResolver>)>>,
+    resolver: Mutex<Option<(ResolverConfig, Resolvers)>>,
     /// Keyed by (upstream name, host name).
     names: Mutex<HashMap<(String, String), NameState>>,
     /// `gateway_upstream_dns_resolutions_total` by (upstream, result).
@@ -79,7 +82,10 @@ impl std::fmt::Debug for Dns {
     }
 }
 
-fn build_resolver(config: &ResolverConfig) -> Result<TokioResolver, String> {
+fn build_resolver(
+    config: &ResolverConfig,
+    strategy: LookupIpStrategy,
+) -> Result<TokioResolver, String> {
     let mut builder = if config.nameservers.is_empty() {
         TokioResolver::builder_tokio().map_err(|e| format!("cannot read /etc/resolv.conf: {e}"))?
     } else {
@@ -97,7 +103,10 @@ fn build_resolver(config: &ResolverConfig) -> Result<TokioResolver, String> {
     };
     let opts = builder.options_mut();
     opts.use_hosts_file = ResolveHosts::Always;
-    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    // One resolver per family, asked side by side: hickory's combined A+AAAA lookup
+    // reports an A query that timed out beside an empty AAAA answer as "no records",
+    // which would drop a name's addresses instead of keeping them through the outage.
+    opts.ip_strategy = strategy;
     // The refresh asks at each TTL; a cache would hand back an answer a too-small
     // `resolve_max` wants re-asked.
     opts.cache_size = 0;
@@ -119,6 +128,49 @@ fn names_of(config: &Config) -> impl Iterator<Item = (usize, &str, String)> + '_
     })
 }
 
+/// Whether an address from an answer may be a server. Unspecified (it reaches this host),
+/// multicast, broadcast, "this network" (0/8), reserved (240/4) and link-local addresses
+/// (169.254.169.254 is a cloud's metadata service) are never servers, whatever a name
+/// server says; IPv4-mapped IPv6 forms are judged as the IPv4 address they are.
+fn usable(ip: IpAddr) -> bool {
+    if ip.is_unspecified() || ip.is_multicast() {
+        return false;
+    }
+    match ip {
+        IpAddr::V4(v4) => {
+            let first = v4.octets()[0];
+            !(v4.is_broadcast() || v4.is_link_local() || first == 0 || first >= 240)
+        }
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+    }
+}
+
+/// The outcome of a name from its A and its AAAA lookups. A family that could not be
+/// asked (timeout, SERVFAIL) keeps the last good set when that set has addresses of that
+/// family: an outage of one query type must not drop half a name.
+fn combine(v4: Outcome, v6: Outcome, previous: &[IpAddr]) -> Outcome {
+    use Outcome::*;
+    let had = |want_v4: bool| previous.iter().any(|ip| ip.is_ipv4() == want_v4);
+    match (v4, v6) {
+        (Found(mut a, ta), Found(b, tb)) => {
+            a.extend(b);
+            a.sort_unstable();
+            a.dedup();
+            Found(a, ta.min(tb))
+        }
+        (found @ Found(..), Missing(_)) | (Missing(_), found @ Found(..)) => found,
+        (Found(..), failed @ Failed(..)) if had(false) => failed,
+        (failed @ Failed(..), Found(..)) if had(true) => failed,
+        (found @ Found(..), Failed(..)) | (Failed(..), found @ Found(..)) => found,
+        (failed @ Failed(..), _) | (_, failed @ Failed(..)) => failed,
+        (Missing(a), Missing(b)) => Missing(if a == "nxdomain" || b == "nxdomain" {
+            "nxdomain"
+        } else {
+            "nodata"
+        }),
+    }
+}
+
 /// What a lookup's result means for the failure rules.
 fn classify(
     result: Result<hickory_resolver::lookup_ip::LookupIp, hickory_resolver::ResolveError>,
@@ -129,7 +181,8 @@ fn classify(
             // host): a record pointing there is ignored, not connected to.
             let mut addrs: Vec<IpAddr> = lookup
                 .iter()
-                .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+                .map(|ip| ip.to_canonical())
+                .filter(|ip| usable(*ip))
                 .collect();
             addrs.sort_unstable();
             addrs.dedup();
@@ -168,12 +221,15 @@ impl Dns {
         })
     }
 
-    fn resolver(&self, config: &ResolverConfig) -> Result<Arc<TokioResolver>, String> {
+    fn resolver(&self, config: &ResolverConfig) -> Result<Resolvers, String> {
         let mut current = self.resolver.lock().unwrap_or_else(|e| e.into_inner());
         match &*current {
             Some((built_for, resolver)) if built_for == config => Ok(resolver.clone()),
             _ => {
-                let resolver = Arc::new(build_resolver(config)?);
+                let resolver = (
+                    Arc::new(build_resolver(config, LookupIpStrategy::Ipv4Only)?),
+                    Arc::new(build_resolver(config, LookupIpStrategy::Ipv6Only)?),
+                );
                 *current = Some((config.clone(), resolver.clone()));
                 Ok(resolver)
             }
@@ -182,17 +238,17 @@ impl Dns {
 
     /// Looks up every (upstream, host) of `keys` at once (a slow or silent name server
     /// costs one timeout per round, not one per name), counting each result.
-    async fn lookup_all(
-        &self,
-        resolver: &Arc<TokioResolver>,
-        keys: &[(String, String)],
-    ) -> Vec<Outcome> {
+    async fn lookup_all(&self, resolver: &Resolvers, keys: &[(String, String)]) -> Vec<Outcome> {
         let mut tasks = tokio::task::JoinSet::new();
-        for (index, (_, host)) in keys.iter().enumerate() {
-            let (resolver, host) = (resolver.clone(), host.clone());
+        for (index, key) in keys.iter().enumerate() {
+            let (v4, v6, host) = (resolver.0.clone(), resolver.1.clone(), key.1.clone());
+            let previous = self.state(key).map(|s| s.addrs).unwrap_or_default();
             // A trailing dot makes the name absolute (no search domains); without one,
             // the system's search list and ndots apply, as they do for getaddrinfo.
-            tasks.spawn(async move { (index, classify(resolver.lookup_ip(host).await)) });
+            tasks.spawn(async move {
+                let (a, aaaa) = tokio::join!(v4.lookup_ip(host.clone()), v6.lookup_ip(host));
+                (index, combine(classify(a), classify(aaaa), &previous))
+            });
         }
         let mut outcomes = vec![None; keys.len()];
         while let Some(done) = tasks.join_next().await {
@@ -447,5 +503,72 @@ impl Dns {
                 upstream.replace('\\', "\\\\").replace('"', "\\\"")
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_that_are_never_servers_are_refused_in_any_form() {
+        for bad in [
+            "0.0.0.0",
+            "::",
+            "::ffff:0.0.0.0",
+            "224.0.0.1",
+            "::ffff:224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+            "0.1.2.3",
+            "240.0.0.1",
+            "169.254.169.254",
+            "fe80::1",
+        ] {
+            let ip: IpAddr = bad.parse().unwrap();
+            assert!(!usable(ip.to_canonical()), "{bad}");
+        }
+        for good in [
+            "10.0.0.1",
+            "127.0.0.1",
+            "::1",
+            "2001:db8::1",
+            "::ffff:10.0.0.1",
+        ] {
+            let ip: IpAddr = good.parse().unwrap();
+            assert!(usable(ip.to_canonical()), "{good}");
+        }
+    }
+
+    #[test]
+    fn one_family_timing_out_is_an_outage_not_a_missing_name() {
+        use Outcome::*;
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let t = Duration::from_secs(30);
+        let timeout = || Failed("timeout", String::new());
+        // A timed out, AAAA empty: an outage (the last good set is kept), never "nodata".
+        assert!(matches!(
+            combine(timeout(), Missing("nodata"), &[v4]),
+            Failed("timeout", _)
+        ));
+        // Both answered: the union.
+        match combine(Found(vec![v4], t), Found(vec![v6], t), &[]) {
+            Found(a, _) => assert_eq!(a, vec![v4, v6]),
+            other => panic!("{other:?}"),
+        }
+        // AAAA found, A timed out: kept as an outage when the name had IPv4 addresses.
+        assert!(matches!(
+            combine(timeout(), Found(vec![v6], t), &[v4]),
+            Failed(..)
+        ));
+        assert!(matches!(
+            combine(timeout(), Found(vec![v6], t), &[v6]),
+            Found(..)
+        ));
+        assert!(matches!(
+            combine(Missing("nxdomain"), Missing("nodata"), &[]),
+            Missing("nxdomain")
+        ));
     }
 }

@@ -108,10 +108,15 @@ static NEXT_UPSTREAM_ID: AtomicU64 = AtomicU64::new(1);
 /// name missing here, or with no addresses, contributes no server.
 pub type Resolved = HashMap<String, Vec<IpAddr>>;
 
+/// Whether `ip` is one of this host's own addresses (a socket can be bound to it).
+fn is_local(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 impl Upstream {
     /// Builds an upstream from its config with its names unresolved (no servers from them).
     pub fn build(config: &UpstreamConfig, previous: &[Arc<Upstream>]) -> Arc<Upstream> {
-        Self::build_resolved(config, previous, &Resolved::new())
+        Self::build_resolved(config, previous, &Resolved::new(), &[])
     }
 
     /// Builds an upstream from its config and the addresses its names resolved to: each
@@ -122,6 +127,7 @@ impl Upstream {
         config: &UpstreamConfig,
         previous: &[Arc<Upstream>],
         resolved: &Resolved,
+        own: &[SocketAddr],
     ) -> Arc<Upstream> {
         let mut wanted: Vec<(SocketAddr, u32, Arc<str>)> = Vec::new();
         // The config bounds its entries, but a name can stand for any number of records:
@@ -129,32 +135,58 @@ impl Upstream {
         // them), so a huge or hostile answer costs at most what a long config would.
         let mut total_weight: u64 = 0;
         let mut left_out = 0usize;
+        // IP literals first: they are the operator's own servers and count in the config's
+        // bounds already, so no answer may crowd them out. Then the names' addresses, one
+        // from each name in turn, so one huge answer cannot crowd out the other names.
+        let mut named: Vec<(Vec<SocketAddr>, u32, Arc<str>)> = Vec::new();
+        let mut add = |addr: SocketAddr, weight: u32, authority: &Arc<str>| {
+            // Two names for one address: one server, not two pools to it.
+            if wanted.iter().any(|(a, ..)| *a == addr) {
+                return;
+            }
+            if wanted.len() >= crate::config::MAX_UPSTREAM_SERVERS
+                || total_weight + u64::from(weight) > crate::config::MAX_UPSTREAM_TOTAL_WEIGHT
+            {
+                left_out += 1;
+                return;
+            }
+            total_weight += u64::from(weight);
+            wanted.push((addr, weight, authority.clone()));
+        };
         for s in &config.servers {
             let authority: Arc<str> = s.addr().into();
-            let addrs: Vec<SocketAddr> =
-                match ServerAddr::parse(s.addr()).expect("validated server address") {
-                    ServerAddr::Ip(addr) => vec![addr],
-                    ServerAddr::Name(host, port) => resolved
+            match ServerAddr::parse(s.addr()).expect("validated server address") {
+                ServerAddr::Ip(addr) => add(addr, s.weight(), &authority),
+                ServerAddr::Name(host, port) => {
+                    let addrs = resolved
                         .get(&host)
                         .into_iter()
                         .flatten()
                         .map(|ip| SocketAddr::new(*ip, port))
-                        .collect(),
-                };
-            for addr in addrs {
-                // Two names for one address: one server, not two pools to it.
-                if wanted.iter().any(|(a, ..)| *a == addr) {
-                    continue;
+                        .filter(|addr| {
+                            // A name that points back at the gateway's own listener or
+                            // admin port would loop every request through it.
+                            let own_socket = own.iter().any(|o| {
+                                o.port() == addr.port()
+                                    && (o.ip() == addr.ip()
+                                        || (o.ip().is_unspecified() && is_local(addr.ip())))
+                            });
+                            if own_socket {
+                                tracing::warn!(upstream = %config.name, name = %host, %addr, "a name resolved to the gateway's own listener: that address is left out");
+                            }
+                            !own_socket
+                        })
+                        .collect();
+                    named.push((addrs, s.weight(), authority));
                 }
-                if wanted.len() >= crate::config::MAX_UPSTREAM_SERVERS
-                    || total_weight + u64::from(s.weight())
-                        > crate::config::MAX_UPSTREAM_TOTAL_WEIGHT
-                {
-                    left_out += 1;
-                    continue;
+            }
+        }
+        let longest = named.iter().map(|(a, ..)| a.len()).max().unwrap_or(0);
+        for i in 0..longest {
+            for (addrs, weight, authority) in &named {
+                if let Some(addr) = addrs.get(i) {
+                    add(*addr, *weight, authority);
                 }
-                total_weight += u64::from(s.weight());
-                wanted.push((addr, s.weight(), authority.clone()));
             }
         }
         if left_out > 0 {
@@ -233,27 +265,55 @@ mod tests {
         let config = named(&["svc.test:8080", "10.9.0.1:80"]);
         let mut resolved = Resolved::new();
         resolved.insert("svc.test".into(), vec!["10.0.0.2".parse().unwrap()]);
-        let first = Upstream::build_resolved(&config, &[], &resolved);
+        let first = Upstream::build_resolved(&config, &[], &resolved, &[]);
         let labels: Vec<&str> = first.servers.iter().map(|s| s.label.as_str()).collect();
-        assert_eq!(labels, ["10.0.0.2:8080", "10.9.0.1:80"]);
+        // IP literals first: no answer can crowd them out.
+        assert_eq!(labels, ["10.9.0.1:80", "10.0.0.2:8080"]);
         // Same config, same addresses: the very same upstream (pools carry over as is).
-        let again = Upstream::build_resolved(&config, std::slice::from_ref(&first), &resolved);
+        let again = Upstream::build_resolved(&config, std::slice::from_ref(&first), &resolved, &[]);
         assert!(Arc::ptr_eq(&first, &again));
         // One more address: a new upstream whose staying servers share their health.
-        first.servers[0].state.set_check_result(false);
+        first.servers[1].state.set_check_result(false);
         resolved.insert(
             "svc.test".into(),
             vec!["10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap()],
         );
-        let grown = Upstream::build_resolved(&config, std::slice::from_ref(&first), &resolved);
+        let grown = Upstream::build_resolved(&config, std::slice::from_ref(&first), &resolved, &[]);
         assert!(!Arc::ptr_eq(&first, &grown));
         assert_eq!(grown.servers.len(), 3);
         assert!(Arc::ptr_eq(
-            &grown.servers[0].state,
-            &first.servers[0].state
+            &grown.servers[1].state,
+            &first.servers[1].state
         ));
-        assert!(!grown.servers[0].state.is_up(0));
-        assert!(grown.servers[1].state.is_up(0));
+        assert!(!grown.servers[1].state.is_up(0));
+        assert!(grown.servers[2].state.is_up(0));
+    }
+
+    #[test]
+    fn no_answer_crowds_out_literals_or_other_names_and_none_points_back_at_the_gateway() {
+        let config = named(&["big.test:80", "small.test:80", "10.9.0.1:80"]);
+        let mut resolved = Resolved::new();
+        let many: Vec<IpAddr> = (0..5000u32)
+            .map(|i| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+            .collect();
+        resolved.insert("big.test".into(), many);
+        resolved.insert("small.test".into(), vec!["10.8.0.1".parse().unwrap()]);
+        let up = Upstream::build_resolved(&config, &[], &resolved, &[]);
+        assert_eq!(up.servers.len(), crate::config::MAX_UPSTREAM_SERVERS);
+        let has = |a: &str| up.servers.iter().any(|s| s.label == a);
+        assert!(has("10.9.0.1:80"), "the literal stays");
+        assert!(has("10.8.0.1:80"), "the other name stays");
+        // A name resolving to the gateway's own listener (here a wildcard one) is left out.
+        let mut resolved = Resolved::new();
+        resolved.insert(
+            "loop.test".into(),
+            vec!["127.0.0.1".parse().unwrap(), "10.7.0.1".parse().unwrap()],
+        );
+        let config = named(&["loop.test:8080"]);
+        let own: [SocketAddr; 1] = ["0.0.0.0:8080".parse().unwrap()];
+        let up = Upstream::build_resolved(&config, &[], &resolved, &own);
+        let labels: Vec<&str> = up.servers.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(labels, ["10.7.0.1:8080"]);
     }
 
     #[test]
@@ -269,7 +329,7 @@ mod tests {
             .collect();
         let mut resolved = Resolved::new();
         resolved.insert("svc.test".into(), many);
-        let up = Upstream::build_resolved(&config, &[], &resolved);
+        let up = Upstream::build_resolved(&config, &[], &resolved, &[]);
         assert_eq!(up.servers.len(), crate::config::MAX_UPSTREAM_SERVERS);
     }
 }
