@@ -443,6 +443,15 @@ fn smuggling_shaped_requests_never_reach_the_upstream() {
         ("CR", with(vec![(b"x-a", b"1\r\nx-b: 2")])),
         ("LF", with(vec![(b"x-a", b"1\nx")])),
         ("NUL", with(vec![(b"x-a", b"1\0")])),
+        // RFC 9113 §8.2.1: HTTP/1.1 would strip the whitespace, so the upstream would see
+        // another value than the one checked.
+        ("leading SP", with(vec![(b"x-a", b" 1")])),
+        ("trailing HTAB", with(vec![(b"x-a", b"1\t")])),
+        // The h2c Upgrade's field is connection-specific (RFC 7540 §3.2.1).
+        (
+            "http2-settings",
+            with(vec![(b"http2-settings", b"AAMAAABkAAQAAP__")]),
+        ),
         (
             "no :path",
             vec![
@@ -533,14 +542,104 @@ fn max_requests_per_connection_ends_with_goaway() {
     });
 }
 
+/// RST_STREAM REFUSED_STREAM (RFC 9113 §8.7): not processed, safe to retry.
+const REFUSED_STREAM: u32 = 0x7;
+
+/// Reads frames until the connection ends, never answering a PING (the client that keeps
+/// h2's graceful shutdown from ever sending its final GOAWAY); returns the streams reset
+/// with REFUSED_STREAM and when the connection ended.
+fn refused_until_close(raw: &mut RawH2, within: Duration) -> (Vec<u32>, Instant) {
+    let mut refused = Vec::new();
+    let deadline = Instant::now() + within;
+    while let Some(f) = raw.read_frame(deadline.saturating_duration_since(Instant::now())) {
+        if f.kind == RST_STREAM
+            && u32::from_be_bytes(f.payload[..4].try_into().unwrap()) == REFUSED_STREAM
+        {
+            refused.push(f.stream);
+        }
+    }
+    (refused, Instant::now())
+}
+
+/// A burst of GETs on streams `ids`.
+fn burst(raw: &mut RawH2, ids: impl Iterator<Item = u32>) {
+    let block = gateway_tests::h2::hpack_literals(&get_fields(b"/burst"));
+    let bytes: Vec<u8> = ids
+        .flat_map(|id| frame_bytes(HEADERS, END_HEADERS | END_STREAM, id, &block))
+        .collect();
+    raw.send_bytes(&bytes);
+}
+
+#[test]
+fn a_client_that_never_acks_the_goaway_ping_gets_no_stream_past_the_limit() {
+    let origin = Origin::start(|_| Reply::ok("slow").delay(Duration::from_millis(800)));
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[http2]\nmax_requests_per_connection = 3\n");
+    let gw = Gateway::with(&config);
+    let mut raw = RawH2::connect(gw.http_addr());
+    let started = Instant::now();
+    // Twice the limit in one burst: counted at accept, so only the first 3 are forwarded.
+    burst(&mut raw, (0..6).map(|i| 1 + 2 * i));
+    wait_until(Duration::from_secs(5), "the first three upstream", || {
+        origin.heads_seen() >= 3
+    });
+    // While those are open, the client ignores the GOAWAY and its PING and keeps opening
+    // streams: 3x the limit in all.
+    burst(&mut raw, (6..9).map(|i| 1 + 2 * i));
+    let (refused, closed) = refused_until_close(&mut raw, Duration::from_secs(10));
+    assert_eq!(
+        origin.heads_seen(),
+        3,
+        "exactly max_requests_per_connection forwarded"
+    );
+    assert_eq!(refused, [7, 9, 11, 13, 15, 17], "streams past the limit");
+    assert!(
+        closed - started < Duration::from_secs(5),
+        "closed once the three streams ended, not at graceful_timeout (30 s)"
+    );
+}
+
+#[test]
+fn a_drain_forwards_no_stream_opened_after_it_and_exits_when_the_open_ones_end() {
+    let origin = Origin::start(|_| Reply::ok("late").delay(Duration::from_millis(800)));
+    let mut gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(1, &get_fields(b"/inflight"), true);
+    wait_until(Duration::from_secs(5), "the first request upstream", || {
+        origin.active() == 1
+    });
+    let signalled = Instant::now();
+    gw.signal(libc::SIGTERM);
+    // The GOAWAY(2^31-1) of the drain, then streams from a client that never ACKs the PING.
+    while let Some(f) = raw.read_frame(Duration::from_secs(5)) {
+        if f.kind == GOAWAY {
+            break;
+        }
+    }
+    burst(&mut raw, (1..20).map(|i| 1 + 2 * i));
+    let (refused, closed) = refused_until_close(&mut raw, Duration::from_secs(10));
+    assert_eq!(
+        origin.heads_seen(),
+        1,
+        "nothing opened after the drain went upstream"
+    );
+    assert_eq!(refused.len(), 19, "{refused:?}");
+    assert!(
+        closed - signalled < Duration::from_secs(5),
+        "closed when the open stream ended, not at graceful_timeout"
+    );
+    assert!(gw.wait_exit(Duration::from_secs(5)).is_some());
+}
+
 #[test]
 fn ping_and_settings_floods_close_the_connection() {
     let (gw, _origin) = echo_gateway();
-    for kind in [PING, SETTINGS] {
+    // Unsolicited PING ACKs cost h2 as much as PINGs: they count too.
+    for (kind, flags) in [(PING, 0), (SETTINGS, 0), (PING, 0x1)] {
         let mut raw = RawH2::connect(gw.http_addr());
         let payload: &[u8] = if kind == PING { &[0; 8] } else { &[] };
         let flood: Vec<u8> = (0..1000)
-            .flat_map(|_| frame_bytes(kind, 0, 0, payload))
+            .flat_map(|_| frame_bytes(kind, flags, 0, payload))
             .collect();
         raw.send_bytes(&flood);
         let mut goaway = None;
@@ -552,7 +651,7 @@ fn ping_and_settings_floods_close_the_connection() {
         assert_eq!(
             goaway,
             Some(ENHANCE_YOUR_CALM),
-            "kind {kind}: GOAWAY, then close"
+            "kind {kind} flags {flags}: GOAWAY, then close"
         );
     }
     // A client within the budget is served.

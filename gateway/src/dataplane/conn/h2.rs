@@ -7,8 +7,11 @@
 //! - [`serve`]: the connection. It accepts streams, and ends itself with GOAWAY (then lets
 //!   the open streams finish, at most `graceful_timeout`) on drain, on a reload that changes
 //!   or removes its listener, after `max_requests_per_connection` streams and after
-//!   `idle_timeout` without a stream. A SETTINGS/PING flood (counted by
-//!   `protocol::h2::guard`) ends it with GOAWAY ENHANCE_YOUR_CALM.
+//!   `idle_timeout` without a stream. From that GOAWAY on no stream is forwarded: each
+//!   one accepted is refused (RST_STREAM REFUSED_STREAM), and the connection closes once
+//!   the open streams ended, without waiting for the PING ACK of `h2`'s graceful shutdown.
+//!   A SETTINGS/PING flood (counted by `protocol::h2::guard`) ends it with GOAWAY
+//!   ENHANCE_YOUR_CALM.
 //! - Each stream: the translation (`protocol::h2::translate`: malformed requests are reset
 //!   with PROTOCOL_ERROR and never reach an upstream, refusals get the status HTTP/1 gives),
 //!   `request_rate`, the router, then the exchange with [`H2Stream`] as request source
@@ -56,9 +59,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_uring::buf::BoundedBuf;
 
-/// Response bytes `h2` may buffer per stream beyond what the client's window lets out
-/// (its default is 400 KiB): with 100 streams, 6.4 MiB per connection at most.
-const SEND_BUFFER: usize = 64 * 1024;
+/// Response bytes `h2` may buffer per stream (its default is 400 KiB): with 100 streams,
+/// 1.6 MiB per connection at most. 16 KiB is one full DATA frame (the default
+/// SETTINGS_MAX_FRAME_SIZE), so a reader with an open window still gets full frames.
+const SEND_BUFFER: usize = 16 * 1024;
 /// Request body a stream may have in flight before the exchange reads it (the stream's
 /// receive window), and for the whole connection.
 const STREAM_WINDOW: u32 = 64 * 1024;
@@ -72,6 +76,11 @@ const LOCAL_ERROR_RESETS: usize = 1024;
 /// How often the connection looks for a reload that changed its listener or denied its
 /// client.
 const LISTENER_CHECK: Duration = Duration::from_secs(1);
+/// How long a connection being ended may take to flush its last frames (GOAWAY).
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// How often a connection past its GOAWAY, with no stream task left, looks whether h2 has
+/// flushed the last frames, to close it.
+const FLUSH_POLL: Duration = Duration::from_millis(50);
 
 /// The byte stream `h2` runs on: TLS ([`TlsIo`]) or the plain socket (h2c).
 pub(crate) trait Duplex: AsyncRead + AsyncWrite + Unpin {}
@@ -202,11 +211,33 @@ pub(crate) async fn serve<S: Stream>(
         }
     };
     loop {
+        let finished = closing.is_some() && tasks.is_empty();
+        if finished && !conn.has_streams() {
+            // GOAWAY went out, every stream ended and its frames were flushed (h2 counts
+            // a stream until then): end the connection now rather than wait for the PING
+            // ACK of h2's graceful shutdown, which a client may never send. The final
+            // GOAWAY carries the last stream id processed; nothing open is cut.
+            conn.abrupt_shutdown(Reason::NO_ERROR);
+            let _ = tokio::time::timeout(CLOSE_WAIT, poll_fn(|cx| conn.poll_closed(cx))).await;
+            break;
+        }
         let idle_at =
             (tasks.is_empty() && closing.is_none()).then(|| idle_since + limits.idle_timeout);
         tokio::select! {
             next = conn.accept() => match next {
+                Some(Ok((_, mut respond))) if closing.is_some() => {
+                    // After a GOAWAY no stream is forwarded, whatever the client does.
+                    // h2's graceful shutdown sends GOAWAY(2^31-1) and the final GOAWAY only
+                    // once the client ACKs its PING: a client that never does could open
+                    // streams until `graceful_timeout`, each one upstream work past
+                    // `max_requests_per_connection` or a drain. REFUSED_STREAM (RFC 9113
+                    // §8.7) tells an honest client the request was not processed and may be
+                    // retried on another connection.
+                    respond.send_reset(Reason::REFUSED_STREAM);
+                    w.stats.borrow_mut().listener(&ctx.name).h2_resets[1] += 1;
+                }
                 Some(Ok((request, respond))) => {
+                    // Counted at accept, so streams of one burst past the limit are refused.
                     streams += 1;
                     w.stats.borrow_mut().listener(&ctx.name).h2_streams += 1;
                     tasks.spawn_local(stream(w.clone(), ctx.clone(), peer, request, respond));
@@ -235,9 +266,11 @@ pub(crate) async fn serve<S: Stream>(
                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 w.stats.borrow_mut().h2_goaway(&ctx.name, "flood");
                 // Reads have stopped; h2 sends the GOAWAY and ends. Bounded anyway.
-                let _ = tokio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
+                let _ = tokio::time::timeout(CLOSE_WAIT, poll_fn(|cx| conn.poll_closed(cx))).await;
                 break;
             }
+            // Until the last stream's frames are flushed (no event of ours says when).
+            () = tokio::time::sleep(FLUSH_POLL), if finished => {}
             () = w.drained(), if closing.is_none() => goaway(&mut conn, &mut closing, "drain"),
             () = sleep_until(idle_at), if idle_at.is_some() => goaway(&mut conn, &mut closing, "idle"),
             _ = tick.tick() => {
@@ -250,7 +283,7 @@ pub(crate) async fn serve<S: Stream>(
                         tracing::info!(client = %peer.ip(), "HTTP/2 connection closed: its address is now denied");
                         conn.abrupt_shutdown(Reason::NO_ERROR);
                         w.stats.borrow_mut().h2_goaway(&ctx.name, "denied");
-                        let _ = tokio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
+                        let _ = tokio::time::timeout(CLOSE_WAIT, poll_fn(|cx| conn.poll_closed(cx))).await;
                         break;
                     }
                     if closing.is_none() && listener_changed(&w, &ctx) {
@@ -739,8 +772,9 @@ impl H2Stream<'_> {
 
     /// Sends response payload under the stream's flow control: waits for the client's
     /// window (within the write clock), never buffering more than `SEND_BUFFER`.
-    async fn send_payload(&mut self, data: &[u8]) -> Result<(), HttpError> {
-        let mut data = Bytes::copy_from_slice(data);
+    async fn send_payload(&mut self, mut data: &[u8]) -> Result<(), HttpError> {
+        // Only what the window lets out is copied (below), so a stream whose client keeps
+        // its window closed holds no second copy of the upstream chunk.
         let reply = self.reply.clone();
         while !data.is_empty() {
             let capacity = poll_fn(|cx| match &mut *reply.borrow_mut() {
@@ -768,8 +802,10 @@ impl H2Stream<'_> {
                 Ok(Some(Ok(0))) => continue,
                 Ok(Some(Ok(n))) => n.min(data.len()),
             };
+            let (now, rest) = data.split_at(n);
+            data = rest;
             let sent = match &mut *reply.borrow_mut() {
-                Reply::Body(send) => send.send_data(data.split_to(n), false),
+                Reply::Body(send) => send.send_data(Bytes::copy_from_slice(now), false),
                 Reply::Head(_) => return Err(HttpError::ClientGone("stream closed")),
             };
             if let Err(e) = sent {

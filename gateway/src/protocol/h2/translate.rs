@@ -126,8 +126,11 @@ impl H2Request {
 }
 
 /// Fields that describe one connection and are malformed in HTTP/2 (RFC 9113 §8.2.2).
-const CONNECTION_SPECIFIC: [&str; 5] = [
+/// `http2-settings` belongs to the HTTP/1.1 Upgrade to h2c (RFC 7540 §3.2.1, removed by
+/// RFC 9113 §3.1) and is listed in `Connection` there: on an HTTP/2 stream it is malformed.
+const CONNECTION_SPECIFIC: [&str; 6] = [
     "connection",
+    "http2-settings",
     "keep-alive",
     "proxy-connection",
     "transfer-encoding",
@@ -352,6 +355,11 @@ fn check_field(name: &[u8], value: &[u8]) -> Result<(), TranslateError> {
     if value.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)) {
         // These would end or split the line in HTTP/1.1.
         return Err(TranslateError::malformed("CR, LF or NUL in a field value"));
+    }
+    // RFC 9113 §8.2.1: a value must not start or end with SP or HTAB (HTTP/1.1 strips
+    // them, so the upstream would see another value than the one checked here).
+    if matches!(value.first(), Some(b' ' | b'\t')) || matches!(value.last(), Some(b' ' | b'\t')) {
+        return Err(TranslateError::malformed("whitespace around a field value"));
     }
     if CONNECTION_SPECIFIC.iter().any(|c| c.as_bytes() == name) {
         return Err(TranslateError::malformed("connection-specific field"));
@@ -582,6 +590,15 @@ mod tests {
         assert!(check_field(b"X-A", b"v").unwrap_err().malformed);
         assert!(check_field(b"TE", b"trailers").unwrap_err().malformed);
         check_field(b"x-a", b"v\tw \x80").unwrap();
+        // RFC 9113 §8.2.1: no leading or trailing SP/HTAB.
+        for v in [&b" v"[..], b"v ", b"\tv", b"v\t"] {
+            assert!(check_field(b"x-a", v).unwrap_err().malformed, "{v:?}");
+        }
+        assert!(
+            check_field(b"http2-settings", b"AAMAAABkAAQAAP__")
+                .unwrap_err()
+                .malformed
+        );
         // Through `http`: the same values never reach the translation.
         assert!(HeaderValue::from_bytes(b"a\r\nb").is_err());
         assert!(HeaderName::from_bytes(b"x a").is_err());
