@@ -1029,14 +1029,14 @@ impl Report<'_> {
             "{} workers each, {} connections, {} s x {} interleaved rounds, proxies pinned to CPU {} (medians; ratio = proxy / nginx)\n",
             self.args.workers, self.args.connections, self.duration, self.rounds, self.args.proxy_cpus
         );
-        let _ = writeln!(t, "| scenario | proxy | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req (min–max) | peak RSS MiB |");
-        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(t, "| scenario | proxy | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req (min–max) | peak RSS MiB | errors (all rounds) |");
+        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for scenario in SCENARIOS {
             if let Some(d) = self.direct.get(scenario.name) {
                 let _ = writeln!(
                     t,
-                    "| {} | upstream direct | {:.0} | {:.2} | {:.2} | {:.2} | – | – |",
-                    scenario.name, d.rps, d.p50_ms, d.p99_ms, d.p999_ms
+                    "| {} | upstream direct | {:.0} | {:.2} | {:.2} | {:.2} | – | – | {} |",
+                    scenario.name, d.rps, d.p50_ms, d.p99_ms, d.p999_ms, d.errors
                 );
             }
             for &who in &self.names {
@@ -1049,7 +1049,7 @@ impl Report<'_> {
                 let (lo, _, hi) = stat(all, |x| x.cpu_us_per_req);
                 let _ = writeln!(
                     t,
-                    "| {} | {who} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} ({:.1}–{:.1}) | {:.1} |",
+                    "| {} | {who} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} ({:.1}–{:.1}) | {:.1} | {} |",
                     scenario.name,
                     m.rps,
                     m.p50_ms,
@@ -1058,7 +1058,8 @@ impl Report<'_> {
                     m.cpu_us_per_req,
                     lo,
                     hi,
-                    m.peak_rss_kib as f64 / 1024.0
+                    m.peak_rss_kib as f64 / 1024.0,
+                    m.errors
                 );
             }
             for &who in self.names.iter().filter(|w| **w != "nginx") {
@@ -1075,7 +1076,7 @@ impl Report<'_> {
                 };
                 let _ = writeln!(
                     t,
-                    "| {} | {label} | **{:.2}** | {:.2} | **{:.2}** | {:.2} | **{:.2}** | {:.2} |",
+                    "| {} | {label} | **{:.2}** | {:.2} | **{:.2}** | {:.2} | **{:.2}** | {:.2} | – |",
                     scenario.name,
                     g.rps / n.rps.max(1e-9),
                     g.p50_ms / n.p50_ms.max(1e-9),
