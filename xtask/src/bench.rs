@@ -8,6 +8,10 @@
 //! proxy's CPU seconds per request (user+system of all its processes, from /proc), and
 //! peak RSS; then ratios gateway/nginx with min/median/max over rounds.
 //!
+//! HTTP/1.1 scenarios are driven by wrk; the HTTP/2 ones (`h2_*`) by h2load over TLS with
+//! ALPN `h2` only: the gateway's TLS listener (h2 offered by default) against nginx's
+//! `listen ... ssl http2` on the same certificate, in the same table.
+//!
 //! Output: a table on stdout, `target/bench/results.json` and `results.md`, a bar chart
 //! `target/bench/cpu_per_request.svg`, and (full runs only) the figures spliced into
 //! `docs/benchmarks.md` between its markers.
@@ -67,6 +71,8 @@ struct Scenario {
     close: bool,
     /// Over TLS (ECDSA P-256 certificate) instead of plaintext.
     tls: bool,
+    /// HTTP/2 over TLS with h2load instead of wrk: (connections, concurrent streams each).
+    h2: Option<(usize, usize)>,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -77,6 +83,7 @@ const SCENARIOS: &[Scenario] = &[
         lua: None,
         close: false,
         tls: false,
+        h2: None,
     },
     Scenario {
         name: "new_connection",
@@ -85,6 +92,7 @@ const SCENARIOS: &[Scenario] = &[
         lua: None,
         close: true,
         tls: false,
+        h2: None,
     },
     Scenario {
         name: "response_1mib",
@@ -93,6 +101,7 @@ const SCENARIOS: &[Scenario] = &[
         lua: None,
         close: false,
         tls: false,
+        h2: None,
     },
     Scenario {
         name: "upload_10mib",
@@ -101,6 +110,7 @@ const SCENARIOS: &[Scenario] = &[
         lua: Some(UPLOAD_LUA),
         close: false,
         tls: false,
+        h2: None,
     },
     Scenario {
         name: "tls_keepalive",
@@ -109,6 +119,7 @@ const SCENARIOS: &[Scenario] = &[
         lua: None,
         close: false,
         tls: true,
+        h2: None,
     },
     Scenario {
         name: "tls_new_connection",
@@ -117,8 +128,34 @@ const SCENARIOS: &[Scenario] = &[
         lua: None,
         close: true,
         tls: true,
+        h2: None,
+    },
+    Scenario {
+        name: "h2_many_streams",
+        what:
+            "HTTP/2 over TLS (ALPN h2), 4 connections x 100 concurrent streams, 20-byte responses",
+        path: "/api/small",
+        lua: None,
+        close: false,
+        tls: true,
+        h2: Some((4, 100)),
+    },
+    Scenario {
+        name: "h2_stream_per_connection",
+        what: "HTTP/2 over TLS (ALPN h2), 50 connections x 1 stream (reused), 20-byte responses",
+        path: "/api/small",
+        lua: None,
+        close: false,
+        tls: true,
+        h2: Some((50, 1)),
     },
 ];
+
+/// Streams per h2 connection both proxies accept before GOAWAY in the benchmark (nginx
+/// `keepalive_requests`, gateway `http2.max_requests_per_connection`; both default to 1000):
+/// h2load does not reconnect after a GOAWAY in a timed run, so the default would stop each
+/// client after 1000 requests. New-connection cost has scenarios of its own.
+const H2_REQUESTS_PER_CONNECTION: u64 = 1_000_000_000;
 
 /// Percentiles wrk cannot print itself (p99.9), as one parseable line.
 const REPORT_LUA: &str = r#"
@@ -155,6 +192,8 @@ struct Proc {
     tls_url: Option<String>,
     /// A TLS listener with an RSA 2048 certificate, for full-handshake figures.
     rsa_addr: Option<SocketAddr>,
+    /// The base URL where ALPN offers `h2` (same ECDSA certificate), for the h2 scenarios.
+    h2_url: Option<String>,
 }
 
 impl Drop for Proc {
@@ -184,6 +223,7 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let nginx = find_program("nginx").context("nginx not found (cargo xtask install)")?;
     let wrk = find_program("wrk").context("wrk not found (cargo xtask install)")?;
+    let h2load = find_program("h2load").context("h2load not found (cargo xtask install)")?;
     let out_dir = match &args.out {
         Some(d) => d.clone(),
         None => target_dir()?.join("bench"),
@@ -267,21 +307,34 @@ pub fn run(args: &Args) -> Result<()> {
         }
         for _ in 0..rounds {
             for c in &contenders {
-                let base = if scenario.tls {
-                    c.tls_url.clone().context("no TLS listener")?
+                let s = if let Some((conns, streams)) = scenario.h2 {
+                    let base = c.h2_url.as_deref().context("no h2 listener")?;
+                    measure_h2(
+                        &h2load,
+                        &scratch,
+                        c,
+                        &format!("{base}{}", scenario.path),
+                        duration,
+                        (conns, streams),
+                        others.as_deref(),
+                    )?
                 } else {
-                    c.url.clone()
+                    let base = if scenario.tls {
+                        c.tls_url.clone().context("no TLS listener")?
+                    } else {
+                        c.url.clone()
+                    };
+                    measure(
+                        &wrk,
+                        &scratch,
+                        scenario,
+                        c,
+                        &base,
+                        duration,
+                        args.connections,
+                        others.as_deref(),
+                    )?
                 };
-                let s = measure(
-                    &wrk,
-                    &scratch,
-                    scenario,
-                    c,
-                    &base,
-                    duration,
-                    args.connections,
-                    others.as_deref(),
-                )?;
                 eprintln!(
                     "  {:8} {:>10.0} req/s  p99 {:>7.2} ms  {:>7.2} µs CPU/req  errors {}",
                     c.name, s.rps, s.p99_ms, s.cpu_us_per_req, s.errors
@@ -466,6 +519,7 @@ fn start_upstream(nginx: &Path, dir: &Path, addr: SocketAddr, cpus: Option<&str>
         url: format!("http://{addr}"),
         tls_url: None,
         rsa_addr: None,
+        h2_url: None,
     };
     wait_port(addr)?;
     Ok(proc)
@@ -516,6 +570,7 @@ fn start_reference_nginx(
         std::fs::read_to_string(workspace_root().join("tests/fixtures/nginx-reference.conf"))?;
     let addr = free_addr();
     let tls_addr = free_addr();
+    let h2_addr = free_addr();
     // The reference front with TLS added as the contract says the TLS benchmarks do.
     let template = template.replace(
         "listen @LISTEN@ reuseport;",
@@ -532,11 +587,24 @@ fn start_reference_nginx(
     let last = template
         .rfind('}')
         .context("reference config has no closing brace")?;
+    // And the front's `listen ... ssl http2` (same ECDSA certificate, the reference's own
+    // `location /api/`) in a server of its own: `keepalive_requests` (nginx's cap on
+    // streams per h2 connection, default 1000) is raised there only, as the gateway's
+    // `max_requests_per_connection` is, because h2load does not reconnect after GOAWAY in
+    // a timed run; the HTTP/1.1 scenarios keep the reference's defaults.
+    let api_location = template
+        .find("location /api/ {")
+        .and_then(|a| Some(&template[a..a + template[a..].find('}')? + 1]))
+        .context("reference config has no `location /api/`")?;
     let template = format!(
         "{}    server {{\n        listen {rsa_addr} ssl reuseport;\n        ssl_certificate {d}/rsa.crt;\n        \
          ssl_certificate_key {d}/rsa.key;\n        ssl_protocols TLSv1.2 TLSv1.3;\n        \
          location /api/ {{\n            proxy_pass http://api;\n            proxy_http_version 1.1;\n            \
-         proxy_set_header Connection \"\";\n        }}\n    }}\n}}\n",
+         proxy_set_header Connection \"\";\n        }}\n    }}\n    \
+         server {{\n        listen {h2_addr} ssl http2 reuseport;\n        ssl_certificate {d}/ecdsa.crt;\n        \
+         ssl_certificate_key {d}/ecdsa.key;\n        ssl_protocols TLSv1.2 TLSv1.3;\n        \
+         ssl_session_cache shared:SSL:10m;\n        keepalive_requests {H2_REQUESTS_PER_CONNECTION};\n        \
+         {api_location}\n    }}\n}}\n",
         &template[..last],
         d = dir.display()
     );
@@ -555,9 +623,11 @@ fn start_reference_nginx(
         url: format!("http://{addr}"),
         tls_url: Some(format!("https://{tls_addr}")),
         rsa_addr: Some(rsa_addr),
+        h2_url: Some(format!("https://{h2_addr}")),
     };
     wait_port(addr)?;
     wait_port(tls_addr)?;
+    wait_port(h2_addr)?;
     wait_port(rsa_addr)?;
     Ok(proc)
 }
@@ -577,6 +647,7 @@ fn start_gateway(
     let d = dir.display();
     let conf = format!(
         "[server]\nworkers = {workers}\n\n[log]\naccess = \"off\"\nlevel = \"warn\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
+         [http2]\nmax_requests_per_connection = {H2_REQUESTS_PER_CONNECTION}\n\n\
          [[listener]]\nname = \"http\"\nlisten = \"{addr}\"\n\n\
          [[listener]]\nname = \"https\"\nlisten = \"{tls_addr}\"\n\
          tls = {{ certificates = [{{ cert = \"{d}/ecdsa.crt\", key = \"{d}/ecdsa.key\" }}] }}\n\n\
@@ -601,6 +672,8 @@ fn start_gateway(
         url: format!("http://{addr}"),
         tls_url: Some(format!("https://{tls_addr}")),
         rsa_addr: Some(rsa_addr),
+        // TLS listeners offer ALPN h2 then http/1.1 by default: the same listener.
+        h2_url: Some(format!("https://{tls_addr}")),
     };
     wait_port(addr)?;
     wait_port(tls_addr)?;
@@ -741,6 +814,102 @@ fn measure(
     })
 }
 
+/// Runs `h2load` for `seconds` against `url` with `conns` connections of `streams`
+/// concurrent streams each (ALPN h2 only: a contender that negotiates anything else fails
+/// the run rather than measuring HTTP/1.1 under an h2 name). This h2load (nghttp2 1.52)
+/// prints no latency percentiles, so they come from its per-request `--log-file`
+/// (microseconds until the end of each response), like wrk's.
+fn measure_h2(
+    h2load: &Path,
+    dir: &Path,
+    target: &Proc,
+    url: &str,
+    seconds: u64,
+    (conns, streams): (usize, usize),
+    cpus: Option<&str>,
+) -> Result<Sample> {
+    let log = dir.join("h2load.log");
+    let _ = std::fs::remove_file(&log);
+    let mut cmd = pinned(h2load, cpus);
+    cmd.args([
+        "-t1",
+        &format!("-c{conns}"),
+        &format!("-m{streams}"),
+        &format!("-D{seconds}"),
+        "--npn-list=h2",
+    ])
+    .arg(format!("--log-file={}", log.display()))
+    .arg(url);
+    let pid = target.child.id();
+    let cpu0 = cpu_seconds(pid);
+    let output = cmd.output().context("running h2load")?;
+    let cpu1 = cpu_seconds(pid);
+    let text = String::from_utf8_lossy(&output.stdout);
+    let fail = || {
+        format!(
+            "h2load against {} ({url}) printed no result: {text}{}",
+            target.name,
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+    if !text.contains("Application protocol: h2") {
+        bail!("{}: did not negotiate h2", fail());
+    }
+    // "finished in 1.00s, 12345.67 req/s, 1.23MB/s"
+    let rps: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|r| r.split(", ").nth(1))
+        .and_then(|r| r.strip_suffix(" req/s"))
+        .and_then(|v| v.parse().ok())
+        .with_context(fail)?;
+    // "requests: 100 total, 100 started, 100 done, 98 succeeded, 2 failed, 1 errored, 0 timeout"
+    // "status codes: 98 2xx, 0 3xx, 2 4xx, 0 5xx"
+    let counts = |prefix: &str| -> BTreeMap<String, u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|kv| {
+                let (n, what) = kv.trim().split_once(' ')?;
+                Some((what.to_string(), n.parse().ok()?))
+            })
+            .collect()
+    };
+    let requests = counts("requests: ");
+    let status = counts("status codes: ");
+    let done = *requests.get("done").with_context(fail)?;
+    let ok_2xx = status.get("2xx").copied().unwrap_or(0);
+    // `done` counts every finished stream, including reset ones (`errored`) and timeouts,
+    // and `failed` is those plus non-2xx/3xx answers: an error is anything but a 2xx.
+    let errors = done
+        .saturating_sub(ok_2xx)
+        .max(requests.get("failed").copied().unwrap_or(0));
+    let mut latencies_us: Vec<f64> = std::fs::read_to_string(&log)
+        .with_context(|| format!("reading {}", log.display()))?
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2).and_then(|v| v.parse().ok()))
+        .collect();
+    latencies_us.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| -> f64 {
+        if latencies_us.is_empty() {
+            return 0.0;
+        }
+        // Nearest rank.
+        let rank = ((p / 100.0) * latencies_us.len() as f64).ceil() as usize;
+        latencies_us[rank.clamp(1, latencies_us.len()) - 1] / 1000.0
+    };
+    Ok(Sample {
+        rps,
+        p50_ms: pct(50.0),
+        p99_ms: pct(99.0),
+        p999_ms: pct(99.9),
+        cpu_us_per_req: (cpu1 - cpu0) * 1e6 / (done as f64).max(1.0),
+        peak_rss_kib: rss_kib(pid, "VmHWM:"),
+        errors,
+    })
+}
+
 /// (certificate kind, proxy, [(handshakes per second, CPU µs per handshake)] per round).
 type HandshakeSeries = (&'static str, &'static str, Vec<(f64, f64)>);
 
@@ -860,14 +1029,14 @@ impl Report<'_> {
             "{} workers each, {} connections, {} s x {} interleaved rounds, proxies pinned to CPU {} (medians; ratio = proxy / nginx)\n",
             self.args.workers, self.args.connections, self.duration, self.rounds, self.args.proxy_cpus
         );
-        let _ = writeln!(t, "| scenario | proxy | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req (min–max) | peak RSS MiB |");
-        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(t, "| scenario | proxy | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req (min–max) | peak RSS MiB | errors (all rounds) |");
+        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for scenario in SCENARIOS {
             if let Some(d) = self.direct.get(scenario.name) {
                 let _ = writeln!(
                     t,
-                    "| {} | upstream direct | {:.0} | {:.2} | {:.2} | {:.2} | – | – |",
-                    scenario.name, d.rps, d.p50_ms, d.p99_ms, d.p999_ms
+                    "| {} | upstream direct | {:.0} | {:.2} | {:.2} | {:.2} | – | – | {} |",
+                    scenario.name, d.rps, d.p50_ms, d.p99_ms, d.p999_ms, d.errors
                 );
             }
             for &who in &self.names {
@@ -880,7 +1049,7 @@ impl Report<'_> {
                 let (lo, _, hi) = stat(all, |x| x.cpu_us_per_req);
                 let _ = writeln!(
                     t,
-                    "| {} | {who} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} ({:.1}–{:.1}) | {:.1} |",
+                    "| {} | {who} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} ({:.1}–{:.1}) | {:.1} | {} |",
                     scenario.name,
                     m.rps,
                     m.p50_ms,
@@ -889,7 +1058,8 @@ impl Report<'_> {
                     m.cpu_us_per_req,
                     lo,
                     hi,
-                    m.peak_rss_kib as f64 / 1024.0
+                    m.peak_rss_kib as f64 / 1024.0,
+                    m.errors
                 );
             }
             for &who in self.names.iter().filter(|w| **w != "nginx") {
@@ -906,7 +1076,7 @@ impl Report<'_> {
                 };
                 let _ = writeln!(
                     t,
-                    "| {} | {label} | **{:.2}** | {:.2} | **{:.2}** | {:.2} | **{:.2}** | {:.2} |",
+                    "| {} | {label} | **{:.2}** | {:.2} | **{:.2}** | {:.2} | **{:.2}** | {:.2} | – |",
                     scenario.name,
                     g.rps / n.rps.max(1e-9),
                     g.p50_ms / n.p50_ms.max(1e-9),
