@@ -443,6 +443,9 @@ fn smuggling_shaped_requests_never_reach_the_upstream() {
         ("CR", with(vec![(b"x-a", b"1\r\nx-b: 2")])),
         ("LF", with(vec![(b"x-a", b"1\nx")])),
         ("NUL", with(vec![(b"x-a", b"1\0")])),
+        // RFC 9113 §8.2.1 (h2spec "leading space" / "trailing tab in field value").
+        ("leading SP", with(vec![(b"x-a", b" 1")])),
+        ("trailing HTAB", with(vec![(b"x-a", b"1\t")])),
         (
             "no :path",
             vec![

@@ -353,6 +353,13 @@ fn check_field(name: &[u8], value: &[u8]) -> Result<(), TranslateError> {
         // These would end or split the line in HTTP/1.1.
         return Err(TranslateError::malformed("CR, LF or NUL in a field value"));
     }
+    if matches!(value.first(), Some(b' ' | b'\t')) || matches!(value.last(), Some(b' ' | b'\t')) {
+        // RFC 9113 §8.2.1: a value must not start or end with SP or HTAB (HTTP/1.1 would
+        // read it without them, so what was checked here is not what the upstream sees).
+        return Err(TranslateError::malformed(
+            "field value starts or ends with whitespace",
+        ));
+    }
     if CONNECTION_SPECIFIC.iter().any(|c| c.as_bytes() == name) {
         return Err(TranslateError::malformed("connection-specific field"));
     }
@@ -582,6 +589,10 @@ mod tests {
         assert!(check_field(b"X-A", b"v").unwrap_err().malformed);
         assert!(check_field(b"TE", b"trailers").unwrap_err().malformed);
         check_field(b"x-a", b"v\tw \x80").unwrap();
+        for v in [&b" v"[..], b"v ", b"\tv", b"v\t", b" "] {
+            assert!(check_field(b"x-a", v).unwrap_err().malformed, "{v:?}");
+        }
+        check_field(b"x-a", b"").unwrap();
         // Through `http`: the same values never reach the translation.
         assert!(HeaderValue::from_bytes(b"a\r\nb").is_err());
         assert!(HeaderName::from_bytes(b"x a").is_err());
