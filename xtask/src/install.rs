@@ -9,6 +9,7 @@
 //! - bpffs mounted at `/sys/fs/bpf` (root only), where the gateway pins its maps.
 //! - A Python virtualenv at `target/autobahn-venv` with the `kosoku` Autobahn runner and
 //!   `websockets` (the echo server), pinned, for `tests/tests/autobahn.rs`.
+//! - `httpwg-cli` (the h2spec cases), pinned, in `target/tools` for `cargo xtask h2spec`.
 //!
 //! Every action prints one line; when nothing was needed it prints only "tools present".
 
@@ -60,6 +61,7 @@ pub fn run(args: &Args) -> Result<()> {
     did |= bpf_linker(args)?;
     did |= bpffs()?;
     did |= autobahn_venv()?;
+    did |= crate::h2spec::install()?;
     if !did {
         eprintln!("xtask: tools present");
     }

@@ -2,13 +2,15 @@
 //! by hand. `install` puts the toolchain pieces and Debian packages in place (and is run first
 //! by `run`, `test` and `bench`), `run` starts the gateway with the example config and a demo
 //! upstream, `test` runs every check CI runs, `cycles` checks
-//! `gateway/src` for module import cycles, `demo-upstream` runs only the demo upstream.
+//! `gateway/src` for module import cycles, `h2spec` runs the HTTP/2 conformance cases,
+//! `demo-upstream` runs only the demo upstream.
 //!
 //! The alias lives in `.cargo/config.toml`: `xtask = "run --quiet --package xtask --"`.
 
 mod bench;
 mod cycles;
 mod demo_upstream;
+mod h2spec;
 mod install;
 mod run;
 mod test;
@@ -45,6 +47,8 @@ enum Cmd {
     Bench(bench::Args),
     /// Fail if gateway/src has a module import cycle, listing each with file and line.
     Cycles(cycles::Args),
+    /// HTTP/2 conformance: the h2spec cases (httpwg-cli) against an h2c listener.
+    H2spec(h2spec::Args),
     /// Run only the demo upstream: answers every request with 200 and a short JSON body.
     DemoUpstream(demo_upstream::Args),
 }
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         Cmd::Test(args) => test::run(&args).map(|()| ExitCode::SUCCESS),
         Cmd::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Cmd::Cycles(args) => cycles::run(&args).map(|()| ExitCode::SUCCESS),
+        Cmd::H2spec(args) => h2spec::run(&args).map(|()| ExitCode::SUCCESS),
         Cmd::DemoUpstream(args) => demo_upstream::run(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -118,6 +118,9 @@ pub fn run(args: &Args) -> Result<()> {
             .env("GATEWAY_TEST_IO", "epoll");
         run_cmd(&mut epoll)?;
 
+        // HTTP/2 conformance (the h2spec cases), about a second.
+        crate::h2spec::run_with(&gateway_bin)?;
+
         // The benchmark harness, once, quickly, so it never rots (figures not kept).
         eprintln!("xtask: benchmark harness smoke run (cargo xtask bench --quick)");
         crate::bench::run(&crate::bench::Args {
