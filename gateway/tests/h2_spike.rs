@@ -8,7 +8,6 @@
 //!   plain socket (h2c prior knowledge), an `h2::client` on the other end, 100 concurrent
 //!   streams with a fixed response. Not wired into the product.
 //!
-//! `spike_cpu_per_request` (ignored) is the measurement behind docs/design/http2.md.
 
 use bytes::{Bytes, BytesMut};
 use gateway::config::{CertificateConfig, TlsConfig};
@@ -788,9 +787,6 @@ fn spike_smuggling_shaped_fields_never_reach_the_translation() {
 }
 
 // ---------------------------------------------------------------------------------------
-// The measurement (docs/design/http2.md): h2load against the spike server, CPU time of the
-// server thread per request, next to HTTP/1 fixed responses on the same runtime.
-
 /// CPU time this thread has used.
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -800,165 +796,4 @@ fn thread_cpu() -> Duration {
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
-/// An HTTP/1.1 connection answering every request with a fixed 200.
-#[derive(Default)]
-struct H1 {
-    buf: BytesMut,
-    out: Vec<u8>,
-    head: gateway::protocol::http1::head::RequestHead,
-}
-
-impl H1 {
-    /// Answers the complete requests in `buf` into `out`; leaves room for the next read.
-    fn answer(&mut self) {
-        use gateway::protocol::http1::{head::parse_request, write_simple_response};
-        while let Ok(true) = parse_request(&self.buf, &mut self.head, 16 * 1024) {
-            let _ = self.buf.split_to(self.head.len);
-            write_simple_response(&mut self.out, 200, "text/plain", BODY, false, &[]);
-        }
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(16 * 1024);
-        }
-    }
-}
-
-/// Answers HTTP/1.1 requests (parsed by the gateway's own codec) with a fixed 200 until the
-/// client closes: the HTTP/1 side of the comparison, over readiness I/O.
-fn h1_fixed(
-    mut io: Box<dyn Duplex>,
-    _: Option<Vec<u8>>,
-    tx: mpsc::Sender<String>,
-) -> Pin<Box<dyn Future<Output = ()>>> {
-    Box::pin(async move {
-        let mut h1 = H1::default();
-        loop {
-            h1.answer();
-            if !h1.out.is_empty() {
-                if io.write_all(&h1.out).await.is_err() {
-                    break;
-                }
-                h1.out.clear();
-            }
-            match io.read_buf(&mut h1.buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        tx.send("h1 done".into()).unwrap();
-    })
-}
-
-/// The same over the worker's io_uring (`UringStream`, owned buffers), without TLS.
-fn start_h1_uring(conns: usize) -> Server {
-    use gateway::io::Stream;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, reports) = mpsc::channel();
-    std::thread::spawn(move || {
-        tokio_uring::start(async move {
-            let listener = tokio_uring::net::TcpListener::from_std(listener);
-            let mut tasks = Vec::new();
-            for _ in 0..conns {
-                let (socket, _) = listener.accept().await.unwrap();
-                tasks.push(tokio_uring::spawn(async move {
-                    let stream = UringStream::new(socket);
-                    let mut h1 = H1::default();
-                    loop {
-                        h1.answer();
-                        if !h1.out.is_empty() {
-                            let (r, o) = stream.write_all(std::mem::take(&mut h1.out)).await;
-                            h1.out = o;
-                            h1.out.clear();
-                            if r.is_err() {
-                                break;
-                            }
-                        }
-                        let (r, b) = stream.read(std::mem::take(&mut h1.buf)).await;
-                        h1.buf = b;
-                        if !matches!(r, Ok(n) if n > 0) {
-                            break;
-                        }
-                    }
-                }));
-            }
-            for t in tasks {
-                t.await.unwrap();
-            }
-        });
-        let _ = tx.send(format!("cpu {}", thread_cpu().as_nanos()));
-    });
-    Server { addr, reports }
-}
-
-/// Runs h2load and returns the server thread's CPU time per request, in microseconds.
-fn measure(server: &Server, args: &[&str], requests: usize, reports: usize) -> f64 {
-    let n = requests.to_string();
-    let out = std::process::Command::new("h2load")
-        .args(["-n", &n])
-        .args(args)
-        .output()
-        .expect("h2load (nghttp2-client) is installed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&format!("{requests} succeeded")), "{}", text);
-    for _ in 0..reports {
-        server.report();
-    }
-    let cpu = loop {
-        let r = server.report();
-        if let Some(ns) = r.strip_prefix("cpu ") {
-            break ns.parse::<f64>().unwrap();
-        }
-    };
-    cpu / 1000.0 / requests as f64
-}
-
-#[test]
-#[ignore = "a measurement: cargo test -p gateway --test h2_spike -- --ignored --nocapture"]
-fn spike_cpu_per_request() {
-    const N: usize = 200_000;
-    let certs = certs();
-    let url = |s: &Server, scheme: &str| format!("{scheme}://127.0.0.1:{}/", s.addr.port());
-    let mut rows = Vec::new();
-    for (name, conns, streams) in [
-        ("4 conns x 100 streams", "4", "100"),
-        ("64 conns x 1 stream", "64", "1"),
-    ] {
-        let c: usize = conns.parse().unwrap();
-        let s = Server::start(Some(acceptor(&certs, &[b"h2"])), c, h2_fixed);
-        let u = url(&s, "https");
-        rows.push((
-            format!("h2 TLS, {name}"),
-            measure(&s, &["-c", conns, "-m", streams, &u], N, c),
-        ));
-        let s = Server::start(None, c, h2_fixed);
-        let u = url(&s, "http");
-        rows.push((
-            format!("h2c, {name}"),
-            measure(&s, &["-c", conns, "-m", streams, &u], N, c),
-        ));
-        // HTTP/1.1 without pipelining: one request per connection at a time.
-        let s = Server::start(Some(acceptor(&certs, &[b"http/1.1"])), c, h1_fixed);
-        let u = url(&s, "https");
-        rows.push((
-            format!("h1 TLS readiness, {conns} conns"),
-            measure(&s, &["--h1", "-c", conns, &u], N, c),
-        ));
-        let s = Server::start(None, c, h1_fixed);
-        let u = url(&s, "http");
-        rows.push((
-            format!("h1 plain readiness, {conns} conns"),
-            measure(&s, &["--h1", "-c", conns, &u], N, c),
-        ));
-        let s = start_h1_uring(c);
-        let u = url(&s, "http");
-        rows.push((
-            format!("h1 plain io_uring, {conns} conns"),
-            measure(&s, &["--h1", "-c", conns, &u], N, 0),
-        ));
-    }
-    for (name, us) in rows {
-        println!("{name:40} {us:6.2} us CPU per request (server thread)");
-    }
 }
