@@ -11,8 +11,14 @@ use super::Stream;
 /// One non-blocking `recv(MSG_PEEK)`; used before reusing a pooled upstream connection,
 /// because the upstream may have closed it while it sat idle.
 pub(crate) fn idle_connection_alive(fd: RawFd) -> bool {
+    matches!(peek_one(fd), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// One non-blocking `recv(MSG_PEEK)` of a byte: `Ok(0)` is EOF, and the byte stays queued.
+fn peek_one(fd: RawFd) -> io::Result<usize> {
     let mut byte = 0u8;
-    // SAFETY: recv into a valid one-byte buffer on a descriptor we own.
+    // SAFETY: recv into a valid one-byte buffer on a descriptor we own; MSG_PEEK leaves
+    // the data queued.
     let n = unsafe {
         libc::recv(
             fd,
@@ -22,10 +28,10 @@ pub(crate) fn idle_connection_alive(fd: RawFd) -> bool {
         )
     };
     if n < 0 {
-        let err = io::Error::last_os_error();
-        return err.kind() == io::ErrorKind::WouldBlock;
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
-    false
 }
 
 /// A descriptor registered with the reactor without taking ownership of it.
@@ -45,23 +51,7 @@ impl AsRawFd for WatchedFd {
 /// consume the client's next request, and an abandoned io_uring read loses its bytes.
 pub async fn peer_closed<S: Stream>(stream: &S) {
     let peeked = stream
-        .ready_io(tokio::io::Interest::READABLE, |fd| {
-            let mut byte = 0u8;
-            // SAFETY: recv into a valid one-byte buffer; MSG_PEEK leaves the data queued.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    (&mut byte as *mut u8).cast(),
-                    1,
-                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n)
-            }
-        })
+        .ready_io(tokio::io::Interest::READABLE, peek_one)
         .await;
     match peeked {
         Ok(0) | Err(_) => {}
