@@ -30,7 +30,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run in the foreground.
-    Run,
+    Run {
+        /// Take the listeners over from the gateway running on `server.upgrade_socket`
+        /// (a binary upgrade: it drains once this process is ready).
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Validate a config file, like `nginx -t`: exit 0, or 1 with every error.
     Check,
 }
@@ -41,7 +46,7 @@ fn main() -> ExitCode {
         eprintln!("gateway: --config PATH is required (see gateway --help)");
         return ExitCode::from(2);
     };
-    match cli.command.unwrap_or(Command::Run) {
+    match cli.command.unwrap_or(Command::Run { upgrade: false }) {
         // The certificates are read by the snapshot build, as a start or a reload reads
         // them: `check` builds it too (generation 0, never served).
         Command::Check => match Config::load(&config_path).and_then(check_snapshot) {
@@ -64,7 +69,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Run => {
+        Command::Run { upgrade } => {
             let loaded = match Config::load(&config_path) {
                 Ok(l) => l,
                 Err(errors) => {
@@ -75,7 +80,7 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(&loaded.config);
-            let code = match run(loaded) {
+            let code = match run(loaded, upgrade) {
                 Ok(code) => code,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -191,7 +196,7 @@ fn raise_nofile(want: u64) {
     }
 }
 
-fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
+fn run(loaded: LoadedConfig, upgrade: bool) -> anyhow::Result<ExitCode> {
     let config = loaded.config.clone();
     let config_path = loaded.path.clone();
     raise_nofile(config.server.nofile);
@@ -222,12 +227,57 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
         }
     };
 
+    // Binary upgrade, step 1: the running process's sockets. The config was loaded and
+    // the snapshot built (certificates read) before the old process is contacted, so a
+    // bad config fails here and the old process never notices.
+    let mut handover = if upgrade {
+        let path = &config.server.upgrade_socket;
+        if path.as_os_str().is_empty() {
+            anyhow::bail!("upgrade: server.upgrade_socket is empty (upgrades are off)");
+        }
+        let handover = gateway::control::upgrade::take_over(path)
+            .map_err(|e| anyhow::anyhow!("upgrade: {e}"))?;
+        tracing::info!(
+            from_generation = handover.old_generation,
+            listeners = handover.listeners.len(),
+            "upgrade: listening sockets received"
+        );
+        if std::env::var_os("GATEWAY_UPGRADE_TEST_ABORT").is_some() {
+            // For the failure test: a process killed mid-handover. Harmless in production:
+            // it only makes this new process exit, as a kill would.
+            std::process::abort();
+        }
+        gateway::telemetry::metrics::PROCESS_GENERATION.store(
+            handover.old_generation + 1,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Some(handover)
+    } else {
+        None
+    };
+    let generation =
+        gateway::telemetry::metrics::PROCESS_GENERATION.load(std::sync::atomic::Ordering::Relaxed);
+
     let access = Target::from_config(&config.log.access);
     let log = LogWriter::start(access).context("opening the access log")?;
     // The XDP guard first: whether it attached decides what user space must enforce.
+    // In an upgrade (step 4) it replaces the old program on the links handed over.
     let ports = gateway::xdp::listener_ports(&config);
+    let handed_links = handover
+        .as_mut()
+        .map(|h| std::mem::take(&mut h.xdp))
+        .unwrap_or_default();
+    // A handed link this process does not take detaches when the old process exits.
+    let drop_pins = || {
+        for (_, pin) in &handed_links {
+            let _ = std::fs::remove_file(pin);
+        }
+    };
     let xdp = match config.xdp.mode {
-        XdpMode::Off => None,
+        XdpMode::Off => {
+            drop_pins();
+            None
+        }
         mode => {
             let want = match mode {
                 XdpMode::Native => gateway::xdp::XdpMode::Native,
@@ -237,13 +287,14 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
             let interfaces = config.xdp.interfaces();
             let options =
                 gateway::xdp::GuardOptions::for_tracked_sources(config.xdp.max_tracked_ips);
-            match gateway::xdp::XdpGuard::start(
+            match gateway::xdp::XdpGuard::start_taking_over(
                 &interfaces,
                 want,
                 Some(&config.xdp.pin_path),
                 &options,
                 &config.limits,
                 &ports,
+                &handed_links,
             ) {
                 Ok(guard) => {
                     tracing::info!(
@@ -254,6 +305,7 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
                     Some(guard)
                 }
                 Err(e) if mode == XdpMode::Auto => {
+                    drop_pins();
                     tracing::warn!(error = %e.detail(), "XDP unavailable: per-IP limits are enforced in user space at accept");
                     None
                 }
@@ -291,16 +343,25 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
 
     // The admin server is up before the workers so probes see "starting" (503 on
     // /ready) rather than a refused connection.
+    // An upgrade takes the old process's admin socket when the address did not change.
     let admin_addr = config.admin.listen.clone();
-    let admin = std::net::TcpListener::bind(&admin_addr)
-        .with_context(|| format!("binding the admin listener {admin_addr}"))?;
+    let (inherited, inherited_admin) = match handover {
+        Some(ref mut h) => (std::mem::take(&mut h.listeners), h.admin.take()),
+        None => (Vec::new(), None),
+    };
+    let admin = match inherited_admin {
+        Some((addr, fd)) if admin_addr.parse() == Ok(addr) => std::net::TcpListener::from(fd),
+        _ => std::net::TcpListener::bind(&admin_addr)
+            .with_context(|| format!("binding the admin listener {admin_addr}"))?,
+    };
     admin.set_nonblocking(true)?;
-    {
+    let admin_fd = std::os::fd::AsRawFd::as_raw_fd(&admin);
+    let admin_task = {
         let _entered = runtime.enter();
         let admin = tokio::net::TcpListener::from_std(admin)?;
-        runtime.spawn(gateway::control::admin::serve(admin, control.clone()));
         runtime.spawn(control.clone().refresh_names());
-    }
+        runtime.spawn(gateway::control::admin::serve(admin, control.clone()))
+    };
 
     // Signal handlers before the workers start: a SIGTERM during start-up then drains
     // (there is nothing yet) instead of killing the process with the default action.
@@ -317,6 +378,9 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let (done_tx, done_rx) = mpsc::channel();
     let _ = gateway::telemetry::metrics::IO_DRIVER.set(driver.as_str());
+    // Step 3 of an upgrade: the workers take the inherited sockets (binding what the
+    // config adds) but accept nothing until the old process drains.
+    shared.set_accepting(handover.is_none());
     let handles = gateway::dataplane::worker::start(
         driver,
         workers,
@@ -324,10 +388,42 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
         Some(log.clone()),
         drain_rx,
         done_tx,
+        inherited,
     )?;
+    if let Some(handover) = handover {
+        // Step 5. Until the old process says "draining", a failure exits here with
+        // nothing accepted, and the old process goes on as before.
+        handover
+            .finish()
+            .map_err(|e| anyhow::anyhow!("upgrade: {e}"))?;
+        shared.set_accepting(true);
+        tracing::info!(
+            generation,
+            "upgrade: the old process drains; this one serves"
+        );
+    }
+    let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::unbounded_channel();
+    let upgrade_path = config.server.upgrade_socket.clone();
+    if !upgrade_path.as_os_str().is_empty() {
+        match gateway::control::upgrade::listen(&upgrade_path) {
+            Ok(listener) => {
+                let control = control.clone();
+                std::thread::Builder::new()
+                    .name("upgrade".into())
+                    .spawn(move || {
+                        gateway::control::upgrade::serve(
+                            listener, control, admin_fd, generation, upgrade_tx,
+                        )
+                    })?;
+            }
+            Err(e) => {
+                tracing::warn!(path = %upgrade_path.display(), error = %e, "cannot listen on the upgrade socket: binary upgrades are unavailable")
+            }
+        }
+    }
 
     let code = runtime.block_on(async {
-        tracing::info!(workers, driver = driver.as_str(), listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, max_connections = shared.snapshot().server.max_connections, nofile = gateway::util::budget::nofile(), "gateway started");
+        tracing::info!(generation, workers, driver = driver.as_str(), listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, max_connections = shared.snapshot().server.max_connections, nofile = gateway::util::budget::nofile(), "gateway started");
 
         // Freed heap memory goes back to the kernel after a burst (see util::memory: a
         // flood of aborted requests otherwise left RSS at its peak for good).
@@ -346,14 +442,22 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                Some(_) = upgrade_rx.recv() => {
+                    // A new process serves the sockets now: no `shutdown_delay` (the node
+                    // stays in service), and the admin socket is its too.
+                    shared.handed_over.store(true, std::sync::atomic::Ordering::SeqCst);
+                    admin_task.abort();
+                    break;
+                }
             }
         }
+        let handed_over = shared.handed_over.load(std::sync::atomic::Ordering::SeqCst);
 
         // Drain: not ready at once; after `shutdown_delay` (time for load balancers to
         // notice) stop accepting and let in-flight work finish within `graceful_timeout`.
         shared.draining.store(true, std::sync::atomic::Ordering::SeqCst);
         let snap = shared.snapshot();
-        let delay = snap.config.server.shutdown_delay.0;
+        let delay = if handed_over { Duration::ZERO } else { snap.config.server.shutdown_delay.0 };
         let graceful = snap.server.graceful_timeout;
         tracing::info!(?delay, ?graceful, "draining");
         tokio::select! {
@@ -375,7 +479,7 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
                 _ = int.recv() => return Ok(ExitCode::from(1)),
             }
         }
-        tracing::info!("stopped");
+        tracing::info!(generation, "stopped");
         Ok(ExitCode::SUCCESS)
     })?;
     log.flush();

@@ -93,14 +93,16 @@ impl Gateway {
             .map_err(|e| format!("tempdir: {e}"))?;
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, config_toml).map_err(|e| format!("write config: {e}"))?;
-        let stdout = File::create(dir.path().join("stdout.log")).unwrap();
+        // O_APPEND, as an operator's log file would be: after a binary upgrade
+        // ([`Gateway::spawn_upgrade`]) two processes write to the same files.
+        let stdout = append(&dir.path().join("stdout.log"));
         let stderr = match stderr_path {
             Some(p) => std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(p)
                 .map_err(|e| format!("open {}: {e}", p.display()))?,
-            None => File::create(dir.path().join("stderr.log")).unwrap(),
+            None => append(&dir.path().join("stderr.log")),
         };
         let mut command = Command::new(gateway_bin());
         command
@@ -238,6 +240,48 @@ impl Gateway {
             }
         }
     }
+    /// Starts `bin run --config CONFIG --upgrade` (with `env`) to take over from this
+    /// gateway: its access log (stdout) and stderr are appended to this gateway's files.
+    pub fn spawn_upgrade(&self, bin: &Path, config: &Path, env: &[(&str, &str)]) -> Child {
+        Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .arg("--upgrade")
+            .envs(env.iter().copied())
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(append(&self.dir.path().join("stdout.log")))
+            .stderr(append(&self.dir.path().join("stderr.log")))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()))
+    }
+
+    /// Waits until the admin listener's `/ready` says 200 from `generation` (its
+    /// `Gateway-Generation` header), then makes `new` this gateway's process and returns
+    /// the one it replaced. Panics if `new` exits first or within [`READY_TIMEOUT`].
+    pub fn adopt(&mut self, mut new: Child, generation: u64) -> Child {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = new.try_wait().unwrap() {
+                panic!(
+                    "the upgrade process exited ({status})\n{}",
+                    tail(&self.stderr(), 40)
+                );
+            }
+            if admin_ready_generation(self.admin_addr) == Some((200, generation)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "generation {generation} not ready within {READY_TIMEOUT:?}\n{}",
+                tail(&self.stderr(), 40)
+            );
+            thread::sleep(POLL);
+        }
+        self.child.replace(new).expect("a running gateway")
+    }
+
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -284,6 +328,28 @@ impl Drop for Gateway {
             );
         }
     }
+}
+
+fn append(path: &Path) -> File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// `/ready`'s status and the `Gateway-Generation` header of the process that answered.
+pub fn admin_ready_generation(addr: SocketAddr) -> Option<(u16, u64)> {
+    let mut c = Client::connect(addr);
+    c.set_read_timeout(Duration::from_secs(5));
+    let r = c
+        .request(
+            &Req::get("/ready")
+                .host(Some("admin"))
+                .header("Connection", "close"),
+        )
+        .ok()?;
+    Some((r.status, r.header("gateway-generation")?.parse().ok()?))
 }
 
 fn tail(s: &str, lines: usize) -> String {

@@ -316,7 +316,9 @@ async fn route(
             }
         }
         ("GET" | "HEAD", "/ready") => {
-            if shared.is_draining() {
+            if shared.handed_over.load(Ordering::Relaxed) {
+                text(503, "draining: handed over to a new process\n")
+            } else if shared.is_draining() {
                 text(503, "draining\n")
             } else if !shared.listening.load(std::sync::atomic::Ordering::Acquire) {
                 text(503, "starting\n")
@@ -388,11 +390,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn write(stream: &mut TcpStream, r: Response) -> std::io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nGateway-Generation: {}\r\nConnection: close\r\n\r\n",
         r.status,
         crate::protocol::http1::reason(r.status),
         r.content_type,
-        r.body.len()
+        r.body.len(),
+        crate::telemetry::metrics::PROCESS_GENERATION.load(Ordering::Relaxed)
     );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(r.body.as_bytes()).await?;

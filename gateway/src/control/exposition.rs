@@ -2,7 +2,7 @@
 //! with the control plane's own gauges and the process collector's.
 
 use crate::control::Control;
-use crate::telemetry::metrics::{Histogram, DURATION_BUCKETS, IO_DRIVER};
+use crate::telemetry::metrics::{Histogram, DURATION_BUCKETS, IO_DRIVER, PROCESS_GENERATION};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -353,6 +353,17 @@ pub(crate) fn render(control: &Control) -> String {
             h,
         );
     }
+    header(
+        &mut out,
+        "gateway_process_generation",
+        "gauge",
+        "This process's generation: 1 at a plain start, one more at each binary upgrade.",
+    );
+    let _ = writeln!(
+        out,
+        "gateway_process_generation {}",
+        PROCESS_GENERATION.load(Ordering::Relaxed)
+    );
     header(
         &mut out,
         "gateway_io_driver",

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod exposition;
+pub mod upgrade;
 
 use crate::config::{Config, ConfigErrors};
 use crate::telemetry::access_log::{LogWriter, Target};

@@ -1,6 +1,7 @@
-//! A worker's listening sockets: bound per worker with `SO_REUSEPORT`, reconciled with the
-//! snapshot on reload, and the accept loop of each (descriptor reserve, per-IP limits,
-//! `max_connections`), which hands every accepted connection to its task.
+//! A worker's listening sockets: bound per worker with `SO_REUSEPORT` (or inherited from
+//! the process a binary upgrade took over from), reconciled with the snapshot on reload,
+//! and the accept loop of each (descriptor reserve, per-IP limits, `max_connections`),
+//! which hands every accepted connection to its task.
 
 use crate::dataplane::conn::{self, ListenerCtx};
 use crate::dataplane::ctx::Worker;
@@ -9,7 +10,8 @@ use crate::io::{bind_reuseport, Stream};
 use crate::protocol::tls::stream::MaybeTls;
 use crate::snapshot::ListenerIdentity;
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsRawFd, RawFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -33,12 +35,24 @@ struct Bound {
 pub(crate) struct BoundListeners {
     pub(crate) generation: u64,
     bound: Vec<Bound>,
+    /// Sockets inherited from the previous process (binary upgrade), by bound address:
+    /// the first reconcile accepts on those of its addresses instead of binding new ones.
+    inherited: Vec<(SocketAddr, OwnedFd)>,
 }
 
 impl BoundListeners {
-    /// Makes the bound sockets match the snapshot's listeners: binds the new ones, gives
-    /// those whose identity did not change the new settings (for connections accepted from
-    /// now on), then closes the ones gone.
+    /// A worker's listeners that start on the sockets a binary upgrade handed it.
+    pub(crate) fn inheriting(inherited: Vec<(SocketAddr, OwnedFd)>) -> BoundListeners {
+        BoundListeners {
+            inherited,
+            ..BoundListeners::default()
+        }
+    }
+
+    /// Makes the bound sockets match the snapshot's listeners: binds the new ones (or
+    /// takes the inherited sockets of their address), gives those whose identity did not
+    /// change the new settings (for connections accepted from now on), then closes the
+    /// ones gone.
     pub(crate) fn reconcile<D: Driver>(
         &mut self,
         worker: &Rc<Worker<MaybeTls<D::Stream>>>,
@@ -46,33 +60,60 @@ impl BoundListeners {
         let snap = worker.snapshot();
         for settings in &snap.listeners {
             let identity = settings.identity();
-            if let Some(b) = self.bound.iter().find(|b| b.identity == identity) {
+            let mut kept = false;
+            for b in self.bound.iter().filter(|b| b.identity == identity) {
                 *b.current.borrow_mut() = ListenerCtx::new(settings.clone());
+                kept = true;
+            }
+            if kept {
                 continue;
             }
             let (addr, name) = (settings.listen, &settings.name);
-            let std_listener = bind_reuseport(addr)
-                .map_err(|e| format!("listener {name:?}: cannot bind {addr}: {e}"))?;
-            let fd = std_listener.as_raw_fd();
-            let listener =
-                D::listener(std_listener).map_err(|e| format!("listener {name:?}: {e}"))?;
-            let current = Rc::new(RefCell::new(ListenerCtx::new(settings.clone())));
-            let closed = Rc::new(Cell::new(false));
-            D::spawn(accept_loop::<D>(
-                worker.clone(),
-                listener,
-                current.clone(),
-                closed.clone(),
-            ));
-            if self.generation != 0 {
-                tracing::info!(worker = worker.id, listener = %name, %addr, "listener bound");
+            // Every inherited socket of this address is accepted on: closing one would
+            // drop the connections queued on it (see docs/operations.md, tcp_migrate_req).
+            let mut sockets: Vec<std::net::TcpListener> = Vec::new();
+            let mut i = 0;
+            while i < self.inherited.len() {
+                if self.inherited[i].0 == addr {
+                    sockets.push(self.inherited.swap_remove(i).1.into());
+                } else {
+                    i += 1;
+                }
             }
-            self.bound.push(Bound {
-                identity,
-                fd,
-                current,
-                closed,
-            });
+            if sockets.is_empty() {
+                sockets.push(
+                    bind_reuseport(addr)
+                        .map_err(|e| format!("listener {name:?}: cannot bind {addr}: {e}"))?,
+                );
+            }
+            for std_listener in sockets {
+                let fd = std_listener.as_raw_fd();
+                let listener =
+                    D::listener(std_listener).map_err(|e| format!("listener {name:?}: {e}"))?;
+                let current = Rc::new(RefCell::new(ListenerCtx::new(settings.clone())));
+                let closed = Rc::new(Cell::new(false));
+                D::spawn(accept_loop::<D>(
+                    worker.clone(),
+                    listener,
+                    current.clone(),
+                    closed.clone(),
+                ));
+                if self.generation != 0 {
+                    tracing::info!(worker = worker.id, listener = %name, %addr, "listener bound");
+                }
+                lock_fds(worker).push((addr, fd));
+                self.bound.push(Bound {
+                    identity: identity.clone(),
+                    fd,
+                    current,
+                    closed,
+                });
+            }
+        }
+        // An inherited socket no listener of this config uses: this process never accepts
+        // on it. Closing this copy leaves it open in the old process until that one exits.
+        for (addr, _) in self.inherited.drain(..) {
+            tracing::info!(worker = worker.id, %addr, "inherited listener not in this config: closed");
         }
         // Close removed listeners only after the new ones are bound, so a listener that
         // changed in place (name, TLS, PROXY) never leaves its address unserved.
@@ -80,10 +121,7 @@ impl BoundListeners {
             if snap.listeners.iter().any(|l| l.identity() == b.identity) {
                 return true;
             }
-            b.closed.set(true);
-            // SAFETY: shutdown on a listening descriptor this worker owns; it makes the
-            // pending accept fail so the accept loop sees `closed` and ends.
-            unsafe { libc::shutdown(b.fd, libc::SHUT_RDWR) };
+            stop(worker, b, true);
             tracing::info!(worker = worker.id, listener = %b.identity.1, addr = %b.identity.0, "listener closed");
             false
         });
@@ -91,12 +129,35 @@ impl BoundListeners {
         Ok(())
     }
 
-    pub(crate) fn close_all(&mut self) {
+    /// Stops accepting on every socket. With `shutdown`, the sockets are shut down too,
+    /// which fails the accepts in flight at once; without it (after a binary upgrade handed
+    /// the sockets over, so shutting one down would shut it for the new process too), an
+    /// accept in flight stays until a connection or the end of the worker, and a
+    /// connection it takes is still served (see `accept_loop`).
+    pub(crate) fn close_all<S: Stream>(&mut self, worker: &Worker<S>, shutdown: bool) {
         for b in self.bound.drain(..) {
-            b.closed.set(true);
-            // SAFETY: as in `reconcile`.
-            unsafe { libc::shutdown(b.fd, libc::SHUT_RDWR) };
+            stop(worker, &b, shutdown);
         }
+    }
+}
+
+fn lock_fds<S: Stream>(worker: &Worker<S>) -> std::sync::MutexGuard<'_, Vec<(SocketAddr, RawFd)>> {
+    worker
+        .shared
+        .listener_fds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// Stops one accept loop; the entry leaves the shared list first, so a handover never
+/// reads a descriptor this worker is about to close.
+fn stop<S: Stream>(worker: &Worker<S>, b: &Bound, shutdown: bool) {
+    lock_fds(worker).retain(|(_, fd)| *fd != b.fd);
+    b.closed.set(true);
+    if shutdown {
+        // SAFETY: shutdown on a listening descriptor this worker owns; it makes the
+        // pending accept fail so the accept loop sees `closed` and ends.
+        unsafe { libc::shutdown(b.fd, libc::SHUT_RDWR) };
     }
 }
 
@@ -127,104 +188,119 @@ async fn accept_loop<D: Driver>(
     current: Current,
     closed: Rc<Cell<bool>>,
 ) {
+    // A process taking over from another accepts only once the old one drains.
+    worker.shared.accepting().await;
     loop {
         let accepted = D::accept(&listener).await;
-        if worker.draining.get() || closed.get() {
-            break;
-        }
-        // Taken once: this connection keeps these settings whatever a reload does later.
-        let ctx = current.borrow().clone();
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
+        let stopping = worker.draining.get() || closed.get();
+        match accepted {
+            // A connection the kernel handed over is served even when accepting has
+            // stopped: after a handover, an io_uring accept still in flight can complete
+            // during the drain, and dropping its connection would reset it.
+            Ok((stream, peer)) => admit::<D>(&worker, &current, stream, peer),
+            Err(_) if stopping => {}
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off instead of spinning; the connection
                 // stays in the backlog until descriptors free up. Logged at a bounded rate.
                 crate::util::budget::refused(crate::util::budget::Refusal::FdReserve, &e);
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
             }
-        };
-        if crate::util::budget::fd_in_reserve(stream.raw_fd()) {
-            // The last descriptors stay free for the admin listener (so /healthz answers)
-            // and for upstream connects of the connections already accepted.
-            crate::util::budget::refused(
-                crate::util::budget::Refusal::FdReserve,
-                &"descriptor reserve reached: connection closed",
-            );
-            drop(stream);
-            continue;
         }
-        // Per-IP limits at accept. Behind a PROXY-protocol balancer the peer is the
-        // balancer, so those listeners check the client address after the header instead.
-        let ticket = if ctx.settings.proxy_protocol {
-            None
-        } else {
-            match worker.shared.conn_limiter.on_accept(peer.ip()) {
-                Ok(t) => Some(t),
-                Err(r) => {
-                    worker
-                        .stats
-                        .borrow_mut()
-                        .limit_rejection(r.limit, r.enforcer);
-                    drop(stream);
-                    continue;
-                }
-            }
-        };
-        let max = worker.snapshot().server.max_connections;
-        if worker.shared.connections.fetch_add(1, Ordering::Relaxed) >= max {
-            worker.shared.connections.fetch_sub(1, Ordering::Relaxed);
-            crate::util::budget::refused(
-                crate::util::budget::Refusal::MaxConnections,
-                &format_args!(
-                    "max_connections ({max}) reached on {}: connection closed",
-                    ctx.name
-                ),
-            );
-            drop(stream);
-            continue;
+        if stopping {
+            break;
         }
-        worker.active.set(worker.active.get() + 1);
-        {
-            let mut stats = worker.stats.borrow_mut();
-            let l = stats.listener(&ctx.name);
-            l.total += 1;
-            l.active += 1;
-        }
-        let guard = ConnectionGuard {
-            worker: worker.clone(),
-            listener: ctx.name.clone(),
-        };
-        let w = worker.clone();
-        D::spawn(async move {
-            let _guard = guard;
-            let mut _ticket = ticket;
-            let accepted = Instant::now();
-            if let Some((io, peer, initial)) =
-                conn::preamble::preamble(&w, &ctx, stream, peer, accepted).await
-            {
-                if ctx.settings.proxy_protocol {
-                    match w.shared.conn_limiter.on_accept(peer.ip()) {
-                        Ok(t) => _ticket = Some(t),
-                        Err(r) => {
-                            w.stats.borrow_mut().limit_rejection(r.limit, r.enforcer);
-                            return;
-                        }
-                    }
-                }
-                use conn::h2::Protocol;
-                match conn::h2::choose(&w, &ctx, io, initial, accepted).await {
-                    Protocol::Http1(io, initial) => {
-                        conn::h1::serve(w, ctx, io, peer, accepted, initial).await
-                    }
-                    Protocol::Http2(io, read_ahead) => {
-                        conn::h2::serve(w, ctx, io, read_ahead, peer, accepted).await
-                    }
-                    Protocol::Closed => {}
-                }
-            }
-        });
     }
+}
+
+/// Accept-time checks for one accepted connection, then its task.
+fn admit<D: Driver>(
+    worker: &Rc<Worker<MaybeTls<D::Stream>>>,
+    current: &Current,
+    stream: D::Stream,
+    peer: SocketAddr,
+) {
+    // Taken once: this connection keeps these settings whatever a reload does later.
+    let ctx = current.borrow().clone();
+    if crate::util::budget::fd_in_reserve(stream.raw_fd()) {
+        // The last descriptors stay free for the admin listener (so /healthz answers)
+        // and for upstream connects of the connections already accepted.
+        crate::util::budget::refused(
+            crate::util::budget::Refusal::FdReserve,
+            &"descriptor reserve reached: connection closed",
+        );
+        drop(stream);
+        return;
+    }
+    // Per-IP limits at accept. Behind a PROXY-protocol balancer the peer is the
+    // balancer, so those listeners check the client address after the header instead.
+    let ticket = if ctx.settings.proxy_protocol {
+        None
+    } else {
+        match worker.shared.conn_limiter.on_accept(peer.ip()) {
+            Ok(t) => Some(t),
+            Err(r) => {
+                worker
+                    .stats
+                    .borrow_mut()
+                    .limit_rejection(r.limit, r.enforcer);
+                drop(stream);
+                return;
+            }
+        }
+    };
+    let max = worker.snapshot().server.max_connections;
+    if worker.shared.connections.fetch_add(1, Ordering::Relaxed) >= max {
+        worker.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        crate::util::budget::refused(
+            crate::util::budget::Refusal::MaxConnections,
+            &format_args!(
+                "max_connections ({max}) reached on {}: connection closed",
+                ctx.name
+            ),
+        );
+        drop(stream);
+        return;
+    }
+    worker.active.set(worker.active.get() + 1);
+    {
+        let mut stats = worker.stats.borrow_mut();
+        let l = stats.listener(&ctx.name);
+        l.total += 1;
+        l.active += 1;
+    }
+    let guard = ConnectionGuard {
+        worker: worker.clone(),
+        listener: ctx.name.clone(),
+    };
+    let w = worker.clone();
+    D::spawn(async move {
+        let _guard = guard;
+        let mut _ticket = ticket;
+        let accepted = Instant::now();
+        if let Some((io, peer, initial)) =
+            conn::preamble::preamble(&w, &ctx, stream, peer, accepted).await
+        {
+            if ctx.settings.proxy_protocol {
+                match w.shared.conn_limiter.on_accept(peer.ip()) {
+                    Ok(t) => _ticket = Some(t),
+                    Err(r) => {
+                        w.stats.borrow_mut().limit_rejection(r.limit, r.enforcer);
+                        return;
+                    }
+                }
+            }
+            use conn::h2::Protocol;
+            match conn::h2::choose(&w, &ctx, io, initial, accepted).await {
+                Protocol::Http1(io, initial) => {
+                    conn::h1::serve(w, ctx, io, peer, accepted, initial).await
+                }
+                Protocol::Http2(io, read_ahead) => {
+                    conn::h2::serve(w, ctx, io, read_ahead, peer, accepted).await
+                }
+                Protocol::Closed => {}
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -234,7 +310,6 @@ mod tests {
     use crate::dataplane::shared::Shared;
     use crate::io::driver::Epoll;
     use crate::snapshot::Snapshot;
-    use std::net::SocketAddr;
     use std::path::Path;
 
     fn snapshot(generation: u64, listeners: &str) -> Snapshot {
@@ -320,7 +395,7 @@ mod tests {
             assert_ne!(bound.bound[0].fd, first_fd);
             assert_eq!(current(&bound, b)[0].name, "inner");
             assert_eq!(bound.generation, 3);
-            bound.close_all();
+            bound.close_all(&worker, true);
         });
     }
 }

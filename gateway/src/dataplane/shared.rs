@@ -25,6 +25,17 @@ pub struct Shared {
     /// Per-IP connection limits (deny, rate when XDP is not enforcing it, concurrent cap),
     /// checked once per accepted connection; it also marks capped IPs for XDP.
     pub conn_limiter: crate::policy::limits::ConnLimiter,
+    /// Every listening socket the workers hold, with the address it is bound to, for a
+    /// binary upgrade to hand over (`control/upgrade.rs`). A worker removes an entry
+    /// before it closes the socket, so a descriptor read here under the lock is open.
+    pub listener_fds: std::sync::Mutex<Vec<(std::net::SocketAddr, std::os::fd::RawFd)>>,
+    /// False while a new process taking over waits for the old one to stop: its workers
+    /// hold the inherited sockets but accept nothing, so a handover that fails before the
+    /// old process drains leaves no connection in a process that is about to exit.
+    accepting: tokio::sync::watch::Sender<bool>,
+    /// Set when this process drains because a new one took its sockets over: the drain
+    /// then stops accepting without `shutdown()` on the shared sockets.
+    pub handed_over: AtomicBool,
 }
 
 impl Shared {
@@ -41,6 +52,9 @@ impl Shared {
             listening: AtomicBool::new(false),
             metrics: crate::telemetry::metrics::Registry::default(),
             conn_limiter,
+            listener_fds: std::sync::Mutex::new(Vec::new()),
+            accepting: tokio::sync::watch::Sender::new(true),
+            handed_over: AtomicBool::new(false),
         })
     }
 
@@ -64,6 +78,17 @@ impl Shared {
     /// Changes whenever a reload installs a snapshot.
     pub fn installed(&self) -> tokio::sync::watch::Receiver<u64> {
         self.installed.subscribe()
+    }
+
+    /// Holds (false) or releases (true) the accept loops; see `accepting`.
+    pub fn set_accepting(&self, on: bool) {
+        self.accepting.send_replace(on);
+    }
+
+    /// Resolves once accepting is allowed.
+    pub(crate) async fn accepting(&self) {
+        let mut rx = self.accepting.subscribe();
+        let _ = rx.wait_for(|on| *on).await;
     }
 
     pub(crate) fn is_draining(&self) -> bool {

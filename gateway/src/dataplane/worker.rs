@@ -9,6 +9,8 @@ use crate::dataplane::shared::Shared;
 use crate::io::driver::{Driver, DriverKind, Epoll, Uring};
 use crate::protocol::tls::stream::MaybeTls;
 use crate::telemetry::access_log::LogWriter;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -20,8 +22,12 @@ pub struct WorkerHandle {
     pub thread: std::thread::JoinHandle<()>,
 }
 
-/// Starts `count` workers, each binding every listener of the current snapshot. Returns once
-/// all are bound, or the first bind error.
+/// Listening sockets a binary upgrade handed over, with the address each is bound to.
+pub type Inherited = Vec<(SocketAddr, OwnedFd)>;
+
+/// Starts `count` workers, each binding every listener of the current snapshot (or taking
+/// its share of `inherited`: socket `k` goes to worker `k % count`, so every inherited
+/// socket is accepted on). Returns once all are bound, or the first bind error.
 pub fn start(
     driver: DriverKind,
     count: usize,
@@ -29,10 +35,15 @@ pub fn start(
     log: Option<LogWriter>,
     drain: watch::Receiver<bool>,
     done: mpsc::Sender<usize>,
+    inherited: Inherited,
 ) -> anyhow::Result<Vec<WorkerHandle>> {
     let (bound_tx, bound_rx) = mpsc::channel::<Result<(), String>>();
     let mut handles = Vec::new();
-    for id in 0..count {
+    let mut shares: Vec<Inherited> = (0..count).map(|_| Vec::new()).collect();
+    for (k, socket) in inherited.into_iter().enumerate() {
+        shares[k % count.max(1)].push(socket);
+    }
+    for (id, share) in shares.into_iter().enumerate() {
         let shared = shared.clone();
         let log = log.clone();
         let drain = drain.clone();
@@ -45,7 +56,7 @@ pub fn start(
                     DriverKind::Uring => {
                         tokio_uring::builder()
                             .entries(4096)
-                            .start(run_worker::<Uring>(id, shared, log, drain, bound));
+                            .start(run_worker::<Uring>(id, shared, log, drain, bound, share));
                     }
                     DriverKind::Epoll => {
                         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -56,7 +67,7 @@ pub fn start(
                                 let local = tokio::task::LocalSet::new();
                                 local.block_on(
                                     &rt,
-                                    run_worker::<Epoll>(id, shared, log, drain, bound),
+                                    run_worker::<Epoll>(id, shared, log, drain, bound, share),
                                 );
                             }
                             Err(e) => {
@@ -88,9 +99,10 @@ async fn run_worker<D: Driver>(
     log: Option<LogWriter>,
     mut drain: watch::Receiver<bool>,
     bound: mpsc::Sender<Result<(), String>>,
+    inherited: Inherited,
 ) {
     let worker: Rc<Worker<MaybeTls<D::Stream>>> = Rc::new(Worker::new(id, shared.clone(), log));
-    let mut listeners = BoundListeners::default();
+    let mut listeners = BoundListeners::inheriting(inherited);
     if let Err(e) = listeners.reconcile::<D>(&worker) {
         let _ = bound.send(Err(e));
         return;
@@ -134,11 +146,13 @@ async fn run_worker<D: Driver>(
         }
     }
 
-    // Drain: stop accepting (shutting a listening socket down fails its pending accept),
-    // wake idle keep-alive connections so they close, let in-flight requests finish.
+    // Drain: stop accepting (shutting a listening socket down fails its pending accept,
+    // unless a new process took the sockets over: they are its sockets too), wake idle
+    // keep-alive connections so they close, let in-flight requests finish.
     worker.draining.set(true);
     worker.drain_notify.notify_waiters();
-    listeners.close_all();
+    let handed_over = shared.handed_over.load(Ordering::SeqCst);
+    listeners.close_all(&worker, !handed_over);
     let deadline = Instant::now() + worker.snapshot().server.graceful_timeout;
     let mut last_publish = Instant::now();
     while worker.active.get() > 0 && Instant::now() < deadline {

@@ -13,6 +13,10 @@ use std::sync::{Arc, Mutex};
 /// The I/O driver the workers run, set once at start.
 pub static IO_DRIVER: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
 
+/// This process's generation: 1 for a plain start, one more than the process it took over
+/// from for a binary upgrade (`gateway run --upgrade`). Set once at start.
+pub static PROCESS_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Histogram bounds in seconds: sub-millisecond proxying up to multi-minute uploads.
 pub(crate) const DURATION_BUCKETS: [f64; 18] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,

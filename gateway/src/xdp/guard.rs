@@ -9,7 +9,11 @@ use std::{
 
 use aya::{
     maps::{Array, MapData, PerCpuArray, PerCpuValues},
-    programs::{xdp::XdpLinkId, ProgramError, Xdp},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        ProgramError, Xdp,
+    },
     Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
 };
 use gateway_common::{
@@ -53,6 +57,11 @@ pub struct XdpGuard {
     pin_path: Option<PathBuf>,
     attachments: Vec<Attachment>,
     links: Vec<XdpLinkId>,
+    /// Links pinned for a binary upgrade in progress (see [`pin_links_for_handover`]),
+    /// with their pin files.
+    ///
+    /// [`pin_links_for_handover`]: Self::pin_links_for_handover
+    handed: Vec<(Attachment, PathBuf, PinnedLink)>,
 }
 
 impl fmt::Debug for XdpGuard {
@@ -97,13 +106,40 @@ impl XdpGuard {
         limits: &LimitsConfig,
         ports: &[u16],
     ) -> Result<XdpGuard, XdpError> {
+        Self::start_taking_over(interfaces, mode, pin_path, options, limits, ports, &[])
+    }
+
+    /// [`start`](Self::start) in a binary upgrade: on an interface whose link the old
+    /// process `handed` over (its pin), the program replaces the old one on that link
+    /// ([`adopt_link`](Self::adopt_link)) instead of attaching anew, which would fail
+    /// while the old program is attached. A handed link no configured interface uses has
+    /// its pin removed: it detaches when the old process exits.
+    pub fn start_taking_over(
+        interfaces: &[String],
+        mode: XdpMode,
+        pin_path: Option<&Path>,
+        options: &GuardOptions,
+        limits: &LimitsConfig,
+        ports: &[u16],
+        handed: &[(Attachment, PathBuf)],
+    ) -> Result<XdpGuard, XdpError> {
         if interfaces.is_empty() {
             return Err(XdpError::NoInterfaces);
         }
         let mut guard = Self::load_with(pin_path, options)?;
         guard.apply(limits, ports)?;
         for interface in interfaces {
-            guard.attach(interface, mode)?;
+            match handed.iter().find(|(a, _)| &a.interface == interface) {
+                Some((attachment, pin)) => guard.adopt_link(attachment.clone(), pin)?,
+                None => {
+                    guard.attach(interface, mode)?;
+                }
+            }
+        }
+        for (attachment, pin) in handed {
+            if !interfaces.contains(&attachment.interface) {
+                let _ = std::fs::remove_file(pin);
+            }
         }
         Ok(guard)
     }
@@ -188,6 +224,7 @@ impl XdpGuard {
             pin_path: pin_path.map(Path::to_path_buf),
             attachments: Vec::new(),
             links: Vec::new(),
+            handed: Vec::new(),
         };
         guard.reset_new_source_bucket()?;
         tracing::debug!(program_id, pin_path = ?pin_path, "XDP program loaded");
@@ -403,6 +440,148 @@ impl XdpGuard {
             mode: effective,
         });
         Ok(effective)
+    }
+
+    /// Binary upgrade, old side: pins every link under the pin path (`upgrade_link_<if>`),
+    /// so the new process can take it over, and returns each attachment with its pin.
+    /// The program stays attached throughout; the links leave this guard's management
+    /// (its drop no longer detaches them) until [`restore_links`](Self::restore_links).
+    pub fn pin_links_for_handover(&mut self) -> Result<Vec<(Attachment, PathBuf)>, XdpError> {
+        if self.links.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(dir) = self.pin_path.clone() else {
+            return Err(XdpError::Policy(
+                "an upgrade hands the XDP links over through the pin path: set xdp.pin_path".into(),
+            ));
+        };
+        let taken: Vec<_> = self
+            .links
+            .drain(..)
+            .zip(self.attachments.drain(..))
+            .collect();
+        let program = program_mut(&mut self.ebpf)?;
+        let mut failed = None;
+        for (id, attachment) in taken {
+            let pin = dir.join(format!("upgrade_link_{}", attachment.interface));
+            let _ = std::fs::remove_file(&pin);
+            let handover =
+                |e: Box<dyn std::error::Error + Send + Sync>, action| XdpError::Handover {
+                    interface: attachment.interface.clone(),
+                    action,
+                    source: e,
+                };
+            let pinned = program
+                .take_link(id)
+                .map_err(|e| handover(Box::new(e), "taking the link"))
+                .and_then(|link| {
+                    // A netlink attachment (a kernel without XDP links) has no descriptor
+                    // to hand over: it is detached here, and re-attached below.
+                    FdLink::try_from(link)
+                        .map_err(|e| handover(Box::new(e), "not a BPF link (kernel < 5.9?)"))
+                })
+                .and_then(|link| {
+                    link.pin(&pin)
+                        .map_err(|e| handover(Box::new(e), "pinning it"))
+                });
+            match pinned {
+                Ok(pinned) => self.handed.push((attachment, pin, pinned)),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    let attached = match program.attach(
+                        &attachment.interface,
+                        match attachment.mode {
+                            XdpMode::Native => aya::programs::XdpMode::Driver,
+                            _ => aya::programs::XdpMode::Skb,
+                        },
+                    ) {
+                        Ok(id) => id,
+                        Err(e) => {
+                            tracing::error!(interface = %attachment.interface, error = %chain(&e), "re-attaching the XDP program failed");
+                            continue;
+                        }
+                    };
+                    self.links.push(attached);
+                    self.attachments.push(attachment);
+                }
+            }
+        }
+        match failed {
+            None => Ok(self
+                .handed
+                .iter()
+                .map(|(a, pin, _)| (a.clone(), pin.clone()))
+                .collect()),
+            Some(e) => {
+                self.restore_links();
+                Err(e)
+            }
+        }
+    }
+
+    /// Binary upgrade, old side, after an attempt that failed: removes the pins and puts
+    /// this process's program back on its links (the new process may have replaced it
+    /// already), which this guard manages again.
+    pub fn restore_links(&mut self) {
+        let Ok(program) = program_mut(&mut self.ebpf) else {
+            return;
+        };
+        for (attachment, pin, pinned) in self.handed.drain(..) {
+            // The new process removes the pin when it takes the link; then only this
+            // process's descriptor holds it.
+            let link: FdLink = if pin.exists() {
+                match pinned.unpin() {
+                    Ok(link) => link,
+                    Err(e) => {
+                        tracing::error!(interface = %attachment.interface, error = %e, "removing the XDP link pin");
+                        continue;
+                    }
+                }
+            } else {
+                pinned.into()
+            };
+            let restored = XdpLink::try_from(link)
+                .map_err(|e| chain(&e))
+                .and_then(|link| program.attach_to_link(link).map_err(|e| chain(&e)));
+            match restored {
+                Ok(id) => {
+                    self.links.push(id);
+                    self.attachments.push(attachment);
+                }
+                Err(e) => {
+                    tracing::error!(interface = %attachment.interface, error = %e, "putting the XDP program back on its link")
+                }
+            }
+        }
+    }
+
+    /// Binary upgrade, new side (step 4): takes the link the old process pinned at `pin`,
+    /// removes the pin, and replaces the program on the link with this one atomically
+    /// (`bpf_link_update`): no packet meets the interface without a program.
+    pub fn adopt_link(&mut self, attachment: Attachment, pin: &Path) -> Result<(), XdpError> {
+        let handover = |e: Box<dyn std::error::Error + Send + Sync>, action| XdpError::Handover {
+            interface: attachment.interface.clone(),
+            action,
+            source: e,
+        };
+        let link = PinnedLink::from_pin(pin)
+            .map_err(|e| handover(Box::new(e), "opening its pin"))?
+            .unpin()
+            .map_err(|e| handover(Box::new(e), "removing its pin"))?;
+        let link = XdpLink::try_from(link).map_err(|e| handover(Box::new(e), "not an XDP link"))?;
+        let program = program_mut(&mut self.ebpf)?;
+        let id = program
+            .attach_to_link(link)
+            .map_err(|e| handover(Box::new(e), "replacing the program on it"))?;
+        tracing::info!(
+            interface = %attachment.interface,
+            mode = %attachment.mode,
+            program_id = self.program_id,
+            "XDP program replaced on the link handed over"
+        );
+        self.links.push(id);
+        self.attachments.push(attachment);
+        Ok(())
     }
 
     /// Per-verdict packet and byte counts, summed over all CPUs. With a pin path these

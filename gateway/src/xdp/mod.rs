@@ -34,7 +34,12 @@
 //! are never pinned: they mirror the connection counts of this process, which a restart
 //! resets.
 //!
-//! Non-goals here: pinning the program or its links (a restart re-attaches).
+//! Links are not pinned while a process runs (a restart re-attaches). A binary upgrade
+//! pins them for the moment of the handover only: the old process pins each link under
+//! the pin path ([`XdpGuard::pin_links_for_handover`]), the new one takes the pin, removes
+//! it and replaces the program on the same link atomically (`bpf_link_update`,
+//! [`XdpGuard::adopt_link`]); an attempt that fails puts the old program back on its links
+//! ([`XdpGuard::restore_links`]). The interface is never without the program.
 //!
 //! The module, by what each part owns: [`guard`] (load, attach, detach, apply: the program's
 //! life), [`maps`] (typed map handles: counters, tries and their sync, the cap marks, the
@@ -164,6 +169,14 @@ pub enum XdpError {
         native: Box<ProgramError>,
         #[source]
         source: Box<ProgramError>,
+    },
+    /// Handing a link over to a new process (binary upgrade) or taking one over failed.
+    #[error("XDP link of {interface}: {action}")]
+    Handover {
+        interface: String,
+        action: &'static str,
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
     },
     /// The config cannot be expressed in the guard's maps (e.g. too many listener ports).
     #[error("XDP guard policy: {0}")]

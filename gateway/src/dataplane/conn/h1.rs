@@ -191,7 +191,15 @@ pub async fn serve<S: Stream>(
             };
             w.log.borrow_mut().record(snap.access_format, &entry);
         }
-        if !outcome.keep_alive || w.draining.get() {
+        // A response that went out without `Connection: close` promised the client this
+        // connection: after a binary upgrade's handover it is kept until the next request
+        // (answered with `Connection: close`) or its keep-alive timeout, never cut while
+        // the client may be sending (see `read_head`).
+        let handed_over = w
+            .shared
+            .handed_over
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if !outcome.keep_alive || (w.draining.get() && !handed_over) {
             if outcome.status >= 400 && outcome.status != 499 {
                 // The request may not have been read to its end (a 413 before the body):
                 // let the client read the answer instead of an RST.
@@ -279,11 +287,22 @@ async fn read_head<S: Stream>(
                 .reserve(c.buf.len().max(HEAD_BUF_SIZE).min(max + 1024));
         }
         let buf = std::mem::take(&mut c.buf);
-        let read = crate::util::clock::timeout_at(deadline, c.io.read(buf));
+        let mut read = std::pin::pin!(crate::util::clock::timeout_at(deadline, c.io.read(buf)));
         let result = if started.is_none() {
             tokio::select! {
-                r = read => r,
-                _ = w.drained() => return Ok(None),
+                r = &mut read => r,
+                _ = w.drained() => {
+                    // A drain closes a connection waiting for its next request at once,
+                    // unless a new process took the sockets over (binary upgrade): the
+                    // node stays in service then, and a request may be on its way on this
+                    // connection (or on one an accept still in flight took during the
+                    // drain), so it is answered, with `Connection: close`; an idle one
+                    // ends at its usual timeout.
+                    if !w.shared.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+                        return Ok(None);
+                    }
+                    read.await
+                }
             }
         } else {
             read.await

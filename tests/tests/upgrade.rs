@@ -1,0 +1,405 @@
+//! Binary upgrade (`gateway run --upgrade`): a new process takes the listening sockets
+//! over through `server.upgrade_socket` while the old one drains.
+//!
+//! Under load: keep-alive request loops and 100 WebSocket tunnels (ten opened on each
+//! generation) run while the binary is upgraded 10 times, alternating between two copies
+//! of the binary (`gateway-a`, `gateway-b`: which one serves is checked through
+//! `/proc/<pid>/exe`). No request fails, every tunnel echoes until the test closes it
+//! (`graceful_timeout` outlasts the test), every old process exits 0, and the access log
+//! has a line for every request answered. Run on io_uring and on epoll.
+//!
+//! The io_uring run is the privileged one (we are root): the listener is on the host end
+//! of a veth pair, the clients in its namespace, and the XDP guard (generic mode, maps
+//! pinned) on the host end. Across the upgrades a program stays attached at every sample,
+//! each generation's program replaces the last on the same link (a new program id), and
+//! the verdict counters never go back.
+//!
+//! Failure: a new config that does not load, and a new process that dies right after it
+//! received the sockets, leave the old process serving (same generation, keep-alive
+//! connections untouched), and a later upgrade still works.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use gateway_test_support::{enter_netns, free_port_on, PinDir, VethPair};
+use gateway_tests::control::scrape;
+use gateway_tests::gateway::admin_ready_generation;
+use gateway_tests::{
+    gateway_bin, wait_until, Client, Config, Gateway, Origin, Req, Route, Upstream,
+};
+use tungstenite::Message;
+
+const UPGRADES: u64 = 10;
+const TUNNELS_PER_GENERATION: usize = 10;
+const REQUEST_LOOPS: usize = 4;
+
+/// A WebSocket echo origin (tungstenite, a thread per connection).
+fn ws_origin() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let Ok(mut ws) = tungstenite::accept(stream) else {
+                    return;
+                };
+                while let Ok(m) = ws.read() {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn config(socket: &Path, io: &str) -> Config {
+    let http = Origin::echo();
+    let ws = ws_origin();
+    let config = Config::new()
+        .server("upgrade_socket", socket.to_str().unwrap())
+        .server("io", io)
+        // Longer than the test: every tunnel must be served until the test ends it.
+        .server("graceful_timeout", "120s")
+        .upstream(Upstream::new("http", &[http.addr()]))
+        .upstream(Upstream::new("ws", &[ws]))
+        .route(Route::prefix("/ws", "ws").websocket(true))
+        .route(Route::prefix("/", "http"));
+    // The origin lives as long as the test process (a leaked thread per connection).
+    std::mem::forget(http);
+    config
+}
+
+/// Two copies of the binary, so alternate upgrades run a different file.
+fn two_builds(dir: &Path) -> [PathBuf; 2] {
+    ["gateway-a", "gateway-b"].map(|name| {
+        let path = dir.join(name);
+        std::fs::copy(gateway_bin(), &path).unwrap();
+        path
+    })
+}
+
+/// Requests answered 200, and requests that failed in any way: an error status, a reset,
+/// or a keep-alive connection closed under a request (which a client would have to retry,
+/// RFC 9112 §9.3.1: the draining process must not close one it did not announce closing).
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Keep-alive GETs in a loop until `stop`; reconnects after `Connection: close`.
+fn request_loop(addr: SocketAddr, netns: Option<String>, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    if let Some(ns) = netns {
+        enter_netns(&ns).unwrap();
+    }
+    let mut client = Client::connect(addr);
+    while !stop.load(Ordering::Relaxed) {
+        match client.request(&Req::get("/ka")) {
+            Ok(r) if r.status == 200 => {
+                tally.ok.fetch_add(1, Ordering::Relaxed);
+                if r.says_close() {
+                    client = Client::connect(addr);
+                }
+            }
+            failed => {
+                eprintln!("request failed: {:?}", failed.map(|r| r.status));
+                tally.failed.fetch_add(1, Ordering::Relaxed);
+                client = Client::connect(addr);
+            }
+        }
+    }
+}
+
+/// A tunnel echoing a numbered message every 20 ms until `stop`; returns the number of
+/// messages echoed, or what went wrong.
+fn tunnel(addr: SocketAddr, netns: Option<String>, stop: Arc<AtomicBool>) -> Result<u64, String> {
+    if let Some(ns) = netns {
+        enter_netns(&ns).map_err(|e| format!("netns: {e}"))?;
+    }
+    let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (mut ws, _) = tungstenite::client(format!("ws://{addr}/ws"), stream)
+        .map_err(|e| format!("handshake: {e}"))?;
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let text = format!("message {n}");
+        ws.send(Message::text(text.clone()))
+            .map_err(|e| format!("send {n}: {e}"))?;
+        match ws.read().map_err(|e| format!("read {n}: {e}"))? {
+            Message::Text(t) if t == text => n += 1,
+            other => return Err(format!("echo {n}: {other:?}")),
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = ws.close(None);
+    let _ = ws.flush();
+    Ok(n)
+}
+
+fn exe_of(pid: u32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+}
+
+/// The XDP part: the veth pair, its pin dir, and a sampler of the program on the link.
+struct XdpRig {
+    veth: Arc<VethPair>,
+    _pin: PinDir,
+    /// Samples of `ip link`'s XDP program id, every 20 ms until `stop`: a `None` would be
+    /// a moment the interface had no program.
+    sampler: thread::JoinHandle<Vec<Option<u32>>>,
+}
+
+fn xdp_packets(gw: &Gateway) -> f64 {
+    scrape(gw.admin_addr()).sum("gateway_xdp_packets_total", &[])
+}
+
+fn upgrade_under_load(io: &str, with_xdp: bool) {
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket = socket_dir.path().join("upgrade.sock");
+    let builds = two_builds(socket_dir.path());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = config(&socket, io);
+    let rig = with_xdp.then(|| {
+        let veth = Arc::new(VethPair::create());
+        let pin = PinDir::new(&format!("gateway-test-upgrade-{io}"));
+        config.http_addr = SocketAddr::new(veth.host4.into(), free_port_on(veth.host4.into()));
+        config = config.clone().extra(&format!(
+            "[xdp]\nmode = \"generic\"\ninterface = \"{}\"\npin_path = \"{}\"\n",
+            veth.host_if,
+            pin.path().display()
+        ));
+        (veth, pin)
+    });
+    let mut gw = Gateway::with(&config);
+    // From the first start on, every sample must find a program on the interface.
+    let rig = rig.map(|(veth, pin)| {
+        let (v, stop) = (veth.clone(), stop.clone());
+        let sampler = thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                samples.push(v.attached_xdp().map(|(_, id)| id));
+                thread::sleep(Duration::from_millis(20));
+            }
+            samples
+        });
+        XdpRig {
+            veth,
+            _pin: pin,
+            sampler,
+        }
+    });
+    let netns = rig.as_ref().map(|r| r.veth.netns.clone());
+    let addr = gw.http_addr();
+    let tally = Arc::new(Tally::default());
+    let loops: Vec<_> = (0..REQUEST_LOOPS)
+        .map(|_| {
+            let (stop, tally, netns) = (stop.clone(), tally.clone(), netns.clone());
+            thread::spawn(move || request_loop(addr, netns, stop, tally))
+        })
+        .collect();
+    let mut program_ids = Vec::new();
+    let mut packets = Vec::new();
+    let mut tunnels = Vec::new();
+    let mut retired = Vec::new();
+    let started = Instant::now();
+    for generation in 1..=UPGRADES + 1 {
+        for _ in 0..TUNNELS_PER_GENERATION {
+            let (stop, netns) = (stop.clone(), netns.clone());
+            tunnels.push(thread::spawn(move || tunnel(addr, netns, stop)));
+        }
+        // Let every loop and tunnel make progress on this generation first.
+        let before = tally.ok.load(Ordering::Relaxed);
+        wait_until(
+            Duration::from_secs(20),
+            "requests on this generation",
+            || tally.ok.load(Ordering::Relaxed) >= before + 20,
+        );
+        if let Some(rig) = &rig {
+            program_ids.push(rig.veth.attached_xdp().map(|(_, id)| id));
+            packets.push(xdp_packets(&gw));
+        }
+        if generation == UPGRADES + 1 {
+            break;
+        }
+        let build = &builds[(generation % 2) as usize];
+        let new = gw.spawn_upgrade(build, gw.config_path(), &[]);
+        retired.push(gw.adopt(new, generation + 1));
+        assert_eq!(
+            &exe_of(gw.pid()),
+            build,
+            "generation {} runs {}",
+            generation + 1,
+            build.display()
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    for l in loops {
+        l.join().unwrap();
+    }
+    let mut echoed = 0;
+    for (i, t) in tunnels.into_iter().enumerate() {
+        match t.join().unwrap() {
+            Ok(n) => {
+                assert!(n > 0, "tunnel {i} echoed nothing");
+                echoed += n;
+            }
+            Err(e) => panic!(
+                "tunnel {i} (generation {}): {e}",
+                i / TUNNELS_PER_GENERATION + 1
+            ),
+        }
+    }
+    // With their tunnels closed, every old process finishes its drain and exits 0.
+    for (i, mut old) in retired.into_iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = old.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "generation {} still running",
+                i + 1
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "generation {} exited {status}", i + 1);
+    }
+    let (ok, failed) = (
+        tally.ok.load(Ordering::SeqCst),
+        tally.failed.load(Ordering::SeqCst),
+    );
+    eprintln!(
+        "io={io}: {UPGRADES} upgrades in {:?}: {ok} requests ok, {failed} failed; {echoed} tunnel echoes",
+        started.elapsed()
+    );
+    assert_eq!(failed, 0, "failed requests");
+    if let Some(rig) = rig {
+        let samples = rig.sampler.join().unwrap();
+        assert!(
+            samples.iter().all(Option::is_some),
+            "a moment without the XDP program: {samples:?}"
+        );
+        let ids: Vec<u32> = program_ids.iter().map(|id| id.expect("attached")).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] != w[1]),
+            "each generation's program replaces the last: {ids:?}"
+        );
+        assert!(
+            packets.windows(2).all(|w| w[1] > w[0]),
+            "the verdict counters carry on across generations: {packets:?}"
+        );
+    }
+    // Every answered request has its access-log line, whichever process answered it; the
+    // last generation's lines are flushed within its 200 ms tick.
+    wait_until(
+        Duration::from_secs(5),
+        "an access-log line per request",
+        || {
+            gw.access_log()
+                .lines()
+                .filter(|l| l.contains("/ka"))
+                .count() as u64
+                >= ok
+        },
+    );
+    assert_eq!(
+        admin_ready_generation(gw.admin_addr()),
+        Some((200, UPGRADES + 1))
+    );
+    let metrics = gw.admin_get("/metrics").body_str();
+    assert!(
+        metrics.contains(&format!("gateway_process_generation {}", UPGRADES + 1)),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn upgrade_ten_times_under_load_on_io_uring_with_xdp() {
+    upgrade_under_load("uring", true);
+}
+
+#[test]
+fn upgrade_ten_times_under_load_on_epoll() {
+    upgrade_under_load("epoll", false);
+}
+
+/// The old process after a failed attempt: same generation, ready, and a keep-alive
+/// connection opened before the attempt still answers.
+fn still_serving(gw: &Gateway, kept: &mut Client) {
+    assert_eq!(admin_ready_generation(gw.admin_addr()), Some((200, 1)));
+    let r = kept.get("/after");
+    assert_eq!(r.status, 200);
+    assert!(!r.says_close(), "the old process is not draining");
+    assert_eq!(gw.get("/fresh").status, 200);
+}
+
+#[test]
+fn failed_upgrades_leave_the_old_process_serving() {
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket = socket_dir.path().join("upgrade.sock");
+    let mut gw = Gateway::with(&config(&socket, "auto"));
+    let mut kept = gw.client();
+    assert_eq!(kept.get("/before").status, 200);
+
+    // A config that does not load: the new process names file, line and key, and exits 1
+    // before it contacts the old one.
+    let bad = socket_dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        &bad,
+        text.replacen("[server]\n", "[server]\nbogus_key = 1\n", 1),
+    )
+    .unwrap();
+    let status = gw.spawn_upgrade(&gateway_bin(), &bad, &[]).wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{}", gw.stderr());
+    let stderr = gw.stderr();
+    assert!(
+        stderr.contains(&format!("{}:", bad.display())) && stderr.contains("server.bogus_key"),
+        "{stderr}"
+    );
+    still_serving(&gw, &mut kept);
+
+    // A new process that dies right after it received the sockets: the old one sees the
+    // attempt end and goes on; the queued connection the test opens meanwhile is served.
+    let status = gw
+        .spawn_upgrade(
+            &gateway_bin(),
+            gw.config_path(),
+            &[("GATEWAY_UPGRADE_TEST_ABORT", "1")],
+        )
+        .wait()
+        .unwrap();
+    assert!(!status.success());
+    wait_until(
+        Duration::from_secs(5),
+        "the old process to abandon the attempt",
+        || gw.stderr().contains("upgrade attempt abandoned"),
+    );
+    still_serving(&gw, &mut kept);
+
+    // And the next attempt succeeds: the old process drains, the kept connection is told
+    // to close on its next response.
+    let new = gw.spawn_upgrade(&gateway_bin(), gw.config_path(), &[]);
+    let mut old = gw.adopt(new, 2);
+    let r = kept.get("/last");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.says_close(),
+        "the draining process answers, then closes the connection"
+    );
+    drop(kept);
+    wait_until(Duration::from_secs(10), "the old process to exit", || {
+        old.try_wait().unwrap().is_some()
+    });
+    assert!(old.wait().unwrap().success());
+    assert_eq!(gw.get("/new").status, 200);
+}
