@@ -35,6 +35,10 @@ enum Command {
         /// (a binary upgrade: it drains once this process is ready).
         #[arg(long)]
         upgrade: bool,
+        /// Like --upgrade when a gateway listens on `server.upgrade_socket`, else a plain
+        /// start (for a DaemonSet pod that may or may not replace one on its node).
+        #[arg(long, conflicts_with = "upgrade")]
+        upgrade_if_running: bool,
     },
     /// Validate a config file, like `nginx -t`: exit 0, or 1 with every error.
     Check,
@@ -46,7 +50,10 @@ fn main() -> ExitCode {
         eprintln!("gateway: --config PATH is required (see gateway --help)");
         return ExitCode::from(2);
     };
-    match cli.command.unwrap_or(Command::Run { upgrade: false }) {
+    match cli.command.unwrap_or(Command::Run {
+        upgrade: false,
+        upgrade_if_running: false,
+    }) {
         // The certificates are read by the snapshot build, as a start or a reload reads
         // them: `check` builds it too (generation 0, never served).
         Command::Check => match Config::load(&config_path).and_then(check_snapshot) {
@@ -69,7 +76,15 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Run { upgrade } => {
+        Command::Run {
+            upgrade,
+            upgrade_if_running,
+        } => {
+            let upgrade = match (upgrade, upgrade_if_running) {
+                (true, _) => Upgrade::Required,
+                (_, true) => Upgrade::IfRunning,
+                _ => Upgrade::No,
+            };
             let loaded = match Config::load(&config_path) {
                 Ok(l) => l,
                 Err(errors) => {
@@ -196,7 +211,47 @@ fn raise_nofile(want: u64) {
     }
 }
 
-fn run(loaded: LoadedConfig, upgrade: bool) -> anyhow::Result<ExitCode> {
+/// Whether this start takes over from a running gateway.
+#[derive(Clone, Copy, PartialEq)]
+enum Upgrade {
+    No,
+    Required,
+    IfRunning,
+}
+
+/// SIGUSR2: starts `exe run --config CONFIG --upgrade`, as nginx's USR2 starts a new
+/// master: the new binary (the file now at the path this process was started from) takes
+/// over, and is a child of this process, so it runs in the same service (systemd cgroup)
+/// and reports itself as its main process (`MAINPID=`, see `control::upgrade::notify`).
+fn spawn_upgrade(exe: &std::path::Path, config: &std::path::Path) {
+    let started = std::process::Command::new(exe)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--upgrade")
+        .stdin(std::process::Stdio::null())
+        .spawn();
+    match started {
+        Ok(mut child) => {
+            tracing::info!(pid = child.id(), exe = %exe.display(), "SIGUSR2: started the binary to take over");
+            // Reaps it; a new process that fails before the handover says why in its own
+            // log lines (same stderr), and this one keeps serving.
+            let _ = std::thread::Builder::new()
+                .name("upgrade-child".into())
+                .spawn(move || match child.wait() {
+                    Ok(status) if !status.success() => tracing::error!(%status, "the new binary exited without taking over; this process keeps serving"),
+                    _ => {}
+                });
+        }
+        Err(e) => {
+            tracing::error!(exe = %exe.display(), error = %e, "SIGUSR2: cannot start the new binary")
+        }
+    }
+}
+
+fn run(loaded: LoadedConfig, upgrade: Upgrade) -> anyhow::Result<ExitCode> {
+    // The path this binary was started from, read before an upgrade replaces the file.
+    let exe = std::env::current_exe().context("reading /proc/self/exe")?;
     let config = loaded.config.clone();
     let config_path = loaded.path.clone();
     raise_nofile(config.server.nofile);
@@ -230,13 +285,28 @@ fn run(loaded: LoadedConfig, upgrade: bool) -> anyhow::Result<ExitCode> {
     // Binary upgrade, step 1: the running process's sockets. The config was loaded and
     // the snapshot built (certificates read) before the old process is contacted, so a
     // bad config fails here and the old process never notices.
-    let mut handover = if upgrade {
-        let path = &config.server.upgrade_socket;
-        if path.as_os_str().is_empty() {
-            anyhow::bail!("upgrade: server.upgrade_socket is empty (upgrades are off)");
+    let path = &config.server.upgrade_socket;
+    let mut handover = match upgrade {
+        Upgrade::No => None,
+        Upgrade::Required if path.as_os_str().is_empty() => {
+            anyhow::bail!("upgrade: server.upgrade_socket is empty (upgrades are off)")
         }
-        let handover = gateway::control::upgrade::take_over(path)
-            .map_err(|e| anyhow::anyhow!("upgrade: {e}"))?;
+        Upgrade::IfRunning if path.as_os_str().is_empty() => None,
+        Upgrade::Required => Some(
+            gateway::control::upgrade::take_over(path)
+                .map_err(|e| anyhow::anyhow!("upgrade: {e}"))?,
+        ),
+        Upgrade::IfRunning => match gateway::control::upgrade::take_over_if_running(path)
+            .map_err(|e| anyhow::anyhow!("upgrade: {e}"))?
+        {
+            Some(h) => Some(h),
+            None => {
+                tracing::info!(path = %path.display(), "upgrade: no gateway listens on the upgrade socket; starting afresh");
+                None
+            }
+        },
+    };
+    let mut handover = if let Some(handover) = handover.take() {
         tracing::info!(
             from_generation = handover.old_generation,
             listeners = handover.listeners.len(),
@@ -338,7 +408,7 @@ fn run(loaded: LoadedConfig, upgrade: bool) -> anyhow::Result<ExitCode> {
     let shared = Shared::new(snapshot, conn_limiter);
 
     let workers = config.effective_workers();
-    let control = Control::new(shared.clone(), config_path, Some(log.clone()), dns);
+    let control = Control::new(shared.clone(), config_path.clone(), Some(log.clone()), dns);
     *control.xdp.lock().unwrap_or_else(|e| e.into_inner()) = xdp;
 
     // The admin server is up before the workers so probes see "starting" (503 on
@@ -374,13 +444,17 @@ fn run(loaded: LoadedConfig, upgrade: bool) -> anyhow::Result<ExitCode> {
             signal(SignalKind::interrupt())?,
         )
     };
+    let mut usr2 = {
+        let _entered = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())?
+    };
 
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let (done_tx, done_rx) = mpsc::channel();
     let _ = gateway::telemetry::metrics::IO_DRIVER.set(driver.as_str());
     // Step 3 of an upgrade: the workers take the inherited sockets (binding what the
     // config adds) but accept nothing until the old process drains.
-    shared.set_accepting(handover.is_none());
+    shared.set_accepting(false);
     let handles = gateway::dataplane::worker::start(
         driver,
         workers,
@@ -390,18 +464,17 @@ fn run(loaded: LoadedConfig, upgrade: bool) -> anyhow::Result<ExitCode> {
         done_tx,
         inherited,
     )?;
+    let upgraded = handover.is_some();
     if let Some(handover) = handover {
         // Step 5. Until the old process says "draining", a failure exits here with
         // nothing accepted, and the old process goes on as before.
         handover
             .finish()
             .map_err(|e| anyhow::anyhow!("upgrade: {e}"))?;
-        shared.set_accepting(true);
-        tracing::info!(
-            generation,
-            "upgrade: the old process drains; this one serves"
-        );
     }
+    // The upgrade socket before accepting (and `/ready` 200), so the next upgrade can
+    // begin as soon as this process says it is ready. After a handover the old process
+    // closed its listener before it answered "draining": the path is free.
     let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::unbounded_channel();
     let upgrade_path = config.server.upgrade_socket.clone();
     if !upgrade_path.as_os_str().is_empty() {
@@ -421,6 +494,16 @@ fn run(loaded: LoadedConfig, upgrade: bool) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    shared.set_accepting(true);
+    if upgraded {
+        tracing::info!(
+            generation,
+            "upgrade: the old process drains; this one serves"
+        );
+    }
+    // systemd (Type=notify): ready, and after an upgrade this process is the service's
+    // main process now.
+    gateway::control::upgrade::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
 
     let code = runtime.block_on(async {
         tracing::info!(generation, workers, driver = driver.as_str(), listeners = ?config.listeners.iter().map(|l| l.get_ref().listen.clone()).collect::<Vec<_>>(), admin = %admin_addr, max_connections = shared.snapshot().server.max_connections, nofile = gateway::util::budget::nofile(), "gateway started");
@@ -440,6 +523,7 @@ fn run(loaded: LoadedConfig, upgrade: bool) -> anyhow::Result<ExitCode> {
                     let control = control.clone();
                     tokio::task::spawn_blocking(move || control.reload());
                 }
+                _ = usr2.recv() => spawn_upgrade(&exe, &config_path),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 Some(_) = upgrade_rx.recv() => {

@@ -340,6 +340,8 @@ fn append(path: &Path) -> File {
 
 /// `/ready`'s status and the `Gateway-Generation` header of the process that answered.
 pub fn admin_ready_generation(addr: SocketAddr) -> Option<(u16, u64)> {
+    // Not listening yet (a process still starting): no answer, rather than a panic.
+    TcpStream::connect(addr).ok()?;
     let mut c = Client::connect(addr);
     c.set_read_timeout(Duration::from_secs(5));
     let r = c

@@ -16,7 +16,11 @@
 //!
 //! Failure: a new config that does not load, and a new process that dies right after it
 //! received the sockets, leave the old process serving (same generation, keep-alive
-//! connections untouched), and a later upgrade still works.
+//! connections untouched), and a later upgrade still works (and tells systemd its pid).
+//!
+//! Starting it: `--upgrade-if-running` takes over when a gateway listens on the socket and
+//! starts afresh when none does; SIGUSR2 makes the running gateway start its binary with
+//! `--upgrade` itself (the systemd procedure).
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -387,9 +391,24 @@ fn failed_upgrades_leave_the_old_process_serving() {
     still_serving(&gw, &mut kept);
 
     // And the next attempt succeeds: the old process drains, the kept connection is told
-    // to close on its next response.
-    let new = gw.spawn_upgrade(&gateway_bin(), gw.config_path(), &[]);
+    // to close on its next response, and systemd learns the new main pid.
+    let notify_path = socket_dir.path().join("notify");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let new = gw.spawn_upgrade(
+        &gateway_bin(),
+        gw.config_path(),
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
     let mut old = gw.adopt(new, 2);
+    let mut datagram = [0u8; 256];
+    let n = systemd.recv(&mut datagram).unwrap();
+    assert_eq!(
+        std::str::from_utf8(&datagram[..n]).unwrap(),
+        format!("MAINPID={}\nREADY=1", gw.pid())
+    );
     let r = kept.get("/last");
     assert_eq!(r.status, 200);
     assert!(
@@ -402,4 +421,105 @@ fn failed_upgrades_leave_the_old_process_serving() {
     });
     assert!(old.wait().unwrap().success());
     assert_eq!(gw.get("/new").status, 200);
+}
+
+/// A process of the gateway binary started by the test (or by another gateway), stopped
+/// with SIGTERM (SIGKILL after 5 s) when dropped.
+struct Proc(u32);
+
+impl Proc {
+    fn alive(&self) -> bool {
+        // A zombie (exited, not reaped yet) has state Z.
+        std::fs::read_to_string(format!("/proc/{}/stat", self.0)).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    }
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a pid this test started; no memory is involved.
+        unsafe { libc::kill(self.0 as i32, sig) };
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !self.alive() {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.alive() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.signal(libc::SIGKILL);
+    }
+}
+
+#[test]
+fn upgrade_if_running_and_sigusr2_start_the_next_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("upgrade.sock");
+    let config = config(&socket, "auto");
+    let config_path = dir.path().join("gateway.toml");
+    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let log = dir.path().join("stderr.log");
+    let start = || {
+        let mut child = std::process::Command::new(gateway_bin())
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .arg("--upgrade-if-running")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let pid = Proc(child.id());
+        // Reaped here, so `alive` sees it go.
+        thread::spawn(move || child.wait());
+        pid
+    };
+    let ready = |generation: u64| {
+        wait_until(Duration::from_secs(20), "the next generation ready", || {
+            admin_ready_generation(config.admin_addr) == Some((200, generation))
+        })
+    };
+    let get = || Client::connect(config.http_addr).get("/x").status;
+    // No gateway listens: a plain start.
+    let first = start();
+    ready(1);
+    assert_eq!(get(), 200);
+    // One listens: it takes over, and the first drains and exits.
+    let second = start();
+    ready(2);
+    wait_until(Duration::from_secs(20), "generation 1 to exit", || {
+        !first.alive()
+    });
+    assert_eq!(get(), 200);
+    // SIGUSR2: the running gateway starts its binary with --upgrade itself.
+    second.signal(libc::SIGUSR2);
+    ready(3);
+    wait_until(Duration::from_secs(20), "generation 2 to exit", || {
+        !second.alive()
+    });
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    let pid: u32 = stderr
+        .lines()
+        .find(|l| l.contains("SIGUSR2: started the binary to take over"))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid logged:\n{stderr}"));
+    let third = Proc(pid);
+    assert!(third.alive());
+    assert_eq!(get(), 200);
 }

@@ -320,7 +320,9 @@ async fn route(
                 text(503, "draining: handed over to a new process\n")
             } else if shared.is_draining() {
                 text(503, "draining\n")
-            } else if !shared.listening.load(std::sync::atomic::Ordering::Acquire) {
+            } else if !shared.listening.load(std::sync::atomic::Ordering::Acquire)
+                || !shared.is_accepting()
+            {
                 text(503, "starting\n")
             } else {
                 text(200, "ready\n")

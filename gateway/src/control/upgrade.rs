@@ -74,8 +74,30 @@ impl Handover {
 
 /// Connects to the running process at `path` and receives its sockets (step 1).
 pub fn take_over(path: &Path) -> Result<Handover, String> {
+    let stream = UnixStream::connect(path)
+        .map_err(|e| format!("upgrade socket {}: connect: {e}", path.display()))?;
+    receive(path, stream)
+}
+
+/// [`take_over`] when a gateway listens at `path`; `None` when none does (no socket
+/// file, or a stale one nobody listens on).
+pub fn take_over_if_running(path: &Path) -> Result<Option<Handover>, String> {
+    match UnixStream::connect(path) {
+        Ok(stream) => receive(path, stream).map(Some),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(format!("upgrade socket {}: connect: {e}", path.display())),
+    }
+}
+
+fn receive(path: &Path, mut stream: UnixStream) -> Result<Handover, String> {
     let at = |what: &str, e: io::Error| format!("upgrade socket {}: {what}: {e}", path.display());
-    let mut stream = UnixStream::connect(path).map_err(|e| at("connect", e))?;
     stream
         .set_read_timeout(Some(STEP_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(STEP_TIMEOUT)))
@@ -367,6 +389,26 @@ fn hand_over(
                 .into(),
         ),
         Err(e) => Err(format!("waiting for the new process: {e}")),
+    }
+}
+
+/// Sends `state` to systemd's notification socket (`$NOTIFY_SOCKET`, sd_notify(3)) when
+/// there is one: `READY=1`, and `MAINPID=` so that after a binary upgrade systemd follows
+/// the new process (the unit needs `Type=notify` and `NotifyAccess=all`).
+pub fn notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let target = target.to_string_lossy().into_owned();
+    let addr = match target.strip_prefix('@') {
+        Some(name) => UnixAddr::from_abstract_name(name.as_bytes()),
+        None => UnixAddr::from_pathname(&target),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr));
+    if let Err(e) = sent {
+        tracing::warn!(socket = %target, error = %e, "cannot notify systemd");
     }
 }
 

@@ -85,6 +85,11 @@ impl Shared {
         self.accepting.send_replace(on);
     }
 
+    /// Whether accepting is allowed (`/ready` is 503 until it is).
+    pub fn is_accepting(&self) -> bool {
+        *self.accepting.borrow()
+    }
+
     /// Resolves once accepting is allowed.
     pub(crate) async fn accepting(&self) {
         let mut rx = self.accepting.subscribe();
