@@ -39,6 +39,10 @@ enum Command {
         /// start (for a DaemonSet pod that may or may not replace one on its node).
         #[arg(long, conflicts_with = "upgrade")]
         upgrade_if_running: bool,
+        /// After handing over to a new process and draining, keep running (idle) until
+        /// SIGTERM instead of exiting: for a container, whose exit would be restarted.
+        #[arg(long)]
+        stay_after_handover: bool,
     },
     /// Validate a config file, like `nginx -t`: exit 0, or 1 with every error.
     Check,
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run {
         upgrade: false,
         upgrade_if_running: false,
+        stay_after_handover: false,
     }) {
         // The certificates are read by the snapshot build, as a start or a reload reads
         // them: `check` builds it too (generation 0, never served).
@@ -79,6 +84,7 @@ fn main() -> ExitCode {
         Command::Run {
             upgrade,
             upgrade_if_running,
+            stay_after_handover,
         } => {
             let upgrade = match (upgrade, upgrade_if_running) {
                 (true, _) => Upgrade::Required,
@@ -95,7 +101,7 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(&loaded.config);
-            let code = match run(loaded, upgrade) {
+            let code = match run(loaded, upgrade, stay_after_handover) {
                 Ok(code) => code,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -249,7 +255,11 @@ fn spawn_upgrade(exe: &std::path::Path, config: &std::path::Path) {
     }
 }
 
-fn run(loaded: LoadedConfig, upgrade: Upgrade) -> anyhow::Result<ExitCode> {
+fn run(
+    loaded: LoadedConfig,
+    upgrade: Upgrade,
+    stay_after_handover: bool,
+) -> anyhow::Result<ExitCode> {
     // The path this binary was started from, read before an upgrade replaces the file.
     let exe = std::env::current_exe().context("reading /proc/self/exe")?;
     let config = loaded.config.clone();
@@ -552,6 +562,10 @@ fn run(loaded: LoadedConfig, upgrade: Upgrade) -> anyhow::Result<ExitCode> {
         let _ = drain_tx.send(true);
         let deadline = Instant::now() + graceful + Duration::from_secs(1);
         let mut finished = 0;
+        // After a handover the first SIGTERM/SIGINT is the one that stops the process
+        // (a DaemonSet deleting the old pod, systemd stopping a leftover): the drain
+        // goes on; only a second one cuts it.
+        let mut stop_asked = !handed_over;
         while finished < workers && Instant::now() < deadline {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(10)) => {
@@ -559,8 +573,17 @@ fn run(loaded: LoadedConfig, upgrade: Upgrade) -> anyhow::Result<ExitCode> {
                         finished += 1;
                     }
                 }
-                _ = term.recv() => return Ok(ExitCode::from(1)),
-                _ = int.recv() => return Ok(ExitCode::from(1)),
+                _ = term.recv() => if std::mem::replace(&mut stop_asked, true) { return Ok(ExitCode::from(1)) },
+                _ = int.recv() => if std::mem::replace(&mut stop_asked, true) { return Ok(ExitCode::from(1)) },
+            }
+        }
+        if handed_over && stay_after_handover && !stop_asked {
+            // A container's main process: exiting would make the kubelet restart it,
+            // and the restarted gateway take the node back from its successor.
+            tracing::info!(generation, "drained after the handover; waiting for SIGTERM");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
         }
         tracing::info!(generation, "stopped");

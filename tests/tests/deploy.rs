@@ -175,7 +175,16 @@ fn daemonset_runs_the_real_command_with_probes_bpffs_and_the_configmap() {
     // The command line: the image's ENTRYPOINT is the binary; the args are the real flags.
     let mut argv = strings(&c["command"]);
     argv.extend(strings(&c["args"]));
-    assert_eq!(argv, ["run", "--config", "/etc/gateway/gateway.toml"]);
+    assert_eq!(
+        argv,
+        [
+            "run",
+            "--config",
+            "/etc/gateway/gateway.toml",
+            "--upgrade-if-running",
+            "--stay-after-handover"
+        ]
+    );
     let help = Command::new(gateway_bin()).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(
@@ -236,10 +245,18 @@ fn daemonset_runs_the_real_command_with_probes_bpffs_and_the_configmap() {
 
     // The admin port: named, 9901, and the config listens on it on the node's address
     // (the kubelet probes and Prometheus come from outside the network namespace).
-    let ports = c["ports"].as_sequence().expect("ports");
-    assert!(ports
-        .iter()
-        .any(|p| p["name"].as_str() == Some("admin") && p["containerPort"].as_u64() == Some(9901)));
+    // No `ports`: on the host network they default to host ports, which keep the rolling
+    // update's surge pod off the node it must take over (docs/operations.md, Kubernetes).
+    assert!(c["ports"].is_null(), "no container ports");
+    let ports: Vec<Value> = Vec::new();
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"].as_u64(),
+        Some(1)
+    );
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"].as_u64(),
+        Some(0)
+    );
     let admin_listen = toml_v["admin"]["listen"].as_str().expect("admin.listen");
     assert!(
         admin_listen == "0.0.0.0:9901" || admin_listen == "[::]:9901",

@@ -467,11 +467,12 @@ fn upgrade_if_running_and_sigusr2_start_the_next_generation() {
     let config_path = dir.path().join("gateway.toml");
     std::fs::write(&config_path, config.to_toml()).unwrap();
     let log = dir.path().join("stderr.log");
-    let start = || {
+    let start = |extra: &[&str]| {
         let mut child = std::process::Command::new(gateway_bin())
             .args(["run", "--config"])
             .arg(&config_path)
             .arg("--upgrade-if-running")
+            .args(extra)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(
@@ -495,12 +496,20 @@ fn upgrade_if_running_and_sigusr2_start_the_next_generation() {
     };
     let get = || Client::connect(config.http_addr).get("/x").status;
     // No gateway listens: a plain start.
-    let first = start();
+    let first = start(&["--stay-after-handover"]);
     ready(1);
     assert_eq!(get(), 200);
-    // One listens: it takes over, and the first drains and exits.
-    let second = start();
+    // One listens: it takes over; the first drains, then (a container's main process)
+    // stays until SIGTERM.
+    let second = start(&[]);
     ready(2);
+    wait_until(Duration::from_secs(20), "generation 1 to drain", || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("drained after the handover; waiting for SIGTERM")
+    });
+    assert!(first.alive());
+    first.signal(libc::SIGTERM);
     wait_until(Duration::from_secs(20), "generation 1 to exit", || {
         !first.alive()
     });
