@@ -122,7 +122,12 @@ fn request_loop(addr: SocketAddr, netns: Option<String>, stop: Arc<AtomicBool>, 
 
 /// A tunnel echoing a numbered message every 20 ms until `stop`; returns the number of
 /// messages echoed, or what went wrong.
-fn tunnel(addr: SocketAddr, netns: Option<String>, stop: Arc<AtomicBool>) -> Result<u64, String> {
+fn tunnel(
+    addr: SocketAddr,
+    netns: Option<String>,
+    stop: Arc<AtomicBool>,
+    echoing: Arc<AtomicU64>,
+) -> Result<u64, String> {
     if let Some(ns) = netns {
         enter_netns(&ns).map_err(|e| format!("netns: {e}"))?;
     }
@@ -138,7 +143,12 @@ fn tunnel(addr: SocketAddr, netns: Option<String>, stop: Arc<AtomicBool>) -> Res
         ws.send(Message::text(text.clone()))
             .map_err(|e| format!("send {n}: {e}"))?;
         match ws.read().map_err(|e| format!("read {n}: {e}"))? {
-            Message::Text(t) if t == text => n += 1,
+            Message::Text(t) if t == text => {
+                if n == 0 {
+                    echoing.fetch_add(1, Ordering::SeqCst);
+                }
+                n += 1
+            }
             other => return Err(format!("echo {n}: {other:?}")),
         }
         thread::sleep(Duration::from_millis(20));
@@ -212,13 +222,18 @@ fn upgrade_under_load(io: &str, with_xdp: bool) {
     let mut program_ids = Vec::new();
     let mut packets = Vec::new();
     let mut tunnels = Vec::new();
+    let echoing = Arc::new(AtomicU64::new(0));
     let mut retired = Vec::new();
     let started = Instant::now();
     for generation in 1..=UPGRADES + 1 {
         for _ in 0..TUNNELS_PER_GENERATION {
-            let (stop, netns) = (stop.clone(), netns.clone());
-            tunnels.push(thread::spawn(move || tunnel(addr, netns, stop)));
+            let (stop, netns, echoing) = (stop.clone(), netns.clone(), echoing.clone());
+            tunnels.push(thread::spawn(move || tunnel(addr, netns, stop, echoing)));
         }
+        // Every tunnel is open and echoing before the next upgrade.
+        wait_until(Duration::from_secs(30), "every tunnel echoing", || {
+            echoing.load(Ordering::SeqCst) == tunnels.len() as u64
+        });
         // Let every loop and tunnel make progress on this generation first.
         let before = tally.ok.load(Ordering::Relaxed);
         wait_until(
@@ -409,11 +424,16 @@ fn failed_upgrades_leave_the_old_process_serving() {
         std::str::from_utf8(&datagram[..n]).unwrap(),
         format!("MAINPID={}\nREADY=1", gw.pid())
     );
-    let r = kept.get("/last");
-    assert_eq!(r.status, 200);
-    assert!(
-        r.says_close(),
-        "the draining process answers, then closes the connection"
+    // The old process starts its drain as it answers "draining"; from then on, the kept
+    // connection's next response (each one answered) says it closes.
+    wait_until(
+        Duration::from_secs(10),
+        "the draining process to answer with Connection: close",
+        || {
+            let r = kept.get("/last");
+            assert_eq!(r.status, 200);
+            r.says_close()
+        },
     );
     drop(kept);
     wait_until(Duration::from_secs(10), "the old process to exit", || {

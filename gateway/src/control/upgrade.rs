@@ -304,12 +304,18 @@ pub fn serve(
                 let _ = stream.write_all(b"draining\n");
                 return;
             }
+            // A connect and close without a word: `listen` of another gateway checking
+            // whether the path is in use, not an upgrade attempt.
+            Err(e) if e == PROBE => tracing::debug!("upgrade socket probed"),
             Err(e) => {
                 tracing::warn!(error = %e, "upgrade attempt abandoned; this process keeps serving")
             }
         }
     }
 }
+
+/// What `hand_over` fails with when the peer closed before saying anything.
+const PROBE: &str = "closed before the hello";
 
 /// One attempt, up to the new process's "drain".
 fn hand_over(
@@ -323,7 +329,10 @@ fn hand_over(
         .set_read_timeout(Some(STEP_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(STEP_TIMEOUT)))
         .map_err(io("timeouts"))?;
-    let hello = read_line(stream).map_err(io("reading the hello"))?;
+    let hello = match read_line(stream) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(PROBE.into()),
+        hello => hello.map_err(io("reading the hello"))?,
+    };
     if hello != format!("{MAGIC} {VERSION}") {
         return Err(format!("unexpected hello {hello:?}"));
     }
