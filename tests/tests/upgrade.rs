@@ -14,8 +14,9 @@
 //! each generation's program replaces the last on the same link (a new program id), and
 //! the verdict counters never go back.
 //!
-//! Failure: a new config that does not load, and a new process that dies right after it
-//! received the sockets, leave the old process serving (same generation, keep-alive
+//! Failure: a new config that does not load, a new process that dies right after it
+//! received the sockets, and one run by another user (refused by its uid, whatever the
+//! socket file's mode), leave the old process serving (same generation, keep-alive
 //! connections untouched), and a later upgrade still works (and tells systemd its pid).
 //!
 //! Starting it: `--upgrade-if-running` takes over when a gateway listens on the socket and
@@ -319,17 +320,18 @@ fn upgrade_under_load(io: &str, with_xdp: bool) {
     }
     // Every answered request has its access-log line, whichever process answered it; the
     // last generation's lines are flushed within its 200 ms tick.
+    let logged = || {
+        gw.access_log()
+            .lines()
+            .filter(|l| l.contains("/ka"))
+            .count() as u64
+    };
     wait_until(
         Duration::from_secs(5),
         "an access-log line per request",
-        || {
-            gw.access_log()
-                .lines()
-                .filter(|l| l.contains("/ka"))
-                .count() as u64
-                >= ok
-        },
+        || logged() >= ok,
     );
+    assert_eq!(logged(), ok, "one access-log line per request answered");
     assert_eq!(
         admin_ready_generation(gw.admin_addr()),
         Some((200, UPGRADES + 1))
@@ -403,6 +405,43 @@ fn failed_upgrades_leave_the_old_process_serving() {
         "the old process to abandon the attempt",
         || gw.stderr().contains("upgrade attempt abandoned"),
     );
+    still_serving(&gw, &mut kept);
+
+    // Another user (not the gateway's, not root) is refused whatever the socket's mode:
+    // the sockets would be theirs.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        let open = |path: &Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        open(socket_dir.path(), 0o755);
+        open(&socket, 0o777);
+        let config = socket_dir.path().join("open.toml");
+        std::fs::copy(gw.config_path(), &config).unwrap();
+        open(&config, 0o644);
+        let bin = socket_dir.path().join("gateway-nobody");
+        std::fs::copy(gateway_bin(), &bin).unwrap();
+        let status = std::process::Command::new(&bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--upgrade")
+            .uid(65534)
+            .gid(65534)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success());
+        wait_until(
+            Duration::from_secs(5),
+            "the old process to refuse uid 65534",
+            || gw.stderr().contains("refused a connection from uid 65534"),
+        );
+        open(&socket, 0o600);
+        open(socket_dir.path(), 0o700);
+    }
     still_serving(&gw, &mut kept);
 
     // And the next attempt succeeds: the old process drains, the kept connection is told

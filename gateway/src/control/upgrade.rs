@@ -325,6 +325,16 @@ fn hand_over(
     generation: u64,
 ) -> Result<(), String> {
     let io = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
+    // The sockets go only to this user or root, whatever the file's mode (a directory
+    // that already existed with looser permissions, the moment between bind and chmod).
+    let peer = peer_uid(stream).map_err(io("reading the peer's credentials"))?;
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    if peer != own && peer != 0 {
+        return Err(format!(
+            "refused a connection from uid {peer} (only uid {own} or root may take over)"
+        ));
+    }
     stream
         .set_read_timeout(Some(STEP_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(STEP_TIMEOUT)))
@@ -419,6 +429,30 @@ pub fn notify(state: &str) {
     if let Err(e) = sent {
         tracing::warn!(socket = %target, error = %e, "cannot notify systemd");
     }
+}
+
+/// The uid of the process at the other end (`SO_PEERCRED`, as of its connect).
+fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a live ucred.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 fn dup(fd: RawFd) -> io::Result<OwnedFd> {
