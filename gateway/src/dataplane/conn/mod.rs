@@ -1,10 +1,11 @@
 //! One client connection: its preamble, the HTTP/1 or HTTP/2 session, the exchange they
 //! hand each proxied request (or stream) to (and the body relay under it), and the
-//! WebSocket tunnel an upgrade turns an HTTP/1 connection into.
+//! WebSocket tunnel an upgrade turns an HTTP/1 connection (or an HTTP/2 stream) into.
 
 pub mod exchange;
 pub mod h1;
 pub(crate) mod h2;
+pub(crate) mod h2_tunnel;
 pub(crate) mod preamble;
 pub(crate) mod relay;
 pub mod tunnel;
