@@ -1470,3 +1470,38 @@ fn early_hints_are_relayed_a_100_is_not_and_the_final_response_follows_intact() 
     assert_eq!(heads.len(), 5, "4 relayed 103s, then the final head");
     assert_eq!(body, b"final body");
 }
+
+#[test]
+fn a_drain_lets_an_open_h2_tunnel_run_until_graceful_timeout() {
+    let (ws_addr, events) = ws_echo_origin();
+    let plain = Origin::echo();
+    let mut gw = Gateway::with(&h2c(Config::new()
+        .workers(1)
+        .server("graceful_timeout", "3s")
+        .upstream(Upstream::new("ws", &[ws_addr]))
+        .upstream(Upstream::new("plain", &[plain.addr()]))
+        .route(Route::prefix("/ws", "ws").websocket(true))));
+    let v13 = [("sec-websocket-version", "13")];
+    let (_, _, ws) = h2_websocket(gw.http_addr(), "/ws/echo", "websocket", &v13);
+    let mut ws = ws.expect("tunnel");
+    ws.send_frame(0x1, b"before");
+    assert_eq!(ws.read_frame().unwrap().1, b"before");
+    let signalled = Instant::now();
+    gw.signal(libc::SIGTERM);
+    // The drain's GOAWAY goes out at once; the tunnel, an open stream, keeps working.
+    while signalled.elapsed() < Duration::from_millis(1500) {
+        ws.send_frame(0x1, b"during the drain");
+        assert_eq!(ws.read_frame().unwrap().1, b"during the drain");
+        ws.pump(Duration::from_millis(100));
+    }
+    // graceful_timeout cuts it: the origin sees its connection end, the gateway exits.
+    let ended = loop {
+        match events.recv_timeout(Duration::from_secs(15)) {
+            Ok(WsEvent::Ended) => break signalled.elapsed(),
+            Ok(WsEvent::Handshake(_)) => continue,
+            Err(_) => panic!("the tunnel outlived graceful_timeout"),
+        }
+    };
+    assert!(ended >= Duration::from_millis(1500), "{ended:?}");
+    assert!(gw.wait_exit(Duration::from_secs(10)).is_some());
+}
