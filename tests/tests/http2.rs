@@ -1505,3 +1505,52 @@ fn a_drain_lets_an_open_h2_tunnel_run_until_graceful_timeout() {
     assert!(ended >= Duration::from_millis(1500), "{ended:?}");
     assert!(gw.wait_exit(Duration::from_secs(10)).is_some());
 }
+
+#[test]
+fn a_response_of_known_length_ends_on_its_last_data_frame() {
+    let origin = Origin::start(|r| match r.path() {
+        "/chunked" => Reply::ok("abcdef").chunked(&[2, 4]),
+        "/empty" => Reply::new(200),
+        _ => Reply::ok(vec![b'x'; 40_000]),
+    });
+    let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
+    // (frame kind, flags & END_STREAM, payload length) of stream 1.
+    let frames = |path: &'static [u8]| {
+        let mut raw = RawH2::connect(gw.http_addr());
+        raw.headers(1, &get_fields(path), true);
+        let mut seen = Vec::new();
+        while let Some(f) = raw.read_frame(Duration::from_secs(10)) {
+            if f.stream != 1 || !matches!(f.kind, HEADERS | gateway_tests::h2::DATA) {
+                continue;
+            }
+            let end = f.flags & END_STREAM != 0;
+            seen.push((f.kind, end, f.payload.len()));
+            if end {
+                break;
+            }
+        }
+        seen
+    };
+    // 40,000 bytes within the default 65,535 window: END_STREAM on the last DATA frame,
+    // no empty frame after it.
+    let known = frames(b"/known");
+    assert_eq!(known.iter().skip(1).map(|f| f.2).sum::<usize>(), 40_000);
+    assert_eq!(
+        known.last().map(|f| (f.0, f.1)),
+        Some((gateway_tests::h2::DATA, true))
+    );
+    assert!(known.last().unwrap().2 > 0, "{known:?}");
+    // Unknown length: the end is an empty DATA frame; no body: END_STREAM on HEADERS.
+    let chunked = frames(b"/chunked");
+    assert_eq!(
+        chunked.last().map(|f| (f.1, f.2)),
+        Some((true, 0)),
+        "{chunked:?}"
+    );
+    let empty = frames(b"/empty");
+    assert_eq!(
+        (empty.len(), empty[0].0, empty[0].1),
+        (1, HEADERS, true),
+        "{empty:?}"
+    );
+}

@@ -617,7 +617,8 @@ async fn proxy<'s, S: Stream>(
         malformed: false,
         reply: Rc::new(RefCell::new(Reply::Head(respond))),
         response: None,
-        ends_at_head: false,
+        body_left: None,
+        ended: false,
         write_clock: None,
         send_timeout: route.send_timeout,
         min_rate: settings.client_min_rate,
@@ -667,8 +668,8 @@ async fn proxy<'s, S: Stream>(
         }
         Ok(done) => {
             if let Reply::Body(send) = &mut *s.reply.borrow_mut() {
-                if !s.ends_at_head {
-                    // The end of the body: an empty DATA frame with END_STREAM.
+                if !s.ended {
+                    // A body of unknown length ended: an empty DATA frame with END_STREAM.
                     let _ = send.send_data(Bytes::new(), true);
                 }
             }
@@ -790,8 +791,12 @@ struct H2Stream<'a> {
     /// poll or a synchronous call, so the two never hold it at once.
     reply: Rc<RefCell<Reply>>,
     response: Option<Result<http::Response<()>, TranslateError>>,
-    /// The head carried END_STREAM (no body).
-    ends_at_head: bool,
+    /// Response body bytes still to come when the upstream declared its length (0: no
+    /// body): the last DATA frame then carries END_STREAM itself, one frame less per
+    /// response than an empty closing frame.
+    body_left: Option<u64>,
+    /// END_STREAM went out (on the head or on the last DATA frame).
+    ended: bool,
     /// Bounds the whole response by its size, as for HTTP/1 clients; starts with the
     /// response head, so the time the upstream took is not charged to the client.
     write_clock: Option<RateClock>,
@@ -877,10 +882,17 @@ impl H2Stream<'_> {
             };
             let (now, rest) = data.split_at(n);
             data = rest;
+            // The body decoder yields no byte past the declared length, so reaching it is
+            // the end of the body.
+            let end = self.body_left == Some(n as u64);
+            if let Some(left) = &mut self.body_left {
+                *left = left.saturating_sub(n as u64);
+            }
             let sent = match &mut *reply.borrow_mut() {
-                Reply::Body(send) => send.send_data(Bytes::copy_from_slice(now), false),
+                Reply::Body(send) => send.send_data(Bytes::copy_from_slice(now), end),
                 Reply::Head(_) => return Err(HttpError::ClientGone("stream closed")),
             };
+            self.ended |= end;
             if let Err(e) = sent {
                 return Err(self.stream_error(&e));
             }
@@ -1001,7 +1013,12 @@ impl ResponseSink for H2Stream<'_> {
             self.min_rate,
         ));
         // A WebSocket's 200 opens the tunnel: the stream stays open whatever the framing.
-        self.ends_at_head = !upgrade && resp.framing == BodyFraming::None;
+        self.body_left = match resp.framing {
+            _ if upgrade => None,
+            BodyFraming::None => Some(0),
+            BodyFraming::Length(n) => Some(n),
+            BodyFraming::Chunked | BodyFraming::UntilClose => None,
+        };
         BodyForm::Payload
     }
 
@@ -1011,8 +1028,8 @@ impl ResponseSink for H2Stream<'_> {
             Some(Err(e)) => return Err(e.error),
             None => return Err(HttpError::BadUpstream("no response head")),
         };
-        let end = self.ends_at_head && first.is_empty();
-        self.ends_at_head = end;
+        let end = self.body_left == Some(0);
+        self.ended = end;
         let sent = match &mut *self.reply.borrow_mut() {
             Reply::Head(respond) => respond.send_response(response, end),
             Reply::Body(_) => return Err(HttpError::BadUpstream("second response head")),
