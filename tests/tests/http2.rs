@@ -4,8 +4,9 @@
 //! control with a slow reader beside a fast stream, 100 concurrent streams, a client reset
 //! reaching the upstream, the RFC 9113 §8.2 refusals (never reaching the upstream),
 //! `request_rate` per stream, the access log and metrics, GOAWAY on drain, after
-//! `max_requests_per_connection` and on a PING/SETTINGS flood. Runs on both I/O drivers
-//! (`GATEWAY_TEST_IO=epoll`).
+//! `max_requests_per_connection` and on a PING/SETTINGS flood; informational responses;
+//! WebSocket over HTTP/2 (RFC 8441 extended CONNECT) through a real WebSocket origin and its
+//! hostile cases. Runs on both I/O drivers (`GATEWAY_TEST_IO=epoll`).
 
 use gateway_tests::control::{admin_request, scrape, write_atomically};
 use gateway_tests::h2::{
