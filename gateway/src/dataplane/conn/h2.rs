@@ -21,13 +21,15 @@
 //! - WebSocket over HTTP/2 (RFC 8441, `[http2] websocket`): the session advertises
 //!   SETTINGS_ENABLE_CONNECT_PROTOCOL; an extended CONNECT with `:protocol = websocket`
 //!   on a WebSocket route goes upstream as the HTTP/1.1 handshake, the validated 101
-//!   becomes `200`, and the stream runs as a tunnel (`super::h2_tunnel`).
+//!   becomes `200`, and the stream runs as a tunnel ([`websocket`]).
 //!
 //! A client's RST_STREAM ends the stream's exchange at its next await (the response-head
 //! wait watches for it through [`ResponseSink::gone`], body reads and writes fail on it);
 //! the exchange's guards return its buffers and never pool an upstream connection with a
 //! request in flight. When the connection ends, the stream tasks still running are
 //! aborted (a `JoinSet`).
+
+mod websocket;
 
 use crate::dataplane::conn::exchange::{
     self, BodyForm, Exchange, Failure, RequestSource, ResponseSink,
@@ -654,8 +656,8 @@ async fn proxy<'s, S: Stream>(
             ..
         }) => {
             // WebSocket: the 200 went out; the stream and the upstream are one tunnel now.
-            use crate::dataplane::conn::{h2_tunnel, tunnel::counted};
-            let run = h2_tunnel::run(w, tunnel, &mut s.body, &s.reply, route.read_timeout);
+            use crate::dataplane::conn::tunnel::counted;
+            let run = websocket::run(w, tunnel, &mut s.body, &s.reply, route.read_timeout);
             let bytes = counted(w, run).await;
             let outcome = Outcome {
                 // What the client got: RFC 8441's 200 (the upstream's 101 is not logged).

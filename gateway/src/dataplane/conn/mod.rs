@@ -5,7 +5,6 @@
 pub mod exchange;
 pub mod h1;
 pub(crate) mod h2;
-pub(crate) mod h2_tunnel;
 pub(crate) mod preamble;
 pub(crate) mod relay;
 pub mod tunnel;

@@ -37,7 +37,7 @@ use tokio::io::Interest;
 pub(crate) const PATH_SPLICE: &str = "splice";
 /// [`TunnelBytes::path`] of a tunnel relayed through user-space buffers.
 pub(crate) const PATH_COPY: &str = "copy";
-/// [`TunnelBytes::path`] of a WebSocket over HTTP/2 (`h2_tunnel`): an h2 stream's DATA
+/// [`TunnelBytes::path`] of a WebSocket over HTTP/2 (`h2::websocket`): an h2 stream's DATA
 /// frames on one side.
 pub(crate) const PATH_H2: &str = "h2";
 
@@ -77,7 +77,7 @@ pub struct TunnelBytes {
     pub reason: CloseReason,
 }
 
-/// What both directions and the watchdog share (also `h2_tunnel`'s).
+/// What both directions and the watchdog share (also `h2::websocket`'s).
 pub(crate) struct Progress {
     pub(crate) last_activity: Cell<Instant>,
     to_client: Cell<u64>,
@@ -213,7 +213,7 @@ impl Progress {
     }
 }
 
-/// Runs a tunnel (`tunnel` is [`run`] or `h2_tunnel::run`) counted in the tunnel
+/// Runs a tunnel (`tunnel` is [`run`] or `h2::websocket::run`) counted in the tunnel
 /// metrics: active while it runs, then its path and bytes.
 pub(crate) async fn counted<S: Stream>(
     w: &Worker<S>,

@@ -18,8 +18,8 @@
 //! The connection's drain or GOAWAY leaves the tunnel running: its task ends with the
 //! stream, or when `graceful_timeout` cuts the connection.
 
+use super::Reply;
 use crate::dataplane::conn::exchange::Upgraded;
-use crate::dataplane::conn::h2::Reply;
 use crate::dataplane::conn::tunnel::{watchdog, CloseReason, Dir, Progress, TunnelBytes, PATH_H2};
 use crate::dataplane::ctx::Worker;
 use crate::io::Stream;
