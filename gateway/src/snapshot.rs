@@ -65,6 +65,7 @@ pub struct Http2Settings {
     pub idle_timeout: Duration,
     pub max_header_list_size: u32,
     pub max_control_frames_per_second: u32,
+    pub websocket: bool,
 }
 
 #[derive(Debug)]
@@ -215,6 +216,7 @@ impl Snapshot {
                     .map_or(s.max_header_bytes.0, |n| n.0)
                     as u32,
                 max_control_frames_per_second: config.http2.max_control_frames_per_second,
+                websocket: config.http2.websocket,
             },
             listeners,
             access_format: config.log.format,

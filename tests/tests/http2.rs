@@ -4,8 +4,9 @@
 //! control with a slow reader beside a fast stream, 100 concurrent streams, a client reset
 //! reaching the upstream, the RFC 9113 §8.2 refusals (never reaching the upstream),
 //! `request_rate` per stream, the access log and metrics, GOAWAY on drain, after
-//! `max_requests_per_connection` and on a PING/SETTINGS flood. Runs on both I/O drivers
-//! (`GATEWAY_TEST_IO=epoll`).
+//! `max_requests_per_connection` and on a PING/SETTINGS flood; informational responses;
+//! WebSocket over HTTP/2 (RFC 8441 extended CONNECT) through a real WebSocket origin and its
+//! hostile cases. Runs on both I/O drivers (`GATEWAY_TEST_IO=epoll`).
 
 use gateway_tests::control::{admin_request, scrape, write_atomically};
 use gateway_tests::h2::{
@@ -946,4 +947,611 @@ fn alpn_and_h2c_are_checked_per_listener_kind() {
         };
         assert!(err.contains(complaint), "{key}: {err}");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// WebSocket over HTTP/2 (RFC 8441): extended CONNECT carried to HTTP/1.1 WebSocket origins.
+
+/// What a WebSocket origin saw: the handshake's fields, and when a connection ended.
+enum WsEvent {
+    Handshake(Vec<(String, String)>),
+    Ended,
+}
+
+/// A tungstenite echo origin (one thread per connection) that selects the first
+/// subprotocol offered and reports each handshake and each connection's end.
+fn ws_echo_origin() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<WsEvent>) {
+    use tungstenite::handshake::server::{Request, Response};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let (Ok(stream), tx) = (stream, tx.clone()) else {
+                continue;
+            };
+            std::thread::spawn(move || {
+                let seen = tx.clone();
+                // tungstenite's callback type fixes the (large) error variant.
+                #[allow(clippy::result_large_err)]
+                let callback = move |req: &Request, mut resp: Response| {
+                    let fields = req
+                        .headers()
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string()))
+                        .collect();
+                    let _ = seen.send(WsEvent::Handshake(fields));
+                    if let Some(p) = req.headers().get("sec-websocket-protocol") {
+                        let first = p.to_str().unwrap().split(',').next().unwrap().trim();
+                        resp.headers_mut()
+                            .insert("sec-websocket-protocol", first.parse().unwrap());
+                    }
+                    Ok(resp)
+                };
+                if let Ok(mut ws) = tungstenite::accept_hdr(stream, callback) {
+                    while let Ok(m) = ws.read() {
+                        if (m.is_text() || m.is_binary()) && ws.send(m).is_err() {
+                            break;
+                        }
+                    }
+                }
+                let _ = tx.send(WsEvent::Ended);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A WebSocket origin of raw bytes: answers the handshake with `accept` (given the key),
+/// then runs `then` on the socket.
+fn ws_raw_origin(
+    accept: fn(&str) -> String,
+    then: impl Fn(std::net::TcpStream) + Send + Sync + 'static,
+) -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let then = std::sync::Arc::new(then);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let (Ok(mut stream), then) = (stream, then.clone()) else {
+                continue;
+            };
+            std::thread::spawn(move || {
+                let mut key = String::new();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some((n, v)) = line.split_once(':') {
+                        if n.eq_ignore_ascii_case("sec-websocket-key") {
+                            key = v.trim().to_string();
+                        }
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                    accept(&key)
+                );
+                let _ = stream.write_all(head.as_bytes());
+                then(stream);
+            });
+        }
+    });
+    addr
+}
+
+fn right_accept(key: &str) -> String {
+    tungstenite::handshake::derive_accept_key(key.as_bytes())
+}
+
+/// A client-to-server WebSocket frame (masked, RFC 6455 §5.2), FIN set.
+fn ws_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = vec![0x80 | opcode];
+    match n {
+        0..=125 => f.push(0x80 | n as u8),
+        126..=65535 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        _ => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// One server frame from the front of `buf` (unmasked): (opcode, payload, its length).
+fn ws_parse(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let (len, at) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (
+            u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+            10,
+        ),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    (buf.len() >= at + len).then(|| (buf[0] & 0x0f, buf[at..at + len].to_vec(), at + len))
+}
+
+/// An RFC 8441 WebSocket through the `h2` crate's client: extended CONNECT, then the
+/// stream's DATA frames carry the WebSocket frames.
+struct H2WebSocket {
+    client: gateway_tests::h2::H2Client,
+    send: h2::SendStream<bytes::Bytes>,
+    recv: h2::RecvStream,
+    buf: Vec<u8>,
+}
+
+/// Opens a WebSocket to `path` as RFC 8441 says (SETTINGS_ENABLE_CONNECT_PROTOCOL must
+/// have come): the response status and fields, and the open stream when it is 200.
+fn h2_websocket(
+    addr: std::net::SocketAddr,
+    path: &str,
+    protocol: &'static str,
+    fields: &[(&str, &str)],
+) -> (u16, http::HeaderMap, Option<H2WebSocket>) {
+    let client = H2Client::connect(addr);
+    let mut req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("http://example.test{path}"));
+    for (n, v) in fields {
+        req = req.header(*n, *v);
+    }
+    let mut req = req.body(()).unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static(protocol));
+    let send = client.send.clone();
+    let got = client.rt.block_on(async move {
+        let mut send = send.ready().await.unwrap();
+        // The server's SETTINGS come right after the handshake; the client knows of the
+        // extended CONNECT only then.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !send.is_extended_connect_protocol_enabled() {
+            assert!(
+                Instant::now() < deadline,
+                "SETTINGS_ENABLE_CONNECT_PROTOCOL never came"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (response, body) = send.send_request(req, false).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(30), response)
+            .await
+            .expect("an answer to the extended CONNECT")
+            .unwrap();
+        (response, body)
+    });
+    let (response, send) = got;
+    let (parts, recv) = response.into_parts();
+    let status = parts.status.as_u16();
+    let ws = (status == 200).then(|| H2WebSocket {
+        client,
+        send,
+        recv,
+        buf: Vec::new(),
+    });
+    (status, parts.headers, ws)
+}
+
+impl H2WebSocket {
+    fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
+        self.send
+            .send_data(bytes::Bytes::from(ws_frame(opcode, payload)), false)
+            .unwrap();
+    }
+
+    /// The next server frame (30 s at most); `None` when the stream ended (END_STREAM).
+    fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Some((op, payload, used)) = ws_parse(&self.buf) {
+                self.buf.drain(..used);
+                return Some((op, payload));
+            }
+            let recv = &mut self.recv;
+            let chunk = self.client.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(30), recv.data())
+                    .await
+                    .expect("tunnel data within 30 s")
+            });
+            match chunk {
+                None => return None,
+                Some(Ok(c)) => {
+                    let _ = self.recv.flow_control().release_capacity(c.len());
+                    self.buf.extend_from_slice(&c);
+                }
+                Some(Err(e)) => panic!("tunnel stream failed: {e}"),
+            }
+        }
+    }
+
+    /// Runs the client connection's I/O for `d` (frames queued get written).
+    fn pump(&mut self, d: Duration) {
+        self.client
+            .rt
+            .block_on(async { tokio::time::sleep(d).await });
+    }
+}
+
+fn ws_gateway(
+    ws_origin: std::net::SocketAddr,
+    plain: std::net::SocketAddr,
+    extra: &str,
+) -> Gateway {
+    Gateway::with(&h2c(Config::new()
+        .workers(1)
+        .upstream(Upstream::new("ws", &[ws_origin]))
+        .upstream(Upstream::new("plain", &[plain]))
+        .route(
+            Route::prefix("/ws", "ws")
+                .websocket(true)
+                .read_timeout("5s"),
+        )
+        .route(Route::prefix("/plain", "plain"))
+        .extra(extra)))
+}
+
+#[test]
+fn websocket_over_h2_echoes_through_a_websocket_origin() {
+    let (ws_addr, events) = ws_echo_origin();
+    let plain = Origin::echo();
+    let gw = ws_gateway(ws_addr, plain.addr(), "");
+    let fields = [
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-protocol", "chat, superchat"),
+        ("origin", "http://example.test"),
+        // Meaningless on HTTP/2 (RFC 8441 §5): never forwarded; the gateway sends its own.
+        ("sec-websocket-key", "AAAAAAAAAAAAAAAAAAAAAA=="),
+    ];
+    let (status, headers, ws) = h2_websocket(gw.http_addr(), "/ws/echo", "websocket", &fields);
+    assert_eq!(status, 200, "the upstream's 101 is RFC 8441's 200");
+    assert_eq!(headers.get("sec-websocket-protocol").unwrap(), "chat");
+    assert!(headers.get("sec-websocket-accept").is_none());
+    let mut ws = ws.unwrap();
+    let Ok(WsEvent::Handshake(seen)) = events.recv_timeout(Duration::from_secs(10)) else {
+        panic!("no handshake at the origin");
+    };
+    let field = |n: &str| {
+        seen.iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("upgrade"), ["websocket"]);
+    assert_eq!(field("sec-websocket-version"), ["13"]);
+    assert_eq!(field("origin"), ["http://example.test"]);
+    let key = field("sec-websocket-key");
+    assert!(key.len() == 1 && key[0].len() == 24 && key[0] != "AAAAAAAAAAAAAAAAAAAAAA==");
+    // Small and large messages: the large ones exceed both directions' windows.
+    for size in [1usize, 125, 70_000, 300_000] {
+        let payload: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        ws.send_frame(0x2, &payload);
+        let (op, back) = ws.read_frame().expect("echo");
+        assert_eq!((op, back.len()), (0x2, size));
+        assert!(back == payload, "echo of {size} bytes differs");
+    }
+    // The close handshake from the client: the origin answers and closes (FIN), which
+    // ends the stream (END_STREAM).
+    ws.send_frame(0x8, &[0x03, 0xe8]);
+    assert_eq!(ws.read_frame().map(|f| f.0), Some(0x8));
+    assert!(
+        ws.read_frame().is_none(),
+        "the upstream's FIN is END_STREAM"
+    );
+    let _ = ws.send.send_data(bytes::Bytes::new(), true);
+    ws.pump(Duration::from_millis(50));
+    gw.wait_access_line(Duration::from_secs(10), |l| {
+        l.contains("\"CONNECT /ws/echo HTTP/2.0\" 200")
+    });
+    wait_until(Duration::from_secs(10), "tunnel metrics", || {
+        let m = scrape(gw.admin_addr());
+        m.get("gateway_tunnels_total", &[("path", "h2")]) == Some(1.0)
+            && m.get("gateway_websocket_tunnels_active", &[]) == Some(0.0)
+            && m.get("gateway_tunnel_bytes_total", &[("direction", "client")])
+                .is_some_and(|n| n >= 370_000.0)
+    });
+
+    // What keeps its old answer: a plain CONNECT, another protocol, an extended CONNECT on
+    // a route without WebSocket, a version other than 13. None reaches an origin.
+    let mut c = H2Client::connect(gw.http_addr());
+    let plain_connect = c
+        .request(&H2Req::get("/ws/echo").method("CONNECT"))
+        .map(|r| r.status);
+    assert!(
+        matches!(plain_connect, Ok(405) | Err(_)),
+        "{plain_connect:?}"
+    );
+    let v13 = [("sec-websocket-version", "13")];
+    assert_eq!(
+        h2_websocket(gw.http_addr(), "/ws/echo", "chat", &v13).0,
+        405
+    );
+    assert_eq!(
+        h2_websocket(gw.http_addr(), "/plain/x", "websocket", &v13).0,
+        405
+    );
+    let (status, headers, _) = h2_websocket(
+        gw.http_addr(),
+        "/ws/echo",
+        "websocket",
+        &[("sec-websocket-version", "8")],
+    );
+    assert_eq!(status, 426);
+    assert_eq!(headers.get("sec-websocket-version").unwrap(), "13");
+    assert_eq!(plain.request_count(), 0);
+    assert!(
+        !matches!(
+            events.recv_timeout(Duration::from_millis(300)),
+            Ok(WsEvent::Handshake(_))
+        ),
+        "a refused extended CONNECT reached the origin"
+    );
+}
+
+#[test]
+fn hostile_extended_connects_never_open_a_tunnel() {
+    let (ws_addr, events) = ws_echo_origin();
+    let plain = Origin::echo();
+    // `:protocol` on a method other than CONNECT: malformed (RFC 8441 §4).
+    let gw = ws_gateway(ws_addr, plain.addr(), "");
+    let mut raw = RawH2::connect(gw.http_addr());
+    let mut fields = get_fields(b"/ws/echo");
+    fields.push((b":protocol", b"websocket"));
+    raw.headers(1, &fields, true);
+    assert_eq!(raw.fate(1), StreamFate::Reset(PROTOCOL_ERROR));
+    // With `[http2] websocket = false` the setting is not advertised and a `:protocol`
+    // is a PROTOCOL_ERROR too.
+    let off = ws_gateway(ws_addr, plain.addr(), "[http2]\nwebsocket = false\n");
+    let mut raw = RawH2::connect(off.http_addr());
+    let settings = raw
+        .read_frame(Duration::from_secs(10))
+        .expect("server SETTINGS");
+    assert_eq!(settings.kind, SETTINGS);
+    assert!(
+        !settings.payload.chunks(6).any(|s| s[..2] == [0, 8]),
+        "SETTINGS_ENABLE_CONNECT_PROTOCOL advertised while off"
+    );
+    let connect: Vec<(&[u8], &[u8])> = vec![
+        (b":method", b"CONNECT"),
+        (b":protocol", b"websocket"),
+        (b":scheme", b"http"),
+        (b":authority", b"example.test"),
+        (b":path", b"/ws/echo"),
+        (b"sec-websocket-version", b"13"),
+    ];
+    raw.headers(1, &connect, false);
+    assert_eq!(raw.fate(1), StreamFate::Reset(PROTOCOL_ERROR));
+    assert!(events.recv_timeout(Duration::from_millis(300)).is_err());
+    assert_eq!(plain.request_count(), 0);
+
+    // An upstream whose 101 carries the wrong accept: 502, never a tunnel.
+    let liar = ws_raw_origin(
+        |_| "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into(),
+        |s| {
+            std::thread::sleep(Duration::from_secs(5));
+            drop(s);
+        },
+    );
+    let gw = ws_gateway(liar, plain.addr(), "");
+    let v13 = [("sec-websocket-version", "13")];
+    assert_eq!(
+        h2_websocket(gw.http_addr(), "/ws/x", "websocket", &v13).0,
+        502
+    );
+}
+
+#[test]
+fn a_client_reset_closes_the_upstream_and_a_client_that_never_reads_holds_it_back() {
+    // RST_STREAM mid-tunnel: the upstream connection is closed at once.
+    let (ws_addr, events) = ws_echo_origin();
+    let plain = Origin::echo();
+    let gw = ws_gateway(ws_addr, plain.addr(), "");
+    let v13 = [("sec-websocket-version", "13")];
+    let (_, _, ws) = h2_websocket(gw.http_addr(), "/ws/echo", "websocket", &v13);
+    let mut ws = ws.expect("tunnel");
+    assert!(matches!(
+        events.recv_timeout(Duration::from_secs(10)),
+        Ok(WsEvent::Handshake(_))
+    ));
+    ws.send_frame(0x1, b"hello");
+    assert_eq!(ws.read_frame().unwrap().1, b"hello");
+    ws.send.send_reset(h2::Reason::CANCEL);
+    ws.pump(Duration::from_millis(20));
+    assert!(
+        matches!(
+            events.recv_timeout(Duration::from_secs(5)),
+            Ok(WsEvent::Ended)
+        ),
+        "the origin's connection outlived the client's RST_STREAM"
+    );
+    wait_until(Duration::from_secs(10), "tunnel counted down", || {
+        scrape(gw.admin_addr()).get("gateway_websocket_tunnels_active", &[]) == Some(0.0)
+    });
+
+    // A client that never reads: the upstream is held back by flow control and TCP, so
+    // what it can write is bounded (socket buffers plus one buffer and h2's send buffer),
+    // not the 256 MiB it tries.
+    let (tx, written) = std::sync::mpsc::channel();
+    let flood = ws_raw_origin(right_accept, move |mut s| {
+        use std::io::Write;
+        s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+        let chunk = vec![0x5a; 64 * 1024];
+        let mut total = 0usize;
+        while total < 256 << 20 {
+            match s.write(&chunk) {
+                Ok(n) => total += n,
+                Err(_) => break,
+            }
+        }
+        let _ = tx.send(total);
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let gw = ws_gateway(flood, plain.addr(), "");
+    let (status, _, ws) = h2_websocket(gw.http_addr(), "/ws/x", "websocket", &v13);
+    assert_eq!(status, 200);
+    let total = written
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the origin stalled or finished");
+    assert!(
+        total < 32 << 20,
+        "the upstream wrote {total} bytes to a client that reads nothing"
+    );
+    drop(ws);
+}
+
+/// HEADERS frames and the body of stream 1, to its END_STREAM (RawH2: no HPACK decoding).
+fn heads_and_body(raw: &mut RawH2) -> (Vec<gateway_tests::h2::Frame>, Vec<u8>) {
+    let (mut heads, mut body) = (Vec::new(), Vec::new());
+    while let Some(f) = raw.read_frame(Duration::from_secs(10)) {
+        if f.stream != 1 {
+            continue;
+        }
+        let end = f.flags & END_STREAM != 0;
+        match f.kind {
+            HEADERS => heads.push(f),
+            gateway_tests::h2::DATA => body.extend_from_slice(&f.payload),
+            RST_STREAM => panic!("stream reset"),
+            _ => {}
+        }
+        if end {
+            break;
+        }
+    }
+    (heads, body)
+}
+
+#[test]
+fn early_hints_are_relayed_a_100_is_not_and_the_final_response_follows_intact() {
+    let origin = Origin::start(|r| {
+        let reply = Reply::ok("final body").header("x-final", "1");
+        if r.path() == "/many" {
+            // A hostile upstream: 20 informational heads of 2 KiB each.
+            let big = "x".repeat(2048);
+            (0..20).fold(reply, |r, _| r.interim(103, &[("link", big.as_str())]))
+        } else {
+            reply
+                .interim(100, &[])
+                .interim(103, &[("link", "</s.css>; rel=preload")])
+        }
+    });
+    let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(1, &get_fields(b"/hints"), true);
+    let (heads, body) = heads_and_body(&mut raw);
+    assert_eq!(
+        heads.len(),
+        2,
+        "the 103, then the final head; the 100 is hop-by-hop"
+    );
+    assert!(heads.iter().all(|h| h.flags & END_STREAM == 0));
+    assert_eq!(body, b"final body");
+    // h2's client reads past the 103 to the final response.
+    let r = H2Client::connect(gw.http_addr()).get("/hints");
+    assert_eq!(
+        (r.status, &r.body[..], r.header("x-final")),
+        (200, &b"final body"[..], Some("1"))
+    );
+    // At most 4 informational heads per stream (HEADERS are not flow-controlled).
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(1, &get_fields(b"/many"), true);
+    let (heads, body) = heads_and_body(&mut raw);
+    assert_eq!(heads.len(), 5, "4 relayed 103s, then the final head");
+    assert_eq!(body, b"final body");
+}
+
+#[test]
+fn a_drain_lets_an_open_h2_tunnel_run_until_graceful_timeout() {
+    let (ws_addr, events) = ws_echo_origin();
+    let plain = Origin::echo();
+    let mut gw = Gateway::with(&h2c(Config::new()
+        .workers(1)
+        .server("graceful_timeout", "3s")
+        .upstream(Upstream::new("ws", &[ws_addr]))
+        .upstream(Upstream::new("plain", &[plain.addr()]))
+        .route(Route::prefix("/ws", "ws").websocket(true))));
+    let v13 = [("sec-websocket-version", "13")];
+    let (_, _, ws) = h2_websocket(gw.http_addr(), "/ws/echo", "websocket", &v13);
+    let mut ws = ws.expect("tunnel");
+    ws.send_frame(0x1, b"before");
+    assert_eq!(ws.read_frame().unwrap().1, b"before");
+    let signalled = Instant::now();
+    gw.signal(libc::SIGTERM);
+    // The drain's GOAWAY goes out at once; the tunnel, an open stream, keeps working.
+    while signalled.elapsed() < Duration::from_millis(1500) {
+        ws.send_frame(0x1, b"during the drain");
+        assert_eq!(ws.read_frame().unwrap().1, b"during the drain");
+        ws.pump(Duration::from_millis(100));
+    }
+    // graceful_timeout cuts it: the origin sees its connection end, the gateway exits.
+    let ended = loop {
+        match events.recv_timeout(Duration::from_secs(15)) {
+            Ok(WsEvent::Ended) => break signalled.elapsed(),
+            Ok(WsEvent::Handshake(_)) => continue,
+            Err(_) => panic!("the tunnel outlived graceful_timeout"),
+        }
+    };
+    assert!(ended >= Duration::from_millis(1500), "{ended:?}");
+    assert!(gw.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+#[test]
+fn a_response_of_known_length_ends_on_its_last_data_frame() {
+    let origin = Origin::start(|r| match r.path() {
+        "/chunked" => Reply::ok("abcdef").chunked(&[2, 4]),
+        "/empty" => Reply::new(200),
+        _ => Reply::ok(vec![b'x'; 40_000]),
+    });
+    let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
+    // (frame kind, flags & END_STREAM, payload length) of stream 1.
+    let frames = |path: &'static [u8]| {
+        let mut raw = RawH2::connect(gw.http_addr());
+        raw.headers(1, &get_fields(path), true);
+        let mut seen = Vec::new();
+        while let Some(f) = raw.read_frame(Duration::from_secs(10)) {
+            if f.stream != 1 || !matches!(f.kind, HEADERS | gateway_tests::h2::DATA) {
+                continue;
+            }
+            let end = f.flags & END_STREAM != 0;
+            seen.push((f.kind, end, f.payload.len()));
+            if end {
+                break;
+            }
+        }
+        seen
+    };
+    // 40,000 bytes within the default 65,535 window: END_STREAM on the last DATA frame,
+    // no empty frame after it.
+    let known = frames(b"/known");
+    assert_eq!(known.iter().skip(1).map(|f| f.2).sum::<usize>(), 40_000);
+    assert_eq!(
+        known.last().map(|f| (f.0, f.1)),
+        Some((gateway_tests::h2::DATA, true))
+    );
+    assert!(known.last().unwrap().2 > 0, "{known:?}");
+    // Unknown length: the end is an empty DATA frame; no body: END_STREAM on HEADERS.
+    let chunked = frames(b"/chunked");
+    assert_eq!(
+        chunked.last().map(|f| (f.1, f.2)),
+        Some((true, 0)),
+        "{chunked:?}"
+    );
+    let empty = frames(b"/empty");
+    assert_eq!(
+        (empty.len(), empty[0].0, empty[0].1),
+        (1, HEADERS, true),
+        "{empty:?}"
+    );
 }

@@ -109,6 +109,9 @@ pub struct Http2Config {
     /// SETTINGS and PING frames (not ACKs) a client may send per second before the
     /// connection is closed: h2 answers each, so a flood costs CPU without bound.
     pub max_control_frames_per_second: u32,
+    /// WebSocket over HTTP/2 (RFC 8441): advertise SETTINGS_ENABLE_CONNECT_PROTOCOL and
+    /// carry extended CONNECT streams to WebSocket routes.
+    pub websocket: bool,
 }
 
 impl Default for Http2Config {
@@ -119,6 +122,7 @@ impl Default for Http2Config {
             idle_timeout: None,
             max_header_list_size: None,
             max_control_frames_per_second: 100,
+            websocket: true,
         }
     }
 }

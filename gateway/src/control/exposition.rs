@@ -299,7 +299,7 @@ pub(crate) fn render(control: &Control) -> String {
         &mut out,
         "gateway_tunnels_total",
         "counter",
-        "Tunnels opened, by copy path (splice or copy).",
+        "Tunnels opened, by path (splice, copy, or h2: WebSocket over HTTP/2).",
     );
     for (path, n) in &tunnel_paths {
         let _ = writeln!(out, "gateway_tunnels_total{{path=\"{path}\"}} {n}");

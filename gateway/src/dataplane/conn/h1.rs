@@ -620,23 +620,16 @@ async fn proxy<'s, S: Stream>(
         });
     };
     // WebSocket: from here the two connections are one tunnel.
-    w.stats.borrow_mut().tunnels_active += 1;
-    let bytes = crate::dataplane::conn::tunnel::run(
+    use crate::dataplane::conn::tunnel as relay_tunnel;
+    let bytes = relay_tunnel::run(
         &*client,
         &tunnel.conn,
         &after_head[prefix..],
         tunnel.from_upstream,
         w,
         route.read_timeout,
-    )
-    .await;
-    {
-        let mut stats = w.stats.borrow_mut();
-        stats.tunnels_active -= 1;
-        stats.tunnel_path(bytes.path);
-        stats.tunnel_bytes[0] += bytes.to_upstream;
-        stats.tunnel_bytes[1] += bytes.to_client;
-    }
+    );
+    let bytes = relay_tunnel::counted(w, bytes).await;
     Ok(Outcome {
         status: done.status,
         body_bytes: bytes.to_client,

@@ -17,13 +17,19 @@
 //!   `request_rate`, the router, then the exchange with [`H2Stream`] as request source
 //!   (DATA frames, flow-control capacity released only once the bytes went upstream) and
 //!   response sink (HEADERS, then DATA under the client's flow control). The access log
-//!   says `HTTP/2.0`.
+//!   says `HTTP/2.0`. Informational responses are relayed (bounded), except `100`.
+//! - WebSocket over HTTP/2 (RFC 8441, `[http2] websocket`): the session advertises
+//!   SETTINGS_ENABLE_CONNECT_PROTOCOL; an extended CONNECT with `:protocol = websocket`
+//!   on a WebSocket route goes upstream as the HTTP/1.1 handshake, the validated 101
+//!   becomes `200`, and the stream runs as a tunnel ([`websocket`]).
 //!
 //! A client's RST_STREAM ends the stream's exchange at its next await (the response-head
 //! wait watches for it through [`ResponseSink::gone`], body reads and writes fail on it);
 //! the exchange's guards return its buffers and never pool an upstream connection with a
 //! request in flight. When the connection ends, the stream tasks still running are
 //! aborted (a `JoinSet`).
+
+mod websocket;
 
 use crate::dataplane::conn::exchange::{
     self, BodyForm, Exchange, Failure, RequestSource, ResponseSink,
@@ -73,6 +79,11 @@ const PENDING_ACCEPT_RESETS: usize = 20;
 /// Streams the server had to reset because of the client's frames (MadeYouReset,
 /// CVE-2025-8671); more is GOAWAY. h2's default.
 const LOCAL_ERROR_RESETS: usize = 1024;
+/// Informational responses relayed per stream at most, and their head bytes in total:
+/// HEADERS frames bypass flow control, so this is what a stream may queue before its
+/// final response whatever the upstream sends.
+const INTERIM_RELAYED: usize = 4;
+const INTERIM_BYTES: usize = SEND_BUFFER;
 /// How often the connection looks for a reload that changed its listener or denied its
 /// client.
 const LISTENER_CHECK: Duration = Duration::from_secs(1);
@@ -174,6 +185,11 @@ pub(crate) async fn serve<S: Stream>(
         .max_send_buffer_size(SEND_BUFFER)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW);
+    if limits.websocket {
+        // SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441 §3): clients may open WebSockets as
+        // extended CONNECT streams. Without it h2 resets a stream carrying `:protocol`.
+        builder.enable_connect_protocol();
+    }
     let deadline = accepted + snap.server.header_timeout;
     let mut conn = match timeout_at(deadline, builder.handshake::<H2Io, Bytes>(io)).await {
         Ok(Ok(conn)) => conn,
@@ -534,6 +550,23 @@ fn route<'s, S: Stream>(
     if req.method() == http::Method::TRACE && !route.allow_trace {
         return answer(respond, 405);
     }
+    if req.is_websocket() {
+        // RFC 8441 on a route that takes no WebSocket (or answers itself): 405, nothing
+        // upstream. HTTP/1 would strip the upgrade and forward a plain GET, but a 2xx to an
+        // extended CONNECT means the tunnel is open (RFC 8441 §5), so none may be relayed.
+        if !route.websocket || !matches!(route.action, Action::Proxy(_)) {
+            return answer(respond, 405);
+        }
+        if !req.websocket_version_ok() {
+            // RFC 6455 §4.4, as HTTP/1 answers on a WebSocket route.
+            let extra = Some(("sec-websocket-version", "13".to_string()));
+            let body = error_body(426);
+            return Routed::Answered(Outcome {
+                route: Some(&route.label),
+                ..simple(respond, 426, extra, "text/plain", body, false)
+            });
+        }
+    }
     match &route.action {
         Action::Respond(r) => Routed::Answered(Outcome {
             route: Some(&route.label),
@@ -586,11 +619,14 @@ async fn proxy<'s, S: Stream>(
         malformed: false,
         reply: Rc::new(RefCell::new(Reply::Head(respond))),
         response: None,
-        ends_at_head: false,
+        body_left: None,
+        ended: false,
         write_clock: None,
         send_timeout: route.send_timeout,
         min_rate: settings.client_min_rate,
         reset_by_client: false,
+        interim_sent: 0,
+        interim_bytes: 0,
     };
     let x = Exchange {
         w: &**w,
@@ -598,7 +634,7 @@ async fn proxy<'s, S: Stream>(
         upstream,
         client_ip,
         request_buffering: settings.request_buffering,
-        ws_accept: None,
+        ws_accept: req.is_websocket().then(|| req.websocket_accept()),
     };
     let mut resp = ResponseHead::default();
     // A client's RST_STREAM drops the exchange wherever it waits (connecting, on the
@@ -614,10 +650,28 @@ async fn proxy<'s, S: Stream>(
     };
     let label = |server: Option<usize>| server.map(|i| upstream.servers[i].label.as_str());
     let (outcome, sent_reset) = match result {
+        Ok(exchange::Exchanged {
+            server,
+            upgraded: Some(tunnel),
+            ..
+        }) => {
+            // WebSocket: the 200 went out; the stream and the upstream are one tunnel now.
+            use crate::dataplane::conn::tunnel::counted;
+            let run = websocket::run(w, tunnel, &mut s.body, &s.reply, route.read_timeout);
+            let bytes = counted(w, run).await;
+            let outcome = Outcome {
+                // What the client got: RFC 8441's 200 (the upstream's 101 is not logged).
+                status: 200,
+                body_bytes: bytes.to_client,
+                route: Some(&route.label),
+                upstream: label(Some(server)),
+            };
+            (outcome, false)
+        }
         Ok(done) => {
             if let Reply::Body(send) = &mut *s.reply.borrow_mut() {
-                if !s.ends_at_head {
-                    // The end of the body: an empty DATA frame with END_STREAM.
+                if !s.ended {
+                    // A body of unknown length ended: an empty DATA frame with END_STREAM.
                     let _ = send.send_data(Bytes::new(), true);
                 }
             }
@@ -675,7 +729,7 @@ async fn proxy<'s, S: Stream>(
 }
 
 /// A stream's sending half: before the response head, then after it.
-enum Reply {
+pub(crate) enum Reply {
     Head(SendResponse<Bytes>),
     Body(SendStream<Bytes>),
 }
@@ -686,6 +740,30 @@ impl Reply {
         match self {
             Reply::Head(r) => r.poll_reset(cx),
             Reply::Body(s) => s.poll_reset(cx),
+        }
+    }
+
+    /// Asks for room for `want` bytes in the client's window (and h2's send buffer) and
+    /// polls for what there is: `None` when no response head went out or the stream closed.
+    pub(crate) fn poll_send_capacity(
+        &mut self,
+        want: usize,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<usize, h2::Error>>> {
+        match self {
+            Reply::Body(send) => {
+                send.reserve_capacity(want);
+                send.poll_capacity(cx)
+            }
+            Reply::Head(_) => Poll::Ready(None),
+        }
+    }
+
+    /// Queues a DATA frame (within the capacity granted); false when the stream is gone.
+    pub(crate) fn send(&mut self, data: Bytes, end: bool) -> bool {
+        match self {
+            Reply::Body(send) => send.send_data(data, end).is_ok(),
+            Reply::Head(_) => false,
         }
     }
 }
@@ -715,14 +793,21 @@ struct H2Stream<'a> {
     /// poll or a synchronous call, so the two never hold it at once.
     reply: Rc<RefCell<Reply>>,
     response: Option<Result<http::Response<()>, TranslateError>>,
-    /// The head carried END_STREAM (no body).
-    ends_at_head: bool,
+    /// Response body bytes still to come when the upstream declared its length (0: no
+    /// body): the last DATA frame then carries END_STREAM itself, one frame less per
+    /// response than an empty closing frame.
+    body_left: Option<u64>,
+    /// END_STREAM went out (on the head or on the last DATA frame).
+    ended: bool,
     /// Bounds the whole response by its size, as for HTTP/1 clients; starts with the
     /// response head, so the time the upstream took is not charged to the client.
     write_clock: Option<RateClock>,
     send_timeout: Duration,
     min_rate: u64,
     reset_by_client: bool,
+    /// Informational responses seen and their head bytes (bounded relay).
+    interim_sent: usize,
+    interim_bytes: usize,
 }
 
 impl H2Stream<'_> {
@@ -777,13 +862,8 @@ impl H2Stream<'_> {
         // its window closed holds no second copy of the upstream chunk.
         let reply = self.reply.clone();
         while !data.is_empty() {
-            let capacity = poll_fn(|cx| match &mut *reply.borrow_mut() {
-                Reply::Body(send) => {
-                    send.reserve_capacity(data.len());
-                    send.poll_capacity(cx)
-                }
-                Reply::Head(_) => Poll::Ready(None),
-            });
+            let want = data.len();
+            let capacity = poll_fn(|cx| reply.borrow_mut().poll_send_capacity(want, cx));
             let (pause, min_rate) = (self.send_timeout, self.min_rate);
             let clock = self
                 .write_clock
@@ -804,10 +884,17 @@ impl H2Stream<'_> {
             };
             let (now, rest) = data.split_at(n);
             data = rest;
+            // The body decoder yields no byte past the declared length, so reaching it is
+            // the end of the body.
+            let end = self.body_left == Some(n as u64);
+            if let Some(left) = &mut self.body_left {
+                *left = left.saturating_sub(n as u64);
+            }
             let sent = match &mut *reply.borrow_mut() {
-                Reply::Body(send) => send.send_data(Bytes::copy_from_slice(now), false),
+                Reply::Body(send) => send.send_data(Bytes::copy_from_slice(now), end),
                 Reply::Head(_) => return Err(HttpError::ClientGone("stream closed")),
             };
+            self.ended |= end;
             if let Err(e) = sent {
                 return Err(self.stream_error(&e));
             }
@@ -896,19 +983,44 @@ impl<S: Stream> RequestSource<S> for H2Stream<'_> {
 }
 
 impl ResponseSink for H2Stream<'_> {
-    /// Informational responses are not relayed on HTTP/2 (the final one follows).
-    async fn interim(&mut self, _raw: &[u8], _resp: &ResponseHead) -> Result<(), HttpError> {
+    /// Informational responses (RFC 9113 §8.1: HEADERS before the final ones): `103 Early
+    /// Hints` and other 1xx are relayed, at most [`INTERIM_RELAYED`] per stream and
+    /// [`INTERIM_BYTES`] of head, since HEADERS frames are not flow-controlled and a
+    /// hostile upstream could otherwise queue 32 × 64 KiB per stream in front of a client
+    /// that does not read; past that they are dropped. `100 Continue` is hop-by-hop: the
+    /// translation drops `expect` and the upstream's 100 answers the gateway's own write.
+    async fn interim(&mut self, raw: &[u8], resp: &ResponseHead) -> Result<(), HttpError> {
+        if resp.status == 100 {
+            return Ok(());
+        }
+        self.interim_bytes += resp.len;
+        self.interim_sent += 1;
+        if self.interim_sent > INTERIM_RELAYED || self.interim_bytes > INTERIM_BYTES {
+            return Ok(());
+        }
+        // An interim head h2 cannot carry is dropped: the final response still follows.
+        if let Ok(response) = translate_response(raw, resp, false) {
+            if let Reply::Head(respond) = &mut *self.reply.borrow_mut() {
+                let _ = respond.send_informational(response);
+            }
+        }
         Ok(())
     }
 
-    fn prepare_head(&mut self, raw: &[u8], resp: &ResponseHead, _upgrade: bool) -> BodyForm {
-        self.response = Some(translate_response(raw, resp));
+    fn prepare_head(&mut self, raw: &[u8], resp: &ResponseHead, upgrade: bool) -> BodyForm {
+        self.response = Some(translate_response(raw, resp, upgrade));
         self.write_clock = Some(RateClock::new(
             self.send_timeout,
             self.send_timeout,
             self.min_rate,
         ));
-        self.ends_at_head = resp.framing == BodyFraming::None;
+        // A WebSocket's 200 opens the tunnel: the stream stays open whatever the framing.
+        self.body_left = match resp.framing {
+            _ if upgrade => None,
+            BodyFraming::None => Some(0),
+            BodyFraming::Length(n) => Some(n),
+            BodyFraming::Chunked | BodyFraming::UntilClose => None,
+        };
         BodyForm::Payload
     }
 
@@ -918,8 +1030,8 @@ impl ResponseSink for H2Stream<'_> {
             Some(Err(e)) => return Err(e.error),
             None => return Err(HttpError::BadUpstream("no response head")),
         };
-        let end = self.ends_at_head && first.is_empty();
-        self.ends_at_head = end;
+        let end = self.body_left == Some(0);
+        self.ended = end;
         let sent = match &mut *self.reply.borrow_mut() {
             Reply::Head(respond) => respond.send_response(response, end),
             Reply::Body(_) => return Err(HttpError::BadUpstream("second response head")),

@@ -1,6 +1,6 @@
 //! One client connection: its preamble, the HTTP/1 or HTTP/2 session, the exchange they
 //! hand each proxied request (or stream) to (and the body relay under it), and the
-//! WebSocket tunnel an upgrade turns an HTTP/1 connection into.
+//! WebSocket tunnel an upgrade turns an HTTP/1 connection (or an HTTP/2 stream) into.
 
 pub mod exchange;
 pub mod h1;

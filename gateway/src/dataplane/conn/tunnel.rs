@@ -37,6 +37,9 @@ use tokio::io::Interest;
 pub(crate) const PATH_SPLICE: &str = "splice";
 /// [`TunnelBytes::path`] of a tunnel relayed through user-space buffers.
 pub(crate) const PATH_COPY: &str = "copy";
+/// [`TunnelBytes::path`] of a WebSocket over HTTP/2 (`h2::websocket`): an h2 stream's DATA
+/// frames on one side.
+pub(crate) const PATH_H2: &str = "h2";
 
 /// Why a tunnel ended: the first thing that happened of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,16 +77,16 @@ pub struct TunnelBytes {
     pub reason: CloseReason,
 }
 
-/// What both directions and the watchdog share.
-struct Progress {
-    last_activity: Cell<Instant>,
+/// What both directions and the watchdog share (also `h2::websocket`'s).
+pub(crate) struct Progress {
+    pub(crate) last_activity: Cell<Instant>,
     to_client: Cell<u64>,
     to_upstream: Cell<u64>,
     reason: Cell<Option<CloseReason>>,
 }
 
 impl Progress {
-    fn new() -> Progress {
+    pub(crate) fn new() -> Progress {
         Progress {
             last_activity: Cell::new(Instant::now()),
             to_client: Cell::new(0),
@@ -91,11 +94,11 @@ impl Progress {
             reason: Cell::new(None),
         }
     }
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last_activity.set(Instant::now());
     }
     /// Records why the tunnel is ending, unless something came first.
-    fn ended(&self, reason: CloseReason) {
+    pub(crate) fn ended(&self, reason: CloseReason) {
         if self.reason.get().is_none() {
             self.reason.set(Some(reason));
         }
@@ -104,7 +107,7 @@ impl Progress {
 
 /// Which way a direction goes, for counting and close reasons.
 #[derive(Clone, Copy)]
-enum Dir {
+pub(crate) enum Dir {
     ToUpstream,
     ToClient,
 }
@@ -123,7 +126,7 @@ impl Dir {
             Dir::ToClient => CloseReason::UpstreamClosed,
         }
     }
-    fn add(self, p: &Progress, n: usize) {
+    pub(crate) fn add(self, p: &Progress, n: usize) {
         let c = self.counter(p);
         c.set(c.get() + n as u64);
     }
@@ -186,21 +189,52 @@ pub async fn run<S: Stream>(
             PATH_COPY
         }
     };
-    let out = TunnelBytes {
-        to_client: progress.to_client.get(),
-        to_upstream: progress.to_upstream.get(),
-        path,
-        reason: progress.reason.get().unwrap_or(CloseReason::Error),
-    };
-    tracing::debug!(
-        reason = out.reason.as_str(),
-        path,
-        to_client = out.to_client,
-        to_upstream = out.to_upstream,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "tunnel closed"
-    );
-    out
+    progress.finish(path, started)
+}
+
+impl Progress {
+    /// What the tunnel did, logged at debug.
+    pub(crate) fn finish(&self, path: &'static str, started: Instant) -> TunnelBytes {
+        let out = TunnelBytes {
+            to_client: self.to_client.get(),
+            to_upstream: self.to_upstream.get(),
+            path,
+            reason: self.reason.get().unwrap_or(CloseReason::Error),
+        };
+        tracing::debug!(
+            reason = out.reason.as_str(),
+            path,
+            to_client = out.to_client,
+            to_upstream = out.to_upstream,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "tunnel closed"
+        );
+        out
+    }
+}
+
+/// Runs a tunnel (`tunnel` is [`run`] or `h2::websocket::run`) counted in the tunnel
+/// metrics: active while it runs, then its path and bytes.
+pub(crate) async fn counted<S: Stream>(
+    w: &Worker<S>,
+    tunnel: impl std::future::Future<Output = TunnelBytes>,
+) -> TunnelBytes {
+    w.stats.borrow_mut().tunnels_active += 1;
+    // Counted down even when the tunnel's task is dropped (a connection cut).
+    struct Active<'w, S: Stream>(&'w Worker<S>);
+    impl<S: Stream> Drop for Active<'_, S> {
+        fn drop(&mut self) {
+            self.0.stats.borrow_mut().tunnels_active -= 1;
+        }
+    }
+    let active = Active(w);
+    let bytes = tunnel.await;
+    drop(active);
+    let mut stats = w.stats.borrow_mut();
+    stats.tunnel_path(bytes.path);
+    stats.tunnel_bytes[0] += bytes.to_upstream;
+    stats.tunnel_bytes[1] += bytes.to_client;
+    bytes
 }
 
 /// Whether tunnels may splice: yes unless `GATEWAY_TUNNEL_SPLICE=off` (or `0`) was in the
@@ -217,7 +251,7 @@ pub(crate) fn splice_enabled() -> bool {
 }
 
 /// Waits until nothing moved for `idle`.
-async fn watchdog(last_activity: &Cell<Instant>, idle: Duration) {
+pub(crate) async fn watchdog(last_activity: &Cell<Instant>, idle: Duration) {
     loop {
         let deadline = last_activity.get() + idle;
         if Instant::now() >= deadline {

@@ -13,7 +13,10 @@
 //! - pseudo-headers are checked (RFC 9113 §8.3.1): `:path` in origin form (or `*` for
 //!   OPTIONS), normalised exactly as an HTTP/1 target (`http1::target`) so routing cannot
 //!   differ between the protocols; `:authority` (or `host`) valid as an HTTP/1 `Host`;
-//!   CONNECT refused with 405 as HTTP/1 does;
+//!   a plain CONNECT refused with 405 as HTTP/1 does; an extended CONNECT (RFC 8441) with
+//!   `:protocol = websocket` becomes the HTTP/1.1 WebSocket handshake (`GET` with
+//!   `Upgrade: websocket`, `Connection: upgrade` and a `Sec-WebSocket-Key` of the gateway's
+//!   own, since the h2 side has no key, RFC 8441 §5), any other `:protocol` is 405;
 //! - cookie crumbs are joined with `"; "` (RFC 9113 §8.2.3);
 //! - `content-length` must match the DATA frames ([`BodyLength`], RFC 9113 §8.1.1).
 //!
@@ -84,6 +87,13 @@ pub struct H2Request {
     stripped: Vec<u8>,
     has_params: bool,
     framing: BodyFraming,
+    /// An extended CONNECT with `:protocol = websocket` (RFC 8441 §4): the upstream gets the
+    /// HTTP/1.1 handshake with `ws_key`.
+    websocket: bool,
+    /// It carried `sec-websocket-version: 13`; otherwise 426 (RFC 6455 §4.4).
+    ws_version_13: bool,
+    /// The `Sec-WebSocket-Key` sent upstream (RFC 6455 §4.1), fresh per stream.
+    ws_key: [u8; 24],
 }
 
 impl H2Request {
@@ -123,6 +133,18 @@ impl H2Request {
     pub(crate) fn is_idempotent(&self) -> bool {
         self.method().is_idempotent()
     }
+    /// An RFC 8441 WebSocket: the stream becomes a tunnel once the upstream accepts.
+    pub(crate) fn is_websocket(&self) -> bool {
+        self.websocket
+    }
+    /// The WebSocket asks for version 13, the only one (RFC 6455 §4.4: else 426).
+    pub(crate) fn websocket_version_ok(&self) -> bool {
+        self.ws_version_13
+    }
+    /// The `Sec-WebSocket-Accept` the upstream's 101 must carry for the key sent.
+    pub(crate) fn websocket_accept(&self) -> [u8; 28] {
+        crate::protocol::http1::head::websocket_accept_of(&self.ws_key)
+    }
 }
 
 /// Fields that describe one connection and are malformed in HTTP/2 (RFC 9113 §8.2.2).
@@ -150,10 +172,30 @@ pub fn translate_request(
     out: &mut Vec<u8>,
 ) -> Result<(), TranslateError> {
     out.clear();
-    // RFC 9113 §8.5: CONNECT (also the extended CONNECT of RFC 8441, not offered) has no
-    // route here; nginx and the HTTP/1 path answer 405.
+    // RFC 9113 §8.5: a plain CONNECT has no route here; nginx and the HTTP/1 path answer
+    // 405. The extended CONNECT of RFC 8441 (h2 hands `:protocol` over as an extension, and
+    // only when the session enabled it) is a WebSocket when it names `websocket`; another
+    // protocol is not carried (405 as well).
+    req.websocket = false;
     if parts.method == Method::CONNECT {
-        return Err(HttpError::MethodNotAllowed.into());
+        let protocol = parts.extensions.get::<h2::ext::Protocol>();
+        if !protocol.is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket")) {
+            return Err(HttpError::MethodNotAllowed.into());
+        }
+        // The tunnel's bytes are the stream's DATA frames, so a CONNECT that ends its
+        // stream or declares a body cannot be one (the HTTP/1 rule: a GET without body).
+        if end_stream || parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+            return Err(
+                HttpError::BadRequest("WebSocket CONNECT with a body or END_STREAM").into(),
+            );
+        }
+        req.websocket = true;
+        req.ws_version_13 = parts
+            .headers
+            .get_all("sec-websocket-version")
+            .iter()
+            .any(|v| v.as_bytes() == b"13");
+        req.ws_key = crate::protocol::http1::head::websocket_key();
     }
     check_pseudo(parts, max_head, req)?;
     req.host.clear();
@@ -175,10 +217,20 @@ pub fn translate_request(
     if !target::valid_authority(&req.host) {
         return Err(TranslateError::malformed("invalid :authority"));
     }
-    req.framing = framing(parts, end_stream)?;
+    req.framing = if req.websocket {
+        BodyFraming::None
+    } else {
+        framing(parts, end_stream)?
+    };
     req.method = Some(parts.method.clone());
 
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+    // RFC 8441 §5: the HTTP/1.1 upstream gets the GET handshake of RFC 6455 §4.1.
+    let method = if req.websocket {
+        "GET"
+    } else {
+        parts.method.as_str()
+    };
+    out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(&req.norm);
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
@@ -188,7 +240,12 @@ pub fn translate_request(
         out.extend_from_slice(&req.host);
     }
     out.extend_from_slice(b"\r\n");
-    write_fields(parts, fwd, out)?;
+    write_fields(parts, fwd, req.websocket, out)?;
+    if req.websocket {
+        out.extend_from_slice(b"Upgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Key: ");
+        out.extend_from_slice(&req.ws_key);
+        out.extend_from_slice(b"\r\n");
+    }
     let _ = write!(
         out,
         "X-Real-IP: {}\r\nX-Forwarded-Proto: {}\r\n",
@@ -277,10 +334,13 @@ fn parse_length(s: &[u8]) -> Option<u64> {
 }
 
 /// The regular fields, checked and filtered as `write_upstream_request` filters HTTP/1
-/// ones, then the joined `cookie` and `X-Forwarded-For`.
+/// ones, then the joined `cookie` and `X-Forwarded-For`. On a WebSocket (`websocket`),
+/// a client's `sec-websocket-key`/`-accept` are dropped: they have no meaning on HTTP/2
+/// (RFC 8441 §5) and the key sent upstream is the gateway's.
 fn write_fields(
     parts: &http::request::Parts,
     fwd: &Forwarding,
+    websocket: bool,
     out: &mut Vec<u8>,
 ) -> Result<(), TranslateError> {
     let mut cookies = 0;
@@ -293,6 +353,9 @@ fn write_fields(
         }
         if name == http::header::COOKIE {
             cookies += 1;
+            continue;
+        }
+        if websocket && matches!(n, b"sec-websocket-key" | b"sec-websocket-accept") {
             continue;
         }
         if n.contains(&b'_') && (!fwd.underscores || alias_class(n) != Class::Other) {
@@ -423,15 +486,21 @@ impl BodyLength {
 /// from `buf`). Connection-specific fields, whatever `Connection` names and the HTTP/1
 /// framing are dropped (RFC 9113 §8.2.2); the canonical `content-length` is kept where
 /// HTTP/1 keeps it, since it lets the client size the body. A 101 cannot be relayed on
-/// HTTP/2 (RFC 9113 §8.6): refused with 502 for this request only.
+/// HTTP/2 (RFC 9113 §8.6): refused with 502 for this request only, unless it accepted
+/// the WebSocket handshake of an extended CONNECT (`upgraded`, validated by the exchange):
+/// then it is the `200` of RFC 8441 §5, with its `sec-websocket-protocol` and
+/// `-extensions` and without the accept, which has no meaning on HTTP/2.
 pub(crate) fn translate_response(
     buf: &[u8],
     head: &ResponseHead,
+    upgraded: bool,
 ) -> Result<http::Response<()>, TranslateError> {
-    if head.status == 101 {
-        return Err(HttpError::ResponseRefused("101 on an HTTP/2 stream").into());
-    }
-    let status = http::StatusCode::from_u16(head.status)
+    let status = match head.status {
+        101 if upgraded => 200,
+        101 => return Err(HttpError::ResponseRefused("101 on an HTTP/2 stream").into()),
+        s => s,
+    };
+    let status = http::StatusCode::from_u16(status)
         .map_err(|_| HttpError::ResponseRefused("invalid status code"))?;
     let mut response = http::Response::new(());
     *response.status_mut() = status;
@@ -447,6 +516,7 @@ pub(crate) fn translate_response(
             {
                 continue
             }
+            _ if upgraded && name.eq_ignore_ascii_case(b"sec-websocket-accept") => continue,
             _ => {}
         }
         let (Ok(name), Ok(value)) = (
@@ -745,7 +815,7 @@ mod tests {
     fn response(text: &[u8], request_was_head: bool) -> Result<http::Response<()>, TranslateError> {
         let mut head = ResponseHead::default();
         assert!(parse_response(text, &mut head, 8192, request_was_head).unwrap());
-        translate_response(text, &head)
+        translate_response(text, &head, false)
     }
 
     #[test]
@@ -775,5 +845,75 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.status(), 502);
+    }
+
+    fn extended_connect(protocol: &'static str, fields: &[(&str, &str)]) -> http::request::Parts {
+        let mut p = parts("CONNECT", "https://example.test/ws?x=1", fields);
+        p.extensions
+            .insert(h2::ext::Protocol::from_static(protocol));
+        p
+    }
+
+    #[test]
+    fn a_websocket_extended_connect_is_the_http1_handshake_with_a_key_of_our_own() {
+        let fields = [
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-protocol", "chat"),
+            ("sec-websocket-key", "AAAAAAAAAAAAAAAAAAAAAA=="),
+        ];
+        let (head, req) = run(&extended_connect("websocket", &fields), false).unwrap();
+        assert!(req.is_websocket() && req.websocket_version_ok());
+        assert!(
+            head.starts_with("GET /ws?x=1 HTTP/1.1\r\nHost: example.test\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("Upgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Key: "));
+        assert!(head.contains("sec-websocket-protocol: chat\r\n"));
+        assert!(
+            !head.contains("AAAAAAAAAAAAAAAAAAAAAA=="),
+            "the client's key is dropped"
+        );
+        assert!(!head.to_ascii_lowercase().contains("content-length"));
+        assert!(!head.to_ascii_lowercase().contains("transfer-encoding"));
+        let key = head
+            .split("Sec-WebSocket-Key: ")
+            .nth(1)
+            .and_then(|k| k.split("\r\n").next())
+            .unwrap();
+        assert_eq!(key.len(), 24);
+        assert_eq!(
+            req.websocket_accept(),
+            crate::protocol::http1::head::websocket_accept_of(key.as_bytes())
+        );
+        // Fresh per stream.
+        let (again, _) = run(&extended_connect("websocket", &fields), false).unwrap();
+        assert_ne!(head, again);
+        // Refused: another protocol, a plain CONNECT, END_STREAM or a body, version 8.
+        let other = run(&extended_connect("chat", &fields), false).unwrap_err();
+        assert_eq!(other.status(), 405);
+        let plain = parts("CONNECT", "example.test:443", &[]);
+        assert_eq!(run(&plain, false).unwrap_err().status(), 405);
+        let ended = run(&extended_connect("websocket", &fields), true).unwrap_err();
+        assert_eq!(ended.status(), 400);
+        let with_len = [("sec-websocket-version", "13"), ("content-length", "3")];
+        let body = run(&extended_connect("websocket", &with_len), false).unwrap_err();
+        assert_eq!(body.status(), 400);
+        let (_, v8) = run(
+            &extended_connect("websocket", &[("sec-websocket-version", "8")]),
+            false,
+        )
+        .unwrap();
+        assert!(!v8.websocket_version_ok());
+    }
+
+    #[test]
+    fn an_accepted_101_is_the_200_of_rfc_8441() {
+        let text = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n\r\n";
+        let mut head = ResponseHead::default();
+        assert!(parse_response(text, &mut head, 8192, false).unwrap());
+        let r = translate_response(text, &head, true).unwrap();
+        assert_eq!(r.status(), 200);
+        let names: Vec<_> = r.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["sec-websocket-protocol"]);
     }
 }

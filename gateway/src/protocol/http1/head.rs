@@ -245,22 +245,39 @@ impl RequestHead {
 /// The `Sec-WebSocket-Accept` value that proves an upstream read this handshake's key
 /// (RFC 6455 §4.2.2): base64(SHA-1(key + GUID)). Only for a `Valid` handshake.
 pub(crate) fn websocket_accept(buf: &[u8], head: &RequestHead) -> [u8; 28] {
-    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
     let key = head
         .headers
         .iter()
         .find(|h| h.is(buf, "sec-websocket-key"))
         .map(|h| trim(h.value(buf)))
         .unwrap_or_default();
+    websocket_accept_of(key)
+}
+
+/// base64(SHA-1(key + GUID)) for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2).
+pub(crate) fn websocket_accept_of(key: &[u8]) -> [u8; 28] {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
     ctx.update(key);
     ctx.update(GUID);
-    base64_20(ctx.finish().as_ref())
+    base64(ctx.finish().as_ref())
 }
 
-fn base64_20(bytes: &[u8]) -> [u8; 28] {
+/// A fresh `Sec-WebSocket-Key` (RFC 6455 §4.1: 16 random bytes, base64), for a handshake
+/// the gateway makes itself (WebSocket over HTTP/2 has no key of its own, RFC 8441 §5).
+pub(crate) fn websocket_key() -> [u8; 24] {
+    use ring::rand::SecureRandom;
+    let mut nonce = [0u8; 16];
+    // The system's random source does not fail on Linux once booted; a zero nonce would
+    // still make a valid (predictable) key, which only the upstream ever sees.
+    let _ = ring::rand::SystemRandom::new().fill(&mut nonce);
+    base64(&nonce)
+}
+
+/// Standard base64 with padding; `N` must be `4 * ceil(bytes.len() / 3)`.
+fn base64<const N: usize>(bytes: &[u8]) -> [u8; N] {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = [b'='; 28];
+    let mut out = [b'='; N];
     for (i, group) in bytes.chunks(3).enumerate() {
         let n = group
             .iter()
