@@ -753,8 +753,12 @@ fn start_gateway(
     let rsa_addr = free_addr();
     let admin = free_addr();
     let d = dir.display();
+    // The reference's `worker_connections 16384` per worker, not the default derived from
+    // the descriptor limit (which saves one upstream descriptor per client connection and
+    // so would refuse the idle-memory figure's 10,000 connections under a 20,000 limit).
+    let max_connections = 16384 * workers;
     let conf = format!(
-        "[server]\nworkers = {workers}\n\n[log]\naccess = \"off\"\nlevel = \"warn\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
+        "[server]\nworkers = {workers}\nmax_connections = {max_connections}\n\n[log]\naccess = \"off\"\nlevel = \"warn\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
          [http2]\nmax_requests_per_connection = {H2_REQUESTS_PER_CONNECTION}\n\n\
          [[listener]]\nname = \"http\"\nlisten = \"{addr}\"\n\n\
          [[listener]]\nname = \"https\"\nlisten = \"{tls_addr}\"\n\
@@ -789,10 +793,10 @@ fn spawn_with_config(
 }
 
 /// The most connections HAProxy accepts under this machine's descriptor hard limit: it
-/// refuses to start unless `2 × maxconn + 17` descriptors fit (a server side per client
-/// connection, whether used or not).
+/// refuses to start unless `2 × maxconn` plus one per listener and a few more descriptors
+/// fit (a server side per client connection, whether used or not).
 fn haproxy_maxconn() -> u64 {
-    (nofile_hard_limit().saturating_sub(17) / 2).max(1000)
+    (nofile_hard_limit().saturating_sub(100) / 2).max(1000)
 }
 
 /// HAProxy as the third contender, configured as the reference front is: the same routes,
