@@ -1,12 +1,14 @@
 //! `cargo xtask bench`: the gateway against nginx on the same machine, in the same run.
 //!
-//! One fast upstream (nginx, one worker, static answers) serves both contenders: nginx with
-//! the reference config (`tests/fixtures/nginx-reference.conf`, the contract's front) and
-//! the gateway with the equivalent config, same worker count, access logs off. Contenders
-//! run interleaved (nginx, gateway, nginx, gateway, …) so drift on a shared machine hits
-//! both. Per scenario and contender: requests per second, p50/p99/p99.9 latency, the
-//! proxy's CPU seconds per request (user+system of all its processes, from /proc), and
-//! peak RSS; then ratios gateway/nginx with min/median/max over rounds.
+//! One fast upstream (nginx, one worker, static answers) serves every contender: nginx with
+//! the reference config (`tests/fixtures/nginx-reference.conf`, the contract's front), the
+//! gateway with the equivalent config, and HAProxy (the proxy users would pick instead)
+//! doing the same header work with `http-reuse always`; same worker count, access logs
+//! off. Contenders run interleaved (nginx, gateway, [baseline,] haproxy, nginx, …) so drift
+//! on a shared machine hits all of them. Per scenario and contender: requests per second,
+//! p50/p99/p99.9 latency, the proxy's CPU seconds per request (user+system of all its
+//! processes, from /proc), and peak RSS; then ratios to nginx with min/median/max over
+//! rounds. `--only` runs a subset.
 //!
 //! HTTP/1.1 scenarios are driven by wrk; the HTTP/2 ones (`h2_*`) by h2load over TLS with
 //! ALPN `h2` only: the gateway's TLS listener (h2 offered by default) against nginx's
@@ -59,6 +61,47 @@ pub struct Args {
     /// Where results go (default target/bench).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Run only these measurements (comma-separated): scenario names from the table, and
+    /// `idle` (memory per idle connection), `handshakes` (full TLS handshakes), `tunnels`
+    /// (WebSocket bulk). Default: all of them.
+    #[arg(long, value_name = "NAME[,NAME..]", value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Idle keep-alive connections held per contender for the memory figures (default
+    /// 10,000; 500 with --quick). The bench raises its RLIMIT_NOFILE to the hard limit: with
+    /// the proxy holding one descriptor per connection too, 10,000 fits a 20,000 limit.
+    #[arg(long, value_name = "N")]
+    pub idle_connections: Option<usize>,
+    /// Leave HAProxy out (it is a contender whenever `haproxy` is installed, which
+    /// `cargo xtask install` does).
+    #[arg(long)]
+    pub no_haproxy: bool,
+}
+
+/// Measurements `--only` accepts besides the scenario names.
+const EXTRA_MEASUREMENTS: &[&str] = &["idle", "handshakes", "tunnels"];
+
+impl Args {
+    /// Whether `--only` selects the measurement `name` (everything when `--only` is absent).
+    fn selects(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == name)
+    }
+
+    fn check_only(&self) -> Result<()> {
+        for name in &self.only {
+            if !SCENARIOS.iter().any(|s| s.name == name) && !EXTRA_MEASUREMENTS.contains(&&**name) {
+                let known: Vec<&str> = SCENARIOS
+                    .iter()
+                    .map(|s| s.name)
+                    .chain(EXTRA_MEASUREMENTS.iter().copied())
+                    .collect();
+                bail!(
+                    "--only {name}: no such measurement (known: {})",
+                    known.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One workload.
@@ -196,6 +239,32 @@ struct Proc {
     h2_url: Option<String>,
 }
 
+impl Proc {
+    /// A front proxy with its plaintext, ECDSA TLS, RSA TLS and h2 listeners, once all of
+    /// them accept connections.
+    fn listening(
+        name: &'static str,
+        child: Child,
+        addr: SocketAddr,
+        tls_addr: SocketAddr,
+        rsa_addr: SocketAddr,
+        h2_addr: SocketAddr,
+    ) -> Result<Proc> {
+        let proc = Proc {
+            name,
+            child,
+            url: format!("http://{addr}"),
+            tls_url: Some(format!("https://{tls_addr}")),
+            rsa_addr: Some(rsa_addr),
+            h2_url: Some(format!("https://{h2_addr}")),
+        };
+        for a in [addr, tls_addr, rsa_addr, h2_addr] {
+            wait_port(a)?;
+        }
+        Ok(proc)
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         stop_child(&mut self.child, Duration::from_secs(5));
@@ -203,6 +272,7 @@ impl Drop for Proc {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    args.check_only()?;
     install::run(&install::Args::default())?;
     let (duration, rounds) = if args.quick {
         (1, 1)
@@ -224,6 +294,13 @@ pub fn run(args: &Args) -> Result<()> {
     let nginx = find_program("nginx").context("nginx not found (cargo xtask install)")?;
     let wrk = find_program("wrk").context("wrk not found (cargo xtask install)")?;
     let h2load = find_program("h2load").context("h2load not found (cargo xtask install)")?;
+    let haproxy = if args.no_haproxy {
+        None
+    } else {
+        Some(find_program("haproxy").context("haproxy not found (cargo xtask install)")?)
+    };
+    // The idle-memory figures hold thousands of client sockets in this process.
+    raise_nofile_limit();
     let out_dir = match &args.out {
         Some(d) => d.clone(),
         None => target_dir()?.join("bench"),
@@ -276,23 +353,44 @@ pub fn run(args: &Args) -> Result<()> {
         )?),
         None => None,
     };
+    let hap = haproxy
+        .map(|bin| start_haproxy(&bin, &scratch, upstream_addr, args.workers, pin.as_deref()))
+        .transpose()?;
     let mut contenders = vec![&ng, &gw];
     contenders.extend(baseline.as_ref());
+    contenders.extend(hap.as_ref());
     // Memory per idle connection first, while every process is fresh: later scenarios
     // leave freed memory in the allocators that new connections would reuse unseen.
-    let idle_n = if args.quick { 500 } else { 2000 };
+    let idle_n = args
+        .idle_connections
+        .unwrap_or(if args.quick { 500 } else { 10_000 });
     let mut idle = Vec::new();
-    for c in &contenders {
-        idle.push((c.name, idle_memory_per_connection(c, idle_n)?));
+    if args.selects("idle") {
+        for c in &contenders {
+            // HAProxy holds no more than its maxconn (a little under half the descriptor
+            // limit); a client beyond it would wait in the backlog and time out.
+            let n = if c.name == "haproxy" {
+                idle_n.min(haproxy_maxconn() as usize - 20)
+            } else {
+                idle_n
+            };
+            let m = idle_memory_per_connection(c, n)?;
+            eprintln!(
+                "  idle {:8} {:>6.1} KiB RSS + {:>6.1} KiB kernel socket memory per connection ({} held)",
+                c.name, m.rss_kib, m.socket_kib, m.connections
+            );
+            idle.push((c.name, m));
+        }
     }
     let names: Vec<&'static str> = contenders.iter().map(|c| c.name).collect();
 
     let mut results: BTreeMap<&str, BTreeMap<&str, Vec<Sample>>> = BTreeMap::new();
     let mut direct: BTreeMap<&str, Sample> = BTreeMap::new();
-    for scenario in SCENARIOS {
+    for scenario in SCENARIOS.iter().filter(|s| args.selects(s.name)) {
         eprintln!("xtask bench: {} ({})", scenario.name, scenario.what);
-        // The upstream alone: the ceiling no proxy can pass (plaintext scenarios only).
-        if !scenario.tls {
+        // The upstream alone: the ceiling no proxy can pass (plaintext scenarios only; not
+        // in the smoke run, which has a minute for four contenders).
+        if !scenario.tls && !args.quick {
             let d = measure(
                 &wrk,
                 &scratch,
@@ -350,7 +448,15 @@ pub fn run(args: &Args) -> Result<()> {
     }
     // Full TLS handshakes (no resumption: `openssl s_time -new`), one request each.
     let mut handshakes: Vec<HandshakeSeries> = Vec::new();
-    for (kind, use_rsa) in [("ECDSA P-256", false), ("RSA 2048", true)] {
+    let kinds = if args.selects("handshakes") {
+        &[("ECDSA P-256", false), ("RSA 2048", true)][..]
+    } else {
+        &[]
+    };
+    // Two seconds at least (a handshake's CPU is coarse in /proc ticks), except in the
+    // smoke run, which only checks the harness.
+    let handshake_seconds = if args.quick { 1 } else { duration.max(2) };
+    for &(kind, use_rsa) in kinds {
         for c in &contenders {
             handshakes.push((kind, c.name, Vec::new()));
         }
@@ -365,7 +471,7 @@ pub fn run(args: &Args) -> Result<()> {
                         .trim_start_matches("https://")
                         .parse()?
                 };
-                let m = full_handshakes(addr, duration.max(2), c.child.id(), others.as_deref())?;
+                let m = full_handshakes(addr, handshake_seconds, c.child.id(), others.as_deref())?;
                 eprintln!(
                     "  {kind:11} {:8} {:>8.0} handshakes/s  {:>8.1} µs CPU/handshake",
                     c.name, m.0, m.1
@@ -380,6 +486,7 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     drop(contenders);
+    drop(hap);
     drop(baseline);
     drop(gw);
     drop(ng);
@@ -392,10 +499,11 @@ pub fn run(args: &Args) -> Result<()> {
         results,
         direct,
         idle,
+        idle_n,
         names,
     };
     let mut table = report.table();
-    if !args.quick {
+    if !args.quick && args.selects("tunnels") {
         // WebSocket bulk: the tunnel benchmark (splice, copy, nginx), its own binary.
         let mut build = Command::new(crate::cargo());
         build.current_dir(workspace_root()).args([
@@ -423,16 +531,28 @@ pub fn run(args: &Args) -> Result<()> {
             String::from_utf8_lossy(&output.stdout)
         );
     }
-    let _ = writeln!(table, "\nFull TLS handshakes (`openssl s_time -new`, one client, one request per connection; medians):\n");
-    let _ = writeln!(
-        table,
-        "| certificate | proxy | handshakes/s | CPU µs per handshake |"
-    );
-    let _ = writeln!(table, "|---|---|---:|---:|");
-    for (kind, who, samples) in &handshakes {
-        let rate = median(samples.iter().map(|s| s.0).collect());
-        let cpu = median(samples.iter().map(|s| s.1).collect());
-        let _ = writeln!(table, "| {kind} | {who} | {rate:.0} | {cpu:.0} |");
+    if !handshakes.is_empty() {
+        let _ = writeln!(table, "\nFull TLS handshakes (`openssl s_time -new`, one client, one request per connection; medians):\n");
+        let _ = writeln!(
+            table,
+            "| certificate | proxy | handshakes/s | CPU µs per handshake | CPU / nginx |"
+        );
+        let _ = writeln!(table, "|---|---|---:|---:|---:|");
+        let cpu_of = |kind: &str, who: &str| {
+            handshakes
+                .iter()
+                .find(|(k, w, _)| *k == kind && *w == who)
+                .map(|(_, _, samples)| median(samples.iter().map(|s| s.1).collect()))
+        };
+        for (kind, who, samples) in &handshakes {
+            let rate = median(samples.iter().map(|s| s.0).collect());
+            let cpu = median(samples.iter().map(|s| s.1).collect());
+            let ratio = cpu_of(kind, "nginx").map_or(0.0, |n| cpu / n.max(1e-9));
+            let _ = writeln!(
+                table,
+                "| {kind} | {who} | {rate:.0} | {cpu:.0} | {ratio:.2} |"
+            );
+        }
     }
     println!("{table}");
     std::fs::create_dir_all(&out_dir)?;
@@ -442,7 +562,7 @@ pub fn run(args: &Args) -> Result<()> {
     )?;
     std::fs::write(out_dir.join("results.md"), &table)?;
     std::fs::write(out_dir.join("cpu_per_request.svg"), report.svg())?;
-    if !args.quick && args.out.is_none() {
+    if !args.quick && args.out.is_none() && args.only.is_empty() {
         splice_into_docs(&table)?;
     }
     eprintln!("xtask bench: results in {}", out_dir.display());
@@ -617,19 +737,7 @@ fn start_reference_nginx(
     std::fs::write(dir.join("ng/nginx.conf"), conf)?;
     let child = spawn_nginx(nginx, &dir.join("ng"), cpus)
         .context("starting nginx with the reference config")?;
-    let proc = Proc {
-        name: "nginx",
-        child,
-        url: format!("http://{addr}"),
-        tls_url: Some(format!("https://{tls_addr}")),
-        rsa_addr: Some(rsa_addr),
-        h2_url: Some(format!("https://{h2_addr}")),
-    };
-    wait_port(addr)?;
-    wait_port(tls_addr)?;
-    wait_port(h2_addr)?;
-    wait_port(rsa_addr)?;
-    Ok(proc)
+    Proc::listening("nginx", child, addr, tls_addr, rsa_addr, h2_addr)
 }
 
 fn start_gateway(
@@ -645,8 +753,12 @@ fn start_gateway(
     let rsa_addr = free_addr();
     let admin = free_addr();
     let d = dir.display();
+    // The reference's `worker_connections 16384` per worker, not the default derived from
+    // the descriptor limit (which saves one upstream descriptor per client connection and
+    // so would refuse the idle-memory figure's 10,000 connections under a 20,000 limit).
+    let max_connections = 16384 * workers;
     let conf = format!(
-        "[server]\nworkers = {workers}\n\n[log]\naccess = \"off\"\nlevel = \"warn\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
+        "[server]\nworkers = {workers}\nmax_connections = {max_connections}\n\n[log]\naccess = \"off\"\nlevel = \"warn\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
          [http2]\nmax_requests_per_connection = {H2_REQUESTS_PER_CONNECTION}\n\n\
          [[listener]]\nname = \"http\"\nlisten = \"{addr}\"\n\n\
          [[listener]]\nname = \"https\"\nlisten = \"{tls_addr}\"\n\
@@ -658,27 +770,80 @@ fn start_gateway(
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, conf)?;
-    let child = pinned(bin, cpus)
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
+    let child = spawn_with_config(bin, cpus, &["run", "--config"], &path)?;
+    // TLS listeners offer ALPN h2 then http/1.1 by default: h2 on the same listener.
+    Proc::listening(name, child, addr, tls_addr, rsa_addr, tls_addr)
+}
+
+/// Starts a proxy `bin` with `flags` then its config file, stderr shown (warnings, fatal
+/// config errors), stdout dropped.
+fn spawn_with_config(
+    bin: &Path,
+    cpus: Option<&str>,
+    flags: &[&str],
+    config: &Path,
+) -> Result<Child> {
+    pinned(bin, cpus)
+        .args(flags)
+        .arg(config)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let proc = Proc {
-        name,
-        child,
-        url: format!("http://{addr}"),
-        tls_url: Some(format!("https://{tls_addr}")),
-        rsa_addr: Some(rsa_addr),
-        // TLS listeners offer ALPN h2 then http/1.1 by default: the same listener.
-        h2_url: Some(format!("https://{tls_addr}")),
-    };
-    wait_port(addr)?;
-    wait_port(tls_addr)?;
-    wait_port(rsa_addr)?;
-    Ok(proc)
+        .with_context(|| format!("starting {}", bin.display()))
+}
+
+/// The most connections HAProxy accepts under this machine's descriptor hard limit: it
+/// refuses to start unless `2 × maxconn` plus one per listener and a few more descriptors
+/// fit (a server side per client connection, whether used or not).
+fn haproxy_maxconn() -> u64 {
+    (nofile_hard_limit().saturating_sub(100) / 2).max(1000)
+}
+
+/// HAProxy as the third contender, configured as the reference front is: the same routes,
+/// header work (`option forwardfor`, `X-Real-IP`, `X-Forwarded-Proto`), timeouts and body
+/// limit, upstream connections reused (`http-reuse always`), one process with `nbthread`
+/// = workers, in the foreground (`-db`) so its CPU is this child's. Certificate and key go
+/// in one PEM per certificate, as HAProxy wants them.
+fn start_haproxy(
+    bin: &Path,
+    dir: &Path,
+    upstream: SocketAddr,
+    workers: usize,
+    cpus: Option<&str>,
+) -> Result<Proc> {
+    for name in ["ecdsa", "rsa"] {
+        let mut pem = std::fs::read(dir.join(format!("{name}.crt")))?;
+        pem.extend(std::fs::read(dir.join(format!("{name}.key")))?);
+        std::fs::write(dir.join(format!("{name}.pem")), pem)?;
+    }
+    let addr = free_addr();
+    let tls_addr = free_addr();
+    let rsa_addr = free_addr();
+    let h2_addr = free_addr();
+    let d = dir.display();
+    let maxconn = haproxy_maxconn();
+    let conf = format!(
+        "global\n    nbthread {workers}\n    maxconn {maxconn}\n    pidfile {d}/haproxy.pid\n    \
+         ssl-default-bind-options ssl-min-ver TLSv1.2\n    tune.ssl.cachesize 40000\n\n\
+         defaults\n    mode http\n    option http-keep-alive\n    http-reuse always\n    \
+         timeout connect 60s\n    timeout client 60s\n    timeout http-request 60s\n    \
+         timeout http-keep-alive 5s\n    timeout server 300s\n    timeout tunnel 3600s\n\n\
+         frontend front\n    bind {addr}\n    bind {tls_addr} ssl crt {d}/ecdsa.pem\n    \
+         bind {rsa_addr} ssl crt {d}/rsa.pem\n    bind {h2_addr} ssl crt {d}/ecdsa.pem alpn h2\n    \
+         option forwardfor\n    http-request set-header X-Real-IP %[src]\n    \
+         http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}\n    \
+         http-request set-header X-Forwarded-Proto http unless {{ ssl_fc }}\n    \
+         # client_max_body_size 50m (declared lengths; HAProxy has no limit on chunked ones)\n    \
+         http-request deny deny_status 413 if {{ req.hdr_val(content-length) gt 52428800 }}\n    \
+         http-request deny deny_status 404 unless {{ path_beg /api/ /ws }} || {{ path /health }}\n    \
+         use_backend ws if {{ path_beg /ws }}\n    default_backend api\n\n\
+         backend api\n    server up {upstream}\n\n\
+         backend ws\n    balance source\n    server up {upstream}\n"
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, conf)?;
+    let child = spawn_with_config(bin, cpus, &["-db", "-f"], &path)?;
+    Proc::listening("haproxy", child, addr, tls_addr, rsa_addr, h2_addr)
 }
 
 /// The process and its children (nginx workers), for CPU and memory accounting.
@@ -957,15 +1122,30 @@ fn full_handshakes(
     Ok((count / secs.max(1e-9), (cpu1 - cpu0) * 1e6 / count))
 }
 
-/// Opens `n` keep-alive connections, one request each, holds them idle, and reports the
-/// growth in resident memory per connection (KiB).
-fn idle_memory_per_connection(target: &Proc, n: usize) -> Result<f64> {
+/// Memory one idle keep-alive connection costs a proxy.
+#[derive(Debug, Clone, Copy)]
+struct IdleMemory {
+    /// Connections held.
+    connections: usize,
+    /// Growth of the proxy's resident memory (all its processes), KiB per connection.
+    rss_kib: f64,
+    /// The kernel's memory for the proxy's side of the connections (`ss -tm` skmem
+    /// r + w + f + o + bl), KiB per connection: not in RSS, reported apart.
+    socket_kib: f64,
+}
+
+/// Opens `n` keep-alive connections, one request each, holds them idle, and reports what
+/// each costs the proxy in resident memory and in kernel socket memory.
+fn idle_memory_per_connection(target: &Proc, n: usize) -> Result<IdleMemory> {
     let addr: SocketAddr = target.url.trim_start_matches("http://").parse()?;
     let pid = target.child.id();
     let before = rss_kib(pid, "VmRSS:");
+    let socket_before = socket_memory_bytes(addr.port())?;
     let mut conns = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut s = TcpStream::connect(addr)?;
+    for i in 0..n {
+        let mut s = TcpStream::connect(addr)
+            .with_context(|| format!("idle connection {i} of {n} to {}", target.name))?;
+        close_with_reset(&s);
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         s.write_all(b"GET /api/small HTTP/1.1\r\nHost: bench\r\n\r\n")?;
         let mut buf = [0u8; 1024];
@@ -977,8 +1157,89 @@ fn idle_memory_per_connection(target: &Proc, n: usize) -> Result<f64> {
     }
     std::thread::sleep(Duration::from_millis(300));
     let after = rss_kib(pid, "VmRSS:");
+    let socket_after = socket_memory_bytes(addr.port())?;
     drop(conns);
-    Ok(after.saturating_sub(before) as f64 / n as f64)
+    Ok(IdleMemory {
+        connections: n,
+        rss_kib: after.saturating_sub(before) as f64 / n as f64,
+        socket_kib: socket_after.saturating_sub(socket_before) as f64 / 1024.0 / n as f64,
+    })
+}
+
+/// SO_LINGER with a zero timeout: closing sends RST and leaves no TIME_WAIT behind, so
+/// tens of thousands of idle-memory connections per run do not exhaust the ephemeral ports
+/// the later scenarios need.
+fn close_with_reset(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Kernel memory of the established TCP sockets whose local port is `port` (the proxy's
+/// side of client connections), in bytes, from `ss -tm`'s skmem fields.
+fn socket_memory_bytes(port: u16) -> Result<u64> {
+    let output = Command::new("ss")
+        .args(["-tmnH", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .context("running ss (iproute2)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "skmem:(r0,rb131072,t0,tb2626560,f0,w0,o0,bl0,d0)": allocated receive (r) and
+    // queued send (w) memory, forward allocation (f), option memory (o), backlog (bl).
+    Ok(text
+        .split("skmem:(")
+        .skip(1)
+        .filter_map(|rest| rest.split(')').next())
+        .flat_map(|fields| fields.split(','))
+        .filter_map(|kv| {
+            let value_at = kv.find(|c: char| c.is_ascii_digit())?;
+            let (key, value) = kv.split_at(value_at);
+            matches!(key, "r" | "w" | "f" | "o" | "bl")
+                .then(|| value.parse::<u64>().ok())
+                .flatten()
+        })
+        .sum())
+}
+
+fn nofile_hard_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid pointer to an rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_max
+    } else {
+        1024
+    }
+}
+
+/// Raises this process's RLIMIT_NOFILE soft limit to the hard limit (the idle-memory
+/// figures hold one client socket per connection here).
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 struct Report<'a> {
@@ -987,7 +1248,9 @@ struct Report<'a> {
     rounds: usize,
     results: BTreeMap<&'static str, BTreeMap<&'static str, Vec<Sample>>>,
     direct: BTreeMap<&'static str, Sample>,
-    idle: Vec<(&'static str, f64)>,
+    idle: Vec<(&'static str, IdleMemory)>,
+    /// Idle connections held per contender for `idle`.
+    idle_n: usize,
     /// The contenders in the order they ran, nginx first.
     names: Vec<&'static str>,
 }
@@ -1087,16 +1350,25 @@ impl Report<'_> {
                 );
             }
         }
-        let idle: Vec<String> = self
-            .idle
-            .iter()
-            .map(|(who, kib)| format!("{who} {kib:.1} KiB"))
-            .collect();
-        let _ = writeln!(
-            t,
-            "\nIdle keep-alive connections, resident memory per connection: {}.",
-            idle.join(", ")
-        );
+        if !self.idle.is_empty() {
+            let _ = writeln!(
+                t,
+                "\nIdle keep-alive connections (up to {} held, plaintext, {} workers), memory per connection:\n",
+                self.idle_n, self.args.workers
+            );
+            let _ = writeln!(
+                t,
+                "| proxy | connections | resident KiB | kernel socket KiB (`ss -tm`) |"
+            );
+            let _ = writeln!(t, "|---|---:|---:|---:|");
+            for (who, m) in &self.idle {
+                let _ = writeln!(
+                    t,
+                    "| {who} | {} | {:.1} | {:.1} |",
+                    m.connections, m.rss_kib, m.socket_kib
+                );
+            }
+        }
         t
     }
 
@@ -1122,6 +1394,21 @@ impl Report<'_> {
                     serde_json::json!({"rps": d.rps, "p99_ms": d.p99_ms}),
                 );
             }
+            // Medians of every other contender over nginx's, as in the table.
+            let mut ratios = serde_json::Map::new();
+            for &who in self.names.iter().filter(|w| **w != "nginx") {
+                if let (Some(n), Some(m)) = (self.medians(name, "nginx"), self.medians(name, who)) {
+                    ratios.insert(
+                        who.to_string(),
+                        serde_json::json!({
+                            "rps": m.rps / n.rps.max(1e-9),
+                            "p99_ms": m.p99_ms / n.p99_ms.max(1e-9),
+                            "cpu_us_per_req": m.cpu_us_per_req / n.cpu_us_per_req.max(1e-9),
+                        }),
+                    );
+                }
+            }
+            entry.insert("ratio_to_nginx".into(), serde_json::Value::Object(ratios));
             scenarios.insert(name.to_string(), serde_json::Value::Object(entry));
         }
         serde_json::json!({
@@ -1131,7 +1418,8 @@ impl Report<'_> {
             "rounds": self.rounds,
             "proxy_cpus": self.args.proxy_cpus,
             "scenarios": scenarios,
-            "idle_kib_per_connection": self.idle.iter().map(|(who, kib)| (who.to_string(), serde_json::json!(kib))).collect::<serde_json::Map<_, _>>(),
+            "idle_connections": self.idle_n,
+            "idle_kib_per_connection": self.idle.iter().map(|(who, m)| (who.to_string(), serde_json::json!({"connections": m.connections, "rss": m.rss_kib, "kernel_socket": m.socket_kib}))).collect::<serde_json::Map<_, _>>(),
         })
     }
 

@@ -40,6 +40,8 @@ const DEBIAN_PACKAGES: &[(&str, Option<&str>)] = &[
     ("hping3", Some("hping3")),
     ("linux-perf", Some("perf")),
     ("nghttp2-client", Some("h2load")),
+    // The bench's third contender (HAProxy 2.6 on Debian 12).
+    ("haproxy", Some("haproxy")),
     ("python3-websockets", None),
 ];
 

@@ -134,6 +134,9 @@ pub fn run(args: &Args) -> Result<()> {
             // The same binary as its own baseline: exercises the before/after path.
             baseline_bin: Some(gateway_bin.clone()),
             out: Some(target_dir()?.join("bench-quick")),
+            only: Vec::new(),
+            idle_connections: None,
+            no_haproxy: false,
         })?;
     }
     Ok(())

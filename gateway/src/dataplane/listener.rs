@@ -273,12 +273,16 @@ fn admit<D: Driver>(
         listener: ctx.name.clone(),
     };
     let w = worker.clone();
-    D::spawn(async move {
+    // The task's future is allocated once for the connection's whole life at the size
+    // of its largest state, so every idle keep-alive connection pays for the largest
+    // one. The branches a connection leaves behind or few connections take (the
+    // PROXY/TLS preamble, HTTP/2) are boxed: allocated while they run, not for ever.
+    let task = async move {
         let _guard = guard;
         let mut _ticket = ticket;
         let accepted = Instant::now();
         if let Some((io, peer, initial)) =
-            conn::preamble::preamble(&w, &ctx, stream, peer, accepted).await
+            Box::pin(conn::preamble::preamble(&w, &ctx, stream, peer, accepted)).await
         {
             if ctx.settings.proxy_protocol {
                 match w.shared.conn_limiter.on_accept(peer.ip()) {
@@ -295,12 +299,17 @@ fn admit<D: Driver>(
                     conn::h1::serve(w, ctx, io, peer, accepted, initial).await
                 }
                 Protocol::Http2(io, read_ahead) => {
-                    conn::h2::serve(w, ctx, io, read_ahead, peer, accepted).await
+                    Box::pin(conn::h2::serve(w, ctx, io, read_ahead, peer, accepted)).await
                 }
                 Protocol::Closed => {}
             }
         }
-    });
+    };
+    tracing::trace!(
+        bytes = std::mem::size_of_val(&task),
+        "connection task (memory per connection)"
+    );
+    D::spawn(task);
 }
 
 #[cfg(test)]

@@ -40,6 +40,12 @@ impl Stream for EpollStream {
         }
     }
 
+    /// Readiness is this driver's native wait; a stale readiness only makes the read that
+    /// follows meet `WouldBlock` and wait itself.
+    async fn wait_readable(&self) -> io::Result<()> {
+        self.inner.readable().await
+    }
+
     async fn write_all<B: BoundedBuf>(&self, buf: B) -> (io::Result<()>, B) {
         // SAFETY: BoundedBuf guarantees `stable_ptr()` is valid for `bytes_init()` bytes
         // for as long as the buffer is not mutated, and we hold it until we return it.

@@ -50,6 +50,15 @@ pub use uring::UringStream;
 pub trait Stream: 'static {
     /// Reads into the spare capacity of `buf` (appending after its length). `Ok(0)` is EOF.
     async fn read(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut);
+    /// Resolves once a [`Stream::read`] would find bytes (or EOF, or an error) without
+    /// holding a buffer meanwhile: how an idle keep-alive connection waits for its next
+    /// request, so that thousands of idle connections park no buffer in an in-flight read.
+    /// Consumes nothing. May resolve early (the read that follows then simply waits, with
+    /// its buffer, as it would have anyway); never resolves late while bytes are queued.
+    /// The default resolves at once: right for streams whose reads are scripted.
+    async fn wait_readable(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Writes all of `buf`.
     async fn write_all<B: BoundedBuf>(&self, buf: B) -> (io::Result<()>, B);
     /// Opens a connection to an upstream within `timeout`.

@@ -23,6 +23,10 @@ pub struct UringStream {
     /// Operations submitted and not yet completed; non-zero on drop means a future holding
     /// an operation was dropped and the socket must be shut down to complete it.
     in_flight: Cell<u32>,
+    /// The last read returned less than it asked for, so the socket's receive queue was
+    /// empty then: any byte after it raises a new edge-triggered readiness event, which is
+    /// what lets [`Stream::wait_readable`] clear readiness and sleep on the reactor.
+    drained: Cell<bool>,
 }
 
 impl UringStream {
@@ -32,7 +36,26 @@ impl UringStream {
             reactor: std::cell::OnceCell::new(),
             inner,
             in_flight: Cell::new(0),
+            drained: Cell::new(false),
         }
+    }
+
+    /// The socket's registration with the worker's reactor (epoll beside the ring), made
+    /// on first use.
+    fn reactor(&self) -> io::Result<&tokio::io::unix::AsyncFd<WatchedFd>> {
+        if let Some(r) = self.reactor.get() {
+            return Ok(r);
+        }
+        let fd = self.inner.as_raw_fd();
+        // SAFETY: the registration lives in this struct and is dropped before `inner`,
+        // so the descriptor stays open for as long as it is registered.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                WatchedFd(fd),
+                tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+            )
+        }?;
+        Ok(self.reactor.get_or_init(|| registered))
     }
 }
 
@@ -46,7 +69,25 @@ impl Stream for UringStream {
         self.in_flight.set(self.in_flight.get() + 1);
         let (res, slice) = self.inner.read(buf.slice(len..cap)).await;
         self.in_flight.set(self.in_flight.get() - 1);
+        self.drained
+            .set(matches!(res, Ok(n) if n > 0 && n < cap - len));
         (res, slice.into_inner())
+    }
+
+    /// Readiness from the reactor, not an io_uring poll (tokio-uring 0.5 has no poll
+    /// operation): one `epoll_ctl` per connection on its first idle wait, nothing per
+    /// request. The reactor is edge-triggered, so readiness is cleared here, before the
+    /// read that follows, and only when the last read drained the socket: then every byte
+    /// that arrives later raises a new event. Otherwise bytes may still be queued with no
+    /// edge to come, so this returns at once and the read takes them.
+    async fn wait_readable(&self) -> io::Result<()> {
+        if !self.drained.get() {
+            return Ok(());
+        }
+        self.drained.set(false);
+        let mut ready = self.reactor()?.readable().await?;
+        ready.clear_ready();
+        Ok(())
     }
 
     async fn write_all<B: BoundedBuf>(&self, buf: B) -> (io::Result<()>, B) {
@@ -69,21 +110,7 @@ impl Stream for UringStream {
         interest: tokio::io::Interest,
         mut f: impl FnMut(RawFd) -> io::Result<R>,
     ) -> io::Result<R> {
-        if self.reactor.get().is_none() {
-            let fd = self.inner.as_raw_fd();
-            // SAFETY: the registration lives in this struct and is dropped before `inner`,
-            // so the descriptor stays open for as long as it is registered.
-            let registered = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(
-                    WatchedFd(fd),
-                    tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
-                )
-            }
-            .map_err(io::Error::from)?;
-            let _ = self.reactor.set(registered);
-        }
-        let reactor = self.reactor.get().expect("registered above");
-        reactor.async_io(interest, |w| f(w.0)).await
+        self.reactor()?.async_io(interest, |w| f(w.0)).await
     }
 
     fn shutdown_write(&self) {

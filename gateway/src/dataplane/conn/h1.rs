@@ -94,11 +94,8 @@ pub async fn serve<S: Stream>(
     let mut c = Client {
         io,
         peer,
-        buf: if initial.is_empty() {
-            BytesMut::with_capacity(HEAD_BUF_SIZE)
-        } else {
-            initial
-        },
+        // Empty until the client is readable (see `read_head`).
+        buf: initial,
         head: RequestHead::default(),
         resp: ResponseHead::default(),
     };
@@ -156,7 +153,11 @@ pub async fn serve<S: Stream>(
             }
         }
         let client_ip = client_ip(&c.buf, &c.head, peer.ip(), &listener.settings);
-        let outcome = handle(&mut c, &w, &snap, &listener, client_ip).await;
+        // Boxed: the exchange's state is allocated while a request runs and given back
+        // after, so an idle keep-alive connection's task is the size of this loop alone
+        // (one allocation per request, the same size each time: the allocator's cache
+        // hands the same block back).
+        let outcome = Box::pin(handle(&mut c, &w, &snap, &listener, client_ip)).await;
         let elapsed = started.elapsed();
         w.stats.borrow_mut().request(
             &listener.name,
@@ -212,10 +213,8 @@ pub async fn serve<S: Stream>(
             // A piece split off a pool buffer (whose rest went back): freed here.
             c.buf.extend_from_slice(&extra);
         }
-        if c.buf.is_empty() && c.buf.capacity() > HEAD_BUF_SIZE * 4 {
-            // A large head grew the buffer; do not keep that memory on an idle connection.
-            c.buf = BytesMut::with_capacity(HEAD_BUF_SIZE);
-        }
+        // An empty head buffer, however large a head grew it, is given back while the
+        // connection waits idle for its next request (`read_head`).
     }
 }
 
@@ -282,6 +281,22 @@ async fn read_head<S: Stream>(
             Some(t) => t + snap.server.header_timeout,
             None => idle_deadline,
         };
+        if started.is_none() && c.buf.is_empty() {
+            // Idle (a fresh connection, or keep-alive between requests): wait until the
+            // client is readable holding no buffer, so an idle connection costs no head
+            // buffer parked in an in-flight read; the buffer is taken once bytes are there.
+            c.buf = BytesMut::new();
+            let wait = crate::util::clock::timeout_at(deadline, c.io.wait_readable());
+            tokio::select! {
+                r = wait => match r {
+                    // Nothing received at all: close quietly, like nginx does.
+                    Err(_) => return Ok(None),
+                    Ok(Err(_)) => return Err(HttpError::ClientGone("read error")),
+                    Ok(Ok(())) => {}
+                },
+                _ = w.drained() => return Ok(None),
+            }
+        }
         if c.buf.capacity() - c.buf.len() < 1024 {
             c.buf
                 .reserve(c.buf.len().max(HEAD_BUF_SIZE).min(max + 1024));

@@ -358,6 +358,21 @@ impl<S: Stream> Stream for TlsStream<S> {
         }
     }
 
+    /// Idle between requests: plaintext rustls already decrypted, or ciphertext not yet
+    /// handed to it, is readable now. Otherwise the ciphertext buffer (up to
+    /// [`READ_CHUNK`]) is given back to the allocator before waiting on the socket, so an
+    /// idle TLS connection keeps only rustls' own state; the next read takes a new one.
+    /// (rustls shrinks its record buffer to 4 KiB by itself once it holds no record.)
+    async fn wait_readable(&self) -> io::Result<()> {
+        let incoming = self.incoming.take();
+        if !incoming.is_empty() || !self.conn.borrow().wants_read() {
+            self.incoming.set(incoming);
+            return Ok(());
+        }
+        drop(incoming);
+        self.inner.wait_readable().await
+    }
+
     async fn write_all<B: BoundedBuf>(&self, buf: B) -> (io::Result<()>, B) {
         // SAFETY: a `BoundedBuf` points at `bytes_init()` initialised bytes that stay put
         // while the buffer is alive (the contract io_uring relies on), and `buf` is held
@@ -516,6 +531,13 @@ impl<S: Stream> Stream for MaybeTls<S> {
         match self {
             MaybeTls::Plain(s) => s.read(buf).await,
             MaybeTls::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn wait_readable(&self) -> io::Result<()> {
+        match self {
+            MaybeTls::Plain(s) => s.wait_readable().await,
+            MaybeTls::Tls(s) => s.wait_readable().await,
         }
     }
 
