@@ -284,6 +284,14 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
     );
 
     let shared = Shared::new(snapshot, conn_limiter);
+    // [limits.global]: sources over the fleet's rate lose their SYNs in the kernel too.
+    match xdp.as_ref().map(|g| g.fleet_marker()) {
+        Some(Ok(marker)) => shared.global_limit.set_sink(Arc::new(marker)),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e.detail(), "XDP fleet-wide verdicts unavailable: [limits.global] is enforced per request only")
+        }
+        None => {}
+    }
 
     let workers = config.effective_workers();
     let control = Control::new(shared.clone(), config_path, Some(log.clone()), dns);
@@ -300,6 +308,7 @@ fn run(loaded: LoadedConfig) -> anyhow::Result<ExitCode> {
         let admin = tokio::net::TcpListener::from_std(admin)?;
         runtime.spawn(gateway::control::admin::serve(admin, control.clone()));
         runtime.spawn(control.clone().refresh_names());
+        runtime.spawn(control.clone().sync_global_limits());
     }
 
     // Signal handlers before the workers start: a SIGTERM during start-up then drains

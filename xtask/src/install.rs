@@ -41,6 +41,8 @@ const DEBIAN_PACKAGES: &[(&str, Option<&str>)] = &[
     ("linux-perf", Some("perf")),
     ("nghttp2-client", Some("h2load")),
     ("python3-websockets", None),
+    // The shared counter store of `[limits.global]` (tests/tests/global_limits.rs, the bench).
+    ("redis-server", Some("redis-server")),
 ];
 
 #[derive(clap::Args, Default)]

@@ -1,6 +1,6 @@
 //! The little state every thread shares: the current snapshot (swapped whole by a reload),
 //! the drain flag, the connection count, the workers' published counters and the per-IP
-//! connection limiter.
+//! connection limiter, and the fleet-wide limit's state.
 
 use crate::snapshot::Snapshot;
 use arc_swap::ArcSwap;
@@ -25,6 +25,8 @@ pub struct Shared {
     /// Per-IP connection limits (deny, rate when XDP is not enforcing it, concurrent cap),
     /// checked once per accepted connection; it also marks capped IPs for XDP.
     pub conn_limiter: crate::policy::limits::ConnLimiter,
+    /// `[limits.global]`: the workers' batches of hits and the fleet's over-limit set.
+    pub global_limit: crate::policy::global_limit::GlobalLimit,
 }
 
 impl Shared {
@@ -32,6 +34,7 @@ impl Shared {
         snapshot: Snapshot,
         conn_limiter: crate::policy::limits::ConnLimiter,
     ) -> Arc<Shared> {
+        let workers = snapshot.server.workers;
         Arc::new(Shared {
             generation: AtomicU64::new(snapshot.generation),
             installed: tokio::sync::watch::Sender::new(snapshot.generation),
@@ -40,6 +43,7 @@ impl Shared {
             connections: AtomicUsize::new(0),
             listening: AtomicBool::new(false),
             metrics: crate::telemetry::metrics::Registry::default(),
+            global_limit: crate::policy::global_limit::GlobalLimit::new(workers),
             conn_limiter,
         })
     }
