@@ -122,13 +122,16 @@ fn drive(clients: &mut [Client], per_node_rate: u32, duration: Duration) -> (u32
     (ok, refused)
 }
 
-/// Until the spreading client from `source` is refused by the fleet (or 10 s pass).
+/// Until the spreading client from `source` is refused by the fleet (or 10 s pass): each
+/// node gets 24 requests per second, under its local 25/s, so the refusals are the fleet's
+/// even for a fleet of one (checked in the metrics).
 fn drive_until_refused(fleet: &Fleet, source: &str) {
     let mut clients = fleet.clients(source);
+    let before = fleet.global_rejections();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, refused) = drive(&mut clients, 20, Duration::from_millis(300));
-        if refused > 0 {
+        let (_, refused) = drive(&mut clients, LOCAL_RATE - 1, Duration::from_millis(300));
+        if refused > 0 && fleet.global_rejections() > before {
             return;
         }
         assert!(
@@ -286,4 +289,131 @@ fn a_password_in_the_url_authenticates_and_a_wrong_one_is_counted_and_fails_open
         !gw.stderr().contains("s3cret") && !gw.stderr().contains(":wrong@"),
         "the password leaked into the log"
     );
+}
+
+/// The XDP part, across a real interface: a gateway with the guard attached (generic mode)
+/// to the host end of a veth pair, its listener on that end's address, the client in the
+/// namespace behind it. Once the fleet counts the client over, its new connections are
+/// dropped in the kernel (`drop_fleet`), and pass again once its window clears.
+#[test]
+fn xdp_drops_an_over_limit_clients_new_connections_until_its_window_clears() {
+    if !gateway_test_support::privileged(
+        "xdp_drops_an_over_limit_clients_new_connections_until_its_window_clears",
+        "CAP_BPF, CAP_NET_ADMIN",
+    ) {
+        return;
+    }
+    let redis = Redis::start();
+    let veth = gateway_test_support::VethPair::create();
+    // Declared before the gateway, so the pins are removed after it stops.
+    let pin = gateway_test_support::PinDir::new("gateway-test-global-limits");
+    let origin = Origin::named("api");
+    let mut config = Config::proxy_all(&[origin.addr()])
+        .workers(1)
+        .extra(&format!(
+            "[limits.global]\nredis = \"{}\"\nrequest_rate = \"5/s\"\nsync_interval = \"{SYNC_MS}ms\"\n\n\
+             [xdp]\nmode = \"generic\"\ninterface = \"{}\"\npin_path = \"{}\"\n",
+            redis.url(),
+            veth.host_if,
+            pin.path().display()
+        ));
+    let host = IpAddr::V4(veth.host4);
+    config.http_addr = (host, gateway_test_support::free_port_on(host)).into();
+    let gw = Gateway::with(&config);
+    wait_until(Duration::from_secs(10), "Redis reached", || redis_up(&gw));
+    let addr = gw.http_addr();
+    let drops = || {
+        metric(
+            &gw,
+            "gateway_xdp_packets_total",
+            &[("verdict", "drop_fleet")],
+        )
+    };
+    let before = drops();
+
+    // From the namespace: requests on one connection until the fleet refuses them.
+    let retry_after = veth.run_in(move || {
+        let mut c = Client::connect(addr);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = c.get("/x");
+            if r.status == 429 {
+                return r.header("retry-after").unwrap().parse::<u64>().unwrap();
+            }
+            assert_eq!(r.status, 200);
+            assert!(Instant::now() < deadline, "never refused");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    assert!(retry_after <= 2, "Retry-After {retry_after}");
+    // Its next connection attempt gets no SYN-ACK: the program drops the SYN.
+    let refused_at = Instant::now();
+    let connected = veth.run_in(move || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+    });
+    assert!(
+        !connected,
+        "a new connection from the over-limit source was accepted"
+    );
+    wait_until(Duration::from_secs(5), "drop_fleet counted", || {
+        drops() > before
+    });
+    // Once its window clears the program lets it in again.
+    let status = veth.run_in(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                drop(s);
+                let mut c = Client::connect(addr);
+                return c.get("/x").status;
+            }
+            assert!(Instant::now() < deadline, "the source stayed dropped");
+        }
+    });
+    assert_eq!(status, 200);
+    assert!(
+        refused_at.elapsed() < Duration::from_secs(retry_after + 5),
+        "dropped for {:?}",
+        refused_at.elapsed()
+    );
+}
+
+/// `[limits.global]` follows reloads: removed, the node forgets the fleet's verdicts at
+/// once; added back with another Redis, it counts there.
+#[test]
+fn a_reload_removes_and_changes_the_table() {
+    let first = Redis::start();
+    let second = Redis::start();
+    let origin = Origin::named("api");
+    let gw = node(&origin, &first.url());
+    wait_until(Duration::from_secs(10), "Redis reached", || redis_up(&gw));
+    let fleet_of_one = Fleet {
+        nodes: vec![gw],
+        _origin: origin,
+    };
+    drive_until_refused(&fleet_of_one, "127.0.0.9");
+    let gw = &fleet_of_one.nodes[0];
+    let original = std::fs::read_to_string(gw.config_path()).unwrap();
+    let reload = |text: String, n: f64| {
+        std::fs::write(gw.config_path(), text).unwrap();
+        gw.signal(libc::SIGHUP);
+        wait_until(Duration::from_secs(5), "the reload", || {
+            scrape(gw.admin_addr()).get("gateway_config_reloads_total", &[("result", "success")])
+                == Some(n)
+        });
+    };
+
+    let cut = original.find("[limits.global]").expect("the table");
+    reload(original[..cut].to_string(), 1.0);
+    wait_until(Duration::from_secs(5), "the verdicts dropped", || {
+        !redis_up(gw) && metric(gw, "gateway_global_limit_over_sources", &[]) == 0.0
+    });
+    let mut c = Client::connect_from(ip("127.0.0.9"), gw.http_addr());
+    assert_eq!(c.get("/x").status, 200, "only the local limit applies");
+
+    reload(original.replace(&first.url(), &second.url()), 2.0);
+    wait_until(Duration::from_secs(10), "the second Redis reached", || {
+        redis_up(gw)
+    });
+    drive_until_refused(&fleet_of_one, "127.0.0.10");
 }
