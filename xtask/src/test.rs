@@ -134,6 +134,8 @@ pub fn run(args: &Args) -> Result<()> {
             // The same binary as its own baseline: exercises the before/after path.
             baseline_bin: Some(gateway_bin.clone()),
             out: Some(target_dir()?.join("bench-quick")),
+            // The fleet-wide limit's contender too, so its path does not rot either.
+            global_limit: true,
         })?;
     }
     Ok(())
