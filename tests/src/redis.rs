@@ -13,21 +13,37 @@ pub struct Redis {
     dir: TempDir,
     addr: SocketAddr,
     password: Option<String>,
+    /// TLS only (`rediss://`), with the certificate of [`Redis::with_tls`].
+    tls: bool,
 }
 
 impl Redis {
     /// Starts a Redis on a free loopback port and waits until it answers.
     pub fn start() -> Redis {
-        Redis::launch(None)
+        Redis::launch(None, false)
     }
 
     /// Starts a Redis that requires `password` (`requirepass`).
     pub fn with_password(password: &str) -> Redis {
-        Redis::launch(Some(password.to_string()))
+        Redis::launch(Some(password.to_string()), false)
     }
 
-    fn launch(password: Option<String>) -> Redis {
+    /// Starts a Redis that speaks TLS only, for `localhost`, with a certificate issued by
+    /// a CA of its own: [`ca_file`](Self::ca_file) is what a client must trust.
+    pub fn with_tls() -> Redis {
+        Redis::launch(None, true)
+    }
+
+    /// The CA certificate (PEM) that issued a TLS Redis's certificate.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn launch(password: Option<String>, tls: bool) -> Redis {
         let mut dir = tempfile::tempdir().expect("temp dir for redis");
+        if tls {
+            issue_certificate(dir.path());
+        }
         // The port is picked free and released: another test may take it first, so a
         // start that does not answer is retried on a fresh port.
         for _ in 0..5 {
@@ -37,6 +53,7 @@ impl Redis {
                 dir,
                 addr,
                 password: password.clone(),
+                tls,
             };
             if redis.spawn() {
                 return redis;
@@ -54,9 +71,28 @@ impl Redis {
     /// Runs redis-server on `self.addr`; `true` once it answers PING.
     fn spawn(&mut self) -> bool {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--bind", "127.0.0.1", "--port"])
-            .arg(self.addr.port().to_string())
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        let port = self.addr.port().to_string();
+        cmd.args(["--bind", "127.0.0.1", "-::1"]);
+        if self.tls {
+            let file = |name: &str| self.dir.path().join(name);
+            cmd.args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-auth-clients",
+                "no",
+            ])
+            .arg("--tls-cert-file")
+            .arg(file("redis.pem"))
+            .arg("--tls-key-file")
+            .arg(file("redis.key"))
+            .arg("--tls-ca-cert-file")
+            .arg(file("ca.pem"));
+        } else {
+            cmd.args(["--port", &port]);
+        }
+        cmd.args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
@@ -82,11 +118,15 @@ impl Redis {
         false
     }
 
-    /// Whether a PING gets an answer (`+PONG`, or `-NOAUTH` with a password).
+    /// Whether a PING gets an answer (`+PONG`, or `-NOAUTH` with a password); with TLS,
+    /// whether the port accepts connections.
     fn answers(&self) -> bool {
         let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) else {
             return false;
         };
+        if self.tls {
+            return true;
+        }
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         if s.write_all(b"PING\r\n").is_err() {
             return false;
@@ -101,6 +141,9 @@ impl Redis {
 
     /// The URL a gateway's `[limits.global] redis` takes (with the password, if any).
     pub fn url(&self) -> String {
+        if self.tls {
+            return format!("rediss://localhost:{}/0", self.addr.port());
+        }
         match &self.password {
             Some(p) => format!("redis://:{p}@{}/0", self.addr),
             None => format!("redis://{}/0", self.addr),
@@ -144,6 +187,81 @@ impl Redis {
     pub fn resume(&self) {
         self.signal(libc::SIGCONT);
     }
+}
+
+/// A CA (`ca.pem`) and a certificate for `localhost` it issued (`redis.pem`, `redis.key`)
+/// in `dir`, from the openssl CLI.
+fn issue_certificate(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stderr(Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(status.success(), "openssl {args:?} failed");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-days",
+                "1",
+                "-subj",
+                "/CN=test redis CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                "redis.key",
+                "-out",
+                "redis.csr",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "redis.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "leaf.ext",
+        "-out",
+        "redis.pem",
+    ]);
 }
 
 impl Drop for Redis {

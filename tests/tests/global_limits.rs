@@ -26,12 +26,16 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn node(origin: &Origin, redis_url: &str) -> Gateway {
+    node_syncing_every(origin, redis_url, SYNC_MS)
+}
+
+fn node_syncing_every(origin: &Origin, redis_url: &str, sync_ms: u64) -> Gateway {
     let config = Config::proxy_all(&[origin.addr()])
         .workers(1)
         .extra(&format!(
             "[limits]\nrequest_rate = \"{LOCAL_RATE}/s\"\nrequest_burst = {LOCAL_BURST}\n\n\
          [limits.global]\nredis = \"{redis_url}\"\nrequest_rate = \"{GLOBAL_RATE}/s\"\n\
-         sync_interval = \"{SYNC_MS}ms\"\n"
+         sync_interval = \"{sync_ms}ms\"\n"
         ));
     Gateway::with(&config)
 }
@@ -73,6 +77,20 @@ impl Fleet {
             .collect()
     }
 
+    /// [`global_rejections`](Self::global_rejections) once every worker has published
+    /// its latest counts (they publish every 200 ms): the same value 300 ms apart.
+    fn settled_global_rejections(&self) -> f64 {
+        let mut last = self.global_rejections();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = self.global_rejections();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+
     fn global_rejections(&self) -> f64 {
         self.nodes
             .iter()
@@ -87,16 +105,29 @@ impl Fleet {
     }
 }
 
-/// Sends `per_node_rate` requests per second to each node in turn from `clients` for
-/// `duration`; returns (answered 200, answered 429).
+/// Sends `per_node_rate` requests per second to each node (one thread per client, so a
+/// slow answer from one node does not hold back the others) for `duration`; returns
+/// (answered 200, answered 429) over all nodes.
 fn drive(clients: &mut [Client], per_node_rate: u32, duration: Duration) -> (u32, u32) {
-    let gap = Duration::from_secs_f64(1.0 / f64::from(per_node_rate) / clients.len() as f64);
+    let gap = Duration::from_secs_f64(1.0 / f64::from(per_node_rate));
+    std::thread::scope(|s| {
+        let threads: Vec<_> = clients
+            .iter_mut()
+            .map(|client| s.spawn(move || drive_one(client, gap, duration)))
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    })
+}
+
+fn drive_one(client: &mut Client, gap: Duration, duration: Duration) -> (u32, u32) {
     let (mut ok, mut refused) = (0, 0);
     let start = Instant::now();
     let mut next = start;
-    let mut i = 0;
     while start.elapsed() < duration {
-        let r = clients[i % clients.len()].get("/x");
+        let r = client.get("/x");
         match r.status {
             200 => ok += 1,
             429 => {
@@ -113,11 +144,10 @@ fn drive(clients: &mut [Client], per_node_rate: u32, duration: Duration) -> (u32
             }
             other => panic!("status {other}"),
         }
-        i += 1;
-        next += gap;
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
+        // Behind schedule (a loaded machine): carry on from now rather than catch up in
+        // a burst the local limits would refuse.
+        next = (next + gap).max(Instant::now());
+        std::thread::sleep(next - Instant::now());
     }
     (ok, refused)
 }
@@ -227,9 +257,14 @@ fn redis_killed_the_nodes_fail_open_at_once_and_enforce_again_once_it_is_back() 
         assert!(metric(n, "gateway_global_limit_redis_errors_total", &[]) >= 1.0);
         assert_eq!(metric(n, "gateway_global_limit_over_sources", &[]), 0.0);
     }
-    // Local limits still hold while Redis is down.
-    let (_, refused) = drive(&mut clients, 19, Duration::from_secs(1));
-    assert_eq!(refused, 0, "under each node's local rate");
+    // With Redis down only the local limits apply: the fleet refuses nothing more.
+    let before = fleet.settled_global_rejections();
+    drive(&mut clients, 19, Duration::from_secs(1));
+    assert_eq!(
+        fleet.settled_global_rejections(),
+        before,
+        "fleet refusals with Redis down"
+    );
 
     redis.restart();
     fleet.wait_up(true);
@@ -416,4 +451,61 @@ fn a_reload_removes_and_changes_the_table() {
         redis_up(gw)
     });
     drive_until_refused(&fleet_of_one, "127.0.0.10");
+}
+
+/// `rediss://`: the sync speaks TLS (rustls) to a Redis that only speaks TLS, and trusts
+/// it through the system roots, here a test CA named by `SSL_CERT_FILE` (which
+/// rustls-native-certs reads in the gateway).
+#[test]
+fn rediss_urls_reach_a_tls_only_redis() {
+    let redis = Redis::with_tls();
+    // Read by the children started from here on; the other tests' gateways never load
+    // native roots, so sharing the variable with them changes nothing.
+    std::env::set_var("SSL_CERT_FILE", redis.ca_file());
+    let origin = Origin::named("api");
+    // A debug build's TLS on a loaded test machine needs more than the 200 ms deadline
+    // of a 100 ms interval; 500 ms gives each round trip a second.
+    let gw = node_syncing_every(&origin, &redis.url(), 500);
+    let fleet_of_one = Fleet {
+        nodes: vec![gw],
+        _origin: origin,
+    };
+    fleet_of_one.wait_up(true);
+    drive_until_refused(&fleet_of_one, "127.0.0.11");
+}
+
+/// `conn_rate` across the fleet: new connections from a source the fleet counts over are
+/// closed at accept (before any response), other sources are served.
+#[test]
+fn global_conn_rate_closes_new_connections_at_accept() {
+    let redis = Redis::start();
+    let origin = Origin::named("api");
+    let config = Config::proxy_all(&[origin.addr()])
+        .workers(1)
+        .extra(&format!(
+            "[limits.global]\nredis = \"{}\"\nrequest_rate = \"1000/s\"\nconn_rate = \"5/s\"\n\
+         sync_interval = \"{SYNC_MS}ms\"\n",
+            redis.url()
+        ));
+    let gw = Gateway::with(&config);
+    wait_until(Duration::from_secs(10), "Redis reached", || redis_up(&gw));
+    let answered = |source: &str| {
+        let mut c = Client::connect_from(ip(source), gw.http_addr());
+        c.send(b"GET /x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+            .is_ok()
+            && c.read_response().is_ok_and(|r| r.status == 200)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while answered("127.0.0.12") {
+        assert!(Instant::now() < deadline, "never closed at accept");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(answered("127.0.0.13"), "another source is served");
+    wait_until(Duration::from_secs(5), "the refusal counted", || {
+        metric(
+            &gw,
+            "gateway_limit_rejections_total",
+            &[("limit", "global_conn_rate"), ("enforcer", "userspace")],
+        ) >= 1.0
+    });
 }

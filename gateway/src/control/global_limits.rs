@@ -5,7 +5,8 @@
 //! (`policy::global_limit`).
 //!
 //! It runs on the control runtime, never on a worker: a slow or dead Redis delays only the
-//! next sync. Each round trip has a deadline (twice `sync_interval`, at most 1 s); on any
+//! next sync. Each round trip has a deadline (twice `sync_interval`, at most 1 s; a connect
+//! 5 s); on any
 //! failure the connection is dropped and re-opened with backoff (250 ms doubling to 2 s),
 //! the error is counted (`gateway_global_limit_redis_errors_total`) and logged at most
 //! every 10 s, and with `fail_open` the published verdicts are dropped at once, so the
@@ -121,11 +122,18 @@ fn deadline(config: &GlobalLimitsConfig) -> Duration {
     (config.sync_interval.0 * 2).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
+/// The deadline of a connect (TCP, TLS handshake, AUTH): longer than a round trip's, since
+/// a TLS handshake costs more than a sync and nothing waits on it (the verdicts are already
+/// dropped or expiring while there is no connection).
+const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
+
 async fn connect(config: &GlobalLimitsConfig) -> Result<Link, String> {
     let client = redis::Client::open(config.redis.as_str()).map_err(|e| e.to_string())?;
-    let limit = deadline(config);
+    let limit = CONNECT_DEADLINE;
     let settings = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(limit))
+        // The connect's AUTH and HELLO; each sync's round trip has its own, shorter
+        // deadline around it (`sync_global_limits`).
         .set_response_timeout(Some(limit));
     let conn = tokio::time::timeout(
         limit,
