@@ -11,6 +11,8 @@
 //!    SYN limit is configured: it fails closed rather than let a SYN escape 3-5;
 //! 3. a SYN (without ACK) from a source key user space marked in `CAPPED_*` (at
 //!    `max_conns_per_ip` completed connections) is dropped;
+//!    A SYN from a source key user space marked in `FLEET_*` (over a fleet-wide limit,
+//!    `[limits.global]`) is dropped until the deadline the entry holds;
 //! 4. a SYN is charged to its source key's token bucket in the LRU `RATE_*` (`conn_rate`,
 //!    `conn_burst`); an empty bucket drops it. The entry counts the charged SYNs, which user
 //!    space reads at accept to charge only the connections no program charged;
@@ -43,7 +45,7 @@ use aya_ebpf::{
 };
 use gateway_common::{
     flags::{CFG_CONN_CAP, CFG_CONN_RATE, CFG_ENABLED, CFG_NEW_SOURCE_LIMIT},
-    sizes::{CAPPED_ENTRIES, MAX_PORTS, NET_ENTRIES, RATE_ENTRIES},
+    sizes::{CAPPED_ENTRIES, FLEET_ENTRIES, MAX_PORTS, NET_ENTRIES, RATE_ENTRIES},
     verdict::{self, VERDICT_COUNT},
     BucketParams, GuardConfig, NetEntry, SourceRate, TokenBucket, VerdictCounter,
 };
@@ -85,6 +87,15 @@ static RATE_V6: LruHashMap<[u8; 16], SourceRate> = LruHashMap::with_max_entries(
 static CAPPED_V4: HashMap<[u8; 4], u32> = HashMap::with_max_entries(CAPPED_ENTRIES, 0);
 #[map]
 static CAPPED_V6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(CAPPED_ENTRIES, 0);
+
+/// Sources over a fleet-wide limit: the `bpf_ktime_get_ns` until which their SYNs are
+/// dropped. Written by user space only (from Redis's counts of completed requests and
+/// connections), so a spoofed SYN can never put an address here. LRU: a full map forgets
+/// the oldest verdict rather than refuse a new one.
+#[map]
+static FLEET_V4: LruHashMap<[u8; 4], u64> = LruHashMap::with_max_entries(FLEET_ENTRIES, 0);
+#[map]
+static FLEET_V6: LruHashMap<[u8; 16], u64> = LruHashMap::with_max_entries(FLEET_ENTRIES, 0);
 
 /// Global backstop on creating `RATE_*` entries, one bucket per CPU (no shared cache line
 /// to fight over during a flood).
@@ -372,6 +383,7 @@ trait Family {
     fn allow(&self) -> &LpmTrie<Self::K, NetEntry>;
     fn capped(&self) -> &HashMap<Self::K, u32>;
     fn rate(&self) -> &LruHashMap<Self::K, SourceRate>;
+    fn fleet(&self) -> &LruHashMap<Self::K, u64>;
 
     /// `Some(verdict)` when the source is listed: the more specific of a deny and an
     /// allow entry wins, a tie goes to deny. Only the source address is needed, so this
@@ -408,6 +420,9 @@ impl Family for Family4 {
     fn rate(&self) -> &LruHashMap<[u8; 4], SourceRate> {
         &RATE_V4
     }
+    fn fleet(&self) -> &LruHashMap<[u8; 4], u64> {
+        &FLEET_V4
+    }
 }
 
 impl Family for Family6 {
@@ -424,6 +439,9 @@ impl Family for Family6 {
     }
     fn rate(&self) -> &LruHashMap<[u8; 16], SourceRate> {
         &RATE_V6
+    }
+    fn fleet(&self) -> &LruHashMap<[u8; 16], u64> {
+        &FLEET_V6
     }
 }
 
@@ -458,12 +476,20 @@ fn judge<F: Family>(cfg: &GuardConfig, family: &F, src: &F::K, key: &F::K, tcp_f
     if cfg.flags & CFG_CONN_CAP != 0 && family.capped().get_ptr(key).is_some() {
         return verdict::DROP_CONN_CAP;
     }
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY (the read): a pointer to a live map value; user space rewrites it whole.
+    if family
+        .fleet()
+        .get_ptr(key)
+        .is_some_and(|until| now < unsafe { *until })
+    {
+        return verdict::DROP_FLEET;
+    }
     if cfg.flags & CFG_CONN_RATE == 0 {
         return verdict::PASS;
     }
     let rate = family.rate();
-    // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     if let Some(state) = rate.get_ptr_mut(key) {
         // SAFETY: a pointer to a live map value. Another CPU may update the same entry
         // concurrently; a lost update costs one token (or one `syns` count) of accuracy.

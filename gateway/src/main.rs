@@ -416,6 +416,14 @@ fn run(
     );
 
     let shared = Shared::new(snapshot, conn_limiter);
+    // [limits.global]: sources over the fleet's rate lose their SYNs in the kernel too.
+    match xdp.as_ref().map(|g| g.fleet_marker()) {
+        Some(Ok(marker)) => shared.global_limit.set_sink(Arc::new(marker)),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e.detail(), "XDP fleet-wide verdicts unavailable: [limits.global] is enforced per request only")
+        }
+        None => {}
+    }
 
     let workers = config.effective_workers();
     let control = Control::new(shared.clone(), config_path.clone(), Some(log.clone()), dns);
@@ -440,6 +448,7 @@ fn run(
         let _entered = runtime.enter();
         let admin = tokio::net::TcpListener::from_std(admin)?;
         runtime.spawn(control.clone().refresh_names());
+        runtime.spawn(control.clone().sync_global_limits());
         runtime.spawn(gateway::control::admin::serve(admin, control.clone()))
     };
 

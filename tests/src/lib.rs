@@ -8,6 +8,7 @@
 //! - [`client`]: the raw client (exact bytes out, parsed response in, keep-alive, pipelining).
 //! - [`wire`]: strict HTTP/1.1 reading shared by client and origins.
 //! - [`nginx`]: the nginx reference front, for differential tests.
+//! - [`redis`]: a real redis-server for the fleet-wide limits, killable and stoppable.
 //! - [`h2`]: HTTP/2 clients: the `h2` crate behind a synchronous API, and hand-made frames.
 //!
 //! Everything is synchronous (std::net and threads): simple to reason about, and no async
@@ -23,6 +24,7 @@ pub mod h2;
 pub mod nginx;
 pub mod origin;
 pub mod recording;
+pub mod redis;
 pub mod wire;
 
 use std::path::PathBuf;

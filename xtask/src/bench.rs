@@ -75,6 +75,11 @@ pub struct Args {
     /// `cargo xtask install` does).
     #[arg(long)]
     pub no_haproxy: bool,
+    /// Also measure the gateway with `[limits.global]` pointing at a local redis-server
+    /// (named "global"; a rate no request reaches, so every request is counted and synced
+    /// and none refused): the cost of the fleet-wide limit, in the same rounds (issue 16).
+    #[arg(long)]
+    pub global_limit: bool,
 }
 
 /// Measurements `--only` accepts besides the scenario names.
@@ -356,9 +361,25 @@ pub fn run(args: &Args) -> Result<()> {
     let hap = haproxy
         .map(|bin| start_haproxy(&bin, &scratch, upstream_addr, args.workers, pin.as_deref()))
         .transpose()?;
+    let (redis, global) = if args.global_limit {
+        let (redis, url) = start_redis(&scratch, others.as_deref())?;
+        let global = start_gateway_with(
+            "global",
+            &gateway_bin,
+            &scratch,
+            upstream_addr,
+            args.workers,
+            pin.as_deref(),
+            &format!("\n[limits.global]\nredis = \"{url}\"\nrequest_rate = \"1000000000/s\"\n"),
+        )?;
+        (Some(redis), Some(global))
+    } else {
+        (None, None)
+    };
     let mut contenders = vec![&ng, &gw];
     contenders.extend(baseline.as_ref());
     contenders.extend(hap.as_ref());
+    contenders.extend(global.as_ref());
     // Memory per idle connection first, while every process is fresh: later scenarios
     // leave freed memory in the allocators that new connections would reuse unseen.
     let idle_n = args
@@ -487,6 +508,8 @@ pub fn run(args: &Args) -> Result<()> {
     }
     drop(contenders);
     drop(hap);
+    drop(global);
+    drop(redis);
     drop(baseline);
     drop(gw);
     drop(ng);
@@ -740,6 +763,30 @@ fn start_reference_nginx(
     Proc::listening("nginx", child, addr, tls_addr, rsa_addr, h2_addr)
 }
 
+/// redis-server for `--global-limit`, on the load generator's CPUs, no persistence.
+fn start_redis(dir: &Path, cpus: Option<&str>) -> Result<(Proc, String)> {
+    let redis =
+        find_program("redis-server").context("redis-server not found (cargo xtask install)")?;
+    let addr = free_addr();
+    let child = pinned(&redis, cpus)
+        .args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server")?;
+    let proc = Proc {
+        name: "redis",
+        child,
+        url: String::new(),
+        tls_url: None,
+        rsa_addr: None,
+        h2_url: None,
+    };
+    wait_port(addr)?;
+    Ok((proc, format!("redis://{addr}/0")))
+}
+
 fn start_gateway(
     name: &'static str,
     bin: &Path,
@@ -747,6 +794,19 @@ fn start_gateway(
     upstream: SocketAddr,
     workers: usize,
     cpus: Option<&str>,
+) -> Result<Proc> {
+    start_gateway_with(name, bin, dir, upstream, workers, cpus, "")
+}
+
+/// [`start_gateway`] with `extra` TOML appended to its config.
+fn start_gateway_with(
+    name: &'static str,
+    bin: &Path,
+    dir: &Path,
+    upstream: SocketAddr,
+    workers: usize,
+    cpus: Option<&str>,
+    extra: &str,
 ) -> Result<Proc> {
     let addr = free_addr();
     let tls_addr = free_addr();
@@ -766,7 +826,7 @@ fn start_gateway(
          [[listener]]\nname = \"https-rsa\"\nlisten = \"{rsa_addr}\"\n\
          tls = {{ certificates = [{{ cert = \"{d}/rsa.crt\", key = \"{d}/rsa.key\" }}] }}\n\n\
          [[upstream]]\nname = \"api\"\nservers = [\"{upstream}\"]\nkeepalive = 32\n\n\
-         [[route]]\npath_prefix = \"/api/\"\nupstream = \"api\"\nconnect_timeout = \"60s\"\nsend_timeout = \"300s\"\nread_timeout = \"300s\"\nmax_body_size = \"50MiB\"\n"
+         [[route]]\npath_prefix = \"/api/\"\nupstream = \"api\"\nconnect_timeout = \"60s\"\nsend_timeout = \"300s\"\nread_timeout = \"300s\"\nmax_body_size = \"50MiB\"\n{extra}"
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, conf)?;

@@ -43,6 +43,8 @@ const DEBIAN_PACKAGES: &[(&str, Option<&str>)] = &[
     // The bench's third contender (HAProxy 2.6 on Debian 12).
     ("haproxy", Some("haproxy")),
     ("python3-websockets", None),
+    // The shared counter store of `[limits.global]` (tests/tests/global_limits.rs, the bench).
+    ("redis-server", Some("redis-server")),
 ];
 
 #[derive(clap::Args, Default)]

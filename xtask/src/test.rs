@@ -137,6 +137,8 @@ pub fn run(args: &Args) -> Result<()> {
             only: Vec::new(),
             idle_connections: None,
             no_haproxy: false,
+            // The fleet-wide limit's contender too, so its path does not rot either.
+            global_limit: true,
         })?;
     }
     Ok(())

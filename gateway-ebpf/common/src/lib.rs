@@ -19,6 +19,9 @@
 //!   IPv6 key is the source masked to [`GuardConfig::v6_prefix_len`];
 //! - `CAPPED_V4`/`CAPPED_V6`: hashes of source keys at `max_conns_per_ip`, written by
 //!   user space only (value: the connection count when marked);
+//! - `FLEET_V4`/`FLEET_V6`: LRU hashes of source keys over a fleet-wide limit
+//!   (`[limits.global]`), written by user space only (value: `bpf_ktime_get_ns` until which
+//!   the source's SYNs are dropped);
 //! - `NEW_SOURCE_BUCKET`: per-CPU [`TokenBucket`], the global backstop that limits how fast
 //!   new `RATE_*` entries are created (beyond it a new source passes untracked).
 #![no_std]
@@ -50,6 +53,10 @@ pub mod names {
     pub const CAPPED_V4: &str = "CAPPED_V4";
     /// `HashMap<[u8; 16], u32>`.
     pub const CAPPED_V6: &str = "CAPPED_V6";
+    /// `LruHashMap<[u8; 4], u64>`: deny-until, CLOCK_MONOTONIC ns.
+    pub const FLEET_V4: &str = "FLEET_V4";
+    /// `LruHashMap<[u8; 16], u64>` (keys masked to the IPv6 prefix).
+    pub const FLEET_V6: &str = "FLEET_V6";
     /// `PerCpuArray<TokenBucket>` with one entry.
     pub const NEW_SOURCE_BUCKET: &str = "NEW_SOURCE_BUCKET";
 }
@@ -63,6 +70,8 @@ pub mod sizes {
     pub const RATE_ENTRIES: u32 = 65_536;
     /// Source addresses marked at their connection cap, per family.
     pub const CAPPED_ENTRIES: u32 = 65_536;
+    /// Sources over a fleet-wide limit, per family (LRU: the oldest verdict goes first).
+    pub const FLEET_ENTRIES: u32 = 65_536;
     /// Listener ports the guard can protect at once.
     pub const MAX_PORTS: usize = 16;
 }
@@ -101,9 +110,12 @@ pub mod verdict {
     /// cookies cost a spoofed source nothing; a real one completes the handshake and user
     /// space charges `conn_rate` at accept, because no program charged it.
     pub const PASS_UNTRACKED: u32 = 8;
+    /// Dropped: a SYN from a source user space marked in `FLEET_*` as over a fleet-wide
+    /// limit (`[limits.global]`, counted in Redis across the nodes), until its window clears.
+    pub const DROP_FLEET: u32 = 9;
 
     /// Number of verdict slots; the `max_entries` of `VERDICT_COUNTERS`.
-    pub const VERDICT_COUNT: u32 = 9;
+    pub const VERDICT_COUNT: u32 = 10;
 
     /// The `verdict` label of `gateway_xdp_packets_total`, indexed by verdict.
     pub const LABELS: [&str; VERDICT_COUNT as usize] = [
@@ -116,6 +128,7 @@ pub mod verdict {
         "pass_not_ip",
         "drop_unclassified",
         "pass_untracked",
+        "drop_fleet",
     ];
 
     /// Whether the verdict lets the packet through (`XDP_PASS`) rather than dropping it.

@@ -561,6 +561,41 @@ pub struct LimitsConfig {
     pub allow: Vec<IpNet>,
     /// IPv6 clients are limited per prefix of this length (1..=128; default 64).
     pub ipv6_prefix: u8,
+    /// `[limits.global]`: per-IP limits counted across the fleet in Redis (issue 16).
+    pub global: Option<GlobalLimitsConfig>,
+}
+
+/// Default of `[limits.global] sync_interval`.
+pub(crate) const DEFAULT_GLOBAL_SYNC_INTERVAL: std::time::Duration =
+    std::time::Duration::from_millis(250);
+
+fn default_global_sync_interval() -> Dur {
+    Dur(DEFAULT_GLOBAL_SYNC_INTERVAL)
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `[limits.global]`: a per-IP rate shared by every node that points at the same Redis.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalLimitsConfig {
+    /// `redis://[:PASSWORD@]HOST:PORT/DB` or `rediss://` (TLS).
+    pub redis: String,
+    pub request_rate: Rate,
+    #[serde(default)]
+    pub request_burst: Option<u32>,
+    #[serde(default)]
+    pub conn_rate: Option<Rate>,
+    #[serde(default)]
+    pub conn_burst: Option<u32>,
+    #[serde(default = "default_global_sync_interval")]
+    pub sync_interval: Dur,
+    /// Redis unreachable: `true` drops the fleet verdicts at once (local limits only);
+    /// `false` keeps the sources already over until their windows clear.
+    #[serde(default = "default_true")]
+    pub fail_open: bool,
 }
 
 impl Default for LimitsConfig {
@@ -574,6 +609,7 @@ impl Default for LimitsConfig {
             deny: Vec::new(),
             allow: Vec::new(),
             ipv6_prefix: DEFAULT_IPV6_PREFIX,
+            global: None,
         }
     }
 }
@@ -1234,6 +1270,11 @@ impl Config {
                 "must be between 1 and 128".into(),
             );
         }
+        if let Some(g) = &l.global {
+            for (key, message) in g.problems() {
+                err(None, "limits.global", key, message);
+            }
+        }
         if l.max_conns_per_ip == Some(0) {
             err(
                 None,
@@ -1308,6 +1349,48 @@ impl Config {
             );
         }
         errors
+    }
+}
+
+impl GlobalLimitsConfig {
+    /// What is wrong with the table, as (key, message).
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        match redis::IntoConnectionInfo::into_connection_info(self.redis.as_str()) {
+            _ if !(self.redis.starts_with("redis://") || self.redis.starts_with("rediss://")) => {
+                out.push((
+                    "redis",
+                    "must be a redis://HOST:PORT/DB or rediss://HOST:PORT/DB URL".into(),
+                ))
+            }
+            Err(e) => out.push(("redis", format!("not a Redis URL: {e}"))),
+            Ok(_) => {}
+        }
+        for (key, rate, burst_key, burst) in [
+            (
+                "request_rate",
+                Some(self.request_rate),
+                "request_burst",
+                self.request_burst,
+            ),
+            ("conn_rate", self.conn_rate, "conn_burst", self.conn_burst),
+        ] {
+            match rate {
+                Some(r) if r.per_second <= 0.0 => out.push((key, "must be above zero".into())),
+                None if burst.is_some() => out.push((burst_key, format!("needs {key}"))),
+                _ => {}
+            }
+            if burst == Some(0) {
+                out.push((burst_key, "must be at least 1".into()));
+            }
+        }
+        let interval = self.sync_interval.0;
+        if interval < std::time::Duration::from_millis(10)
+            || interval > std::time::Duration::from_secs(10)
+        {
+            out.push(("sync_interval", "must be between 10ms and 10s".into()));
+        }
+        out
     }
 }
 
@@ -1723,6 +1806,54 @@ respond = { status = 200, body = "ok\n" }
             assert_eq!((e.0[0].line, e.0[0].key.as_str()), (4, key), "{e}");
             assert!(e.0[0].message.contains("too"), "{e}");
         }
+    }
+
+    #[test]
+    fn limits_global_is_validated_strictly() {
+        let global = |body: &str| format!("{GOOD}\n[limits.global]\n{body}\n");
+        let good = global("redis = \"redis://:pw@127.0.0.1:6379/2\"\nrequest_rate = \"100/s\"");
+        let g = parse(&good).unwrap().limits.global.unwrap();
+        assert_eq!(g.sync_interval.0, DEFAULT_GLOBAL_SYNC_INTERVAL);
+        assert!(g.fail_open);
+        assert!(parse(&global(
+            "redis = \"rediss://h:6380\"\nrequest_rate = \"5/s\"\nrequest_burst = 9\n\
+             conn_rate = \"1/s\"\nconn_burst = 2\nsync_interval = \"100ms\"\nfail_open = false"
+        ))
+        .is_ok());
+        for (body, key) in [
+            (
+                "redis = \"http://h:1\"\nrequest_rate = \"1/s\"",
+                "limits.global.redis",
+            ),
+            (
+                "redis = \"redis://h:1\"\nrequest_rate = \"1/s\"\nrequest_burst = 0",
+                "limits.global.request_burst",
+            ),
+            (
+                "redis = \"redis://h:1\"\nrequest_rate = \"1/s\"\nconn_burst = 3",
+                "limits.global.conn_burst",
+            ),
+            (
+                "redis = \"redis://h:1\"\nrequest_rate = \"1/s\"\nsync_interval = \"1ms\"",
+                "limits.global.sync_interval",
+            ),
+            (
+                "redis = \"redis://h:1\"\nrequest_rate = \"0/s\"",
+                "limits.global.request_rate",
+            ),
+        ] {
+            let text = global(body);
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{e}\n{text}");
+            assert_eq!(e.0[0].key, key, "{e}\n{text}");
+            assert!(e.0[0].line > 20, "located in the table: {e}");
+        }
+        // Unknown keys and a missing redis are errors too.
+        assert!(parse(&global(
+            "redis = \"redis://h:1\"\nrequest_rate = \"1/s\"\nprefix = \"x\""
+        ))
+        .is_err());
+        assert!(parse(&global("request_rate = \"1/s\"")).is_err());
     }
 
     #[test]

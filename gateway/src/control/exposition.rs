@@ -398,6 +398,24 @@ pub(crate) fn render(control: &Control) -> String {
     crate::util::budget::render(&mut out);
     crate::telemetry::render_log_drops(&mut out);
     control.render_ops(&mut out);
+    control.global_sync.render(control, &mut out);
+    header(
+        &mut out,
+        "gateway_global_limit_sync_seconds",
+        "histogram",
+        "Round trips of the [limits.global] sync to Redis.",
+    );
+    histogram(
+        &mut out,
+        "gateway_global_limit_sync_seconds",
+        "op",
+        "sync",
+        &control
+            .global_sync
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
     render_process(&mut out);
     out
 }

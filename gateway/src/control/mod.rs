@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod exposition;
+pub mod global_limits;
 pub mod upgrade;
 
 use crate::config::{Config, ConfigErrors};
@@ -36,6 +37,8 @@ pub struct Control {
     pub(crate) admin_accept_errors: AtomicU64,
     /// Upstream names: the resolver and each name's addresses.
     pub dns: Arc<Dns>,
+    /// `[limits.global]`: the Redis sync task's counters.
+    pub(crate) global_sync: global_limits::SyncStats,
 }
 
 impl Control {
@@ -57,6 +60,7 @@ impl Control {
             admin_connections_rejected: AtomicU64::new(0),
             admin_accept_errors: AtomicU64::new(0),
             dns,
+            global_sync: global_limits::SyncStats::default(),
         });
         control.sync_checkers();
         control

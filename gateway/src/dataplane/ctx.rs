@@ -214,19 +214,59 @@ impl<S: Stream> Worker<S> {
         snap: &crate::snapshot::Snapshot,
         client_ip: std::net::IpAddr,
     ) -> Result<(), u64> {
-        let verdict = self.request_limiter.borrow_mut().check_with(
+        let mut limiter = self.request_limiter.borrow_mut();
+        let verdict = limiter.check_with(
             snap.generation,
             &snap.server.limits,
             client_ip,
             std::time::Instant::now(),
         );
+        let (verdict, limit) = match verdict {
+            Err(retry_after) => (Err(retry_after), crate::policy::limits::LIMIT_REQUEST_RATE),
+            // [limits.global]: counted for the fleet only once the local limit admits it.
+            Ok(()) => match (&snap.server.limits.global, limiter.limited_key(client_ip)) {
+                (Some(_), Some(key)) => (
+                    self.shared.global_limit.admit_request(self.id, key),
+                    crate::policy::global_limit::LIMIT_GLOBAL_REQUEST_RATE,
+                ),
+                _ => (Ok(()), ""),
+            },
+        };
         if verdict.is_err() {
-            self.stats.borrow_mut().limit_rejection(
-                crate::policy::limits::LIMIT_REQUEST_RATE,
-                crate::policy::limits::ENFORCER_USERSPACE,
-            );
+            self.stats
+                .borrow_mut()
+                .limit_rejection(limit, crate::policy::limits::ENFORCER_USERSPACE);
         }
         verdict
+    }
+
+    /// The per-IP limits at accept for `ip`: the local ones (`ConnLimiter`: deny, conn_rate,
+    /// max_conns_per_ip) and, with `[limits.global] conn_rate`, the fleet's. `None`: close
+    /// the connection (counted in the metrics).
+    pub(crate) fn admit_connection(
+        &self,
+        ip: std::net::IpAddr,
+    ) -> Option<crate::policy::limits::ConnTicket> {
+        let ticket = match self.shared.conn_limiter.on_accept(ip) {
+            Ok(ticket) => ticket,
+            Err(r) => {
+                self.stats.borrow_mut().limit_rejection(r.limit, r.enforcer);
+                return None;
+            }
+        };
+        let snap = self.snapshot();
+        let global_conn_rate = snap.server.limits.global.as_ref();
+        if global_conn_rate.is_some_and(|g| g.conn_rate.is_some()) {
+            let key = self.request_limiter.borrow().limited_key(ip);
+            if key.is_some_and(|key| !self.shared.global_limit.admit_conn(self.id, key)) {
+                self.stats.borrow_mut().limit_rejection(
+                    crate::policy::global_limit::LIMIT_GLOBAL_CONN_RATE,
+                    crate::policy::limits::ENFORCER_USERSPACE,
+                );
+                return None;
+            }
+        }
+        Some(ticket)
     }
 
     /// Resolves when a drain starts (immediately if it already has).

@@ -236,13 +236,9 @@ fn admit<D: Driver>(
     let ticket = if ctx.settings.proxy_protocol {
         None
     } else {
-        match worker.shared.conn_limiter.on_accept(peer.ip()) {
-            Ok(t) => Some(t),
-            Err(r) => {
-                worker
-                    .stats
-                    .borrow_mut()
-                    .limit_rejection(r.limit, r.enforcer);
+        match worker.admit_connection(peer.ip()) {
+            Some(t) => Some(t),
+            None => {
                 drop(stream);
                 return;
             }
@@ -285,12 +281,9 @@ fn admit<D: Driver>(
             Box::pin(conn::preamble::preamble(&w, &ctx, stream, peer, accepted)).await
         {
             if ctx.settings.proxy_protocol {
-                match w.shared.conn_limiter.on_accept(peer.ip()) {
-                    Ok(t) => _ticket = Some(t),
-                    Err(r) => {
-                        w.stats.borrow_mut().limit_rejection(r.limit, r.enforcer);
-                        return;
-                    }
+                match w.admit_connection(peer.ip()) {
+                    Some(t) => _ticket = Some(t),
+                    None => return,
                 }
             }
             use conn::h2::Protocol;

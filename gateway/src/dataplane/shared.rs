@@ -1,6 +1,6 @@
 //! The little state every thread shares: the current snapshot (swapped whole by a reload),
 //! the drain flag, the connection count, the workers' published counters and the per-IP
-//! connection limiter.
+//! connection limiter, and the fleet-wide limit's state.
 
 use crate::snapshot::Snapshot;
 use arc_swap::ArcSwap;
@@ -36,6 +36,8 @@ pub struct Shared {
     /// Set when this process drains because a new one took its sockets over: the drain
     /// then stops accepting without `shutdown()` on the shared sockets.
     pub handed_over: AtomicBool,
+    /// `[limits.global]`: the workers' batches of hits and the fleet's over-limit set.
+    pub global_limit: crate::policy::global_limit::GlobalLimit,
 }
 
 impl Shared {
@@ -43,6 +45,7 @@ impl Shared {
         snapshot: Snapshot,
         conn_limiter: crate::policy::limits::ConnLimiter,
     ) -> Arc<Shared> {
+        let workers = snapshot.server.workers;
         Arc::new(Shared {
             generation: AtomicU64::new(snapshot.generation),
             installed: tokio::sync::watch::Sender::new(snapshot.generation),
@@ -51,6 +54,7 @@ impl Shared {
             connections: AtomicUsize::new(0),
             listening: AtomicBool::new(false),
             metrics: crate::telemetry::metrics::Registry::default(),
+            global_limit: crate::policy::global_limit::GlobalLimit::new(workers),
             conn_limiter,
             listener_fds: std::sync::Mutex::new(Vec::new()),
             accepting: tokio::sync::watch::Sender::new(true),

@@ -727,6 +727,16 @@ impl RequestLimiter {
         Ok(())
     }
 
+    /// The key `ip` is limited under ([`source_key`]), or `None` when `allow` exempts it:
+    /// what the fleet-wide limit counts ([`super::global_limit`]).
+    pub(crate) fn limited_key(&self, ip: IpAddr) -> Option<IpAddr> {
+        let ip = ip.to_canonical();
+        if !self.lists.allow.is_empty() && self.lists.classify(ip) == Listed::Allowed {
+            return None;
+        }
+        Some(source_key(ip, self.v6_prefix))
+    }
+
     /// Forgets addresses whose arrival time has passed (their state equals no state).
     fn sweep(&mut self, now_ns: u64) {
         self.tat.retain(|_, tat| *tat > now_ns);

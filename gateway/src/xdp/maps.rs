@@ -218,27 +218,9 @@ impl fmt::Debug for CapMarker {
 impl CapMarker {
     /// Marks (`Some(count)`) or unmarks (`None`) `ip`.
     pub fn set(&self, ip: IpAddr, count: Option<u32>) -> Result<(), XdpError> {
-        fn update<const N: usize>(
-            map: &Mutex<BpfHashMap<MapData, [u8; N], u32>>,
-            name: &'static str,
-            key: [u8; N],
-            count: Option<u32>,
-        ) -> Result<(), XdpError>
-        where
-            [u8; N]: aya::Pod,
-        {
-            let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-            match count {
-                Some(count) => map.insert(key, count, 0).map_err(map_err(name)),
-                None => match map.remove(&key) {
-                    Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-                    Err(err) => Err(map_err(name)(err)),
-                },
-            }
-        }
         match ip.to_canonical() {
-            IpAddr::V4(ip) => update(&self.v4, names::CAPPED_V4, ip.octets(), count),
-            IpAddr::V6(ip) => update(&self.v6, names::CAPPED_V6, ip.octets(), count),
+            IpAddr::V4(ip) => set_entry(&self.v4, names::CAPPED_V4, ip.octets(), count),
+            IpAddr::V6(ip) => set_entry(&self.v6, names::CAPPED_V6, ip.octets(), count),
         }
     }
 
@@ -267,6 +249,95 @@ impl crate::policy::limits::CapSink for CapMarker {
             // The user-space count still refuses the connection at accept; only the
             // early drop of the SYN is lost.
             tracing::warn!(%ip, error = %err.detail(), "updating the XDP connection-cap mark failed");
+        }
+    }
+}
+
+/// Inserts (`Some`) or removes (`None`) `key` in a hash (or LRU hash) map.
+fn set_entry<const N: usize, V: aya::Pod>(
+    map: &Mutex<BpfHashMap<MapData, [u8; N], V>>,
+    name: &'static str,
+    key: [u8; N],
+    value: Option<V>,
+) -> Result<(), XdpError>
+where
+    [u8; N]: aya::Pod,
+{
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    match value {
+        Some(value) => map.insert(key, value, 0).map_err(map_err(name)),
+        None => match map.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(err) => Err(map_err(name)(err)),
+        },
+    }
+}
+
+// ---- Fleet-wide verdicts ----
+
+/// Writes the sources over a fleet-wide limit (`[limits.global]`) into `FLEET_*`, with the
+/// CLOCK_MONOTONIC deadline until which the program drops their SYNs. Made by
+/// [`XdpGuard::fleet_marker`](super::XdpGuard::fleet_marker); used through
+/// [`crate::policy::global_limit::FleetDenySink`] by the sync task, once per sync for the
+/// sources whose verdict changed.
+pub struct FleetMarker {
+    v4: Mutex<BpfHashMap<MapData, [u8; 4], u64>>,
+    v6: Mutex<BpfHashMap<MapData, [u8; 16], u64>>,
+}
+
+impl fmt::Debug for FleetMarker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FleetMarker").finish_non_exhaustive()
+    }
+}
+
+impl FleetMarker {
+    /// Sets (`Some(until_ns)`) or clears (`None`) the verdict on source key `ip`.
+    pub fn set(&self, ip: IpAddr, until_ns: Option<u64>) -> Result<(), XdpError> {
+        match ip.to_canonical() {
+            IpAddr::V4(ip) => set_entry(&self.v4, names::FLEET_V4, ip.octets(), until_ns),
+            IpAddr::V6(ip) => set_entry(&self.v6, names::FLEET_V6, ip.octets(), until_ns),
+        }
+    }
+}
+
+impl super::XdpGuard {
+    /// A handle on the `FLEET_*` maps of this guard's program, through descriptors of its
+    /// own (found among the maps the loaded program uses, by name).
+    pub fn fleet_marker(&self) -> Result<FleetMarker, XdpError> {
+        let program_id = self.program_id();
+        let info = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == program_id)
+            .ok_or(XdpError::Missing {
+                kind: "program",
+                name: names::PROGRAM,
+            })?;
+        let ids = info.map_ids().ok().flatten().unwrap_or_default();
+        let find = |name: &'static str| {
+            ids.iter()
+                .copied()
+                .find(|&id| MapInfo::from_id(id).is_ok_and(|m| m.name_as_str() == Some(name)))
+                .ok_or(XdpError::Missing { kind: "map", name })
+        };
+        Ok(FleetMarker {
+            v4: Mutex::new(open_map(names::FLEET_V4, find(names::FLEET_V4)?)?),
+            v6: Mutex::new(open_map(names::FLEET_V6, find(names::FLEET_V6)?)?),
+        })
+    }
+}
+
+impl crate::policy::global_limit::FleetDenySink for FleetMarker {
+    fn deny_until(&self, ip: IpAddr, until_ns: u64) {
+        if let Err(err) = self.set(ip, Some(until_ns)) {
+            // Requests are still refused in user space; only the early SYN drop is lost.
+            tracing::warn!(%ip, error = %err.detail(), "writing the XDP fleet-wide verdict failed");
+        }
+    }
+
+    fn remove(&self, ip: IpAddr) {
+        if let Err(err) = self.set(ip, None) {
+            tracing::warn!(%ip, error = %err.detail(), "clearing the XDP fleet-wide verdict failed");
         }
     }
 }
