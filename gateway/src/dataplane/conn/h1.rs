@@ -286,15 +286,26 @@ async fn read_head<S: Stream>(
             // client is readable holding no buffer, so an idle connection costs no head
             // buffer parked in an in-flight read; the buffer is taken once bytes are there.
             c.buf = BytesMut::new();
-            let wait = crate::util::clock::timeout_at(deadline, c.io.wait_readable());
-            tokio::select! {
-                r = wait => match r {
-                    // Nothing received at all: close quietly, like nginx does.
-                    Err(_) => return Ok(None),
-                    Ok(Err(_)) => return Err(HttpError::ClientGone("read error")),
-                    Ok(Ok(())) => {}
-                },
-                _ = w.drained() => return Ok(None),
+            let mut wait = std::pin::pin!(crate::util::clock::timeout_at(
+                deadline,
+                c.io.wait_readable()
+            ));
+            let ready = tokio::select! {
+                r = &mut wait => r,
+                // As for the read below: a drain closes an idle connection at once, unless
+                // a new process took the sockets over (binary upgrade).
+                _ = w.drained() => {
+                    if !w.shared.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+                        return Ok(None);
+                    }
+                    wait.await
+                }
+            };
+            match ready {
+                // Nothing received at all: close quietly, like nginx does.
+                Err(_) => return Ok(None),
+                Ok(Err(_)) => return Err(HttpError::ClientGone("read error")),
+                Ok(Ok(())) => {}
             }
         }
         if c.buf.capacity() - c.buf.len() < 1024 {
