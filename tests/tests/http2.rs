@@ -344,6 +344,32 @@ fn a_zero_window_reader_is_reset_at_send_timeout() {
 }
 
 #[test]
+fn a_stalled_stream_holds_no_upstream_connection() {
+    // The upstream connection goes back to the pool as soon as its response was read whole,
+    // before the client has taken it (as nginx frees it before writing to the client): a
+    // stream whose client keeps its window closed does not make the next request connect.
+    let origin = Origin::start(|_| Reply::ok(vec![b'w'; 100]));
+    let config = h2c(Config::new()
+        .workers(1)
+        .upstream(Upstream::new("app", &[origin.addr()]).keepalive(4))
+        .route(Route::prefix("/", "app").send_timeout("30s")));
+    let gw = Gateway::with(&config);
+    let mut raw = RawH2::connect(gw.http_addr());
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0: the body waits for a WINDOW_UPDATE that never comes.
+    raw.frame(SETTINGS, 0, 0, &[0x00, 0x04, 0, 0, 0, 0]);
+    raw.headers(1, &get_fields(b"/stalled"), true);
+    assert_eq!(raw.fate(1), StreamFate::Answered);
+    let mut c = H2Client::connect(gw.http_addr());
+    assert_eq!(c.get("/next").status, 200);
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[1].conn, seen[0].conn,
+        "the stalled stream's upstream connection served the next request"
+    );
+}
+
+#[test]
 fn a_hundred_concurrent_streams_on_one_connection() {
     let origin = Origin::start(|r| Reply::ok(r.target.clone()).delay(Duration::from_millis(50)));
     let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));

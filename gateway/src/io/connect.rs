@@ -24,6 +24,15 @@ pub(crate) async fn connect_nonblocking(
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            if connect_settled(&socket) {
+                // Loopback and other near upstreams have finished the handshake by the
+                // time connect() returns: one poll() instead of the reactor's register and
+                // deregister (two epoll_ctl) around a wait that would not wait.
+                if let Some(e) = socket.take_error()? {
+                    return Err(e);
+                }
+                return Ok(socket.into());
+            }
             // SAFETY: the AsyncFd owns the socket, so the descriptor stays open for as long
             // as it is registered.
             let fd = unsafe {
@@ -48,4 +57,51 @@ pub(crate) async fn connect_nonblocking(
         Err(e) => return Err(e),
     }
     Ok(socket.into())
+}
+
+/// Whether a non-blocking connect has already completed (connected or failed): a poll()
+/// that does not wait. False while the handshake is still under way.
+fn connect_settled(socket: &socket2::Socket) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a descriptor `socket` keeps open; a zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n == 1 && pfd.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_nonblocking;
+    use std::time::Duration;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn a_connect_that_settles_at_once_is_connected_or_refused_never_half_done() {
+        // Loopback finishes the handshake inside connect(): the poll() fast path must hand
+        // back a connected socket, and a refusal (RST at once) as the error it is.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let conn = block_on(connect_nonblocking(addr, Duration::from_secs(5))).expect("connect");
+        assert_eq!(conn.peer_addr().expect("connected"), addr);
+        let (accepted, _) = listener.accept().expect("accepted");
+        assert_eq!(
+            accepted.peer_addr().expect("peer"),
+            conn.local_addr().expect("local")
+        );
+
+        drop(listener);
+        let refused = block_on(connect_nonblocking(addr, Duration::from_secs(5)))
+            .expect_err("nothing listens");
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
 }

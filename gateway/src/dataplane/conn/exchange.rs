@@ -306,24 +306,26 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
         });
     }
 
-    let relay = relay_body(&conn, d, &mut ub, framing, form, route.read_timeout).await;
+    // Pooled only when both messages ended where their framing said: the request body was
+    // sent whole (the relay reads no more of it, so this cannot change below), the response
+    // is keep-alive and delimited by length or chunks, and the relay saw its exact end with
+    // nothing after it. It goes back as soon as the upstream is done with it, before the
+    // client has taken the last bytes (see `relay_body`).
+    let reusable = resp_keep_alive && d.body_done() && framing != BodyFraming::UntilClose;
+    let release = |conn: S| {
+        if reusable {
+            w.with_upstream(upstream, |p| p.put_idle(server, conn));
+        }
+    };
+    let relay = relay_body(conn, release, d, &mut ub, framing, form, route.read_timeout).await;
     drop(active);
     match relay {
-        Ok(sent) => {
-            if resp_keep_alive
-                && sent.upstream_clean
-                && d.body_done()
-                && framing != BodyFraming::UntilClose
-            {
-                w.with_upstream(upstream, |p| p.put_idle(server, conn));
-            }
-            Ok(Exchanged {
-                status,
-                body_bytes: sent.body_bytes,
-                server,
-                upgraded: None,
-            })
-        }
+        Ok(sent) => Ok(Exchanged {
+            status,
+            body_bytes: sent.body_bytes,
+            server,
+            upgraded: None,
+        }),
         Err(RelayFailed {
             error,
             response_started,

@@ -103,14 +103,38 @@ impl From<HttpError> for RelayFailed {
 
 pub(crate) struct Relayed {
     pub body_bytes: u64,
-    /// The upstream ended the body exactly where its framing said: reusable.
-    pub(crate) upstream_clean: bool,
+}
+
+/// The upstream connection while its response is relayed, given back through `release`
+/// the moment the body has been read to the exact end its framing declares (RFC 9112
+/// §6.3) with no byte after it: before the last bytes are awaited into the client, as
+/// nginx frees its upstream connection before it writes to the client. A response the
+/// client takes slowly (or an HTTP/2 stream that waits for the connection task to grant
+/// it window) then holds no upstream connection, so concurrent requests find it idle
+/// instead of connecting afresh. Dropped (closed) in every other case.
+struct UpstreamConn<S, R: FnOnce(S)> {
+    conn: Option<S>,
+    release: Option<R>,
+}
+
+impl<S, R: FnOnce(S)> UpstreamConn<S, R> {
+    /// Gives the connection back once `body` is complete and nothing followed it.
+    fn release_if_clean(&mut self, body: &Body, clean: bool) {
+        if body.is_done() && clean {
+            if let (Some(conn), Some(release)) = (self.conn.take(), self.release.take()) {
+                release(conn);
+            }
+        }
+    }
 }
 
 /// Sends the prepared response head and streams the body from the upstream to the sink.
-/// `ub` holds the bytes read after the head.
+/// `ub` holds the bytes read after the head. `release` receives `conn` back when the
+/// upstream ended the body exactly where its framing said (reusable as far as the body
+/// goes: the caller still checks keep-alive), before the last bytes go to the sink.
 pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
-    conn: &S,
+    conn: S,
+    release: impl FnOnce(S),
     sink: &mut D,
     ub: &mut Lent<'_, BytesMut, S>,
     framing: BodyFraming,
@@ -122,6 +146,10 @@ pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
     let mut decoded = Vec::new();
     let mut body_bytes: u64 = 0;
     let mut upstream_clean = true;
+    let mut upstream = UpstreamConn {
+        conn: Some(conn),
+        release: Some(release),
+    };
 
     // First write: head plus the body bytes that came with it, when they are few. Those
     // bytes are checked before the head goes out: a malformed first chunk (RFC 9112 §7.1)
@@ -140,6 +168,7 @@ pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
     if n < ub.len() {
         upstream_clean = false;
     }
+    upstream.release_if_clean(&body, upstream_clean);
     let first: &[u8] = if payload_only { &decoded } else { &ub[..n] };
     body_bytes += first.len() as u64;
     if first.len() <= FIRST_WRITE_BODY {
@@ -150,6 +179,9 @@ pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
     }
 
     while !body.is_done() {
+        let Some(conn) = upstream.conn.as_ref() else {
+            break;
+        };
         ub.clear();
         let (res, b) = timeout(read_timeout, conn.read(ub.take()))
             .await
@@ -157,9 +189,9 @@ pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
         ub.put(b);
         match res {
             Ok(0) => {
-                // The end of an until-close body; a truncation otherwise.
+                // The end of an until-close body; a truncation otherwise. Either way the
+                // upstream closed: the loop ends without giving the connection back.
                 body.finish()?;
-                upstream_clean = false;
                 break;
             }
             Err(_) => return Err(HttpError::UpstreamFailed("read body").into()),
@@ -175,12 +207,10 @@ pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
             upstream_clean = false;
         }
         body_bytes += if payload_only { decoded.len() } else { n } as u64;
+        upstream.release_if_clean(&body, upstream_clean);
         send(sink, ub, &mut decoded, payload_only, n).await?;
     }
-    Ok(Relayed {
-        body_bytes,
-        upstream_clean,
-    })
+    Ok(Relayed { body_bytes })
 }
 
 /// Sends the body bytes of this read: `decoded` when the sink wants the payload only,
