@@ -175,7 +175,7 @@ pub(crate) async fn serve<S: Stream>(
 ) {
     let snap = w.snapshot();
     let limits = snap.http2.clone();
-    let (io, flood) = FrameGuard::new(io, read_ahead, limits.max_control_frames_per_second);
+    let (io, flood, round) = FrameGuard::new(io, read_ahead, limits.max_control_frames_per_second);
     let mut builder = h2::server::Builder::new();
     builder
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -277,8 +277,15 @@ pub(crate) async fn serve<S: Stream>(
                     idle_since = Instant::now();
                 }
             }
+            () = round.raised() => {
+                // The client kept h2 busy for a round of frames: the worker's other
+                // connections (on io_uring: everything submitted since the thread last
+                // parked) get their turn before the next (`protocol::h2::guard`).
+                S::yield_to_driver().await;
+                round.resume();
+            }
             () = flood.raised() => {
-                tracing::debug!(%peer, "SETTINGS/PING flood: HTTP/2 connection closed");
+                tracing::info!(%peer, "HTTP/2 frame flood: connection closed with ENHANCE_YOUR_CALM");
                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 w.stats.borrow_mut().h2_goaway(&ctx.name, "flood");
                 // Reads have stopped; h2 sends the GOAWAY and ends. Bounded anyway.
@@ -372,6 +379,23 @@ async fn stream<S: Stream>(
         keep_forwarding: &snap.server.forward_client_headers,
         underscores: snap.server.underscores_in_headers,
     };
+    // Logged and counted when dropped: at the end below, and also when the stream's task
+    // is aborted because the client closed its connection (or the drain's
+    // `graceful_timeout` cut it): 499 then, booked to the route it reached.
+    let mut end = StreamEnd {
+        w: &w,
+        listener: &ctx.name,
+        snap: &snap,
+        parts: &parts,
+        client_ip,
+        started,
+        outcome: Outcome {
+            status: 499,
+            body_bytes: 0,
+            route: None,
+            upstream: None,
+        },
+    };
     let mut req = H2Request::default();
     let mut head = w.lend_out();
     let translated = translate_request(
@@ -382,11 +406,12 @@ async fn stream<S: Stream>(
         &mut req,
         &mut head,
     );
-    let outcome = match translated {
+    end.outcome = match translated {
         Err(e) => refuse(&w, &ctx, &mut respond, &e),
         Ok(()) => match route(&w, &snap, &mut respond, &req, client_ip) {
             Routed::Answered(outcome) => outcome,
             Routed::Proxy(route, upstream) => {
+                end.outcome.route = Some(&route.label);
                 let asked = Asked {
                     req: &req,
                     head: &head[..],
@@ -397,32 +422,50 @@ async fn stream<S: Stream>(
             }
         },
     };
-    let elapsed = started.elapsed();
-    w.stats.borrow_mut().request(
-        &ctx.name,
-        outcome.route.unwrap_or(&NO_ROUTE),
-        outcome.status,
-        elapsed.as_secs_f64(),
-    );
-    if snap.access_enabled {
-        let field = |name: &str| parts.headers.get(name).map(|v| v.as_bytes());
-        let target = parts
-            .uri
-            .path_and_query()
-            .map_or(&b"-"[..], |p| p.as_str().as_bytes());
-        let entry = Entry {
-            client_ip,
-            method: parts.method.as_str().as_bytes(),
-            target,
-            version: 2,
-            status: outcome.status,
-            body_bytes: outcome.body_bytes,
-            referer: field("referer"),
-            user_agent: field("user-agent"),
-            duration_us: elapsed.as_micros() as u64,
-            upstream: outcome.upstream,
-        };
-        w.log.borrow_mut().record(snap.access_format, &entry);
+}
+
+/// A stream's access-log line and `gateway_http_requests_total`, written once when it is
+/// dropped, however the stream ended.
+struct StreamEnd<'s, S: Stream> {
+    w: &'s Worker<MaybeTls<S>>,
+    listener: &'s Arc<str>,
+    snap: &'s crate::snapshot::Snapshot,
+    parts: &'s http::request::Parts,
+    client_ip: IpAddr,
+    started: Instant,
+    outcome: Outcome<'s>,
+}
+
+impl<S: Stream> Drop for StreamEnd<'_, S> {
+    fn drop(&mut self) {
+        let (w, outcome, parts) = (self.w, &self.outcome, self.parts);
+        let elapsed = self.started.elapsed();
+        w.stats.borrow_mut().request(
+            self.listener,
+            outcome.route.unwrap_or(&NO_ROUTE),
+            outcome.status,
+            elapsed.as_secs_f64(),
+        );
+        if self.snap.access_enabled {
+            let field = |name: &str| parts.headers.get(name).map(|v| v.as_bytes());
+            let target = parts
+                .uri
+                .path_and_query()
+                .map_or(&b"-"[..], |p| p.as_str().as_bytes());
+            let entry = Entry {
+                client_ip: self.client_ip,
+                method: parts.method.as_str().as_bytes(),
+                target,
+                version: 2,
+                status: outcome.status,
+                body_bytes: outcome.body_bytes,
+                referer: field("referer"),
+                user_agent: field("user-agent"),
+                duration_us: elapsed.as_micros() as u64,
+                upstream: outcome.upstream,
+            };
+            w.log.borrow_mut().record(self.snap.access_format, &entry);
+        }
     }
 }
 
@@ -554,7 +597,10 @@ fn route<'s, S: Stream>(
         // RFC 8441 on a route that takes no WebSocket (or answers itself): 405, nothing
         // upstream. HTTP/1 would strip the upgrade and forward a plain GET, but a 2xx to an
         // extended CONNECT means the tunnel is open (RFC 8441 §5), so none may be relayed.
-        if !route.websocket || !matches!(route.action, Action::Proxy(_)) {
+        // `[http2] websocket` is read from the current snapshot, per stream: a reload that
+        // turns it off applies to connections opened before it (whose SETTINGS still
+        // advertise extended CONNECT) at once, as the route-level flag does.
+        if !snap.http2.websocket || !route.websocket || !matches!(route.action, Action::Proxy(_)) {
             return answer(respond, 405);
         }
         if !req.websocket_version_ok() {
@@ -604,6 +650,7 @@ async fn proxy<'s, S: Stream>(
     let mut s = H2Stream {
         head,
         idempotent: req.is_idempotent(),
+        websocket: req.is_websocket(),
         is_head: req.method() == http::Method::HEAD,
         done: matches!(framing, BodyFraming::None),
         chunked: framing == BodyFraming::Chunked,
@@ -774,6 +821,8 @@ struct H2Stream<'a> {
     /// The request head for the upstream (`translate_request`).
     head: &'a [u8],
     idempotent: bool,
+    /// An extended CONNECT (RFC 8441): no 2xx but the validated 101 may answer it.
+    websocket: bool,
     is_head: bool,
     /// END_STREAM was received (and checked against the declared length).
     done: bool,
@@ -999,7 +1048,7 @@ impl ResponseSink for H2Stream<'_> {
             return Ok(());
         }
         // An interim head h2 cannot carry is dropped: the final response still follows.
-        if let Ok(response) = translate_response(raw, resp, false) {
+        if let Ok(response) = translate_response(raw, resp, false, false) {
             if let Reply::Head(respond) = &mut *self.reply.borrow_mut() {
                 let _ = respond.send_informational(response);
             }
@@ -1008,7 +1057,7 @@ impl ResponseSink for H2Stream<'_> {
     }
 
     fn prepare_head(&mut self, raw: &[u8], resp: &ResponseHead, upgrade: bool) -> BodyForm {
-        self.response = Some(translate_response(raw, resp, upgrade));
+        self.response = Some(translate_response(raw, resp, self.websocket, upgrade));
         self.write_clock = Some(RateClock::new(
             self.send_timeout,
             self.send_timeout,
