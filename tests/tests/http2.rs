@@ -674,6 +674,87 @@ fn flood_codes(gw: &Gateway, frames: &[u8]) -> Vec<u32> {
     goaways_until_close(&mut raw)
 }
 
+/// Opens `streams` on one connection to a slow origin: `forwarded` reach it, the others
+/// are answered at once. The connection, still holding its streams.
+fn streams_past_the_budget(gw: &Gateway, origin: &Origin, streams: u32, forwarded: usize) -> RawH2 {
+    let mut raw = RawH2::connect(gw.http_addr());
+    for i in 0..streams {
+        raw.headers(1 + 2 * i, &get_fields(b"/held"), true);
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the budgeted streams upstream",
+        || origin.active() == forwarded,
+    );
+    let mut refused = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Some(f) = raw.read_frame(deadline.saturating_duration_since(Instant::now())) {
+        // The 503 heads (HPACK static index 14 is `:status 503`, or a literal).
+        if f.kind == HEADERS {
+            refused += 1;
+        }
+        if refused == (streams as usize - forwarded) {
+            break;
+        }
+    }
+    assert_eq!(
+        refused,
+        streams as usize - forwarded,
+        "streams answered at once"
+    );
+    assert_eq!(
+        origin.active(),
+        forwarded,
+        "none past the budget reached the origin"
+    );
+    raw
+}
+
+#[test]
+fn upstream_sockets_of_streams_count_as_connections() {
+    // Attack report F2: each stream holds an upstream socket, so 100 streams on one
+    // connection are 101 descriptors where `max_connections` allows two.
+    let origin = Origin::start(|_| Reply::ok("held").delay(Duration::from_secs(3)));
+    // Per IP: the connection and three streams make four.
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[limits]\nmax_conns_per_ip = 4\n");
+    let gw = Gateway::with(&config);
+    let held = streams_past_the_budget(&gw, &origin, 6, 3);
+    // Meanwhile the address is at its cap for connections too.
+    let another = gateway_tests::client::one_shot(
+        gw.http_addr(),
+        &gateway_tests::client::Req::get("/refused"),
+    );
+    assert!(another.is_err(), "a fifth descriptor: {another:?}");
+    wait_until(Duration::from_secs(5), "the refusals counted", || {
+        scrape(gw.admin_addr()).sum(
+            "gateway_limit_rejections_total",
+            &[("limit", "max_conns_per_ip")],
+        ) >= 4.0
+    });
+    // The client goes: its slots come back and it is served again.
+    drop(held);
+    wait_until(Duration::from_secs(10), "served again", || {
+        gateway_tests::client::one_shot(gw.http_addr(), &gateway_tests::client::Req::get("/a"))
+            .is_ok_and(|r| r.status == 200)
+    });
+    let mut c = H2Client::connect(gw.http_addr());
+    assert_eq!(c.get("/again").status, 200);
+
+    // For the whole process: `max_connections` 5 is the connection and four streams.
+    let origin = Origin::start(|_| Reply::ok("held").delay(Duration::from_secs(3)));
+    let config =
+        h2c(Config::proxy_all(&[origin.addr()]).workers(1)).server_raw("max_connections", "5");
+    let gw = Gateway::with(&config);
+    let _held = streams_past_the_budget(&gw, &origin, 7, 4);
+    wait_until(Duration::from_secs(10), "refusals counted", || {
+        scrape(gw.admin_addr()).sum(
+            "gateway_local_refusals_total",
+            &[("reason", "max_connections")],
+        ) >= 3.0
+    });
+}
+
 #[test]
 fn window_update_priority_and_unknown_frame_floods_close_the_connection() {
     let origin = Origin::start(|_| Reply::ok("late").delay(Duration::from_secs(3)));

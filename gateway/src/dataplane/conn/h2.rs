@@ -59,6 +59,7 @@ use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -412,16 +413,73 @@ async fn stream<S: Stream>(
             Routed::Answered(outcome) => outcome,
             Routed::Proxy(route, upstream) => {
                 end.outcome.route = Some(&route.label);
-                let asked = Asked {
-                    req: &req,
-                    head: &head[..],
-                    body,
-                    client_ip,
-                };
-                proxy(&w, &ctx.name, &snap, route, upstream, respond, asked).await
+                match UpstreamSocket::take(&w, peer.ip()) {
+                    Ok(_socket) => {
+                        let asked = Asked {
+                            req: &req,
+                            head: &head[..],
+                            body,
+                            client_ip,
+                        };
+                        proxy(&w, &ctx.name, &snap, route, upstream, respond, asked).await
+                    }
+                    Err(()) => Outcome {
+                        route: Some(&route.label),
+                        ..simple(
+                            &mut respond,
+                            503,
+                            None,
+                            "text/plain",
+                            error_body(503),
+                            false,
+                        )
+                    },
+                }
             }
         },
     };
+}
+
+/// The upstream socket a proxied stream holds (a tunnel's for its whole life), budgeted
+/// like a connection (nginx counts upstream connections in `worker_connections`): in the
+/// process's connection count checked against `max_connections`, whose descriptor
+/// arithmetic allows two per connection, and against the client's `max_conns_per_ip`.
+/// Without it one h2 connection holds up to `max_concurrent_streams` upstream sockets and
+/// a few hundred take every descriptor (attack report F2). Over either: 503 for this
+/// stream, booked to the client (`gateway_local_refusals_total{reason="max_connections"}`
+/// or `gateway_limit_rejections_total{limit="max_conns_per_ip"}`).
+struct UpstreamSocket<'w, S: Stream> {
+    w: &'w Worker<MaybeTls<S>>,
+    _ticket: crate::policy::limits::ConnTicket,
+}
+
+impl<'w, S: Stream> UpstreamSocket<'w, S> {
+    fn take(w: &'w Worker<MaybeTls<S>>, peer: IpAddr) -> Result<Self, ()> {
+        let ticket = match w.shared.conn_limiter.on_upstream_socket(peer) {
+            Ok(t) => t,
+            Err(r) => {
+                w.stats.borrow_mut().limit_rejection(r.limit, r.enforcer);
+                tracing::debug!(client = %peer, "h2 stream refused: max_conns_per_ip reached");
+                return Err(());
+            }
+        };
+        let max = w.snapshot().server.max_connections;
+        if w.shared.connections.fetch_add(1, Ordering::Relaxed) >= max {
+            w.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            crate::util::budget::refused(
+                crate::util::budget::Refusal::MaxConnections,
+                &format_args!("max_connections ({max}) reached: h2 stream from {peer} refused"),
+            );
+            return Err(());
+        }
+        Ok(UpstreamSocket { w, _ticket: ticket })
+    }
+}
+
+impl<S: Stream> Drop for UpstreamSocket<'_, S> {
+    fn drop(&mut self) {
+        self.w.shared.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A stream's access-log line and `gateway_http_requests_total`, written once when it is
