@@ -1646,7 +1646,17 @@ fn streams_cut_by_the_client_closing_its_connection_are_logged_and_counted() {
     let mut ws = ws.expect("tunnel");
     ws.send_frame(0x1, b"hello");
     assert_eq!(ws.read_frame().unwrap().1, b"hello");
+    // The tunnel's upstream socket is an upstream connection (attack report L4).
+    let gauge = || {
+        scrape(gw.admin_addr()).get("gateway_upstream_connections_active", &[("upstream", "ws")])
+    };
+    wait_until(Duration::from_secs(5), "the tunnel counted", || {
+        gauge() == Some(1.0)
+    });
     drop(ws);
+    wait_until(Duration::from_secs(10), "and uncounted", || {
+        gauge() == Some(0.0)
+    });
     assert!(matches!(
         events.recv_timeout(Duration::from_secs(10)),
         Ok(WsEvent::Handshake(_))
@@ -1821,6 +1831,9 @@ fn a_drain_lets_an_open_h2_tunnel_run_until_graceful_timeout() {
     };
     assert!(ended >= Duration::from_millis(1500), "{ended:?}");
     assert!(gw.wait_exit(Duration::from_secs(10)).is_some());
+    // Cut, it is still logged (attack report F3): before the exit, not lost with it.
+    let log = gw.access_log();
+    assert!(log.contains("\"CONNECT /ws/echo HTTP/2.0\" 499"), "{log}");
 }
 
 #[test]

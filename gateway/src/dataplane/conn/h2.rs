@@ -296,6 +296,11 @@ pub(crate) async fn serve<S: Stream>(
             // Until the last stream's frames are flushed (no event of ours says when).
             () = tokio::time::sleep(FLUSH_POLL), if finished => {}
             () = w.drained(), if closing.is_none() => goaway(&mut conn, &mut closing, "drain"),
+            // graceful_timeout spent: the streams still open are cut (and logged, 499) now,
+            // not at the next tick, so a drain's last lines are written before it exits.
+            () = sleep_until(closing), if closing.is_some_and(|at| Instant::now() < at) => {
+                conn.abrupt_shutdown(Reason::NO_ERROR);
+            }
             () = sleep_until(idle_at), if idle_at.is_some() => goaway(&mut conn, &mut closing, "idle"),
             _ = tick.tick() => {
                 let generation = w.snapshot().generation;
@@ -763,7 +768,7 @@ async fn proxy<'s, S: Stream>(
             // WebSocket: the 200 went out; the stream and the upstream are one tunnel now.
             use crate::dataplane::conn::tunnel::counted;
             let run = websocket::run(w, tunnel, &mut s.body, &s.reply, route.read_timeout);
-            let bytes = counted(w, run).await;
+            let bytes = counted(w, &upstream.metric_name, run).await;
             let outcome = Outcome {
                 // What the client got: RFC 8441's 200 (the upstream's 101 is not logged).
                 status: 200,
