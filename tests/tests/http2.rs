@@ -686,6 +686,205 @@ fn ping_and_settings_floods_close_the_connection() {
     assert_eq!(c.get("/after").status, 200);
 }
 
+/// WINDOW_UPDATE, PRIORITY frames.
+const PRIORITY: u8 = 0x2;
+const WINDOW_UPDATE: u8 = 0x8;
+
+/// Sends `frames` on a fresh connection whose stream 1 is an open GET the origin takes its
+/// time over (a zero-window stream in all but name: nothing is sent on it meanwhile); the
+/// GOAWAY codes seen until the gateway closed.
+fn flood_codes(gw: &Gateway, frames: &[u8]) -> Vec<u32> {
+    let mut raw = RawH2::connect(gw.http_addr());
+    raw.headers(1, &get_fields(b"/slow"), true);
+    raw.send_bytes(frames);
+    goaways_until_close(&mut raw)
+}
+
+/// Opens `streams` on one connection to a slow origin: `forwarded` reach it, the others
+/// are answered at once. The connection, still holding its streams.
+fn streams_past_the_budget(gw: &Gateway, origin: &Origin, streams: u32, forwarded: usize) -> RawH2 {
+    let mut raw = RawH2::connect(gw.http_addr());
+    for i in 0..streams {
+        raw.headers(1 + 2 * i, &get_fields(b"/held"), true);
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the budgeted streams upstream",
+        || origin.active() == forwarded,
+    );
+    let mut refused = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Some(f) = raw.read_frame(deadline.saturating_duration_since(Instant::now())) {
+        // The 503 heads (HPACK static index 14 is `:status 503`, or a literal).
+        if f.kind == HEADERS {
+            refused += 1;
+        }
+        if refused == (streams as usize - forwarded) {
+            break;
+        }
+    }
+    assert_eq!(
+        refused,
+        streams as usize - forwarded,
+        "streams answered at once"
+    );
+    assert_eq!(
+        origin.active(),
+        forwarded,
+        "none past the budget reached the origin"
+    );
+    raw
+}
+
+#[test]
+fn upstream_sockets_of_streams_count_as_connections() {
+    // Attack report F2: each stream holds an upstream socket, so 100 streams on one
+    // connection are 101 descriptors where `max_connections` allows two.
+    let origin = Origin::start(|_| Reply::ok("held").delay(Duration::from_secs(3)));
+    // Per IP: the connection and three streams make four.
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[limits]\nmax_conns_per_ip = 4\n");
+    let gw = Gateway::with(&config);
+    let held = streams_past_the_budget(&gw, &origin, 6, 3);
+    // Meanwhile the address is at its cap for connections too.
+    let another = gateway_tests::client::one_shot(
+        gw.http_addr(),
+        &gateway_tests::client::Req::get("/refused"),
+    );
+    assert!(another.is_err(), "a fifth descriptor: {another:?}");
+    wait_until(Duration::from_secs(5), "the refusals counted", || {
+        scrape(gw.admin_addr()).sum(
+            "gateway_limit_rejections_total",
+            &[("limit", "max_conns_per_ip")],
+        ) >= 4.0
+    });
+    // The client goes: its slots come back and it is served again.
+    drop(held);
+    wait_until(Duration::from_secs(10), "served again", || {
+        gateway_tests::client::one_shot(gw.http_addr(), &gateway_tests::client::Req::get("/a"))
+            .is_ok_and(|r| r.status == 200)
+    });
+    let mut c = H2Client::connect(gw.http_addr());
+    assert_eq!(c.get("/again").status, 200);
+
+    // For the whole process: `max_connections` 5 is the connection and four streams.
+    let origin = Origin::start(|_| Reply::ok("held").delay(Duration::from_secs(3)));
+    let config =
+        h2c(Config::proxy_all(&[origin.addr()]).workers(1)).server_raw("max_connections", "5");
+    let gw = Gateway::with(&config);
+    let _held = streams_past_the_budget(&gw, &origin, 7, 4);
+    wait_until(Duration::from_secs(10), "refusals counted", || {
+        scrape(gw.admin_addr()).sum(
+            "gateway_local_refusals_total",
+            &[("reason", "max_connections")],
+        ) >= 3.0
+    });
+}
+
+#[test]
+fn window_update_priority_and_unknown_frame_floods_close_the_connection() {
+    let origin = Origin::start(|_| Reply::ok("late").delay(Duration::from_secs(3)));
+    let gw = Gateway::with(&h2c(Config::proxy_all(&[origin.addr()]).workers(1)));
+    let many = |kind: u8, flags: u8, stream: u32, payload: &[u8]| -> Vec<u8> {
+        (0..5000)
+            .flat_map(|_| frame_bytes(kind, flags, stream, payload))
+            .collect()
+    };
+    let floods = [
+        // +1 on a stream nothing is sent on (attack report F4), on the connection.
+        (
+            "stream WINDOW_UPDATE",
+            many(WINDOW_UPDATE, 0, 1, &1u32.to_be_bytes()),
+        ),
+        (
+            "connection WINDOW_UPDATE",
+            many(WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes()),
+        ),
+        ("PRIORITY", many(PRIORITY, 0, 3, &[0, 0, 0, 0, 15])),
+        // RFC 9113 §5.5: unknown types are ignored, so they are free to send.
+        ("unknown type", many(0xfa, 0, 0, b"x")),
+        // Empty DATA carries nothing (stream 1 has ended: h2 answers each with a reset).
+        ("empty DATA", many(0x0, 0, 1, b"")),
+    ];
+    for (name, frames) in &floods {
+        let codes = flood_codes(&gw, frames);
+        assert_eq!(codes.last(), Some(&ENHANCE_YOUR_CALM), "{name}: {codes:?}");
+    }
+    wait_until(Duration::from_secs(5), "the floods counted", || {
+        scrape(gw.admin_addr()).get(
+            "gateway_http2_goaways_total",
+            &[("listener", "http"), ("reason", "flood")],
+        ) >= Some(floods.len() as f64)
+    });
+    // A client reading a large body sends a WINDOW_UPDATE per chunk it consumed: served.
+    let big = Origin::start(|_| Reply::ok(vec![b'b'; 8 << 20]));
+    let gw = Gateway::with(&h2c(Config::proxy_all(&[big.addr()]).workers(1)));
+    let mut c = H2Client::connect_with(
+        gw.http_addr(),
+        h2::client::Builder::new()
+            .initial_window_size(16 * 1024)
+            .initial_connection_window_size(16 * 1024)
+            .clone(),
+    );
+    for _ in 0..3 {
+        let r = c.get("/big");
+        assert_eq!((r.status, r.body.len()), (200, 8 << 20));
+    }
+}
+
+#[test]
+fn a_frame_flood_within_the_budgets_does_not_starve_the_other_connections() {
+    // A budget no flood reaches: only the fairness of the connection is left to protect
+    // the worker's other clients (HTTP/1 on io_uring, upstream legs).
+    let origin = Origin::echo();
+    let config = h2c(Config::proxy_all(&[origin.addr()]).workers(1))
+        .extra("[http2]\nmax_control_frames_per_second = 100000000\n");
+    let gw = Gateway::with(&config);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..3)
+        .map(|_| {
+            let mut raw = RawH2::connect(gw.http_addr());
+            let mut reader = raw.sock.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut sink = [0u8; 65536];
+                while std::io::Read::read(&mut reader, &mut sink).is_ok_and(|n| n > 0) {}
+            });
+            let stop = stop.clone();
+            // Frames of an unknown type: h2 reads and drops each (RFC 9113 §5.5), the
+            // cheapest frame there is.
+            let blob: Vec<u8> = (0..5000)
+                .flat_map(|_| frame_bytes(0xfa, 0, 0, b"x"))
+                .collect();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if std::io::Write::write_all(&mut raw.sock, &blob).is_err() {
+                        return false;
+                    }
+                }
+                true
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut slowest = Duration::ZERO;
+    let probing = Instant::now();
+    while probing.elapsed() < Duration::from_secs(3) {
+        let asked = Instant::now();
+        let r = gw.get("/probe");
+        assert_eq!(r.status, 200);
+        slowest = slowest.max(asked.elapsed());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        slowest < Duration::from_secs(1),
+        "an HTTP/1 request beside the flood took {slowest:?}"
+    );
+    for f in flooders {
+        assert!(f.join().unwrap(), "a flood within the budget is not cut");
+    }
+}
+
 #[test]
 fn rapid_reset_and_continuation_floods_end_the_connection() {
     let (gw, origin) = echo_gateway();
@@ -1131,7 +1330,16 @@ fn h2_websocket(
     protocol: &'static str,
     fields: &[(&str, &str)],
 ) -> (u16, http::HeaderMap, Option<H2WebSocket>) {
-    let client = H2Client::connect(addr);
+    h2_websocket_on(H2Client::connect(addr), path, protocol, fields)
+}
+
+/// [`h2_websocket`] on a connection already open.
+fn h2_websocket_on(
+    client: H2Client,
+    path: &str,
+    protocol: &'static str,
+    fields: &[(&str, &str)],
+) -> (u16, http::HeaderMap, Option<H2WebSocket>) {
     let mut req = http::Request::builder()
         .method("CONNECT")
         .uri(format!("http://example.test{path}"));
@@ -1380,6 +1588,124 @@ fn hostile_extended_connects_never_open_a_tunnel() {
 }
 
 #[test]
+fn only_the_validated_101_opens_a_tunnel_and_other_2xx_are_502() {
+    // RFC 8441 §5: any 2xx to an extended CONNECT means the tunnel is open, so an upstream
+    // that answers the handshake with a 200 and a body, or a 204, must not be relayed: the
+    // client would read the body as WebSocket bytes (attack report F1).
+    let v13 = [("sec-websocket-version", "13")];
+    let plain = Origin::echo();
+    for (reply, expected) in [
+        (Reply::ok("not a websocket"), 502),
+        (Reply::new(204), 502),
+        // A refusal is relayed with its status: the client learns the tunnel failed.
+        (Reply::new(403).body("no"), 403),
+    ] {
+        let origin = Origin::start(move |_| reply.clone());
+        let gw = ws_gateway(origin.addr(), plain.addr(), "");
+        let (status, _, ws) = h2_websocket(gw.http_addr(), "/ws/x", "websocket", &v13);
+        assert_eq!(status, expected);
+        assert!(ws.is_none());
+        assert_eq!(origin.request_count(), 1, "the handshake went upstream");
+    }
+    // Two version fields, in either order: 400, nothing upstream (as on HTTP/1).
+    let (ws_addr, events) = ws_echo_origin();
+    let gw = ws_gateway(ws_addr, plain.addr(), "");
+    for two in [["8", "13"], ["13", "8"]] {
+        let fields = [
+            ("sec-websocket-version", two[0]),
+            ("sec-websocket-version", two[1]),
+        ];
+        assert_eq!(
+            h2_websocket(gw.http_addr(), "/ws/echo", "websocket", &fields).0,
+            400
+        );
+    }
+    assert!(events.recv_timeout(Duration::from_millis(300)).is_err());
+}
+
+#[test]
+fn a_reload_that_turns_websocket_off_applies_to_open_connections() {
+    let (ws_addr, events) = ws_echo_origin();
+    let plain = Origin::echo();
+    let gw = ws_gateway(ws_addr, plain.addr(), "");
+    let v13 = [("sec-websocket-version", "13")];
+    // Opened while on: its SETTINGS advertised extended CONNECT.
+    let client = H2Client::connect(gw.http_addr());
+    assert_eq!(client_get(&client, "/plain/before"), 200);
+    reload_with(&gw, |text| format!("{text}\n[http2]\nwebsocket = false\n"));
+    let (status, _, ws) = h2_websocket_on(client, "/ws/echo", "websocket", &v13);
+    assert_eq!(
+        status, 405,
+        "the stream read the flag of the current snapshot"
+    );
+    assert!(ws.is_none());
+    assert!(events.recv_timeout(Duration::from_millis(300)).is_err());
+}
+
+/// One GET on an open client connection: its status.
+fn client_get(client: &H2Client, path: &str) -> u16 {
+    let mut send = client.send.clone();
+    client
+        .rt
+        .block_on(async move { exchange(&mut send, &H2Req::get(path)).await })
+        .expect("a response")
+        .status
+}
+
+#[test]
+fn streams_cut_by_the_client_closing_its_connection_are_logged_and_counted() {
+    // Attack report F3: streams whose task ended with the connection left no trace.
+    let origin = Origin::start(|_| Reply::ok("late").delay(Duration::from_secs(5)));
+    let (ws_addr, events) = ws_echo_origin();
+    let gw = ws_gateway(ws_addr, origin.addr(), "");
+    let mut raw = RawH2::connect(gw.http_addr());
+    for id in [1, 3, 5] {
+        raw.headers(id, &get_fields(b"/plain/cut"), true);
+    }
+    wait_until(Duration::from_secs(10), "three streams upstream", || {
+        origin.heads_seen() >= 3
+    });
+    drop(raw);
+    // A tunnel, then its client's TCP close.
+    let v13 = [("sec-websocket-version", "13")];
+    let (_, _, ws) = h2_websocket(gw.http_addr(), "/ws/echo", "websocket", &v13);
+    let mut ws = ws.expect("tunnel");
+    ws.send_frame(0x1, b"hello");
+    assert_eq!(ws.read_frame().unwrap().1, b"hello");
+    // The tunnel's upstream socket is an upstream connection (attack report L4).
+    let gauge = || {
+        scrape(gw.admin_addr()).get("gateway_upstream_connections_active", &[("upstream", "ws")])
+    };
+    wait_until(Duration::from_secs(5), "the tunnel counted", || {
+        gauge() == Some(1.0)
+    });
+    drop(ws);
+    wait_until(Duration::from_secs(10), "and uncounted", || {
+        gauge() == Some(0.0)
+    });
+    assert!(matches!(
+        events.recv_timeout(Duration::from_secs(10)),
+        Ok(WsEvent::Handshake(_))
+    ));
+    gw.wait_access_line(Duration::from_secs(10), |l| {
+        l.contains("\"CONNECT /ws/echo HTTP/2.0\" 499")
+    });
+    wait_until(Duration::from_secs(10), "each stream logged once", || {
+        gw.access_log()
+            .lines()
+            .filter(|l| l.contains("\"GET /plain/cut HTTP/2.0\" 499"))
+            .count()
+            == 3
+    });
+    wait_until(Duration::from_secs(10), "and counted", || {
+        scrape(gw.admin_addr()).sum(
+            "gateway_http_requests_total",
+            &[("listener", "http"), ("status", "499")],
+        ) == 4.0
+    });
+}
+
+#[test]
 fn a_client_reset_closes_the_upstream_and_a_client_that_never_reads_holds_it_back() {
     // RST_STREAM mid-tunnel: the upstream connection is closed at once.
     let (ws_addr, events) = ws_echo_origin();
@@ -1531,6 +1857,9 @@ fn a_drain_lets_an_open_h2_tunnel_run_until_graceful_timeout() {
     };
     assert!(ended >= Duration::from_millis(1500), "{ended:?}");
     assert!(gw.wait_exit(Duration::from_secs(10)).is_some());
+    // Cut, it is still logged (attack report F3): before the exit, not lost with it.
+    let log = gw.access_log();
+    assert!(log.contains("\"CONNECT /ws/echo HTTP/2.0\" 499"), "{log}");
 }
 
 #[test]

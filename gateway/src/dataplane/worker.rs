@@ -155,7 +155,11 @@ async fn run_worker<D: Driver>(
     listeners.close_all(&worker, !handed_over);
     let deadline = Instant::now() + worker.snapshot().server.graceful_timeout;
     let mut last_publish = Instant::now();
-    while worker.active.get() > 0 && Instant::now() < deadline {
+    // Connections cut at the deadline end in its wake (an HTTP/2 connection resets its open
+    // streams and each stream task writes its log line as it is dropped): a moment more
+    // for those lines to reach the log before the final flush.
+    let cut_deadline = deadline + CUT_GRACE;
+    while worker.active.get() > 0 && Instant::now() < cut_deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
         worker.log.borrow_mut().flush();
         // Keep the heartbeat (and the metrics) going: a drain is not a hang.
@@ -175,6 +179,9 @@ async fn run_worker<D: Driver>(
     worker.stats.borrow_mut().finished = true;
     worker.publish();
 }
+
+/// How long past `graceful_timeout` a drain waits for the connections it cut to end.
+const CUT_GRACE: Duration = Duration::from_millis(300);
 
 /// After a reload: binds the listeners it added, refreshes the settings of those it kept,
 /// closes those it removed. Their connections carry on; the reload already checked binds.

@@ -84,4 +84,12 @@ pub trait Stream: 'static {
     /// Shuts both directions down so that any operation still in flight completes.
     fn abort(&self);
     fn raw_fd(&self) -> RawFd;
+    /// Lets the rest of the worker run before a busy readiness task (an HTTP/2
+    /// connection) goes on: on epoll the scheduler's own turn is enough.
+    async fn yield_to_driver()
+    where
+        Self: Sized,
+    {
+        tokio::task::yield_now().await
+    }
 }

@@ -124,6 +124,14 @@ impl Stream for UringStream {
     fn raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
     }
+
+    /// A NOP on the ring: it completes once the ring's queue was submitted, which
+    /// tokio-uring does when the thread parks (`on_thread_park`), so everything the
+    /// worker's io_uring side queued before it (accepts, reads, writes) went to the kernel
+    /// first. A `yield_now` would not do: while a task is ready the thread never parks.
+    async fn yield_to_driver() {
+        let _ = tokio_uring::no_op().await;
+    }
 }
 
 impl Drop for UringStream {

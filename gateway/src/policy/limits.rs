@@ -584,6 +584,40 @@ impl ConnLimiter {
         })
     }
 
+    /// Counts one more descriptor a client at `ip` holds beyond its connection (an HTTP/2
+    /// stream's upstream socket) against `max_conns_per_ip`, as a connection: the ticket
+    /// gives it back. Unlike [`on_accept`](Self::on_accept) it takes nothing from the
+    /// connection rate, which is about accepts. `Err` (the cap): refuse the stream.
+    pub fn on_upstream_socket(&self, ip: IpAddr) -> Result<ConnTicket, Rejection> {
+        let ip = ip.to_canonical();
+        let key = source_key(ip, self.inner.policy().v6_prefix);
+        let mut shard = self
+            .inner
+            .shard(&key)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let policy = self.inner.policy();
+        if policy.lists.classify(ip) == Listed::Allowed {
+            return Ok(ConnTicket {
+                limiter: None,
+                ip: key,
+            });
+        }
+        let count = shard.conns.entry(key).or_default();
+        if policy.max_conns.is_some_and(|max| count.open >= max) {
+            return Err(Rejection {
+                limit: LIMIT_MAX_CONNS,
+                enforcer: ENFORCER_USERSPACE,
+            });
+        }
+        count.open += 1;
+        self.inner.sync_mark(key, count, policy.max_conns);
+        Ok(ConnTicket {
+            limiter: Some(self.inner.clone()),
+            ip: key,
+        })
+    }
+
     /// Open connections counted for `ip`'s source key.
     pub fn open_connections(&self, ip: IpAddr) -> u32 {
         let ip = source_key(ip, self.inner.policy().v6_prefix);
@@ -838,6 +872,30 @@ mod tests {
         assert_eq!(set.longest("2001:db8:1:3::9".parse().unwrap()), Some(32));
         assert_eq!(set.longest("2001:db9::1".parse().unwrap()), None);
         assert!(PrefixSet::new(&[]).is_empty());
+    }
+
+    #[test]
+    fn upstream_sockets_count_against_the_cap_but_not_the_rate() {
+        let mut l = limits();
+        l.max_conns_per_ip = Some(3);
+        // One connection per 1000 s: a stream socket taking from it would fail at once.
+        l.conn_rate = Some(Rate { per_second: 0.001 });
+        l.conn_burst = Some(1);
+        let limiter = ConnLimiter::new(&l, Enforcement::default(), None);
+        let conn = limiter.on_accept(v4(1)).unwrap();
+        // The stream sockets of that one connection: two more, then the cap.
+        let s1 = limiter.on_upstream_socket(v4(1)).unwrap();
+        let _s2 = limiter.on_upstream_socket(v4(1)).unwrap();
+        assert_eq!(limiter.open_connections(v4(1)), 3);
+        let refused = limiter.on_upstream_socket(v4(1)).unwrap_err();
+        assert_eq!(refused.limit, LIMIT_MAX_CONNS);
+        // A new connection is refused at the cap too: one IP holds no more descriptors
+        // through streams than through connections.
+        assert_eq!(limiter.on_accept(v4(1)).unwrap_err().limit, LIMIT_MAX_CONNS);
+        drop(s1);
+        let _s3 = limiter.on_upstream_socket(v4(1)).unwrap();
+        drop(conn);
+        assert_eq!(limiter.open_connections(v4(1)), 2);
     }
 
     #[test]

@@ -655,7 +655,7 @@ async fn proxy<'s, S: Stream>(
         w,
         route.read_timeout,
     );
-    let bytes = relay_tunnel::counted(w, bytes).await;
+    let bytes = relay_tunnel::counted(w, &upstream.metric_name, bytes).await;
     Ok(Outcome {
         status: done.status,
         body_bytes: bytes.to_client,

@@ -59,6 +59,7 @@ use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -175,7 +176,7 @@ pub(crate) async fn serve<S: Stream>(
 ) {
     let snap = w.snapshot();
     let limits = snap.http2.clone();
-    let (io, flood) = FrameGuard::new(io, read_ahead, limits.max_control_frames_per_second);
+    let (io, flood, round) = FrameGuard::new(io, read_ahead, limits.max_control_frames_per_second);
     let mut builder = h2::server::Builder::new();
     builder
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -277,8 +278,15 @@ pub(crate) async fn serve<S: Stream>(
                     idle_since = Instant::now();
                 }
             }
+            () = round.raised() => {
+                // The client kept h2 busy for a round of frames: the worker's other
+                // connections (on io_uring: everything submitted since the thread last
+                // parked) get their turn before the next (`protocol::h2::guard`).
+                S::yield_to_driver().await;
+                round.resume();
+            }
             () = flood.raised() => {
-                tracing::debug!(%peer, "SETTINGS/PING flood: HTTP/2 connection closed");
+                tracing::info!(%peer, "HTTP/2 frame flood: connection closed with ENHANCE_YOUR_CALM");
                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 w.stats.borrow_mut().h2_goaway(&ctx.name, "flood");
                 // Reads have stopped; h2 sends the GOAWAY and ends. Bounded anyway.
@@ -288,6 +296,11 @@ pub(crate) async fn serve<S: Stream>(
             // Until the last stream's frames are flushed (no event of ours says when).
             () = tokio::time::sleep(FLUSH_POLL), if finished => {}
             () = w.drained(), if closing.is_none() => goaway(&mut conn, &mut closing, "drain"),
+            // graceful_timeout spent: the streams still open are cut (and logged, 499) now,
+            // not at the next tick, so a drain's last lines are written before it exits.
+            () = sleep_until(closing), if closing.is_some_and(|at| Instant::now() < at) => {
+                conn.abrupt_shutdown(Reason::NO_ERROR);
+            }
             () = sleep_until(idle_at), if idle_at.is_some() => goaway(&mut conn, &mut closing, "idle"),
             _ = tick.tick() => {
                 let generation = w.snapshot().generation;
@@ -372,6 +385,23 @@ async fn stream<S: Stream>(
         keep_forwarding: &snap.server.forward_client_headers,
         underscores: snap.server.underscores_in_headers,
     };
+    // Logged and counted when dropped: at the end below, and also when the stream's task
+    // is aborted because the client closed its connection (or the drain's
+    // `graceful_timeout` cut it): 499 then, booked to the route it reached.
+    let mut end = StreamEnd {
+        w: &w,
+        listener: &ctx.name,
+        snap: &snap,
+        parts: &parts,
+        client_ip,
+        started,
+        outcome: Outcome {
+            status: 499,
+            body_bytes: 0,
+            route: None,
+            upstream: None,
+        },
+    };
     let mut req = H2Request::default();
     let mut head = w.lend_out();
     let translated = translate_request(
@@ -382,47 +412,123 @@ async fn stream<S: Stream>(
         &mut req,
         &mut head,
     );
-    let outcome = match translated {
+    end.outcome = match translated {
         Err(e) => refuse(&w, &ctx, &mut respond, &e),
         Ok(()) => match route(&w, &snap, &mut respond, &req, client_ip) {
             Routed::Answered(outcome) => outcome,
             Routed::Proxy(route, upstream) => {
-                let asked = Asked {
-                    req: &req,
-                    head: &head[..],
-                    body,
-                    client_ip,
-                };
-                proxy(&w, &ctx.name, &snap, route, upstream, respond, asked).await
+                end.outcome.route = Some(&route.label);
+                match UpstreamSocket::take(&w, peer.ip()) {
+                    Ok(_socket) => {
+                        let asked = Asked {
+                            req: &req,
+                            head: &head[..],
+                            body,
+                            client_ip,
+                        };
+                        proxy(&w, &ctx.name, &snap, route, upstream, respond, asked).await
+                    }
+                    Err(()) => Outcome {
+                        route: Some(&route.label),
+                        ..simple(
+                            &mut respond,
+                            503,
+                            None,
+                            "text/plain",
+                            error_body(503),
+                            false,
+                        )
+                    },
+                }
             }
         },
     };
-    let elapsed = started.elapsed();
-    w.stats.borrow_mut().request(
-        &ctx.name,
-        outcome.route.unwrap_or(&NO_ROUTE),
-        outcome.status,
-        elapsed.as_secs_f64(),
-    );
-    if snap.access_enabled {
-        let field = |name: &str| parts.headers.get(name).map(|v| v.as_bytes());
-        let target = parts
-            .uri
-            .path_and_query()
-            .map_or(&b"-"[..], |p| p.as_str().as_bytes());
-        let entry = Entry {
-            client_ip,
-            method: parts.method.as_str().as_bytes(),
-            target,
-            version: 2,
-            status: outcome.status,
-            body_bytes: outcome.body_bytes,
-            referer: field("referer"),
-            user_agent: field("user-agent"),
-            duration_us: elapsed.as_micros() as u64,
-            upstream: outcome.upstream,
+}
+
+/// The upstream socket a proxied stream holds (a tunnel's for its whole life), budgeted
+/// like a connection (nginx counts upstream connections in `worker_connections`): in the
+/// process's connection count checked against `max_connections`, whose descriptor
+/// arithmetic allows two per connection, and against the client's `max_conns_per_ip`.
+/// Without it one h2 connection holds up to `max_concurrent_streams` upstream sockets and
+/// a few hundred take every descriptor (attack report F2). Over either: 503 for this
+/// stream, booked to the client (`gateway_local_refusals_total{reason="max_connections"}`
+/// or `gateway_limit_rejections_total{limit="max_conns_per_ip"}`).
+struct UpstreamSocket<'w, S: Stream> {
+    w: &'w Worker<MaybeTls<S>>,
+    _ticket: crate::policy::limits::ConnTicket,
+}
+
+impl<'w, S: Stream> UpstreamSocket<'w, S> {
+    fn take(w: &'w Worker<MaybeTls<S>>, peer: IpAddr) -> Result<Self, ()> {
+        let ticket = match w.shared.conn_limiter.on_upstream_socket(peer) {
+            Ok(t) => t,
+            Err(r) => {
+                w.stats.borrow_mut().limit_rejection(r.limit, r.enforcer);
+                tracing::debug!(client = %peer, "h2 stream refused: max_conns_per_ip reached");
+                return Err(());
+            }
         };
-        w.log.borrow_mut().record(snap.access_format, &entry);
+        let max = w.snapshot().server.max_connections;
+        if w.shared.connections.fetch_add(1, Ordering::Relaxed) >= max {
+            w.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            crate::util::budget::refused(
+                crate::util::budget::Refusal::MaxConnections,
+                &format_args!("max_connections ({max}) reached: h2 stream from {peer} refused"),
+            );
+            return Err(());
+        }
+        Ok(UpstreamSocket { w, _ticket: ticket })
+    }
+}
+
+impl<S: Stream> Drop for UpstreamSocket<'_, S> {
+    fn drop(&mut self) {
+        self.w.shared.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A stream's access-log line and `gateway_http_requests_total`, written once when it is
+/// dropped, however the stream ended.
+struct StreamEnd<'s, S: Stream> {
+    w: &'s Worker<MaybeTls<S>>,
+    listener: &'s Arc<str>,
+    snap: &'s crate::snapshot::Snapshot,
+    parts: &'s http::request::Parts,
+    client_ip: IpAddr,
+    started: Instant,
+    outcome: Outcome<'s>,
+}
+
+impl<S: Stream> Drop for StreamEnd<'_, S> {
+    fn drop(&mut self) {
+        let (w, outcome, parts) = (self.w, &self.outcome, self.parts);
+        let elapsed = self.started.elapsed();
+        w.stats.borrow_mut().request(
+            self.listener,
+            outcome.route.unwrap_or(&NO_ROUTE),
+            outcome.status,
+            elapsed.as_secs_f64(),
+        );
+        if self.snap.access_enabled {
+            let field = |name: &str| parts.headers.get(name).map(|v| v.as_bytes());
+            let target = parts
+                .uri
+                .path_and_query()
+                .map_or(&b"-"[..], |p| p.as_str().as_bytes());
+            let entry = Entry {
+                client_ip: self.client_ip,
+                method: parts.method.as_str().as_bytes(),
+                target,
+                version: 2,
+                status: outcome.status,
+                body_bytes: outcome.body_bytes,
+                referer: field("referer"),
+                user_agent: field("user-agent"),
+                duration_us: elapsed.as_micros() as u64,
+                upstream: outcome.upstream,
+            };
+            w.log.borrow_mut().record(self.snap.access_format, &entry);
+        }
     }
 }
 
@@ -554,7 +660,10 @@ fn route<'s, S: Stream>(
         // RFC 8441 on a route that takes no WebSocket (or answers itself): 405, nothing
         // upstream. HTTP/1 would strip the upgrade and forward a plain GET, but a 2xx to an
         // extended CONNECT means the tunnel is open (RFC 8441 §5), so none may be relayed.
-        if !route.websocket || !matches!(route.action, Action::Proxy(_)) {
+        // `[http2] websocket` is read from the current snapshot, per stream: a reload that
+        // turns it off applies to connections opened before it (whose SETTINGS still
+        // advertise extended CONNECT) at once, as the route-level flag does.
+        if !snap.http2.websocket || !route.websocket || !matches!(route.action, Action::Proxy(_)) {
             return answer(respond, 405);
         }
         if !req.websocket_version_ok() {
@@ -604,6 +713,7 @@ async fn proxy<'s, S: Stream>(
     let mut s = H2Stream {
         head,
         idempotent: req.is_idempotent(),
+        websocket: req.is_websocket(),
         is_head: req.method() == http::Method::HEAD,
         done: matches!(framing, BodyFraming::None),
         chunked: framing == BodyFraming::Chunked,
@@ -658,7 +768,7 @@ async fn proxy<'s, S: Stream>(
             // WebSocket: the 200 went out; the stream and the upstream are one tunnel now.
             use crate::dataplane::conn::tunnel::counted;
             let run = websocket::run(w, tunnel, &mut s.body, &s.reply, route.read_timeout);
-            let bytes = counted(w, run).await;
+            let bytes = counted(w, &upstream.metric_name, run).await;
             let outcome = Outcome {
                 // What the client got: RFC 8441's 200 (the upstream's 101 is not logged).
                 status: 200,
@@ -774,6 +884,8 @@ struct H2Stream<'a> {
     /// The request head for the upstream (`translate_request`).
     head: &'a [u8],
     idempotent: bool,
+    /// An extended CONNECT (RFC 8441): no 2xx but the validated 101 may answer it.
+    websocket: bool,
     is_head: bool,
     /// END_STREAM was received (and checked against the declared length).
     done: bool,
@@ -999,7 +1111,7 @@ impl ResponseSink for H2Stream<'_> {
             return Ok(());
         }
         // An interim head h2 cannot carry is dropped: the final response still follows.
-        if let Ok(response) = translate_response(raw, resp, false) {
+        if let Ok(response) = translate_response(raw, resp, false, false) {
             if let Reply::Head(respond) = &mut *self.reply.borrow_mut() {
                 let _ = respond.send_informational(response);
             }
@@ -1008,7 +1120,7 @@ impl ResponseSink for H2Stream<'_> {
     }
 
     fn prepare_head(&mut self, raw: &[u8], resp: &ResponseHead, upgrade: bool) -> BodyForm {
-        self.response = Some(translate_response(raw, resp, upgrade));
+        self.response = Some(translate_response(raw, resp, self.websocket, upgrade));
         self.write_clock = Some(RateClock::new(
             self.send_timeout,
             self.send_timeout,

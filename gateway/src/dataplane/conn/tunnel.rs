@@ -30,6 +30,7 @@ use bytes::BytesMut;
 use std::cell::Cell;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::Interest;
 
@@ -214,20 +215,29 @@ impl Progress {
 }
 
 /// Runs a tunnel (`tunnel` is [`run`] or `h2::websocket::run`) counted in the tunnel
-/// metrics: active while it runs, then its path and bytes.
+/// metrics: active while it runs, then its path and bytes. Its upstream socket counts in
+/// `gateway_upstream_connections_active{upstream}` (of `upstream`, the metric name) while
+/// it runs, as an exchange's does.
 pub(crate) async fn counted<S: Stream>(
     w: &Worker<S>,
+    upstream: &Arc<str>,
     tunnel: impl std::future::Future<Output = TunnelBytes>,
 ) -> TunnelBytes {
-    w.stats.borrow_mut().tunnels_active += 1;
+    {
+        let mut stats = w.stats.borrow_mut();
+        stats.tunnels_active += 1;
+        stats.upstream(upstream).active += 1;
+    }
     // Counted down even when the tunnel's task is dropped (a connection cut).
-    struct Active<'w, S: Stream>(&'w Worker<S>);
+    struct Active<'w, S: Stream>(&'w Worker<S>, &'w Arc<str>);
     impl<S: Stream> Drop for Active<'_, S> {
         fn drop(&mut self) {
-            self.0.stats.borrow_mut().tunnels_active -= 1;
+            let mut stats = self.0.stats.borrow_mut();
+            stats.tunnels_active -= 1;
+            stats.upstream(self.1).active -= 1;
         }
     }
-    let active = Active(w);
+    let active = Active(w, upstream);
     let bytes = tunnel.await;
     drop(active);
     let mut stats = w.stats.borrow_mut();

@@ -190,11 +190,16 @@ pub fn translate_request(
             );
         }
         req.websocket = true;
+        // Exactly one version field (RFC 6455 §4.1 item 9), as HTTP/1 requires: with two,
+        // the proxy and the upstream could each read a different one.
+        let mut versions = parts.headers.get_all("sec-websocket-version").iter();
+        if let (Some(_), Some(_)) = (versions.next(), versions.next()) {
+            return Err(HttpError::BadRequest("more than one sec-websocket-version").into());
+        }
         req.ws_version_13 = parts
             .headers
-            .get_all("sec-websocket-version")
-            .iter()
-            .any(|v| v.as_bytes() == b"13");
+            .get("sec-websocket-version")
+            .is_some_and(|v| v.as_bytes() == b"13");
         req.ws_key = crate::protocol::http1::head::websocket_key();
     }
     check_pseudo(parts, max_head, req)?;
@@ -490,14 +495,24 @@ impl BodyLength {
 /// the WebSocket handshake of an extended CONNECT (`upgraded`, validated by the exchange):
 /// then it is the `200` of RFC 8441 §5, with its `sec-websocket-protocol` and
 /// `-extensions` and without the accept, which has no meaning on HTTP/2.
+/// To an extended CONNECT (`websocket`) any 2xx means the tunnel is open (RFC 8441 §5),
+/// so an upstream's 2xx other than the validated 101 (a 200 with a body, a 204) is refused
+/// with 502: relayed, the client would read its body as WebSocket bytes. Its other
+/// statuses (4xx, 5xx) are relayed and tell the client the tunnel failed.
 pub(crate) fn translate_response(
     buf: &[u8],
     head: &ResponseHead,
+    websocket: bool,
     upgraded: bool,
 ) -> Result<http::Response<()>, TranslateError> {
     let status = match head.status {
         101 if upgraded => 200,
         101 => return Err(HttpError::ResponseRefused("101 on an HTTP/2 stream").into()),
+        200..=299 if websocket => {
+            return Err(
+                HttpError::ResponseRefused("2xx other than 101 to a WebSocket CONNECT").into(),
+            )
+        }
         s => s,
     };
     let status = http::StatusCode::from_u16(status)
@@ -815,7 +830,7 @@ mod tests {
     fn response(text: &[u8], request_was_head: bool) -> Result<http::Response<()>, TranslateError> {
         let mut head = ResponseHead::default();
         assert!(parse_response(text, &mut head, 8192, request_was_head).unwrap());
-        translate_response(text, &head, false)
+        translate_response(text, &head, false, false)
     }
 
     #[test]
@@ -904,6 +919,13 @@ mod tests {
         )
         .unwrap();
         assert!(!v8.websocket_version_ok());
+        // Two version fields, whatever their values: 400, as on HTTP/1.
+        let two = [
+            ("sec-websocket-version", "8"),
+            ("sec-websocket-version", "13"),
+        ];
+        let e = run(&extended_connect("websocket", &two), false).unwrap_err();
+        assert_eq!(e.status(), 400);
     }
 
     #[test]
@@ -911,9 +933,30 @@ mod tests {
         let text = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n\r\n";
         let mut head = ResponseHead::default();
         assert!(parse_response(text, &mut head, 8192, false).unwrap());
-        let r = translate_response(text, &head, true).unwrap();
+        let r = translate_response(text, &head, true, true).unwrap();
         assert_eq!(r.status(), 200);
         let names: Vec<_> = r.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["sec-websocket-protocol"]);
+    }
+
+    #[test]
+    fn no_2xx_but_the_validated_101_answers_a_websocket_connect() {
+        let mut head = ResponseHead::default();
+        for text in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"[..],
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 299 Odd\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            assert!(parse_response(text, &mut head, 8192, false).unwrap());
+            let e = translate_response(text, &head, true, false).unwrap_err();
+            assert_eq!(e.status(), 502, "{}", String::from_utf8_lossy(text));
+            // The same answer to an ordinary request is relayed.
+            assert!(translate_response(text, &head, false, false).is_ok());
+        }
+        // A refusal is relayed with its status: it tells the client the tunnel failed.
+        let text = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";
+        assert!(parse_response(text, &mut head, 8192, false).unwrap());
+        let r = translate_response(text, &head, true, false).unwrap();
+        assert_eq!(r.status(), 403);
     }
 }

@@ -230,13 +230,16 @@ impl RequestHead {
         if !key_ok {
             return WebSocketHandshake::Invalid;
         }
-        let version_13 = self
+        // Exactly one `Sec-WebSocket-Version` (RFC 6455 §4.1 item 9): with two, the proxy
+        // and the upstream could each read a different one.
+        let mut versions = self
             .headers
             .iter()
-            .filter(|h| h.is(buf, "sec-websocket-version"))
-            .any(|h| trim(h.value(buf)) == b"13");
-        if !version_13 {
-            return WebSocketHandshake::UnsupportedVersion;
+            .filter(|h| h.is(buf, "sec-websocket-version"));
+        match (versions.next(), versions.next()) {
+            (Some(_), Some(_)) => return WebSocketHandshake::Invalid,
+            (Some(v), None) if trim(v.value(buf)) == b"13" => {}
+            _ => return WebSocketHandshake::UnsupportedVersion,
         }
         WebSocketHandshake::Valid
     }
@@ -292,9 +295,13 @@ fn base64<const N: usize>(bytes: &[u8]) -> [u8; N] {
 
 impl ResponseHead {
     /// Whether a 101 accepts exactly the WebSocket handshake whose accept value is `accept`:
-    /// `Upgrade: websocket`, `Connection: upgrade` and the right `Sec-WebSocket-Accept`.
-    /// Anything else must not become a raw tunnel.
+    /// an HTTP/1.1 101 (HTTP/1.0 has no Upgrade, RFC 9110 §7.8), `Upgrade: websocket`,
+    /// `Connection: upgrade` and the right `Sec-WebSocket-Accept`. Anything else must not
+    /// become a raw tunnel.
     pub(crate) fn accepts_websocket(&self, buf: &[u8], accept: &[u8; 28]) -> bool {
+        if self.version != 1 {
+            return false;
+        }
         let upgrade_ok = self
             .known
             .upgrade
@@ -971,6 +978,8 @@ mod tests {
             b"HTTP/1.1 101 S\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
             b"HTTP/1.1 101 S\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",
             b"HTTP/1.1 101 S\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+            // HTTP/1.0 has no protocol upgrade.
+            b"HTTP/1.0 101 S\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
         ] {
             assert!(parse_response(bad, &mut r, 8192, false).unwrap());
             assert!(!r.accepts_websocket(bad, &accept), "{}", String::from_utf8_lossy(bad));
@@ -1000,6 +1009,16 @@ mod tests {
             ws(&format!("{key}{key}Sec-WebSocket-Version: 13\r\n")),
             WebSocketHandshake::Invalid
         );
+        // Two versions, whatever the order: which one the upstream reads is unknown.
+        for two in [
+            "8\r\nSec-WebSocket-Version: 13",
+            "13\r\nSec-WebSocket-Version: 8",
+        ] {
+            assert_eq!(
+                ws(&format!("{key}Sec-WebSocket-Version: {two}\r\n")),
+                WebSocketHandshake::Invalid
+            );
+        }
         let plain = "GET /ws HTTP/1.1\r\nHost: a\r\n\r\n";
         assert_eq!(
             req(plain).unwrap().websocket_handshake(plain.as_bytes()),

@@ -583,4 +583,8 @@ impl<S: Stream> Stream for MaybeTls<S> {
             MaybeTls::Tls(s) => s.raw_fd(),
         }
     }
+
+    async fn yield_to_driver() {
+        S::yield_to_driver().await
+    }
 }
