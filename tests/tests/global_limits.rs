@@ -6,7 +6,7 @@
 //! with it in the URL, and a wrong one is counted and fails open.
 
 use gateway_tests::client::Client;
-use gateway_tests::control::scrape;
+use gateway_tests::control::{admin_request, scrape};
 use gateway_tests::redis::Redis;
 use gateway_tests::{wait_until, Config, Gateway, Origin};
 use std::net::IpAddr;
@@ -324,6 +324,17 @@ fn a_password_in_the_url_authenticates_and_a_wrong_one_is_counted_and_fails_open
         !gw.stderr().contains("s3cret") && !gw.stderr().contains(":wrong@"),
         "the password leaked into the log"
     );
+    // `/config` shows the URL with its password redacted, as the logs do.
+    for node in fleet.nodes.iter().chain([&gw]) {
+        let config = admin_request(node.admin_addr(), "GET", "/config", None);
+        assert_eq!(config.status, 200);
+        let body = String::from_utf8_lossy(&config.body);
+        assert!(body.contains(":<redacted>@127.0.0.1:"), "{body}");
+        assert!(
+            !body.contains("s3cret") && !body.contains(":wrong@"),
+            "the password leaked into /config: {body}"
+        );
+    }
 }
 
 /// The XDP part, across a real interface: a gateway with the guard attached (generic mode)
