@@ -661,6 +661,26 @@ pub struct GlobalLimitsConfig {
     pub fail_open: bool,
 }
 
+impl LimitsConfig {
+    /// A fleet-wide `conn_rate` (`[limits.global]`) without a local one sets the local one
+    /// to it, with its burst: the fleet learns a source is over only at a sync, and a node
+    /// without a local rate admitted whatever it could accept until then (bursts of
+    /// hundreds of connections each time the refusal lifted, ~19x the rate). No node
+    /// should admit more connections than the whole fleet may; a local `conn_rate` set
+    /// explicitly is kept. (`request_rate` is left alone: its overshoot is bounded by the
+    /// local `request_rate` the operator sets, as configuration.md says, and a request
+    /// refused locally would no longer reach the fleet's count.)
+    fn derive_local_from_global(&mut self) {
+        let Some(global) = &self.global else {
+            return;
+        };
+        if self.conn_rate.is_none() && global.conn_rate.is_some() {
+            self.conn_rate = global.conn_rate;
+            self.conn_burst = global.conn_burst;
+        }
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
@@ -853,7 +873,10 @@ impl Config {
             }));
         }
         match parsed {
-            Some(config) if errors.is_empty() => Ok(config),
+            Some(mut config) if errors.is_empty() => {
+                config.limits.derive_local_from_global();
+                Ok(config)
+            }
             _ => Err(ConfigErrors(errors)),
         }
     }
@@ -1923,6 +1946,27 @@ respond = { status = 200, body = "ok\n" }
         ))
         .is_err());
         assert!(parse(&global("request_rate = \"1/s\"")).is_err());
+    }
+
+    #[test]
+    fn a_global_conn_rate_without_a_local_one_sets_the_local_one() {
+        let text = format!(
+            "{GOOD}\n[limits]\nconn_rate = \"50/s\"\n[limits.global]\nredis = \"redis://h\"\n\
+             request_rate = \"5/s\"\nrequest_burst = 9\nconn_rate = \"2/s\"\nconn_burst = 3\n"
+        );
+        let l = parse(&text).unwrap().limits;
+        assert_eq!(l.request_rate, None);
+        // Set explicitly: kept.
+        assert_eq!(l.conn_rate, Some(Rate { per_second: 50.0 }));
+        assert_eq!(l.conn_burst, None);
+        let text = format!(
+            "{GOOD}\n[limits.global]\nredis = \"redis://h\"\nrequest_rate = \"5/s\"\n\
+             conn_rate = \"2/s\"\nconn_burst = 3\n"
+        );
+        let l = parse(&text).unwrap().limits;
+        assert_eq!(l.conn_rate, Some(Rate { per_second: 2.0 }));
+        assert_eq!(l.conn_burst, Some(3));
+        assert_eq!(l.request_burst, None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The `[limits.global]` sync task (issue 16): every `sync_interval` it swaps out the
-//! workers' batches of per-source hits, adds them to Redis in one round trip (one Lua
-//! script, `EVALSHA`), reads back each source's two fixed windows, and publishes the
-//! sources over the fleet's rate to the workers and the XDP program
+//! workers' batches of per-source hits, adds them to Redis (Lua scripts, `EVALSHA`, of at
+//! most [`CHUNK_SOURCES`] sources each, pipelined; at most [`MAX_SYNC_SOURCES`] sources per
+//! sync), re-reads the sources already over, reads back each source's two fixed windows,
+//! and publishes the sources over the fleet's rate to the workers and the XDP program
 //! (`policy::global_limit`).
 //!
 //! It runs on the control runtime, never on a worker: a slow or dead Redis delays only the
@@ -91,7 +92,7 @@ impl SyncStats {
              # HELP gateway_global_limit_over_sources Sources over a fleet-wide limit now.\n\
              # TYPE gateway_global_limit_over_sources gauge\n\
              gateway_global_limit_over_sources {}\n\
-             # HELP gateway_global_limit_batch_dropped_total Hits of new sources not counted for the fleet because a worker's batch was full.\n\
+             # HELP gateway_global_limit_batch_dropped_total Not counted for the fleet: hits of new sources when a worker's batch was full, and sources a sync left out (over its bound of sources).\n\
              # TYPE gateway_global_limit_batch_dropped_total counter\n\
              gateway_global_limit_batch_dropped_total {}",
             self.errors.load(Ordering::Relaxed),
