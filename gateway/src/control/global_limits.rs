@@ -1,7 +1,7 @@
 //! The `[limits.global]` sync task (issue 16): every `sync_interval` it swaps out the
 //! workers' batches of per-source hits, adds them to Redis (Lua scripts, `EVALSHA`, of at
 //! most [`CHUNK_SOURCES`] sources each, pipelined; at most [`MAX_SYNC_SOURCES`] sources per
-//! sync), re-reads the sources already over, reads back each source's two fixed windows,
+//! sync and about 8192 a second), re-reads the sources already over, reads back each source's two fixed windows,
 //! and publishes the sources over the fleet's rate to the workers and the XDP program
 //! (`policy::global_limit`).
 //!
@@ -164,6 +164,17 @@ const CHUNK_SOURCES: usize = 512;
 /// sync costs Redis is bounded whatever the number of sources a flood brings; the rest
 /// are not counted for the fleet this time (`gateway_global_limit_batch_dropped_total`).
 pub const MAX_SYNC_SOURCES: usize = 4096;
+/// Sources a node sends per second at most, so that a short `sync_interval` does not
+/// multiply the bound (measured: 1024 keys cost Redis 15-22 ms, 8192 keys 120-230 ms, on
+/// the loaded 2-core test host).
+const MAX_SOURCES_PER_SECOND: f64 = 8192.0;
+
+/// The sources one sync of `config` sends at most: [`MAX_SOURCES_PER_SECOND`] spread over
+/// the syncs of a second, at least a chunk and at most [`MAX_SYNC_SOURCES`].
+fn max_sync_sources(config: &GlobalLimitsConfig) -> usize {
+    ((MAX_SOURCES_PER_SECOND * config.sync_interval.0.as_secs_f64()) as usize)
+        .clamp(CHUNK_SOURCES, MAX_SYNC_SOURCES)
+}
 
 /// One key of a sync: which source, which limit, its window, the hits to add (0: re-read).
 type Key = (IpAddr, Kind, Window, u32);
@@ -171,11 +182,12 @@ type Key = (IpAddr, Kind, Window, u32);
 /// Chooses the sources of this sync into `sources` (source, hits, over now): every source
 /// with hits and every source of the over-limit set `over`, which is re-read with zero
 /// hits so that its verdict follows Redis (a FLUSHDB, another node) and the current limits,
-/// not only its own refused (uncounted) requests. Above [`MAX_SYNC_SOURCES`] it keeps the
-/// sources over, then the heaviest; returns how many it left out.
+/// not only its own refused (uncounted) requests. Above `max` it keeps the sources over,
+/// then the heaviest; returns how many it left out.
 fn choose_sources(
     hits: &HashMap<IpAddr, Hits>,
     over: &OverSet,
+    max: usize,
     sources: &mut Vec<(IpAddr, Hits, bool)>,
 ) -> usize {
     sources.clear();
@@ -186,14 +198,14 @@ fn choose_sources(
             .map(|ip| (*ip, Hits::default(), true)),
     );
     let total = sources.len();
-    if total > MAX_SYNC_SOURCES {
-        sources.select_nth_unstable_by_key(MAX_SYNC_SOURCES - 1, |(_, h, over)| {
+    if total > max {
+        sources.select_nth_unstable_by_key(max - 1, |(_, h, over)| {
             (
                 std::cmp::Reverse(*over),
                 std::cmp::Reverse(u64::from(h.requests) + u64::from(h.conns)),
             )
         });
-        sources.truncate(MAX_SYNC_SOURCES);
+        sources.truncate(max);
     }
     total - sources.len()
 }
@@ -367,7 +379,12 @@ impl Control {
             let result = match link.as_ref() {
                 Some(link) => {
                     let started = Instant::now();
-                    let left_out = choose_sources(&hits, &global.over_set(), &mut sources);
+                    let left_out = choose_sources(
+                        &hits,
+                        &global.over_set(),
+                        max_sync_sources(&config),
+                        &mut sources,
+                    );
                     global.dropped.fetch_add(left_out as u64, Ordering::Relaxed);
                     keys_of(&sources, &windows, &mut keys);
                     let synced = sync_once(link, &script, &keys, deadline(&config)).await;
@@ -479,7 +496,7 @@ mod tests {
             },
         )]);
         let mut sources = Vec::new();
-        let left_out = choose_sources(&hits, &over, &mut sources);
+        let left_out = choose_sources(&hits, &over, MAX_SYNC_SOURCES, &mut sources);
         assert_eq!(sources.len(), MAX_SYNC_SOURCES);
         assert_eq!(left_out, hits.len() + 1 - MAX_SYNC_SOURCES);
         assert!(sources.contains(&(ip(1_000_000), Hits::default(), true)));
@@ -492,6 +509,8 @@ mod tests {
             toml::from_str("redis = \"redis://h\"\nrequest_rate = \"10/s\"\nconn_rate = \"5/s\"")
                 .unwrap();
         let windows = Windows::new(&config);
+        // 8192 a second: 2048 per sync at 250 ms, a chunk at least at 10 ms.
+        assert_eq!(max_sync_sources(&config), 2048);
         let mut keys = Vec::new();
         keys_of(
             &[(ip(1), Hits::default(), true), (ip(2), requests(3), false)],
