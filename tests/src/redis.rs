@@ -178,6 +178,38 @@ impl Redis {
         assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
     }
 
+    /// Empties its database 0 (`FLUSHDB`, as an operator would), over plain TCP; `true` once
+    /// it answered `+OK`.
+    pub fn flushdb(&self) -> bool {
+        assert!(!self.tls, "flushdb speaks plain RESP");
+        let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut command = String::new();
+        if let Some(p) = &self.password {
+            command.push_str(&format!("AUTH {p}\r\n"));
+        }
+        command.push_str("FLUSHDB\r\n");
+        if s.write_all(command.as_bytes()).is_err() {
+            return false;
+        }
+        let expected: &[u8] = if self.password.is_some() {
+            b"+OK\r\n+OK\r\n"
+        } else {
+            b"+OK\r\n"
+        };
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while got.len() < expected.len() {
+            match s.read(&mut buf) {
+                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => return false,
+            }
+        }
+        got == expected
+    }
+
     /// Stalls it (SIGSTOP): connections stay open, nothing answers.
     pub fn stop(&self) {
         self.signal(libc::SIGSTOP);

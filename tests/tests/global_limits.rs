@@ -6,7 +6,7 @@
 //! with it in the URL, and a wrong one is counted and fails open.
 
 use gateway_tests::client::Client;
-use gateway_tests::control::scrape;
+use gateway_tests::control::{admin_request, scrape};
 use gateway_tests::redis::Redis;
 use gateway_tests::{wait_until, Config, Gateway, Origin};
 use std::net::IpAddr;
@@ -324,6 +324,17 @@ fn a_password_in_the_url_authenticates_and_a_wrong_one_is_counted_and_fails_open
         !gw.stderr().contains("s3cret") && !gw.stderr().contains(":wrong@"),
         "the password leaked into the log"
     );
+    // `/config` shows the URL with its password redacted, as the logs do.
+    for node in fleet.nodes.iter().chain([&gw]) {
+        let config = admin_request(node.admin_addr(), "GET", "/config", None);
+        assert_eq!(config.status, 200);
+        let body = String::from_utf8_lossy(&config.body);
+        assert!(body.contains(":<redacted>@127.0.0.1:"), "{body}");
+        assert!(
+            !body.contains("s3cret") && !body.contains(":wrong@"),
+            "the password leaked into /config: {body}"
+        );
+    }
 }
 
 /// The XDP part, across a real interface: a gateway with the guard attached (generic mode)
@@ -474,27 +485,41 @@ fn rediss_urls_reach_a_tls_only_redis() {
     drive_until_refused(&fleet_of_one, "127.0.0.11");
 }
 
+/// A node whose fleet-wide `conn_rate` is 5/s, with `local` (TOML) in its `[limits]`.
+fn conn_rate_node(origin: &Origin, redis_url: &str, local: &str) -> Gateway {
+    Gateway::with(
+        &Config::proxy_all(&[origin.addr()])
+            .workers(1)
+            .extra(&format!(
+                "[limits]\n{local}\n\n\
+         [limits.global]\nredis = \"{redis_url}\"\nrequest_rate = \"1000/s\"\nconn_rate = \"5/s\"\n\
+         sync_interval = \"{SYNC_MS}ms\"\n"
+            )),
+    )
+}
+
+/// Whether a new connection from `source` gets its request answered 200.
+fn served_on_a_new_connection(gw: &Gateway, source: &str) -> bool {
+    let mut c = Client::connect_from(ip(source), gw.http_addr());
+    c.send(b"GET /x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        .is_ok()
+        && c.read_response().is_ok_and(|r| r.status == 200)
+}
+
 /// `conn_rate` across the fleet: new connections from a source the fleet counts over are
 /// closed at accept (before any response), other sources are served.
 #[test]
 fn global_conn_rate_closes_new_connections_at_accept() {
     let redis = Redis::start();
     let origin = Origin::named("api");
-    let config = Config::proxy_all(&[origin.addr()])
-        .workers(1)
-        .extra(&format!(
-            "[limits.global]\nredis = \"{}\"\nrequest_rate = \"1000/s\"\nconn_rate = \"5/s\"\n\
-         sync_interval = \"{SYNC_MS}ms\"\n",
-            redis.url()
-        ));
-    let gw = Gateway::with(&config);
+    // A local conn_rate above the fleet's: the fleet's is what closes here.
+    let gw = conn_rate_node(
+        &origin,
+        &redis.url(),
+        "conn_rate = \"100/s\"\nconn_burst = 100",
+    );
     wait_until(Duration::from_secs(10), "Redis reached", || redis_up(&gw));
-    let answered = |source: &str| {
-        let mut c = Client::connect_from(ip(source), gw.http_addr());
-        c.send(b"GET /x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-            .is_ok()
-            && c.read_response().is_ok_and(|r| r.status == 200)
-    };
+    let answered = |source: &str| served_on_a_new_connection(&gw, source);
     let deadline = Instant::now() + Duration::from_secs(10);
     while answered("127.0.0.12") {
         assert!(Instant::now() < deadline, "never closed at accept");
@@ -508,4 +533,144 @@ fn global_conn_rate_closes_new_connections_at_accept() {
             &[("limit", "global_conn_rate"), ("enforcer", "userspace")],
         ) >= 1.0
     });
+}
+
+/// A node with its own fleet limit: `rate` per second over a window of `burst / rate`.
+fn node_limited(origin: &Origin, redis_url: &str, rate: &str, burst: u32) -> Gateway {
+    let config = Config::proxy_all(&[origin.addr()])
+        .workers(1)
+        .extra(&format!(
+            "[limits]\nrequest_rate = \"{LOCAL_RATE}/s\"\nrequest_burst = {LOCAL_BURST}\n\n\
+             [limits.global]\nredis = \"{redis_url}\"\nrequest_rate = \"{rate}\"\n\
+             request_burst = {burst}\nsync_interval = \"{SYNC_MS}ms\"\n"
+        ));
+    Gateway::with(&config)
+}
+
+/// A verdict follows Redis and the current limits, not only the source's own (refused,
+/// uncounted) requests: with a 30 s window, a source over is let through again within a
+/// few syncs once Redis forgets it (FLUSHDB), and at once when a reload raises the limit.
+#[test]
+fn a_verdict_ends_when_redis_forgets_the_source_or_a_reload_raises_the_limit() {
+    let redis = Redis::start();
+    let origin = Origin::named("api");
+    // 1/s with a burst of 30: a window of 30 s, so a stale verdict would hold 30-60 s.
+    let gw = node_limited(&origin, &redis.url(), "1/s", 30);
+    wait_until(Duration::from_secs(10), "Redis reached", || redis_up(&gw));
+    let fleet = Fleet {
+        nodes: vec![gw],
+        _origin: origin,
+    };
+    let gw = &fleet.nodes[0];
+    let over = || metric(gw, "gateway_global_limit_over_sources", &[]);
+    // Under the local rate, until the fleet's refusal (a long Retry-After: the window's).
+    let refused_by_the_fleet = |source: &str| {
+        let mut c = Client::connect_from(ip(source), gw.http_addr());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.get("/x").status == 200 {
+            assert!(
+                Instant::now() < deadline,
+                "the fleet never refused {source}"
+            );
+            std::thread::sleep(Duration::from_millis(1000 / u64::from(LOCAL_RATE)));
+        }
+        assert_eq!(over(), 1.0, "refused by the fleet, not the local limit");
+    };
+
+    refused_by_the_fleet("127.0.0.21");
+    assert_eq!(over(), 1.0);
+    assert!(redis.flushdb(), "FLUSHDB");
+    wait_until(
+        Duration::from_secs(5),
+        "the verdict dropped after FLUSHDB",
+        || over() == 0.0,
+    );
+    let mut c = Client::connect_from(ip("127.0.0.21"), gw.http_addr());
+    assert_eq!(c.get("/x").status, 200, "let through once Redis forgot it");
+
+    refused_by_the_fleet("127.0.0.22");
+    let raised = std::fs::read_to_string(gw.config_path())
+        .unwrap()
+        .replace("request_rate = \"1/s\"", "request_rate = \"1000/s\"");
+    std::fs::write(gw.config_path(), raised).unwrap();
+    gw.signal(libc::SIGHUP);
+    wait_until(Duration::from_secs(5), "the reload", || {
+        scrape(gw.admin_addr()).get("gateway_config_reloads_total", &[("result", "success")])
+            == Some(1.0)
+    });
+    wait_until(Duration::from_secs(2), "the verdicts re-judged", || {
+        over() == 0.0
+    });
+    let mut c = Client::connect_from(ip("127.0.0.22"), gw.http_addr());
+    assert_eq!(
+        c.get("/x").status,
+        200,
+        "let through under the raised limit"
+    );
+}
+
+/// `gateway check` refuses the Redis URLs the sync's connect refuses (one parser, one set
+/// of rules), naming file, line and key; and never prints the password.
+#[test]
+fn gateway_check_refuses_the_redis_urls_the_runtime_refuses() {
+    let origin = Origin::named("api");
+    for url in [
+        "rediss://gw:CHECKSECRET@127.0.0.1:6380/0#insecure",
+        "redis://gw:CHECKSECRET@127.0.0.1:6379/0?x=1",
+        "redis+unix:///tmp/redis.sock",
+    ] {
+        let text = Config::proxy_all(&[origin.addr()])
+            .extra(&format!(
+                "[limits.global]\nredis = \"{url}\"\nrequest_rate = \"10/s\"\n"
+            ))
+            .to_toml();
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("redis = "))
+            .expect("the redis line")
+            + 1;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, &text).unwrap();
+        let out = std::process::Command::new(gateway_tests::gateway_bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url} passed the check");
+        assert!(
+            stderr.contains(&format!("gateway.toml:{line}"))
+                && stderr.contains("limits.global.redis"),
+            "{url}: file, line {line} and key named?\n{stderr}"
+        );
+        assert!(!stderr.contains("CHECKSECRET"), "{stderr}");
+    }
+}
+
+/// Only a fleet-wide `conn_rate` set: the node takes it as its local one, so one source
+/// opening connections as fast as it can gets about the fleet's rate from one node, not
+/// the bursts of hundreds a node admitted each time the fleet's refusal lifted (19x).
+#[test]
+fn a_global_conn_rate_without_a_local_one_bounds_each_node_too() {
+    let redis = Redis::start();
+    let origin = Origin::named("api");
+    let gw = conn_rate_node(&origin, &redis.url(), "");
+    wait_until(Duration::from_secs(10), "Redis reached", || redis_up(&gw));
+    let period = Duration::from_secs(2);
+    let started = Instant::now();
+    let mut served = 0u32;
+    while started.elapsed() < period {
+        if served_on_a_new_connection(&gw, "127.0.0.14") {
+            served += 1;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // The bucket's burst (5) and 5/s: 15 in 2 s, with room for a slow loop's extra time.
+    let bound = 5.0 + 5.0 * elapsed + 3.0;
+    assert!(
+        f64::from(served) <= bound,
+        "{served} connections served in {elapsed:.1} s (bound {bound:.0})"
+    );
+    assert!(served >= 5, "the burst is served: {served}");
 }

@@ -247,6 +247,67 @@ fn redact<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Er
     }
 }
 
+/// `url` with the password of its userinfo (`scheme://user:PASSWORD@host`) replaced by
+/// `<redacted>`, the user kept: the one form of a URL that `/config`, the logs and
+/// `gateway check` show. The authority ends at the first `/`, `?` or `#` after `://`
+/// (RFC 3986 section 3.2) and the userinfo at its last `@`, as the `url` crate that the
+/// Redis client parses with reads it, so what it takes for the password is what is hidden.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = url[authority_start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| authority_start + i);
+    let authority = &url[authority_start..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+    if user.len() == userinfo.len() {
+        return url.to_string();
+    }
+    format!(
+        "{}{user}:<redacted>{}",
+        &url[..authority_start],
+        &url[authority_start + at..]
+    )
+}
+
+fn serialize_redacted_url<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(v))
+}
+
+/// The connection parameters of a `[limits.global] redis` URL, by the rules both
+/// `gateway check`/load and the sync task's connect apply (one function, so a URL the
+/// check passes is one the runtime takes): `redis://` or `rediss://` only (no Unix
+/// socket, no Cluster), parsed by the Redis client's own parser, and neither a query
+/// (the client reads `?protocol=` and ignores the rest: a typo would pass silently) nor a
+/// fragment (`#insecure` turns off certificate checks, which this build refuses at
+/// connect: a `rediss://` URL is always verified against the system roots).
+pub fn redis_connection_info(url: &str) -> Result<redis::ConnectionInfo, String> {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err("must be a redis://HOST:PORT/DB or rediss://HOST:PORT/DB URL".into());
+    }
+    let parsed = redis::parse_redis_url(url).ok_or("not a URL")?;
+    if parsed.query().is_some() {
+        return Err(
+            "a query (`?...`) is not supported: redis://[USER:PASSWORD@]HOST:PORT/DB".into(),
+        );
+    }
+    if parsed.fragment().is_some() {
+        return Err(
+            "a fragment (`#...`, e.g. `#insecure`) is not supported: rediss:// always verifies \
+             the server's certificate (percent-encode a `#` in the password as %23)"
+                .into(),
+        );
+    }
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .map_err(|e| format!("not a Redis URL: {e}"))
+}
+
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
@@ -581,7 +642,9 @@ fn default_true() -> bool {
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GlobalLimitsConfig {
-    /// `redis://[:PASSWORD@]HOST:PORT/DB` or `rediss://` (TLS).
+    /// `redis://[[USER]:PASSWORD@]HOST:PORT/DB` or `rediss://` (TLS); `/config` shows it
+    /// through [`redact_url`].
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub redis: String,
     pub request_rate: Rate,
     #[serde(default)]
@@ -596,6 +659,26 @@ pub struct GlobalLimitsConfig {
     /// `false` keeps the sources already over until their windows clear.
     #[serde(default = "default_true")]
     pub fail_open: bool,
+}
+
+impl LimitsConfig {
+    /// A fleet-wide `conn_rate` (`[limits.global]`) without a local one sets the local one
+    /// to it, with its burst: the fleet learns a source is over only at a sync, and a node
+    /// without a local rate admitted whatever it could accept until then (bursts of
+    /// hundreds of connections each time the refusal lifted, ~19x the rate). No node
+    /// should admit more connections than the whole fleet may; a local `conn_rate` set
+    /// explicitly is kept. (`request_rate` is left alone: its overshoot is bounded by the
+    /// local `request_rate` the operator sets, as configuration.md says, and a request
+    /// refused locally would no longer reach the fleet's count.)
+    fn derive_local_from_global(&mut self) {
+        let Some(global) = &self.global else {
+            return;
+        };
+        if self.conn_rate.is_none() && global.conn_rate.is_some() {
+            self.conn_rate = global.conn_rate;
+            self.conn_burst = global.conn_burst;
+        }
+    }
 }
 
 impl Default for LimitsConfig {
@@ -790,7 +873,10 @@ impl Config {
             }));
         }
         match parsed {
-            Some(config) if errors.is_empty() => Ok(config),
+            Some(mut config) if errors.is_empty() => {
+                config.limits.derive_local_from_global();
+                Ok(config)
+            }
             _ => Err(ConfigErrors(errors)),
         }
     }
@@ -1356,15 +1442,8 @@ impl GlobalLimitsConfig {
     /// What is wrong with the table, as (key, message).
     fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
-        match redis::IntoConnectionInfo::into_connection_info(self.redis.as_str()) {
-            _ if !(self.redis.starts_with("redis://") || self.redis.starts_with("rediss://")) => {
-                out.push((
-                    "redis",
-                    "must be a redis://HOST:PORT/DB or rediss://HOST:PORT/DB URL".into(),
-                ))
-            }
-            Err(e) => out.push(("redis", format!("not a Redis URL: {e}"))),
-            Ok(_) => {}
+        if let Err(e) = redis_connection_info(&self.redis) {
+            out.push(("redis", e));
         }
         for (key, rate, burst_key, burst) in [
             (
@@ -1841,6 +1920,19 @@ respond = { status = 200, body = "ok\n" }
                 "redis = \"redis://h:1\"\nrequest_rate = \"0/s\"",
                 "limits.global.request_rate",
             ),
+            // What the runtime's connect refuses, refused at load (one function).
+            (
+                "redis = \"rediss://u:pw@h:1/0#insecure\"\nrequest_rate = \"1/s\"",
+                "limits.global.redis",
+            ),
+            (
+                "redis = \"redis://h:1/0?x=1\"\nrequest_rate = \"1/s\"",
+                "limits.global.redis",
+            ),
+            (
+                "redis = \"redis+unix:///tmp/r.sock\"\nrequest_rate = \"1/s\"",
+                "limits.global.redis",
+            ),
         ] {
             let text = global(body);
             let e = parse(&text).unwrap_err();
@@ -1854,6 +1946,58 @@ respond = { status = 200, body = "ok\n" }
         ))
         .is_err());
         assert!(parse(&global("request_rate = \"1/s\"")).is_err());
+    }
+
+    #[test]
+    fn a_global_conn_rate_without_a_local_one_sets_the_local_one() {
+        let text = format!(
+            "{GOOD}\n[limits]\nconn_rate = \"50/s\"\n[limits.global]\nredis = \"redis://h\"\n\
+             request_rate = \"5/s\"\nrequest_burst = 9\nconn_rate = \"2/s\"\nconn_burst = 3\n"
+        );
+        let l = parse(&text).unwrap().limits;
+        assert_eq!(l.request_rate, None);
+        // Set explicitly: kept.
+        assert_eq!(l.conn_rate, Some(Rate { per_second: 50.0 }));
+        assert_eq!(l.conn_burst, None);
+        let text = format!(
+            "{GOOD}\n[limits.global]\nredis = \"redis://h\"\nrequest_rate = \"5/s\"\n\
+             conn_rate = \"2/s\"\nconn_burst = 3\n"
+        );
+        let l = parse(&text).unwrap().limits;
+        assert_eq!(l.conn_rate, Some(Rate { per_second: 2.0 }));
+        assert_eq!(l.conn_burst, Some(3));
+        assert_eq!(l.request_burst, None);
+    }
+
+    #[test]
+    fn url_passwords_are_redacted_and_users_kept() {
+        for (url, shown) in [
+            ("redis://:pw@h:6379/0", "redis://:<redacted>@h:6379/0"),
+            (
+                "rediss://gw:p%40ss@h:6380/1",
+                "rediss://gw:<redacted>@h:6380/1",
+            ),
+            // The userinfo ends at the authority's last `@`.
+            ("redis://u:a@b@h/0", "redis://u:<redacted>@h/0"),
+            // A user without a password, or no userinfo: nothing to hide.
+            ("redis://gw@h/0", "redis://gw@h/0"),
+            ("redis://h:6379/0", "redis://h:6379/0"),
+            // An `@` after the authority is the path's, not a password's.
+            ("redis://h:1/0#x@y", "redis://h:1/0#x@y"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        let text = format!(
+            "{GOOD}\n[limits.global]\nredis = \"redis://gw:TOPSECRET@127.0.0.1:6379/2\"\n\
+             request_rate = \"100/s\"\n"
+        );
+        let shown = serde_json::to_string(&parse(&text).unwrap()).unwrap();
+        assert!(!shown.contains("TOPSECRET"), "{shown}");
+        assert!(
+            shown.contains("redis://gw:<redacted>@127.0.0.1:6379/2"),
+            "{shown}"
+        );
     }
 
     #[test]

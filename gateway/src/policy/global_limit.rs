@@ -263,19 +263,18 @@ impl GlobalLimit {
         }
     }
 
-    /// Publishes `fresh` (sources found over in this sync) merged with the entries of the
-    /// previous set that have not expired at `now_ms`, and mirrors the change into the
-    /// kernel's map. Returns the size of the set.
+    /// Publishes `fresh` (the sources read from Redis in this sync, with their verdicts: an
+    /// entry of zeros is a source read and not over) over the previous set: a source read
+    /// takes its fresh verdict, even a shorter one or none (the fleet's count fell, a
+    /// FLUSHDB, a limit raised), and a source not read keeps its verdict until it expires
+    /// at `now_ms`. Mirrors the change into the kernel's map. Returns the size of the set.
     pub fn publish(&self, fresh: OverSet, now_ms: u64) -> usize {
         let old = self.over.load_full();
         let mut next = fresh;
         for (key, until) in old.iter() {
-            if until.until_ms() <= now_ms {
-                continue;
+            if until.until_ms() > now_ms {
+                next.entry(*key).or_insert(*until);
             }
-            let entry = next.entry(*key).or_default();
-            entry.requests_ms = entry.requests_ms.max(until.requests_ms);
-            entry.conns_ms = entry.conns_ms.max(until.conns_ms);
         }
         next.retain(|_, until| until.until_ms() > now_ms);
         if next.is_empty() && old.is_empty() {
@@ -307,6 +306,11 @@ impl GlobalLimit {
     /// the local limits alone apply from the next request on.
     pub fn clear(&self) {
         self.publish(OverSet::new(), u64::MAX);
+    }
+
+    /// The published over-limit set (the sync task re-reads these sources every sync).
+    pub fn over_set(&self) -> Arc<OverSet> {
+        self.over.load_full()
     }
 
     /// Sources over a fleet limit now.
@@ -436,6 +440,19 @@ mod tests {
             )]),
             now,
         );
+        // A sync that read it again takes the fresh verdict, even a shorter one or none
+        // (a FLUSHDB, a limit raised): the old deadline does not outlive it.
+        let shorter = OverUntil {
+            requests_ms: now + 10,
+            conns_ms: 0,
+        };
+        assert_eq!(g.publish(OverSet::from([(ip(9), shorter)]), now), 1);
+        assert_eq!(g.over_set()[&ip(9)], shorter);
+        assert_eq!(
+            g.publish(OverSet::from([(ip(9), OverUntil::default())]), now),
+            0
+        );
+        assert_eq!(g.admit_request(0, ip(9)), Ok(()));
         g.clear();
         assert_eq!(g.over_len(), 0);
     }
