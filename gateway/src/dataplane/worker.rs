@@ -54,9 +54,20 @@ pub fn start(
             .spawn(move || {
                 match driver {
                     DriverKind::Uring => {
-                        tokio_uring::builder()
-                            .entries(4096)
-                            .start(run_worker::<Uring>(id, shared, log, drain, bound, share));
+                        // Not `Builder::start`, which panics when the ring cannot be made
+                        // (RLIMIT_MEMLOCK, ENOMEM): the start-up must fail with the reason,
+                        // not wait for a worker that died.
+                        match tokio_uring::Runtime::new(tokio_uring::builder().entries(4096)) {
+                            Ok(rt) => rt.block_on(run_worker::<Uring>(
+                                id, shared, log, drain, bound, share,
+                            )),
+                            Err(e) => {
+                                let _ = bound.send(Err(format!(
+                                    "worker {id}: cannot create its io_uring ring: {e} \
+                                     (raise RLIMIT_MEMLOCK, or set [server] io = \"epoll\")"
+                                )));
+                            }
+                        }
                     }
                     DriverKind::Epoll => {
                         let runtime = tokio::runtime::Builder::new_current_thread()
