@@ -743,3 +743,41 @@ fn upgrade_socket_is_private_and_never_replaces_a_file() {
         .collect();
     assert_eq!(left, [std::ffi::OsString::from("upgrade.sock")]);
 }
+
+/// A client at its per-IP cap in the old process keeps its connections there (the drain
+/// after a handover keeps idle keep-alive connections) and opens new ones right after the
+/// upgrade: each is the new process's, which counts none of the old ones, so every one is
+/// served. An accept still armed in the old process (an io_uring accept left pending)
+/// would take one and refuse it against the old process's count. Runs on both drivers.
+#[test]
+fn a_client_at_its_per_ip_cap_is_not_refused_by_the_old_process() {
+    const CAP: usize = 3;
+    for io in ["uring", "epoll"] {
+        let socket_dir = tempfile::tempdir().unwrap();
+        let socket = socket_dir.path().join("upgrade.sock");
+        let config = config(&socket, io)
+            .workers(2)
+            .server("keepalive_timeout", "60s")
+            .extra(&format!("[limits]\nmax_conns_per_ip = {CAP}\n"));
+        let mut gw = Gateway::with(&config);
+        let mut held: Vec<Client> = (0..CAP).map(|_| gw.client()).collect();
+        for c in &mut held {
+            assert_eq!(c.get("/held").status, 200);
+        }
+        let new = gw.spawn_upgrade(&gateway_bin(), gw.config_path(), &[]);
+        let mut old = gw.adopt(new, 2);
+        // One per worker socket and more: each would meet an armed accept in the old one.
+        for i in 0..8 {
+            let r = Client::connect(gw.http_addr()).get("/fresh");
+            assert_eq!(r.status, 200, "io={io}: fresh connection {i}");
+        }
+        assert!(
+            old.try_wait().unwrap().is_none(),
+            "io={io}: the old process still holds the capped connections"
+        );
+        drop(held);
+        wait_until(Duration::from_secs(10), "the old process to exit", || {
+            old.try_wait().unwrap().is_some()
+        });
+    }
+}

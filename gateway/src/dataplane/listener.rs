@@ -490,4 +490,47 @@ mod tests {
             bound.close_all(&worker);
         });
     }
+
+    #[test]
+    fn a_dead_listening_socket_is_rebound() {
+        let addr = free_addr();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let shared = Shared::new(
+                snapshot(1, &listener("web", addr, "")),
+                crate::policy::limits::ConnLimiter::new(
+                    &Default::default(),
+                    Default::default(),
+                    None,
+                ),
+            );
+            let worker = Rc::new(Worker::new(0, shared.clone(), None));
+            let mut bound = BoundListeners::default();
+            bound.reconcile::<Epoll>(&worker).unwrap();
+            let dead = bound.bound[0].fd.get();
+            // What another process holding the socket can do to it: its accepts then fail
+            // with EINVAL.
+            // SAFETY: shutdown on a descriptor the worker holds open.
+            assert_eq!(unsafe { libc::shutdown(dead, libc::SHUT_RDWR) }, 0);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while bound.bound[0].fd.get() == dead
+                || shared.dead_listeners.load(Ordering::SeqCst) > 0
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "the dead listener was not re-bound"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let fresh = bound.bound[0].fd.get();
+            assert_eq!(*lock_fds(&worker), [(addr, fresh)]);
+            // The new socket listens on the address.
+            std::net::TcpStream::connect(addr).expect("the re-bound listener accepts");
+            bound.close_all(&worker);
+            assert!(lock_fds(&worker).is_empty());
+        });
+    }
 }
