@@ -252,19 +252,18 @@ fn upgrade_under_load(io: &str, with_xdp: bool) {
     let netns = rig.as_ref().map(|r| r.veth.netns.clone());
     let addr = gw.http_addr();
     let tally = Arc::new(Tally::default());
-    let loops: Vec<_> = (0..REQUEST_LOOPS)
-        .map(|_| {
-            let (stop, tally, netns) = (stop.clone(), tally.clone(), netns.clone());
-            thread::spawn(move || request_loop(addr, netns, stop, tally))
-        })
-        .collect();
+    type Loop = fn(SocketAddr, Option<String>, Arc<AtomicBool>, Arc<Tally>);
+    let spawn_loops = |count: usize, client: Loop, tally: &Arc<Tally>| -> Vec<_> {
+        (0..count)
+            .map(|_| {
+                let (stop, tally, netns) = (stop.clone(), tally.clone(), netns.clone());
+                thread::spawn(move || client(addr, netns, stop, tally))
+            })
+            .collect()
+    };
+    let loops = spawn_loops(REQUEST_LOOPS, request_loop, &tally);
     let fresh = Arc::new(Tally::default());
-    let fresh_loops: Vec<_> = (0..FRESH_CONNECTION_LOOPS)
-        .map(|_| {
-            let (stop, fresh, netns) = (stop.clone(), fresh.clone(), netns.clone());
-            thread::spawn(move || fresh_connection_loop(addr, netns, stop, fresh))
-        })
-        .collect();
+    let fresh_loops = spawn_loops(FRESH_CONNECTION_LOOPS, fresh_connection_loop, &fresh);
     let mut program_ids = Vec::new();
     let mut packets = Vec::new();
     let mut tunnels = Vec::new();
