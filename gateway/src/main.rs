@@ -487,6 +487,12 @@ fn run(
     if let Some(handover) = handover {
         // Step 5. Until the old process says "draining", a failure exits here with
         // nothing accepted, and the old process goes on as before.
+        if std::env::var_os("GATEWAY_UPGRADE_TEST_FAIL_DRAIN").is_some() {
+            // For the failure test: "drain" does not get through after the workers
+            // started on the inherited sockets, and this process exits 1. Harmless in
+            // production: it only makes this new process give up, as a failed send would.
+            anyhow::bail!("upgrade: telling the old process to drain: test failure");
+        }
         handover
             .finish()
             .map_err(|e| anyhow::anyhow!("upgrade: {e}"))?;
@@ -509,7 +515,7 @@ fn run(
                     })?;
             }
             Err(e) => {
-                tracing::warn!(path = %upgrade_path.display(), error = %e, "cannot listen on the upgrade socket: binary upgrades are unavailable")
+                tracing::error!(path = %upgrade_path.display(), error = %e, "cannot listen on the upgrade socket: binary upgrades are unavailable")
             }
         }
     }

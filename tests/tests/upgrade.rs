@@ -41,6 +41,7 @@ use tungstenite::Message;
 const UPGRADES: u64 = 10;
 const TUNNELS_PER_GENERATION: usize = 10;
 const REQUEST_LOOPS: usize = 4;
+const FRESH_CONNECTION_LOOPS: usize = 2;
 
 /// A WebSocket echo origin (tungstenite, a thread per connection).
 fn ws_origin() -> SocketAddr {
@@ -116,6 +117,43 @@ fn request_loop(addr: SocketAddr, netns: Option<String>, stop: Arc<AtomicBool>, 
                 eprintln!("request failed: {:?}", failed.map(|r| r.status));
                 tally.failed.fetch_add(1, Ordering::Relaxed);
                 client = Client::connect(addr);
+            }
+        }
+    }
+}
+
+/// A fresh connection per request (`Connection: close`) in a loop until `stop`: every one
+/// must be answered 200, none reset or closed unanswered. A connection the kernel queued
+/// on a socket the old process still held as it stopped accepting (an io_uring accept
+/// left pending in it, then closed unserved as it exited) would show here as a reset.
+fn fresh_connection_loop(
+    addr: SocketAddr,
+    netns: Option<String>,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) {
+    use std::io::{Read, Write};
+    if let Some(ns) = netns {
+        enter_netns(&ns).unwrap();
+    }
+    while !stop.load(Ordering::Relaxed) {
+        let answered = TcpStream::connect(addr).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET /fresh HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+            let mut response = Vec::new();
+            s.read_to_end(&mut response)?;
+            Ok(response)
+        });
+        match answered {
+            Ok(r) if r.starts_with(b"HTTP/1.1 200") => {
+                tally.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            failed => {
+                eprintln!(
+                    "fresh connection failed: {:?}",
+                    failed.map(|r| String::from_utf8_lossy(&r[..r.len().min(40)]).into_owned())
+                );
+                tally.failed.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -214,12 +252,18 @@ fn upgrade_under_load(io: &str, with_xdp: bool) {
     let netns = rig.as_ref().map(|r| r.veth.netns.clone());
     let addr = gw.http_addr();
     let tally = Arc::new(Tally::default());
-    let loops: Vec<_> = (0..REQUEST_LOOPS)
-        .map(|_| {
-            let (stop, tally, netns) = (stop.clone(), tally.clone(), netns.clone());
-            thread::spawn(move || request_loop(addr, netns, stop, tally))
-        })
-        .collect();
+    type Loop = fn(SocketAddr, Option<String>, Arc<AtomicBool>, Arc<Tally>);
+    let spawn_loops = |count: usize, client: Loop, tally: &Arc<Tally>| -> Vec<_> {
+        (0..count)
+            .map(|_| {
+                let (stop, tally, netns) = (stop.clone(), tally.clone(), netns.clone());
+                thread::spawn(move || client(addr, netns, stop, tally))
+            })
+            .collect()
+    };
+    let loops = spawn_loops(REQUEST_LOOPS, request_loop, &tally);
+    let fresh = Arc::new(Tally::default());
+    let fresh_loops = spawn_loops(FRESH_CONNECTION_LOOPS, fresh_connection_loop, &fresh);
     let mut program_ids = Vec::new();
     let mut packets = Vec::new();
     let mut tunnels = Vec::new();
@@ -242,6 +286,12 @@ fn upgrade_under_load(io: &str, with_xdp: bool) {
             "requests on this generation",
             || tally.ok.load(Ordering::Relaxed) >= before + 20,
         );
+        let fresh_before = fresh.ok.load(Ordering::Relaxed);
+        wait_until(
+            Duration::from_secs(20),
+            "fresh connections on this generation",
+            || fresh.ok.load(Ordering::Relaxed) >= fresh_before + 20,
+        );
         if let Some(rig) = &rig {
             program_ids.push(rig.veth.attached_xdp().map(|(_, id)| id));
             packets.push(xdp_packets(&gw));
@@ -261,7 +311,7 @@ fn upgrade_under_load(io: &str, with_xdp: bool) {
         );
     }
     stop.store(true, Ordering::SeqCst);
-    for l in loops {
+    for l in loops.into_iter().chain(fresh_loops) {
         l.join().unwrap();
     }
     let mut echoed = 0;
@@ -297,11 +347,17 @@ fn upgrade_under_load(io: &str, with_xdp: bool) {
         tally.ok.load(Ordering::SeqCst),
         tally.failed.load(Ordering::SeqCst),
     );
+    let (fresh_ok, fresh_failed) = (
+        fresh.ok.load(Ordering::SeqCst),
+        fresh.failed.load(Ordering::SeqCst),
+    );
     eprintln!(
-        "io={io}: {UPGRADES} upgrades in {:?}: {ok} requests ok, {failed} failed; {echoed} tunnel echoes",
+        "io={io}: {UPGRADES} upgrades in {:?}: {ok} requests ok, {failed} failed; \
+         {fresh_ok} fresh connections ok, {fresh_failed} failed; {echoed} tunnel echoes",
         started.elapsed()
     );
     assert_eq!(failed, 0, "failed requests");
+    assert_eq!(fresh_failed, 0, "fresh connections reset or unanswered");
     if let Some(rig) = rig {
         let samples = rig.sampler.join().unwrap();
         assert!(
@@ -406,6 +462,33 @@ fn failed_upgrades_leave_the_old_process_serving() {
         || gw.stderr().contains("upgrade attempt abandoned"),
     );
     still_serving(&gw, &mut kept);
+
+    // A new process that started its workers on the inherited sockets, then could not get
+    // "drain" through and exits 1 (as one does when the old process gave up waiting): the
+    // sockets it shares with the old process must stay listening (no process shuts a
+    // shared listening socket down), so fresh connections are still accepted.
+    let status = gw
+        .spawn_upgrade(
+            &gateway_bin(),
+            gw.config_path(),
+            &[("GATEWAY_UPGRADE_TEST_FAIL_DRAIN", "1")],
+        )
+        .wait()
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{}", gw.stderr());
+    wait_until(
+        Duration::from_secs(5),
+        "the old process to abandon the second attempt",
+        || gw.stderr().matches("upgrade attempt abandoned").count() >= 2,
+    );
+    for _ in 0..20 {
+        still_serving(&gw, &mut kept);
+    }
+    assert!(
+        !gw.stderr().contains("fd_reserve"),
+        "the old process's accept loop failed: {}",
+        gw.stderr()
+    );
 
     // Another user (not the gateway's, not root) is refused whatever the socket's mode:
     // the sockets would be theirs.
@@ -590,4 +673,110 @@ fn upgrade_if_running_and_sigusr2_start_the_next_generation() {
     let third = Proc(pid);
     assert!(third.alive());
     assert_eq!(get(), 200);
+}
+
+/// The upgrade socket: a regular file at its path is refused by name and left alone (never
+/// deleted); a socket is made in a directory the gateway creates 0700, with mode 0600 even
+/// under umask 000 (bound in a private directory, renamed into place: never reachable by
+/// another user, not even between bind and chmod).
+#[test]
+fn upgrade_socket_is_private_and_never_replaces_a_file() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, "precious").unwrap();
+    let gw = Gateway::with(&config(&file, "auto"));
+    wait_until(Duration::from_secs(10), "the refusal logged", || {
+        gw.stderr().contains("not a socket")
+    });
+    let stderr = gw.stderr();
+    assert!(
+        stderr.contains(&file.display().to_string()) && stderr.contains("ERROR"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+    assert_eq!(gw.get("/still").status, 200);
+    drop(gw);
+
+    let socket_dir = dir.path().join("run/gateway");
+    let socket = socket_dir.join("upgrade.sock");
+    let config = config(&socket, "auto");
+    let config_path = dir.path().join("gateway.toml");
+    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let mut command = std::process::Command::new(gateway_bin());
+    command
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: umask(2) only, between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let child = command.spawn().unwrap();
+    let _proc = Proc(child.id());
+    thread::spawn(move || {
+        let mut child = child;
+        child.wait()
+    });
+    wait_until(Duration::from_secs(20), "the gateway ready", || {
+        admin_ready_generation(config.admin_addr) == Some((200, 1))
+    });
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert!(std::fs::symlink_metadata(&socket)
+        .unwrap()
+        .file_type()
+        .is_socket());
+    assert_eq!(mode(&socket), 0o600);
+    assert_eq!(mode(&socket_dir), 0o700);
+    assert_eq!(mode(socket_dir.parent().unwrap()), 0o700);
+    // Nothing of the private staging directory is left behind.
+    let left: Vec<_> = std::fs::read_dir(&socket_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, [std::ffi::OsString::from("upgrade.sock")]);
+}
+
+/// A client at its per-IP cap in the old process keeps its connections there (the drain
+/// after a handover keeps idle keep-alive connections) and opens new ones right after the
+/// upgrade: each is the new process's, which counts none of the old ones, so every one is
+/// served. An accept still armed in the old process (an io_uring accept left pending)
+/// would take one and refuse it against the old process's count. Runs on both drivers.
+#[test]
+fn a_client_at_its_per_ip_cap_is_not_refused_by_the_old_process() {
+    const CAP: usize = 3;
+    for io in ["uring", "epoll"] {
+        let socket_dir = tempfile::tempdir().unwrap();
+        let socket = socket_dir.path().join("upgrade.sock");
+        let config = config(&socket, io)
+            .workers(2)
+            .server("keepalive_timeout", "60s")
+            .extra(&format!("[limits]\nmax_conns_per_ip = {CAP}\n"));
+        let mut gw = Gateway::with(&config);
+        let mut held: Vec<Client> = (0..CAP).map(|_| gw.client()).collect();
+        for c in &mut held {
+            assert_eq!(c.get("/held").status, 200);
+        }
+        let new = gw.spawn_upgrade(&gateway_bin(), gw.config_path(), &[]);
+        let mut old = gw.adopt(new, 2);
+        // One per worker socket and more: each would meet an armed accept in the old one.
+        for i in 0..8 {
+            let r = Client::connect(gw.http_addr()).get("/fresh");
+            assert_eq!(r.status, 200, "io={io}: fresh connection {i}");
+        }
+        assert!(
+            old.try_wait().unwrap().is_none(),
+            "io={io}: the old process still holds the capped connections"
+        );
+        drop(held);
+        wait_until(Duration::from_secs(10), "the old process to exit", || {
+            old.try_wait().unwrap().is_some()
+        });
+    }
 }

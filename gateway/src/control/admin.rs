@@ -320,6 +320,8 @@ async fn route(
                 text(503, "draining: handed over to a new process\n")
             } else if shared.is_draining() {
                 text(503, "draining\n")
+            } else if shared.dead_listeners.load(Ordering::SeqCst) > 0 {
+                text(503, "a listening socket died: re-binding it\n")
             } else if !shared.listening.load(std::sync::atomic::Ordering::Acquire)
                 || !shared.is_accepting()
             {

@@ -236,28 +236,64 @@ fn parse_header(text: &str) -> Result<Header, String> {
     Err("upgrade header: no end line".into())
 }
 
-/// Binds the upgrade socket at `path` (mode 0600), replacing a stale one; refuses when a
-/// process still listens there.
+/// Binds the upgrade socket at `path` (mode 0600), replacing a stale socket; refuses when
+/// a process still listens there, and refuses anything at `path` that is not a socket
+/// (never deletes a file it did not make).
+///
+/// The socket is never reachable by another user, not even for an instant: it is bound
+/// inside a fresh private directory (mode 0700, made next to `path`), chmod-ed to 0600
+/// there, and only then renamed into place. Binding at `path` directly would leave it with
+/// the umask's mode between `bind` and `chmod`, long enough for a local user to connect
+/// first (the peer's uid check would then refuse it, but the mode is the first wall).
+/// A umask around the bind would do too, but the umask is per process and worker threads
+/// may be running.
 pub fn listen(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            dir
+        }
+        None => Path::new("."),
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
             return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another process listens on it",
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket: not replacing it",
+                    path.display()
+                ),
             ));
         }
-        std::fs::remove_file(path)?;
+        Ok(_) => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process listens on it",
+                ));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    // A short name: a socket path is limited to 107 bytes.
+    let private = dir.join(format!(".gw{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    // mkdir's mode is narrowed by the umask, never widened: 0700 at most.
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("s");
+    let bound = UnixListener::bind(&staged).and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        // Atomically replaces a stale socket: the path never names a looser file.
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 /// The old process's side: serves upgrade attempts on `listener` until one asks it to

@@ -24,10 +24,28 @@ type Current = Rc<RefCell<Rc<ListenerCtx>>>;
 /// One listening socket of this worker.
 struct Bound {
     identity: ListenerIdentity,
-    fd: RawFd,
+    /// The socket's descriptor; the accept loop changes it when it re-binds a dead one.
+    fd: Rc<Cell<RawFd>>,
     current: Current,
-    /// Set to stop the accept loop.
-    closed: Rc<Cell<bool>>,
+    /// Stops the accept loop.
+    stop: Rc<StopAccepting>,
+}
+
+/// Tells an accept loop to stop. The loop never has an accept pending in the kernel (both
+/// drivers accept on readiness), so stopping it is waking it: no `shutdown()` of a socket
+/// that another process (the one a binary upgrade handed it to, or took it from) may hold.
+#[derive(Default)]
+struct StopAccepting {
+    stopped: Cell<bool>,
+    wake: tokio::sync::Notify,
+}
+
+impl StopAccepting {
+    fn stop(&self) {
+        self.stopped.set(true);
+        // A stored permit if the loop is not waiting yet (it is then waiting to start).
+        self.wake.notify_one();
+    }
 }
 
 /// The listening sockets a worker has bound, reconciled with the snapshot on reload.
@@ -87,26 +105,28 @@ impl BoundListeners {
                 );
             }
             for std_listener in sockets {
-                let fd = std_listener.as_raw_fd();
+                let fd = Rc::new(Cell::new(std_listener.as_raw_fd()));
                 let listener =
                     D::listener(std_listener).map_err(|e| format!("listener {name:?}: {e}"))?;
                 let current = Rc::new(RefCell::new(ListenerCtx::new(settings.clone())));
-                let closed = Rc::new(Cell::new(false));
+                let stop = Rc::new(StopAccepting::default());
                 D::spawn(accept_loop::<D>(
                     worker.clone(),
                     listener,
+                    addr,
+                    fd.clone(),
                     current.clone(),
-                    closed.clone(),
+                    stop.clone(),
                 ));
                 if self.generation != 0 {
                     tracing::info!(worker = worker.id, listener = %name, %addr, "listener bound");
                 }
-                lock_fds(worker).push((addr, fd));
+                lock_fds(worker).push((addr, fd.get()));
                 self.bound.push(Bound {
                     identity: identity.clone(),
                     fd,
                     current,
-                    closed,
+                    stop,
                 });
             }
         }
@@ -121,7 +141,7 @@ impl BoundListeners {
             if snap.listeners.iter().any(|l| l.identity() == b.identity) {
                 return true;
             }
-            stop(worker, b, true);
+            stop(worker, b);
             tracing::info!(worker = worker.id, listener = %b.identity.1, addr = %b.identity.0, "listener closed");
             false
         });
@@ -129,14 +149,13 @@ impl BoundListeners {
         Ok(())
     }
 
-    /// Stops accepting on every socket. With `shutdown`, the sockets are shut down too,
-    /// which fails the accepts in flight at once; without it (after a binary upgrade handed
-    /// the sockets over, so shutting one down would shut it for the new process too), an
-    /// accept in flight stays until a connection or the end of the worker, and a
-    /// connection it takes is still served (see `accept_loop`).
-    pub(crate) fn close_all<S: Stream>(&mut self, worker: &Worker<S>, shutdown: bool) {
+    /// Stops accepting on every socket and closes this worker's copy of each. No socket
+    /// is shut down: after a handover (or an upgrade given up after the new process
+    /// started) another process holds the same sockets, and the connections queued on
+    /// them are its to accept.
+    pub(crate) fn close_all<S: Stream>(&mut self, worker: &Worker<S>) {
         for b in self.bound.drain(..) {
-            stop(worker, &b, shutdown);
+            stop(worker, &b);
         }
     }
 }
@@ -150,15 +169,11 @@ fn lock_fds<S: Stream>(worker: &Worker<S>) -> std::sync::MutexGuard<'_, Vec<(Soc
 }
 
 /// Stops one accept loop; the entry leaves the shared list first, so a handover never
-/// reads a descriptor this worker is about to close.
-fn stop<S: Stream>(worker: &Worker<S>, b: &Bound, shutdown: bool) {
-    lock_fds(worker).retain(|(_, fd)| *fd != b.fd);
-    b.closed.set(true);
-    if shutdown {
-        // SAFETY: shutdown on a listening descriptor this worker owns; it makes the
-        // pending accept fail so the accept loop sees `closed` and ends.
-        unsafe { libc::shutdown(b.fd, libc::SHUT_RDWR) };
-    }
+/// reads a descriptor this worker is about to close (the loop closes it as it ends).
+fn stop<S: Stream>(worker: &Worker<S>, b: &Bound) {
+    let fd = b.fd.get();
+    lock_fds(worker).retain(|(_, f)| *f != fd);
+    b.stop.stop();
 }
 
 /// Counts a connection for as long as its task lives.
@@ -182,23 +197,45 @@ impl<S: Stream> Drop for ConnectionGuard<S> {
     }
 }
 
+/// Whether an accept error means the listening socket itself is dead (shut down by a
+/// process that holds it too, or not a listening socket any more): retrying cannot help.
+fn listener_dead(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EBADF | libc::ENOTSOCK)
+    )
+}
+
 async fn accept_loop<D: Driver>(
     worker: Rc<Worker<MaybeTls<D::Stream>>>,
-    listener: D::Listener,
+    mut listener: D::Listener,
+    addr: SocketAddr,
+    fd: Rc<Cell<RawFd>>,
     current: Current,
-    closed: Rc<Cell<bool>>,
+    stop: Rc<StopAccepting>,
 ) {
     // A process taking over from another accepts only once the old one drains.
-    worker.shared.accepting().await;
-    loop {
-        let accepted = D::accept(&listener).await;
-        let stopping = worker.draining.get() || closed.get();
+    tokio::select! {
+        biased;
+        _ = stop.wake.notified() => return,
+        _ = worker.shared.accepting() => {}
+    }
+    while !stop.stopped.get() {
+        // Both drivers accept on readiness, so dropping the accept future leaves nothing
+        // pending in the kernel: a connection is never taken by a loop that has stopped.
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wake.notified() => break,
+            accepted = D::accept(&listener) => accepted,
+        };
         match accepted {
-            // A connection the kernel handed over is served even when accepting has
-            // stopped: after a handover, an io_uring accept still in flight can complete
-            // during the drain, and dropping its connection would reset it.
             Ok((stream, peer)) => admit::<D>(&worker, &current, stream, peer),
-            Err(_) if stopping => {}
+            Err(e) if listener_dead(&e) => {
+                match replace_dead_listener::<D>(&worker, addr, &fd, &stop, &e).await {
+                    Some(fresh) => listener = fresh,
+                    None => break,
+                }
+            }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off instead of spinning; the connection
                 // stays in the backlog until descriptors free up. Logged at a bounded rate.
@@ -206,10 +243,60 @@ async fn accept_loop<D: Driver>(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        if stopping {
-            break;
-        }
     }
+}
+
+/// A listening socket died under this worker (`accept` fails with EINVAL, EBADF or
+/// ENOTSOCK: typically another process holding the same socket shut it down). Logged once
+/// at error; `/ready` says 503 until a new socket is bound on the address (SO_REUSEPORT,
+/// retried every second). Nothing is re-bound when this process is stopping or has
+/// handed its sockets over: then the address is the new process's to serve.
+async fn replace_dead_listener<D: Driver>(
+    worker: &Worker<MaybeTls<D::Stream>>,
+    addr: SocketAddr,
+    fd: &Cell<RawFd>,
+    stop: &StopAccepting,
+    error: &std::io::Error,
+) -> Option<D::Listener> {
+    let shared = &worker.shared;
+    let handing_over = || shared.handed_over.load(Ordering::SeqCst) || shared.is_draining();
+    if handing_over() {
+        tracing::info!(worker = worker.id, %addr, %error, "listening socket closed while draining: accept loop ended");
+        return None;
+    }
+    tracing::error!(worker = worker.id, %addr, %error, "listening socket is dead: re-binding it");
+    shared.dead_listeners.fetch_add(1, Ordering::SeqCst);
+    let mut logged_failure = false;
+    let fresh = loop {
+        if stop.stopped.get() || handing_over() {
+            break None;
+        }
+        let bound = bind_reuseport(addr).and_then(|l| {
+            let raw = l.as_raw_fd();
+            D::listener(l).map(|l| (l, raw))
+        });
+        match bound {
+            Ok((listener, raw)) => {
+                let old = fd.replace(raw);
+                for entry in lock_fds(worker).iter_mut().filter(|(_, f)| *f == old) {
+                    entry.1 = raw;
+                }
+                tracing::warn!(worker = worker.id, %addr, "listening socket re-bound");
+                break Some(listener);
+            }
+            Err(e) if !logged_failure => {
+                logged_failure = true;
+                tracing::error!(worker = worker.id, %addr, error = %e, "cannot re-bind the dead listening socket: retrying every second");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = stop.wake.notified() => break None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    shared.dead_listeners.fetch_sub(1, Ordering::SeqCst);
+    fresh
 }
 
 /// Accept-time checks for one accepted connection, then its task.
@@ -370,7 +457,7 @@ mod tests {
             let worker = Rc::new(Worker::new(0, shared.clone(), None));
             let mut bound = BoundListeners::default();
             bound.reconcile::<Epoll>(&worker).unwrap();
-            let first_fd = bound.bound[0].fd;
+            let first_fd = bound.bound[0].fd.get();
             assert!(current(&bound, a)[0].trusted_proxies.is_empty());
 
             // Only trusted_proxies: the same socket, the new settings for new connections.
@@ -378,26 +465,72 @@ mod tests {
             shared.install(snapshot(2, &trusting));
             bound.reconcile::<Epoll>(&worker).unwrap();
             assert_eq!(bound.bound.len(), 1);
-            assert_eq!(bound.bound[0].fd, first_fd);
+            assert_eq!(bound.bound[0].fd.get(), first_fd);
             let now = current(&bound, a);
             assert_eq!(now[0].trusted_proxies.len(), 1);
             assert!(Arc::ptr_eq(&now[0], &worker.shared.snapshot().listeners[0]));
 
             // A rename is an identity change: a new socket, the old one closed; a listener
             // added on another address is bound.
-            let closed = bound.bound[0].closed.clone();
+            let stop = bound.bound[0].stop.clone();
             shared.install(snapshot(
                 3,
                 &(listener("edge", a, "") + &listener("inner", b, "")),
             ));
             bound.reconcile::<Epoll>(&worker).unwrap();
-            assert!(closed.get(), "the old socket's accept loop is stopped");
+            assert!(
+                stop.stopped.get(),
+                "the old socket's accept loop is stopped"
+            );
             let names: Vec<_> = bound.bound.iter().map(|b| b.identity.1.clone()).collect();
             assert_eq!(names, ["edge", "inner"]);
-            assert_ne!(bound.bound[0].fd, first_fd);
+            assert_ne!(bound.bound[0].fd.get(), first_fd);
             assert_eq!(current(&bound, b)[0].name, "inner");
             assert_eq!(bound.generation, 3);
-            bound.close_all(&worker, true);
+            bound.close_all(&worker);
+        });
+    }
+
+    #[test]
+    fn a_dead_listening_socket_is_rebound() {
+        let addr = free_addr();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let shared = Shared::new(
+                snapshot(1, &listener("web", addr, "")),
+                crate::policy::limits::ConnLimiter::new(
+                    &Default::default(),
+                    Default::default(),
+                    None,
+                ),
+            );
+            let worker = Rc::new(Worker::new(0, shared.clone(), None));
+            let mut bound = BoundListeners::default();
+            bound.reconcile::<Epoll>(&worker).unwrap();
+            let dead = bound.bound[0].fd.get();
+            // What another process holding the socket can do to it: its accepts then fail
+            // with EINVAL.
+            // SAFETY: shutdown on a descriptor the worker holds open.
+            assert_eq!(unsafe { libc::shutdown(dead, libc::SHUT_RDWR) }, 0);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while bound.bound[0].fd.get() == dead
+                || shared.dead_listeners.load(Ordering::SeqCst) > 0
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "the dead listener was not re-bound"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let fresh = bound.bound[0].fd.get();
+            assert_eq!(*lock_fds(&worker), [(addr, fresh)]);
+            // The new socket listens on the address.
+            std::net::TcpStream::connect(addr).expect("the re-bound listener accepts");
+            bound.close_all(&worker);
+            assert!(lock_fds(&worker).is_empty());
         });
     }
 }

@@ -33,9 +33,11 @@ pub struct Shared {
     /// hold the inherited sockets but accept nothing, so a handover that fails before the
     /// old process drains leaves no connection in a process that is about to exit.
     accepting: tokio::sync::watch::Sender<bool>,
-    /// Set when this process drains because a new one took its sockets over: the drain
-    /// then stops accepting without `shutdown()` on the shared sockets.
+    /// Set when this process drains because a new one took its sockets over.
     pub handed_over: AtomicBool,
+    /// Listening sockets found dead (accept failed with EINVAL/EBADF/ENOTSOCK) and not yet
+    /// re-bound: `/ready` says 503 while any is.
+    pub dead_listeners: AtomicUsize,
     /// `[limits.global]`: the workers' batches of hits and the fleet's over-limit set.
     pub global_limit: crate::policy::global_limit::GlobalLimit,
 }
@@ -59,6 +61,7 @@ impl Shared {
             listener_fds: std::sync::Mutex::new(Vec::new()),
             accepting: tokio::sync::watch::Sender::new(true),
             handed_over: AtomicBool::new(false),
+            dead_listeners: AtomicUsize::new(0),
         })
     }
 

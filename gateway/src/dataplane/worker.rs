@@ -157,13 +157,12 @@ async fn run_worker<D: Driver>(
         }
     }
 
-    // Drain: stop accepting (shutting a listening socket down fails its pending accept,
-    // unless a new process took the sockets over: they are its sockets too), wake idle
-    // keep-alive connections so they close, let in-flight requests finish.
+    // Drain: stop accepting (never by shutting a listening socket down: a new process may
+    // hold it too), wake idle keep-alive connections so they close, let in-flight
+    // requests finish.
     worker.draining.set(true);
     worker.drain_notify.notify_waiters();
-    let handed_over = shared.handed_over.load(Ordering::SeqCst);
-    listeners.close_all(&worker, !handed_over);
+    listeners.close_all(&worker);
     let deadline = Instant::now() + worker.snapshot().server.graceful_timeout;
     let mut last_publish = Instant::now();
     // Connections cut at the deadline end in its wake (an HTTP/2 connection resets its open

@@ -30,18 +30,39 @@ pub(crate) trait Driver: 'static {
     fn spawn(task: impl std::future::Future<Output = ()> + 'static);
 }
 
-/// io_uring through tokio-uring.
+/// io_uring through tokio-uring for connections; accepts through readiness.
+///
+/// The accept is a nonblocking `accept4` when the reactor (the epoll instance tokio-uring
+/// runs beside its ring) says the listener is readable, as on the epoll driver, and not an
+/// io_uring accept: an io_uring accept stays pending in the kernel until a connection
+/// comes, so a process that stops accepting (drain, handover, an upgrade given up) would
+/// either take one more connection it no longer serves (a reset, a per-IP refusal counted
+/// against the wrong process) or need `shutdown()` to cancel it, which shuts the socket
+/// down for every process holding it. With readiness, stopping is not calling accept.
 pub struct Uring;
 
 impl Driver for Uring {
     type Stream = UringStream;
-    type Listener = tokio_uring::net::TcpListener;
+    type Listener = tokio::io::unix::AsyncFd<std::net::TcpListener>;
     fn listener(std: std::net::TcpListener) -> std::io::Result<Self::Listener> {
-        Ok(tokio_uring::net::TcpListener::from_std(std))
+        std.set_nonblocking(true)?;
+        // SAFETY: the registration owns the listener, so its descriptor stays open for
+        // as long as it is registered.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(std, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into())
     }
     async fn accept(listener: &Self::Listener) -> std::io::Result<(UringStream, SocketAddr)> {
-        let (stream, peer) = listener.accept().await?;
-        Ok((UringStream::new(stream), peer))
+        // std's accept is `accept4(SOCK_CLOEXEC)`: a blocking socket, as io_uring's accept
+        // gave, which the ring's reads and writes expect.
+        let (stream, peer) = listener
+            .async_io(tokio::io::Interest::READABLE, |l| l.accept())
+            .await?;
+        Ok((
+            UringStream::new(tokio_uring::net::TcpStream::from_std(stream)),
+            peer,
+        ))
     }
     fn spawn(task: impl std::future::Future<Output = ()> + 'static) {
         tokio_uring::spawn(task);
