@@ -277,6 +277,25 @@ impl<S: Stream> Worker<S> {
         }
         notified.await;
     }
+
+    /// Whether a new process took this one's sockets over (binary upgrade): the node then
+    /// stays in service while this process drains.
+    pub(crate) fn handed_over(&self) -> bool {
+        self.shared
+            .handed_over
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves when a drain should close a connection waiting for its next request: at
+    /// once, unless a new process took the sockets over, and then never. A request may be
+    /// on its way on that connection (or on one an accept took during the drain), so it is
+    /// answered, with `Connection: close`; an idle one ends at its usual timeout.
+    pub(crate) async fn drain_closes_idle(&self) {
+        self.drained().await;
+        if self.handed_over() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// A pooled buffer that goes back to its worker's pool when dropped, on every exit.

@@ -438,6 +438,17 @@ mod tests {
             .collect()
     }
 
+    type TestWorker = Rc<Worker<MaybeTls<<Epoll as Driver>::Stream>>>;
+
+    /// A worker of its own `Shared`, serving `snapshot`.
+    fn worker_on(snapshot: Snapshot) -> (Arc<Shared>, TestWorker) {
+        let limiter =
+            crate::policy::limits::ConnLimiter::new(&Default::default(), Default::default(), None);
+        let shared = Shared::new(snapshot, limiter);
+        let worker = Rc::new(Worker::new(0, shared.clone(), None));
+        (shared, worker)
+    }
+
     #[test]
     fn reconcile_refreshes_in_place_rebinds_on_identity_change_and_closes_the_rest() {
         let (a, b) = (free_addr(), free_addr());
@@ -446,15 +457,7 @@ mod tests {
             .build()
             .unwrap();
         tokio::task::LocalSet::new().block_on(&rt, async {
-            let shared = Shared::new(
-                snapshot(1, &listener("web", a, "")),
-                crate::policy::limits::ConnLimiter::new(
-                    &Default::default(),
-                    Default::default(),
-                    None,
-                ),
-            );
-            let worker = Rc::new(Worker::new(0, shared.clone(), None));
+            let (shared, worker) = worker_on(snapshot(1, &listener("web", a, "")));
             let mut bound = BoundListeners::default();
             bound.reconcile::<Epoll>(&worker).unwrap();
             let first_fd = bound.bound[0].fd.get();
@@ -499,15 +502,7 @@ mod tests {
             .build()
             .unwrap();
         tokio::task::LocalSet::new().block_on(&rt, async {
-            let shared = Shared::new(
-                snapshot(1, &listener("web", addr, "")),
-                crate::policy::limits::ConnLimiter::new(
-                    &Default::default(),
-                    Default::default(),
-                    None,
-                ),
-            );
-            let worker = Rc::new(Worker::new(0, shared.clone(), None));
+            let (shared, worker) = worker_on(snapshot(1, &listener("web", addr, "")));
             let mut bound = BoundListeners::default();
             bound.reconcile::<Epoll>(&worker).unwrap();
             let dead = bound.bound[0].fd.get();

@@ -196,11 +196,7 @@ pub async fn serve<S: Stream>(
         // connection: after a binary upgrade's handover it is kept until the next request
         // (answered with `Connection: close`) or its keep-alive timeout, never cut while
         // the client may be sending (see `read_head`).
-        let handed_over = w
-            .shared
-            .handed_over
-            .load(std::sync::atomic::Ordering::SeqCst);
-        if !outcome.keep_alive || (w.draining.get() && !handed_over) {
+        if !outcome.keep_alive || (w.draining.get() && !w.handed_over()) {
             if outcome.status >= 400 && outcome.status != 499 {
                 // The request may not have been read to its end (a 413 before the body):
                 // let the client read the answer instead of an RST.
@@ -286,20 +282,10 @@ async fn read_head<S: Stream>(
             // client is readable holding no buffer, so an idle connection costs no head
             // buffer parked in an in-flight read; the buffer is taken once bytes are there.
             c.buf = BytesMut::new();
-            let mut wait = std::pin::pin!(crate::util::clock::timeout_at(
-                deadline,
-                c.io.wait_readable()
-            ));
+            let wait = crate::util::clock::timeout_at(deadline, c.io.wait_readable());
             let ready = tokio::select! {
-                r = &mut wait => r,
-                // As for the read below: a drain closes an idle connection at once, unless
-                // a new process took the sockets over (binary upgrade).
-                _ = w.drained() => {
-                    if !w.shared.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
-                        return Ok(None);
-                    }
-                    wait.await
-                }
+                r = wait => r,
+                _ = w.drain_closes_idle() => return Ok(None),
             };
             match ready {
                 // Nothing received at all: close quietly, like nginx does.
@@ -313,22 +299,11 @@ async fn read_head<S: Stream>(
                 .reserve(c.buf.len().max(HEAD_BUF_SIZE).min(max + 1024));
         }
         let buf = std::mem::take(&mut c.buf);
-        let mut read = std::pin::pin!(crate::util::clock::timeout_at(deadline, c.io.read(buf)));
+        let read = crate::util::clock::timeout_at(deadline, c.io.read(buf));
         let result = if started.is_none() {
             tokio::select! {
-                r = &mut read => r,
-                _ = w.drained() => {
-                    // A drain closes a connection waiting for its next request at once,
-                    // unless a new process took the sockets over (binary upgrade): the
-                    // node stays in service then, and a request may be on its way on this
-                    // connection (or on one an accept still in flight took during the
-                    // drain), so it is answered, with `Connection: close`; an idle one
-                    // ends at its usual timeout.
-                    if !w.shared.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
-                        return Ok(None);
-                    }
-                    read.await
-                }
+                r = read => r,
+                _ = w.drain_closes_idle() => return Ok(None),
             }
         } else {
             read.await
