@@ -41,7 +41,14 @@ impl Config {
         Config {
             http_addr: free_addr(),
             admin_addr: free_addr(),
-            server: vec![("workers".into(), "2".into())],
+            // No upgrade socket unless a test asks for one: otherwise every test gateway
+            // would contend for the host-wide default `/run/gateway/upgrade.sock`, and a
+            // gateway starting in one test would probe (and hold a descriptor for) a socket
+            // another test's gateway owns.
+            server: vec![
+                ("workers".into(), "2".into()),
+                ("upgrade_socket".into(), "\"\"".into()),
+            ],
             log: vec![("access".into(), toml_str("stdout"))],
             upstreams: Vec::new(),
             routes: Vec::new(),
