@@ -309,9 +309,8 @@ fn wait_released(gw: &Gateway) {
     };
     // Both: the descriptors closed, and the connection count that `max_connections`
     // checks back to zero (a closed descriptor can precede its task's end).
-    let connections = || {
-        gateway_tests::control::scrape(gw.admin_addr()).sum("gateway_connections_active", &[])
-    };
+    let connections =
+        || gateway_tests::control::scrape(gw.admin_addr()).sum("gateway_connections_active", &[]);
     gateway_tests::wait_until(
         Duration::from_secs(5),
         "the gateway to close the connections of departed clients",
