@@ -26,6 +26,8 @@ pub struct ServerSettings {
     pub request_buffering: usize,
     pub client_body_timeout: Duration,
     pub client_min_rate: u64,
+    /// `server.splice_bodies_min`: body bytes left at least worth splicing; 0: never.
+    pub(crate) splice_bodies_min: u64,
     /// Worker threads (`server.workers`, resolved): the request limiter's share of the rate.
     pub workers: usize,
     /// `server.forward_client_headers`: client-supplied forwarding headers kept.
@@ -196,6 +198,7 @@ impl Snapshot {
                 request_buffering: s.request_buffering.0 as usize,
                 client_body_timeout: s.client_body_timeout.0,
                 client_min_rate: s.client_min_rate.0,
+                splice_bodies_min: s.splice_bodies_min.0,
                 workers: config.effective_workers(),
                 forward_client_headers: s.forward_client_headers.clone(),
                 underscores_in_headers: s.underscores_in_headers,

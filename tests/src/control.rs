@@ -72,6 +72,7 @@ pub const CONTRACT_FAMILIES: &[(&str, &str, &[&str])] = &[
 pub const EXTRA_FAMILIES: &[(&str, &str, &[&str])] = &[
     ("gateway_upstream_connections_idle", "gauge", &["upstream"]),
     ("gateway_tunnels_total", "counter", &["path"]),
+    ("gateway_body_splice_total", "counter", &["direction"]),
     ("gateway_limit_enforcer", "gauge", &["enforcer"]),
     ("gateway_io_driver", "gauge", &["driver"]),
     ("gateway_admin_connections_rejected_total", "counter", &[]),

@@ -44,26 +44,37 @@ impl Gateway {
     /// so a concurrent test can take one before the gateway binds it: on "Address already
     /// in use" the start is retried with fresh listener and admin ports.
     pub fn with(config: &Config) -> Gateway {
-        Gateway::with_limit(config, None, None)
+        Gateway::with_limit(config, None, None, &[])
+    }
+
+    /// [`Gateway::with`], with these variables added to the gateway's environment (e.g.
+    /// `GATEWAY_TUNNEL_SPLICE=off`, read once at start).
+    pub fn with_env(config: &Config, env: &[(&str, &str)]) -> Gateway {
+        Gateway::with_limit(config, None, None, env)
     }
 
     /// [`Gateway::with`], with RLIMIT_NOFILE (soft and hard) set to `nofile` in the child
     /// before exec, so descriptor exhaustion is reached with a handful of connections.
     pub fn with_nofile(config: &Config, nofile: u64) -> Gateway {
-        Gateway::with_limit(config, Some(nofile), None)
+        Gateway::with_limit(config, Some(nofile), None, &[])
     }
 
     /// [`Gateway::with`], with the gateway's stderr opened from `path` (read and write, so
     /// a FIFO opens without a reader and a write never fails with EPIPE: a FIFO nobody
     /// reads stands for a log shipper that stalled). [`Gateway::stderr`] is then empty.
     pub fn with_stderr(config: &Config, path: &Path) -> Gateway {
-        Gateway::with_limit(config, None, Some(path))
+        Gateway::with_limit(config, None, Some(path), &[])
     }
 
-    fn with_limit(config: &Config, nofile: Option<u64>, stderr: Option<&Path>) -> Gateway {
+    fn with_limit(
+        config: &Config,
+        nofile: Option<u64>,
+        stderr: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let mut config = config.clone();
         for _ in 0..4 {
-            match Gateway::try_start_limited(&config.to_toml(), nofile, stderr) {
+            match Gateway::try_start_limited(&config.to_toml(), nofile, stderr, env) {
                 Ok(gw) => return gw,
                 Err(e) if e.contains("Address already in use") => {
                     config.http_addr = crate::free_addr();
@@ -72,19 +83,20 @@ impl Gateway {
                 Err(e) => panic!("{e}"),
             }
         }
-        Gateway::try_start_limited(&config.to_toml(), nofile, stderr)
+        Gateway::try_start_limited(&config.to_toml(), nofile, stderr, env)
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Like [`Gateway::start`] but returns the reason instead of panicking.
     pub fn try_start(config_toml: &str) -> Result<Gateway, String> {
-        Gateway::try_start_limited(config_toml, None, None)
+        Gateway::try_start_limited(config_toml, None, None, &[])
     }
 
     fn try_start_limited(
         config_toml: &str,
         nofile: Option<u64>,
         stderr_path: Option<&Path>,
+        env: &[(&str, &str)],
     ) -> Result<Gateway, String> {
         let (http_addr, admin_addr) = addresses_of(config_toml)?;
         let dir = tempfile::Builder::new()
@@ -112,7 +124,8 @@ impl Gateway {
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr);
+            .stderr(stderr)
+            .envs(env.iter().copied());
         if let Some(n) = nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.

@@ -161,6 +161,9 @@ pub struct ServerConfig {
     /// Average bytes per second a request body, and a response being sent to the client,
     /// must keep after their grace period; 0 turns the check off.
     pub client_min_rate: Size,
+    /// HTTP/1 bodies between plaintext sockets move with `splice(2)` once at least this
+    /// many of their bytes are left to move (a chunk's data, for chunked bodies); 0: never.
+    pub splice_bodies_min: Size,
     /// The unix socket a running gateway hands its listeners over on, to a new binary
     /// started with `gateway run --upgrade` (`control/upgrade.rs`). Empty: no upgrades.
     pub upgrade_socket: PathBuf,
@@ -183,6 +186,7 @@ impl Default for ServerConfig {
             request_buffering: Size(64 * 1024),
             client_body_timeout: secs(60),
             client_min_rate: Size(1024),
+            splice_bodies_min: Size(64 * 1024),
             upgrade_socket: PathBuf::from("/run/gateway/upgrade.sock"),
         }
     }

@@ -57,6 +57,7 @@ pub(crate) fn render(control: &Control) -> String {
     let mut tunnels_active = 0;
     let mut tunnel_bytes = [0u64; 2];
     let mut tunnel_paths: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut body_splices = [0u64; 2];
     let mut limits: BTreeMap<(&'static str, &'static str), u64> = BTreeMap::new();
     let mut tls: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
     let mut h2: BTreeMap<String, (i64, u64, [u64; 2])> = BTreeMap::new();
@@ -111,6 +112,8 @@ pub(crate) fn render(control: &Control) -> String {
         for (path, n) in &s.tunnel_paths {
             *tunnel_paths.entry(path).or_default() += n;
         }
+        body_splices[0] += s.body_splices[0];
+        body_splices[1] += s.body_splices[1];
         for (listener, result, n) in &s.tls_handshakes {
             *tls.entry((listener.to_string(), result)).or_default() += n;
         }
@@ -303,6 +306,18 @@ pub(crate) fn render(control: &Control) -> String {
     );
     for (path, n) in &tunnel_paths {
         let _ = writeln!(out, "gateway_tunnels_total{{path=\"{path}\"}} {n}");
+    }
+    header(
+        &mut out,
+        "gateway_body_splice_total",
+        "counter",
+        "HTTP/1 bodies moved (at least in part) with splice(2), by direction.",
+    );
+    for (direction, n) in ["request", "response"].iter().zip(body_splices) {
+        let _ = writeln!(
+            out,
+            "gateway_body_splice_total{{direction=\"{direction}\"}} {n}"
+        );
     }
     header(
         &mut out,

@@ -22,7 +22,8 @@
 //! - [`connect`]: [`connect_nonblocking`], the connect both drivers share.
 //! - [`sockets`]: listener sockets and readiness probes on a raw descriptor
 //!   ([`bind_reuseport`], [`idle_connection_alive`], [`peer_closed`]).
-//! - [`driver`]: picks the driver at start; [`pipe`]: `splice(2)` pipes for tunnels.
+//! - [`driver`]: picks the driver at start; [`pipe`]: `splice(2)` pipes for tunnels and
+//!   bodies; [`splice`]: the one socket → pipe → socket loop both use.
 
 use bytes::BytesMut;
 use std::io;
@@ -38,6 +39,7 @@ pub mod epoll;
 pub(crate) mod memory;
 pub mod pipe;
 pub mod sockets;
+pub mod splice;
 pub mod uring;
 
 pub use epoll::EpollStream;

@@ -1,7 +1,8 @@
-//! Pipes for spliced tunnels, from a bounded per-worker pool.
+//! Pipes for spliced tunnels and HTTP bodies, from a bounded per-worker pool.
 //!
 //! A spliced tunnel moves bytes socket → pipe → socket with `splice(2)`: the payload pages
-//! never enter user space. Each direction needs its own pipe, so a tunnel holds two.
+//! never enter user space. Each direction needs its own pipe, so a tunnel holds two; a
+//! spliced HTTP body ([`crate::io::splice`]) holds one for as long as it moves.
 //!
 //! Pipes are not free: the kernel charges their pages to the user, and once the user holds
 //! more than `/proc/sys/fs/pipe-user-pages-soft` pages (16384 by default: 1024 pipes of
@@ -19,7 +20,7 @@
 //! - takes back only empty pipes: one that still holds bytes (a tunnel that failed
 //!   mid-transfer) is closed, so stale bytes never reach another tunnel.
 //!
-//! When the pool has no pair to give, the tunnel falls back to the buffered copy.
+//! When the pool has no pipe to give, the tunnel or body falls back to the buffered copy.
 
 use std::cell::RefCell;
 use std::io;
@@ -83,14 +84,18 @@ impl Pipe {
         self.buffered
     }
 
-    /// Moves what `socket` has (up to the pipe's size) into the pipe. Call only when the pipe
-    /// is empty, so that `WouldBlock` always means the socket has nothing. `Ok(0)` is EOF.
-    pub(crate) fn fill_from(&mut self, socket: RawFd) -> io::Result<usize> {
+    /// Moves what `socket` has, up to the pipe's size and at most `max` bytes, into the
+    /// pipe. Call only when the pipe is empty, so that `WouldBlock` always means the socket
+    /// has nothing. `Ok(0)` is EOF. `max` is how a spliced HTTP body never takes a byte past
+    /// its framing: what follows (a pipelined request, an upstream's stray bytes) stays in
+    /// the socket.
+    pub(crate) fn fill_from(&mut self, socket: RawFd, max: usize) -> io::Result<usize> {
         debug_assert_eq!(
             self.buffered, 0,
             "fill_from on a pipe that still holds bytes"
         );
-        let n = splice(socket, self.write.as_raw_fd(), self.size)?;
+        debug_assert!(max > 0, "fill_from asked for nothing: 0 would read as EOF");
+        let n = splice(socket, self.write.as_raw_fd(), self.size.min(max))?;
         self.buffered += n;
         Ok(n)
     }
@@ -245,6 +250,16 @@ impl Drop for PooledPipe {
     }
 }
 
+/// One pipe (a spliced HTTP body), or `None` when the pool cannot give one within `limit`
+/// pipes open on this worker: the body is then copied.
+pub(crate) fn take_one(limit: usize) -> Option<PooledPipe> {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        pool.set_limit(limit);
+        pool.take().map(|p| PooledPipe(Some(p)))
+    })
+}
+
 /// Two pipes (one per tunnel direction), or `None` when the pool cannot give both within
 /// `limit` pipes open on this worker (in use or idle; see `budget::pipes_per_worker`).
 pub(crate) fn take_pair(limit: usize) -> Option<(PooledPipe, PooledPipe)> {
@@ -346,13 +361,13 @@ mod tests {
         rx.set_nonblocking(true).unwrap();
         let (mut p, _) = take_pair(2).unwrap();
         assert_eq!(
-            p.fill_from(rx.as_raw_fd()).unwrap_err().kind(),
+            p.fill_from(rx.as_raw_fd(), usize::MAX).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
         );
         tx.write_all(b"hello").unwrap();
         let mut n = 0;
         while n == 0 {
-            n = match p.fill_from(rx.as_raw_fd()) {
+            n = match p.fill_from(rx.as_raw_fd(), usize::MAX) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => panic!("{e}"),
@@ -367,7 +382,7 @@ mod tests {
         drop(tx);
         let mut eof = None;
         while eof.is_none() {
-            match p.fill_from(rx.as_raw_fd()) {
+            match p.fill_from(rx.as_raw_fd(), usize::MAX) {
                 Ok(n) => eof = Some(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => panic!("{e}"),

@@ -87,6 +87,8 @@ pub struct Stats {
     pub(crate) tunnel_bytes: [u64; 2],
     /// Tunnels by copy path (`splice`, `copy`).
     pub(crate) tunnel_paths: Vec<(&'static str, u64)>,
+    /// HTTP/1 bodies spliced (at least in part): [request, response].
+    pub(crate) body_splices: [u64; 2],
     /// (limit, enforcer) → rejections.
     pub limit_rejections: Vec<(&'static str, &'static str, u64)>,
     pub(crate) busy_ratio: f64,

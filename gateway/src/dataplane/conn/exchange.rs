@@ -68,6 +68,18 @@ pub trait RequestSource<S: Stream> {
     /// yet, so [`Lent::ensure`] it first): returns how many of its first bytes are body.
     /// Errors are the client's ([`Side::Client`]).
     async fn read_body(&mut self, buf: &mut Lent<'_, BytesMut, S>) -> Result<usize, HttpError>;
+    /// Splices the next run of body bytes straight from the client socket into `upstream`
+    /// (each write within `send_timeout`), when the source can (a plaintext HTTP/1 client)
+    /// and the run is long enough (`server.splice_bodies_min`): `Some` once it moved them,
+    /// `None` when the next piece must be read with [`RequestSource::read_body`] instead.
+    async fn splice_body(
+        &mut self,
+        upstream: &S,
+        send_timeout: std::time::Duration,
+    ) -> Option<Result<(), HttpError>> {
+        let _ = (upstream, send_timeout);
+        None
+    }
 }
 
 /// One exchange's fixed inputs.
@@ -345,7 +357,8 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
     }
 }
 
-/// Streams the rest of the request body from the source to the upstream.
+/// Streams the rest of the request body from the source to the upstream: spliced where
+/// the source can, else one read and one write at a time through `buf`.
 async fn stream_body<S: Stream, D: RequestSource<S>>(
     d: &mut D,
     conn: &S,
@@ -353,6 +366,10 @@ async fn stream_body<S: Stream, D: RequestSource<S>>(
     route: &Route,
 ) -> Result<(), HttpError> {
     while !d.body_done() {
+        if let Some(spliced) = d.splice_body(conn, route.send_timeout).await {
+            spliced?;
+            continue;
+        }
         let n = d.read_body(buf).await?;
         if n == 0 {
             continue;

@@ -12,14 +12,19 @@
 //! Buffers: the connection's head buffer holds the head and whatever body bytes came with
 //! it (and any pipelined request behind it); bodies stream through pooled 64 KiB buffers,
 //! one read then one write at a time, so memory per connection is bounded whatever the
-//! body size. Timeouts cover whole phases (head, each upstream read and write).
+//! body size. Between plaintext sockets, long runs of a body are spliced instead
+//! (`relay::splice_body`, through one pipe per request from the worker's pool).
+//! Timeouts cover whole phases (head, each upstream read and write).
 
 use crate::dataplane::conn::exchange::{
     self, BodyForm, Exchange, Failure, RequestSource, ResponseSink,
 };
-use crate::dataplane::conn::relay::{write_client, RateClock};
+use crate::dataplane::conn::relay::{
+    request_body_too_slow, splice_body, write_client, Bound, RateClock, SpliceWay,
+};
 use crate::dataplane::conn::ListenerCtx;
 use crate::dataplane::ctx::{Lent, Worker, HEAD_BUF_SIZE};
+use crate::io::pipe::{self, PooledPipe};
 use crate::io::Stream;
 use crate::policy::route::{Action, Route};
 use crate::protocol::error::{HttpError, Side};
@@ -595,6 +600,16 @@ async fn proxy<'s, S: Stream>(
         out: w.lend_out(),
         write_clock: None,
         close: false,
+        splice_min: if crate::io::splice::enabled() && client.spliceable() {
+            settings.splice_bodies_min
+        } else {
+            0
+        },
+        splice_response: false,
+        pipe_limit: settings.pipes_per_worker,
+        pipe: None,
+        no_pipe: false,
+        spliced: [false; 2],
     };
     let x = Exchange {
         w,
@@ -671,6 +686,44 @@ struct H1Client<'c, S: Stream> {
     write_clock: Option<RateClock>,
     /// The connection closes after this response.
     close: bool,
+    /// `server.splice_bodies_min` for a plaintext client with splice on; 0: never splice.
+    splice_min: u64,
+    /// The response goes as the upstream framed it, so its body may be spliced.
+    splice_response: bool,
+    /// The worker's pipe budget (`budget::pipes_per_worker`).
+    pipe_limit: usize,
+    /// The pipe this request's spliced bodies go through, taken on first use.
+    pipe: Option<PooledPipe>,
+    /// The pool had no pipe: copy for the rest of this request.
+    no_pipe: bool,
+    /// A body was spliced: [request, response] (counted once each).
+    spliced: [bool; 2],
+}
+
+impl<S: Stream> H1Client<'_, S> {
+    /// Makes sure a pipe is at hand for a spliced body, from the worker's pool on first use
+    /// (one that holds stale bytes after a failure is never used again); false: copy.
+    fn take_pipe(&mut self, way: SpliceWay) -> bool {
+        if self.pipe.as_ref().is_some_and(|p| p.buffered() > 0) {
+            self.pipe = None;
+        }
+        if self.pipe.is_none() && !self.no_pipe {
+            self.pipe = pipe::take_one(self.pipe_limit);
+            self.no_pipe = self.pipe.is_none();
+        }
+        if self.pipe.is_none() {
+            return false;
+        }
+        let i = match way {
+            SpliceWay::Request => 0,
+            SpliceWay::Response => 1,
+        };
+        if !self.spliced[i] {
+            self.spliced[i] = true;
+            self.w.stats.borrow_mut().body_splices[i] += 1;
+        }
+        true
+    }
 }
 
 impl<S: Stream> RequestSource<S> for H1Client<'_, S> {
@@ -714,14 +767,8 @@ impl<S: Stream> RequestSource<S> for H1Client<'_, S> {
         .await
         {
             Ok(r) => r,
-            Err(_) => {
-                crate::util::budget::refused(
-                    crate::util::budget::Refusal::SlowClient,
-                    &"request body too slow: 408",
-                );
-                // The abandoned read owns the buffer; the connection closes after the 408.
-                return Err(HttpError::BodyTimeout);
-            }
+            // The abandoned read owns the buffer; the connection closes after the 408.
+            Err(_) => return Err(request_body_too_slow()),
         };
         b.put(got);
         match res {
@@ -733,6 +780,41 @@ impl<S: Stream> RequestSource<S> for H1Client<'_, S> {
             self.leftover = Some(b.split_off(n));
         }
         Ok(n)
+    }
+
+    /// The client's body clock bounds the reads, `send_timeout` each write upstream.
+    async fn splice_body(
+        &mut self,
+        upstream: &S,
+        send_timeout: Duration,
+    ) -> Option<Result<(), HttpError>> {
+        let run = self.body.opaque_run();
+        if self.splice_min == 0
+            || run < self.splice_min
+            || !upstream.spliceable()
+            || !self.take_pipe(SpliceWay::Request)
+        {
+            return None;
+        }
+        let pipe = self.pipe.as_deref_mut()?;
+        let moved = splice_body(
+            self.io,
+            upstream,
+            pipe,
+            run,
+            Bound::Clock(&mut self.body_clock),
+            Bound::Pause(send_timeout),
+            SpliceWay::Request,
+        )
+        .await;
+        Some(match moved {
+            Ok(n) if n < run => Err(HttpError::ClientGone("closed mid-body")),
+            Ok(n) => {
+                self.body.skip(n);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        })
     }
 }
 
@@ -769,6 +851,7 @@ impl<S: Stream> ResponseSink for H1Client<'_, S> {
             upgrade,
         );
         self.close = close || framing == ClientFraming::Dechunk;
+        self.splice_response = framing == ClientFraming::Same;
         // A client that takes the response too slowly is cut off (and the upstream
         // connection with it, never pooled): a per-write timeout alone lets a reader of a
         // large response hold both connections for as long as it trickles.
@@ -799,6 +882,44 @@ impl<S: Stream> ResponseSink for H1Client<'_, S> {
             .write_clock
             .get_or_insert_with(|| RateClock::new(send_timeout, send_timeout, min_rate));
         write_client(self.io, b, clock).await
+    }
+
+    fn splice_min(&self) -> u64 {
+        if self.splice_response {
+            self.splice_min
+        } else {
+            0
+        }
+    }
+
+    /// The upstream's `read_timeout` bounds each read, the response's write clock the
+    /// client's pace, as on the copy path.
+    async fn splice_body<U: Stream>(
+        &mut self,
+        upstream: &U,
+        len: u64,
+        read_timeout: Duration,
+    ) -> Option<Result<u64, HttpError>> {
+        if !self.take_pipe(SpliceWay::Response) {
+            return None;
+        }
+        let (send_timeout, min_rate) = (self.send_timeout, self.min_rate);
+        let clock = self
+            .write_clock
+            .get_or_insert_with(|| RateClock::new(send_timeout, send_timeout, min_rate));
+        let pipe = self.pipe.as_deref_mut()?;
+        Some(
+            splice_body(
+                upstream,
+                self.io,
+                pipe,
+                len,
+                Bound::Pause(read_timeout),
+                Bound::Clock(clock),
+                SpliceWay::Response,
+            )
+            .await,
+        )
     }
 
     async fn gone(&mut self) {

@@ -1,8 +1,20 @@
 //! Moving bodies: the upstream response body relayed to a [`ResponseSink`] (framing
-//! checked by the one body decoder, `protocol::http1::body`), and the [`RateClock`] that
-//! bounds transfers to and from a client by their size.
+//! checked by the one body decoder, `protocol::http1::body`), the [`RateClock`] that
+//! bounds transfers to and from a client by their size, and [`splice_body`], which moves
+//! a run of body bytes between two plaintext sockets with `splice(2)` under the same
+//! bounds (both directions: the response here, the request body in `exchange.rs`).
+//!
+//! A body is spliced only where its framing says how many bytes may be moved blind
+//! ([`Body::opaque_run`]: the rest of a `Content-Length` body, the rest of a chunk's data,
+//! or a body read until close), only when that run is at least `server.splice_bodies_min`,
+//! and never more than that run: bytes behind the body (a pipelined request, an
+//! upstream's stray bytes) stay in the socket. The bytes already in user space (those that
+//! came with the head) go first, through the copy path; so do chunk-size lines and
+//! trailers, which the decoder checks.
 
 use crate::dataplane::ctx::Lent;
+use crate::io::pipe::Pipe;
+use crate::io::splice::{splice_exact, NonBlocking, Pace, SpliceError};
 use crate::io::Stream;
 use crate::protocol::error::HttpError;
 use crate::protocol::http1::body::Body;
@@ -33,6 +45,25 @@ pub trait ResponseSink {
     async fn send_head(&mut self, first: &[u8]) -> Result<(), HttpError>;
     /// Sends body bytes; the buffer comes back unless the write was abandoned (a timeout).
     async fn send_body<B: BoundedBuf>(&mut self, b: B) -> (Result<(), HttpError>, Option<B>);
+    /// Body bytes left at least worth splicing from the upstream socket straight into the
+    /// client's (`server.splice_bodies_min`); 0: never (TLS, HTTP/2, a client that wants
+    /// the payload decoded, splice turned off).
+    fn splice_min(&self) -> u64 {
+        0
+    }
+    /// Splices exactly `len` body bytes (the framing's [`Body::opaque_run`]) from
+    /// `upstream` into the client, each read within `read_timeout`: the bytes delivered
+    /// (fewer only when the upstream closed), or `None` when no pipe could be had (the
+    /// body is copied instead).
+    async fn splice_body<U: Stream>(
+        &mut self,
+        upstream: &U,
+        len: u64,
+        read_timeout: Duration,
+    ) -> Option<Result<u64, HttpError>> {
+        let _ = (upstream, len, read_timeout);
+        None
+    }
     /// Resolves when the client has gone away (pending forever if that cannot be seen):
     /// the exchange then stops waiting for the upstream. Polled only while the response
     /// head is awaited, never together with another method (an HTTP/2 stream may watch
@@ -178,10 +209,36 @@ pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
         send(sink, ub, &mut decoded, payload_only, n).await?;
     }
 
+    let splice_min = if payload_only { 0 } else { sink.splice_min() };
+    let mut splice = splice_min > 0 && upstream.conn.as_ref().is_some_and(|c| c.spliceable());
     while !body.is_done() {
         let Some(conn) = upstream.conn.as_ref() else {
             break;
         };
+        let run = body.opaque_run();
+        if splice && run >= splice_min {
+            match sink.splice_body(conn, run, read_timeout).await {
+                None => splice = false,
+                Some(moved) => {
+                    let moved = moved?;
+                    body.skip(moved);
+                    body_bytes += moved;
+                    if moved < run {
+                        // The upstream closed: the end of an until-close body, a
+                        // truncation otherwise (the connection is not given back).
+                        body.finish()?;
+                        break;
+                    }
+                    // Nothing was read past the body; a byte already queued behind it
+                    // (or an EOF) means the upstream is out of step: not reused.
+                    if body.is_done() && !crate::io::idle_connection_alive(conn.raw_fd()) {
+                        upstream_clean = false;
+                    }
+                    upstream.release_if_clean(&body, upstream_clean);
+                    continue;
+                }
+            }
+        }
         ub.clear();
         let (res, b) = timeout(read_timeout, conn.read(ub.take()))
             .await
@@ -238,6 +295,120 @@ async fn send<S: Stream, D: ResponseSink>(
     Ok(())
 }
 
+/// What bounds one side of a spliced body: the client's [`RateClock`], or a pause per
+/// read or write (the upstream's `read_timeout`, `send_timeout`).
+pub(crate) enum Bound<'c> {
+    Clock(&'c mut RateClock),
+    Pause(Duration),
+}
+
+impl Bound<'_> {
+    fn deadline(&self) -> Instant {
+        match self {
+            Bound::Clock(c) => c.deadline(),
+            Bound::Pause(p) => Instant::now() + *p,
+        }
+    }
+    fn moved(&mut self, n: usize) {
+        if let Bound::Clock(c) = self {
+            c.moved(n);
+        }
+    }
+}
+
+/// The bounds of a spliced body's two sides.
+struct BodyPace<'c> {
+    read: Bound<'c>,
+    write: Bound<'c>,
+}
+
+impl Pace for BodyPace<'_> {
+    fn read_deadline(&self) -> Option<Instant> {
+        Some(self.read.deadline())
+    }
+    fn write_deadline(&self) -> Option<Instant> {
+        Some(self.write.deadline())
+    }
+    fn read(&mut self, n: usize) {
+        self.read.moved(n);
+    }
+    fn written(&mut self, n: usize) {
+        self.write.moved(n);
+    }
+}
+
+/// Which way a spliced body goes: decides whose fault a failure is, as on the copy path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SpliceWay {
+    /// Client → upstream: a stall reading is the client's 408, a failed write the upstream's.
+    Request,
+    /// Upstream → client: a stall reading is the upstream's 504, a stalled write the client's.
+    Response,
+}
+
+/// Splices `len` body bytes `from` → `to` through `pipe` (empty), each side within its
+/// [`Bound`]; the errors are those the copy path gives for the same failure, booked to the
+/// same side. Returns the bytes delivered: fewer than `len` only when `from` closed (the
+/// caller decides what that means for the body). Both sockets are non-blocking for the
+/// duration, and get their mode back after it.
+pub(crate) async fn splice_body<A: Stream, B: Stream>(
+    from: &A,
+    to: &B,
+    pipe: &mut Pipe,
+    len: u64,
+    read: Bound<'_>,
+    write: Bound<'_>,
+    way: SpliceWay,
+) -> Result<u64, HttpError> {
+    let (from_mode, to_mode) = (
+        NonBlocking::set(from.raw_fd()),
+        NonBlocking::set(to.raw_fd()),
+    );
+    let (Ok(_from_mode), Ok(_to_mode)) = (from_mode, to_mode) else {
+        // Only a descriptor already closed fails here: the write side reports it.
+        return Err(match way {
+            SpliceWay::Request => HttpError::UpstreamFailed("write body"),
+            SpliceWay::Response => HttpError::ClientGone("write"),
+        });
+    };
+    let mut pace = BodyPace { read, write };
+    splice_exact(from, to, pipe, len, &mut pace)
+        .await
+        .map_err(|e| match (way, e) {
+            (SpliceWay::Request, SpliceError::ReadTimeout) => request_body_too_slow(),
+            (SpliceWay::Request, SpliceError::Read(_)) => HttpError::ClientGone("closed mid-body"),
+            (SpliceWay::Request, SpliceError::WriteTimeout) => {
+                HttpError::UpstreamTimeout("send body")
+            }
+            (SpliceWay::Request, SpliceError::Write(_)) => HttpError::UpstreamFailed("write body"),
+            (SpliceWay::Response, SpliceError::ReadTimeout) => {
+                HttpError::UpstreamTimeout("read body")
+            }
+            (SpliceWay::Response, SpliceError::Read(_)) => HttpError::UpstreamFailed("read body"),
+            (SpliceWay::Response, SpliceError::WriteTimeout) => response_too_slow(),
+            (SpliceWay::Response, SpliceError::Write(_)) => HttpError::ClientGone("write"),
+        })
+}
+
+/// A request body that fell behind its clock: 408, counted as a slow client.
+pub(crate) fn request_body_too_slow() -> HttpError {
+    crate::util::budget::refused(
+        crate::util::budget::Refusal::SlowClient,
+        &"request body too slow: 408",
+    );
+    HttpError::BodyTimeout
+}
+
+/// A client that took the response too slowly: the connection closes, counted as a slow
+/// client.
+fn response_too_slow() -> HttpError {
+    crate::util::budget::refused(
+        crate::util::budget::Refusal::SlowClient,
+        &"response taken too slowly: connection closed",
+    );
+    HttpError::ClientGone("write timeout")
+}
+
 /// Writes to a client within `clock`'s deadline; the buffer comes back unless the write
 /// was abandoned.
 pub(crate) async fn write_client<S: Stream, B: BoundedBuf>(
@@ -247,13 +418,7 @@ pub(crate) async fn write_client<S: Stream, B: BoundedBuf>(
 ) -> (Result<(), HttpError>, Option<B>) {
     let len = buf.bytes_init();
     match crate::util::clock::timeout_at(clock.deadline(), client.write_all(buf)).await {
-        Err(_) => {
-            crate::util::budget::refused(
-                crate::util::budget::Refusal::SlowClient,
-                &"response taken too slowly: connection closed",
-            );
-            (Err(HttpError::ClientGone("write timeout")), None)
-        }
+        Err(_) => (Err(response_too_slow()), None),
         Ok((Err(_), b)) => (Err(HttpError::ClientGone("write")), Some(b)),
         Ok((Ok(()), b)) => {
             clock.moved(len);

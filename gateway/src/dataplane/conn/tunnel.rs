@@ -25,6 +25,7 @@
 
 use crate::dataplane::ctx::Worker;
 use crate::io::pipe::{self, PooledPipe};
+use crate::io::splice::{self, NonBlocking, Pace, SpliceError};
 use crate::io::Stream;
 use bytes::BytesMut;
 use std::cell::Cell;
@@ -146,7 +147,7 @@ pub async fn run<S: Stream>(
 ) -> TunnelBytes {
     let started = Instant::now();
     let progress = Progress::new();
-    let pipes = if splice_enabled() && spliceable(client) && spliceable(upstream) {
+    let pipes = if splice::enabled() && spliceable(client) && spliceable(upstream) {
         pipe::take_pair(w.snapshot().server.pipes_per_worker)
     } else {
         None
@@ -247,19 +248,6 @@ pub(crate) async fn counted<S: Stream>(
     bytes
 }
 
-/// Whether tunnels may splice: yes unless `GATEWAY_TUNNEL_SPLICE=off` (or `0`) was in the
-/// environment at start. An escape hatch (a kernel whose splice misbehaves) and the switch
-/// the tunnel benchmark uses to measure the copy path; read once.
-pub(crate) fn splice_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        !matches!(
-            std::env::var("GATEWAY_TUNNEL_SPLICE").as_deref(),
-            Ok("off") | Ok("0")
-        )
-    })
-}
-
 /// Waits until nothing moved for `idle`.
 pub(crate) async fn watchdog(last_activity: &Cell<Instant>, idle: Duration) {
     loop {
@@ -281,19 +269,10 @@ fn spliceable<S: Stream>(s: &S) -> bool {
     s.spliceable()
 }
 
-/// Puts a socket in non-blocking mode: splice(2) reading or writing a TCP socket blocks
-/// unless the socket itself is non-blocking (`SPLICE_F_NONBLOCK` only covers the pipe).
-/// Nothing uses the sockets through io_uring after the tunnel: the HTTP/1 session closes
-/// both when [`run`] returns.
+/// Puts a socket in non-blocking mode for good ([`NonBlocking`]): nothing uses the sockets
+/// through io_uring after the tunnel, the HTTP/1 session closes both when [`run`] returns.
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl flag calls on a descriptor the caller keeps open.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    NonBlocking::set(fd).map(NonBlocking::keep)
 }
 
 async fn run_splice<S: Stream>(
@@ -361,23 +340,40 @@ async fn splice_dir<S: Stream>(
         dir.add(progress, n);
         progress.touch();
     }
-    loop {
-        let n = from
-            .ready_io(Interest::READABLE, |fd| pipe.fill_from(fd))
-            .await?;
-        if n == 0 {
+    // Until EOF; the idle watchdog beside the two directions bounds the pauses.
+    let mut pace = TunnelPace { dir, progress };
+    match splice::splice_exact(from, to, pipe, u64::MAX, &mut pace).await {
+        Ok(_) => {
             progress.ended(dir.eof());
             to.shutdown_write();
-            return Ok(());
+            Ok(())
         }
-        progress.touch();
-        while pipe.buffered() > 0 {
-            let n = to
-                .ready_io(Interest::WRITABLE, |fd| pipe.drain_to(fd))
-                .await?;
-            dir.add(progress, n);
+        Err(SpliceError::Read(e) | SpliceError::Write(e)) => Err(e),
+        Err(SpliceError::ReadTimeout | SpliceError::WriteTimeout) => {
+            Err(io::ErrorKind::TimedOut.into())
         }
-        progress.touch();
+    }
+}
+
+/// A tunnel direction's [`Pace`]: no deadlines (the watchdog has them), progress counted.
+struct TunnelPace<'p> {
+    dir: Dir,
+    progress: &'p Progress,
+}
+
+impl Pace for TunnelPace<'_> {
+    fn read_deadline(&self) -> Option<Instant> {
+        None
+    }
+    fn write_deadline(&self) -> Option<Instant> {
+        None
+    }
+    fn read(&mut self, _: usize) {
+        self.progress.touch();
+    }
+    fn written(&mut self, n: usize) {
+        self.dir.add(self.progress, n);
+        self.progress.touch();
     }
 }
 

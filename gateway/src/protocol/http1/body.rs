@@ -110,6 +110,35 @@ impl Body {
         }
     }
 
+    /// Body bytes that may be moved next without being looked at (spliced): the rest of a
+    /// `Content-Length` body, the rest of the current chunk's data (the chunk-size lines
+    /// and trailers always go through [`Body::take`]), or `u64::MAX` for a body read until
+    /// close. 0 when the next bytes are framing, or the body is done.
+    pub fn opaque_run(&self) -> u64 {
+        if self.done {
+            return 0;
+        }
+        match self.framing {
+            BodyFraming::Length(_) => self.remaining,
+            BodyFraming::Chunked => self.decoder.data_left(),
+            BodyFraming::UntilClose => u64::MAX,
+            BodyFraming::None => 0,
+        }
+    }
+
+    /// Counts `n` body bytes (at most [`Body::opaque_run`]) moved without [`Body::take`].
+    pub fn skip(&mut self, n: u64) {
+        debug_assert!(n <= self.opaque_run(), "skipped past the body's framing");
+        match self.framing {
+            BodyFraming::Length(_) => {
+                self.remaining -= n.min(self.remaining);
+                self.done = self.remaining == 0;
+            }
+            BodyFraming::Chunked => self.decoder.skip_data(n),
+            BodyFraming::UntilClose | BodyFraming::None => {}
+        }
+    }
+
     /// The peer closed: the end of an `UntilClose` body, a truncated body otherwise.
     pub fn finish(&mut self) -> Result<(), HttpError> {
         if self.done {
@@ -268,6 +297,45 @@ mod tests {
         let mut body = Body::request(BodyFraming::UntilClose, u64::MAX);
         assert!(body.is_done());
         assert_eq!(body.take(b"GET / HTTP/1.1\r\n", |_| {}), Ok(0));
+    }
+
+    #[test]
+    fn skipped_runs_keep_the_framing() {
+        // Content-Length: the run is the rest of the body, and skipping it ends the body.
+        let mut body = Body::response(BodyFraming::Length(10));
+        assert_eq!(body.take(b"abc", |_| {}), Ok(3));
+        assert_eq!(body.opaque_run(), 7);
+        body.skip(7);
+        assert!(body.is_done());
+        assert_eq!(body.opaque_run(), 0);
+        // Chunked: the run is the rest of a chunk's data; the CRLF after it, the next
+        // size line and the trailers still go through the decoder.
+        let mut body = Body::request(BodyFraming::Chunked, 20);
+        assert_eq!(body.opaque_run(), 0, "a size line comes first");
+        assert_eq!(body.take(b"a\r\nhel", |_| {}), Ok(6));
+        assert_eq!(body.opaque_run(), 7);
+        body.skip(7);
+        assert_eq!(body.opaque_run(), 0);
+        assert!(!body.is_done());
+        let mut payload = Vec::new();
+        let rest = b"\r\n3\r\nabc\r\n0\r\n\r\nNEXT";
+        assert_eq!(
+            body.take(rest, |d| payload.extend_from_slice(d)),
+            Ok(rest.len() - 4)
+        );
+        assert!(body.is_done());
+        assert_eq!(payload, b"abc");
+        // A skipped chunk whose CRLF is missing is still refused.
+        let mut body = Body::response(BodyFraming::Chunked);
+        assert_eq!(body.take(b"2\r\n", |_| {}), Ok(3));
+        body.skip(2);
+        assert_eq!(
+            body.take(b"xx\r\n", |_| {}),
+            Err(HttpError::BadUpstream("bad chunked framing"))
+        );
+        // The size cap was charged when the size line was read, before any skip.
+        let mut body = Body::request(BodyFraming::Chunked, 5);
+        assert_eq!(body.take(b"10\r\n", |_| {}), Err(HttpError::BodyTooLarge));
     }
 
     #[test]

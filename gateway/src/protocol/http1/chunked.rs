@@ -291,6 +291,29 @@ impl ChunkedDecoder {
 }
 
 impl ChunkedDecoder {
+    /// Chunk data bytes that may follow without being looked at: the rest of the chunk
+    /// being read (0 outside chunk data). A spliced body moves these without user space.
+    pub fn data_left(&self) -> u64 {
+        if self.state == State::Data {
+            self.remaining
+        } else {
+            0
+        }
+    }
+
+    /// Counts `n` (at most [`ChunkedDecoder::data_left`]) chunk data bytes moved past the
+    /// decoder; their chunk's CRLF (RFC 9112 §7.1) is checked by the next `decode`. The
+    /// payload was already counted when the chunk-size line was read.
+    pub fn skip_data(&mut self, n: u64) {
+        debug_assert!(n <= self.data_left(), "skipped past the chunk's data");
+        self.remaining -= n.min(self.remaining);
+        if self.state == State::Data && self.remaining == 0 {
+            self.state = State::DataCr;
+        }
+    }
+}
+
+impl ChunkedDecoder {
     fn count_line(&mut self) -> Result<(), ChunkedError> {
         self.line_len += 1;
         if self.line_len > MAX_CHUNK_LINE {
