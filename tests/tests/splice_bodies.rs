@@ -40,6 +40,16 @@ fn config(origin: SocketAddr, io: &str) -> Config {
         )
 }
 
+/// An origin answering `/big` with `big`, and any other path with that path and the length
+/// of the request body it received.
+fn serving(big: &[u8]) -> Origin {
+    let big = big.to_vec();
+    Origin::start(move |r| match r.path() {
+        "/big" => Reply::ok(big.clone()),
+        _ => Reply::ok(format!("{} {}", r.path(), r.body.len())),
+    })
+}
+
 /// `gateway_body_splice_total{direction}` as last published.
 fn splices_now(gw: &Gateway, direction: &str) -> f64 {
     scrape(gw.admin_addr())
@@ -74,16 +84,12 @@ fn upstream_failures(gw: &Gateway) -> f64 {
 #[test]
 fn large_content_length_response_is_spliced_and_the_upstream_reused() {
     let big = pattern_bytes(MIB + 12_345, 1);
-    let body = big.clone();
-    let origin = Origin::start(move |r| match r.path() {
-        "/small" => Reply::ok(vec![b's'; 1000]),
-        _ => Reply::ok(body.clone()),
-    });
+    let origin = serving(&big);
     for io in DRIVERS {
         let gw = gateway(origin.addr(), io);
         let accepts = origin.accepts();
         let mut c = gw.client();
-        assert_eq!(c.get("/small").body.len(), 1000, "{io}");
+        assert_eq!(c.get("/small").body_str(), "/small 0", "{io}");
         assert_eq!(
             splices(&gw, "response", 1),
             0.0,
@@ -166,7 +172,7 @@ fn close_delimited_response_is_spliced_to_the_end() {
 
 #[test]
 fn large_upload_is_spliced() {
-    let origin = Origin::start(|r| Reply::ok(format!("{}", r.body.len())));
+    let origin = serving(&[]);
     for io in DRIVERS {
         let gw = gateway(origin.addr(), io);
         let body = pattern_bytes(10 * MIB, 4);
@@ -174,7 +180,7 @@ fn large_upload_is_spliced() {
         let r = c.must(&Req::post("/upload", body.clone()));
         assert_eq!(
             (r.status, r.body_str()),
-            (200, body.len().to_string()),
+            (200, format!("/upload {}", body.len())),
             "{io}"
         );
         assert!(
@@ -187,7 +193,7 @@ fn large_upload_is_spliced() {
         let r = c.must(&chunked);
         assert_eq!(
             (r.status, r.body_str()),
-            (200, body.len().to_string()),
+            (200, format!("/chunked-upload {}", body.len())),
             "{io}"
         );
         assert!(
@@ -201,7 +207,7 @@ fn large_upload_is_spliced() {
 
 #[test]
 fn upload_with_its_first_bytes_in_the_head_packet() {
-    let origin = Origin::start(|r| Reply::ok(format!("{}", r.body.len())));
+    let origin = serving(&[]);
     let gw = Gateway::with(&config(origin.addr(), "uring").server("request_buffering", "0"));
     let body = pattern_bytes(2 * MIB, 5);
     let mut c = gw.client();
@@ -218,7 +224,10 @@ fn upload_with_its_first_bytes_in_the_head_packet() {
     });
     c.send(&body[3000..]).unwrap();
     let r = c.read_response().unwrap();
-    assert_eq!((r.status, r.body_str()), (200, body.len().to_string()));
+    assert_eq!(
+        (r.status, r.body_str()),
+        (200, format!("/up {}", body.len()))
+    );
     assert!(origin.last_request().body == body, "the upload differs");
     assert_eq!(splices(&gw, "request", 1), 1.0);
 }
@@ -226,11 +235,7 @@ fn upload_with_its_first_bytes_in_the_head_packet() {
 #[test]
 fn pipelined_requests_after_spliced_bodies_are_answered() {
     let big = pattern_bytes(MIB, 6);
-    let body = big.clone();
-    let origin = Origin::start(move |r| match r.path() {
-        "/big" => Reply::ok(body.clone()),
-        _ => Reply::ok(format!("{} {}", r.path(), r.body.len())),
-    });
+    let origin = serving(&big);
     for io in DRIVERS {
         let gw = gateway(origin.addr(), io);
         let upload = pattern_bytes(MIB, 7);
@@ -484,11 +489,7 @@ fn slow_spliced_upload_gets_408_and_frees_the_upstream_connection() {
 #[test]
 fn splice_off_copies_every_body() {
     let big = pattern_bytes(2 * MIB, 8);
-    let body = big.clone();
-    let origin = Origin::start(move |r| match r.path() {
-        "/big" => Reply::ok(body.clone()),
-        _ => Reply::ok(format!("{}", r.body.len())),
-    });
+    let origin = serving(&big);
     let gw = Gateway::with_env(
         &config(origin.addr(), "uring"),
         &[("GATEWAY_TUNNEL_SPLICE", "off")],
@@ -498,7 +499,7 @@ fn splice_off_copies_every_body() {
     let upload = pattern_bytes(2 * MIB, 9);
     assert_eq!(
         c.must(&Req::post("/up", upload.clone())).body_str(),
-        upload.len().to_string()
+        format!("/up {}", upload.len())
     );
     assert!(origin.last_request().body == upload);
     assert_eq!(splices(&gw, "request", 2), 0.0);
@@ -508,8 +509,7 @@ fn splice_off_copies_every_body() {
 #[test]
 fn zero_threshold_turns_body_splice_off() {
     let big = pattern_bytes(MIB, 10);
-    let body = big.clone();
-    let origin = Origin::start(move |_| Reply::ok(body.clone()));
+    let origin = serving(&big);
     let gw = Gateway::with(&config(origin.addr(), "uring").server("splice_bodies_min", "0"));
     assert!(gw.get("/big").body == big);
     assert_eq!(splices(&gw, "response", 1), 0.0);
@@ -562,8 +562,7 @@ fn the_pipe_budget_falls_back_to_copying() {
     // each of 486 connections: `budget::pipes_per_worker` is 0), bodies are copied, and
     // still served.
     let big = pattern_bytes(MIB, 11);
-    let body = big.clone();
-    let origin = Origin::start(move |_| Reply::ok(body.clone()));
+    let origin = serving(&big);
     let gw = Gateway::with_nofile(
         &config(origin.addr(), "uring").server_raw("max_connections", "486"),
         1100,
