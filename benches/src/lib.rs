@@ -2,7 +2,10 @@
 //!
 //! Shared pieces: [`proc_cpu_seconds`] (CPU a process tree used, for "CPU seconds per GiB"),
 //! [`pin_to_cpu`] (keeping the proxy and the load generator on separate cores), and
-//! [`workspace_root`].
+//! [`workspace_root`]; [`scale`], the load of the scale figures (`scale-load`, and
+//! `tests/tests/scale.rs` in-process).
+
+pub mod scale;
 
 use std::path::PathBuf;
 

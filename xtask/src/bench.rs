@@ -18,6 +18,8 @@
 //! `target/bench/cpu_per_request.svg`, and (full runs only) the figures spliced into
 //! `docs/benchmarks.md` between its markers.
 
+mod scale;
+
 use crate::{find_program, install, run_cmd, target_dir, workspace_root};
 use anyhow::{bail, Context, Result};
 use gateway_test_support::{free_addr, stop_child};
@@ -63,7 +65,8 @@ pub struct Args {
     pub out: Option<PathBuf>,
     /// Run only these measurements (comma-separated): scenario names from the table, and
     /// `idle` (memory per idle connection), `handshakes` (full TLS handshakes), `tunnels`
-    /// (WebSocket bulk). Default: all of them.
+    /// (WebSocket bulk), `scale` (10,000 keep-alive clients and 2,000 tunnels at once; not
+    /// in `--quick`). Default: all of them.
     #[arg(long, value_name = "NAME[,NAME..]", value_delimiter = ',')]
     pub only: Vec<String>,
     /// Idle keep-alive connections held per contender for the memory figures (default
@@ -80,10 +83,20 @@ pub struct Args {
     /// and none refused): the cost of the fleet-wide limit, in the same rounds (issue 16).
     #[arg(long)]
     pub global_limit: bool,
+    /// Keep-alive clients of the `scale` measurement (issue 13), held at once with
+    /// `--scale-tunnels` WebSocket tunnels on 2 workers.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub scale_clients: usize,
+    /// WebSocket tunnels of the `scale` measurement.
+    #[arg(long, value_name = "N", default_value_t = 2_000)]
+    pub scale_tunnels: usize,
+    /// Client processes the `scale` load is split over (descriptor limits are per process).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub scale_processes: usize,
 }
 
 /// Measurements `--only` accepts besides the scenario names.
-const EXTRA_MEASUREMENTS: &[&str] = &["idle", "handshakes", "tunnels"];
+const EXTRA_MEASUREMENTS: &[&str] = &["idle", "handshakes", "tunnels", "scale"];
 
 impl Args {
     /// Whether `--only` selects the measurement `name` (everything when `--only` is absent).
@@ -528,17 +541,7 @@ pub fn run(args: &Args) -> Result<()> {
     let mut table = report.table();
     if !args.quick && args.selects("tunnels") {
         // WebSocket bulk: the tunnel benchmark (splice, copy, nginx), its own binary.
-        let mut build = Command::new(crate::cargo());
-        build.current_dir(workspace_root()).args([
-            "build",
-            "--release",
-            "-p",
-            "gateway-benches",
-            "--bin",
-            "tunnel-bench",
-        ]);
-        run_cmd(&mut build)?;
-        let output = Command::new(target_dir()?.join("release").join("tunnel-bench"))
+        let output = Command::new(bench_bin("tunnel-bench")?)
             .arg("--gateway")
             .arg(&gateway_bin)
             .arg("--nginx")
@@ -554,6 +557,13 @@ pub fn run(args: &Args) -> Result<()> {
             String::from_utf8_lossy(&output.stdout)
         );
     }
+    let scale = if !args.quick && args.selects("scale") {
+        let results = scale::run(args, &gateway_bin, &nginx, &scratch)?;
+        table.push_str(&scale::table(args, &results));
+        results
+    } else {
+        Vec::new()
+    };
     if !handshakes.is_empty() {
         let _ = writeln!(table, "\nFull TLS handshakes (`openssl s_time -new`, one client, one request per connection; medians):\n");
         let _ = writeln!(
@@ -579,9 +589,13 @@ pub fn run(args: &Args) -> Result<()> {
     }
     println!("{table}");
     std::fs::create_dir_all(&out_dir)?;
+    let mut json = report.json();
+    if !scale.is_empty() {
+        json["scale"] = scale::json(&scale);
+    }
     std::fs::write(
         out_dir.join("results.json"),
-        serde_json::to_string_pretty(&report.json())?,
+        serde_json::to_string_pretty(&json)?,
     )?;
     std::fs::write(out_dir.join("results.md"), &table)?;
     std::fs::write(out_dir.join("cpu_per_request.svg"), report.svg())?;
@@ -596,10 +610,26 @@ pub fn run(args: &Args) -> Result<()> {
         .flatten()
         .map(|s| s.errors)
         .sum();
+    let failed = failed + scale.iter().map(|r| r.report.errors).sum::<u64>();
     if failed > 0 {
         bail!("{failed} requests failed during the benchmark");
     }
     Ok(())
+}
+
+/// Builds a release binary of `gateway-benches` and returns its path.
+fn bench_bin(name: &str) -> Result<PathBuf> {
+    let mut build = Command::new(crate::cargo());
+    build.current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "gateway-benches",
+        "--bin",
+        name,
+    ]);
+    run_cmd(&mut build)?;
+    Ok(target_dir()?.join("release").join(name))
 }
 
 fn other_cpus(pinned: &str) -> String {
@@ -1250,9 +1280,15 @@ fn close_with_reset(s: &TcpStream) {
 /// Kernel memory of the established TCP sockets whose local port is `port` (the proxy's
 /// side of client connections), in bytes, from `ss -tm`'s skmem fields.
 fn socket_memory_bytes(port: u16) -> Result<u64> {
+    ss_skmem_bytes(&format!("( sport = :{port} )"))
+}
+
+/// The skmem `r + w + f + o + bl` sum of the established TCP sockets `ss` selects with
+/// `filter`, in bytes.
+fn ss_skmem_bytes(filter: &str) -> Result<u64> {
     let output = Command::new("ss")
         .args(["-tmnH", "state", "established"])
-        .arg(format!("( sport = :{port} )"))
+        .arg(filter)
         .output()
         .context("running ss (iproute2)")?;
     let text = String::from_utf8_lossy(&output.stdout);

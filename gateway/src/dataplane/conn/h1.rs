@@ -88,135 +88,252 @@ impl Outcome<'_> {
 /// Serves one client connection whose preamble (PROXY header, TLS handshake) the worker
 /// has already handled: `peer` is the client address it established, `initial` any bytes
 /// read past the preamble.
+///
+/// Memory: this future lives as long as the connection, and an async fn's future is as
+/// large as its largest await point. So the only await here besides the idle wait is a
+/// boxed [`request`]: everything a request needs (the parsed heads, the head read, the
+/// exchange, error answers, the lingering close) exists only while a request runs, and an
+/// idle keep-alive connection holds the socket, its address and a small readiness wait
+/// (`RUST_LOG=gateway=trace` logs the task's size, "connection task").
 pub async fn serve<S: Stream>(
     w: Rc<Worker<S>>,
     listener: Rc<ListenerCtx>,
-    io: S,
+    mut io: S,
     peer: SocketAddr,
     accepted: Instant,
     initial: BytesMut,
 ) {
-    let mut c = Client {
-        io,
-        peer,
-        // Empty until the client is readable (see `read_head`).
-        buf: initial,
-        head: RequestHead::default(),
-        resp: ResponseHead::default(),
-    };
+    // Empty until the client is readable: an idle connection parks no buffer.
+    let mut buf = initial;
     let mut first = true;
     let mut limits_seen = w.snapshot().generation;
     loop {
-        let snap = w.snapshot();
-        let started = match read_head(&mut c, &w, &snap, first, accepted).await {
-            Ok(Some(t)) => t,
-            Ok(None) => break,
-            Err(HttpError::ClientGone(_)) => break,
-            Err(e) => {
-                let status = e.status();
-                if matches!(e, HttpError::HeadTooLarge | HttpError::UriTooLong) {
-                    crate::util::budget::over_budget(
-                        crate::util::budget::Buffer::RequestHead,
-                        Some(peer),
-                    );
+        if buf.is_empty() {
+            // Idle (a fresh connection, or keep-alive between requests): wait until the
+            // client is readable, holding no buffer; the head buffer is taken once bytes
+            // are there. A new connection must send within `header_timeout` of the
+            // accept, a kept-alive one within `keepalive_timeout`. An empty buffer still
+            // has the capacity the last head grew it to: given back here.
+            buf = BytesMut::new();
+            let deadline = {
+                let server = &w.snapshot().server;
+                if first {
+                    accepted + server.header_timeout
+                } else {
+                    Instant::now() + server.keepalive_timeout
                 }
-                let body_bytes = send_error(&c.io, &w, status, true, None).await;
-                linger(&c.io, &w).await;
-                if snap.access_enabled {
-                    let entry = Entry {
-                        client_ip: peer.ip(),
-                        method: b"-",
-                        target: b"-",
-                        version: 1,
-                        status,
-                        body_bytes,
-                        referer: None,
-                        user_agent: None,
-                        duration_us: 0,
-                        upstream: None,
-                    };
-                    w.log.borrow_mut().record(snap.access_format, &entry);
-                }
-                w.stats
-                    .borrow_mut()
-                    .request(&listener.name, &NO_ROUTE, status, 0.0);
-                break;
+            };
+            let wait = crate::util::clock::timeout_at(deadline, io.wait_readable());
+            let ready = tokio::select! {
+                r = wait => r,
+                _ = w.drain_closes_idle() => return,
+            };
+            match ready {
+                // Nothing received at all: close quietly, like nginx does; a read error
+                // is the client gone.
+                Err(_) | Ok(Err(_)) => return,
+                Ok(Ok(())) => {}
             }
-        };
+        }
+        let phase = Box::pin(request(
+            &w,
+            &listener,
+            io,
+            peer,
+            buf,
+            first,
+            accepted,
+            &mut limits_seen,
+        ));
+        match phase.await {
+            Some((back, rest)) => (io, buf) = (back, rest),
+            None => return,
+        }
         first = false;
-        // The snapshot current when the head arrived, not when the connection started
-        // waiting: a keep-alive connection idle across a reload serves the new config.
-        let snap = w.snapshot();
-        if snap.generation != limits_seen {
-            limits_seen = snap.generation;
-            // A `deny` added by a reload reaches connections accepted before it, as nginx
-            // checks `deny` per request: an address blocked in an incident loses its busy
-            // keep-alive connections too. Checked once per reload, not per request.
-            if w.shared.conn_limiter.denies(peer.ip()) {
-                tracing::info!(client = %peer.ip(), "connection closed: its address is now denied");
-                break;
-            }
-        }
-        let client_ip = client_ip(&c.buf, &c.head, peer.ip(), &listener.settings);
-        // Boxed: the exchange's state is allocated while a request runs and given back
-        // after, so an idle keep-alive connection's task is the size of this loop alone
-        // (one allocation per request, the same size each time: the allocator's cache
-        // hands the same block back).
-        let outcome = Box::pin(handle(&mut c, &w, &snap, &listener, client_ip)).await;
-        let elapsed = started.elapsed();
-        w.stats.borrow_mut().request(
-            &listener.name,
-            outcome.route.unwrap_or(&NO_ROUTE),
-            outcome.status,
-            elapsed.as_secs_f64(),
-        );
-        if snap.access_enabled {
-            let buf = &c.buf[..];
-            let header = |name: &str| {
-                c.head
-                    .headers
-                    .iter()
-                    .find(|h| h.is(buf, name))
-                    .map(|h| h.value(buf))
-            };
-            let upstream_label = outcome
-                .upstream
-                .as_ref()
-                .map(|(u, i)| u.servers[*i].label.as_str());
-            let entry = Entry {
-                client_ip,
-                method: c.head.method(buf),
-                target: c.head.target(buf),
-                version: c.head.version,
-                status: outcome.status,
-                body_bytes: outcome.body_bytes,
-                referer: header("referer"),
-                user_agent: header("user-agent"),
-                duration_us: elapsed.as_micros() as u64,
-                upstream: upstream_label,
-            };
-            w.log.borrow_mut().record(snap.access_format, &entry);
-        }
-        // A response that went out without `Connection: close` promised the client this
-        // connection: after a binary upgrade's handover it is kept until the next request
-        // (answered with `Connection: close`) or its keep-alive timeout, never cut while
-        // the client may be sending (see `read_head`).
-        if !outcome.keep_alive || (w.draining.get() && !w.handed_over()) {
-            if outcome.status >= 400 && outcome.status != 499 {
-                // The request may not have been read to its end (a 413 before the body):
-                // let the client read the answer instead of an RST.
-                linger(&c.io, &w).await;
-            }
-            break;
-        }
-        c.buf.advance(outcome.consumed);
-        if let Some(extra) = outcome.leftover {
-            // A piece split off a pool buffer (whose rest went back): freed here.
-            c.buf.extend_from_slice(&extra);
-        }
-        // An empty head buffer, however large a head grew it, is given back while the
-        // connection waits idle for its next request (`read_head`).
     }
+}
+
+/// The per-request part of [`serve`], allocated only while a request runs: takes the
+/// connection's socket and head buffer, and gives them back when the connection stays
+/// open for another request (`None`: it ends).
+#[allow(clippy::too_many_arguments)]
+async fn request<S: Stream>(
+    w: &Rc<Worker<S>>,
+    listener: &ListenerCtx,
+    io: S,
+    peer: SocketAddr,
+    buf: BytesMut,
+    first: bool,
+    accepted: Instant,
+    limits_seen: &mut u64,
+) -> Option<(S, BytesMut)> {
+    let (head, resp) = heads::take();
+    let mut c = Client {
+        io,
+        peer,
+        buf,
+        head,
+        resp,
+    };
+    let again = one_request(&mut c, w, listener, first, accepted, limits_seen).await;
+    let Client {
+        io,
+        buf,
+        head,
+        resp,
+        ..
+    } = c;
+    heads::give_back(head, resp);
+    again.then_some((io, buf))
+}
+
+/// Parsed heads kept for reuse by the worker thread's connections: a head's vectors
+/// (fields, normalised target) keep their capacity from one request to the next without
+/// every idle connection holding a set. Each worker is one thread, so a thread-local pool
+/// is the worker's pool.
+mod heads {
+    use crate::protocol::http1::head::{RequestHead, ResponseHead};
+    use std::cell::RefCell;
+
+    /// Sets kept at most per worker: as many as requests run at once, typically; beyond
+    /// that, sets are freed.
+    const KEPT: usize = 256;
+
+    thread_local! {
+        static POOL: RefCell<Vec<(RequestHead, ResponseHead)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn take() -> (RequestHead, ResponseHead) {
+        POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default()
+    }
+
+    /// Back to the pool. The next `parse_request`/`parse_response` overwrites every field,
+    /// as it does between two requests of one connection.
+    pub(super) fn give_back(head: RequestHead, resp: ResponseHead) {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < KEPT {
+                p.push((head, resp));
+            }
+        });
+    }
+}
+
+/// One request of a connection whose client is readable (or has bytes buffered): reads its
+/// head, answers it, logs it. Returns whether the connection stays open for another.
+async fn one_request<S: Stream>(
+    c: &mut Client<S>,
+    w: &Rc<Worker<S>>,
+    listener: &ListenerCtx,
+    first: bool,
+    accepted: Instant,
+    limits_seen: &mut u64,
+) -> bool {
+    let snap = w.snapshot();
+    let started = match read_head(c, w, &snap, first, accepted).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return false,
+        Err(HttpError::ClientGone(_)) => return false,
+        Err(e) => {
+            let status = e.status();
+            if matches!(e, HttpError::HeadTooLarge | HttpError::UriTooLong) {
+                crate::util::budget::over_budget(
+                    crate::util::budget::Buffer::RequestHead,
+                    Some(c.peer),
+                );
+            }
+            let body_bytes = send_error(&c.io, w, status, true, None).await;
+            linger(&c.io, w).await;
+            if snap.access_enabled {
+                let entry = Entry {
+                    client_ip: c.peer.ip(),
+                    method: b"-",
+                    target: b"-",
+                    version: 1,
+                    status,
+                    body_bytes,
+                    referer: None,
+                    user_agent: None,
+                    duration_us: 0,
+                    upstream: None,
+                };
+                w.log.borrow_mut().record(snap.access_format, &entry);
+            }
+            w.stats
+                .borrow_mut()
+                .request(&listener.name, &NO_ROUTE, status, 0.0);
+            return false;
+        }
+    };
+    // The snapshot current when the head arrived, not when the connection started
+    // waiting: a keep-alive connection idle across a reload serves the new config.
+    let snap = w.snapshot();
+    if snap.generation != *limits_seen {
+        *limits_seen = snap.generation;
+        // A `deny` added by a reload reaches connections accepted before it, as nginx
+        // checks `deny` per request: an address blocked in an incident loses its busy
+        // keep-alive connections too. Checked once per reload, not per request.
+        if w.shared.conn_limiter.denies(c.peer.ip()) {
+            tracing::info!(client = %c.peer.ip(), "connection closed: its address is now denied");
+            return false;
+        }
+    }
+    let client_ip = client_ip(&c.buf, &c.head, c.peer.ip(), &listener.settings);
+    let outcome = handle(c, w, &snap, listener, client_ip).await;
+    let elapsed = started.elapsed();
+    w.stats.borrow_mut().request(
+        &listener.name,
+        outcome.route.unwrap_or(&NO_ROUTE),
+        outcome.status,
+        elapsed.as_secs_f64(),
+    );
+    if snap.access_enabled {
+        let buf = &c.buf[..];
+        let header = |name: &str| {
+            c.head
+                .headers
+                .iter()
+                .find(|h| h.is(buf, name))
+                .map(|h| h.value(buf))
+        };
+        let upstream_label = outcome
+            .upstream
+            .as_ref()
+            .map(|(u, i)| u.servers[*i].label.as_str());
+        let entry = Entry {
+            client_ip,
+            method: c.head.method(buf),
+            target: c.head.target(buf),
+            version: c.head.version,
+            status: outcome.status,
+            body_bytes: outcome.body_bytes,
+            referer: header("referer"),
+            user_agent: header("user-agent"),
+            duration_us: elapsed.as_micros() as u64,
+            upstream: upstream_label,
+        };
+        w.log.borrow_mut().record(snap.access_format, &entry);
+    }
+    // A response that went out without `Connection: close` promised the client this
+    // connection: after a binary upgrade's handover it is kept until the next request
+    // (answered with `Connection: close`) or its keep-alive timeout, never cut while
+    // the client may be sending (see `read_head`).
+    if !outcome.keep_alive || (w.draining.get() && !w.handed_over()) {
+        if outcome.status >= 400 && outcome.status != 499 {
+            // The request may not have been read to its end (a 413 before the body):
+            // let the client read the answer instead of an RST.
+            linger(&c.io, w).await;
+        }
+        return false;
+    }
+    c.buf.advance(outcome.consumed);
+    if let Some(extra) = outcome.leftover {
+        // A piece split off a pool buffer (whose rest went back): freed here.
+        c.buf.extend_from_slice(&extra);
+    }
+    // An empty head buffer, however large a head grew it, is given back while the
+    // connection waits idle for its next request (`serve`).
+    true
 }
 
 /// The client address: the peer, unless the peer is a trusted proxy, in which case the
@@ -258,8 +375,9 @@ pub(crate) fn client_ip_from<'b>(
     candidate
 }
 
-/// Reads until a complete request head is in `c.buf`. `Ok(None)`: the connection ended
-/// cleanly between requests (EOF, keep-alive timeout, drain). Returns when the request began.
+/// Reads until a complete request head is in `c.buf`, once the client is readable (`serve`
+/// waited for that). `Ok(None)`: the connection ended cleanly between requests (EOF,
+/// keep-alive timeout, drain). Returns when the request began.
 async fn read_head<S: Stream>(
     c: &mut Client<S>,
     w: &Worker<S>,
@@ -282,23 +400,6 @@ async fn read_head<S: Stream>(
             Some(t) => t + snap.server.header_timeout,
             None => idle_deadline,
         };
-        if started.is_none() && c.buf.is_empty() {
-            // Idle (a fresh connection, or keep-alive between requests): wait until the
-            // client is readable holding no buffer, so an idle connection costs no head
-            // buffer parked in an in-flight read; the buffer is taken once bytes are there.
-            c.buf = BytesMut::new();
-            let wait = crate::util::clock::timeout_at(deadline, c.io.wait_readable());
-            let ready = tokio::select! {
-                r = wait => r,
-                _ = w.drain_closes_idle() => return Ok(None),
-            };
-            match ready {
-                // Nothing received at all: close quietly, like nginx does.
-                Err(_) => return Ok(None),
-                Ok(Err(_)) => return Err(HttpError::ClientGone("read error")),
-                Ok(Ok(())) => {}
-            }
-        }
         if c.buf.capacity() - c.buf.len() < 1024 {
             c.buf
                 .reserve(c.buf.len().max(HEAD_BUF_SIZE).min(max + 1024));
