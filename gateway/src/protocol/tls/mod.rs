@@ -8,9 +8,10 @@
 //! ([`TlsAcceptor::rebuild`] keeps the session-ticket keys and the session cache), new
 //! handshakes use it, and connections already up keep the certificate they were given.
 //!
-//! Policy: TLS 1.2 and 1.3 only, rustls' default cipher suites (AEAD, forward secret), ALPN
-//! `http/1.1`, no 0-RTT (replayable), resumption by tickets and by a server-side session
-//! cache. `docs/design/tls.md` has the design and its non-goals.
+//! Policy: TLS 1.2 and 1.3 only, rustls' default cipher suites (AEAD, forward secret) in the
+//! server's order of preference, AES-128-GCM first ([`provider`]), ALPN `http/1.1`, no 0-RTT
+//! (replayable), resumption by tickets and by a server-side session cache.
+//! `docs/design/tls.md` has the design and its non-goals.
 //!
 //! [`Stream`]: crate::io::Stream
 
@@ -25,6 +26,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, ServerSessionMemoryCache};
 use rustls::server::{ProducesTickets, StoresServerSessions};
 use rustls::sign::CertifiedKey;
+use rustls::{CipherSuite, SupportedCipherSuite};
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,13 @@ use std::sync::Arc;
 /// Sessions kept for resumption by session ID (TLS 1.2 clients that do not take tickets) and
 /// by stateful TLS 1.3 tickets; about 200 bytes each, shared by all workers.
 pub(crate) const SESSION_CACHE_SIZE: usize = 64 * 1024;
+
+/// The cryptography under rustls: ring's, or aws-lc-rs's with the `aws-lc` feature (see
+/// `docs/benchmarks.md`, "TLS (issue 13)", for how they compare).
+#[cfg(feature = "aws-lc")]
+use rustls::crypto::aws_lc_rs as crypto;
+#[cfg(not(feature = "aws-lc"))]
+use rustls::crypto::ring as crypto;
 
 /// The only application protocol offered: the proxy speaks HTTP/1.1 to clients.
 const ALPN_HTTP_1_1: &[u8] = b"http/1.1";
@@ -94,7 +103,7 @@ impl TlsAcceptor {
     /// Loads every certificate and key of `tls` (paths relative to `base_dir`, the config
     /// file's directory) with fresh session-resumption state.
     pub fn from_config(tls: &TlsConfig, base_dir: &Path) -> Result<TlsAcceptor, TlsError> {
-        let ticketer = rustls::crypto::ring::Ticketer::new()
+        let ticketer = crypto::Ticketer::new()
             .map_err(|e| TlsError::Config(format!("cannot create session ticket keys: {e}")))?;
         let cache: Arc<dyn StoresServerSessions> =
             ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
@@ -143,7 +152,7 @@ fn build(
     ticketer: Arc<dyn ProducesTickets>,
     cache: Arc<dyn StoresServerSessions>,
 ) -> Result<TlsAcceptor, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(provider());
     let mut resolver = SniResolver::default();
     let mut names = Vec::new();
     for (i, c) in tls.certificates.iter().enumerate() {
@@ -178,6 +187,8 @@ fn build(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![ALPN_HTTP_1_1.to_vec()];
+    // Our order, not the client's: see `provider`.
+    config.ignore_client_order = true;
     config.ticketer = ticketer;
     config.session_storage = cache;
     // 0-RTT data can be replayed by an attacker; a proxy cannot know which requests are
@@ -187,6 +198,37 @@ fn build(
         config: Arc::new(config),
         names: names.into(),
     })
+}
+
+/// The crypto provider of every TLS listener: rustls' default suites, key exchange groups and
+/// signature algorithms, with the cipher suites in our order of preference (the acceptor
+/// ignores the client's): AES-128-GCM, then AES-256-GCM, then ChaCha20-Poly1305, in each
+/// protocol version.
+///
+/// Why AES-128 first: OpenSSL clients (curl, wrk, most libraries) list AES-256-GCM-SHA384
+/// first, and in TLS 1.3 the suite's hash runs the whole key schedule (RFC 8446 §7.1: about
+/// twenty HMACs per handshake, more with a ticket). The provider's SHA-384 has no vector code
+/// on AMD CPUs and took 10 % of the gateway's CPU on resumed handshakes, where SHA-256 runs
+/// on the CPU's SHA instructions. AES-128-GCM is what browsers, Go and BoringSSL servers pick
+/// first anyway, with 128-bit security. The cost: a client without AES instructions that
+/// prefers ChaCha20 gets AES-GCM too.
+pub(crate) fn provider() -> CryptoProvider {
+    let mut provider = crypto::default_provider();
+    provider.cipher_suites.sort_by_key(suite_rank);
+    provider
+}
+
+/// Lower is preferred; the sort is stable, so rustls' order stands among equals.
+fn suite_rank(suite: &SupportedCipherSuite) -> u8 {
+    match suite.suite() {
+        CipherSuite::TLS13_AES_128_GCM_SHA256
+        | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
+        CipherSuite::TLS13_AES_256_GCM_SHA384
+        | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        | CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => 1,
+        _ => 2,
+    }
 }
 
 /// Reads a PEM certificate chain (leaf first) and its private key (PKCS#8, PKCS#1 RSA or
