@@ -374,7 +374,9 @@ fn admit<D: Driver>(
                 }
             }
             use conn::h2::Protocol;
-            match conn::h2::choose(&w, &ctx, io, initial, accepted).await {
+            // Boxed too: with `h2c` it reads the client preface, and that read's state
+            // would otherwise size the task of every connection, idle ones included.
+            match Box::pin(conn::h2::choose(&w, &ctx, io, initial, accepted)).await {
                 Protocol::Http1(io, initial) => {
                     conn::h1::serve(w, ctx, io, peer, accepted, initial).await
                 }
