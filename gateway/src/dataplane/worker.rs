@@ -57,7 +57,8 @@ pub fn start(
                         // Not `Builder::start`, which panics when the ring cannot be made
                         // (RLIMIT_MEMLOCK, ENOMEM): the start-up must fail with the reason,
                         // not wait for a worker that died.
-                        match crate::io::uring::runtime_claiming_ring() {
+                        let batch = shared.snapshot().config.server.io_uring_submit_batch;
+                        match crate::io::uring::runtime_claiming_ring(batch) {
                             Ok(rt) => {
                                 rt.block_on(run_worker::<Uring>(
                                     id, shared, log, drain, bound, share,

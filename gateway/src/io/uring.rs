@@ -160,8 +160,8 @@ impl Drop for UringStream {
 /// to open them again (measured on `h2_many_streams`: about 0.9 upstream connects per
 /// request on io_uring against about 0.5 on the epoll driver).
 ///
-/// The fix keeps batching but bounds it: after every [`EARLY_SUBMIT_BATCH`] operations a
-/// worker queues, it submits the queue itself with a plain `io_uring_enter(fd, n, 0, 0)`.
+/// The fix keeps batching but bounds it: after every `[server] io_uring_submit_batch`
+/// operations a worker queues (default [`EARLY_SUBMIT_BATCH`]), it submits the queue itself with a plain `io_uring_enter(fd, n, 0, 0)`.
 /// That is safe beside tokio-uring:
 /// - io-uring 0.6 publishes the SQ tail to the shared ring on every push (its
 ///   `SubmissionQueue` stores the tail on drop), so the kernel sees every queued entry;
@@ -189,9 +189,9 @@ mod early_submit {
     use std::pin::pin;
     use std::sync::Mutex;
 
-    /// Operations a worker queues between two submissions of its own. Large enough that
-    /// the syscall stays a small share of the work (one per 32 reads and writes), small
-    /// enough that a burst of streams reaches the upstream as it is produced.
+    /// Default operations a worker queues between two submissions of its own. Large enough
+    /// that the syscall stays a small share of the work (one per 32 reads and writes),
+    /// small enough that a burst of streams reaches the upstream as it is produced.
     pub const EARLY_SUBMIT_BATCH: u32 = 32;
 
     /// Held while a ring is created, so that each worker can tell its ring's descriptor.
@@ -205,6 +205,8 @@ mod early_submit {
         static RING_FD: Cell<RawFd> = const { Cell::new(-1) };
         /// Operations queued since this thread last submitted.
         static QUEUED: Cell<u32> = const { Cell::new(0) };
+        /// Operations between two early submits; 0: none (tokio-uring's park only).
+        static BATCH: Cell<u32> = const { Cell::new(EARLY_SUBMIT_BATCH) };
     }
 
     /// The io_uring descriptors open in this process.
@@ -226,8 +228,10 @@ mod early_submit {
     }
 
     /// Makes the worker's tokio-uring runtime (submission queue of 4096 entries) and
-    /// claims its ring's descriptor for early submission on this thread.
-    pub fn runtime_claiming_ring() -> io::Result<tokio_uring::Runtime> {
+    /// claims its ring's descriptor for early submission on this thread, every `batch`
+    /// queued operations (0: never, only at parks).
+    pub fn runtime_claiming_ring(batch: u32) -> io::Result<tokio_uring::Runtime> {
+        BATCH.set(batch.min(SUBMIT_AT_MOST));
         let _creating = RING_CREATION.lock().unwrap_or_else(|e| e.into_inner());
         let before = ring_fds();
         let runtime = tokio_uring::Runtime::new(tokio_uring::builder().entries(SUBMIT_AT_MOST))?;
@@ -278,11 +282,12 @@ mod early_submit {
     /// batch either way.
     fn note_queued() {
         let fd = RING_FD.get();
-        if fd < 0 {
+        let batch = BATCH.get();
+        if fd < 0 || batch == 0 {
             return;
         }
         let queued = QUEUED.get() + 1;
-        if queued < EARLY_SUBMIT_BATCH {
+        if queued < batch {
             QUEUED.set(queued);
             return;
         }
@@ -334,7 +339,7 @@ mod tests {
     /// these reads would never complete.
     #[test]
     fn queued_operations_complete_while_the_worker_never_parks() {
-        let rt = runtime_claiming_ring().expect("an io_uring ring");
+        let rt = runtime_claiming_ring(EARLY_SUBMIT_BATCH).expect("an io_uring ring");
         assert!(early_submit::claimed(), "the worker claimed its ring");
         rt.block_on(async {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
