@@ -140,6 +140,9 @@ pub enum IoDriver {
 pub struct ServerConfig {
     pub workers: usize,
     pub io: IoDriver,
+    /// io_uring operations a busy worker queues before it submits them itself
+    /// (`io::uring`'s early submission); 0: only when the worker goes idle.
+    pub io_uring_submit_batch: u32,
     /// Unset: computed from the effective RLIMIT_NOFILE (`budget::default_max_connections`).
     pub max_connections: Option<usize>,
     pub nofile: u64,
@@ -174,6 +177,7 @@ impl Default for ServerConfig {
         ServerConfig {
             workers: 0,
             io: IoDriver::Auto,
+            io_uring_submit_batch: 32,
             max_connections: None,
             nofile: 65535,
             graceful_timeout: secs(30),
@@ -925,6 +929,14 @@ impl Config {
         };
 
         let s = &self.server;
+        if s.io_uring_submit_batch > 4096 {
+            err(
+                None,
+                "server",
+                "io_uring_submit_batch",
+                "must be at most 4096 (the ring's submission queue)".into(),
+            );
+        }
         if s.max_header_bytes.0 < 1024 || s.max_header_bytes.0 > 1 << 20 {
             err(
                 None,

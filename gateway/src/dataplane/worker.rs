@@ -57,10 +57,15 @@ pub fn start(
                         // Not `Builder::start`, which panics when the ring cannot be made
                         // (RLIMIT_MEMLOCK, ENOMEM): the start-up must fail with the reason,
                         // not wait for a worker that died.
-                        match tokio_uring::Runtime::new(tokio_uring::builder().entries(4096)) {
-                            Ok(rt) => rt.block_on(run_worker::<Uring>(
-                                id, shared, log, drain, bound, share,
-                            )),
+                        let batch = shared.snapshot().config.server.io_uring_submit_batch;
+                        match crate::io::uring::runtime_claiming_ring(batch) {
+                            Ok(rt) => {
+                                rt.block_on(run_worker::<Uring>(
+                                    id, shared, log, drain, bound, share,
+                                ));
+                                drop(rt);
+                                crate::io::uring::release_ring();
+                            }
                             Err(e) => {
                                 let _ = bound.send(Err(format!(
                                     "worker {id}: cannot create its io_uring ring: {e} \

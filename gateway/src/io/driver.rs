@@ -87,8 +87,4 @@ impl Driver for Epoll {
     }
 }
 
-/// Whether io_uring can be used here (a seccomp profile may forbid `io_uring_setup`,
-/// or `kernel.io_uring_disabled` may be set).
-pub fn uring_available() -> Result<(), std::io::Error> {
-    tokio_uring::uring_builder().build(8).map(|_| ())
-}
+pub use crate::io::uring::uring_available;
