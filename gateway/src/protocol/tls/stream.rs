@@ -182,14 +182,24 @@ impl<S: Stream> TlsStream<S> {
         &self.inner
     }
 
-    /// Drives the handshake until it is complete and everything rustls wants to send
-    /// (the server's flight, then TLS 1.3 session tickets) is on the socket.
+    /// Drives the handshake until it is complete and every flight rustls made is on the
+    /// socket. TLS 1.3 session tickets, queued once the client's Finished is in, are not
+    /// flushed here: RFC 8446 §4.6.1 lets them come any time after the handshake, and the
+    /// client never waits for them, so they go out in front of the first response, in the
+    /// same socket write (one write fewer per connection; the next write of either path,
+    /// `flush_locked` or h2's `TlsIo`, sends everything rustls holds). TLS 1.2 is always
+    /// flushed: a full handshake ends with the server's Finished, which the client awaits.
     async fn drive_handshake(&self) -> Result<(), TlsError> {
         loop {
             let processed = {
                 let mut conn = self.conn.borrow_mut();
                 self.process(&mut conn).map(|_| conn.is_handshaking())
             };
+            if matches!(processed, Ok(false))
+                && self.conn.borrow().protocol_version() == Some(ProtocolVersion::TLSv1_3)
+            {
+                return Ok(());
+            }
             // Send what rustls queued: the next flight, or the alert explaining a failure.
             let flushed = {
                 let _guard = self.write_lock.lock().await;
