@@ -23,7 +23,7 @@ use std::time::Instant;
 use tokio::io::Interest;
 
 /// Bytes moved between two turns given to the rest of the worker.
-const YIELD_EVERY: usize = 256 * 1024;
+const YIELD_EVERY: usize = 1024 * 1024;
 
 /// What bounds each step of a splice, and what hears of its progress.
 pub(crate) trait Pace {
