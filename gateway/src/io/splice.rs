@@ -22,6 +22,9 @@ use std::os::fd::RawFd;
 use std::time::Instant;
 use tokio::io::Interest;
 
+/// Bytes moved between two turns given to the rest of the worker.
+const YIELD_EVERY: usize = 1024 * 1024;
+
 /// What bounds each step of a splice, and what hears of its progress.
 pub(crate) trait Pace {
     /// When the next read from the source must have found bytes; `None`: no limit.
@@ -58,7 +61,16 @@ pub(crate) async fn splice_exact<A: Stream, B: Stream>(
     pace: &mut impl Pace,
 ) -> Result<u64, SpliceError> {
     let mut moved = 0u64;
+    let mut since_yield = 0usize;
     while moved < len {
+        if since_yield >= YIELD_EVERY {
+            // Sockets that stay ready never make `ready_io` wait: without this one long
+            // body would hold the worker for as long as tokio's budget lets it (megabytes)
+            // while the other connections' reads wait, as they never do on the copy path,
+            // where every read and write goes through the driver.
+            since_yield = 0;
+            A::yield_to_driver().await;
+        }
         let want = (len - moved).min(usize::MAX as u64) as usize;
         let read = from.ready_io(Interest::READABLE, |fd| pipe.fill_from(fd, want));
         let n = within(pace.read_deadline(), read)
@@ -69,6 +81,7 @@ pub(crate) async fn splice_exact<A: Stream, B: Stream>(
             break;
         }
         pace.read(n);
+        since_yield += n;
         while pipe.buffered() > 0 {
             let write = to.ready_io(Interest::WRITABLE, |fd| pipe.drain_to(fd));
             let n = within(pace.write_deadline(), write)
