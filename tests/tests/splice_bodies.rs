@@ -313,7 +313,24 @@ fn upstream_closing_mid_body_closes_the_client_and_is_booked_upstream() {
         );
         let line = gw.wait_access_line(Duration::from_secs(5), |l| l.contains(path));
         assert!(line.contains(&addr.to_string()), "{io}: {line}");
+        if path == "/fin" {
+            // The size field is what reached the client, as nginx's `$body_bytes_sent`:
+            // every byte before the FIN went out, not 0 for a failed response.
+            let sent = format!("\" 502 {} ", FULL / 2);
+            assert!(line.contains(&sent), "{io}: {line}");
+        }
     }
+    // The copy path logs the same.
+    let gw = Gateway::with(&config(fin.addr, "uring").server_raw("splice_bodies_min", "\"0\""));
+    let mut c = gw.client();
+    c.set_read_timeout(Duration::from_secs(10));
+    assert!(c.request(&Req::get("/fin")).is_err());
+    let line = gw.wait_access_line(Duration::from_secs(5), |l| l.contains("/fin"));
+    assert!(
+        line.contains(&format!("\" 502 {} ", FULL / 2)),
+        "copy: {line}"
+    );
+    assert_eq!(splices_now(&gw, "response"), 0.0);
 }
 
 #[test]

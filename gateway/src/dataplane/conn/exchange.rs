@@ -121,6 +121,9 @@ pub struct Failure {
     pub(crate) response_started: bool,
     /// The server involved, if one was.
     pub server: Option<usize>,
+    /// Response body bytes the client was sent before the failure (0 unless
+    /// `response_started`): logged as what the client got.
+    pub(crate) body_bytes: u64,
 }
 
 impl Failure {
@@ -129,6 +132,7 @@ impl Failure {
             error,
             response_started: false,
             server,
+            body_bytes: 0,
         }
     }
 }
@@ -302,6 +306,7 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
         error,
         response_started: true,
         server: Some(server),
+        body_bytes: 0,
     };
 
     if upgrade {
@@ -341,6 +346,7 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
         Err(RelayFailed {
             error,
             response_started,
+            body_bytes,
         }) => {
             if error.side() == Side::Upstream {
                 book_failure(upstream, server, &error);
@@ -352,6 +358,7 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
                 error,
                 response_started,
                 server: Some(server),
+                body_bytes,
             })
         }
     }

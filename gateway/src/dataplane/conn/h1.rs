@@ -621,10 +621,10 @@ async fn handle<'s, S: Stream>(
                         tracing::debug!(upstream = %upstream.name, error = %failure.error, "request failed");
                     }
                     // A 499 (client gone) or a response already started sends no error
-                    // body: nothing of it is logged.
-                    let sent = if !failure.response_started
-                        && !matches!(failure.error, HttpError::ClientGone(_))
-                    {
+                    // body; a response cut short logs the body bytes that did go out.
+                    let sent = if failure.response_started {
+                        failure.body_bytes
+                    } else if !matches!(failure.error, HttpError::ClientGone(_)) {
                         send_error(&c.io, w, status, true, None).await
                     } else {
                         0

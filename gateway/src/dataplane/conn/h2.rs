@@ -793,7 +793,12 @@ async fn proxy<'s, S: Stream>(
             };
             (outcome, false)
         }
-        Err(Failure { error, server, .. }) => {
+        Err(Failure {
+            error,
+            server,
+            body_bytes,
+            ..
+        }) => {
             let status = error.status();
             if error.side() != Side::Client {
                 w.stats
@@ -822,7 +827,8 @@ async fn proxy<'s, S: Stream>(
             };
             let outcome = Outcome {
                 status,
-                body_bytes: 0,
+                // What went out before the failure (0 when no head did).
+                body_bytes,
                 route: Some(&route.label),
                 upstream: label(server),
             };

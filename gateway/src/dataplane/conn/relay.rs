@@ -120,6 +120,9 @@ pub(crate) struct RelayFailed {
     /// False only when the body bytes that came with the head were refused before the head
     /// was written: the client can still be answered 502.
     pub(crate) response_started: bool,
+    /// Body bytes the client was sent before the failure (the access log's size field:
+    /// what reached the client, as nginx's `$body_bytes_sent`).
+    pub(crate) body_bytes: u64,
 }
 
 /// Every failure after the head went out: the client can only be told by closing.
@@ -128,6 +131,7 @@ impl From<HttpError> for RelayFailed {
         RelayFailed {
             error,
             response_started: true,
+            body_bytes: 0,
         }
     }
 }
@@ -172,10 +176,43 @@ pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
     form: BodyForm,
     read_timeout: Duration,
 ) -> Result<Relayed, RelayFailed> {
+    let mut body_bytes = 0;
+    match relay(
+        conn,
+        release,
+        sink,
+        ub,
+        framing,
+        form,
+        read_timeout,
+        &mut body_bytes,
+    )
+    .await
+    {
+        Ok(()) => Ok(Relayed { body_bytes }),
+        Err(failed) => Err(RelayFailed {
+            body_bytes,
+            ..failed
+        }),
+    }
+}
+
+/// [`relay_body`]'s work; `body_bytes` counts the body bytes delivered to the sink as
+/// they go, so that a failure still tells how much the client got.
+#[allow(clippy::too_many_arguments)]
+async fn relay<S: Stream, D: ResponseSink>(
+    conn: S,
+    release: impl FnOnce(S),
+    sink: &mut D,
+    ub: &mut Lent<'_, BytesMut, S>,
+    framing: BodyFraming,
+    form: BodyForm,
+    read_timeout: Duration,
+    body_bytes: &mut u64,
+) -> Result<(), RelayFailed> {
     let mut body = Body::response(framing);
     let payload_only = form == BodyForm::Payload;
     let mut decoded = Vec::new();
-    let mut body_bytes: u64 = 0;
     let mut upstream_clean = true;
     let mut upstream = UpstreamConn {
         conn: Some(conn),
@@ -195,19 +232,21 @@ pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
         .map_err(|error| RelayFailed {
             error,
             response_started: false,
+            body_bytes: 0,
         })?;
     if n < ub.len() {
         upstream_clean = false;
     }
     upstream.release_if_clean(&body, upstream_clean);
     let first: &[u8] = if payload_only { &decoded } else { &ub[..n] };
-    body_bytes += first.len() as u64;
+    let first_len = first.len() as u64;
     if first.len() <= FIRST_WRITE_BODY {
         sink.send_head(first).await?;
     } else {
         sink.send_head(&[]).await?;
         send(sink, ub, &mut decoded, payload_only, n).await?;
     }
+    *body_bytes += first_len;
 
     let splice_min = if payload_only { 0 } else { sink.splice_min() };
     let mut splice = splice_min > 0 && upstream.conn.as_ref().is_some_and(|c| c.spliceable());
@@ -222,7 +261,7 @@ pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
                 Some(moved) => {
                     let moved = moved?;
                     body.skip(moved);
-                    body_bytes += moved;
+                    *body_bytes += moved;
                     if moved < run {
                         // The upstream closed: the end of an until-close body, a
                         // truncation otherwise (the connection is not given back).
@@ -263,11 +302,12 @@ pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
         if n < ub.len() {
             upstream_clean = false;
         }
-        body_bytes += if payload_only { decoded.len() } else { n } as u64;
+        let this_read = if payload_only { decoded.len() } else { n } as u64;
         upstream.release_if_clean(&body, upstream_clean);
         send(sink, ub, &mut decoded, payload_only, n).await?;
+        *body_bytes += this_read;
     }
-    Ok(Relayed { body_bytes })
+    Ok(())
 }
 
 /// Sends the body bytes of this read: `decoded` when the sink wants the payload only,
