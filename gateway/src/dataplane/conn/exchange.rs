@@ -565,12 +565,12 @@ async fn connect_or_wait<S: Stream, D: ResponseSink>(
         Err(e) => return Err(WaitEnd::Io(e)),
     };
     budget::descriptor_wait();
-    let freed = budget::descriptor_freed_signal();
+    let waiting = budget::DescriptorWait::new();
     let mut backoff = DESCRIPTOR_BACKOFF_MIN;
     loop {
         // Registered before the idle check, so a connection pooled between the check and
         // the wait still wakes this request.
-        let notified = freed.notified();
+        let notified = waiting.signal().notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         if idle_ok {
