@@ -15,6 +15,15 @@ use gateway_tests::{Client, Config, Gateway, Origin, Reply, Req, Route, Upstream
 const NOFILE: u64 = 256;
 
 fn gateway(origin: &Origin, io: Option<&str>, connect_timeout: &str) -> Gateway {
+    gateway_with(origin, io, connect_timeout, |c| c)
+}
+
+fn gateway_with(
+    origin: &Origin,
+    io: Option<&str>,
+    connect_timeout: &str,
+    tweak: impl FnOnce(Config) -> Config,
+) -> Gateway {
     let mut config = Config::new()
         .workers(1)
         // Explicit and high, and idle clients kept for the whole test: the descriptor
@@ -27,7 +36,7 @@ fn gateway(origin: &Origin, io: Option<&str>, connect_timeout: &str) -> Gateway 
     if let Some(io) = io {
         config = config.server_raw("io", &format!("\"{io}\""));
     }
-    Gateway::with_nofile(&config, NOFILE)
+    Gateway::with_nofile(&tweak(config), NOFILE)
 }
 
 fn open_fds(gw: &Gateway) -> usize {
@@ -203,4 +212,60 @@ fn descriptors_that_never_free_end_the_wait_at_connect_timeout() {
     );
     // The single server was not marked down (max_fails 1): served at once.
     assert_eq!(gw.get("/after").status, 200);
+}
+
+/// HTTP/2 streams call the same exchange: a burst of streams on one connection, more than
+/// the free descriptors, is served in full too.
+#[test]
+fn http2_streams_beyond_the_free_descriptors_wait_and_are_served() {
+    use gateway_tests::h2::{exchange, runtime, H2Req};
+    let origin = Origin::start(|_| Reply::ok("served").delay(Duration::from_millis(50)));
+    let gw = gateway_with(&origin, None, "20s", |c| c.listener_raw("h2c", "true"));
+    let rt = runtime();
+    let addr = gw.http_addr();
+    let (send, _conn) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        (send, tokio::spawn(conn))
+    });
+    let mut held = fill_descriptors(&gw);
+    let full = open_fds(&gw);
+    held.drain(..FREE);
+    gateway_tests::wait_until(
+        Duration::from_secs(10),
+        "the gateway to close the connections let go",
+        || open_fds(&gw) <= full - FREE,
+    );
+    let results = rt.block_on(async {
+        let streams: Vec<_> = (0..BURST)
+            .map(|i| {
+                let mut send = send.clone();
+                tokio::spawn(async move {
+                    let req = H2Req::get(&format!("/h2-burst/{i}"));
+                    tokio::time::timeout(Duration::from_secs(60), exchange(&mut send, &req)).await
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for s in streams {
+            results.push(s.await.expect("stream task"));
+        }
+        results
+    });
+    for (i, r) in results.into_iter().enumerate() {
+        let r = r.expect("answered within 60 s");
+        let r = r.unwrap_or_else(|e| panic!("stream {i}: {e}"));
+        assert_eq!(
+            r.status,
+            200,
+            "stream {i}: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    assert!(metric(&gw, WAITS, &[]) >= 1.0, "the streams waited");
+    assert_eq!(
+        metric(&gw, LOCAL_REFUSALS, &[("reason", "upstream_local")]),
+        0.0
+    );
+    drop(held);
 }
