@@ -111,6 +111,19 @@ fn fill_descriptors(gw: &Gateway) -> Vec<TcpStream> {
     );
 }
 
+/// Lets go of [`FREE`] held connections and waits until the gateway closed them. The first
+/// held are surely accepted (the last may be one refused just after the backlog emptied):
+/// these FREE descriptors come free, and only these.
+fn free_descriptors(gw: &Gateway, held: &mut Vec<TcpStream>) {
+    let full = open_fds(gw);
+    held.drain(..FREE);
+    gateway_tests::wait_until(
+        Duration::from_secs(10),
+        "the gateway to close the connections let go",
+        || open_fds(gw) <= full - FREE,
+    );
+}
+
 fn metric(gw: &Gateway, name: &str, labels: &[(&str, &str)]) -> f64 {
     gateway_tests::control::scrape(gw.admin_addr())
         .get(name, labels)
@@ -134,15 +147,7 @@ fn a_burst_beyond_the_free_descriptors_waits_and_is_served(io: Option<&str>) {
     let burst: Vec<Client> = (0..BURST).map(|_| gw.client()).collect();
     let mut held = fill_descriptors(&gw);
     assert!(held.len() > 100, "{} held", held.len());
-    // The first held are surely accepted (the last may be one refused just after the
-    // backlog emptied): these FREE descriptors come free, and only these.
-    let full = open_fds(&gw);
-    held.drain(..FREE);
-    gateway_tests::wait_until(
-        Duration::from_secs(10),
-        "the gateway to close the connections let go",
-        || open_fds(&gw) <= full - FREE,
-    );
+    free_descriptors(&gw, &mut held);
 
     let threads: Vec<_> = burst
         .into_iter()
@@ -229,13 +234,7 @@ fn http2_streams_beyond_the_free_descriptors_wait_and_are_served() {
         (send, tokio::spawn(conn))
     });
     let mut held = fill_descriptors(&gw);
-    let full = open_fds(&gw);
-    held.drain(..FREE);
-    gateway_tests::wait_until(
-        Duration::from_secs(10),
-        "the gateway to close the connections let go",
-        || open_fds(&gw) <= full - FREE,
-    );
+    free_descriptors(&gw, &mut held);
     let results = rt.block_on(async {
         let streams: Vec<_> = (0..BURST)
             .map(|i| {
