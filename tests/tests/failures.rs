@@ -336,8 +336,11 @@ fn descriptor_exhaustion_marks_no_server_down() {
             .workers(1)
             // Explicit and high: the descriptor limit, not the connection cap, is what is hit.
             .server_raw("max_connections", "10000")
+            // Held clients stay for the whole test, so no descriptor frees up: the request
+            // that finds none waits out its short connect_timeout, then gets the 500.
+            .server("keepalive_timeout", "60s")
             .upstream(up)
-            .route(Route::prefix("/", "app")),
+            .route(Route::prefix("/", "app").connect_timeout("200ms")),
         256,
     );
     let mut held = Vec::new();

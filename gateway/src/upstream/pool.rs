@@ -72,8 +72,33 @@ impl<S: Stream> WorkerUpstream<S> {
         None
     }
 
-    /// Keeps a connection for reuse when there is room; otherwise it is closed.
+    /// An idle connection to `preferred`, else to any other server of this upstream that is
+    /// up, with the server it goes to. For a request that found no descriptor to connect
+    /// with: any open connection of the upstream serves it, and takes no new descriptor.
+    pub(crate) fn take_idle_any(&mut self, preferred: usize) -> Option<(usize, S)> {
+        if let Some(conn) = self.take_idle(preferred) {
+            return Some((preferred, conn));
+        }
+        if self.idle_count == 0 {
+            return None;
+        }
+        let now = clock::now_ms();
+        for server in 0..self.idle.len() {
+            if server == preferred || !self.upstream.servers[server].state.is_up(now) {
+                continue;
+            }
+            if let Some(conn) = self.take_idle(server) {
+                return Some((server, conn));
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection for reuse when there is room; otherwise it is closed. Either way a
+    /// request of this worker waiting for a descriptor may now find one (or this very
+    /// connection): it is woken.
     pub(crate) fn put_idle(&mut self, server: usize, conn: S) {
+        crate::util::budget::descriptor_freed();
         if self.idle_count >= self.upstream.keepalive || server >= self.idle.len() {
             return;
         }
@@ -153,6 +178,24 @@ mod tests {
         assert!(pool.take_idle(0).is_none());
         let got = pool.take_idle(1).expect("idle");
         assert!(Rc::ptr_eq(got.peer(), &pc));
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[test]
+    fn any_idle_connection_of_the_upstream_serves_a_request_short_of_descriptors() {
+        let mut pool = WorkerUpstream::new(upstream(3, 8, Duration::from_secs(60)));
+        assert!(pool.take_idle_any(0).is_none());
+        let (a, pa) = conn();
+        let (b, pb) = conn();
+        pool.put_idle(2, a);
+        pool.put_idle(0, b);
+        let (server, got) = pool.take_idle_any(0).expect("the preferred server's");
+        assert_eq!(server, 0);
+        assert!(Rc::ptr_eq(got.peer(), &pb));
+        let (server, got) = pool.take_idle_any(1).expect("another server's");
+        assert_eq!(server, 2);
+        assert!(Rc::ptr_eq(got.peer(), &pa));
+        assert!(pool.take_idle_any(1).is_none());
         assert_eq!(pool.idle_count(), 0);
     }
 

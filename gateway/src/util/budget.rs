@@ -193,6 +193,12 @@ pub(crate) fn render(out: &mut String) {
         "reason",
         Refusal::ALL.map(|r| (r.label(), &REFUSED[r as usize])),
     );
+    use std::fmt::Write;
+    let waits = DESCRIPTOR_WAITS.load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP gateway_upstream_descriptor_waits_total Upstream connects that found no descriptor free and waited for one (an idle connection or a retried connect) instead of failing at once.\n# TYPE gateway_upstream_descriptor_waits_total counter\ngateway_upstream_descriptor_waits_total {waits}"
+    );
 }
 
 fn family<const N: usize>(
@@ -276,6 +282,79 @@ pub(crate) fn is_local_resource_error(e: &std::io::Error) -> bool {
     )
 }
 
+/// Whether a `socket()`/`connect()` error means the process (EMFILE, or the descriptor
+/// reserve, which [`crate::io::connect`] reports as EMFILE) or the system (ENFILE) has no
+/// descriptor free: a shortage that lasts only until another request closes or pools its
+/// upstream connection, so the caller waits for one instead of failing. ENOMEM, ENOBUFS and
+/// EADDRNOTAVAIL are not waited for: nothing in the gateway signals their end, and a
+/// request that waited for memory would hold more of it meanwhile.
+pub(crate) fn is_descriptor_shortage(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Upstream connects that waited for a descriptor
+/// (`gateway_upstream_descriptor_waits_total`).
+static DESCRIPTOR_WAITS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one upstream connect that began to wait for a descriptor.
+pub(crate) fn descriptor_wait() {
+    DESCRIPTOR_WAITS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// This worker's requests waiting for a descriptor, and the signal that wakes them.
+struct DescriptorWaiters {
+    count: std::cell::Cell<usize>,
+    freed: std::rc::Rc<tokio::sync::Notify>,
+}
+
+thread_local! {
+    /// Woken when this worker (one thread) pools or lets go of an upstream connection:
+    /// the moments a request of the same worker waiting for a descriptor may find one (or
+    /// an idle connection). Frees by other workers are not seen; waiters back off instead.
+    static DESCRIPTOR_WAITERS: DescriptorWaiters = DescriptorWaiters {
+        count: std::cell::Cell::new(0),
+        freed: std::rc::Rc::new(tokio::sync::Notify::new()),
+    };
+}
+
+/// Wakes this worker's requests waiting for a descriptor. Called twice per request, so it
+/// costs a thread-local read when none waits (no lock, no syscall).
+pub(crate) fn descriptor_freed() {
+    DESCRIPTOR_WAITERS.with(|w| {
+        if w.count.get() != 0 {
+            w.freed.notify_waiters();
+        }
+    });
+}
+
+/// One request of this worker waiting for a descriptor, for as long as it lives: makes
+/// [`descriptor_freed`] wake it through [`DescriptorWait::signal`].
+pub(crate) struct DescriptorWait {
+    freed: std::rc::Rc<tokio::sync::Notify>,
+}
+
+impl DescriptorWait {
+    pub(crate) fn new() -> DescriptorWait {
+        DESCRIPTOR_WAITERS.with(|w| {
+            w.count.set(w.count.get() + 1);
+            DescriptorWait {
+                freed: w.freed.clone(),
+            }
+        })
+    }
+
+    /// The signal [`descriptor_freed`] raises on this worker.
+    pub(crate) fn signal(&self) -> &tokio::sync::Notify {
+        &self.freed
+    }
+}
+
+impl Drop for DescriptorWait {
+    fn drop(&mut self) {
+        DESCRIPTOR_WAITERS.with(|w| w.count.set(w.count.get().saturating_sub(1)));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +383,52 @@ mod tests {
         assert_eq!(pipe_fd_budget(1024, 10_000), 0);
         assert_eq!(pipes_per_worker(1024, 10_000, 1), 0);
         assert_eq!(pipes_per_worker(u64::MAX, 1, 1), MAX_PIPES);
+    }
+
+    #[test]
+    fn a_free_wakes_the_requests_waiting_on_the_worker() {
+        let woken = |wait: &DescriptorWait| {
+            let notified = wait.signal().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            descriptor_freed();
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime")
+                .block_on(async {
+                    tokio::select! {
+                        biased;
+                        _ = notified => true,
+                        _ = std::future::ready(()) => false,
+                    }
+                })
+        };
+        let wait = DescriptorWait::new();
+        assert!(woken(&wait));
+        let other = DescriptorWait::new();
+        drop(wait);
+        assert!(woken(&other), "still one waiting");
+        drop(other);
+        DESCRIPTOR_WAITERS.with(|w| assert_eq!(w.count.get(), 0));
+    }
+
+    #[test]
+    fn only_descriptor_shortages_are_waited_for() {
+        for code in [libc::EMFILE, libc::ENFILE] {
+            assert!(is_descriptor_shortage(&std::io::Error::from_raw_os_error(
+                code
+            )));
+        }
+        for code in [
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+            libc::ECONNREFUSED,
+        ] {
+            assert!(!is_descriptor_shortage(&std::io::Error::from_raw_os_error(
+                code
+            )));
+        }
     }
 
     #[test]

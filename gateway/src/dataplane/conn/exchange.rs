@@ -189,22 +189,37 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
             return Err(Failure::before_response(last_error, None));
         };
         let addr = upstream.servers[server].addr;
-        let reused = idle.is_some();
-        let conn = match idle {
-            Some(conn) => conn,
-            None => match S::connect(addr, route.connect_timeout).await {
-                Ok(conn) => conn,
-                Err(e) if crate::util::budget::is_local_resource_error(&e) => {
-                    // Our shortage, not the server's: this request fails (500, as nginx
-                    // when its socket() fails), no server is marked down, and the next
-                    // request is served normally as soon as resources free up.
+        let (server, conn, reused) = match idle {
+            Some(conn) => (server, conn, true),
+            None => match connect_or_wait(
+                w,
+                upstream,
+                server,
+                route.connect_timeout,
+                !retry.fresh_only(),
+                d,
+            )
+            .await
+            {
+                Ok(connected) => connected,
+                Err(WaitEnd::ClientGone) => {
+                    return Err(Failure::before_response(
+                        HttpError::ClientGone("closed while waiting for a descriptor"),
+                        None,
+                    ));
+                }
+                Err(WaitEnd::Io(e)) if crate::util::budget::is_local_resource_error(&e) => {
+                    // Our shortage, not the server's, and descriptors did not free up
+                    // within connect_timeout (or memory ran short): this request fails
+                    // (500, as nginx when its socket() fails), no server is marked down,
+                    // and the next request is served normally once resources free up.
                     crate::util::budget::refused(crate::util::budget::Refusal::UpstreamLocal, &e);
                     return Err(Failure::before_response(
                         HttpError::LocalResource("connect"),
                         None,
                     ));
                 }
-                Err(e) => {
+                Err(WaitEnd::Io(e)) => {
                     if let Some(events) = upstream_warning(UpstreamWarning::ConnectFailed) {
                         tracing::warn!(upstream = %upstream.name, server = %addr, error = %e, events, "connect failed");
                     }
@@ -510,6 +525,89 @@ fn mark_failure(upstream: &Upstream, server: usize) {
     }
 }
 
+/// Why [`connect_or_wait`] gave up.
+enum WaitEnd {
+    /// The connect failed (for a descriptor shortage: still short at `connect_timeout`).
+    Io(std::io::Error),
+    /// The client hung up while the request waited for a descriptor.
+    ClientGone,
+}
+
+/// Shortest and longest pause between connects retried for a descriptor. Frees by this
+/// worker wake the waiter at once; the pause covers frees by other workers and by client
+/// connections closing, which raise no signal here.
+const DESCRIPTOR_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(2);
+const DESCRIPTOR_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Connects to `server`; when the process has no descriptor free (EMFILE, ENFILE, the admin
+/// reserve) waits for one instead of failing at once, since under a burst descriptors free
+/// up milliseconds later as other requests finish. While it waits, an idle connection to
+/// any up server of the upstream that this worker pools is taken (when `idle_ok`), else the
+/// connect is retried on each wake of this worker
+/// ([`crate::util::budget::descriptor_freed`]) or after
+/// a backoff of 2 ms doubling to 50 ms, until `connect_timeout` from the first attempt;
+/// then the shortage is returned as before. The client hanging up ends the wait.
+///
+/// A waiting request holds only its client connection and this future's state (no buffer
+/// beyond those the exchange already holds, no upstream socket), so the waiters are
+/// bounded by `max_connections` (one per HTTP/1 connection, `max_concurrent_streams` per
+/// HTTP/2 connection). A wait is never booked to a server (no passive-health failure).
+///
+/// Returns the server connected to (an idle connection may be another server's) and
+/// whether the connection was reused.
+async fn connect_or_wait<S: Stream, D: ResponseSink>(
+    w: &Worker<S>,
+    upstream: &Arc<Upstream>,
+    server: usize,
+    connect_timeout: std::time::Duration,
+    idle_ok: bool,
+    d: &mut D,
+) -> Result<(usize, S, bool), WaitEnd> {
+    use crate::util::budget;
+    let addr = upstream.servers[server].addr;
+    let started = Instant::now();
+    let mut error = match S::connect(addr, connect_timeout).await {
+        Ok(conn) => return Ok((server, conn, false)),
+        Err(e) if budget::is_descriptor_shortage(&e) => e,
+        Err(e) => return Err(WaitEnd::Io(e)),
+    };
+    budget::descriptor_wait();
+    let waiting = budget::DescriptorWait::new();
+    let mut backoff = DESCRIPTOR_BACKOFF_MIN;
+    loop {
+        // Registered before the idle check, so a connection pooled between the check and
+        // the wait still wakes this request.
+        let notified = waiting.signal().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if idle_ok {
+            if let Some((server, conn)) = w.with_upstream(upstream, |p| p.take_idle_any(server)) {
+                return Ok((server, conn, true));
+            }
+        }
+        let left = connect_timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(WaitEnd::Io(error));
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(backoff.min(left)) => {
+                backoff = (backoff * 2).min(DESCRIPTOR_BACKOFF_MAX);
+            }
+            _ = d.gone() => return Err(WaitEnd::ClientGone),
+        }
+        let left = connect_timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(WaitEnd::Io(error));
+        }
+        error = match S::connect(addr, left).await {
+            Ok(conn) => return Ok((server, conn, false)),
+            Err(e) if budget::is_descriptor_shortage(&e) => e,
+            Err(e) => return Err(WaitEnd::Io(e)),
+        };
+    }
+}
+
 /// Counts a request in flight to a server (least_conn, and the upstream connections
 /// gauge) for as long as it lives.
 struct ActiveGuard<'a, S: Stream> {
@@ -543,6 +641,9 @@ impl<S: Stream> Drop for ActiveGuard<'_, S> {
             .borrow_mut()
             .upstream(&self.upstream.metric_name)
             .active -= 1;
+        // The request is done with its upstream connection (pooled or closed): a request
+        // of this worker waiting for a descriptor may find one now.
+        crate::util::budget::descriptor_freed();
     }
 }
 
