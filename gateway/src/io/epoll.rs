@@ -40,10 +40,40 @@ impl Stream for EpollStream {
         }
     }
 
-    /// Readiness is this driver's native wait; a stale readiness only makes the read that
-    /// follows meet `WouldBlock` and wait itself.
+    /// Readiness is this driver's native wait, but tokio keeps a readiness until a syscall
+    /// meets `WouldBlock`, and the read that took the last request usually did not: that
+    /// stale readiness would end the idle wait at once, and the connection would take its
+    /// per-request state and buffer only to wait inside the read. A one-byte `MSG_PEEK`
+    /// settles it without consuming anything: `WouldBlock` clears the readiness and the
+    /// wait goes on; bytes or an EOF end it. It replaces the read that would have met
+    /// `WouldBlock`, so it costs no extra syscall.
     async fn wait_readable(&self) -> io::Result<()> {
-        self.inner.readable().await
+        loop {
+            self.inner.readable().await?;
+            let fd = self.inner.as_raw_fd();
+            let peeked = self.inner.try_io(tokio::io::Interest::READABLE, || {
+                let mut byte = 0u8;
+                // SAFETY: a one-byte buffer on the stack, valid for the call.
+                let n = unsafe {
+                    libc::recv(
+                        fd,
+                        (&mut byte as *mut u8).cast(),
+                        1,
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            });
+            match peeked {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // Bytes, an EOF or an error: the read that follows tells which.
+                _ => return Ok(()),
+            }
+        }
     }
 
     async fn write_all<B: BoundedBuf>(&self, buf: B) -> (io::Result<()>, B) {
