@@ -52,21 +52,7 @@ impl Stream for EpollStream {
             self.inner.readable().await?;
             let fd = self.inner.as_raw_fd();
             let peeked = self.inner.try_io(tokio::io::Interest::READABLE, || {
-                let mut byte = 0u8;
-                // SAFETY: a one-byte buffer on the stack, valid for the call.
-                let n = unsafe {
-                    libc::recv(
-                        fd,
-                        (&mut byte as *mut u8).cast(),
-                        1,
-                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                    )
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(())
-                }
+                super::sockets::peek_one(fd)
             });
             match peeked {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

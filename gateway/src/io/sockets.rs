@@ -15,7 +15,7 @@ pub(crate) fn idle_connection_alive(fd: RawFd) -> bool {
 }
 
 /// One non-blocking `recv(MSG_PEEK)` of a byte: `Ok(0)` is EOF, and the byte stays queued.
-fn peek_one(fd: RawFd) -> io::Result<usize> {
+pub(crate) fn peek_one(fd: RawFd) -> io::Result<usize> {
     let mut byte = 0u8;
     // SAFETY: recv into a valid one-byte buffer on a descriptor we own; MSG_PEEK leaves
     // the data queued.
