@@ -181,6 +181,9 @@ impl Upstream {
     pub fn keepalive(self, n: usize) -> Upstream {
         self.key("keepalive", n.to_string())
     }
+    pub fn keepalive_linger(self, d: &str) -> Upstream {
+        self.key("keepalive_linger", toml_str(d))
+    }
     pub fn max_fails(self, n: usize) -> Upstream {
         self.key("max_fails", n.to_string())
     }

@@ -243,6 +243,51 @@ fn h2load_many_streams_on_few_connections_and_one_per_connection() {
     assert_eq!(origin.request_count(), 2200);
 }
 
+/// Streams that finish together give their upstream connections back together, far more
+/// than `keepalive`: those linger (`keepalive_linger`), and the client's next round of
+/// streams reuses them instead of connecting again. With nginx's rule (`"0s"`: close
+/// beyond `keepalive` at once) nearly every round reconnects.
+#[test]
+fn a_burst_of_streams_reuses_the_connections_of_the_burst_before() {
+    // 1000 per connection: `max_requests_per_connection`, after which h2load does not reconnect.
+    let requests = 2000;
+    let run = |linger: &str| {
+        let origin = Origin::echo();
+        let config = h2c(Config::new()
+            .workers(1)
+            .upstream(
+                Upstream::new("app", &[origin.addr()])
+                    .keepalive(4)
+                    .keepalive_linger(linger),
+            )
+            .route(Route::prefix("/", "app")));
+        let gw = Gateway::with(&config);
+        let n = requests.to_string();
+        let out = Command::new("h2load")
+            .args(["-n", &n, "-c", "2", "-m", "100"])
+            .arg(format!("http://{}/burst", gw.http_addr()))
+            .output()
+            .expect("run h2load");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(text.contains(&format!("status codes: {n} 2xx")), "{text}");
+        origin.accepts()
+    };
+    let lingering = run("10s");
+    // At most one connection per stream in flight at once (2 x 100), however many rounds.
+    assert!(
+        lingering <= 200,
+        "{lingering} upstream connections for {requests} requests of 200 at a time"
+    );
+    let strict = run("0s");
+    eprintln!(
+        "upstream connections for {requests} requests: {lingering} lingering, {strict} strict"
+    );
+    assert!(
+        strict > lingering,
+        "closing beyond keepalive at once reconnects more: {strict} against {lingering}"
+    );
+}
+
 #[test]
 fn a_slow_reader_does_not_hold_up_another_stream() {
     let big = vec![b'b'; 4 << 20];

@@ -469,6 +469,10 @@ pub struct UpstreamConfig {
     /// How long an idle pooled connection is kept (nginx `keepalive_timeout` in upstream).
     #[serde(default = "default_upstream_idle")]
     pub keepalive_timeout: Dur,
+    /// How long connections given back beyond `keepalive` stay open idle before they are
+    /// closed (`"0s"`: at once, as nginx does).
+    #[serde(default = "default_keepalive_linger")]
+    pub keepalive_linger: Dur,
     #[serde(default = "one")]
     pub max_fails: u32,
     #[serde(default = "default_fail_timeout")]
@@ -494,6 +498,12 @@ pub struct UpstreamConfig {
 
 fn yes() -> bool {
     true
+}
+/// 1 s: long enough for the burst after a burst (a client's next round of streams) to
+/// find the connections the last one opened, short enough that an upstream sees its idle
+/// connections fall back to `keepalive` within two seconds.
+fn default_keepalive_linger() -> Dur {
+    secs(1)
 }
 /// 5 s: a moved pod is followed within seconds, without a query per request.
 fn default_resolve_min() -> Dur {

@@ -166,6 +166,7 @@ mod tests {
             balance,
             keepalive: 32,
             keepalive_timeout: crate::config::Dur(std::time::Duration::from_secs(60)),
+            keepalive_linger: crate::config::Dur(std::time::Duration::ZERO),
             max_fails: 1,
             fail_timeout: crate::config::Dur(std::time::Duration::from_secs(10)),
             health_check: None,

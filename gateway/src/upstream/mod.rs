@@ -95,6 +95,8 @@ pub struct Upstream {
     pub balance: Balance,
     pub keepalive: usize,
     pub(crate) idle_timeout: Duration,
+    /// How long idle connections beyond `keepalive` stay open (`keepalive_linger`).
+    pub(crate) keepalive_linger: Duration,
     pub max_fails: u32,
     pub fail_timeout: Duration,
     pub health_check: Option<HealthCheckConfig>,
@@ -234,6 +236,7 @@ impl Upstream {
             balance: config.balance,
             keepalive: config.keepalive,
             idle_timeout: config.keepalive_timeout.0,
+            keepalive_linger: config.keepalive_linger.0,
             max_fails: config.max_fails,
             fail_timeout: config.fail_timeout.0,
             health_check: config.health_check.clone(),
