@@ -1580,6 +1580,46 @@ fn websocket_over_h2_echoes_through_a_websocket_origin() {
     );
 }
 
+/// A tunnel the client cuts by closing its TCP connection (a browser tab closed) is logged
+/// as the 200 it was, with the bytes it carried, and counted in the tunnel metrics: the
+/// stream sees its connection gone and ends itself, it is not aborted as `499 0`.
+#[test]
+fn an_h2_tunnel_cut_by_the_clients_close_is_logged_and_counted() {
+    let (ws_addr, _events) = ws_echo_origin();
+    let plain = Origin::echo();
+    let gw = ws_gateway(ws_addr, plain.addr(), "");
+    let v13 = [("sec-websocket-version", "13")];
+    let (status, _, ws) = h2_websocket(gw.http_addr(), "/ws/echo", "websocket", &v13);
+    assert_eq!(status, 200);
+    let mut ws = ws.unwrap();
+    let payload = vec![b'e'; 70_000];
+    ws.send_frame(0x2, &payload);
+    let (_, back) = ws.read_frame().expect("echo");
+    assert_eq!(back.len(), payload.len());
+    // No close handshake, no END_STREAM, no RST_STREAM: the client's socket closes.
+    drop(ws);
+    let line = gw.wait_access_line(Duration::from_secs(10), |l| {
+        l.contains("\"CONNECT /ws/echo HTTP/2.0\"")
+    });
+    let logged: Vec<&str> = line
+        .split("HTTP/2.0\" ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .take(2)
+        .collect();
+    assert_eq!(logged[0], "200", "{line}");
+    let bytes: u64 = logged[1].parse().unwrap();
+    assert!(bytes >= 70_000, "the echoed bytes are logged: {line}");
+    wait_until(Duration::from_secs(10), "tunnel metrics", || {
+        let m = scrape(gw.admin_addr());
+        m.get("gateway_tunnels_total", &[("path", "h2")]) == Some(1.0)
+            && m.get("gateway_websocket_tunnels_active", &[]) == Some(0.0)
+            && m.get("gateway_tunnel_bytes_total", &[("direction", "client")])
+                .is_some_and(|n| n >= 70_000.0)
+    });
+}
+
 #[test]
 fn hostile_extended_connects_never_open_a_tunnel() {
     let (ws_addr, events) = ws_echo_origin();
@@ -1732,8 +1772,9 @@ fn streams_cut_by_the_client_closing_its_connection_are_logged_and_counted() {
         events.recv_timeout(Duration::from_secs(10)),
         Ok(WsEvent::Handshake(_))
     ));
+    // The tunnel had its 200: logged as such, with its bytes (5 echoed, in a frame of 7).
     gw.wait_access_line(Duration::from_secs(10), |l| {
-        l.contains("\"CONNECT /ws/echo HTTP/2.0\" 499")
+        l.contains("\"CONNECT /ws/echo HTTP/2.0\" 200 7 ")
     });
     wait_until(Duration::from_secs(10), "each stream logged once", || {
         gw.access_log()
@@ -1746,7 +1787,7 @@ fn streams_cut_by_the_client_closing_its_connection_are_logged_and_counted() {
         scrape(gw.admin_addr()).sum(
             "gateway_http_requests_total",
             &[("listener", "http"), ("status", "499")],
-        ) == 4.0
+        ) == 3.0
     });
 }
 
@@ -1902,9 +1943,10 @@ fn a_drain_lets_an_open_h2_tunnel_run_until_graceful_timeout() {
     };
     assert!(ended >= Duration::from_millis(1500), "{ended:?}");
     assert!(gw.wait_exit(Duration::from_secs(10)).is_some());
-    // Cut, it is still logged (attack report F3): before the exit, not lost with it.
+    // Cut, it is still logged (attack report F3): before the exit, not lost with it, as
+    // the 200 it had.
     let log = gw.access_log();
-    assert!(log.contains("\"CONNECT /ws/echo HTTP/2.0\" 499"), "{log}");
+    assert!(log.contains("\"CONNECT /ws/echo HTTP/2.0\" 200 "), "{log}");
 }
 
 #[test]

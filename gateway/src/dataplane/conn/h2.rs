@@ -26,8 +26,9 @@
 //! A client's RST_STREAM ends the stream's exchange at its next await (the response-head
 //! wait watches for it through [`ResponseSink::gone`], body reads and writes fail on it);
 //! the exchange's guards return its buffers and never pool an upstream connection with a
-//! request in flight. When the connection ends, the stream tasks still running are
-//! aborted (a `JoinSet`).
+//! request in flight. When the connection ends, the stream tasks still running see it
+//! fail their I/O and finish (logged with what they sent); any left after `CLOSE_WAIT`
+//! are aborted (a `JoinSet`).
 
 mod websocket;
 
@@ -326,7 +327,17 @@ pub(crate) async fn serve<S: Stream>(
             }
         }
     }
-    // Streams still running (the connection failed or was cut) are aborted by the JoinSet.
+    // Streams still running (the client went away, or the drain's `graceful_timeout` cut
+    // the connection) end on their own once they see the connection gone: dropping it
+    // fails every stream's pending and next I/O (h2 ends them on drop). So each logs what
+    // it really sent (a tunnel its 200 and bytes, a response cut short its status and the
+    // bytes that left) and counts its tunnel, instead of being aborted mid-way as 499 0.
+    // Bounded: what is still running after `CLOSE_WAIT` is aborted by the JoinSet.
+    drop(conn);
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     drop(tasks);
 }
 
