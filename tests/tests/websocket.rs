@@ -781,6 +781,7 @@ fn drain_keeps_tunnels_until_the_graceful_deadline() {
     let mut gw = Gateway::with(
         &Config::new()
             .server("graceful_timeout", "1500ms")
+            .log("level", "info,gateway::dataplane::conn::tunnel=debug")
             .upstream(Upstream::new("ws", &[origin.addr]))
             .route(Route::prefix("/ws", "ws").websocket(true)),
     );
@@ -805,6 +806,22 @@ fn drain_keeps_tunnels_until_the_graceful_deadline() {
         .wait_exit(Duration::from_secs(5))
         .expect("the gateway exits");
     assert!(status.success(), "exit status {status}");
+    // Cut at the deadline, the tunnel still ends through its own path: its access-log
+    // line (the 101 and the bytes it carried) and its close reason are written before
+    // the exit.
+    let log = gw.access_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"GET /ws"))
+        .unwrap_or_else(|| panic!("the cut tunnel is not logged:\n{log}"));
+    let bytes: u64 = line
+        .split("HTTP/1.1\" 101 ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a 101 with its bytes: {line}"));
+    assert!(bytes > 0, "{line}");
+    wait_logged_reason(&gw, "drain");
 }
 
 #[test]

@@ -46,6 +46,9 @@ pub struct Worker<S: Stream> {
     pub log: RefCell<WorkerLog>,
     pub draining: Cell<bool>,
     pub(crate) drain_notify: Notify,
+    /// Set when a drain's `graceful_timeout` ran out: what still runs is cut now.
+    cutting: Cell<bool>,
+    cut_notify: Notify,
     /// Client connections this worker is serving.
     pub active: Cell<usize>,
     bufs: RefCell<Vec<BytesMut>>,
@@ -74,6 +77,8 @@ impl<S: Stream> Worker<S> {
             log: RefCell::new(WorkerLog::new(log)),
             draining: Cell::new(false),
             drain_notify: Notify::new(),
+            cutting: Cell::new(false),
+            cut_notify: Notify::new(),
             active: Cell::new(0),
             bufs: RefCell::new(Vec::new()),
             outs: RefCell::new(Vec::new()),
@@ -276,6 +281,27 @@ impl<S: Stream> Worker<S> {
             return;
         }
         notified.await;
+    }
+
+    /// Resolves when a drain's `graceful_timeout` has run out (immediately if it has):
+    /// connections still open are cut then, and what runs on them (a tunnel) ends through
+    /// its own path, so it is logged and counted before the process exits.
+    pub(crate) async fn graceful_timeout_passed(&self) {
+        let notified = self.cut_notify.notified();
+        if self.cutting.get() {
+            return;
+        }
+        notified.await;
+    }
+
+    pub(crate) fn cutting(&self) -> bool {
+        self.cutting.get()
+    }
+
+    /// Raises [`Self::graceful_timeout_passed`].
+    pub(crate) fn cut_open_connections(&self) {
+        self.cutting.set(true);
+        self.cut_notify.notify_waiters();
     }
 
     /// Whether a new process took this one's sockets over (binary upgrade): the node then

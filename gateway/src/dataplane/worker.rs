@@ -176,6 +176,10 @@ async fn run_worker<D: Driver>(
     let cut_deadline = deadline + CUT_GRACE;
     while worker.active.get() > 0 && Instant::now() < cut_deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
+        if Instant::now() >= deadline && !worker.cutting() {
+            // HTTP/1 tunnels end here (HTTP/2 connections watch the deadline themselves).
+            worker.cut_open_connections();
+        }
         worker.log.borrow_mut().flush();
         // Keep the heartbeat (and the metrics) going: a drain is not a hang.
         if last_publish.elapsed() >= Duration::from_millis(200) {

@@ -54,6 +54,8 @@ pub enum CloseReason {
     UpstreamClosed,
     /// A read or write failed (reset, broken pipe).
     Error,
+    /// A drain's `graceful_timeout` ran out with the tunnel open.
+    Drain,
 }
 
 impl CloseReason {
@@ -63,6 +65,7 @@ impl CloseReason {
             CloseReason::ClientClosed => "client_closed",
             CloseReason::UpstreamClosed => "upstream_closed",
             CloseReason::Error => "error",
+            CloseReason::Drain => "drain",
         }
     }
 }
@@ -147,6 +150,13 @@ pub async fn run<S: Stream>(
 ) -> TunnelBytes {
     let started = Instant::now();
     let progress = Progress::new();
+    // What ends a tunnel from outside: nothing moved for `idle`, or a drain ran out of time.
+    let stop = async {
+        tokio::select! {
+            () = watchdog(&progress.last_activity, idle) => CloseReason::Idle,
+            () = w.graceful_timeout_passed() => CloseReason::Drain,
+        }
+    };
     let pipes = if splice::enabled() && spliceable(client) && spliceable(upstream) {
         pipe::take_pair(w.snapshot().server.pipes_per_worker)
     } else {
@@ -171,7 +181,7 @@ pub async fn run<S: Stream>(
                 from_client,
                 &from_upstream,
                 &progress,
-                idle,
+                stop,
             )
             .await;
             w.give_buf(from_upstream);
@@ -185,7 +195,7 @@ pub async fn run<S: Stream>(
                 from_upstream,
                 w,
                 &progress,
-                idle,
+                stop,
             )
             .await;
             PATH_COPY
@@ -282,7 +292,7 @@ async fn run_splice<S: Stream>(
     from_client: &[u8],
     from_upstream: &[u8],
     progress: &Progress,
-    idle: Duration,
+    stop: impl std::future::Future<Output = CloseReason>,
 ) {
     let both = async {
         tokio::try_join!(
@@ -313,7 +323,7 @@ async fn run_splice<S: Stream>(
                 progress.ended(CloseReason::Error);
             }
         }
-        _ = watchdog(&progress.last_activity, idle) => progress.ended(CloseReason::Idle),
+        reason = stop => progress.ended(reason),
     }
     // Both directions are over (or abandoned): make sure neither peer waits on us.
     client.abort();
@@ -404,7 +414,7 @@ async fn run_copy<S: Stream>(
     from_upstream: BytesMut,
     w: &Worker<S>,
     progress: &Progress,
-    idle: Duration,
+    stop: impl std::future::Future<Output = CloseReason>,
 ) {
     let mut first_up = w.take_buf();
     first_up.extend_from_slice(from_client);
@@ -420,10 +430,10 @@ async fn run_copy<S: Stream>(
                 w.give_buf(buf);
             }
         }
-        _ = watchdog(&progress.last_activity, idle) => {
+        reason = stop => {
             // Shutting both sockets down completes the reads still in flight (their
             // futures are dropped here; tokio-uring does not cancel them).
-            progress.ended(CloseReason::Idle);
+            progress.ended(reason);
             client.abort();
             upstream.abort();
         }
