@@ -268,3 +268,79 @@ fn http2_streams_beyond_the_free_descriptors_wait_and_are_served() {
     );
     drop(held);
 }
+
+/// Idle upstream connections kept beyond `keepalive` (`keepalive_linger`) hold descriptors
+/// that neither `max_connections` nor the pipe budget counts. One client's bursts of HTTP/2
+/// streams to several upstreams in turn (each leaving a burst's connections idle) must not
+/// fill the process with them and get another client's accepts refused or its requests
+/// 500 (attack report on the linger, F1: 265 of 381 of the victim's connections refused).
+#[test]
+fn lingering_idle_connections_never_lock_other_clients_out() {
+    use gateway_tests::h2::{exchange, H2Client, H2Req};
+    let origin = Origin::start(|_| Reply::ok("ok").delay(Duration::from_millis(20)));
+    let mut config = Config::new().workers(1).listener_raw("h2c", "true");
+    for name in ["a", "b", "c", "d", "victim"] {
+        config = config.upstream(Upstream::new(name, &[origin.addr()]).keepalive(2));
+    }
+    for name in ["a", "b", "c", "d"] {
+        config = config.route(Route::prefix("/", name).host(name));
+    }
+    config = config.route(Route::prefix("/", "victim").connect_timeout("2s"));
+    // The derived max_connections for 256 descriptors is 48: 45 streams fit beside the
+    // attacker's connection and the victim's.
+    let gw = Gateway::with_nofile(&config, NOFILE);
+    let addr = gw.http_addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let client = H2Client::connect(addr);
+            let mut bursts = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let host = ["a", "b", "c", "d"][bursts % 4];
+                client.rt.block_on(async {
+                    let streams: Vec<_> = (0..45)
+                        .map(|i| {
+                            let mut send = client.send.clone();
+                            let req = H2Req::get(&format!("/burst/{i}")).authority(host);
+                            tokio::spawn(async move { exchange(&mut send, &req).await })
+                        })
+                        .collect();
+                    for s in streams {
+                        let _ = s.await;
+                    }
+                });
+                bursts += 1;
+            }
+            bursts
+        })
+    };
+    let (mut ok, mut failed) = (0, Vec::new());
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let answer = (|| -> std::io::Result<String> {
+            use std::io::Write;
+            let mut s = TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET /v HTTP/1.1\r\nHost: victim.test\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match answer {
+            Ok(r) if r.starts_with("HTTP/1.1 200") => ok += 1,
+            other => failed.push(format!("{other:?}").chars().take(80).collect::<String>()),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let bursts = attacker.join().expect("attacker");
+    assert!(bursts >= 8, "the attacker ran only {bursts} bursts");
+    assert!(
+        failed.is_empty(),
+        "{} of {} victim requests failed while one client burst to 4 upstreams: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 20, "only {ok} victim requests in 4 s");
+}

@@ -143,6 +143,17 @@ impl<S: Stream> Worker<S> {
         }
     }
 
+    /// While descriptors are short (an accept refused for the reserve, a connect waiting
+    /// for a descriptor), closes the idle upstream connections kept beyond `keepalive`:
+    /// they are the descriptors the gateway can give back at once.
+    pub(crate) fn drop_lingering_if_short(&self) {
+        if crate::util::budget::under_descriptor_pressure() {
+            for pool in self.upstreams.borrow_mut().values_mut() {
+                pool.drop_lingering();
+            }
+        }
+    }
+
     /// Buffers taken and not given back.
     #[cfg(test)]
     pub(crate) fn bufs_lent(&self) -> isize {

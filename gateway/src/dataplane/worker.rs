@@ -135,6 +135,7 @@ async fn run_worker<D: Driver>(
             _ = tick.tick() => {
                 ticks += 1;
                 worker.log.borrow_mut().flush();
+                worker.drop_lingering_if_short();
                 // Also here, should a notification ever be missed.
                 reconcile_if_reloaded::<D>(&worker, &mut listeners);
                 if ticks.is_multiple_of(5) {

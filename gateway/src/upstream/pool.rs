@@ -46,6 +46,7 @@ impl<S: Stream> WorkerUpstream<S> {
     /// reload or its names' new addresses rebuilt it): the idle connections to servers
     /// that stay (same address) carry over; those to servers gone close with `old`.
     pub(crate) fn replacing(upstream: Arc<Upstream>, mut old: WorkerUpstream<S>) -> Self {
+        let lingering_before = old.lingering();
         let mut new = Self::new(upstream);
         for (i, server) in new.upstream.servers.iter().enumerate() {
             if let Some(j) = old
@@ -60,25 +61,48 @@ impl<S: Stream> WorkerUpstream<S> {
                 new.idle[i] = idle;
             }
         }
+        // `old`'s drop counts out what it still holds.
+        crate::util::budget::lingering_changed(
+            (old.lingering() + new.lingering()) as i64 - lingering_before as i64,
+        );
         // In-flight counts stay with `old`'s entry: the requests that hold them finish
         // on the upstream they started with.
         new
     }
 
+    /// Idle connections held beyond `keepalive` (lingering), counted process-wide.
+    fn lingering(&self) -> usize {
+        self.idle_count.saturating_sub(self.upstream.keepalive)
+    }
+
+    /// Runs `f`, which changes the idle connections, and counts the change in lingering
+    /// ones process-wide (`budget::may_linger` caps them).
+    fn counting_lingering<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let before = self.lingering();
+        let out = f(self);
+        let after = self.lingering();
+        if after != before {
+            crate::util::budget::lingering_changed(after as i64 - before as i64);
+        }
+        out
+    }
+
     /// An idle connection to `server` that is still open, if any. Connections the upstream
     /// closed while they sat idle (EOF or stray bytes waiting) are dropped here.
     pub(crate) fn take_idle(&mut self, server: usize) -> Option<S> {
-        let now = clock::now_ms();
-        let max_idle = self.upstream.idle_timeout.as_millis() as u64;
-        while let Some(idle) = self.idle[server].pop() {
-            self.idle_count -= 1;
-            if now.saturating_sub(idle.since_ms) < max_idle
-                && idle_connection_alive(idle.conn.raw_fd())
-            {
-                return Some(idle.conn);
+        self.counting_lingering(|pool| {
+            let now = clock::now_ms();
+            let max_idle = pool.upstream.idle_timeout.as_millis() as u64;
+            while let Some(idle) = pool.idle[server].pop() {
+                pool.idle_count -= 1;
+                if now.saturating_sub(idle.since_ms) < max_idle
+                    && idle_connection_alive(idle.conn.raw_fd())
+                {
+                    return Some(idle.conn);
+                }
             }
-        }
-        None
+            None
+        })
     }
 
     /// An idle connection to `preferred`, else to any other server of this upstream that is
@@ -104,21 +128,26 @@ impl<S: Stream> WorkerUpstream<S> {
     }
 
     /// Keeps a connection for reuse: within `keepalive`, or beyond it for
-    /// `keepalive_linger` (the sweep closes it then); with `keepalive = 0` or no linger, a
-    /// connection beyond `keepalive` is closed at once. Either way a request of this worker
-    /// waiting for a descriptor may now find one (or this very connection): it is woken.
+    /// `keepalive_linger` (the sweep closes it then) while descriptors allow
+    /// (`budget::may_linger`); with `keepalive = 0` or no linger, a connection beyond
+    /// `keepalive` is closed at once. Either way a request of this worker waiting for a
+    /// descriptor may now find one (or this very connection): it is woken.
     pub(crate) fn put_idle(&mut self, server: usize, conn: S) {
         crate::util::budget::descriptor_freed();
         let up = &self.upstream;
-        let full =
-            self.idle_count >= up.keepalive && (up.keepalive == 0 || up.keepalive_linger.is_zero());
+        let full = self.idle_count >= up.keepalive
+            && (up.keepalive == 0
+                || up.keepalive_linger.is_zero()
+                || !crate::util::budget::may_linger());
         if full || server >= self.idle.len() {
             return;
         }
-        self.idle_count += 1;
-        self.idle[server].push(Idle {
-            conn,
-            since_ms: clock::now_ms(),
+        self.counting_lingering(|pool| {
+            pool.idle_count += 1;
+            pool.idle[server].push(Idle {
+                conn,
+                since_ms: clock::now_ms(),
+            });
         });
     }
 
@@ -126,16 +155,29 @@ impl<S: Stream> WorkerUpstream<S> {
     /// linger in CLOSE_WAIT until the next request happens to look at them; then those
     /// beyond `keepalive` that have lingered `keepalive_linger`, oldest first.
     pub(crate) fn sweep(&mut self) {
-        let now = clock::now_ms();
-        let max_idle = self.upstream.idle_timeout.as_millis() as u64;
-        for list in &mut self.idle {
-            let before = list.len();
-            list.retain(|i| {
-                now.saturating_sub(i.since_ms) < max_idle && idle_connection_alive(i.conn.raw_fd())
-            });
-            self.idle_count -= before - list.len();
-        }
-        let linger = self.upstream.keepalive_linger.as_millis() as u64;
+        self.counting_lingering(|pool| {
+            let now = clock::now_ms();
+            let max_idle = pool.upstream.idle_timeout.as_millis() as u64;
+            for list in &mut pool.idle {
+                let before = list.len();
+                list.retain(|i| {
+                    now.saturating_sub(i.since_ms) < max_idle
+                        && idle_connection_alive(i.conn.raw_fd())
+                });
+                pool.idle_count -= before - list.len();
+            }
+            pool.close_lingering(pool.upstream.keepalive_linger.as_millis() as u64, now);
+        });
+    }
+
+    /// Closes at once the idle connections beyond `keepalive`: descriptors ran short.
+    pub(crate) fn drop_lingering(&mut self) {
+        self.counting_lingering(|pool| pool.close_lingering(0, clock::now_ms()));
+    }
+
+    /// Closes the oldest idle connections beyond `keepalive` that have been idle for
+    /// `linger_ms` or more.
+    fn close_lingering(&mut self, linger_ms: u64, now: u64) {
         while self.idle_count > self.upstream.keepalive {
             // Each list is oldest first (connections are pushed as they come back).
             let Some((oldest, since)) = self
@@ -147,7 +189,7 @@ impl<S: Stream> WorkerUpstream<S> {
             else {
                 break;
             };
-            if now.saturating_sub(since) < linger {
+            if now.saturating_sub(since) < linger_ms {
                 break;
             }
             self.idle[oldest].remove(0);
@@ -157,6 +199,12 @@ impl<S: Stream> WorkerUpstream<S> {
 
     pub(crate) fn idle_count(&self) -> usize {
         self.idle_count
+    }
+}
+
+impl<S: Stream> Drop for WorkerUpstream<S> {
+    fn drop(&mut self) {
+        crate::util::budget::lingering_changed(-(self.lingering() as i64));
     }
 }
 

@@ -147,6 +147,9 @@ pub(crate) fn over_budget(buffer: Buffer, peer: Option<std::net::SocketAddr>) {
 /// A connection, an upstream connect or a slow client was refused for a limit or shortage
 /// of the gateway's own: count, log at a bounded rate.
 pub fn refused(reason: Refusal, detail: &dyn std::fmt::Display) {
+    if reason == Refusal::FdReserve {
+        descriptor_pressure();
+    }
     if let Some(n) = REFUSED[reason as usize].hit() {
         tracing::warn!(
             reason = reason.label(),
@@ -299,6 +302,47 @@ static DESCRIPTOR_WAITS: AtomicU64 = AtomicU64::new(0);
 /// Counts one upstream connect that began to wait for a descriptor.
 pub(crate) fn descriptor_wait() {
     DESCRIPTOR_WAITS.fetch_add(1, Ordering::Relaxed);
+    descriptor_pressure();
+}
+
+/// When an accept or a connect last found descriptors short (`clock::now_ms`; 0: never).
+static DESCRIPTOR_PRESSURE_MS: AtomicU64 = AtomicU64::new(0);
+
+/// How long after a shortage idle connections beyond `keepalive` are not kept at all.
+const PRESSURE_HOLD_MS: u64 = 10_000;
+
+/// Idle upstream connections kept beyond `keepalive` (`keepalive_linger`), all workers.
+static LINGERING: AtomicU64 = AtomicU64::new(0);
+
+/// Records a descriptor shortage: every worker closes its lingering idle connections at
+/// its next tick (200 ms), and keeps none for [`PRESSURE_HOLD_MS`].
+fn descriptor_pressure() {
+    DESCRIPTOR_PRESSURE_MS.store(crate::util::clock::now_ms(), Ordering::Relaxed);
+}
+
+/// Whether descriptors ran short lately (see [`descriptor_pressure`]).
+pub(crate) fn under_descriptor_pressure() -> bool {
+    let at = DESCRIPTOR_PRESSURE_MS.load(Ordering::Relaxed);
+    at != 0 && crate::util::clock::now_ms().saturating_sub(at) < PRESSURE_HOLD_MS
+}
+
+/// Whether one more idle connection may be kept beyond `keepalive`. Those hold descriptors
+/// that neither `max_connections` nor the pipe budget counts, so all workers together keep
+/// at most an eighth of the usable descriptors so, and none while descriptors are short:
+/// a client's bursts to many upstreams cannot fill the process up with idle connections
+/// and get other clients' accepts refused.
+pub(crate) fn may_linger() -> bool {
+    let cap = nofile().saturating_sub(FD_FIXED) / 8;
+    LINGERING.load(Ordering::Relaxed) < cap && !under_descriptor_pressure()
+}
+
+/// Adjusts the count of lingering connections by `delta`.
+pub(crate) fn lingering_changed(delta: i64) {
+    if delta >= 0 {
+        LINGERING.fetch_add(delta as u64, Ordering::Relaxed);
+    } else {
+        LINGERING.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+    }
 }
 
 /// This worker's requests waiting for a descriptor, and the signal that wakes them.
