@@ -491,6 +491,14 @@ fn a_client_reset_closes_the_upstream_connection() {
             )
             .is_some_and(|n| n >= 2.0)
     });
+    // Both reached the origin: logged 499 with it, as HTTP/1 logs a request its client left.
+    let upstream = origin.addr().to_string();
+    for path in ["/slow", "/partial"] {
+        let line = gw.wait_access_line(Duration::from_secs(5), |l| {
+            l.contains(&format!("\"GET {path} HTTP/2.0\" 499"))
+        });
+        assert!(line.ends_with(&upstream), "{line}");
+    }
 }
 
 #[test]
@@ -1783,6 +1791,12 @@ fn streams_cut_by_the_client_closing_its_connection_are_logged_and_counted() {
             .count()
             == 3
     });
+    // They reached the origin: logged with it, as HTTP/1 logs a request its client left
+    // (attack report on the linger, F2: `-`, as if no server had been involved).
+    let upstream = origin.addr().to_string();
+    for line in gw.access_log().lines().filter(|l| l.contains("/plain/cut")) {
+        assert!(line.ends_with(&upstream), "{line}");
+    }
     wait_until(Duration::from_secs(10), "and counted", || {
         scrape(gw.admin_addr()).sum(
             "gateway_http_requests_total",

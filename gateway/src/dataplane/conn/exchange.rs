@@ -93,6 +93,9 @@ pub struct Exchange<'a, S: Stream> {
     pub request_buffering: usize,
     /// The `Sec-WebSocket-Accept` a 101 must carry; `None`: a 101 is refused.
     pub(crate) ws_accept: Option<[u8; 28]>,
+    /// The server the request went to last, set once connected: a caller that drops the
+    /// exchange (an HTTP/2 stream reset by its client) still logs where it went.
+    pub(crate) server: std::cell::Cell<Option<usize>>,
 }
 
 /// A response relayed (or a tunnel to run).
@@ -237,6 +240,7 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
                 }
             },
         };
+        x.server.set(Some(server));
         let active = ActiveGuard::new(w, upstream, server);
         // A buffer left with an abandoned operation is replaced for the next attempt.
         out.ensure();
@@ -857,6 +861,7 @@ upstream = "app"
             client_ip: "198.51.100.7".parse().unwrap(),
             request_buffering: snap.server.request_buffering,
             ws_accept: None,
+            server: std::cell::Cell::new(None),
         };
         let mut resp = ResponseHead::default();
         run(&x, client, &mut resp).await

@@ -719,6 +719,7 @@ async fn proxy<'s, S: Stream>(
         client_ip,
         request_buffering: settings.request_buffering,
         ws_accept: upgrade.then(|| crate::protocol::http1::head::websocket_accept(buf, head)),
+        server: std::cell::Cell::new(None),
     };
     let done = exchange::run(&x, &mut downstream, resp).await?;
     let consumed = head.len + prefix;

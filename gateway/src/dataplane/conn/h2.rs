@@ -756,6 +756,7 @@ async fn proxy<'s, S: Stream>(
         client_ip,
         request_buffering: settings.request_buffering,
         ws_accept: req.is_websocket().then(|| req.websocket_accept()),
+        server: std::cell::Cell::new(None),
     };
     let mut resp = ResponseHead::default();
     // A client's RST_STREAM drops the exchange wherever it waits (connecting, on the
@@ -766,7 +767,8 @@ async fn proxy<'s, S: Stream>(
         r = exchange::run(&x, &mut s, &mut resp) => r,
         reset = poll_fn(|cx| watch.borrow_mut().poll_reset(cx)) => {
             s.reset_by_client = reset.is_ok();
-            Err(Failure::before_response(HttpError::ClientGone("stream reset"), None))
+            // Logged with the server the request reached, if it got that far.
+            Err(Failure::before_response(HttpError::ClientGone("stream reset"), x.server.get()))
         }
     };
     let label = |server: Option<usize>| server.map(|i| upstream.servers[i].label.as_str());
