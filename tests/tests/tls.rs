@@ -47,6 +47,8 @@ struct Handshake {
     cipher: String,
     /// The response to our request came back (status line 200).
     answered: bool,
+    /// TLS 1.3 session tickets (NewSessionTicket messages) the server sent.
+    tickets: usize,
     output: String,
 }
 
@@ -81,6 +83,9 @@ fn s_client(addr: SocketAddr, args: &[&str]) -> Handshake {
         reused: summary.starts_with("Reused"),
         cipher: summary.rsplit(' ').next().unwrap_or("").to_string(),
         answered: output.contains("HTTP/1.1 200"),
+        tickets: output
+            .matches("Post-Handshake New Session Ticket arrived")
+            .count(),
         output,
     }
 }
@@ -133,6 +138,38 @@ fn sessions_resume_on_every_worker() {
             || handshakes(&g.gw, "resumed") >= resumed_before + 12,
         );
     }
+}
+
+/// Two TLS 1.3 tickets after a full handshake (a client may open two resumed connections at
+/// once), one after a resumed handshake (it replaces the ticket spent), as nginx does; and
+/// the ticket from a resumed handshake resumes in turn. The count follows what the
+/// ClientHello offers, not what came of it: a ticket a restarted gateway cannot decrypt
+/// makes a full handshake that sends one ticket, enough to resume next time.
+#[test]
+fn tickets_two_after_a_full_handshake_one_after_a_resumed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = tls_gateway(dir.path());
+    let first = dir.path().join("first.pem");
+    let chained = dir.path().join("chained.pem");
+    let (first, chained) = (first.to_str().unwrap(), chained.to_str().unwrap());
+    let full = s_client(g.tls, &["-tls1_3", "-sess_out", first]);
+    assert!(!full.reused && full.answered, "{}", full.output);
+    assert_eq!(full.tickets, 2, "{}", full.output);
+    let resumed = s_client(g.tls, &["-tls1_3", "-sess_in", first, "-sess_out", chained]);
+    assert!(resumed.reused && resumed.answered, "{}", resumed.output);
+    assert_eq!(resumed.tickets, 1, "{}", resumed.output);
+    let again = s_client(g.tls, &["-tls1_3", "-sess_in", chained]);
+    assert!(again.reused && again.answered, "{}", again.output);
+    assert_eq!(again.tickets, 1, "{}", again.output);
+    drop(g);
+    let g = tls_gateway(dir.path());
+    let fresh = dir.path().join("fresh.pem");
+    let fresh = fresh.to_str().unwrap();
+    let stale = s_client(g.tls, &["-tls1_3", "-sess_in", chained, "-sess_out", fresh]);
+    assert!(!stale.reused && stale.answered, "{}", stale.output);
+    assert_eq!(stale.tickets, 1, "{}", stale.output);
+    let after = s_client(g.tls, &["-tls1_3", "-sess_in", fresh]);
+    assert!(after.reused && after.answered, "{}", after.output);
 }
 
 /// A reload keeps the ticket keys and the session cache (`TlsAcceptor::rebuild`), also

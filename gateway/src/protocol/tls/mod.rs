@@ -15,6 +15,7 @@
 //!
 //! [`Stream`]: crate::io::Stream
 
+mod random;
 pub mod stream;
 
 pub use stream::{accept, accept_with_prefix, HandshakeInfo, TlsStream};
@@ -45,6 +46,15 @@ use rustls::crypto::ring as crypto;
 
 /// The only application protocol offered: the proxy speaks HTTP/1.1 to clients.
 const ALPN_HTTP_1_1: &[u8] = b"http/1.1";
+
+/// TLS 1.3 session tickets sent after a full handshake: two, so a client can open two
+/// resumed connections at once (tickets are single-use, RFC 8446 §C.4).
+pub(crate) const TICKETS_WHEN_FULL: usize = 2;
+
+/// TLS 1.3 session tickets sent after a handshake whose ClientHello offered one: one, to
+/// replace the ticket it spent, as OpenSSL (nginx) does. Each ticket costs random values, an
+/// HKDF, an AEAD seal and about 250 bytes on the wire on every reconnect.
+pub(crate) const TICKETS_WHEN_RESUMING: usize = 1;
 
 /// Why a TLS acceptor could not be built or a handshake failed. The `kind` of a handshake
 /// failure is its metric label ([`TlsError::metric_label`]).
@@ -86,7 +96,11 @@ impl TlsError {
 /// Cheap to clone; `Send + Sync`, built once per config and shared by all workers.
 #[derive(Clone)]
 pub struct TlsAcceptor {
+    /// For handshakes whose ClientHello offers no session to resume: full handshakes.
     config: Arc<ServerConfig>,
+    /// The same, sending [`TICKETS_WHEN_RESUMING`] TLS 1.3 tickets instead of
+    /// [`TICKETS_WHEN_FULL`]: for ClientHellos that offer a ticket (`pre_shared_key`).
+    resuming: Arc<ServerConfig>,
     /// The DNS names the certificates cover, in config order, for logs and reload summaries.
     names: Arc<[String]>,
 }
@@ -126,8 +140,15 @@ impl TlsAcceptor {
         &self.names
     }
 
-    pub(crate) fn server_config(&self) -> &Arc<ServerConfig> {
-        &self.config
+    /// The configuration for a handshake: `offers_ticket` if the ClientHello offers a
+    /// session to resume (TLS 1.3 `pre_shared_key`), which changes only how many tickets
+    /// are sent.
+    pub(crate) fn server_config(&self, offers_ticket: bool) -> &Arc<ServerConfig> {
+        if offers_ticket {
+            &self.resuming
+        } else {
+            &self.config
+        }
     }
 }
 
@@ -137,10 +158,14 @@ impl TlsAcceptor {
     /// The same certificates and resumption state, offering `protocols` in ALPN (in order
     /// of preference, e.g. `[b"h2", b"http/1.1"]`).
     pub fn with_alpn(&self, protocols: &[&[u8]]) -> TlsAcceptor {
-        let mut config = (*self.config).clone();
-        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+        let alpn = |config: &ServerConfig| {
+            let mut config = config.clone();
+            config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+            Arc::new(config)
+        };
         TlsAcceptor {
-            config: Arc::new(config),
+            config: alpn(&self.config),
+            resuming: alpn(&self.resuming),
             names: self.names.clone(),
         }
     }
@@ -194,8 +219,12 @@ fn build(
     // 0-RTT data can be replayed by an attacker; a proxy cannot know which requests are
     // idempotent upstream. rustls' default is already 0; stated here because it matters.
     config.max_early_data_size = 0;
+    config.send_tls13_tickets = TICKETS_WHEN_FULL;
+    let mut resuming = config.clone();
+    resuming.send_tls13_tickets = TICKETS_WHEN_RESUMING;
     Ok(TlsAcceptor {
         config: Arc::new(config),
+        resuming: Arc::new(resuming),
         names: names.into(),
     })
 }
@@ -212,9 +241,14 @@ fn build(
 /// on the CPU's SHA instructions. AES-128-GCM is what browsers, Go and BoringSSL servers pick
 /// first anyway, with 128-bit security. The cost: a client without AES instructions that
 /// prefers ChaCha20 gets AES-GCM too.
+///
+/// The randomness rustls itself draws (server randoms, ticket nonces) comes from a
+/// per-thread pool of kernel randomness ([`random`]), one `getrandom` per 4 KiB instead of
+/// one per value.
 pub(crate) fn provider() -> CryptoProvider {
     let mut provider = crypto::default_provider();
     provider.cipher_suites.sort_by_key(suite_rank);
+    provider.secure_random = &random::OS_RANDOM_POOL;
     provider
 }
 

@@ -108,8 +108,10 @@ pub async fn accept_with_prefix<S: Stream>(
     timeout: Duration,
 ) -> Result<TlsStream<S>, TlsError> {
     let started = Instant::now();
+    // Started for a resumption (the hot reconnect path); a ClientHello that offers no
+    // ticket switches it to the full handshake's configuration (`await_client_hello`).
     let conn =
-        ServerConnection::new(acceptor.server_config().clone()).map_err(TlsError::Protocol)?;
+        ServerConnection::new(acceptor.server_config(true).clone()).map_err(TlsError::Protocol)?;
     let mut stream = TlsStream {
         inner,
         conn: RefCell::new(conn),
@@ -131,7 +133,11 @@ pub async fn accept_with_prefix<S: Stream>(
         .set_buffer_limit(Some(WRITE_BUFFER_LIMIT));
     // The whole handshake under one deadline. A timeout drops the handshake future with a
     // socket read in flight; `abort` shuts the socket so that read completes (crate::io).
-    match tokio::time::timeout(timeout, stream.drive_handshake()).await {
+    let handshake = async {
+        stream.await_client_hello(acceptor).await?;
+        stream.drive_handshake().await
+    };
+    match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             stream.abort();
@@ -153,6 +159,68 @@ pub async fn accept_with_prefix<S: Stream>(
         sni: conn.server_name().map(Into::into),
     };
     Ok(stream)
+}
+
+/// Whether the first TLS record in `bytes` is a ClientHello with a `pre_shared_key`
+/// extension (RFC 8446 §4.2.11: a ticket offered for resumption); `None` while that record
+/// is incomplete. Only a hint for how many tickets to send: rustls parses and checks the
+/// hello itself, so anything unexpected here (not a handshake record, a hello split over
+/// records, a malformed one) answers `false`, the full handshake's configuration.
+fn hello_offers_ticket(bytes: &[u8]) -> Option<bool> {
+    /// TLSPlaintext.type handshake, RFC 8446 §5.1.
+    const HANDSHAKE_RECORD: u8 = 22;
+    /// The largest plaintext record, RFC 8446 §5.1.
+    const MAX_RECORD: usize = 1 << 14;
+
+    let header = bytes.get(..5)?;
+    let record_len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    if header[0] != HANDSHAKE_RECORD || record_len > MAX_RECORD {
+        return Some(false);
+    }
+    let record = bytes.get(5..5 + record_len)?;
+    Some(parse_hello_for_ticket(record).unwrap_or(false))
+}
+
+/// [`hello_offers_ticket`]'s walk over a complete record (RFC 8446 §4.1.2 layout); `None`
+/// where it does not parse.
+fn parse_hello_for_ticket(record: &[u8]) -> Option<bool> {
+    /// HandshakeType client_hello, RFC 8446 §4.
+    const CLIENT_HELLO: u8 = 1;
+    /// ExtensionType pre_shared_key, RFC 8446 §4.2.
+    const PRE_SHARED_KEY: usize = 41;
+
+    /// Takes `n` bytes off the front of `rest`.
+    fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
+        *rest = tail;
+        Some(head)
+    }
+    fn u16_at(rest: &mut &[u8]) -> Option<usize> {
+        take(rest, 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    }
+    let mut rest = record;
+    let header = take(&mut rest, 4)?;
+    if header[0] != CLIENT_HELLO {
+        return Some(false);
+    }
+    take(&mut rest, 2 + 32)?; // legacy_version, random
+    let session_id_len = usize::from(take(&mut rest, 1)?[0]);
+    take(&mut rest, session_id_len)?;
+    let suites_len = u16_at(&mut rest)?;
+    take(&mut rest, suites_len)?;
+    let compression_len = usize::from(take(&mut rest, 1)?[0]);
+    take(&mut rest, compression_len)?;
+    let extensions_len = u16_at(&mut rest)?;
+    let mut extensions = take(&mut rest, extensions_len)?;
+    while !extensions.is_empty() {
+        let kind = u16_at(&mut extensions)?;
+        let len = u16_at(&mut extensions)?;
+        take(&mut extensions, len)?;
+        if kind == PRE_SHARED_KEY {
+            return Some(true);
+        }
+    }
+    Some(false)
 }
 
 /// What one synchronous pass over rustls found for a reader.
@@ -180,6 +248,34 @@ impl<S: Stream> TlsStream<S> {
     /// The socket under the TLS layer.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// Reads until `incoming` holds the first record, and starts the handshake over with
+    /// the full handshake's configuration unless that record is a ClientHello offering a
+    /// ticket ([`hello_offers_ticket`]). The only difference is how many TLS 1.3 tickets go
+    /// out at the end ([`super::TICKETS_WHEN_RESUMING`]); rustls has taken no input yet.
+    async fn await_client_hello(&self, acceptor: &TlsAcceptor) -> Result<(), TlsError> {
+        let offers_ticket = loop {
+            let incoming = self.incoming.take();
+            let decided = hello_offers_ticket(&incoming);
+            self.incoming.set(incoming);
+            if let Some(offers) = decided {
+                break offers;
+            }
+            if self.fill_incoming().await.map_err(TlsError::Io)? == 0 {
+                return Err(TlsError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "client closed the connection",
+                )));
+            }
+        };
+        if !offers_ticket {
+            let mut conn = ServerConnection::new(acceptor.server_config(false).clone())
+                .map_err(TlsError::Protocol)?;
+            conn.set_buffer_limit(Some(WRITE_BUFFER_LIMIT));
+            *self.conn.borrow_mut() = conn;
+        }
+        Ok(())
     }
 
     /// Drives the handshake until it is complete and every flight rustls made is on the
@@ -596,5 +692,85 @@ impl<S: Stream> Stream for MaybeTls<S> {
 
     async fn yield_to_driver() {
         S::yield_to_driver().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hello_offers_ticket;
+
+    /// A TLS record holding a ClientHello (RFC 8446 §4.1.2) with `extensions` (type, body).
+    fn client_hello_record(extensions: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut exts = Vec::new();
+        for (kind, body) in extensions {
+            exts.extend_from_slice(&kind.to_be_bytes());
+            exts.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            exts.extend_from_slice(body);
+        }
+        let mut hello = vec![3, 3];
+        hello.extend_from_slice(&[7; 32]); // random
+        hello.push(32);
+        hello.extend_from_slice(&[9; 32]); // legacy_session_id
+        hello.extend_from_slice(&[0, 2, 0x13, 0x01]); // cipher_suites
+        hello.extend_from_slice(&[1, 0]); // legacy_compression_methods
+        hello.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+        hello.extend_from_slice(&exts);
+        let mut message = vec![1];
+        message.extend_from_slice(&(hello.len() as u32).to_be_bytes()[1..]);
+        message.extend_from_slice(&hello);
+        let mut record = vec![22, 3, 1];
+        record.extend_from_slice(&(message.len() as u16).to_be_bytes());
+        record.extend_from_slice(&message);
+        record
+    }
+
+    #[test]
+    fn a_hello_offering_a_ticket_is_recognised() {
+        // server_name, supported_versions, then pre_shared_key last (RFC 8446 §4.2.11).
+        let record = client_hello_record(&[(0, b"\0\0"), (43, b"\x02\x03\x04"), (41, &[5; 40])]);
+        assert_eq!(hello_offers_ticket(&record), Some(true));
+        // Bytes after the record (the rest of the flight) change nothing.
+        let mut more = record.clone();
+        more.extend_from_slice(&[20, 3, 3, 0, 1, 1]);
+        assert_eq!(hello_offers_ticket(&more), Some(true));
+    }
+
+    #[test]
+    fn a_hello_without_a_ticket_is_a_full_handshake() {
+        let record = client_hello_record(&[(0, b"\0\0"), (43, b"\x02\x03\x04")]);
+        assert_eq!(hello_offers_ticket(&record), Some(false));
+        assert_eq!(hello_offers_ticket(&client_hello_record(&[])), Some(false));
+    }
+
+    #[test]
+    fn an_incomplete_record_waits_for_more() {
+        let record = client_hello_record(&[(41, &[5; 40])]);
+        for cut in [0, 1, 4, 5, 50, record.len() - 1] {
+            assert_eq!(hello_offers_ticket(&record[..cut]), None, "cut at {cut}");
+        }
+    }
+
+    /// Whatever is not a well-formed hello in one record is left to rustls to refuse, with
+    /// the full handshake's configuration: never a wait for bytes that may not come.
+    #[test]
+    fn anything_else_is_decided_at_once() {
+        // Not a handshake record (an HTTP request on the TLS port), an oversized record.
+        assert_eq!(hello_offers_ticket(b"GET / HTTP/1.1\r\n"), Some(false));
+        assert_eq!(hello_offers_ticket(&[22, 3, 1, 0x48, 0x01]), Some(false));
+        // A handshake message that is not a ClientHello.
+        let mut record = client_hello_record(&[(41, &[5; 40])]);
+        record[5] = 2;
+        assert_eq!(hello_offers_ticket(&record), Some(false));
+        // An extension whose length runs past the record: malformed.
+        let mut record = client_hello_record(&[(0, b"\0\0"), (41, &[5; 40])]);
+        let n = record.len();
+        record[n - 41] = 0xff;
+        assert_eq!(hello_offers_ticket(&record), Some(false));
+        // A hello longer than its record (split over two records): the part in the first
+        // record does not reach the extensions.
+        let mut record = client_hello_record(&[(41, &[5; 40])]);
+        record.truncate(60);
+        record[3..5].copy_from_slice(&55u16.to_be_bytes());
+        assert_eq!(hello_offers_ticket(&record), Some(false));
     }
 }
