@@ -15,7 +15,6 @@
 //!
 //! [`Stream`]: crate::io::Stream
 
-mod random;
 pub mod stream;
 
 pub use stream::{accept, accept_with_prefix, HandshakeInfo, TlsStream};
@@ -241,14 +240,9 @@ fn build(
 /// on the CPU's SHA instructions. AES-128-GCM is what browsers, Go and BoringSSL servers pick
 /// first anyway, with 128-bit security. The cost: a client without AES instructions that
 /// prefers ChaCha20 gets AES-GCM too.
-///
-/// The randomness rustls itself draws (server randoms, ticket nonces) comes from a
-/// per-thread pool of kernel randomness ([`random`]), one `getrandom` per 4 KiB instead of
-/// one per value.
 pub(crate) fn provider() -> CryptoProvider {
     let mut provider = crypto::default_provider();
     provider.cipher_suites.sort_by_key(suite_rank);
-    provider.secure_random = &random::OS_RANDOM_POOL;
     provider
 }
 
