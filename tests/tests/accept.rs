@@ -5,8 +5,10 @@
 //! `GATEWAY_TEST_IO` selects, like every suite.
 
 use gateway_tests::client::Client;
-use gateway_tests::{Config, Gateway, Origin};
+use gateway_tests::control::scrape;
+use gateway_tests::{wait_until, Config, Gateway, Origin};
 use std::net::IpAddr;
+use std::time::Duration;
 
 /// More than one accept batch of the gateway (64 connections per readiness event).
 const BURST: usize = 200;
@@ -46,6 +48,23 @@ fn a_burst_larger_than_an_accept_batch_is_all_served() {
     }
     // The worker still accepts after the burst.
     assert_eq!(gw.get("/after").status, 200);
+}
+
+/// A connection whose request is not queued when it is accepted (here the request comes
+/// after the gateway counted the connection, in two writes) is read as it arrives: the
+/// batch of accepts leaves each connection to its own task.
+#[test]
+fn a_request_sent_after_the_accept_is_served() {
+    let origin = Origin::named("api");
+    let gw = Gateway::with(&Config::proxy_all(&[origin.addr()]).workers(1));
+    let mut c = Client::connect(gw.http_addr());
+    wait_until(Duration::from_secs(5), "the connection accepted", || {
+        scrape(gw.admin_addr()).get("gateway_connections_active", &[("listener", "http")])
+            == Some(1.0)
+    });
+    c.send(b"GET /late HTTP/1.1\r\n").unwrap();
+    c.send(b"Host: gw\r\n\r\n").unwrap();
+    assert_eq!(c.read_response().expect("a response").status, 200);
 }
 
 #[test]
