@@ -6,6 +6,7 @@
 use crate::dataplane::conn::{self, ListenerCtx};
 use crate::dataplane::ctx::Worker;
 use crate::io::driver::Driver;
+use crate::io::sockets::{accept_error_is_transient, accept_one, listening, Listening};
 use crate::io::{bind_reuseport, Stream};
 use crate::protocol::tls::stream::MaybeTls;
 use crate::snapshot::ListenerIdentity;
@@ -107,7 +108,7 @@ impl BoundListeners {
             for std_listener in sockets {
                 let fd = Rc::new(Cell::new(std_listener.as_raw_fd()));
                 let listener =
-                    D::listener(std_listener).map_err(|e| format!("listener {name:?}: {e}"))?;
+                    listening(std_listener).map_err(|e| format!("listener {name:?}: {e}"))?;
                 let current = Rc::new(RefCell::new(ListenerCtx::new(settings.clone())));
                 let stop = Rc::new(StopAccepting::default());
                 D::spawn(accept_loop::<D>(
@@ -206,9 +207,23 @@ fn listener_dead(e: &std::io::Error) -> bool {
     )
 }
 
+/// Connections an accept loop takes in a row on one readiness event before it lets the
+/// tasks of those connections (and every other task of the worker) run: a burst is
+/// accepted without a trip through the runtime per connection, and a flood cannot hold
+/// the worker in its accept loop.
+const ACCEPT_BATCH: usize = 64;
+
+/// How one readiness event of a listener ended.
+enum Accepted {
+    /// The accept queue is empty: wait for the next readiness event.
+    Drained,
+    /// [`ACCEPT_BATCH`] connections taken and more may be queued: yield, then go on.
+    Batch,
+}
+
 async fn accept_loop<D: Driver>(
     worker: Rc<Worker<MaybeTls<D::Stream>>>,
-    mut listener: D::Listener,
+    mut listener: Listening,
     addr: SocketAddr,
     fd: Rc<Cell<RawFd>>,
     current: Current,
@@ -221,15 +236,17 @@ async fn accept_loop<D: Driver>(
         _ = worker.shared.accepting() => {}
     }
     while !stop.stopped.get() {
-        // Both drivers accept on readiness, so dropping the accept future leaves nothing
-        // pending in the kernel: a connection is never taken by a loop that has stopped.
-        let accepted = tokio::select! {
+        // Readiness, then `accept4` in this task: dropping the wait leaves nothing pending
+        // in the kernel, so a connection is never taken by a loop that has stopped.
+        let ready = tokio::select! {
             biased;
             _ = stop.wake.notified() => break,
-            accepted = D::accept(&listener) => accepted,
+            ready = listener.readable() => ready,
         };
-        match accepted {
-            Ok((stream, peer)) => admit::<D>(&worker, &current, stream, peer),
+        let taken = ready.and_then(|mut ready| accept_ready::<D>(&worker, &current, &mut ready));
+        match taken {
+            Ok(Accepted::Drained) => {}
+            Ok(Accepted::Batch) => tokio::task::yield_now().await,
             Err(e) if listener_dead(&e) => {
                 match replace_dead_listener::<D>(&worker, addr, &fd, &stop, &e).await {
                     Some(fresh) => listener = fresh,
@@ -237,13 +254,42 @@ async fn accept_loop<D: Driver>(
                 }
             }
             Err(e) => {
-                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning; the connection
-                // stays in the backlog until descriptors free up. Logged at a bounded rate.
+                // EMFILE/ENFILE/ENOBUFS/ENOMEM: back off instead of spinning; the
+                // connection stays in the backlog until descriptors free up. Logged at a
+                // bounded rate.
                 crate::util::budget::refused(crate::util::budget::Refusal::FdReserve, &e);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     }
+}
+
+/// Takes the connections queued on a readable listener, up to [`ACCEPT_BATCH`], and
+/// admits each: one `accept4` per connection and one more that finds the queue empty and
+/// clears the readiness. An error is returned only when it concerns the listener (dead,
+/// out of descriptors or memory), not one connection.
+fn accept_ready<D: Driver>(
+    worker: &Rc<Worker<MaybeTls<D::Stream>>>,
+    current: &Current,
+    ready: &mut tokio::io::unix::AsyncFdReadyGuard<'_, std::net::TcpListener>,
+) -> std::io::Result<Accepted> {
+    let mut taken = 0;
+    while taken < ACCEPT_BATCH {
+        let accepted = match ready.try_io(|l| accept_one(l.get_ref(), D::ACCEPT_FLAGS)) {
+            // WouldBlock: the readiness is cleared, the next event wakes the loop.
+            Err(_would_block) => return Ok(Accepted::Drained),
+            Ok(accepted) => accepted,
+        };
+        taken += 1;
+        match accepted.and_then(|(socket, peer)| Ok((D::accepted(socket)?, peer))) {
+            Ok((stream, peer)) => admit::<D>(worker, current, stream, peer),
+            Err(e) if accept_error_is_transient(&e) => {
+                tracing::debug!(worker = worker.id, error = %e, "connection lost before its accept");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Accepted::Batch)
 }
 
 /// A listening socket died under this worker (`accept` fails with EINVAL, EBADF or
@@ -257,7 +303,7 @@ async fn replace_dead_listener<D: Driver>(
     fd: &Cell<RawFd>,
     stop: &StopAccepting,
     error: &std::io::Error,
-) -> Option<D::Listener> {
+) -> Option<Listening> {
     let shared = &worker.shared;
     let handing_over = || shared.handed_over.load(Ordering::SeqCst) || shared.is_draining();
     if handing_over() {
@@ -273,7 +319,7 @@ async fn replace_dead_listener<D: Driver>(
         }
         let bound = bind_reuseport(addr).and_then(|l| {
             let raw = l.as_raw_fd();
-            D::listener(l).map(|l| (l, raw))
+            listening(l).map(|l| (l, raw))
         });
         match bound {
             Ok((listener, raw)) => {
@@ -364,27 +410,41 @@ fn admit<D: Driver>(
         let _guard = guard;
         let mut _ticket = ticket;
         let accepted = Instant::now();
-        if let Some((io, peer, initial)) =
-            Box::pin(conn::preamble::preamble(&w, &ctx, stream, peer, accepted)).await
-        {
-            if ctx.settings.proxy_protocol {
-                match w.admit_connection(peer.ip()) {
-                    Some(t) => _ticket = Some(t),
-                    None => return,
-                }
+        let settings = &ctx.settings;
+        // A plain listener without PROXY protocol has nothing before HTTP: no preamble
+        // future to allocate (one allocation and one copy of it fewer per connection).
+        let (io, peer, initial) = if settings.proxy_protocol || settings.tls.is_some() {
+            match Box::pin(conn::preamble::preamble(&w, &ctx, stream, peer, accepted)).await {
+                Some(ready) => ready,
+                None => return,
             }
-            use conn::h2::Protocol;
-            // Boxed too: with `h2c` it reads the client preface, and that read's state
-            // would otherwise size the task of every connection, idle ones included.
-            match Box::pin(conn::h2::choose(&w, &ctx, io, initial, accepted)).await {
-                Protocol::Http1(io, initial) => {
-                    conn::h1::serve(w, ctx, io, peer, accepted, initial).await
-                }
-                Protocol::Http2(io, read_ahead) => {
-                    Box::pin(conn::h2::serve(w, ctx, io, read_ahead, peer, accepted)).await
-                }
-                Protocol::Closed => {}
+        } else {
+            (MaybeTls::Plain(stream), peer, bytes::BytesMut::new())
+        };
+        if settings.proxy_protocol {
+            match w.admit_connection(peer.ip()) {
+                Some(t) => _ticket = Some(t),
+                None => return,
             }
+        }
+        use conn::h2::Protocol;
+        // Only TLS (ALPN) and `h2c` (the preface) can lead to HTTP/2; any other
+        // connection is HTTP/1.1 without asking. Boxed: with `h2c` it reads the client
+        // preface, and that read's state would otherwise size the task of every
+        // connection, idle ones included.
+        let protocol = if settings.h2c || matches!(io, MaybeTls::Tls(_)) {
+            Box::pin(conn::h2::choose(&w, &ctx, io, initial, accepted)).await
+        } else {
+            Protocol::Http1(io, initial)
+        };
+        match protocol {
+            Protocol::Http1(io, initial) => {
+                conn::h1::serve(w, ctx, io, peer, accepted, initial).await
+            }
+            Protocol::Http2(io, read_ahead) => {
+                Box::pin(conn::h2::serve(w, ctx, io, read_ahead, peer, accepted)).await
+            }
+            Protocol::Closed => {}
         }
     };
     tracing::trace!(

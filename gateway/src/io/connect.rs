@@ -13,13 +13,14 @@ pub(crate) async fn connect_nonblocking(
     timeout: Duration,
 ) -> io::Result<std::net::TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Non-blocking from `socket(2)` (SOCK_NONBLOCK): no `fcntl` pair after it.
+    let kind = Type::STREAM.nonblocking();
+    let socket = Socket::new(Domain::for_address(addr), kind, Some(Protocol::TCP))?;
     if crate::util::budget::fd_in_reserve(socket.as_raw_fd()) {
         // The last descriptors are the admin listener's reserve: answer as the kernel
         // would have, so the caller books it as a local shortage, not a server failure.
         return Err(io::Error::from_raw_os_error(libc::EMFILE));
     }
-    socket.set_nonblocking(true)?;
     socket.set_nodelay(true)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}

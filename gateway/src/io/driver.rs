@@ -1,8 +1,7 @@
 //! The two I/O drivers a worker can run on, and what a worker needs of either: how to
-//! accept and how to spawn a task.
+//! take an accepted connection and how to spawn a task.
 
 use crate::io::{EpollStream, Stream, UringStream};
-use std::net::SocketAddr;
 
 /// Which I/O driver the workers run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,13 +19,16 @@ impl DriverKind {
     }
 }
 
-/// What a worker needs from its runtime: how to accept and how to spawn a task.
+/// What a worker needs from its runtime: how to take an accepted connection and how to
+/// spawn a task. Both drivers accept the same way: `accept4(2)` on the listener's
+/// readiness ([`crate::io::sockets::accept_one`]), many per readiness event.
 #[allow(async_fn_in_trait)] // Single-threaded runtimes: nothing here is Send.
 pub(crate) trait Driver: 'static {
     type Stream: Stream;
-    type Listener: 'static;
-    fn listener(std: std::net::TcpListener) -> std::io::Result<Self::Listener>;
-    async fn accept(listener: &Self::Listener) -> std::io::Result<(Self::Stream, SocketAddr)>;
+    /// The `accept4(2)` flags that give a socket this driver's streams take as they are.
+    const ACCEPT_FLAGS: libc::c_int;
+    /// The stream of a connection just accepted with [`Driver::ACCEPT_FLAGS`].
+    fn accepted(socket: std::net::TcpStream) -> std::io::Result<Self::Stream>;
     fn spawn(task: impl std::future::Future<Output = ()> + 'static);
 }
 
@@ -43,26 +45,13 @@ pub struct Uring;
 
 impl Driver for Uring {
     type Stream = UringStream;
-    type Listener = tokio::io::unix::AsyncFd<std::net::TcpListener>;
-    fn listener(std: std::net::TcpListener) -> std::io::Result<Self::Listener> {
-        std.set_nonblocking(true)?;
-        // SAFETY: the registration owns the listener, so its descriptor stays open for
-        // as long as it is registered.
-        unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(std, tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| e.into())
-    }
-    async fn accept(listener: &Self::Listener) -> std::io::Result<(UringStream, SocketAddr)> {
-        // std's accept is `accept4(SOCK_CLOEXEC)`: a blocking socket, as io_uring's accept
-        // gave, which the ring's reads and writes expect.
-        let (stream, peer) = listener
-            .async_io(tokio::io::Interest::READABLE, |l| l.accept())
-            .await?;
-        Ok((
-            UringStream::new(tokio_uring::net::TcpStream::from_std(stream)),
-            peer,
-        ))
+    /// A blocking socket, as io_uring's own accept gives, which the ring's reads and
+    /// writes expect.
+    const ACCEPT_FLAGS: libc::c_int = libc::SOCK_CLOEXEC;
+    fn accepted(socket: std::net::TcpStream) -> std::io::Result<UringStream> {
+        Ok(UringStream::new(tokio_uring::net::TcpStream::from_std(
+            socket,
+        )))
     }
     fn spawn(task: impl std::future::Future<Output = ()> + 'static) {
         tokio_uring::spawn(task);
@@ -74,13 +63,10 @@ pub struct Epoll;
 
 impl Driver for Epoll {
     type Stream = EpollStream;
-    type Listener = tokio::net::TcpListener;
-    fn listener(std: std::net::TcpListener) -> std::io::Result<Self::Listener> {
-        tokio::net::TcpListener::from_std(std)
-    }
-    async fn accept(listener: &Self::Listener) -> std::io::Result<(Self::Stream, SocketAddr)> {
-        let (stream, peer) = listener.accept().await?;
-        Ok((EpollStream::new(stream), peer))
+    /// Non-blocking from the start, as tokio's reactor needs: no `fcntl` afterwards.
+    const ACCEPT_FLAGS: libc::c_int = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    fn accepted(socket: std::net::TcpStream) -> std::io::Result<EpollStream> {
+        Ok(EpollStream::new(tokio::net::TcpStream::from_std(socket)?))
     }
     fn spawn(task: impl std::future::Future<Output = ()> + 'static) {
         tokio::task::spawn_local(task);

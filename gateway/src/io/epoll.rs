@@ -18,8 +18,10 @@ pub struct EpollStream {
 }
 
 impl EpollStream {
+    /// No `setsockopt` here: an accepted socket inherits `TCP_NODELAY` from its listener
+    /// ([`crate::io::sockets::listening`]) and an upstream socket gets it before its
+    /// connect ([`connect_nonblocking`]).
     pub fn new(inner: tokio::net::TcpStream) -> Self {
-        let _ = inner.set_nodelay(true);
         EpollStream { inner }
     }
 }

@@ -36,8 +36,10 @@ pub struct UringStream {
 }
 
 impl UringStream {
+    /// No `setsockopt` here: an accepted socket inherits `TCP_NODELAY` from its listener
+    /// ([`crate::io::sockets::listening`]) and an upstream socket gets it before its
+    /// connect ([`connect_nonblocking`]).
     pub fn new(inner: tokio_uring::net::TcpStream) -> Self {
-        let _ = inner.set_nodelay(true);
         UringStream {
             reactor: std::cell::OnceCell::new(),
             inner,
