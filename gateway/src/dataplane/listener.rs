@@ -5,6 +5,7 @@
 
 use crate::dataplane::conn::{self, ListenerCtx};
 use crate::dataplane::ctx::Worker;
+use crate::dataplane::parking::{self, ConnectionGuard, Held};
 use crate::io::driver::Driver;
 use crate::io::{bind_reuseport, Stream};
 use crate::protocol::tls::stream::MaybeTls;
@@ -14,7 +15,6 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The settings a bound listener hands each connection it accepts; reconcile swaps them
@@ -174,27 +174,6 @@ fn stop<S: Stream>(worker: &Worker<S>, b: &Bound) {
     let fd = b.fd.get();
     lock_fds(worker).retain(|(_, f)| *f != fd);
     b.stop.stop();
-}
-
-/// Counts a connection for as long as its task lives.
-struct ConnectionGuard<S: Stream> {
-    worker: Rc<Worker<S>>,
-    listener: Arc<str>,
-}
-
-impl<S: Stream> Drop for ConnectionGuard<S> {
-    fn drop(&mut self) {
-        self.worker
-            .stats
-            .borrow_mut()
-            .listener(&self.listener)
-            .active -= 1;
-        self.worker.active.set(self.worker.active.get() - 1);
-        self.worker
-            .shared
-            .connections
-            .fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Whether an accept error means the listening socket itself is dead (shut down by a
@@ -361,15 +340,14 @@ fn admit<D: Driver>(
     // one. The branches a connection leaves behind or few connections take (the
     // PROXY/TLS preamble, HTTP/2) are boxed: allocated while they run, not for ever.
     let task = async move {
-        let _guard = guard;
-        let mut _ticket = ticket;
+        let mut held = Held { guard, ticket };
         let accepted = Instant::now();
         if let Some((io, peer, initial)) =
             Box::pin(conn::preamble::preamble(&w, &ctx, stream, peer, accepted)).await
         {
             if ctx.settings.proxy_protocol {
                 match w.admit_connection(peer.ip()) {
-                    Some(t) => _ticket = Some(t),
+                    Some(t) => held.ticket = Some(t),
                     None => return,
                 }
             }
@@ -377,8 +355,10 @@ fn admit<D: Driver>(
             // Boxed too: with `h2c` it reads the client preface, and that read's state
             // would otherwise size the task of every connection, idle ones included.
             match Box::pin(conn::h2::choose(&w, &ctx, io, initial, accepted)).await {
+                // A long-idle connection leaves this task for the worker's parking lot
+                // (`dataplane::parking`), taking `held` with it.
                 Protocol::Http1(io, initial) => {
-                    conn::h1::serve(w, ctx, io, peer, accepted, initial).await
+                    parking::serve_http1(w, ctx, io, peer, accepted, initial, None, held).await
                 }
                 Protocol::Http2(io, read_ahead) => {
                     Box::pin(conn::h2::serve(w, ctx, io, read_ahead, peer, accepted)).await
@@ -402,6 +382,7 @@ mod tests {
     use crate::io::driver::Epoll;
     use crate::snapshot::Snapshot;
     use std::path::Path;
+    use std::sync::Arc;
 
     fn snapshot(generation: u64, listeners: &str) -> Snapshot {
         let source = format!(
