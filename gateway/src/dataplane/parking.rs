@@ -15,7 +15,9 @@
 //!   (`epoll_wait` with a zero timeout, [`WAKE_BATCH`] at a time) and spawns `serve` again
 //!   for each, which goes straight to the head read (a closed client reads EOF there and is
 //!   closed quietly). One-shot: a woken socket stays in the lot's set, disabled, so
-//!   parking it again re-arms it (`EPOLL_CTL_MOD`); closing it removes it.
+//!   parking it again re-arms it (`EPOLL_CTL_MOD`); closing it removes it. Except on
+//!   io_uring, whose parked socket is a duplicate with a new number at every park
+//!   ([`crate::io::ParkedSocket::Duplicate`]): it leaves the set when it wakes.
 //! - Expiry: the keep-alive deadline still holds, with no timer per connection: the watch
 //!   task sweeps the slab at the earliest deadline, at most every [`SWEEP_EVERY`] and at
 //!   least every [`SWEEP_AT_MOST`].
@@ -27,7 +29,8 @@
 //!   `gateway_connections_active`; the lot is therefore bounded by `max_connections`.
 //!
 //! Why a grace before parking: a park and its wake cost about four syscalls (reactor
-//! deregistration, lot arm, the batched `epoll_wait`, reactor registration again), so a
+//! deregistration, lot arm, the batched `epoll_wait`, reactor registration again; six on
+//! io_uring, with the duplicate's `fcntl` + `close` and its removal at wake), so a
 //! connection between two requests of a burst must not park; 100 ms is far longer than
 //! the gaps inside a burst, and a connection idle longer pays those syscalls at most ten
 //! times a second. Hot keep-alive connections never reach it: their request path is
@@ -382,7 +385,24 @@ impl<S: Stream> Lot<S> {
         if !readable {
             return;
         }
-        tokio::task::spawn_local(resume(w.clone(), parked));
+        // A duplicate's number changes at its next park: its entry in the set (disabled,
+        // one-shot) would stay behind until the socket closes, one more per park.
+        let in_lot = match &parked.idle.socket {
+            crate::io::ParkedSocket::Duplicate(fd) => {
+                // SAFETY: both descriptors are open; DEL takes no event.
+                unsafe {
+                    libc::epoll_ctl(
+                        self.epoll.as_raw_fd(),
+                        libc::EPOLL_CTL_DEL,
+                        fd.as_raw_fd(),
+                        std::ptr::null_mut(),
+                    )
+                };
+                false
+            }
+            _ => true,
+        };
+        tokio::task::spawn_local(resume(w.clone(), parked, in_lot));
     }
 
     /// Closes the connections whose keep-alive deadline passed; returns the earliest
@@ -415,7 +435,7 @@ impl<S: Stream> Lot<S> {
 }
 
 /// A woken connection, back in a task of its own.
-async fn resume<S: Stream>(w: Rc<Worker<S>>, parked: Parked<S>) {
+async fn resume<S: Stream>(w: Rc<Worker<S>>, parked: Parked<S>, in_lot: bool) {
     let Parked { idle, held } = parked;
     let io = match S::unpark(idle.socket) {
         Ok(io) => io,
@@ -426,6 +446,7 @@ async fn resume<S: Stream>(w: Rc<Worker<S>>, parked: Parked<S>) {
     };
     let resumed = Resumed {
         limits_seen: idle.limits_seen,
+        in_lot,
     };
     serve_http1(
         w,

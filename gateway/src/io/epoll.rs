@@ -128,7 +128,7 @@ impl Stream for EpollStream {
     /// Registers the socket again (one `epoll_ctl(ADD)`); `TCP_NODELAY` is still set.
     fn unpark(socket: ParkedSocket) -> io::Result<Self> {
         match socket {
-            ParkedSocket::Fd(fd) => Ok(EpollStream {
+            ParkedSocket::Fd(fd) | ParkedSocket::Duplicate(fd) => Ok(EpollStream {
                 inner: tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))?,
             }),
             ParkedSocket::Uring(_) => Err(io::ErrorKind::Unsupported.into()),

@@ -125,16 +125,21 @@ pub trait Stream: 'static {
 pub enum ParkedSocket {
     /// The descriptor itself: what the epoll driver's stream gives up.
     Fd(OwnedFd),
-    /// tokio-uring's stream (one small reference-counted allocation around the
-    /// descriptor): it has no way to give its descriptor up without closing it, and a
-    /// `dup` + `close` per park would cost two syscalls to save a few dozen bytes.
+    /// A duplicate of the io_uring driver's descriptor, whose original was closed:
+    /// tokio-uring's stream cannot give its descriptor up without closing it, and keeping
+    /// the stream would keep its small allocation, made at the accept, among the freed
+    /// tasks of the connections accepted around it: the heap pages stay resident (0.97
+    /// KiB per parked connection at 10,000, against 0.32 KiB with the bare descriptor).
+    /// Its number changes at every park, so the lot forgets it when it wakes it.
+    Duplicate(OwnedFd),
+    /// tokio-uring's stream itself, when no descriptor was free for the duplicate.
     Uring(tokio_uring::net::TcpStream),
 }
 
 impl ParkedSocket {
     pub fn raw_fd(&self) -> RawFd {
         match self {
-            ParkedSocket::Fd(fd) => fd.as_raw_fd(),
+            ParkedSocket::Fd(fd) | ParkedSocket::Duplicate(fd) => fd.as_raw_fd(),
             ParkedSocket::Uring(stream) => stream.as_raw_fd(),
         }
     }

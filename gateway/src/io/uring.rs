@@ -137,8 +137,10 @@ impl Stream for UringStream {
         true
     }
 
-    /// Drops the reactor registration (one `epoll_ctl(DEL)`) and keeps tokio-uring's
-    /// stream, which owns the descriptor (see [`ParkedSocket::Uring`]).
+    /// Drops the reactor registration (one `epoll_ctl(DEL)`) and keeps a duplicate of
+    /// the descriptor, closing tokio-uring's stream (`fcntl` + `close`, see
+    /// [`ParkedSocket::Duplicate`]); with no descriptor free for the duplicate, keeps the
+    /// stream itself.
     fn park(self) -> Result<ParkedSocket, Option<Self>> {
         if self.in_flight.get() != 0 {
             return Err(Some(self));
@@ -148,7 +150,17 @@ impl Stream for UringStream {
         // SAFETY: `inner` is read out exactly once and `this` is never used or dropped
         // again; its other fields own nothing (two `Cell`s and an emptied `OnceCell`).
         let inner = unsafe { std::ptr::read(&this.inner) };
-        Ok(ParkedSocket::Uring(inner))
+        // SAFETY: a plain fcntl on a descriptor `inner` holds open.
+        let dup = unsafe { libc::fcntl(inner.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Ok(ParkedSocket::Uring(inner));
+        }
+        // No operation is in flight, so dropping the stream closes the original now.
+        drop(inner);
+        // SAFETY: a fresh descriptor nobody else owns.
+        Ok(ParkedSocket::Duplicate(unsafe {
+            std::os::fd::FromRawFd::from_raw_fd(dup)
+        }))
     }
 
     /// Not [`UringStream::new`]: `TCP_NODELAY` is still set on the socket, so no syscall.
@@ -157,7 +169,7 @@ impl Stream for UringStream {
     fn unpark(socket: ParkedSocket) -> io::Result<Self> {
         let inner = match socket {
             ParkedSocket::Uring(inner) => inner,
-            ParkedSocket::Fd(fd) => {
+            ParkedSocket::Fd(fd) | ParkedSocket::Duplicate(fd) => {
                 tokio_uring::net::TcpStream::from_std(std::net::TcpStream::from(fd))
             }
         };

@@ -105,6 +105,8 @@ pub struct Idle {
 /// (or closed), so the idle wait is skipped and the head read starts at once.
 pub struct Resumed {
     pub(crate) limits_seen: u64,
+    /// The socket is still in the lot's epoll set (see [`Idle::in_lot`]).
+    pub(crate) in_lot: bool,
 }
 
 /// Serves one client connection whose preamble (PROXY header, TLS handshake) the worker
@@ -137,7 +139,7 @@ pub async fn serve<S: Stream>(
         Some(r) => r.limits_seen,
         None => w.snapshot().generation,
     };
-    let mut in_lot = resumed.is_some();
+    let mut in_lot = resumed.as_ref().is_some_and(|r| r.in_lot);
     let mut skip_wait = resumed.is_some();
     loop {
         if buf.is_empty() && !std::mem::take(&mut skip_wait) {
