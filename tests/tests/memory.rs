@@ -298,8 +298,8 @@ const IDLE_CONNECTIONS: usize = 2000;
 const MAX_IDLE_IN_TASK_PER_CONNECTION_BYTES: u64 = 6144;
 /// What a parked idle connection may cost (`dataplane::parking`): its slot in the
 /// worker's lot (socket, peer, listener, deadline, connection guard: about 150 B, plus
-/// the slab's growth) and, on io_uring, tokio-uring's small descriptor holder. A debug
-/// build measured about 0.2 KiB; the bound leaves room for allocator slack, and is far
+/// the slab's growth) and what the freed task memory leaves resident. A debug build
+/// measured 0 to 0.1 KiB; the bound leaves room for allocator slack, and is far
 /// below what a connection waiting in its task costs (3.4 KiB and more in a debug build).
 const MAX_PARKED_PER_CONNECTION_BYTES: u64 = 1024;
 
