@@ -17,6 +17,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub keepalive_timeout: Duration,
+    /// `server.keepalive_park_after`; zero: idle connections never park.
+    pub keepalive_park_after: Duration,
     pub header_timeout: Duration,
     pub max_header_bytes: usize,
     pub graceful_timeout: Duration,
@@ -186,6 +188,7 @@ impl Snapshot {
             upstreams,
             server: ServerSettings {
                 keepalive_timeout: s.keepalive_timeout.0,
+                keepalive_park_after: s.keepalive_park_after.0,
                 header_timeout: s.header_timeout.0,
                 max_header_bytes: s.max_header_bytes.0 as usize,
                 graceful_timeout: s.graceful_timeout.0,

@@ -287,14 +287,21 @@ fn aborted_requests_leave_no_memory_behind() {
 
 /// Idle keep-alive connections held at once for the idle-memory figure.
 const IDLE_CONNECTIONS: usize = 2000;
-/// What an idle keep-alive connection may cost in resident memory: its task (the serve
-/// loop waiting for readability, the exchange boxed away), its socket's state in the
-/// driver (the epoll driver's registration included), and its parsed-head vectors, with
-/// allocator slack; no head buffer and no read buffer. A debug binary (about 3.4 KiB on
-/// io_uring, 4.1 KiB on epoll) takes more than a release one (3.9 KiB with 2 workers at
-/// 10,000 connections, `cargo xtask bench --only idle`); before idle connections stopped
-/// parking a buffer in a read and the exchange was boxed, a release build took 6.8 KiB.
-const MAX_IDLE_PER_CONNECTION_BYTES: u64 = 6144;
+/// What an idle keep-alive connection may cost in resident memory while it waits in its
+/// task (parking off): the task (the serve loop waiting for readability, the exchange
+/// boxed away), its socket's state in the driver (the epoll driver's registration
+/// included), and its parsed-head vectors, with allocator slack; no head buffer and no
+/// read buffer. A debug binary (about 3.4 KiB on io_uring, 4.1 KiB on epoll) takes more
+/// than a release one (2.2 KiB with 2 workers at 10,000 connections, `cargo xtask bench
+/// --only idle`); before idle connections stopped parking a buffer in a read and the
+/// exchange was boxed, a release build took 6.8 KiB.
+const MAX_IDLE_IN_TASK_PER_CONNECTION_BYTES: u64 = 6144;
+/// What a parked idle connection may cost (`dataplane::parking`): its slot in the
+/// worker's lot (socket, peer, listener, deadline, connection guard: about 150 B, plus
+/// the slab's growth) and what the freed task memory leaves resident. A debug build
+/// measured 0 to 0.1 KiB; the bound leaves room for allocator slack, and is far
+/// below what a connection waiting in its task costs (3.4 KiB and more in a debug build).
+const MAX_PARKED_PER_CONNECTION_BYTES: u64 = 1024;
 
 /// One request on `s`, read to the end of its 5-byte body.
 fn request_small(s: &mut TcpStream) -> std::io::Result<()> {
@@ -324,16 +331,23 @@ fn idle_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
         .collect()
 }
 
-#[test]
-fn idle_keep_alive_connections_park_no_buffer() {
-    let origin = Origin::start(|_| Reply::ok("small"));
-    let gw = Gateway::with(
+/// A gateway for the idle-memory tests, one worker, proxying `/small` to `origin`;
+/// connections park after `park_after` ("0s": never). `keepalive_timeout` is long: the
+/// connections opened first must still be open once the last one is.
+fn idle_gateway(origin: &Origin, park_after: &str) -> Gateway {
+    Gateway::with(
         &Config::new()
             .workers(1)
+            .server("keepalive_timeout", "120s")
+            .server("keepalive_park_after", park_after)
             .upstream(Upstream::new("app", &[origin.addr()]))
             .route(Route::prefix("/", "app")),
-    );
-    // A first round warms the pools and the allocator's arenas (they belong in the baseline).
+    )
+}
+
+/// Opens and closes a first round of idle connections (they warm the pools and the
+/// allocator's arenas, which belong in the baseline), and returns the baseline RSS.
+fn idle_baseline(gw: &Gateway) -> u64 {
     drop(idle_connections(gw.http_addr(), 200));
     wait_metrics(
         gw.admin_addr(),
@@ -341,20 +355,71 @@ fn idle_keep_alive_connections_park_no_buffer() {
         "the warm-up connections closed",
         |m| m.sum("gateway_connections_active", &[]) == 0.0,
     );
-    let before = rss_kib(gw.pid());
-    let mut held = idle_connections(gw.http_addr(), IDLE_CONNECTIONS);
-    let after = rss_kib(gw.pid());
-    let per_connection = after.saturating_sub(before) * 1024 / IDLE_CONNECTIONS as u64;
-    eprintln!(
-        "{IDLE_CONNECTIONS} idle keep-alive connections: {before} KiB -> {after} KiB, {per_connection} B each"
-    );
-    assert!(
-        per_connection <= MAX_IDLE_PER_CONNECTION_BYTES,
-        "an idle keep-alive connection costs {per_connection} B (at most {MAX_IDLE_PER_CONNECTION_BYTES})"
-    );
-    // Every idle connection still wakes for its next request: the readiness wait must not
-    // miss a request (edge-triggered readiness cleared at the wrong time would hang here).
+    rss_kib(gw.pid())
+}
+
+/// Every idle connection still wakes for its next request: the readiness wait must not
+/// miss a request (edge-triggered readiness cleared at the wrong time would hang here).
+fn every_connection_serves_again(held: &mut [TcpStream]) {
     for (i, s) in held.iter_mut().enumerate() {
         request_small(s).unwrap_or_else(|e| panic!("second request on connection {i}: {e}"));
     }
+}
+
+/// Checks what each of [`IDLE_CONNECTIONS`] costs, from the RSS before and after they
+/// were opened, against `max` bytes.
+fn check_idle_cost(what: &str, before: u64, after: u64, max: u64) {
+    let per_connection = after.saturating_sub(before) * 1024 / IDLE_CONNECTIONS as u64;
+    eprintln!("{IDLE_CONNECTIONS} {what}: {before} KiB -> {after} KiB, {per_connection} B each");
+    assert!(
+        per_connection <= max,
+        "{what}: {per_connection} B each (at most {max})"
+    );
+}
+
+#[test]
+fn idle_keep_alive_connections_park_no_buffer() {
+    let origin = Origin::start(|_| Reply::ok("small"));
+    let gw = idle_gateway(&origin, "0s");
+    let before = idle_baseline(&gw);
+    let mut held = idle_connections(gw.http_addr(), IDLE_CONNECTIONS);
+    let after = rss_kib(gw.pid());
+    check_idle_cost(
+        "idle keep-alive connections in their task",
+        before,
+        after,
+        MAX_IDLE_IN_TASK_PER_CONNECTION_BYTES,
+    );
+    every_connection_serves_again(&mut held);
+}
+
+/// Issue 13: a parked idle connection has no task and no reactor registration, only its
+/// slot in the worker's lot. Measured once every connection is parked
+/// (`gateway_connections_parked`), as the least RSS over two seconds: the tasks they left
+/// were freed, and the main thread's once-a-second trim gives the freed pages back.
+#[test]
+fn parked_idle_connections_cost_a_fraction_of_a_task() {
+    let origin = Origin::start(|_| Reply::ok("small"));
+    let gw = idle_gateway(&origin, "50ms");
+    let before = idle_baseline(&gw);
+    let mut held = idle_connections(gw.http_addr(), IDLE_CONNECTIONS);
+    wait_metrics(
+        gw.admin_addr(),
+        Duration::from_secs(20),
+        "every idle connection parked",
+        |m| m.sum("gateway_connections_parked", &[]) == IDLE_CONNECTIONS as f64,
+    );
+    let settle = Instant::now();
+    let mut after = rss_kib(gw.pid());
+    while settle.elapsed() < Duration::from_secs(2) {
+        thread::sleep(Duration::from_millis(100));
+        after = after.min(rss_kib(gw.pid()));
+    }
+    check_idle_cost(
+        "parked keep-alive connections",
+        before,
+        after,
+        MAX_PARKED_PER_CONNECTION_BYTES,
+    );
+    every_connection_serves_again(&mut held);
 }

@@ -151,6 +151,7 @@ pub fn exchange(data: &[u8]) -> Exchange {
             peer,
             Instant::now(),
             BytesMut::new(),
+            None,
         );
         // Both scripts end in EOF, so only a timer can keep the connection this long.
         if tokio::time::timeout(Duration::from_secs(10), conn)

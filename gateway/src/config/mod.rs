@@ -149,6 +149,9 @@ pub struct ServerConfig {
     pub graceful_timeout: Dur,
     pub shutdown_delay: Dur,
     pub keepalive_timeout: Dur,
+    /// A plaintext HTTP/1 keep-alive connection idle this long leaves its task for the
+    /// worker's parking lot (`dataplane::parking`); 0: never.
+    pub keepalive_park_after: Dur,
     pub header_timeout: Dur,
     pub max_header_bytes: Size,
     /// Forward request header names containing `_` (nginx `underscores_in_headers`).
@@ -183,6 +186,7 @@ impl Default for ServerConfig {
             graceful_timeout: secs(30),
             shutdown_delay: secs(0),
             keepalive_timeout: secs(5),
+            keepalive_park_after: Dur(std::time::Duration::from_millis(100)),
             header_timeout: secs(10),
             max_header_bytes: Size(16 * 1024),
             underscores_in_headers: false,

@@ -344,6 +344,19 @@ pub(crate) fn render(control: &Control) -> String {
             s.busy_ratio
         );
     }
+    header(
+        &mut out,
+        "gateway_connections_parked",
+        "gauge",
+        "Idle keep-alive connections waiting in a worker's parking lot, with no task (counted in gateway_connections_active too).",
+    );
+    for (id, s) in &workers {
+        let _ = writeln!(
+            out,
+            "gateway_connections_parked{{worker=\"{id}\"}} {}",
+            s.parked_connections
+        );
+    }
     render_http2(&mut out, &h2, &h2_goaways);
     header(&mut out, "gateway_tls_handshakes_total", "counter", "TLS handshakes by listener and result (full, resumed, timeout, protocol_error, client_gone).");
     for ((listener, result), n) in &tls {

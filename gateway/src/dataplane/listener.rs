@@ -5,6 +5,7 @@
 
 use crate::dataplane::conn::{self, ListenerCtx};
 use crate::dataplane::ctx::Worker;
+use crate::dataplane::parking::{self, ConnectionGuard, Held};
 use crate::io::driver::Driver;
 use crate::io::sockets::{accept_error_is_transient, accept_one, listening, Listening};
 use crate::io::{bind_reuseport, Stream};
@@ -15,7 +16,6 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The settings a bound listener hands each connection it accepts; reconcile swaps them
@@ -175,27 +175,6 @@ fn stop<S: Stream>(worker: &Worker<S>, b: &Bound) {
     let fd = b.fd.get();
     lock_fds(worker).retain(|(_, f)| *f != fd);
     b.stop.stop();
-}
-
-/// Counts a connection for as long as its task lives.
-struct ConnectionGuard<S: Stream> {
-    worker: Rc<Worker<S>>,
-    listener: Arc<str>,
-}
-
-impl<S: Stream> Drop for ConnectionGuard<S> {
-    fn drop(&mut self) {
-        self.worker
-            .stats
-            .borrow_mut()
-            .listener(&self.listener)
-            .active -= 1;
-        self.worker.active.set(self.worker.active.get() - 1);
-        self.worker
-            .shared
-            .connections
-            .fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Whether an accept error means the listening socket itself is dead (shut down by a
@@ -407,8 +386,7 @@ fn admit<D: Driver>(
     // one. The branches a connection leaves behind or few connections take (the
     // PROXY/TLS preamble, HTTP/2) are boxed: allocated while they run, not for ever.
     let task = async move {
-        let _guard = guard;
-        let mut _ticket = ticket;
+        let mut held = Held { guard, ticket };
         let accepted = Instant::now();
         let settings = &ctx.settings;
         // A plain listener without PROXY protocol has nothing before HTTP: no preamble
@@ -423,7 +401,7 @@ fn admit<D: Driver>(
         };
         if settings.proxy_protocol {
             match w.admit_connection(peer.ip()) {
-                Some(t) => _ticket = Some(t),
+                Some(t) => held.ticket = Some(t),
                 None => return,
             }
         }
@@ -438,8 +416,10 @@ fn admit<D: Driver>(
             Protocol::Http1(io, initial)
         };
         match protocol {
+            // A long-idle connection leaves this task for the worker's parking lot
+            // (`dataplane::parking`), taking `held` with it.
             Protocol::Http1(io, initial) => {
-                conn::h1::serve(w, ctx, io, peer, accepted, initial).await
+                parking::serve_http1(w, ctx, io, peer, accepted, initial, None, held).await
             }
             Protocol::Http2(io, read_ahead) => {
                 Box::pin(conn::h2::serve(w, ctx, io, read_ahead, peer, accepted)).await
@@ -462,6 +442,7 @@ mod tests {
     use crate::io::driver::Epoll;
     use crate::snapshot::Snapshot;
     use std::path::Path;
+    use std::sync::Arc;
 
     fn snapshot(generation: u64, listeners: &str) -> Snapshot {
         let source = format!(

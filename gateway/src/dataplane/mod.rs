@@ -4,5 +4,6 @@
 pub mod conn;
 pub mod ctx;
 pub mod listener;
+pub(crate) mod parking;
 pub mod shared;
 pub mod worker;

@@ -148,6 +148,7 @@ async fn run_worker<D: Driver>(
                     worker.stats.borrow_mut().busy_ratio = if wall > 0.0 { (cpu / wall).min(1.0) } else { 0.0 };
                     busy_mark = now;
                 }
+                worker.stats.borrow_mut().parked_connections = crate::dataplane::parking::parked() as u64;
                 worker.publish();
             }
             Ok(()) = installed.changed() => {
@@ -195,6 +196,9 @@ async fn run_worker<D: Driver>(
             "graceful timeout: closing connections still open"
         );
     }
+    // Parked connections still open (kept after a handover, cut at the deadline): closed
+    // while the runtime their lot is registered with still runs.
+    crate::dataplane::parking::close_all::<MaybeTls<D::Stream>>();
     worker.log.borrow_mut().flush();
     worker.stats.borrow_mut().finished = true;
     worker.publish();

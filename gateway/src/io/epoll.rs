@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_uring::buf::BoundedBuf;
 
 use super::connect::connect_nonblocking;
-use super::Stream;
+use super::{ParkedSocket, Stream};
 
 /// A TCP stream driven by readiness (epoll through tokio's reactor): the driver for hosts
 /// where io_uring is unavailable, typically because a container runtime's seccomp
@@ -109,5 +109,31 @@ impl Stream for EpollStream {
 
     fn raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
+    }
+
+    fn parkable(&self) -> bool {
+        true
+    }
+
+    /// `into_std` deregisters the socket from the reactor (one `epoll_ctl(DEL)`); the
+    /// descriptor stays non-blocking, as [`EpollStream::unpark`] needs it.
+    fn park(self) -> Result<ParkedSocket, Option<Self>> {
+        match self.inner.into_std() {
+            Ok(std) => Ok(ParkedSocket::Fd(std.into())),
+            Err(e) => {
+                tracing::debug!(error = %e, "parking an idle connection: deregistration failed, closed");
+                Err(None)
+            }
+        }
+    }
+
+    /// Registers the socket again (one `epoll_ctl(ADD)`); `TCP_NODELAY` is still set.
+    fn unpark(socket: ParkedSocket) -> io::Result<Self> {
+        match socket {
+            ParkedSocket::Fd(fd) | ParkedSocket::Duplicate(fd) => Ok(EpollStream {
+                inner: tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))?,
+            }),
+            ParkedSocket::Uring(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
     }
 }

@@ -16,7 +16,7 @@ use tokio_uring::buf::BoundedBuf;
 
 use super::connect::connect_nonblocking;
 use super::sockets::WatchedFd;
-use super::Stream;
+use super::{ParkedSocket, Stream};
 
 pub use early_submit::{release_ring, runtime_claiming_ring, uring_available, EARLY_SUBMIT_BATCH};
 
@@ -92,9 +92,11 @@ impl Stream for UringStream {
         if !self.drained.get() {
             return Ok(());
         }
-        self.drained.set(false);
         let mut ready = self.reactor()?.readable().await?;
         ready.clear_ready();
+        // Only now: a wait given up before readiness (the idle wait's grace before the
+        // connection parks) must leave the next wait waiting, not returning at once.
+        self.drained.set(false);
         Ok(())
     }
 
@@ -131,6 +133,54 @@ impl Stream for UringStream {
 
     fn raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
+    }
+
+    fn parkable(&self) -> bool {
+        true
+    }
+
+    /// Drops the reactor registration (one `epoll_ctl(DEL)`) and keeps a duplicate of
+    /// the descriptor, closing tokio-uring's stream (`fcntl` + `close`, see
+    /// [`ParkedSocket::Duplicate`]); with no descriptor free for the duplicate, keeps the
+    /// stream itself.
+    fn park(self) -> Result<ParkedSocket, Option<Self>> {
+        if self.in_flight.get() != 0 {
+            return Err(Some(self));
+        }
+        let mut this = std::mem::ManuallyDrop::new(self);
+        drop(this.reactor.take());
+        // SAFETY: `inner` is read out exactly once and `this` is never used or dropped
+        // again; its other fields own nothing (two `Cell`s and an emptied `OnceCell`).
+        let inner = unsafe { std::ptr::read(&this.inner) };
+        // SAFETY: a plain fcntl on a descriptor `inner` holds open.
+        let dup = unsafe { libc::fcntl(inner.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Ok(ParkedSocket::Uring(inner));
+        }
+        // No operation is in flight, so dropping the stream closes the original now.
+        drop(inner);
+        // SAFETY: a fresh descriptor nobody else owns.
+        Ok(ParkedSocket::Duplicate(unsafe {
+            std::os::fd::FromRawFd::from_raw_fd(dup)
+        }))
+    }
+
+    /// Not [`UringStream::new`]: `TCP_NODELAY` is still set on the socket, so no syscall.
+    /// `drained` starts false, so the first wait does not wait: the lot wakes a socket
+    /// only once it is readable (or closed).
+    fn unpark(socket: ParkedSocket) -> io::Result<Self> {
+        let inner = match socket {
+            ParkedSocket::Uring(inner) => inner,
+            ParkedSocket::Fd(fd) | ParkedSocket::Duplicate(fd) => {
+                tokio_uring::net::TcpStream::from_std(std::net::TcpStream::from(fd))
+            }
+        };
+        Ok(UringStream {
+            reactor: std::cell::OnceCell::new(),
+            inner,
+            in_flight: Cell::new(0),
+            drained: Cell::new(false),
+        })
     }
 
     /// A NOP on the ring: it completes once the ring's queue was submitted, which

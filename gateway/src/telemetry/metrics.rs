@@ -92,6 +92,8 @@ pub struct Stats {
     /// (limit, enforcer) → rejections.
     pub limit_rejections: Vec<(&'static str, &'static str, u64)>,
     pub(crate) busy_ratio: f64,
+    /// Idle keep-alive connections in the worker's parking lot (`dataplane::parking`).
+    pub(crate) parked_connections: u64,
     /// When the worker last published (process clock, ms): its liveness for `/healthz`.
     pub(crate) heartbeat_ms: u64,
     /// The worker finished its drain and stopped: silent, but not stuck.

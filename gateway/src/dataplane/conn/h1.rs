@@ -85,16 +85,44 @@ impl Outcome<'_> {
     }
 }
 
+/// A keep-alive connection that [`serve`] found idle for `keepalive_park_after` and took
+/// out of its task: what the worker's parking lot (`dataplane::parking`) keeps of it
+/// until its client sends again, closes, or its keep-alive deadline passes.
+pub struct Idle {
+    pub(crate) socket: crate::io::ParkedSocket,
+    pub(crate) peer: SocketAddr,
+    pub(crate) listener: Rc<ListenerCtx>,
+    /// The keep-alive deadline (`keepalive_timeout` after the last response).
+    pub(crate) deadline: Instant,
+    /// The snapshot generation whose `deny` list this connection was last checked against.
+    pub(crate) limits_seen: u64,
+    /// The socket is still in the lot's epoll set (disabled since it fired, being
+    /// one-shot) from an earlier park: parking again re-arms it instead of adding it.
+    pub(crate) in_lot: bool,
+}
+
+/// How [`serve`] continues a connection the parking lot woke: its client is readable
+/// (or closed), so the idle wait is skipped and the head read starts at once.
+pub struct Resumed {
+    pub(crate) limits_seen: u64,
+    /// The socket is still in the lot's epoll set (see [`Idle::in_lot`]).
+    pub(crate) in_lot: bool,
+}
+
 /// Serves one client connection whose preamble (PROXY header, TLS handshake) the worker
 /// has already handled: `peer` is the client address it established, `initial` any bytes
-/// read past the preamble.
+/// read past the preamble. `resumed`: the connection was parked and its client is
+/// readable now.
 ///
-/// Memory: this future lives as long as the connection, and an async fn's future is as
-/// large as its largest await point. So the only await here besides the idle wait is a
-/// boxed [`request`]: everything a request needs (the parsed heads, the head read, the
-/// exchange, error answers, the lingering close) exists only while a request runs, and an
-/// idle keep-alive connection holds the socket, its address and a small readiness wait
-/// (`RUST_LOG=gateway=trace` logs the task's size, "connection task").
+/// Returns the connection when it went idle long enough to park (plaintext only, see
+/// [`Stream::park`]): the caller hands it to the parking lot, which ends this task.
+///
+/// Memory: this future lives as long as the connection is busy, and an async fn's future
+/// is as large as its largest await point. So the only await here besides the idle wait
+/// is a boxed [`request`]: everything a request needs (the parsed heads, the head read,
+/// the exchange, error answers, the lingering close) exists only while a request runs,
+/// and an idle keep-alive connection holds the socket, its address and a small readiness
+/// wait (`RUST_LOG=gateway=trace` logs the task's size, "connection task") until it parks.
 pub async fn serve<S: Stream>(
     w: Rc<Worker<S>>,
     listener: Rc<ListenerCtx>,
@@ -102,37 +130,67 @@ pub async fn serve<S: Stream>(
     peer: SocketAddr,
     accepted: Instant,
     initial: BytesMut,
-) {
+    resumed: Option<Resumed>,
+) -> Option<Idle> {
     // Empty until the client is readable: an idle connection parks no buffer.
     let mut buf = initial;
-    let mut first = true;
-    let mut limits_seen = w.snapshot().generation;
+    let mut first = resumed.is_none();
+    let mut limits_seen = match &resumed {
+        Some(r) => r.limits_seen,
+        None => w.snapshot().generation,
+    };
+    let mut in_lot = resumed.as_ref().is_some_and(|r| r.in_lot);
+    let mut skip_wait = resumed.is_some();
     loop {
-        if buf.is_empty() {
+        if buf.is_empty() && !std::mem::take(&mut skip_wait) {
             // Idle (a fresh connection, or keep-alive between requests): wait until the
             // client is readable, holding no buffer; the head buffer is taken once bytes
             // are there. A new connection must send within `header_timeout` of the
             // accept, a kept-alive one within `keepalive_timeout`. An empty buffer still
             // has the capacity the last head grew it to: given back here.
             buf = BytesMut::new();
-            let deadline = {
+            let (deadline, park_at) = {
                 let server = &w.snapshot().server;
                 if first {
-                    accepted + server.header_timeout
+                    (accepted + server.header_timeout, None)
                 } else {
-                    Instant::now() + server.keepalive_timeout
+                    let now = Instant::now();
+                    let deadline = now + server.keepalive_timeout;
+                    // A kept-alive connection quiet for `keepalive_park_after` leaves its
+                    // task for the parking lot. Never a fresh one (bounded by
+                    // `header_timeout`), never one that cannot park (TLS).
+                    let park_at = now + server.keepalive_park_after;
+                    let parks = !server.keepalive_park_after.is_zero()
+                        && park_at < deadline
+                        && io.parkable();
+                    (deadline, parks.then_some(park_at))
                 }
             };
-            let wait = crate::util::clock::timeout_at(deadline, io.wait_readable());
-            let ready = tokio::select! {
-                r = wait => r,
-                _ = w.drain_closes_idle() => return,
-            };
-            match ready {
-                // Nothing received at all: close quietly, like nginx does; a read error
-                // is the client gone.
-                Err(_) | Ok(Err(_)) => return,
-                Ok(Ok(())) => {}
+            match idle_wait(&w, &io, park_at.unwrap_or(deadline)).await {
+                IdleWait::Readable => {}
+                IdleWait::Closed => return None,
+                IdleWait::TimedOut if park_at.is_none() => return None,
+                IdleWait::TimedOut => match io.park() {
+                    Ok(socket) => {
+                        return Some(Idle {
+                            socket,
+                            peer,
+                            listener,
+                            deadline,
+                            limits_seen,
+                            in_lot,
+                        })
+                    }
+                    Err(None) => return None,
+                    // Could not park after all: the rest of the wait in the task.
+                    Err(Some(kept)) => {
+                        io = kept;
+                        in_lot = false;
+                        if idle_wait(&w, &io, deadline).await != IdleWait::Readable {
+                            return None;
+                        }
+                    }
+                },
             }
         }
         let phase = Box::pin(request(
@@ -147,9 +205,35 @@ pub async fn serve<S: Stream>(
         ));
         match phase.await {
             Some((back, rest)) => (io, buf) = (back, rest),
-            None => return,
+            None => return None,
         }
         first = false;
+    }
+}
+
+/// How an idle wait ended.
+#[derive(PartialEq, Eq)]
+enum IdleWait {
+    /// The client is readable: bytes, an EOF or an error, which the read tells apart.
+    Readable,
+    /// The wait's deadline passed.
+    TimedOut,
+    /// A drain closes idle connections, or the socket failed.
+    Closed,
+}
+
+/// Waits until the client is readable, holding no buffer, until `until`.
+async fn idle_wait<S: Stream>(w: &Worker<S>, io: &S, until: Instant) -> IdleWait {
+    let wait = crate::util::clock::timeout_at(until, io.wait_readable());
+    tokio::select! {
+        r = wait => match r {
+            Ok(Ok(())) => IdleWait::Readable,
+            // A read error is the client gone.
+            Ok(Err(_)) => IdleWait::Closed,
+            // Nothing received: close quietly, like nginx does (or park).
+            Err(_) => IdleWait::TimedOut,
+        },
+        _ = w.drain_closes_idle() => IdleWait::Closed,
     }
 }
 
@@ -1077,6 +1161,7 @@ mod tests {
             "198.51.100.7:40000".parse().unwrap(),
             Instant::now(),
             BytesMut::new(),
+            None,
         );
         crate::io::memory::block_on(async {
             timeout(Duration::from_secs(10), session)

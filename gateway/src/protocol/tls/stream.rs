@@ -633,6 +633,22 @@ impl<S: Stream> Stream for MaybeTls<S> {
         self.is_plain()
     }
 
+    /// Plaintext only: a TLS session's state is not a socket.
+    fn parkable(&self) -> bool {
+        matches!(self, MaybeTls::Plain(s) if s.parkable())
+    }
+
+    fn park(self) -> Result<crate::io::ParkedSocket, Option<Self>> {
+        match self {
+            MaybeTls::Plain(s) => s.park().map_err(|kept| kept.map(MaybeTls::Plain)),
+            tls => Err(Some(tls)),
+        }
+    }
+
+    fn unpark(socket: crate::io::ParkedSocket) -> io::Result<Self> {
+        S::unpark(socket).map(MaybeTls::Plain)
+    }
+
     async fn read(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
         match self {
             MaybeTls::Plain(s) => s.read(buf).await,
