@@ -3,7 +3,7 @@
 
 use super::balance::Picker;
 use super::Upstream;
-use crate::io::{idle_connection_alive, Stream};
+use crate::io::Stream;
 use crate::util::clock;
 use std::sync::Arc;
 
@@ -63,9 +63,7 @@ impl<S: Stream> WorkerUpstream<S> {
         let max_idle = self.upstream.idle_timeout.as_millis() as u64;
         while let Some(idle) = self.idle[server].pop() {
             self.idle_count -= 1;
-            if now.saturating_sub(idle.since_ms) < max_idle
-                && idle_connection_alive(idle.conn.raw_fd())
-            {
+            if now.saturating_sub(idle.since_ms) < max_idle && idle.conn.idle_alive() {
                 return Some(idle.conn);
             }
         }
@@ -102,6 +100,8 @@ impl<S: Stream> WorkerUpstream<S> {
         if self.idle_count >= self.upstream.keepalive || server >= self.idle.len() {
             return;
         }
+        // Only a connection kept is watched: one dropped here needs no registration.
+        conn.park_idle();
         self.idle_count += 1;
         self.idle[server].push(Idle {
             conn,
@@ -116,9 +116,7 @@ impl<S: Stream> WorkerUpstream<S> {
         let max_idle = self.upstream.idle_timeout.as_millis() as u64;
         for list in &mut self.idle {
             let before = list.len();
-            list.retain(|i| {
-                now.saturating_sub(i.since_ms) < max_idle && idle_connection_alive(i.conn.raw_fd())
-            });
+            list.retain(|i| now.saturating_sub(i.since_ms) < max_idle && i.conn.idle_alive());
             self.idle_count -= before - list.len();
         }
     }
