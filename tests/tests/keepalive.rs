@@ -111,6 +111,118 @@ fn origin_closing_idle_pooled_connections_post_still_succeeds() {
     survive_idle_closes("POST");
 }
 
+/// An origin that answers the first request of each connection and closes the connection
+/// on the second without answering it: the keep-alive race at its worst, the close coming
+/// at the very moment the pooled connection is reused, after every liveness check passed.
+/// Records each request line it read, in order.
+struct CloseOnReuse {
+    addr: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl CloseOnReuse {
+    fn start() -> CloseOnReuse {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let log = log.clone();
+                thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut writer = conn;
+                    for n in 0.. {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut length = 0;
+                        loop {
+                            let mut field = String::new();
+                            if reader.read_line(&mut field).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if field == "\r\n" {
+                                break;
+                            }
+                            let lower = field.to_ascii_lowercase();
+                            if let Some(v) = lower.strip_prefix("content-length:") {
+                                length = v.trim().parse().unwrap();
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        log.lock().unwrap().push(line.trim_end().to_string());
+                        if n > 0 {
+                            // Closed with the request read and unanswered.
+                            return;
+                        }
+                        let _ =
+                            writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst");
+                    }
+                });
+            }
+        });
+        CloseOnReuse { addr, seen }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn upstream_closing_at_the_moment_of_reuse_replays_get_and_never_post() {
+    for io in ["uring", "epoll"] {
+        // One worker: the second request finds the first one's connection in the pool.
+        let gateway = |origin: &CloseOnReuse| {
+            Gateway::with(
+                &Config::new()
+                    .workers(1)
+                    .server_raw("io", &format!("{io:?}"))
+                    .upstream(Upstream::new("app", &[origin.addr]).keepalive(KEEPALIVE))
+                    .route(Route::prefix("/", "app")),
+            )
+        };
+        let origin = CloseOnReuse::start();
+        let gw = gateway(&origin);
+        let mut c = gw.client();
+        assert_eq!(c.get("/get/1").status, 200, "{io}");
+        // The pooled connection is taken, the origin closes it on receiving the request:
+        // an idempotent request is sent again on a fresh connection, which answers.
+        let r = c.get("/get/2");
+        assert_eq!((r.status, r.body_str().as_str()), (200, "first"), "{io}");
+        assert_eq!(
+            origin.seen(),
+            [
+                "GET /get/1 HTTP/1.1",
+                "GET /get/2 HTTP/1.1",
+                "GET /get/2 HTTP/1.1"
+            ],
+            "{io}: the GET went once on the reused connection, once on a fresh one"
+        );
+
+        let origin = CloseOnReuse::start();
+        let gw = gateway(&origin);
+        let mut c = gw.client();
+        let r = c.must(&Req::post("/post/1", "one"));
+        assert_eq!(r.status, 200, "{io}");
+        // The origin may have acted on the POST it read before closing: never sent twice.
+        let r = c.must(&Req::post("/post/2", "two"));
+        assert_eq!(r.status, 502, "{io}: {}", r.body_str());
+        assert_eq!(
+            origin.seen(),
+            ["POST /post/1 HTTP/1.1", "POST /post/2 HTTP/1.1"],
+            "{io}: the POST reached the origin exactly once"
+        );
+    }
+}
+
 #[test]
 fn origin_connection_close_is_not_reused() {
     let origin = Origin::start(|_| Reply::ok("bye").close());

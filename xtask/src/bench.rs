@@ -83,6 +83,11 @@ pub struct Args {
     /// and none refused): the cost of the fleet-wide limit, in the same rounds (issue 16).
     #[arg(long)]
     pub global_limit: bool,
+    /// Also measure the gateway with its epoll driver (`[server] io = "epoll"`, named
+    /// "gateway-epoll"), in the same rounds: the readiness fallback against io_uring
+    /// (issue 13).
+    #[arg(long)]
+    pub epoll: bool,
     /// Keep-alive clients of the `scale` measurement (issue 13), held at once with
     /// `--scale-tunnels` WebSocket tunnels on 2 workers.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
@@ -374,27 +379,47 @@ pub fn run(args: &Args) -> Result<()> {
     let hap = haproxy
         .map(|bin| start_haproxy(&bin, &scratch, upstream_addr, args.workers, pin.as_deref()))
         .transpose()?;
-    let (redis, global) = if args.global_limit {
-        let (redis, url) = start_redis(&scratch, others.as_deref())?;
-        let global = start_gateway_with(
-            "global",
+    // The gateway under test with config of its own, in the same rounds.
+    let variant = |name, tuning: &Tuning| {
+        start_gateway_with(
+            name,
             &gateway_bin,
             &scratch,
             upstream_addr,
             args.workers,
             pin.as_deref(),
+            tuning,
+        )
+    };
+    let (redis, global) = if args.global_limit {
+        let (redis, url) = start_redis(&scratch, others.as_deref())?;
+        let global = variant(
+            "global",
             &Tuning {
-                max_connections: None,
                 extra: &format!(
                     "\n[limits.global]\nredis = \"{url}\"\nrequest_rate = \"1000000000/s\"\n"
                 ),
+                ..Tuning::default()
             },
         )?;
         (Some(redis), Some(global))
     } else {
         (None, None)
     };
+    let epoll = args
+        .epoll
+        .then(|| {
+            variant(
+                "gateway-epoll",
+                &Tuning {
+                    server: "io = \"epoll\"\n",
+                    ..Tuning::default()
+                },
+            )
+        })
+        .transpose()?;
     let mut contenders = vec![&ng, &gw];
+    contenders.extend(epoll.as_ref());
     contenders.extend(baseline.as_ref());
     contenders.extend(hap.as_ref());
     contenders.extend(global.as_ref());
@@ -417,7 +442,7 @@ pub fn run(args: &Args) -> Result<()> {
             // the figure with room for them (the derived `max_connections` saves an
             // upstream descriptor per connection, and would refuse 10,000 under 20,000).
             // The fleet-limit contender is the same binary as `gateway`: not measured twice.
-            if c.name == "global" {
+            if c.name == "global" || c.name == "gateway-epoll" {
                 continue;
             }
             let own = match c.name {
@@ -435,7 +460,7 @@ pub fn run(args: &Args) -> Result<()> {
                     pin.as_deref(),
                     &Tuning {
                         max_connections: Some(n + 64),
-                        extra: "",
+                        ..Tuning::default()
                     },
                 )
             })
@@ -866,6 +891,8 @@ fn start_gateway(
 struct Tuning<'a> {
     /// `[server] max_connections`; `None`: the default derived from the descriptor limit.
     max_connections: Option<usize>,
+    /// Lines added to `[server]` (e.g. `io = "epoll"`).
+    server: &'a str,
     /// TOML appended at the end of the config.
     extra: &'a str,
 }
@@ -880,7 +907,7 @@ fn start_gateway_with(
     cpus: Option<&str>,
     tuning: &Tuning,
 ) -> Result<Proc> {
-    let extra = tuning.extra;
+    let (server, extra) = (tuning.server, tuning.extra);
     let addr = free_addr();
     let tls_addr = free_addr();
     let rsa_addr = free_addr();
@@ -895,7 +922,7 @@ fn start_gateway_with(
         .map(|n| format!("max_connections = {n}\n"))
         .unwrap_or_default();
     let conf = format!(
-        "[server]\nworkers = {workers}\n{max_connections}upgrade_socket = \"\"\n\n[log]\naccess = \"off\"\nlevel = \"warn\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
+        "[server]\nworkers = {workers}\n{max_connections}{server}upgrade_socket = \"\"\n\n[log]\naccess = \"off\"\nlevel = \"warn\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
          [http2]\nmax_requests_per_connection = {H2_REQUESTS_PER_CONNECTION}\n\n\
          [[listener]]\nname = \"http\"\nlisten = \"{addr}\"\n\n\
          [[listener]]\nname = \"https\"\nlisten = \"{tls_addr}\"\n\

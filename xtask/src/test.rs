@@ -139,6 +139,8 @@ pub fn run(args: &Args) -> Result<()> {
             no_haproxy: false,
             // The fleet-wide limit's contender too, so its path does not rot either.
             global_limit: true,
+            // The epoll driver's contender too.
+            epoll: true,
             // Not in --quick (tests/tests/scale.rs runs its load).
             scale_clients: 10_000,
             scale_tunnels: 2_000,

@@ -26,19 +26,58 @@ impl EpollStream {
     }
 }
 
+impl EpollStream {
+    /// Clears the read readiness tokio holds for the socket, without a syscall: `try_io`
+    /// clears it when its operation says `WouldBlock` (and keeps an EOF's).
+    fn forget_readable(&self) {
+        let _ = self.inner.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+    }
+}
+
 impl Stream for EpollStream {
+    /// A read that returns less than it asked for emptied the socket's receive queue, so
+    /// the readiness it started from is cleared then and there, as nginx clears `ready`
+    /// on a short `recv`: tokio would keep it until a syscall meets `WouldBlock`, and the
+    /// next read (the next response on a pooled upstream connection, the next request of
+    /// a keep-alive client) would spend a `recv` finding nothing. Safe against a lost
+    /// wake-up: no reactor turn runs between the `recv` and the clear (no await), and
+    /// the reactor is edge-triggered, so every byte that arrives after the `recv` raises
+    /// a new event; an EOF's readiness is never cleared.
     async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
         if buf.capacity() == buf.len() {
             buf.reserve(4096);
         }
+        let asked = buf.capacity() - buf.len();
         loop {
             if let Err(e) = self.inner.readable().await {
                 return (Err(e), buf);
             }
             match self.inner.try_read_buf(&mut buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(n) if n > 0 && n < asked => {
+                    self.forget_readable();
+                    return (Ok(n), buf);
+                }
                 other => return (other, buf),
             }
+        }
+    }
+
+    /// Readiness answers first: a pooled connection that raised no read event since the
+    /// read that emptied it has neither bytes nor an EOF waiting, and no syscall is made
+    /// (nginx keeps a read event on its cached upstream connections to the same end).
+    /// Only a readiness left set is checked with a `recv(MSG_PEEK)`, which clears it when
+    /// the socket is in fact empty.
+    fn idle_alive(&self) -> bool {
+        let fd = self.inner.as_raw_fd();
+        match self.inner.try_io(tokio::io::Interest::READABLE, || {
+            super::sockets::peek_one(fd)
+        }) {
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+            // An EOF, or bytes no request asked for.
+            Ok(_) => false,
         }
     }
 

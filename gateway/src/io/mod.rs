@@ -81,6 +81,16 @@ pub trait Stream: 'static {
     fn spliceable(&self) -> bool {
         true
     }
+    /// Whether this connection, idle in a pool, can still carry a request: no EOF and no
+    /// stray bytes waiting (an upstream out of step). The default asks the socket, one
+    /// `recv(MSG_PEEK)`; a driver that knows the socket's readiness answers without a
+    /// syscall while nothing arrived since its last read drained the socket.
+    fn idle_alive(&self) -> bool {
+        idle_connection_alive(self.raw_fd())
+    }
+    /// Called as a connection goes idle into a pool, its response read to the end: lets a
+    /// driver start watching it for the event [`Stream::idle_alive`] answers from.
+    fn park_idle(&self) {}
     /// Sends FIN: no more bytes will be written.
     fn shutdown_write(&self);
     /// Shuts both directions down so that any operation still in flight completes.

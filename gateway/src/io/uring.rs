@@ -123,6 +123,52 @@ impl Stream for UringStream {
         self.reactor()?.async_io(interest, |w| f(w.0)).await
     }
 
+    /// A pooled upstream connection is watched by the reactor beside the ring (one
+    /// `epoll_ctl` per connection, on its first parking), so that taking it again needs
+    /// no `recv(MSG_PEEK)` (nginx keeps a read event on its cached connections to the same
+    /// end). Parked after a read that drained the socket (see `drained`), its read
+    /// readiness is cleared here: the response's own bytes raised it, and any byte or EOF
+    /// that arrives later raises a new edge. The clear can also drop an edge the reactor
+    /// took between the kernel completing that read and this call (microseconds), the
+    /// same window the `recv(MSG_PEEK)` left between itself and the next request: an EOF
+    /// then fails the attempt, replayed on a fresh connection when the request is
+    /// replayable (`policy::retry`). A read that filled its buffer leaves the readiness
+    /// set, and `idle_alive` asks the socket.
+    fn park_idle(&self) {
+        if !self.drained.get() {
+            return;
+        }
+        let Ok(reactor) = self.reactor() else {
+            return;
+        };
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(Ok(mut ready)) = reactor.poll_read_ready(&mut cx) {
+            ready.clear_ready();
+        }
+    }
+
+    /// No read event since [`Stream::park_idle`]: alive, without a syscall. A readiness
+    /// left set (or a connection never parked) is checked with a `recv(MSG_PEEK)`, which
+    /// clears it when the socket is in fact empty.
+    fn idle_alive(&self) -> bool {
+        let Some(reactor) = self.reactor.get() else {
+            return super::idle_connection_alive(self.raw_fd());
+        };
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match reactor.poll_read_ready(&mut cx) {
+            std::task::Poll::Pending => true,
+            std::task::Poll::Ready(Err(_)) => false,
+            std::task::Poll::Ready(Ok(mut ready)) => {
+                if super::idle_connection_alive(self.raw_fd()) {
+                    ready.clear_ready();
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
     fn shutdown_write(&self) {
         let _ = self.inner.shutdown(std::net::Shutdown::Write);
     }

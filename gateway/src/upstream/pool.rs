@@ -12,7 +12,7 @@
 
 use super::balance::Picker;
 use super::Upstream;
-use crate::io::{idle_connection_alive, Stream};
+use crate::io::Stream;
 use crate::util::clock;
 use std::sync::Arc;
 
@@ -95,9 +95,7 @@ impl<S: Stream> WorkerUpstream<S> {
             let max_idle = pool.upstream.idle_timeout.as_millis() as u64;
             while let Some(idle) = pool.idle[server].pop() {
                 pool.idle_count -= 1;
-                if now.saturating_sub(idle.since_ms) < max_idle
-                    && idle_connection_alive(idle.conn.raw_fd())
-                {
+                if now.saturating_sub(idle.since_ms) < max_idle && idle.conn.idle_alive() {
                     return Some(idle.conn);
                 }
             }
@@ -142,6 +140,8 @@ impl<S: Stream> WorkerUpstream<S> {
         if full || server >= self.idle.len() {
             return;
         }
+        // Only a connection kept is watched: one dropped here needs no registration.
+        conn.park_idle();
         self.counting_lingering(|pool| {
             pool.idle_count += 1;
             pool.idle[server].push(Idle {
@@ -160,10 +160,7 @@ impl<S: Stream> WorkerUpstream<S> {
             let max_idle = pool.upstream.idle_timeout.as_millis() as u64;
             for list in &mut pool.idle {
                 let before = list.len();
-                list.retain(|i| {
-                    now.saturating_sub(i.since_ms) < max_idle
-                        && idle_connection_alive(i.conn.raw_fd())
-                });
+                list.retain(|i| now.saturating_sub(i.since_ms) < max_idle && i.conn.idle_alive());
                 pool.idle_count -= before - list.len();
             }
             pool.close_lingering(pool.upstream.keepalive_linger.as_millis() as u64, now);

@@ -193,17 +193,23 @@ pub async fn serve<S: Stream>(
                 },
             }
         }
-        let phase = Box::pin(request(
-            &w,
-            &listener,
-            io,
-            peer,
-            buf,
-            first,
-            accepted,
-            &mut limits_seen,
-        ));
-        match phase.await {
+        // Built in its box: `Box::pin(request(..))` builds the future on the stack, then
+        // copies all of it (as large as its largest await point, kilobytes) into the heap,
+        // once per request; written through the box's own memory only the arguments are.
+        let phase = Box::write(
+            Box::new_uninit(),
+            request(
+                &w,
+                &listener,
+                io,
+                peer,
+                buf,
+                first,
+                accepted,
+                &mut limits_seen,
+            ),
+        );
+        match Box::into_pin(phase).await {
             Some((back, rest)) => (io, buf) = (back, rest),
             None => return None,
         }

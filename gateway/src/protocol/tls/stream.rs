@@ -699,6 +699,21 @@ impl<S: Stream> Stream for MaybeTls<S> {
         }
     }
 
+    /// A plain connection (every upstream connection) answers from its driver; TLS asks
+    /// the socket.
+    fn idle_alive(&self) -> bool {
+        match self {
+            MaybeTls::Plain(s) => s.idle_alive(),
+            MaybeTls::Tls(_) => crate::io::idle_connection_alive(self.raw_fd()),
+        }
+    }
+
+    fn park_idle(&self) {
+        if let MaybeTls::Plain(s) = self {
+            s.park_idle();
+        }
+    }
+
     fn raw_fd(&self) -> RawFd {
         match self {
             MaybeTls::Plain(s) => s.raw_fd(),
