@@ -44,11 +44,10 @@ pub struct Worker<S: Stream> {
     snapshot: RefCell<(u64, Rc<SnapshotRef>)>,
     upstreams: RefCell<FastMap<u64, WorkerUpstream<S>>>,
     pub log: RefCell<WorkerLog>,
-    pub draining: Cell<bool>,
-    pub(crate) drain_notify: Notify,
-    /// Set when a drain's `graceful_timeout` ran out: what still runs is cut now.
-    cutting: Cell<bool>,
-    cut_notify: Notify,
+    /// Raised when a drain starts.
+    pub draining: Latch,
+    /// Raised when a drain's `graceful_timeout` ran out: what still runs is cut now.
+    cutting: Latch,
     /// Client connections this worker is serving.
     pub active: Cell<usize>,
     bufs: RefCell<Vec<BytesMut>>,
@@ -75,10 +74,8 @@ impl<S: Stream> Worker<S> {
             shared,
             upstreams: RefCell::new(FastMap::default()),
             log: RefCell::new(WorkerLog::new(log)),
-            draining: Cell::new(false),
-            drain_notify: Notify::new(),
-            cutting: Cell::new(false),
-            cut_notify: Notify::new(),
+            draining: Latch::default(),
+            cutting: Latch::default(),
             active: Cell::new(0),
             bufs: RefCell::new(Vec::new()),
             outs: RefCell::new(Vec::new()),
@@ -287,22 +284,14 @@ impl<S: Stream> Worker<S> {
 
     /// Resolves when a drain starts (immediately if it already has).
     pub(crate) async fn drained(&self) {
-        let notified = self.drain_notify.notified();
-        if self.draining.get() {
-            return;
-        }
-        notified.await;
+        self.draining.raised().await
     }
 
     /// Resolves when a drain's `graceful_timeout` has run out (immediately if it has):
     /// connections still open are cut then, and what runs on them (a tunnel) ends through
     /// its own path, so it is logged and counted before the process exits.
     pub(crate) async fn graceful_timeout_passed(&self) {
-        let notified = self.cut_notify.notified();
-        if self.cutting.get() {
-            return;
-        }
-        notified.await;
+        self.cutting.raised().await
     }
 
     pub(crate) fn cutting(&self) -> bool {
@@ -311,8 +300,7 @@ impl<S: Stream> Worker<S> {
 
     /// Raises [`Self::graceful_timeout_passed`].
     pub(crate) fn cut_open_connections(&self) {
-        self.cutting.set(true);
-        self.cut_notify.notify_waiters();
+        self.cutting.raise();
     }
 
     /// Whether a new process took this one's sockets over (binary upgrade): the node then
@@ -332,6 +320,35 @@ impl<S: Stream> Worker<S> {
         if self.handed_over() {
             std::future::pending::<()>().await;
         }
+    }
+}
+
+/// A one-way flag of the worker's thread that tasks can wait for: once raised, it stays
+/// raised, and waiting returns at once.
+#[derive(Default)]
+pub struct Latch {
+    raised: Cell<bool>,
+    notify: Notify,
+}
+
+impl Latch {
+    pub fn get(&self) -> bool {
+        self.raised.get()
+    }
+
+    pub(crate) fn raise(&self) {
+        self.raised.set(true);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once raised (immediately if it is).
+    pub(crate) async fn raised(&self) {
+        // Registered before the check, so a raise between the two is not missed.
+        let notified = self.notify.notified();
+        if self.raised.get() {
+            return;
+        }
+        notified.await;
     }
 }
 

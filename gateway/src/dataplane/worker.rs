@@ -167,8 +167,7 @@ async fn run_worker<D: Driver>(
     // Drain: stop accepting (never by shutting a listening socket down: a new process may
     // hold it too), wake idle keep-alive connections so they close, let in-flight
     // requests finish.
-    worker.draining.set(true);
-    worker.drain_notify.notify_waiters();
+    worker.draining.raise();
     listeners.close_all(&worker);
     let deadline = Instant::now() + worker.snapshot().server.graceful_timeout;
     let mut last_publish = Instant::now();
