@@ -69,7 +69,13 @@ pub fn proc_threads(pid: u32) -> usize {
 
 /// (utime + stime in clock ticks, parent pid) of one process.
 fn stat_ticks(pid: u32) -> Option<(u64, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// (utime + stime, ppid) from the text of a `/proc/<pid>/stat`. Fields are counted by
+/// position: `tpgid` is -1 for a process without a controlling terminal (every proxy a
+/// bench starts), so dropping fields that do not parse as unsigned shifts the rest.
+fn parse_stat(stat: &str) -> Option<(u64, u32)> {
     // The command name is in parentheses and may hold spaces: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -78,6 +84,20 @@ fn stat_ticks(pid: u32) -> Option<(u64, u32)> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime, ppid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_stat;
+
+    #[test]
+    fn cpu_is_user_plus_system_without_a_controlling_terminal() {
+        // nginx's worker as a bench sees it: no tty (tty_nr 0, tpgid -1), utime 1097,
+        // stime 217, cutime 5.
+        let stat = "23133 (nginx: worker) S 23131 23131 23131 0 -1 4194624 900 0 0 0 \
+                    1097 217 5 0 20 0 1 0 5000 20000000 900 18446744073709551615";
+        assert_eq!(parse_stat(stat), Some((1097 + 217, 23131)));
+    }
 }
 
 /// Restricts the calling thread (and whatever it later spawns or execs) to one CPU.

@@ -1034,26 +1034,11 @@ fn process_tree(root: u32) -> Vec<u32> {
     pids
 }
 
-/// User+system CPU seconds of a process tree.
+/// User + system CPU seconds of a process tree: the one reading `benches` uses, whose
+/// fields are counted by position (a filter on "numeric" would drop `tpgid`, which is -1
+/// without a controlling terminal, and read `stime + cutime` as the CPU).
 fn cpu_seconds(root: u32) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    process_tree(root)
-        .iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .map(|stat| {
-            let fields: Vec<u64> = stat
-                .rsplit_once(')')
-                .map(|(_, r)| r)
-                .unwrap_or("")
-                .split_whitespace()
-                .filter_map(|f| f.parse().ok())
-                .collect();
-            // After the command: state is not numeric, so utime/stime are at 10 and 11.
-            (fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0)) as f64
-                / ticks
-        })
-        .sum()
+    gateway_benches::proc_cpu_seconds(root)
 }
 
 fn status_kib(pid: u32, key: &str) -> u64 {
