@@ -225,6 +225,36 @@ enum Upgrade {
     IfRunning,
 }
 
+/// The signals that drain and stop the gateway: SIGTERM and SIGINT (the contract), and
+/// SIGQUIT, nginx's graceful stop (`nginx -s quit`), so that a supervisor set up the nginx
+/// way (`KillSignal=SIGQUIT`) drains instead of waiting out its stop timeout and killing.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Installs the handlers; call inside the runtime.
+    fn listen() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+        })
+    }
+
+    /// The next of them.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+            _ = self.quit.recv() => {}
+        }
+    }
+}
+
 /// SIGUSR2: starts `exe run --config CONFIG --upgrade`, as nginx's USR2 starts a new
 /// master: the new binary (the file now at the path this process was started from) takes
 /// over, and is a child of this process, so it runs in the same service (systemd cgroup)
@@ -454,14 +484,10 @@ fn run(
 
     // Signal handlers before the workers start: a SIGTERM during start-up then drains
     // (there is nothing yet) instead of killing the process with the default action.
-    let (mut hup, mut term, mut int) = {
+    let (mut hup, mut stop) = {
         use tokio::signal::unix::{signal, SignalKind};
         let _entered = runtime.enter();
-        (
-            signal(SignalKind::hangup())?,
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        )
+        (signal(SignalKind::hangup())?, StopSignals::listen()?)
     };
     let mut usr2 = {
         let _entered = runtime.enter();
@@ -549,8 +575,7 @@ fn run(
                     tokio::task::spawn_blocking(move || control.reload());
                 }
                 _ = usr2.recv() => spawn_upgrade(&exe, &config_path),
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = stop.recv() => break,
                 Some(_) = upgrade_rx.recv() => {
                     // A new process serves the sockets now: no `shutdown_delay` (the node
                     // stays in service), and the admin socket is its too.
@@ -571,8 +596,7 @@ fn run(
         tracing::info!(?delay, ?graceful, "draining");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = term.recv() => return Ok::<_, anyhow::Error>(ExitCode::from(1)),
-            _ = int.recv() => return Ok(ExitCode::from(1)),
+            _ = stop.recv() => return Ok::<_, anyhow::Error>(ExitCode::from(1)),
         }
         let _ = drain_tx.send(true);
         let deadline = Instant::now() + graceful + Duration::from_secs(1);
@@ -588,18 +612,14 @@ fn run(
                         finished += 1;
                     }
                 }
-                _ = term.recv() => if std::mem::replace(&mut stop_asked, true) { return Ok(ExitCode::from(1)) },
-                _ = int.recv() => if std::mem::replace(&mut stop_asked, true) { return Ok(ExitCode::from(1)) },
+                _ = stop.recv() => if std::mem::replace(&mut stop_asked, true) { return Ok(ExitCode::from(1)) },
             }
         }
         if handed_over && stay_after_handover && !stop_asked {
             // A container's main process: exiting would make the kubelet restart it,
             // and the restarted gateway take the node back from its successor.
             tracing::info!(generation, "drained after the handover; waiting for SIGTERM");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+            stop.recv().await;
         }
         tracing::info!(generation, "stopped");
         Ok(ExitCode::SUCCESS)

@@ -1,7 +1,7 @@
 //! The control plane end to end, on the real binary with real origins: `/metrics` as strict
 //! Prometheus text whose series move with traffic, `/healthz` and `/ready` through start,
 //! service and drain, hot reload (SIGHUP and `POST /reload`) under steady keep-alive load
-//! and with an invalid file, the admin bearer token, and the SIGTERM/SIGINT drain
+//! and with an invalid file, the admin bearer token, and the SIGTERM/SIGINT/SIGQUIT drain
 //! (`shutdown_delay`, `graceful_timeout`, a second signal, idle keep-alive connections).
 //!
 //! Nothing waits on a fixed sleep: readiness, counters (published by the workers every
@@ -1091,6 +1091,24 @@ fn sigint_drains_and_a_second_signal_during_shutdown_delay_exits_at_once() {
     assert!(!status.success(), "{status}");
 }
 
+/// SIGQUIT is nginx's graceful stop (`nginx -s quit`, a supervisor's `KillSignal=SIGQUIT`):
+/// it drains as SIGTERM does and the process exits 0, where the default action would dump
+/// core at once (or, when the parent left it ignored, do nothing until a SIGKILL).
+#[test]
+fn sigquit_drains_and_exits_cleanly_as_nginx_quit_does() {
+    let api = Origin::named("api");
+    let config = Config::proxy_all(&[api.addr()]).server("shutdown_delay", "1s");
+    let mut gw = Gateway::with(&config);
+    let t0 = Instant::now();
+    gw.signal(libc::SIGQUIT);
+    wait_draining(gw.admin_addr(), t0, SECOND);
+    assert_eq!(gw.get("/x").status, 200, "served during shutdown_delay");
+    let status = gw
+        .wait_exit(10 * SECOND)
+        .expect("SIGQUIT ends the process after its drain");
+    assert!(status.success(), "a drain on SIGQUIT exits 0: {status}");
+}
+
 #[test]
 fn idle_keepalive_connections_are_closed_on_drain() {
     let api = Origin::named("api");
@@ -1632,7 +1650,9 @@ fn real_ip_told(c: &mut Client) -> String {
 #[test]
 fn a_connection_keeps_its_listeners_settings_when_a_reload_gives_its_name_away() {
     let api = Origin::start(|req| Reply::ok(req.header("x-real-ip").unwrap_or("-")));
-    let config = Config::proxy_all(&[api.addr()]);
+    // `kept` must outlive two reloads even on a loaded machine: the default 5 s keep-alive
+    // timeout could close it between its requests, and the test would read that as a failure.
+    let config = Config::proxy_all(&[api.addr()]).server("keepalive_timeout", "300s");
     let gw = Gateway::with(&config);
     let (public, admin) = (gw.http_addr(), gw.admin_addr());
     // Accepted on the listener "http", which trusts no proxy: the claim is ignored.
