@@ -79,6 +79,8 @@ pub const EXTRA_FAMILIES: &[(&str, &str, &[&str])] = &[
     ("gateway_admin_accept_errors_total", "counter", &[]),
     ("gateway_access_log_dropped_total", "counter", &[]),
     ("gateway_log_lines_dropped_total", "counter", &[]),
+    ("gateway_connections_parked", "gauge", &["worker"]),
+    ("gateway_connections_parks_total", "counter", &["worker"]),
 ];
 
 /// A sample's labels as sorted (name, value) pairs.

@@ -2,7 +2,9 @@
 //! with the control plane's own gauges and the process collector's.
 
 use crate::control::Control;
-use crate::telemetry::metrics::{Histogram, DURATION_BUCKETS, IO_DRIVER, PROCESS_GENERATION};
+use crate::telemetry::metrics::{
+    Histogram, Stats, DURATION_BUCKETS, IO_DRIVER, PROCESS_GENERATION,
+};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -331,31 +333,38 @@ pub(crate) fn render(control: &Control) -> String {
             "gateway_limit_rejections_total{{limit=\"{limit}\",enforcer=\"{enforcer}\"}} {n}"
         );
     }
-    header(
-        &mut out,
-        "gateway_worker_busy_ratio",
-        "gauge",
-        "Share of the last second a worker spent running rather than waiting on its ring.",
+    // One sample per worker: (name, type, help, the value as text).
+    type PerWorker = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&Stats) -> String,
     );
-    for (id, s) in &workers {
-        let _ = writeln!(
-            out,
-            "gateway_worker_busy_ratio{{worker=\"{id}\"}} {:.4}",
-            s.busy_ratio
-        );
-    }
-    header(
-        &mut out,
-        "gateway_connections_parked",
-        "gauge",
-        "Idle keep-alive connections waiting in a worker's parking lot, with no task (counted in gateway_connections_active too).",
-    );
-    for (id, s) in &workers {
-        let _ = writeln!(
-            out,
-            "gateway_connections_parked{{worker=\"{id}\"}} {}",
-            s.parked_connections
-        );
+    let per_worker: [PerWorker; 3] = [
+        (
+            "gateway_worker_busy_ratio",
+            "gauge",
+            "Share of the last second a worker spent running rather than waiting on its ring.",
+            |s| format!("{:.4}", s.busy_ratio),
+        ),
+        (
+            "gateway_connections_parked",
+            "gauge",
+            "Idle keep-alive connections waiting in a worker's parking lot, with no task (counted in gateway_connections_active too).",
+            |s| s.parked_connections.to_string(),
+        ),
+        (
+            "gateway_connections_parks_total",
+            "counter",
+            "Times an idle keep-alive connection left its task for a worker's parking lot.",
+            |s| s.parks.to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in per_worker {
+        header(&mut out, name, kind, help);
+        for (id, s) in &workers {
+            let _ = writeln!(out, "{name}{{worker=\"{id}\"}} {}", value(s));
+        }
     }
     render_http2(&mut out, &h2, &h2_goaways);
     header(&mut out, "gateway_tls_handshakes_total", "counter", "TLS handshakes by listener and result (full, resumed, timeout, protocol_error, client_gone).");

@@ -153,11 +153,19 @@ thread_local! {
     static LOT: RefCell<Option<Rc<dyn Any>>> = const { RefCell::new(None) };
     /// Connections parked on this thread, for `gateway_connections_parked`.
     static PARKED: Cell<usize> = const { Cell::new(0) };
+    /// Parks on this thread since it started, for `gateway_connections_parks_total`.
+    static PARKS: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Connections parked on this worker thread.
 pub(crate) fn parked() -> usize {
     PARKED.get()
+}
+
+/// Parks on this worker thread since it started: how often idle connections left their
+/// task, which a client pacing its requests around the park delay would drive up.
+pub(crate) fn parks() -> u64 {
+    PARKS.get()
 }
 
 /// This thread's lot, made on first use (inside the worker's runtime: its epoll is
@@ -292,6 +300,7 @@ impl<S: Stream> Lot<S> {
             }
         };
         PARKED.set(PARKED.get() + 1);
+        PARKS.set(PARKS.get() + 1);
         (slot, tag)
     }
 
@@ -444,16 +453,23 @@ async fn resume<S: Stream>(w: Rc<Worker<S>>, parked: Parked<S>, in_lot: bool) {
             return;
         }
     };
+    let now = Instant::now();
+    let park_after = w.snapshot().server.keepalive_park_after;
     let resumed = Resumed {
         limits_seen: idle.limits_seen,
         in_lot,
+        park_backoff: h1::next_park_backoff(
+            park_after,
+            idle.park_backoff,
+            now.saturating_duration_since(idle.parked_at),
+        ),
     };
     serve_http1(
         w,
         idle.listener,
         io,
         idle.peer,
-        Instant::now(),
+        now,
         BytesMut::new(),
         Some(resumed),
         held,

@@ -148,7 +148,11 @@ async fn run_worker<D: Driver>(
                     worker.stats.borrow_mut().busy_ratio = if wall > 0.0 { (cpu / wall).min(1.0) } else { 0.0 };
                     busy_mark = now;
                 }
-                worker.stats.borrow_mut().parked_connections = crate::dataplane::parking::parked() as u64;
+                {
+                    let mut stats = worker.stats.borrow_mut();
+                    stats.parked_connections = crate::dataplane::parking::parked() as u64;
+                    stats.parks = crate::dataplane::parking::parks();
+                }
                 worker.publish();
             }
             Ok(()) = installed.changed() => {

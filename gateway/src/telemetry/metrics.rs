@@ -94,6 +94,8 @@ pub struct Stats {
     pub(crate) busy_ratio: f64,
     /// Idle keep-alive connections in the worker's parking lot (`dataplane::parking`).
     pub(crate) parked_connections: u64,
+    /// Parks since the worker started (`gateway_connections_parks_total`).
+    pub(crate) parks: u64,
     /// When the worker last published (process clock, ms): its liveness for `/healthz`.
     pub(crate) heartbeat_ms: u64,
     /// The worker finished its drain and stopped: silent, but not stuck.
