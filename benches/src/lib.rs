@@ -86,6 +86,19 @@ fn parse_stat(stat: &str) -> Option<(u64, u32)> {
     Some((utime + stime, ppid))
 }
 
+/// Restricts the calling thread (and whatever it later spawns or execs) to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_stat;
@@ -98,17 +111,4 @@ mod tests {
                     1097 217 5 0 20 0 1 0 5000 20000000 900 18446744073709551615";
         assert_eq!(parse_stat(stat), Some((1097 + 217, 23131)));
     }
-}
-
-/// Restricts the calling thread (and whatever it later spawns or execs) to one CPU.
-pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes within it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
