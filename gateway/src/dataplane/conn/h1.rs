@@ -180,8 +180,9 @@ pub async fn serve<S: Stream>(
             // client is readable, holding no buffer; the head buffer is taken once bytes
             // are there. A new connection must send within `header_timeout` of the
             // accept, a kept-alive one within `keepalive_timeout`. An empty buffer still
-            // has the capacity the last head grew it to: given back here.
-            buf = BytesMut::new();
+            // has the capacity the last head grew it to: given back to the worker's
+            // cache here, for the next request of any connection (`reuse`).
+            super::reuse::give_back_head_buf(std::mem::take(&mut buf));
             let (deadline, park_at) = {
                 let server = &w.snapshot().server;
                 if first {
@@ -229,11 +230,12 @@ pub async fn serve<S: Stream>(
                 },
             }
         }
-        // Built in its box: `Box::pin(request(..))` builds the future on the stack, then
-        // copies all of it (as large as its largest await point, kilobytes) into the heap,
-        // once per request; written through the box's own memory only the arguments are.
-        let phase = Box::write(
-            Box::new_uninit(),
+        // Built in its heap block: `Box::pin(request(..))` builds the future on the stack,
+        // then copies all of it (as large as its largest await point, kilobytes) into the
+        // heap, once per request; written through the block's own memory only the
+        // arguments are. The block comes from the worker's cache (`reuse`): no allocation
+        // per request, and still none held while the connection is idle.
+        let phase = super::reuse::PooledFuture::new(|| {
             request(
                 &w,
                 &listener,
@@ -243,9 +245,9 @@ pub async fn serve<S: Stream>(
                 first,
                 accepted,
                 &mut limits_seen,
-            ),
-        );
-        match Box::into_pin(phase).await {
+            )
+        });
+        match phase.await {
             Some((back, rest)) => (io, buf) = (back, rest),
             None => return None,
         }
@@ -526,6 +528,11 @@ async fn read_head<S: Stream>(
             Some(t) => t + snap.server.header_timeout,
             None => idle_deadline,
         };
+        if c.buf.capacity() == 0 {
+            // A connection's first head, or its next after an idle wait gave the buffer
+            // back: a buffer from the worker's cache, not an allocation per request.
+            c.buf = super::reuse::take_head_buf();
+        }
         if c.buf.capacity() - c.buf.len() < 1024 {
             c.buf
                 .reserve(c.buf.len().max(HEAD_BUF_SIZE).min(max + 1024));

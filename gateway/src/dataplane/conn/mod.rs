@@ -7,6 +7,7 @@ pub mod h1;
 pub(crate) mod h2;
 pub(crate) mod preamble;
 pub(crate) mod relay;
+mod reuse;
 pub mod tunnel;
 
 use crate::snapshot::ListenerSettings;
