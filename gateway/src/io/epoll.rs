@@ -15,6 +15,9 @@ use super::{ParkedSocket, Stream};
 /// profile forbids `io_uring_setup`. Same interface, same owned buffers.
 pub struct EpollStream {
     inner: tokio::net::TcpStream,
+    /// The last read was short and cleared the read readiness ([`EpollStream::read`]):
+    /// any readiness since is a new edge, bytes or an EOF that arrived after it.
+    drained: std::cell::Cell<bool>,
 }
 
 impl EpollStream {
@@ -22,7 +25,10 @@ impl EpollStream {
     /// ([`crate::io::sockets::listening`]) and an upstream socket gets it before its
     /// connect ([`connect_nonblocking`]).
     pub fn new(inner: tokio::net::TcpStream) -> Self {
-        EpollStream { inner }
+        EpollStream {
+            inner,
+            drained: std::cell::Cell::new(false),
+        }
     }
 }
 
@@ -58,9 +64,13 @@ impl Stream for EpollStream {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Ok(n) if n > 0 && n < asked => {
                     self.forget_readable();
+                    self.drained.set(true);
                     return (Ok(n), buf);
                 }
-                other => return (other, buf),
+                other => {
+                    self.drained.set(false);
+                    return (other, buf);
+                }
             }
         }
     }
@@ -81,16 +91,19 @@ impl Stream for EpollStream {
         }
     }
 
-    /// Readiness is this driver's native wait, but tokio keeps a readiness until a syscall
-    /// meets `WouldBlock`, and the read that took the last request usually did not: that
-    /// stale readiness would end the idle wait at once, and the connection would take its
+    /// Readiness is this driver's native wait. After a short read ([`EpollStream::read`]
+    /// cleared the readiness) any readiness is a new edge, so it ends the wait with no
+    /// syscall. Otherwise (a read that filled its buffer, or none yet) the readiness may
+    /// be stale: it would end the idle wait at once, and the connection would take its
     /// per-request state and buffer only to wait inside the read. A one-byte `MSG_PEEK`
-    /// settles it without consuming anything: `WouldBlock` clears the readiness and the
-    /// wait goes on; bytes or an EOF end it. It replaces the read that would have met
-    /// `WouldBlock`, so it costs no extra syscall.
+    /// settles that without consuming anything: `WouldBlock` clears the readiness and the
+    /// wait goes on; bytes or an EOF end it.
     async fn wait_readable(&self) -> io::Result<()> {
         loop {
             self.inner.readable().await?;
+            if self.drained.get() {
+                return Ok(());
+            }
             let fd = self.inner.as_raw_fd();
             let peeked = self.inner.try_io(tokio::io::Interest::READABLE, || {
                 super::sockets::peek_one(fd)
@@ -169,9 +182,9 @@ impl Stream for EpollStream {
     /// Registers the socket again (one `epoll_ctl(ADD)`); `TCP_NODELAY` is still set.
     fn unpark(socket: ParkedSocket) -> io::Result<Self> {
         match socket {
-            ParkedSocket::Fd(fd) | ParkedSocket::Duplicate(fd) => Ok(EpollStream {
-                inner: tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))?,
-            }),
+            ParkedSocket::Fd(fd) | ParkedSocket::Duplicate(fd) => Ok(EpollStream::new(
+                tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))?,
+            )),
             ParkedSocket::Uring(_) => Err(io::ErrorKind::Unsupported.into()),
         }
     }
