@@ -266,3 +266,44 @@ fn a_client_that_hangs_up_is_logged_499_with_zero_bytes_sent() {
         "a 499 sends no body:\n{line}"
     );
 }
+
+/// A drain that runs out of `graceful_timeout` with a request still waiting on its upstream
+/// answers it 503 with `Connection: close` (the client may try another node) and logs it,
+/// with its upstream, as nginx logs what `worker_shutdown_timeout` cut. Before, the worker
+/// dropped the request with its task: the client saw a reset, the log had no line.
+#[test]
+fn a_request_cut_at_the_end_of_a_drain_is_answered_503_and_logged() {
+    let origin = Origin::start(|_| Reply::stall());
+    let cfg = Config::new()
+        .server("graceful_timeout", "1s")
+        .upstream(Upstream::new("api", &[origin.addr()]))
+        .route(Route::prefix("/api/", "api"));
+    let mut gw = Gateway::with(&cfg);
+    let http = gw.http_addr();
+    let cut = std::thread::spawn(move || {
+        let mut c = Client::connect_from(CLIENT.parse().unwrap(), http);
+        c.set_read_timeout(Duration::from_secs(10));
+        c.request(&Req::get("/api/cut"))
+            .map(|r| (r.status, r.says_close()))
+    });
+    gateway_tests::wait_until(Duration::from_secs(5), "the request at the origin", || {
+        origin.heads_seen() == 1
+    });
+    gw.signal(libc::SIGTERM);
+    let answer = cut.join().unwrap();
+    assert_eq!(
+        answer.ok(),
+        Some((503, true)),
+        "the cut request gets a 503 that closes the connection"
+    );
+    let line = gw.wait_access_line(Duration::from_secs(5), |l| l.contains("/api/cut"));
+    assert!(
+        line.contains("\"GET /api/cut HTTP/1.1\" 503 ")
+            && line.ends_with(&origin.addr().to_string()),
+        "logged as 503 with its upstream:\n{line}"
+    );
+    assert!(
+        gw.wait_exit(Duration::from_secs(5)).is_some(),
+        "exits after the drain"
+    );
+}

@@ -55,6 +55,10 @@ pub enum HttpError {
     /// only. A client can provoke these from a reflecting endpoint, so they never count
     /// against the server.
     ResponseRefused(&'static str),
+    /// A drain's `graceful_timeout` ran out with the request still in flight: 503 with
+    /// `Connection: close` when nothing of the response went out yet (the client may try
+    /// another node), otherwise a close. Booked to neither the client nor the upstream.
+    Shutdown,
 }
 
 /// Whose fault an error is: decides whether it counts against an upstream server.
@@ -102,6 +106,7 @@ impl HttpError {
             HttpError::BodyTimeout => 408,
             HttpError::LocalResource(_) => 500,
             HttpError::ResponseRefused(_) => 502,
+            HttpError::Shutdown => 503,
         }
     }
 
@@ -113,7 +118,8 @@ impl HttpError {
             | HttpError::UpstreamTimeout(_) => Side::Upstream,
             HttpError::NoHealthyUpstream
             | HttpError::LocalResource(_)
-            | HttpError::ResponseRefused(_) => Side::Internal,
+            | HttpError::ResponseRefused(_)
+            | HttpError::Shutdown => Side::Internal,
             _ => Side::Client,
         }
     }
@@ -158,6 +164,7 @@ impl HttpError {
             HttpError::ClientGone(_) => "client_gone",
             HttpError::LocalResource(_) => "local",
             HttpError::ResponseRefused(_) => "refused",
+            HttpError::Shutdown => "shutdown",
             _ => "client",
         }
     }

@@ -745,7 +745,9 @@ async fn handle<'s, S: Stream>(
                 Ok(outcome) => outcome,
                 Err(failure) => {
                     let status = failure.error.status();
-                    if failure.error.side() != Side::Client {
+                    if failure.error.side() != Side::Client
+                        && !matches!(failure.error, HttpError::Shutdown)
+                    {
                         w.stats
                             .borrow_mut()
                             .upstream_error(&upstream.metric_name, failure.error.kind());
@@ -854,7 +856,21 @@ async fn proxy<'s, S: Stream>(
         ws_accept: upgrade.then(|| crate::protocol::http1::head::websocket_accept(buf, head)),
         server: std::cell::Cell::new(None),
     };
-    let done = exchange::run(&x, &mut downstream, resp).await?;
+    // A drain that runs out of `graceful_timeout` ends the exchange here, where the
+    // request is still known, so that it is answered (503, when no byte of the response
+    // went out) and logged like any other, not dropped with the worker.
+    let done = tokio::select! {
+        biased;
+        done = exchange::run(&x, &mut downstream, resp) => done?,
+        _ = w.graceful_timeout_passed() => {
+            return Err(Failure {
+                error: HttpError::Shutdown,
+                response_started: downstream.write_clock.is_some(),
+                server: x.server.get(),
+                body_bytes: 0,
+            })
+        }
+    };
     let consumed = head.len + prefix;
     let close = downstream.close;
     let leftover = downstream.leftover.take();
