@@ -49,6 +49,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    gateway::protocol::tls::install_process_default();
     let cli = Cli::parse();
     let Some(config_path) = cli.config else {
         eprintln!("gateway: --config PATH is required (see gateway --help)");

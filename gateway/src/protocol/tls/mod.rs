@@ -36,8 +36,10 @@ use std::sync::Arc;
 /// by stateful TLS 1.3 tickets; about 200 bytes each, shared by all workers.
 pub(crate) const SESSION_CACHE_SIZE: usize = 64 * 1024;
 
-/// The cryptography under rustls: ring's, or aws-lc-rs's with the `aws-lc` feature (see
-/// `docs/benchmarks.md`, "TLS (issue 13)", for how they compare).
+/// The cryptography under rustls: aws-lc-rs's with the default `aws-lc` feature, ring's
+/// without it. aws-lc-rs signs RSA 2048 with its AVX-512 code and seals AES-GCM records with
+/// VAES where the CPU has them, and cost less CPU than ring in every TLS scenario of the bench
+/// (`docs/benchmarks.md`, "TLS, third pass (issue 13)").
 #[cfg(feature = "aws-lc")]
 use rustls::crypto::aws_lc_rs as crypto;
 #[cfg(not(feature = "aws-lc"))]
@@ -246,6 +248,15 @@ pub(crate) fn provider() -> CryptoProvider {
     provider
 }
 
+/// Makes [`provider`] rustls' process-wide default. Called once at start, before any
+/// rustls configuration is built without an explicit provider (redis' `rediss://` client
+/// builds its own with `ClientConfig::builder()`): with both ring and aws-lc-rs compiled into
+/// rustls (the `aws-lc` feature; ring stays for other uses), rustls cannot pick one itself
+/// and would panic there. A second call (tests starting several runtimes) changes nothing.
+pub fn install_process_default() {
+    let _ = provider().install_default();
+}
+
 /// Lower is preferred; the sort is stable, so rustls' order stands among equals.
 fn suite_rank(suite: &SupportedCipherSuite) -> u8 {
     match suite.suite() {
@@ -352,5 +363,30 @@ impl ResolvesServerCert for SniResolver {
             .find(|k| k.key.choose_scheme(schemes).is_some())
             .or(keys.first())
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{install_process_default, provider};
+    use rustls::crypto::CryptoProvider;
+
+    /// With both providers compiled into rustls, a configuration built without an explicit
+    /// provider (redis' `rediss://` client) panics unless the process default is installed;
+    /// after `install_process_default` it is ours, with our cipher-suite order.
+    #[test]
+    fn the_process_default_is_the_listeners_provider() {
+        install_process_default();
+        install_process_default();
+        let installed = CryptoProvider::get_default().expect("a process default");
+        let ours = provider();
+        let suites = |p: &CryptoProvider| {
+            p.cipher_suites
+                .iter()
+                .map(|s| s.suite())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(suites(installed), suites(&ours));
+        let _ = rustls::ClientConfig::builder();
     }
 }
