@@ -10,7 +10,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::sync::Arc;
 
-/// The crypto provider the gateway uses (ring: no cmake/nasm, unlike aws-lc-rs).
+/// The test clients' crypto provider: ring, a library other than the gateway's (aws-lc-rs by
+/// default), so a handshake the tests see working is not one library agreeing with itself.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
