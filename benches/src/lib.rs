@@ -17,39 +17,10 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// User + system CPU seconds of `pid` (all its threads, io_uring workers included) and of
-/// its direct children (nginx workers), from `/proc/<pid>/stat`.
-pub fn proc_cpu_seconds(pid: u32) -> f64 {
-    let mut ticks = stat_ticks(pid).map(|(t, _)| t).unwrap_or(0);
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let Some(child) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if let Some((t, ppid)) = stat_ticks(child) {
-                if ppid == pid {
-                    ticks += t;
-                }
-            }
-        }
-    }
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
-}
-
-/// Threads of `pid` and of its direct children.
-pub fn proc_threads(pid: u32) -> usize {
-    let count = |p: u32| {
-        std::fs::read_dir(format!("/proc/{p}/task"))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    };
-    let mut n = count(pid);
+/// `pid` and its direct children (nginx's workers under its master), for CPU, memory and
+/// descriptor accounting.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
             let Some(child) = entry
@@ -60,11 +31,35 @@ pub fn proc_threads(pid: u32) -> usize {
                 continue;
             };
             if stat_ticks(child).is_some_and(|(_, ppid)| ppid == pid) {
-                n += count(child);
+                pids.push(child);
             }
         }
     }
-    n
+    pids
+}
+
+/// User + system CPU seconds of `pid` (all its threads, io_uring workers included) and of
+/// its direct children (nginx workers), from `/proc/<pid>/stat`.
+pub fn proc_cpu_seconds(pid: u32) -> f64 {
+    let ticks: u64 = process_tree(pid)
+        .into_iter()
+        .filter_map(|p| stat_ticks(p).map(|(t, _)| t))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// Threads of `pid` and of its direct children.
+pub fn proc_threads(pid: u32) -> usize {
+    process_tree(pid)
+        .into_iter()
+        .map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/task"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 /// (utime + stime in clock ticks, parent pid) of one process.

@@ -1010,37 +1010,6 @@ fn start_haproxy(
     Proc::listening("haproxy", child, addr, tls_addr, rsa_addr, h2_addr)
 }
 
-/// The process and its children (nginx workers), for CPU and memory accounting.
-fn process_tree(root: u32) -> Vec<u32> {
-    let mut pids = vec![root];
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for e in entries.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                let fields: Vec<&str> = stat
-                    .rsplit_once(')')
-                    .map(|(_, r)| r)
-                    .unwrap_or("")
-                    .split_whitespace()
-                    .collect();
-                if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(root) {
-                    pids.push(pid);
-                }
-            }
-        }
-    }
-    pids
-}
-
-/// User + system CPU seconds of a process tree: the one reading `benches` uses, whose
-/// fields are counted by position (a filter on "numeric" would drop `tpgid`, which is -1
-/// without a controlling terminal, and read `stime + cutime` as the CPU).
-fn cpu_seconds(root: u32) -> f64 {
-    gateway_benches::proc_cpu_seconds(root)
-}
-
 fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -1053,7 +1022,10 @@ fn status_kib(pid: u32, key: &str) -> u64 {
 }
 
 fn rss_kib(root: u32, key: &str) -> u64 {
-    process_tree(root).iter().map(|&p| status_kib(p, key)).sum()
+    gateway_benches::process_tree(root)
+        .iter()
+        .map(|&p| status_kib(p, key))
+        .sum()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1092,9 +1064,9 @@ fn measure(
     }
     cmd.arg(format!("{base}{}", scenario.path));
     let pid = target.child.id();
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = gateway_benches::proc_cpu_seconds(pid);
     let output = cmd.output().context("running wrk")?;
-    let cpu1 = cpu_seconds(pid);
+    let cpu1 = gateway_benches::proc_cpu_seconds(pid);
     let text = String::from_utf8_lossy(&output.stdout);
     let line = text
         .lines()
@@ -1155,9 +1127,9 @@ fn measure_h2(
     .arg(format!("--log-file={}", log.display()))
     .arg(url);
     let pid = target.child.id();
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = gateway_benches::proc_cpu_seconds(pid);
     let output = cmd.output().context("running h2load")?;
-    let cpu1 = cpu_seconds(pid);
+    let cpu1 = gateway_benches::proc_cpu_seconds(pid);
     let text = String::from_utf8_lossy(&output.stdout);
     let fail = || {
         format!(
@@ -1245,9 +1217,9 @@ fn full_handshakes(
         &seconds.to_string(),
     ])
     .args(["-www", "/api/small"]);
-    let cpu0 = cpu_seconds(proxy_pid);
+    let cpu0 = gateway_benches::proc_cpu_seconds(proxy_pid);
     let output = cmd.output().context("running openssl s_time")?;
-    let cpu1 = cpu_seconds(proxy_pid);
+    let cpu1 = gateway_benches::proc_cpu_seconds(proxy_pid);
     let text = String::from_utf8_lossy(&output.stdout);
     // "1234 connections in 6 real seconds, 0 bytes read per connection"
     let line = text

@@ -204,7 +204,7 @@ fn run_one(
     let client_socket_bytes = socket_memory_bytes(listen.port())?.saturating_sub(client_before);
     let upstream_socket_bytes =
         upstream_socket_memory_bytes(origin_addr.port())?.saturating_sub(upstream_before);
-    let fds = super::process_tree(pid)
+    let fds = gateway_benches::process_tree(pid)
         .iter()
         .filter_map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
         .map(|d| d.count())
