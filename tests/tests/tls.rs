@@ -222,3 +222,57 @@ fn the_server_prefers_aes_128_gcm() {
         assert!(h.answered, "{args:?}: {}", h.output);
     }
 }
+
+/// TLS 1.3 tickets leave as soon as the client's Finished is in, before any request: a
+/// client that leaves Nagle on (Python's `http.client` and many others) sends its request
+/// only once its Finished is acknowledged, and a server that sent nothing after the Finished
+/// would leave that ACK to the delayed-ACK timer, 40 ms on every new connection (found by
+/// the bench's idle TLS client; nginx sends its tickets at once). `s_client` sends nothing
+/// here and reports each ticket as it arrives.
+#[test]
+fn tls13_tickets_arrive_before_the_first_request() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let g = tls_gateway(dir.path());
+    // Unbuffered: piped, s_client's output would come only when it exits.
+    let mut child = Command::new("stdbuf")
+        .args(["-o0", "openssl", "s_client", "-connect", &g.tls.to_string()])
+        .args(["-servername", "localhost", "-tls1_3", "-ign_eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run openssl s_client");
+    // Held open and never written: no request.
+    let _stdin = child.stdin.take();
+    let stdout = child.stdout.take().unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Well inside `header_timeout` (10 s): the close at its end would flush them too.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut output = String::new();
+    let mut tickets = 0;
+    while tickets < 2 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match seen.recv_timeout(left) {
+            Ok(line) => {
+                tickets += usize::from(line.contains("Post-Handshake New Session Ticket arrived"));
+                output.push_str(&line);
+                output.push('\n');
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        tickets, 2,
+        "the server's tickets did not come before a request:\n{output}"
+    );
+}

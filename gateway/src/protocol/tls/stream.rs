@@ -279,23 +279,36 @@ impl<S: Stream> TlsStream<S> {
     }
 
     /// Drives the handshake until it is complete and every flight rustls made is on the
-    /// socket. TLS 1.3 session tickets, queued once the client's Finished is in, are not
-    /// flushed here: RFC 8446 §4.6.1 lets them come any time after the handshake, and the
-    /// client never waits for them, so they go out in front of the first response, in the
-    /// same socket write (one write fewer per connection; the next write of either path,
-    /// `flush_locked` or h2's `TlsIo`, sends everything rustls holds). TLS 1.2 is always
-    /// flushed: a full handshake ends with the server's Finished, which the client awaits.
+    /// socket, TLS 1.3 session tickets included, unless the client's first request came in
+    /// with its Finished: then the tickets go out in front of the response, in the same
+    /// socket write (RFC 8446 §4.6.1 lets them come any time after the handshake).
+    ///
+    /// Sending nothing after a Finished the request did not follow would hold clients that
+    /// leave Nagle on (Python's `http.client`, many others): their request waits for the
+    /// ACK of their Finished, and a server that sends nothing leaves that ACK to the
+    /// delayed-ACK timer, 40 ms on Linux, on every new connection. nginx sends its tickets
+    /// at once.
     async fn drive_handshake(&self) -> Result<(), TlsError> {
         loop {
             let processed = {
                 let mut conn = self.conn.borrow_mut();
-                self.process(&mut conn).map(|_| conn.is_handshaking())
+                self.process(&mut conn)
+                    .map(|state| (conn.is_handshaking(), state.plaintext_bytes_to_read() > 0))
             };
-            if matches!(processed, Ok(false))
-                && self.conn.borrow().protocol_version() == Some(ProtocolVersion::TLSv1_3)
-            {
-                return Ok(());
+            if let Ok((false, request_in)) = processed {
+                let more_input = {
+                    let incoming = self.incoming.take();
+                    let any = !incoming.is_empty();
+                    self.incoming.set(incoming);
+                    any
+                };
+                if (request_in || more_input)
+                    && self.conn.borrow().protocol_version() == Some(ProtocolVersion::TLSv1_3)
+                {
+                    return Ok(());
+                }
             }
+            let processed = processed.map(|(handshaking, _)| handshaking);
             // Send what rustls queued: the next flight, or the alert explaining a failure.
             let flushed = {
                 let _guard = self.write_lock.lock().await;
