@@ -328,11 +328,30 @@ mod early_submit {
     /// Makes the worker's tokio-uring runtime (submission queue of 4096 entries) and
     /// claims its ring's descriptor for early submission on this thread, every `batch`
     /// queued operations (0: never, only at parks).
+    ///
+    /// The ring is set up with `IORING_SETUP_COOP_TASKRUN`. Without it, each completion
+    /// of a socket operation that another CPU made ready (the peer's packet arriving)
+    /// interrupts the worker with an inter-processor interrupt to run io_uring's task
+    /// work at once; with it, the work waits for the worker's next entry into the kernel,
+    /// which a busy worker makes within microseconds (its submissions, accepts and reactor
+    /// polls) and an idle one is woken for as before. On this 2-vCPU VM the interrupts
+    /// cost 3-4 us per new connection (`irqentry_exit_to_user_mode` in `perf record`),
+    /// and the flag took 10-16 % off the CPU per request (docs/benchmarks.md, "Session 8").
     pub fn runtime_claiming_ring(batch: u32) -> io::Result<tokio_uring::Runtime> {
         BATCH.set(batch.min(SUBMIT_AT_MOST));
         let _creating = RING_CREATION.lock().unwrap_or_else(|e| e.into_inner());
         let before = ring_fds();
-        let runtime = tokio_uring::Runtime::new(tokio_uring::builder().entries(SUBMIT_AT_MOST))?;
+        let runtime = match tokio_uring::Runtime::new(
+            tokio_uring::builder()
+                .entries(SUBMIT_AT_MOST)
+                .uring_builder(tokio_uring::uring_builder().setup_coop_taskrun()),
+        ) {
+            // Kernels before 5.19 refuse the flag: the ring without it works the same.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tokio_uring::Runtime::new(tokio_uring::builder().entries(SUBMIT_AT_MOST))?
+            }
+            made => made?,
+        };
         let claimed = match (before, ring_fds()) {
             (Ok(before), Ok(after)) => {
                 let new: Vec<RawFd> = after.difference(&before).copied().collect();
