@@ -434,8 +434,9 @@ pub fn run(args: &Args) -> Result<()> {
     contenders.extend(baseline.as_ref());
     contenders.extend(hap.as_ref());
     contenders.extend(global.as_ref());
-    // Memory per idle connection first, while every process is fresh: later scenarios
-    // leave freed memory in the allocators that new connections would reuse unseen.
+    // Memory per idle connection first, each figure in fresh processes of its own (below):
+    // a process that served earlier connections has freed memory in its allocators that
+    // new connections would reuse unseen.
     let idle_n = args
         .idle_connections
         .unwrap_or(if args.quick { 500 } else { 10_000 });
@@ -458,21 +459,19 @@ pub fn run(args: &Args) -> Result<()> {
         } else {
             idle_n
         };
-        // A process of its own for a figure, or `None` to measure the shared one.
-        // - A gateway holds the idle connections in a process started for the figure with
-        //   room for them (the derived `max_connections` saves an upstream descriptor per
-        //   connection, and would refuse 10,000 under 20,000).
-        // - The TLS figure takes fresh processes of every proxy, started after the
-        //   plaintext figure has let its connections go: nginx's connection slots and the
-        //   allocators' freed memory from the plaintext connections would be reused unseen.
-        //   They keep idle connections IDLE_HOLD_TIMEOUT_S (10,000 full handshakes take
-        //   longer than the reference's 5 s keep-alive timeout, which would close the first
-        //   connections before the last is open); the timeout decides when an idle
-        //   connection goes, not what it holds.
-        let own = |tls: bool| -> Result<Option<Proc>> {
+        // Each figure holds its connections in a process of its own, next to the shared one:
+        // - the TLS figure comes after the plaintext one, whose freed memory (nginx's
+        //   touched connection slots, the allocators' free lists) it would reuse unseen;
+        // - a gateway needs room for the connections (the derived `max_connections` saves
+        //   an upstream descriptor per connection, and would refuse 10,000 under 20,000);
+        // - they keep idle connections IDLE_HOLD_TIMEOUT_S instead of the reference's 5 s:
+        //   10,000 full handshakes, or 10,000 connects on a loaded machine, take longer,
+        //   and the first connections would be closed before the last is open. The timeout
+        //   decides when an idle connection goes, not what it holds.
+        let own = |tls: bool| -> Result<Proc> {
             let instance = Instance {
                 suffix: if tls { "-tls-idle" } else { "-idle" },
-                keepalive_timeout_s: tls.then_some(IDLE_HOLD_TIMEOUT_S),
+                keepalive_timeout_s: Some(IDLE_HOLD_TIMEOUT_S),
             };
             Ok(match c.name {
                 "gateway" | "baseline" => {
@@ -485,7 +484,7 @@ pub fn run(args: &Args) -> Result<()> {
                         .keepalive_timeout_s
                         .map(|s| format!("keepalive_timeout = \"{s}s\"\n"))
                         .unwrap_or_default();
-                    Some(start_gateway_with(
+                    start_gateway_with(
                         "idle-gateway",
                         bin,
                         &scratch,
@@ -497,25 +496,25 @@ pub fn run(args: &Args) -> Result<()> {
                             server: &keepalive,
                             ..Tuning::default()
                         },
-                    )?)
+                    )?
                 }
-                "nginx" | "haproxy" if tls => {
+                "nginx" | "haproxy" => {
                     let (start, bin): (StartProxy, &Path) = if c.name == "nginx" {
                         (start_reference_nginx, &nginx)
                     } else {
                         let bin = haproxy.as_deref().context("no haproxy binary")?;
                         (start_haproxy, bin)
                     };
-                    Some(start(
+                    start(
                         bin,
                         &scratch,
                         upstream_addr,
                         args.workers,
                         pin.as_deref(),
                         &instance,
-                    )?)
+                    )?
                 }
-                _ => None,
+                other => bail!("no idle-memory process for contender {other}"),
             })
         };
         for (tls, label) in [(false, "idle"), (true, "tls_idle")] {
@@ -524,11 +523,11 @@ pub fn run(args: &Args) -> Result<()> {
             }
             let fresh = own(tls)?;
             let client = tls_client.as_ref().filter(|_| tls);
-            let m = idle_memory_per_connection(fresh.as_ref().unwrap_or(c), n, client)?;
+            let m = idle_memory_per_connection(&fresh, n, client)?;
             drop(fresh);
             eprintln!(
-                "  {label:8} {:8} {:>6.1} KiB RSS + {:>6.1} KiB kernel socket memory per connection ({} held)",
-                c.name, m.rss_kib, m.socket_kib, m.connections
+                "  {label:8} {:8} {:>6.1} KiB RSS + {:>6.1} KiB kernel socket memory per connection ({} held, opened in {:.1} s)",
+                c.name, m.rss_kib, m.socket_kib, m.connections, m.open_s
             );
             if tls { &mut tls_idle } else { &mut idle }.push((c.name, m));
         }
@@ -855,7 +854,7 @@ fn spawn_nginx(nginx: &Path, prefix: &Path, cpus: Option<&str>) -> std::io::Resu
 type StartProxy = fn(&Path, &Path, SocketAddr, usize, Option<&str>, &Instance) -> Result<Proc>;
 
 /// One process of a contender: the bench's shared one, or one started for a single figure
-/// next to it (`tls_idle`).
+/// next to it (`idle`, `tls_idle`).
 struct Instance {
     /// Added to the scratch names of its prefix (nginx) or config and pid file (HAProxy),
     /// so two instances of one proxy run at once.
@@ -1346,6 +1345,8 @@ fn full_handshakes(
 struct IdleMemory {
     /// Connections held.
     connections: usize,
+    /// Seconds it took to open them (connects, handshakes, first answers).
+    open_s: f64,
     /// Growth of the proxy's resident memory (all its processes), KiB per connection.
     rss_kib: f64,
     /// The kernel's memory for the proxy's side of the connections (`ss -tm` skmem
@@ -1356,7 +1357,7 @@ struct IdleMemory {
 /// The one request on every idle connection.
 const IDLE_REQUEST: &[u8] = b"GET /api/small HTTP/1.1\r\nHost: bench\r\n\r\n";
 
-/// Seconds the proxies started for the TLS idle figure keep an idle keep-alive connection:
+/// Seconds the proxies started for the idle figures keep an idle keep-alive connection:
 /// far beyond the time the bench takes to open and measure its connections.
 const IDLE_HOLD_TIMEOUT_S: u64 = 600;
 
@@ -1370,6 +1371,28 @@ fn expect_ok(head: &[u8]) -> Result<()> {
         bail!("answered {:?}", String::from_utf8_lossy(line).trim_end());
     }
     Ok(())
+}
+
+/// The resident memory of `pid`'s processes (KiB) once they stop changing: the same
+/// processes and RSS in three readings 100 ms apart, or whatever it is after 10 s. A fresh
+/// nginx accepts connections before its workers have started (the master binds, then
+/// forks them): their start-up would otherwise count as growth under the connections.
+fn settled_rss_kib(pid: u32) -> u64 {
+    let reading = || {
+        let tree = gateway_benches::process_tree(pid);
+        let rss: u64 = tree.iter().map(|&p| status_kib(p, "VmRSS:")).sum();
+        (tree, rss)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = reading();
+    let mut unchanged = 0;
+    while unchanged < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = reading();
+        unchanged = if now == last { unchanged + 1 } else { 0 };
+        last = now;
+    }
+    last.1
 }
 
 /// One plaintext idle connection to `addr`, its one request answered.
@@ -1404,9 +1427,10 @@ fn idle_memory_per_connection(
     .parse()?;
     let what = if tls.is_some() { "TLS" } else { "plaintext" };
     let pid = target.child.id();
-    let before = rss_kib(pid, "VmRSS:");
+    let before = settled_rss_kib(pid);
     let (sockets_before, socket_before) = established_sockets(addr.port())?;
     let mut conns = Vec::with_capacity(n);
+    let opening = Instant::now();
     for i in 0..n {
         let s = match tls {
             None => open_plaintext(addr),
@@ -1415,6 +1439,7 @@ fn idle_memory_per_connection(
         .with_context(|| format!("idle {what} connection {i} of {n} to {}", target.name))?;
         conns.push(s);
     }
+    let open_s = opening.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(300));
     let after = rss_kib(pid, "VmRSS:");
     let (sockets_after, socket_after) = established_sockets(addr.port())?;
@@ -1429,6 +1454,7 @@ fn idle_memory_per_connection(
     }
     Ok(IdleMemory {
         connections: n,
+        open_s,
         rss_kib: after.saturating_sub(before) as f64 / n as f64,
         socket_kib: socket_after.saturating_sub(socket_before) as f64 / 1024.0 / n as f64,
     })
@@ -1802,6 +1828,7 @@ fn idle_json(figures: &[(&str, IdleMemory)]) -> serde_json::Value {
         .map(|(who, m)| {
             let mut entry = serde_json::json!({
                 "connections": m.connections,
+                "open_s": m.open_s,
                 "rss": m.rss_kib,
                 "kernel_socket": m.socket_kib,
             });
@@ -1886,6 +1913,7 @@ mod tests {
     fn idle_ratios_are_over_nginx_and_absent_where_nginx_holds_nothing() {
         let memory = |rss_kib, socket_kib| IdleMemory {
             connections: 10,
+            open_s: 1.0,
             rss_kib,
             socket_kib,
         };
