@@ -8,7 +8,9 @@
 //! on a shared machine hits all of them. Per scenario and contender: requests per second,
 //! p50/p99/p99.9 latency, the proxy's CPU seconds per request (user+system of all its
 //! processes, from /proc), and peak RSS; then ratios to nginx with min/median/max over
-//! rounds. `--only` runs a subset.
+//! rounds. `--only` runs a subset. Before any scenario: memory per idle keep-alive
+//! connection, plaintext (`idle`) and TLS 1.3 (`tls_idle`, the client in `bench/tls_idle.rs`),
+//! in fresh processes of every proxy.
 //!
 //! HTTP/1.1 scenarios are driven by wrk; the HTTP/2 ones (`h2_*`) by h2load over TLS with
 //! ALPN `h2` only: the gateway's TLS listener (h2 offered by default) against nginx's
