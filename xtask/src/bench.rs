@@ -8,7 +8,9 @@
 //! on a shared machine hits all of them. Per scenario and contender: requests per second,
 //! p50/p99/p99.9 latency, the proxy's CPU seconds per request (user+system of all its
 //! processes, from /proc), and peak RSS; then ratios to nginx with min/median/max over
-//! rounds. `--only` runs a subset.
+//! rounds. `--only` runs a subset. Before any scenario: memory per idle keep-alive
+//! connection, plaintext (`idle`) and TLS 1.3 (`tls_idle`, the client in `bench/tls_idle.rs`),
+//! in fresh processes of every proxy.
 //!
 //! HTTP/1.1 scenarios are driven by wrk; the HTTP/2 ones (`h2_*`) by h2load over TLS with
 //! ALPN `h2` only: the gateway's TLS listener (h2 offered by default) against nginx's
@@ -19,6 +21,7 @@
 //! `docs/benchmarks.md` between its markers.
 
 mod scale;
+mod tls_idle;
 
 use crate::{find_program, install, run_cmd, target_dir, workspace_root};
 use anyhow::{bail, Context, Result};
@@ -64,13 +67,14 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Run only these measurements (comma-separated): scenario names from the table, and
-    /// `idle` (memory per idle connection), `handshakes` (full TLS handshakes), `tunnels`
-    /// (WebSocket bulk), `scale` (10,000 keep-alive clients and 2,000 tunnels at once; not
-    /// in `--quick`). Default: all of them.
+    /// `idle` (memory per idle plaintext connection), `tls_idle` (per idle TLS 1.3
+    /// connection), `handshakes` (full TLS handshakes), `tunnels` (WebSocket bulk), `scale`
+    /// (10,000 keep-alive clients and 2,000 tunnels at once; not in `--quick`). Default:
+    /// all of them.
     #[arg(long, value_name = "NAME[,NAME..]", value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Idle keep-alive connections held per contender for the memory figures (default
-    /// 10,000; 500 with --quick). The bench raises its RLIMIT_NOFILE to the hard limit: with
+    /// Idle keep-alive connections held per contender for the memory figures, plaintext and
+    /// TLS (default 10,000; 500 with --quick). The bench raises its RLIMIT_NOFILE to the hard limit: with
     /// the proxy holding one descriptor per connection too, 10,000 fits a 20,000 limit.
     #[arg(long, value_name = "N")]
     pub idle_connections: Option<usize>,
@@ -101,7 +105,7 @@ pub struct Args {
 }
 
 /// Measurements `--only` accepts besides the scenario names.
-const EXTRA_MEASUREMENTS: &[&str] = &["idle", "handshakes", "tunnels", "scale"];
+const EXTRA_MEASUREMENTS: &[&str] = &["idle", "tls_idle", "handshakes", "tunnels", "scale"];
 
 impl Args {
     /// Whether `--only` selects the measurement `name` (everything when `--only` is absent).
@@ -331,8 +335,6 @@ pub fn run(args: &Args) -> Result<()> {
     let scratch = out_dir.join("scratch");
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(scratch.join("up/html"))?;
-    std::fs::create_dir_all(scratch.join("ng/body"))?;
-    std::fs::create_dir_all(scratch.join("ng/proxy"))?;
     std::fs::write(scratch.join("up/html/1m"), vec![b'x'; 1 << 20])?;
     std::fs::write(scratch.join("report.lua"), REPORT_LUA)?;
     self_signed(
@@ -356,6 +358,7 @@ pub fn run(args: &Args) -> Result<()> {
         upstream_addr,
         args.workers,
         pin.as_deref(),
+        &Instance::SHARED,
     )?;
     let gw = start_gateway(
         "gateway",
@@ -377,7 +380,17 @@ pub fn run(args: &Args) -> Result<()> {
         None => None,
     };
     let hap = haproxy
-        .map(|bin| start_haproxy(&bin, &scratch, upstream_addr, args.workers, pin.as_deref()))
+        .as_ref()
+        .map(|bin| {
+            start_haproxy(
+                bin,
+                &scratch,
+                upstream_addr,
+                args.workers,
+                pin.as_deref(),
+                &Instance::SHARED,
+            )
+        })
         .transpose()?;
     // The gateway under test with config of its own, in the same rounds.
     let variant = |name, tuning: &Tuning| {
@@ -423,55 +436,102 @@ pub fn run(args: &Args) -> Result<()> {
     contenders.extend(baseline.as_ref());
     contenders.extend(hap.as_ref());
     contenders.extend(global.as_ref());
-    // Memory per idle connection first, while every process is fresh: later scenarios
-    // leave freed memory in the allocators that new connections would reuse unseen.
+    // Memory per idle connection first, each figure in fresh processes of its own (below):
+    // a process that served earlier connections has freed memory in its allocators that
+    // new connections would reuse unseen.
     let idle_n = args
         .idle_connections
         .unwrap_or(if args.quick { 500 } else { 10_000 });
+    let tls_client = args
+        .selects("tls_idle")
+        .then(tls_idle::TlsIdleClient::new)
+        .transpose()?;
     let mut idle = Vec::new();
-    if args.selects("idle") {
-        for c in &contenders {
-            // HAProxy holds no more than its maxconn (a little under half the descriptor
-            // limit); a client beyond it would wait in the backlog and time out.
-            let n = if c.name == "haproxy" {
-                idle_n.min(haproxy_maxconn() as usize - 20)
-            } else {
-                idle_n
+    let mut tls_idle = Vec::new();
+    for c in &contenders {
+        // The fleet-limit and epoll contenders are the same binary as `gateway`: not
+        // measured twice.
+        if c.name == "global" || c.name == "gateway-epoll" {
+            continue;
+        }
+        // HAProxy holds no more than its maxconn (a little under half the descriptor
+        // limit); a client beyond it would wait in the backlog and time out.
+        let n = if c.name == "haproxy" {
+            idle_n.min(haproxy_maxconn() as usize - 20)
+        } else {
+            idle_n
+        };
+        // Each figure holds its connections in a process of its own, next to the shared one:
+        // - the TLS figure comes after the plaintext one, whose freed memory (nginx's
+        //   touched connection slots, the allocators' free lists) it would reuse unseen;
+        // - a gateway needs room for the connections (the derived `max_connections` saves
+        //   an upstream descriptor per connection, and would refuse 10,000 under 20,000);
+        // - they keep idle connections IDLE_HOLD_TIMEOUT_S instead of the reference's 5 s:
+        //   10,000 full handshakes, or 10,000 connects on a loaded machine, take longer,
+        //   and the first connections would be closed before the last is open. The timeout
+        //   decides when an idle connection goes, not what it holds.
+        let own = |tls: bool| -> Result<Proc> {
+            let instance = Instance {
+                suffix: if tls { "-tls-idle" } else { "-idle" },
+                keepalive_timeout_s: Some(IDLE_HOLD_TIMEOUT_S),
             };
-            // A gateway holds the idle connections in a process of its own, started for
-            // the figure with room for them (the derived `max_connections` saves an
-            // upstream descriptor per connection, and would refuse 10,000 under 20,000).
-            // The fleet-limit contender is the same binary as `gateway`: not measured twice.
-            if c.name == "global" || c.name == "gateway-epoll" {
+            Ok(match c.name {
+                "gateway" | "baseline" => {
+                    let bin = if c.name == "gateway" {
+                        &gateway_bin
+                    } else {
+                        args.baseline_bin.as_ref().context("no baseline binary")?
+                    };
+                    let keepalive = instance
+                        .keepalive_timeout_s
+                        .map(|s| format!("keepalive_timeout = \"{s}s\"\n"))
+                        .unwrap_or_default();
+                    start_gateway_with(
+                        "idle-gateway",
+                        bin,
+                        &scratch,
+                        upstream_addr,
+                        args.workers,
+                        pin.as_deref(),
+                        &Tuning {
+                            max_connections: Some(n + 64),
+                            server: &keepalive,
+                            ..Tuning::default()
+                        },
+                    )?
+                }
+                "nginx" | "haproxy" => {
+                    let (start, bin): (StartProxy, &Path) = if c.name == "nginx" {
+                        (start_reference_nginx, &nginx)
+                    } else {
+                        let bin = haproxy.as_deref().context("no haproxy binary")?;
+                        (start_haproxy, bin)
+                    };
+                    start(
+                        bin,
+                        &scratch,
+                        upstream_addr,
+                        args.workers,
+                        pin.as_deref(),
+                        &instance,
+                    )?
+                }
+                other => bail!("no idle-memory process for contender {other}"),
+            })
+        };
+        for (tls, label) in [(false, "idle"), (true, "tls_idle")] {
+            if !args.selects(label) {
                 continue;
             }
-            let own = match c.name {
-                "gateway" => Some(&gateway_bin),
-                "baseline" => args.baseline_bin.as_ref(),
-                _ => None,
-            }
-            .map(|bin| {
-                start_gateway_with(
-                    "idle-gateway",
-                    bin,
-                    &scratch,
-                    upstream_addr,
-                    args.workers,
-                    pin.as_deref(),
-                    &Tuning {
-                        max_connections: Some(n + 64),
-                        ..Tuning::default()
-                    },
-                )
-            })
-            .transpose()?;
-            let m = idle_memory_per_connection(own.as_ref().unwrap_or(c), n)?;
-            drop(own);
+            let fresh = own(tls)?;
+            let client = tls_client.as_ref().filter(|_| tls);
+            let m = idle_memory_per_connection(&fresh, n, client)?;
+            drop(fresh);
             eprintln!(
-                "  idle {:8} {:>6.1} KiB RSS + {:>6.1} KiB kernel socket memory per connection ({} held)",
-                c.name, m.rss_kib, m.socket_kib, m.connections
+                "  {label:8} {:8} {:>6.1} KiB RSS + {:>6.1} KiB kernel socket memory per connection ({} held, opened in {:.1} s)",
+                c.name, m.rss_kib, m.socket_kib, m.connections, m.open_s
             );
-            idle.push((c.name, m));
+            if tls { &mut tls_idle } else { &mut idle }.push((c.name, m));
         }
     }
     let names: Vec<&'static str> = contenders.iter().map(|c| c.name).collect();
@@ -593,6 +653,7 @@ pub fn run(args: &Args) -> Result<()> {
         results,
         direct,
         idle,
+        tls_idle,
         idle_n,
         names,
     };
@@ -790,15 +851,48 @@ fn spawn_nginx(nginx: &Path, prefix: &Path, cpus: Option<&str>) -> std::io::Resu
         .spawn()
 }
 
+/// [`start_reference_nginx`] or [`start_haproxy`]: binary, scratch directory, upstream,
+/// workers, CPUs, instance.
+type StartProxy = fn(&Path, &Path, SocketAddr, usize, Option<&str>, &Instance) -> Result<Proc>;
+
+/// One process of a contender: the bench's shared one, or one started for a single figure
+/// next to it (`idle`, `tls_idle`).
+struct Instance {
+    /// Added to the scratch names of its prefix (nginx) or config and pid file (HAProxy),
+    /// so two instances of one proxy run at once.
+    suffix: &'static str,
+    /// Idle keep-alive timeout in seconds; `None`: the reference's 5 s.
+    keepalive_timeout_s: Option<u64>,
+}
+
+impl Instance {
+    /// The process every scenario runs against.
+    const SHARED: Instance = Instance {
+        suffix: "",
+        keepalive_timeout_s: None,
+    };
+}
+
 fn start_reference_nginx(
     nginx: &Path,
     dir: &Path,
     upstream: SocketAddr,
     workers: usize,
     cpus: Option<&str>,
+    instance: &Instance,
 ) -> Result<Proc> {
-    let template =
+    let prefix = dir.join(format!("ng{}", instance.suffix));
+    std::fs::create_dir_all(prefix.join("body"))?;
+    std::fs::create_dir_all(prefix.join("proxy"))?;
+    let mut template =
         std::fs::read_to_string(workspace_root().join("tests/fixtures/nginx-reference.conf"))?;
+    if let Some(seconds) = instance.keepalive_timeout_s {
+        let reference = "keepalive_timeout 5s;";
+        if !template.contains(reference) {
+            bail!("the reference config has no `{reference}` to lengthen");
+        }
+        template = template.replace(reference, &format!("keepalive_timeout {seconds}s;"));
+    }
     let addr = free_addr();
     let tls_addr = free_addr();
     let h2_addr = free_addr();
@@ -841,13 +935,13 @@ fn start_reference_nginx(
     );
     let conf = template
         .replace("@WORKERS@", &workers.to_string())
-        .replace("@PREFIX@", &format!("{}/ng", dir.display()))
+        .replace("@PREFIX@", &prefix.display().to_string())
         .replace("@LISTEN@", &addr.to_string())
         .replace("@API_UPSTREAM@", &upstream.to_string())
         .replace("@WS_UPSTREAM@", &upstream.to_string());
-    std::fs::write(dir.join("ng/nginx.conf"), conf)?;
-    let child = spawn_nginx(nginx, &dir.join("ng"), cpus)
-        .context("starting nginx with the reference config")?;
+    std::fs::write(prefix.join("nginx.conf"), conf)?;
+    let child =
+        spawn_nginx(nginx, &prefix, cpus).context("starting nginx with the reference config")?;
     Proc::listening("nginx", child, addr, tls_addr, rsa_addr, h2_addr)
 }
 
@@ -974,6 +1068,7 @@ fn start_haproxy(
     upstream: SocketAddr,
     workers: usize,
     cpus: Option<&str>,
+    instance: &Instance,
 ) -> Result<Proc> {
     for name in ["ecdsa", "rsa"] {
         let mut pem = std::fs::read(dir.join(format!("{name}.crt")))?;
@@ -986,12 +1081,16 @@ fn start_haproxy(
     let h2_addr = free_addr();
     let d = dir.display();
     let maxconn = haproxy_maxconn();
+    let file = format!("haproxy{}", instance.suffix);
+    let keepalive = instance.keepalive_timeout_s.unwrap_or(5);
+    // An idle keep-alive connection is under `timeout client` too.
+    let client = keepalive.max(60);
     let conf = format!(
-        "global\n    nbthread {workers}\n    maxconn {maxconn}\n    pidfile {d}/haproxy.pid\n    \
+        "global\n    nbthread {workers}\n    maxconn {maxconn}\n    pidfile {d}/{file}.pid\n    \
          ssl-default-bind-options ssl-min-ver TLSv1.2\n    tune.ssl.cachesize 40000\n\n\
          defaults\n    mode http\n    option http-keep-alive\n    http-reuse always\n    \
-         timeout connect 60s\n    timeout client 60s\n    timeout http-request 60s\n    \
-         timeout http-keep-alive 5s\n    timeout server 300s\n    timeout tunnel 3600s\n\n\
+         timeout connect 60s\n    timeout client {client}s\n    timeout http-request 60s\n    \
+         timeout http-keep-alive {keepalive}s\n    timeout server 300s\n    timeout tunnel 3600s\n\n\
          frontend front\n    bind {addr}\n    bind {tls_addr} ssl crt {d}/ecdsa.pem\n    \
          bind {rsa_addr} ssl crt {d}/rsa.pem\n    bind {h2_addr} ssl crt {d}/ecdsa.pem alpn h2\n    \
          option forwardfor\n    http-request set-header X-Real-IP %[src]\n    \
@@ -1004,7 +1103,7 @@ fn start_haproxy(
          backend api\n    server up {upstream}\n\n\
          backend ws\n    balance source\n    server up {upstream}\n"
     );
-    let path = dir.join("haproxy.cfg");
+    let path = dir.join(format!("{file}.cfg"));
     std::fs::write(&path, conf)?;
     let child = spawn_with_config(bin, cpus, &["-db", "-f"], &path)?;
     Proc::listening("haproxy", child, addr, tls_addr, rsa_addr, h2_addr)
@@ -1248,6 +1347,8 @@ fn full_handshakes(
 struct IdleMemory {
     /// Connections held.
     connections: usize,
+    /// Seconds it took to open them (connects, handshakes, first answers).
+    open_s: f64,
     /// Growth of the proxy's resident memory (all its processes), KiB per connection.
     rss_kib: f64,
     /// The kernel's memory for the proxy's side of the connections (`ss -tm` skmem
@@ -1255,33 +1356,107 @@ struct IdleMemory {
     socket_kib: f64,
 }
 
-/// Opens `n` keep-alive connections, one request each, holds them idle, and reports what
-/// each costs the proxy in resident memory and in kernel socket memory.
-fn idle_memory_per_connection(target: &Proc, n: usize) -> Result<IdleMemory> {
-    let addr: SocketAddr = target.url.trim_start_matches("http://").parse()?;
+/// The one request on every idle connection.
+const IDLE_REQUEST: &[u8] = b"GET /api/small HTTP/1.1\r\nHost: bench\r\n\r\n";
+
+/// Seconds the proxies started for the idle figures keep an idle keep-alive connection:
+/// far beyond the time the bench takes to open and measure its connections.
+const IDLE_HOLD_TIMEOUT_S: u64 = 600;
+
+/// Checks that `head`, the first bytes of an answer, is a 200.
+fn expect_ok(head: &[u8]) -> Result<()> {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    if head.is_empty() {
+        bail!("closed without an answer");
+    }
+    if !line.starts_with(b"HTTP/1.1 200 ") {
+        bail!("answered {:?}", String::from_utf8_lossy(line).trim_end());
+    }
+    Ok(())
+}
+
+/// The resident memory of `pid`'s processes (KiB) once they stop changing: the same
+/// processes and RSS in three readings 100 ms apart, or whatever it is after 10 s. A fresh
+/// nginx accepts connections before its workers have started (the master binds, then
+/// forks them): their start-up would otherwise count as growth under the connections.
+fn settled_rss_kib(pid: u32) -> u64 {
+    let reading = || {
+        let tree = gateway_benches::process_tree(pid);
+        let rss: u64 = tree.iter().map(|&p| status_kib(p, "VmRSS:")).sum();
+        (tree, rss)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = reading();
+    let mut unchanged = 0;
+    while unchanged < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = reading();
+        unchanged = if now == last { unchanged + 1 } else { 0 };
+        last = now;
+    }
+    last.1
+}
+
+/// One plaintext idle connection to `addr`, its one request answered.
+fn open_plaintext(addr: SocketAddr) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(addr)?;
+    close_with_reset(&s);
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(IDLE_REQUEST)?;
+    let mut buf = [0u8; 1024];
+    let got = s.read(&mut buf)?;
+    expect_ok(&buf[..got])?;
+    Ok(s)
+}
+
+/// Opens `n` keep-alive connections (plaintext, or TLS 1.3 to the ECDSA listener with
+/// `tls`), one request each, holds them idle, and reports what each costs the proxy in
+/// resident memory and in kernel socket memory. Fails if the proxy does not hold all of
+/// them when it is measured: a figure over connections it already closed would be too low.
+fn idle_memory_per_connection(
+    target: &Proc,
+    n: usize,
+    tls: Option<&tls_idle::TlsIdleClient>,
+) -> Result<IdleMemory> {
+    let addr: SocketAddr = match tls {
+        None => target.url.trim_start_matches("http://"),
+        Some(_) => target
+            .tls_url
+            .as_deref()
+            .context("no TLS listener")?
+            .trim_start_matches("https://"),
+    }
+    .parse()?;
+    let what = if tls.is_some() { "TLS" } else { "plaintext" };
     let pid = target.child.id();
-    let before = rss_kib(pid, "VmRSS:");
-    let socket_before = socket_memory_bytes(addr.port())?;
+    let before = settled_rss_kib(pid);
+    let (sockets_before, socket_before) = established_sockets(addr.port())?;
     let mut conns = Vec::with_capacity(n);
+    let opening = Instant::now();
     for i in 0..n {
-        let mut s = TcpStream::connect(addr)
-            .with_context(|| format!("idle connection {i} of {n} to {}", target.name))?;
-        close_with_reset(&s);
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /api/small HTTP/1.1\r\nHost: bench\r\n\r\n")?;
-        let mut buf = [0u8; 1024];
-        let got = s.read(&mut buf)?;
-        if got == 0 {
-            bail!("{} closed a fresh connection", target.name);
+        let s = match tls {
+            None => open_plaintext(addr),
+            Some(client) => client.open(addr),
         }
+        .with_context(|| format!("idle {what} connection {i} of {n} to {}", target.name))?;
         conns.push(s);
     }
+    let open_s = opening.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(300));
     let after = rss_kib(pid, "VmRSS:");
-    let socket_after = socket_memory_bytes(addr.port())?;
+    let (sockets_after, socket_after) = established_sockets(addr.port())?;
     drop(conns);
+    let held = sockets_after.saturating_sub(sockets_before);
+    if held < n {
+        bail!(
+            "{} holds {held} of the {n} idle {what} connections the bench opened: it closed \
+             the others before they were measured",
+            target.name
+        );
+    }
     Ok(IdleMemory {
         connections: n,
+        open_s,
         rss_kib: after.saturating_sub(before) as f64 / n as f64,
         socket_kib: socket_after.saturating_sub(socket_before) as f64 / 1024.0 / n as f64,
     })
@@ -1314,18 +1489,41 @@ fn socket_memory_bytes(port: u16) -> Result<u64> {
     ss_skmem_bytes(&format!("( sport = :{port} )"))
 }
 
+/// The established TCP sockets whose local port is `port`: how many, and their kernel
+/// memory in bytes (as [`socket_memory_bytes`]).
+fn established_sockets(port: u16) -> Result<(usize, u64)> {
+    ss_established(&format!("( sport = :{port} )"))
+}
+
 /// The skmem `r + w + f + o + bl` sum of the established TCP sockets `ss` selects with
 /// `filter`, in bytes.
 fn ss_skmem_bytes(filter: &str) -> Result<u64> {
+    Ok(ss_established(filter)?.1)
+}
+
+/// The established TCP sockets `ss` selects with `filter`: how many, and the sum of their
+/// skmem `r + w + f + o + bl` in bytes.
+fn ss_established(filter: &str) -> Result<(usize, u64)> {
     let output = Command::new("ss")
         .args(["-tmnH", "state", "established"])
         .arg(filter)
         .output()
         .context("running ss (iproute2)")?;
-    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "ss -tm {filter}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(parse_skmem(&String::from_utf8_lossy(&output.stdout)))
+}
+
+/// The sockets in `ss -tm` output and the sum of their skmem `r + w + f + o + bl`, bytes.
+fn parse_skmem(text: &str) -> (usize, u64) {
     // "skmem:(r0,rb131072,t0,tb2626560,f0,w0,o0,bl0,d0)": allocated receive (r) and
     // queued send (w) memory, forward allocation (f), option memory (o), backlog (bl).
-    Ok(text
+    let sockets = text.matches("skmem:(").count();
+    let bytes = text
         .split("skmem:(")
         .skip(1)
         .filter_map(|rest| rest.split(')').next())
@@ -1337,7 +1535,8 @@ fn ss_skmem_bytes(filter: &str) -> Result<u64> {
                 .then(|| value.parse::<u64>().ok())
                 .flatten()
         })
-        .sum())
+        .sum();
+    (sockets, bytes)
 }
 
 fn nofile_hard_limit() -> u64 {
@@ -1376,7 +1575,9 @@ struct Report<'a> {
     results: BTreeMap<&'static str, BTreeMap<&'static str, Vec<Sample>>>,
     direct: BTreeMap<&'static str, Sample>,
     idle: Vec<(&'static str, IdleMemory)>,
-    /// Idle connections held per contender for `idle`.
+    /// The same over TLS 1.3 (`tls_idle`).
+    tls_idle: Vec<(&'static str, IdleMemory)>,
+    /// Idle connections held per contender for `idle` and `tls_idle`.
     idle_n: usize,
     /// The contenders in the order they ran, nginx first.
     names: Vec<&'static str>,
@@ -1477,23 +1678,31 @@ impl Report<'_> {
                 );
             }
         }
-        if !self.idle.is_empty() {
+        if !self.idle.is_empty() || !self.tls_idle.is_empty() {
             let _ = writeln!(
                 t,
-                "\nIdle keep-alive connections (up to {} held, plaintext, {} workers), memory per connection:\n",
+                "\nIdle keep-alive connections (up to {} held, {} workers; TLS: 1.3, ECDSA P-256, full handshakes), memory per connection (ratio = proxy / nginx):\n",
                 self.idle_n, self.args.workers
             );
             let _ = writeln!(
                 t,
-                "| proxy | connections | resident KiB | kernel socket KiB (`ss -tm`) |"
+                "| transport | proxy | connections | resident KiB | ratio | kernel socket KiB (`ss -tm`) | ratio |"
             );
-            let _ = writeln!(t, "|---|---:|---:|---:|");
-            for (who, m) in &self.idle {
-                let _ = writeln!(
-                    t,
-                    "| {who} | {} | {:.1} | {:.1} |",
-                    m.connections, m.rss_kib, m.socket_kib
-                );
+            let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|");
+            for (transport, figures) in [("plaintext", &self.idle), ("TLS", &self.tls_idle)] {
+                for (who, m) in figures {
+                    let (rss, socket) = idle_ratio_to_nginx(figures, who, m);
+                    let shown = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.2}"));
+                    let _ = writeln!(
+                        t,
+                        "| {transport} | {who} | {} | {:.1} | {} | {:.1} | {} |",
+                        m.connections,
+                        m.rss_kib,
+                        shown(rss),
+                        m.socket_kib,
+                        shown(socket),
+                    );
+                }
             }
         }
         t
@@ -1546,7 +1755,8 @@ impl Report<'_> {
             "proxy_cpus": self.args.proxy_cpus,
             "scenarios": scenarios,
             "idle_connections": self.idle_n,
-            "idle_kib_per_connection": self.idle.iter().map(|(who, m)| (who.to_string(), serde_json::json!({"connections": m.connections, "rss": m.rss_kib, "kernel_socket": m.socket_kib}))).collect::<serde_json::Map<_, _>>(),
+            "idle_kib_per_connection": idle_json(&self.idle),
+            "tls_idle_kib_per_connection": idle_json(&self.tls_idle),
         })
     }
 
@@ -1597,6 +1807,43 @@ impl Report<'_> {
     }
 }
 
+/// `who`'s resident and kernel socket memory per idle connection over nginx's among
+/// `figures`, each `None` for nginx itself, without an nginx figure, or when nginx's is 0
+/// (idle sockets hold no queued data: kernel socket memory is often 0 for every proxy).
+fn idle_ratio_to_nginx(
+    figures: &[(&str, IdleMemory)],
+    who: &str,
+    m: &IdleMemory,
+) -> (Option<f64>, Option<f64>) {
+    let nginx = figures
+        .iter()
+        .find(|(w, _)| *w == "nginx" && who != "nginx")
+        .map(|(_, n)| n);
+    let ratio = |of: fn(&IdleMemory) -> f64| nginx.filter(|n| of(n) > 0.0).map(|n| of(m) / of(n));
+    (ratio(|f| f.rss_kib), ratio(|f| f.socket_kib))
+}
+
+/// One idle figure per contender, KiB per connection, with ratios to nginx's.
+fn idle_json(figures: &[(&str, IdleMemory)]) -> serde_json::Value {
+    figures
+        .iter()
+        .map(|(who, m)| {
+            let mut entry = serde_json::json!({
+                "connections": m.connections,
+                "open_s": m.open_s,
+                "rss": m.rss_kib,
+                "kernel_socket": m.socket_kib,
+            });
+            if *who != "nginx" {
+                let (rss, socket) = idle_ratio_to_nginx(figures, who, m);
+                entry["ratio_to_nginx"] = serde_json::json!({"rss": rss, "kernel_socket": socket});
+            }
+            (who.to_string(), entry)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 const BEGIN: &str = "<!-- bench:begin -->";
 const END: &str = "<!-- bench:end -->";
 
@@ -1641,4 +1888,49 @@ fn machine_line() -> String {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skmem_counts_sockets_and_sums_the_allocated_fields_only() {
+        let ss = "0 0 127.0.0.1:8443 127.0.0.1:50000\n\t skmem:(r10,rb131072,t0,tb2626560,f4096,w20,o30,bl40,d5)\n\
+                  0 0 127.0.0.1:8443 127.0.0.1:50001\n\t skmem:(r0,rb131072,t0,tb2626560,f0,w0,o0,bl0,d0)\n";
+        // rb/tb are limits and t, d counters, not memory held.
+        assert_eq!(parse_skmem(ss), (2, 10 + 4096 + 20 + 30 + 40));
+        assert_eq!(parse_skmem(""), (0, 0));
+    }
+
+    #[test]
+    fn an_idle_connection_needs_a_200() {
+        assert!(expect_ok(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n").is_ok());
+        assert!(expect_ok(b"").is_err());
+        let refused = expect_ok(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").unwrap_err();
+        assert!(refused.to_string().contains("503"), "{refused}");
+    }
+
+    #[test]
+    fn idle_ratios_are_over_nginx_and_absent_where_nginx_holds_nothing() {
+        let memory = |rss_kib, socket_kib| IdleMemory {
+            connections: 10,
+            open_s: 1.0,
+            rss_kib,
+            socket_kib,
+        };
+        let figures = [("nginx", memory(20.0, 0.0)), ("gateway", memory(10.0, 1.0))];
+        assert_eq!(
+            idle_ratio_to_nginx(&figures, "gateway", &figures[1].1),
+            (Some(0.5), None)
+        );
+        assert_eq!(
+            idle_ratio_to_nginx(&figures, "nginx", &figures[0].1),
+            (None, None)
+        );
+        assert_eq!(
+            idle_ratio_to_nginx(&figures[1..], "gateway", &figures[1].1),
+            (None, None)
+        );
+    }
 }
