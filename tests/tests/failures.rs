@@ -162,14 +162,10 @@ fn reset_mid_body_truncates_the_response() {
     }
 }
 
-#[test]
-fn stalled_upstream_gives_504_after_read_timeout() {
-    let origin = Origin::start(|_| Reply::stall());
-    let gw = single(origin.addr(), "300ms");
-    let t = Instant::now();
-    let r = gw.get("/slow");
-    let took = t.elapsed();
-    assert_clean_error(&r, 504, origin.addr());
+/// A clean 504 from `upstream`, `took` after the request went out: a `read_timeout` of
+/// 300 ms, not earlier, and in bounded time.
+fn assert_504_after_300ms(r: &Response, took: Duration, upstream: std::net::SocketAddr) {
+    assert_clean_error(r, 504, upstream);
     assert!(
         took >= Duration::from_millis(250),
         "504 after only {took:?} (read_timeout 300ms)"
@@ -178,6 +174,61 @@ fn stalled_upstream_gives_504_after_read_timeout() {
         took < Duration::from_secs(3),
         "504 took {took:?} (read_timeout 300ms)"
     );
+}
+
+#[test]
+fn stalled_upstream_gives_504_after_read_timeout() {
+    let origin = Origin::start(|_| Reply::stall());
+    let gw = single(origin.addr(), "300ms");
+    let t = Instant::now();
+    let r = gw.get("/slow");
+    let took = t.elapsed();
+    assert_504_after_300ms(&r, took, origin.addr());
+}
+
+/// The phases of a connection share one re-armed timer (`util::clock::PhaseTimer`): a
+/// deadline earlier than the one left armed by the request before (60 s `read_timeout`,
+/// then a 300 ms one on the same connection) must still fire on time, and a fast request
+/// after a timed-out one on another connection must not see a stale deadline.
+#[test]
+fn read_timeout_fires_on_a_kept_alive_connection_after_fast_requests() {
+    let origin = Origin::start(|r| {
+        if r.target.starts_with("/stall") {
+            Reply::stall()
+        } else {
+            Reply::ok(r.target.clone())
+        }
+    });
+    let gw = Gateway::with(
+        &Config::new()
+            .workers(1)
+            .upstream(Upstream::new("app", &[origin.addr()]).max_fails(1000))
+            .route(Route::prefix("/stall", "app").read_timeout("300ms"))
+            .route(Route::prefix("/", "app")),
+    );
+    let mut c = gw.client();
+    c.set_read_timeout(Duration::from_secs(10));
+    for i in 0..3 {
+        let path = format!("/fast/{i}");
+        let r = c.get(&path);
+        assert_eq!(
+            r.body_str(),
+            path,
+            "fast request {i} on the kept-alive connection"
+        );
+    }
+    let t = Instant::now();
+    let r = c.get("/stall");
+    let took = t.elapsed();
+    assert_504_after_300ms(&r, took, origin.addr());
+    // A new connection is served normally afterwards (no timer left firing at it).
+    let mut next = gw.client();
+    next.set_read_timeout(Duration::from_secs(10));
+    for i in 0..3 {
+        let path = format!("/after/{i}");
+        assert_eq!(next.get(&path).body_str(), path);
+        thread::sleep(Duration::from_millis(150));
+    }
 }
 
 #[test]

@@ -80,7 +80,12 @@ pub struct ListenerStats {
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
     pub routes: FastMap<Arc<str>, RouteStats>,
-    pub upstreams: FastMap<Arc<str>, UpstreamStats>,
+    /// Per upstream name, in the order this worker first counted them. The request path
+    /// reaches its upstream's entry by slot ([`Stats::upstream_at`]), resolved once per
+    /// upstream and worker ([`Stats::upstream_slot`]), never by hashing the name.
+    pub upstreams: Vec<(Arc<str>, UpstreamStats)>,
+    /// Name → slot in `upstreams`, for the counters taken by name (errors, tunnels, idle).
+    upstream_slots: FastMap<Arc<str>, usize>,
     pub listeners: FastMap<Arc<str>, ListenerStats>,
     pub(crate) tunnels_active: i64,
     /// Bytes relayed by tunnels: [to upstream, to client].
@@ -130,12 +135,29 @@ impl Stats {
         r.duration.observe(seconds);
     }
 
+    /// The counters of the upstream named `name`, by name (a hash of it).
     pub fn upstream(&mut self, name: &Arc<str>) -> &mut UpstreamStats {
-        if !self.upstreams.contains_key(&**name) {
-            self.upstreams
-                .insert(name.clone(), UpstreamStats::default());
+        let slot = self.upstream_slot(name);
+        self.upstream_at(slot)
+    }
+
+    /// The slot of `name`'s counters, created on first use. Slots are never reused or
+    /// removed (a name is counted until the process ends, as before a reload), so a slot
+    /// stays valid for the worker's life.
+    pub fn upstream_slot(&mut self, name: &Arc<str>) -> usize {
+        if let Some(&slot) = self.upstream_slots.get(&**name) {
+            return slot;
         }
-        self.upstreams.get_mut(&**name).expect("inserted above")
+        let slot = self.upstreams.len();
+        self.upstreams
+            .push((name.clone(), UpstreamStats::default()));
+        self.upstream_slots.insert(name.clone(), slot);
+        slot
+    }
+
+    /// The counters in `slot`, from [`Stats::upstream_slot`] on this same `Stats`.
+    pub fn upstream_at(&mut self, slot: usize) -> &mut UpstreamStats {
+        &mut self.upstreams[slot].1
     }
 
     pub(crate) fn upstream_error(&mut self, name: &Arc<str>, kind: &'static str) {

@@ -29,6 +29,10 @@ pub(crate) struct WorkerUpstream<S: Stream> {
     /// least likely to have been closed by the upstream's own idle timeout).
     idle: Vec<Vec<Idle<S>>>,
     idle_count: usize,
+    /// Where the worker counts this upstream's metrics (its slot in the worker's
+    /// `telemetry::metrics::Stats`), resolved by name on first use: requests then reach
+    /// their counters without hashing the upstream's name.
+    pub(crate) stats_slot: Option<usize>,
 }
 
 impl<S: Stream> WorkerUpstream<S> {
@@ -39,6 +43,7 @@ impl<S: Stream> WorkerUpstream<S> {
             picker: Picker::new(n),
             idle: (0..n).map(|_| Vec::new()).collect(),
             idle_count: 0,
+            stats_slot: None,
         }
     }
 

@@ -22,7 +22,7 @@
 //! Buffers are borrowed from the worker's pools through [`Lent`] guards, so they go back on
 //! every exit by construction.
 
-use crate::dataplane::conn::relay::{relay_body, RelayFailed};
+use crate::dataplane::conn::relay::{relay_body, RelayFailed, UpstreamReads};
 pub(crate) use crate::dataplane::conn::relay::{BodyForm, ResponseSink};
 use crate::dataplane::ctx::{Lent, Worker};
 use crate::io::Stream;
@@ -32,7 +32,7 @@ use crate::protocol::error::{HttpError, Side};
 use crate::protocol::http1::head::{parse_response, BodyFraming, ResponseHead};
 use crate::upstream::Upstream;
 use crate::util::budget::{upstream_warning, UpstreamWarning};
-use crate::util::clock;
+use crate::util::clock::{self, PhaseTimer};
 use bytes::{Buf, BytesMut};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -96,6 +96,9 @@ pub struct Exchange<'a, S: Stream> {
     /// The server the request went to last, set once connected: a caller that drops the
     /// exchange (an HTTP/2 stream reset by its client) still logs where it went.
     pub(crate) server: std::cell::Cell<Option<usize>>,
+    /// Bounds each upstream write and read (`send_timeout`, `read_timeout`): re-armed per
+    /// operation, and shared with the sink's own writes, which never overlap them.
+    pub(crate) timer: &'a PhaseTimer,
 }
 
 /// A response relayed (or a tunnel to run).
@@ -177,7 +180,7 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
     let mut retry = RetryPolicy::new(upstream.servers.len(), replayable);
     let mut last_error = HttpError::NoHealthyUpstream;
     let mut ub = w.lend_buf();
-    let (conn, server) = loop {
+    let (conn, server, active) = loop {
         let now = clock::now_ms();
         let picked = w.with_upstream(upstream, |p| {
             let server = p.picker.pick(upstream, x.client_ip, now, retry.tried())?;
@@ -251,7 +254,11 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
         out.extend_from_slice(&buffered);
 
         // Send the head (and the body bytes held).
-        let write_failed = match timeout(route.send_timeout, conn.write_all(out.take())).await {
+        let write_failed = match x
+            .timer
+            .run_for(route.send_timeout, conn.write_all(out.take()))
+            .await
+        {
             Ok((Ok(()), o)) => {
                 out.put(o);
                 None
@@ -289,10 +296,8 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
 
         // The response head (informational responses are relayed as they come).
         match response_head(x, d, &conn, &mut ub, resp, is_head).await {
-            Ok(()) => {
-                drop(active);
-                break (conn, server);
-            }
+            // Still counted in flight while the body is relayed.
+            Ok(()) => break (conn, server, active),
             Err((error, response_started)) => {
                 drop(active);
                 let attempt = Attempt {
@@ -310,10 +315,9 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
     upstream.servers[server].state.record_success();
     w.stats
         .borrow_mut()
-        .upstream(&upstream.metric_name)
+        .upstream_at(active.stats_slot)
         .duration
         .observe(upstream_started.elapsed().as_secs_f64());
-    let active = ActiveGuard::new(w, upstream, server);
 
     let upgrade = x.ws_accept.is_some() && resp.status == 101;
     let form = d.prepare_head(&ub, resp, upgrade);
@@ -353,7 +357,11 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
             w.with_upstream(upstream, |p| p.put_idle(server, conn));
         }
     };
-    let relay = relay_body(conn, release, d, &mut ub, framing, form, route.read_timeout).await;
+    let reads = UpstreamReads {
+        read_timeout: route.read_timeout,
+        timer: x.timer,
+    };
+    let relay = relay_body(conn, release, d, &mut ub, framing, form, reads).await;
     drop(active);
     match relay {
         Ok(sent) => Ok(Exchanged {
@@ -494,7 +502,9 @@ async fn head_part<S: Stream>(
         if ub.capacity() - ub.len() < 1024 {
             ub.reserve(16 * 1024);
         }
-        let (res, b) = timeout(x.route.read_timeout, conn.read(ub.take()))
+        let (res, b) = x
+            .timer
+            .run_for(x.route.read_timeout, conn.read(ub.take()))
             .await
             .map_err(|_| HttpError::UpstreamTimeout("read"))?;
         ub.put(b);
@@ -618,16 +628,23 @@ struct ActiveGuard<'a, S: Stream> {
     w: &'a Worker<S>,
     upstream: &'a Arc<Upstream>,
     server: usize,
+    /// The upstream's slot in the worker's counters.
+    stats_slot: usize,
 }
 
 impl<'a, S: Stream> ActiveGuard<'a, S> {
     fn new(w: &'a Worker<S>, upstream: &'a Arc<Upstream>, server: usize) -> Self {
-        w.with_upstream(upstream, |p| p.picker.active[server] += 1);
-        w.stats.borrow_mut().upstream(&upstream.metric_name).active += 1;
+        let stats_slot = w.with_upstream(upstream, |p| {
+            p.picker.active[server] += 1;
+            *p.stats_slot
+                .get_or_insert_with(|| w.stats.borrow_mut().upstream_slot(&upstream.metric_name))
+        });
+        w.stats.borrow_mut().upstream_at(stats_slot).active += 1;
         ActiveGuard {
             w,
             upstream,
             server,
+            stats_slot,
         }
     }
 }
@@ -643,7 +660,7 @@ impl<S: Stream> Drop for ActiveGuard<'_, S> {
         self.w
             .stats
             .borrow_mut()
-            .upstream(&self.upstream.metric_name)
+            .upstream_at(self.stats_slot)
             .active -= 1;
         // The request is done with its upstream connection (pooled or closed): a request
         // of this worker waiting for a descriptor may find one now.
@@ -862,6 +879,7 @@ upstream = "app"
             request_buffering: snap.server.request_buffering,
             ws_accept: None,
             server: std::cell::Cell::new(None),
+            timer: &PhaseTimer::default(),
         };
         let mut resp = ResponseHead::default();
         run(&x, client, &mut resp).await

@@ -35,6 +35,7 @@ use crate::protocol::http1::{error_body, write_simple_response};
 use crate::snapshot::{ListenerSettings, Snapshot};
 use crate::telemetry::access_log::Entry;
 use crate::upstream::Upstream;
+use crate::util::clock::PhaseTimer;
 use bytes::{Buf, BytesMut};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
@@ -174,6 +175,9 @@ pub async fn serve<S: Stream>(
     let mut in_lot = resumed.as_ref().is_some_and(|r| r.in_lot);
     let park_backoff = resumed.as_ref().map_or(0, |r| r.park_backoff);
     let mut skip_wait = resumed.is_some();
+    // The connection's two timers, re-armed phase after phase instead of a timer per
+    // operation (`PhaseTimer`).
+    let timers = Timers::default();
     loop {
         if buf.is_empty() && !std::mem::take(&mut skip_wait) {
             // Idle (a fresh connection, or keep-alive between requests): wait until the
@@ -200,7 +204,7 @@ pub async fn serve<S: Stream>(
                     (deadline, parks.then_some(park_at))
                 }
             };
-            match idle_wait(&w, &io, park_at.unwrap_or(deadline)).await {
+            match idle_wait(&w, &io, park_at.unwrap_or(deadline), &timers.op).await {
                 IdleWait::Readable => {}
                 IdleWait::Closed => return None,
                 IdleWait::TimedOut if park_at.is_none() => return None,
@@ -223,7 +227,7 @@ pub async fn serve<S: Stream>(
                     Err(Some(kept)) => {
                         io = kept;
                         in_lot = false;
-                        if idle_wait(&w, &io, deadline).await != IdleWait::Readable {
+                        if idle_wait(&w, &io, deadline, &timers.op).await != IdleWait::Readable {
                             return None;
                         }
                     }
@@ -245,6 +249,7 @@ pub async fn serve<S: Stream>(
                 first,
                 accepted,
                 &mut limits_seen,
+                &timers,
             )
         });
         match phase.await {
@@ -266,9 +271,24 @@ enum IdleWait {
     Closed,
 }
 
+/// A connection's timers ([`PhaseTimer`]).
+#[derive(Default)]
+struct Timers {
+    /// Every phase in turn: the idle wait, the head, the upstream's writes and reads, the
+    /// writes of the response.
+    op: PhaseTimer,
+    /// Overlaps the wait for the response head: when to start watching for a hang-up.
+    watch: PhaseTimer,
+}
+
 /// Waits until the client is readable, holding no buffer, until `until`.
-async fn idle_wait<S: Stream>(w: &Worker<S>, io: &S, until: Instant) -> IdleWait {
-    let wait = crate::util::clock::timeout_at(until, io.wait_readable());
+async fn idle_wait<S: Stream>(
+    w: &Worker<S>,
+    io: &S,
+    until: Instant,
+    timer: &PhaseTimer,
+) -> IdleWait {
+    let wait = timer.run_until(until, io.wait_readable());
     tokio::select! {
         r = wait => match r {
             Ok(Ok(())) => IdleWait::Readable,
@@ -294,6 +314,7 @@ async fn request<S: Stream>(
     first: bool,
     accepted: Instant,
     limits_seen: &mut u64,
+    timers: &Timers,
 ) -> Option<(S, BytesMut)> {
     let (head, resp) = heads::take();
     let mut c = Client {
@@ -303,7 +324,7 @@ async fn request<S: Stream>(
         head,
         resp,
     };
-    let again = one_request(&mut c, w, listener, first, accepted, limits_seen).await;
+    let again = one_request(&mut c, w, listener, first, accepted, limits_seen, timers).await;
     let Client {
         io,
         buf,
@@ -356,9 +377,10 @@ async fn one_request<S: Stream>(
     first: bool,
     accepted: Instant,
     limits_seen: &mut u64,
+    timers: &Timers,
 ) -> bool {
     let snap = w.snapshot();
-    let started = match read_head(c, w, &snap, first, accepted).await {
+    let started = match read_head(c, w, &snap, first, accepted, &timers.op).await {
         Ok(Some(t)) => t,
         Ok(None) => return false,
         Err(HttpError::ClientGone(_)) => return false,
@@ -407,7 +429,7 @@ async fn one_request<S: Stream>(
         }
     }
     let client_ip = client_ip(&c.buf, &c.head, c.peer.ip(), &listener.settings);
-    let outcome = handle(c, w, &snap, listener, client_ip).await;
+    let outcome = handle(c, w, &snap, listener, client_ip, timers).await;
     let elapsed = started.elapsed();
     w.stats.borrow_mut().request(
         &listener.name,
@@ -512,6 +534,7 @@ async fn read_head<S: Stream>(
     snap: &Snapshot,
     first: bool,
     accepted: Instant,
+    timer: &PhaseTimer,
 ) -> Result<Option<Instant>, HttpError> {
     let max = snap.server.max_header_bytes;
     let mut started = (!c.buf.is_empty()).then(Instant::now);
@@ -538,7 +561,7 @@ async fn read_head<S: Stream>(
                 .reserve(c.buf.len().max(HEAD_BUF_SIZE).min(max + 1024));
         }
         let buf = std::mem::take(&mut c.buf);
-        let read = crate::util::clock::timeout_at(deadline, c.io.read(buf));
+        let read = timer.run_until(deadline, c.io.read(buf));
         let result = if started.is_none() {
             tokio::select! {
                 r = read => r,
@@ -644,6 +667,7 @@ async fn handle<'s, S: Stream>(
     snap: &'s Snapshot,
     listener: &ListenerCtx,
     client_ip: IpAddr,
+    timers: &Timers,
 ) -> Outcome<'s> {
     let buf = &c.buf[..];
     let head = &c.head;
@@ -741,7 +765,12 @@ async fn handle<'s, S: Stream>(
         }
         Action::Proxy(index) => {
             let upstream = &snap.upstreams[*index];
-            match proxy(c, w, snap, route, upstream, listener, client_ip).await {
+            let to = Target {
+                route,
+                upstream,
+                client_ip,
+            };
+            match proxy(c, w, snap, to, listener, timers).await {
                 Ok(outcome) => outcome,
                 Err(failure) => {
                     let status = failure.error.status();
@@ -775,17 +804,28 @@ async fn handle<'s, S: Stream>(
     }
 }
 
+/// Where a request is proxied to.
+struct Target<'s> {
+    route: &'s Route,
+    upstream: &'s Arc<Upstream>,
+    client_ip: IpAddr,
+}
+
 /// Forwards one request to the upstream through the exchange, and runs the WebSocket
 /// tunnel when the upstream accepted an upgrade.
 async fn proxy<'s, S: Stream>(
     c: &mut Client<S>,
     w: &Rc<Worker<S>>,
     snap: &Snapshot,
-    route: &'s Route,
-    upstream: &'s Arc<Upstream>,
+    to: Target<'s>,
     listener: &ListenerCtx,
-    client_ip: IpAddr,
+    timers: &Timers,
 ) -> Result<Outcome<'s>, Failure> {
+    let Target {
+        route,
+        upstream,
+        client_ip,
+    } = to;
     let settings = &snap.server;
     let Client {
         io: client,
@@ -846,6 +886,8 @@ async fn proxy<'s, S: Stream>(
         pipe: None,
         no_pipe: false,
         spliced: [false; 2],
+        timer: &timers.op,
+        watch: &timers.watch,
     };
     let x = Exchange {
         w,
@@ -855,6 +897,7 @@ async fn proxy<'s, S: Stream>(
         request_buffering: settings.request_buffering,
         ws_accept: upgrade.then(|| crate::protocol::http1::head::websocket_accept(buf, head)),
         server: std::cell::Cell::new(None),
+        timer: &timers.op,
     };
     // A drain that runs out of `graceful_timeout` ends the exchange here, where the
     // request is still known, so that it is answered (503, when no byte of the response
@@ -949,6 +992,10 @@ struct H1Client<'c, S: Stream> {
     no_pipe: bool,
     /// A body was spliced: [request, response] (counted once each).
     spliced: [bool; 2],
+    /// The connection's phase timer: bounds the response writes.
+    timer: &'c PhaseTimer,
+    /// When to start watching for a hang-up while the response head is awaited.
+    watch: &'c PhaseTimer,
 }
 
 impl<S: Stream> H1Client<'_, S> {
@@ -1132,7 +1179,7 @@ impl<S: Stream> ResponseSink for H1Client<'_, S> {
         let clock = self
             .write_clock
             .get_or_insert_with(|| RateClock::new(send_timeout, send_timeout, min_rate));
-        write_client(self.io, b, clock).await
+        write_client(self.io, b, clock, self.timer).await
     }
 
     fn splice_min(&self) -> u64 {
@@ -1174,7 +1221,7 @@ impl<S: Stream> ResponseSink for H1Client<'_, S> {
     }
 
     async fn gone(&mut self) {
-        tokio::time::sleep(CLIENT_WATCH_AFTER).await;
+        self.watch.sleep_for(CLIENT_WATCH_AFTER).await;
         crate::io::peer_closed(self.io).await;
     }
 }

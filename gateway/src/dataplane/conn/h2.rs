@@ -51,7 +51,7 @@ use crate::protocol::http1::head::{BodyFraming, ResponseHead};
 use crate::protocol::http1::rewrite::Forwarding;
 use crate::protocol::tls::stream::MaybeTls;
 use crate::telemetry::access_log::Entry;
-use crate::util::clock::timeout_at;
+use crate::util::clock::{timeout_at, PhaseTimer};
 use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
@@ -749,6 +749,9 @@ async fn proxy<'s, S: Stream>(
         interim_sent: 0,
         interim_bytes: 0,
     };
+    // The exchange's upstream writes and reads, one after another (the stream's client
+    // writes keep their own clocks).
+    let timer = PhaseTimer::default();
     let x = Exchange {
         w: &**w,
         route,
@@ -757,6 +760,7 @@ async fn proxy<'s, S: Stream>(
         request_buffering: settings.request_buffering,
         ws_accept: req.is_websocket().then(|| req.websocket_accept()),
         server: std::cell::Cell::new(None),
+        timer: &timer,
     };
     let mut resp = ResponseHead::default();
     // A client's RST_STREAM drops the exchange wherever it waits (connecting, on the

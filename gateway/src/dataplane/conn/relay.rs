@@ -19,9 +19,9 @@ use crate::io::Stream;
 use crate::protocol::error::HttpError;
 use crate::protocol::http1::body::Body;
 use crate::protocol::http1::head::{BodyFraming, ResponseHead};
+use crate::util::clock::PhaseTimer;
 use bytes::BytesMut;
 use std::time::{Duration, Instant};
-use tokio::time::timeout;
 use tokio_uring::buf::BoundedBuf;
 
 /// How the sink wants the response body.
@@ -163,6 +163,14 @@ impl<S, R: FnOnce(S)> UpstreamConn<S, R> {
     }
 }
 
+/// How each read of the response from the upstream is bounded: the route's `read_timeout`,
+/// through the exchange's timer (no timer of its own per read).
+#[derive(Clone, Copy)]
+pub(crate) struct UpstreamReads<'t> {
+    pub(crate) read_timeout: Duration,
+    pub(crate) timer: &'t PhaseTimer,
+}
+
 /// Sends the prepared response head and streams the body from the upstream to the sink.
 /// `ub` holds the bytes read after the head. `release` receives `conn` back when the
 /// upstream ended the body exactly where its framing said (reusable as far as the body
@@ -174,7 +182,7 @@ pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
     ub: &mut Lent<'_, BytesMut, S>,
     framing: BodyFraming,
     form: BodyForm,
-    read_timeout: Duration,
+    reads: UpstreamReads<'_>,
 ) -> Result<Relayed, RelayFailed> {
     let mut body_bytes = 0;
     match relay(
@@ -184,7 +192,7 @@ pub(crate) async fn relay_body<S: Stream, D: ResponseSink>(
         ub,
         framing,
         form,
-        read_timeout,
+        reads,
         &mut body_bytes,
     )
     .await
@@ -207,7 +215,7 @@ async fn relay<S: Stream, D: ResponseSink>(
     ub: &mut Lent<'_, BytesMut, S>,
     framing: BodyFraming,
     form: BodyForm,
-    read_timeout: Duration,
+    reads: UpstreamReads<'_>,
     body_bytes: &mut u64,
 ) -> Result<(), RelayFailed> {
     let mut body = Body::response(framing);
@@ -256,7 +264,7 @@ async fn relay<S: Stream, D: ResponseSink>(
         };
         let run = body.opaque_run();
         if splice && run >= splice_min {
-            match sink.splice_body(conn, run, read_timeout).await {
+            match sink.splice_body(conn, run, reads.read_timeout).await {
                 None => splice = false,
                 Some(moved) => {
                     let moved = moved?;
@@ -279,7 +287,9 @@ async fn relay<S: Stream, D: ResponseSink>(
             }
         }
         ub.clear();
-        let (res, b) = timeout(read_timeout, conn.read(ub.take()))
+        let (res, b) = reads
+            .timer
+            .run_for(reads.read_timeout, conn.read(ub.take()))
             .await
             .map_err(|_| HttpError::UpstreamTimeout("read body"))?;
         ub.put(b);
@@ -449,15 +459,19 @@ fn response_too_slow() -> HttpError {
     HttpError::ClientGone("write timeout")
 }
 
-/// Writes to a client within `clock`'s deadline; the buffer comes back unless the write
-/// was abandoned.
+/// Writes to a client within `clock`'s deadline, through the connection's `timer` (armed
+/// only if the write waits); the buffer comes back unless the write was abandoned.
 pub(crate) async fn write_client<S: Stream, B: BoundedBuf>(
     client: &S,
     buf: B,
     clock: &mut RateClock,
+    timer: &PhaseTimer,
 ) -> (Result<(), HttpError>, Option<B>) {
     let len = buf.bytes_init();
-    match crate::util::clock::timeout_at(clock.deadline(), client.write_all(buf)).await {
+    match timer
+        .run_until(clock.deadline(), client.write_all(buf))
+        .await
+    {
         Err(_) => (Err(response_too_slow()), None),
         Ok((Err(_), b)) => (Err(HttpError::ClientGone("write")), Some(b)),
         Ok((Ok(()), b)) => {
