@@ -723,6 +723,79 @@ fn slow_reader_is_cut_off_and_frees_the_upstream_connection() {
     );
 }
 
+/// An upstream that streams slowly (an event stream: one byte every 300 ms, 2.4 s in all,
+/// far under `client_min_rate`) to a client that takes every byte at once is relayed whole,
+/// on both drivers: the client's rate counts only the time the gateway waited on the client,
+/// never the time it waited on the upstream. Before, the io_uring driver (whose writes
+/// always wait a turn) cut the stream once `send_timeout` had passed and booked it as a slow
+/// client (attack12 F1).
+#[test]
+fn a_slow_upstream_stream_reaches_a_client_that_keeps_up() {
+    use std::io::{Read, Write};
+    const BODY: &[u8] = b"stream!!";
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in upstream.incoming() {
+            let Ok(mut conn) = conn else { return };
+            thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match conn.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    BODY.len()
+                );
+                for b in BODY {
+                    thread::sleep(Duration::from_millis(300));
+                    if conn.write_all(&[*b]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let gw = Gateway::with(
+        &Config::new()
+            .server("client_min_rate", "1KiB")
+            .upstream(Upstream::new("app", &[upstream_addr]))
+            .route(Route::prefix("/", "app").send_timeout("1s")),
+    );
+    let mut stream = std::net::TcpStream::connect(gw.http_addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /events HTTP/1.1\r\nHost: app\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(BODY) {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && got.ends_with(BODY),
+        "the slow stream was cut: {text:?}"
+    );
+    let m = gateway_tests::control::scrape(gw.admin_addr());
+    assert_eq!(
+        m.get("gateway_local_refusals_total", &[("reason", "slow_client")])
+            .unwrap_or(0.0),
+        0.0,
+        "a client that kept up was booked as slow"
+    );
+}
+
 /// Diagnostic lines the gateway dropped because its stderr reader did not keep up.
 fn log_lines_dropped(gw: &Gateway) -> f64 {
     gateway_tests::control::scrape(gw.admin_addr())

@@ -21,6 +21,7 @@ use crate::protocol::http1::body::Body;
 use crate::protocol::http1::head::{BodyFraming, ResponseHead};
 use crate::util::clock::PhaseTimer;
 use bytes::BytesMut;
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 use tokio_uring::buf::BoundedBuf;
 
@@ -75,42 +76,69 @@ pub trait ResponseSink {
 const FIRST_WRITE_BODY: usize = 16 * 1024;
 
 /// A transfer to or from a client that must keep moving: no pause longer than `pause`,
-/// and after `grace`, an average of at least `min_rate` bytes per second since it began.
-/// A per-read timeout alone lets a client trickle one byte per timeout and hold an upstream
-/// connection (and a thread of a thread-per-connection backend) for hours; this bounds the
-/// whole transfer by its size.
+/// and after `grace`, an average of at least `min_rate` bytes per second of the time the
+/// transfer waited on the client. A per-read timeout alone lets a client trickle one byte
+/// per timeout and hold an upstream connection (and a thread of a thread-per-connection
+/// backend) for hours; this bounds the whole transfer by its size.
+///
+/// Only the client's time counts: from [`RateClock::deadline`] (an operation on the client
+/// begins) to [`RateClock::moved`] (it moved bytes). The time between operations is the
+/// other side's (an upstream streaming events slowly, or slow to take a request body), and
+/// counting it would cut a live stream and blame its client.
 pub(crate) struct RateClock {
-    started: Instant,
     bytes: u64,
     pause: Duration,
     grace: Duration,
     /// Bytes per second; 0: only `pause` applies.
     min_rate: u64,
+    /// Time operations on the client waited, up to the last `deadline` or `moved`.
+    waited: Cell<Duration>,
+    /// When the operation under way began waiting (or last asked its deadline again).
+    waiting_since: Cell<Option<Instant>>,
 }
 
 impl RateClock {
     pub(crate) fn new(pause: Duration, grace: Duration, min_rate: u64) -> RateClock {
         RateClock {
-            started: Instant::now(),
             bytes: 0,
             pause,
             grace,
             min_rate,
+            waited: Cell::new(Duration::ZERO),
+            waiting_since: Cell::new(None),
         }
     }
 
-    /// When the next read or write must have completed.
+    /// When the operation beginning now (or under way, asking again after a spurious
+    /// wake) must have completed.
     pub(crate) fn deadline(&self) -> Instant {
-        let pause = Instant::now() + self.pause;
+        let now = self.count_wait();
+        self.waiting_since.set(Some(now));
+        let pause = now + self.pause;
         if self.min_rate == 0 {
             return pause;
         }
         let earned = Duration::from_secs_f64(self.bytes as f64 / self.min_rate as f64);
-        pause.min(self.started + self.grace + earned)
+        pause.min(now + (self.grace + earned).saturating_sub(self.waited.get()))
     }
 
+    /// The operation moved `n` bytes: it stops counting as the client's time.
     pub(crate) fn moved(&mut self, n: usize) {
+        if self.waiting_since.get().is_some() {
+            self.count_wait();
+            self.waiting_since.set(None);
+        }
         self.bytes += n as u64;
+    }
+
+    /// Adds the time since the operation under way last counted to `waited`; returns now.
+    fn count_wait(&self) -> Instant {
+        let now = Instant::now();
+        if let Some(since) = self.waiting_since.get() {
+            self.waited
+                .set(self.waited.get() + now.saturating_duration_since(since));
+        }
+        now
     }
 }
 
@@ -484,32 +512,61 @@ pub(crate) async fn write_client<S: Stream, B: BoundedBuf>(
 #[cfg(test)]
 mod tests {
     use super::RateClock;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn rate_clock_bounds_the_whole_transfer() {
         let mut clock = RateClock::new(Duration::from_secs(60), Duration::from_secs(10), 1000);
         // Nothing moved yet: the grace period is all there is.
-        let d = clock.deadline() - clock.started;
+        let now = Instant::now();
+        let d = clock.deadline() - now;
         assert!(
             d >= Duration::from_secs(10) && d < Duration::from_secs(11),
             "{d:?}"
         );
         // Each 1000 bytes earn one more second, never more than the pause from now.
         clock.moved(5000);
-        let d = clock.deadline() - clock.started;
+        let now = Instant::now();
+        let d = clock.deadline() - now;
         assert!(
-            d >= Duration::from_secs(15) && d < Duration::from_secs(16),
+            d >= Duration::from_secs(14) && d < Duration::from_secs(16),
             "{d:?}"
         );
         clock.moved(1_000_000);
-        let d = clock.deadline() - clock.started;
+        let d = clock.deadline() - Instant::now();
         assert!(
             d <= Duration::from_secs(61),
             "the pause still applies: {d:?}"
         );
         // A rate of 0 leaves only the pause.
         let clock = RateClock::new(Duration::from_secs(3), Duration::from_secs(10), 0);
-        assert!(clock.deadline() - clock.started <= Duration::from_secs(4));
+        assert!(clock.deadline() - Instant::now() <= Duration::from_secs(4));
+    }
+
+    /// Time between operations on the client is the other side's: an upstream that streams
+    /// slowly never uses up its client's allowance (attack12 F1: a live event stream was
+    /// cut after `grace` and booked as a slow client). Time an operation waits counts, also
+    /// across a deadline asked again before any byte moved.
+    #[test]
+    fn rate_clock_counts_only_the_time_operations_wait() {
+        let mut clock = RateClock::new(Duration::from_secs(60), Duration::from_millis(300), 1);
+        for _ in 0..3 {
+            // The upstream's time: no operation under way.
+            std::thread::sleep(Duration::from_millis(150));
+            let d = clock.deadline() - Instant::now();
+            assert!(
+                d > Duration::from_millis(250),
+                "the allowance was spent: {d:?}"
+            );
+            clock.moved(0);
+        }
+        let _ = clock.deadline();
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = clock.deadline();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            clock.deadline() <= Instant::now(),
+            "400 ms waited on the client, over its 300 ms allowance"
+        );
     }
 }
