@@ -267,6 +267,26 @@ fn a_client_that_hangs_up_is_logged_499_with_zero_bytes_sent() {
     );
 }
 
+/// A request whose upstream refused the connection is logged with the server it tried, as
+/// nginx's `$upstream_addr` names it: an operator reading the 502 sees which server failed
+/// (attack12 F3.2: the log said `-`).
+#[test]
+fn a_failed_connect_is_logged_with_the_server_it_went_to() {
+    let dead = gateway_tests::refused_addr();
+    let gw = Gateway::with(
+        &Config::new()
+            .upstream(Upstream::new("api", &[dead]))
+            .route(Route::prefix("/api/", "api")),
+    );
+    let r = send_from_client(&gw, &Req::get("/api/refused"));
+    assert_eq!(r.status, 502);
+    let line = gw.wait_access_line(Duration::from_secs(5), |l| l.contains("/api/refused"));
+    assert!(
+        line.ends_with(&format!(" {dead}")),
+        "the log names the server the connect went to ({dead}):\n{line}"
+    );
+}
+
 /// A drain that runs out of `graceful_timeout` with a request still waiting on its upstream
 /// answers it 503 with `Connection: close` (the client may try another node) and logs it,
 /// with its upstream, as nginx logs what `worker_shutdown_timeout` cut. Before, the worker

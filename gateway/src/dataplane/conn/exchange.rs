@@ -179,6 +179,9 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
     let upstream_started = Instant::now();
     let mut retry = RetryPolicy::new(upstream.servers.len(), replayable);
     let mut last_error = HttpError::NoHealthyUpstream;
+    // The server `last_error` came from: logged with the failure, as nginx's
+    // `$upstream_addr` names the server a failed connect went to.
+    let mut last_server = None;
     let mut ub = w.lend_buf();
     let (conn, server, active) = loop {
         let now = clock::now_ms();
@@ -192,7 +195,7 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
             Some((server, idle))
         });
         let Some((server, idle)) = picked else {
-            return Err(Failure::before_response(last_error, None));
+            return Err(Failure::before_response(last_error, last_server));
         };
         let addr = upstream.servers[server].addr;
         let (server, conn, reused) = match idle {
@@ -236,9 +239,10 @@ pub async fn run<S: Stream, D: RequestSource<S> + ResponseSink>(
                         HttpError::UpstreamFailed("connect")
                     };
                     if retry.connect_failed(server, &error) == Decision::GiveUp {
-                        return Err(Failure::before_response(error, None));
+                        return Err(Failure::before_response(error, Some(server)));
                     }
                     last_error = error;
+                    last_server = Some(server);
                     continue;
                 }
             },
