@@ -715,6 +715,22 @@ fn slow_reader_is_cut_off_and_frees_the_upstream_connection() {
         "the upstream connection of the slow reader to be closed",
         || origin.active() == 0,
     );
+    // Closed with RST, the unsent rest dropped: a plain close would leave megabytes queued
+    // in the kernel, an orphan for as long as this client keeps its window shut
+    // (attack12 F3.5; nginx's `reset_timedout_connection`).
+    let end = loop {
+        use std::io::Read;
+        match stream.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(_) => continue,
+            Err(e) => break Err(e.kind()),
+        }
+    };
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the cut-off slow reader was closed with FIN, its queued response kept"
+    );
     let m = gateway_tests::control::scrape(gw.admin_addr());
     assert!(
         m.get("gateway_local_refusals_total", &[("reason", "slow_client")])

@@ -35,6 +35,28 @@ pub(crate) fn peek_one(fd: RawFd) -> io::Result<usize> {
     }
 }
 
+/// Makes the socket's close send RST and drop what is still queued to send
+/// (`SO_LINGER` 0), for a client cut off because it stopped reading: a plain close would
+/// leave up to a send buffer (megabytes, autotuned) in the kernel for as long as the
+/// client keeps its window shut, an orphan per connection an attacker can repeat (nginx's
+/// `reset_timedout_connection`). Best effort: a failure leaves the plain close.
+pub(crate) fn reset_on_close(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a setsockopt with a correctly sized value on a descriptor the caller holds.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
 /// A descriptor registered with the reactor without taking ownership of it.
 pub(crate) struct WatchedFd(pub(crate) RawFd);
 

@@ -21,6 +21,7 @@ use crate::dataplane::conn::exchange::{
 };
 use crate::dataplane::conn::relay::{
     request_body_too_slow, splice_body, write_client, Bound, RateClock, SpliceWay,
+    CLIENT_WRITE_TIMEOUT,
 };
 use crate::dataplane::conn::ListenerCtx;
 use crate::dataplane::ctx::{Lent, Worker, HEAD_BUF_SIZE};
@@ -784,6 +785,9 @@ async fn handle<'s, S: Stream>(
                     if !failure.error.is_refused_request() {
                         tracing::debug!(upstream = %upstream.name, error = %failure.error, "request failed");
                     }
+                    if failure.error == CLIENT_WRITE_TIMEOUT {
+                        crate::io::sockets::reset_on_close(c.io.raw_fd());
+                    }
                     // A 499 (client gone) or a response already started sends no error
                     // body; a response cut short logs the body bytes that did go out.
                     let sent = if failure.response_started {
@@ -1130,7 +1134,7 @@ impl<S: Stream> ResponseSink for H1Client<'_, S> {
                 out.put(o);
                 r.map_err(|_| HttpError::ClientGone("write"))
             }
-            Err(_) => Err(HttpError::ClientGone("write timeout")),
+            Err(_) => Err(CLIENT_WRITE_TIMEOUT),
         }
     }
 
@@ -1241,7 +1245,7 @@ async fn send_continue<S: Stream>(client: &S, send_timeout: Duration) -> Result<
             );
             // The abandoned write is completed by shutting the socket down.
             client.abort();
-            Err(HttpError::ClientGone("write timeout"))
+            Err(CLIENT_WRITE_TIMEOUT)
         }
     }
 }

@@ -1010,7 +1010,7 @@ impl H2Stream<'_> {
                         crate::util::budget::Refusal::SlowClient,
                         &"h2 response taken too slowly: stream reset",
                     );
-                    return Err(HttpError::ClientGone("write timeout"));
+                    return Err(super::relay::CLIENT_WRITE_TIMEOUT);
                 }
                 Ok(None) => return Err(HttpError::ClientGone("stream closed")),
                 Ok(Some(Err(e))) => return Err(self.stream_error(&e)),

@@ -477,6 +477,10 @@ pub(crate) fn request_body_too_slow() -> HttpError {
     HttpError::BodyTimeout
 }
 
+/// What a write to a client that stopped taking what it was sent fails with: the
+/// connection is closed with RST ([`crate::io::sockets::reset_on_close`]).
+pub(crate) const CLIENT_WRITE_TIMEOUT: HttpError = HttpError::ClientGone("write timeout");
+
 /// A client that took the response too slowly: the connection closes, counted as a slow
 /// client.
 fn response_too_slow() -> HttpError {
@@ -484,7 +488,7 @@ fn response_too_slow() -> HttpError {
         crate::util::budget::Refusal::SlowClient,
         &"response taken too slowly: connection closed",
     );
-    HttpError::ClientGone("write timeout")
+    CLIENT_WRITE_TIMEOUT
 }
 
 /// Writes to a client within `clock`'s deadline, through the connection's `timer` (armed
