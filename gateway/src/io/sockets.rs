@@ -41,20 +41,9 @@ pub(crate) fn peek_one(fd: RawFd) -> io::Result<usize> {
 /// client keeps its window shut, an orphan per connection an attacker can repeat (nginx's
 /// `reset_timedout_connection`). Best effort: a failure leaves the plain close.
 pub(crate) fn reset_on_close(fd: RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a setsockopt with a correctly sized value on a descriptor the caller holds.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    // SAFETY: the caller holds the descriptor open for the duration of this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
 }
 
 /// A descriptor registered with the reactor without taking ownership of it.
