@@ -256,10 +256,7 @@ impl<S: Stream> TlsStream<S> {
     /// out at the end ([`super::TICKETS_WHEN_RESUMING`]); rustls has taken no input yet.
     async fn await_client_hello(&self, acceptor: &TlsAcceptor) -> Result<(), TlsError> {
         let offers_ticket = loop {
-            let incoming = self.incoming.take();
-            let decided = hello_offers_ticket(&incoming);
-            self.incoming.set(incoming);
-            if let Some(offers) = decided {
+            if let Some(offers) = self.peek_incoming(|b| hello_offers_ticket(b)) {
                 break offers;
             }
             if self.fill_incoming().await.map_err(TlsError::Io)? == 0 {
@@ -296,12 +293,7 @@ impl<S: Stream> TlsStream<S> {
                     .map(|state| (conn.is_handshaking(), state.plaintext_bytes_to_read() > 0))
             };
             if let Ok((false, request_in)) = processed {
-                let more_input = {
-                    let incoming = self.incoming.take();
-                    let any = !incoming.is_empty();
-                    self.incoming.set(incoming);
-                    any
-                };
+                let more_input = self.peek_incoming(|b| !b.is_empty());
                 if (request_in || more_input)
                     && self.conn.borrow().protocol_version() == Some(ProtocolVersion::TLSv1_3)
                 {
@@ -356,6 +348,15 @@ impl<S: Stream> TlsStream<S> {
         };
         self.incoming.set(incoming);
         result
+    }
+
+    /// `f` of the ciphertext read and not yet given to rustls (`incoming` is a `Cell`,
+    /// taken out for the look and put back).
+    fn peek_incoming<R>(&self, f: impl FnOnce(&BytesMut) -> R) -> R {
+        let incoming = self.incoming.take();
+        let out = f(&incoming);
+        self.incoming.set(incoming);
+        out
     }
 
     /// Reads more ciphertext from the socket into `incoming`; returns the count (0: EOF,
