@@ -77,6 +77,9 @@ pub enum Action {
     PartialThenStall(usize),
     /// Read the request, then never answer (until the origin is dropped).
     Stall,
+    /// Send the head, then the body one byte at a time, each after this pause (an event
+    /// stream, or an upstream slow to produce).
+    Trickle(Duration),
     /// Send these bytes verbatim instead of a response, then close.
     Raw(Vec<u8>),
 }
@@ -168,6 +171,9 @@ impl Reply {
     }
     pub fn reset_after(self, body_bytes: usize) -> Reply {
         self.action(Action::ResetAfter(body_bytes))
+    }
+    pub fn trickle(self, pause: Duration) -> Reply {
+        self.action(Action::Trickle(pause))
     }
     pub fn partial_then_stall(self, body_bytes: usize) -> Reply {
         self.action(Action::PartialThenStall(body_bytes))
@@ -610,6 +616,7 @@ fn write_reply(
     }
     head.push_str("\r\n");
     let mut out = head.into_bytes();
+    let head_len = out.len();
     if !is_head {
         match framing {
             Framing::ContentLength | Framing::CloseDelimited => out.extend_from_slice(&reply.body),
@@ -637,9 +644,20 @@ fn write_reply(
         let _ = stream.shutdown(Shutdown::Read);
         return Ok(false);
     }
-    // Write in slices so a 10 MiB body does not need one huge syscall to succeed at once.
-    for part in out.chunks(256 * 1024) {
-        stream.write_all(part)?;
+    if let Action::Trickle(pause) = reply.action {
+        stream.write_all(&out[..head_len])?;
+        for byte in &out[head_len..] {
+            if !sleep_unless_stopped(sh, pause) {
+                return Ok(false);
+            }
+            stream.write_all(std::slice::from_ref(byte))?;
+        }
+    } else {
+        // Write in slices so a 10 MiB body does not need one huge syscall to succeed at
+        // once.
+        for part in out.chunks(256 * 1024) {
+            stream.write_all(part)?;
+        }
     }
     stream.flush()?;
     if close {

@@ -749,38 +749,11 @@ fn slow_reader_is_cut_off_and_frees_the_upstream_connection() {
 fn a_slow_upstream_stream_reaches_a_client_that_keeps_up() {
     use std::io::{Read, Write};
     const BODY: &[u8] = b"stream!!";
-    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream_addr = upstream.local_addr().unwrap();
-    thread::spawn(move || {
-        for conn in upstream.incoming() {
-            let Ok(mut conn) = conn else { return };
-            thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match conn.read(&mut byte) {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
-                }
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-                    BODY.len()
-                );
-                for b in BODY {
-                    thread::sleep(Duration::from_millis(300));
-                    if conn.write_all(&[*b]).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let origin = Origin::start(|_| Reply::ok(BODY).trickle(Duration::from_millis(300)));
     let gw = Gateway::with(
         &Config::new()
             .server("client_min_rate", "1KiB")
-            .upstream(Upstream::new("app", &[upstream_addr]))
+            .upstream(Upstream::new("app", &[origin.addr()]))
             .route(Route::prefix("/", "app").send_timeout("1s")),
     );
     let mut stream = std::net::TcpStream::connect(gw.http_addr()).unwrap();
